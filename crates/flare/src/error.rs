@@ -1,0 +1,120 @@
+//! The one error type of the flare library.
+//!
+//! Every fallible function in flare returns [`Result`]. Variants carry the op, the shapes and
+//! the dtypes involved, so that a message names what was wrong without a debugger. Errors from
+//! Candle are wrapped unchanged.
+
+use candle_core::DType;
+
+/// The result type of the flare library.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in flare.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    // ---- shapes, dtypes, devices -------------------------------------------------------------
+    /// A tensor has fewer dimensions than the op needs.
+    #[error("{op}: expected a tensor of rank >= {min}, got shape {shape:?}")]
+    Rank {
+        /// The op that refused the input.
+        op: &'static str,
+        /// The smallest rank the op accepts.
+        min: usize,
+        /// The shape it was given.
+        shape: Vec<usize>,
+    },
+    /// Two inputs have shapes that do not fit together.
+    #[error("{op}: {msg}: {lhs:?} and {rhs:?}")]
+    ShapeMismatch {
+        /// The op that refused the input.
+        op: &'static str,
+        /// What does not fit.
+        msg: &'static str,
+        /// The first shape.
+        lhs: Vec<usize>,
+        /// The second shape.
+        rhs: Vec<usize>,
+    },
+    /// The op has no implementation for this dtype on this device.
+    #[error("{op}: unsupported dtype {dtype:?} on {device}")]
+    UnsupportedDType {
+        /// The op that refused the input.
+        op: &'static str,
+        /// The dtype it was given.
+        dtype: DType,
+        /// The device, as text (`cpu`, `cuda:0`, ...).
+        device: String,
+    },
+    /// Two inputs that must share a dtype do not.
+    #[error("{op}: dtype mismatch: {lhs:?} and {rhs:?}")]
+    DTypeMismatch {
+        /// The op that refused the input.
+        op: &'static str,
+        /// The first dtype.
+        lhs: DType,
+        /// The second dtype.
+        rhs: DType,
+    },
+    /// Two inputs that must be on one device are not.
+    #[error("{op}: inputs are on different devices: {lhs} and {rhs}")]
+    DeviceMismatch {
+        /// The op that refused the input.
+        op: &'static str,
+        /// The first device.
+        lhs: String,
+        /// The second device.
+        rhs: String,
+    },
+    /// An argument is out of its valid range (a negative epsilon, say).
+    #[error("{op}: invalid argument: {msg}")]
+    InvalidArgument {
+        /// The op that refused the argument.
+        op: &'static str,
+        /// What is wrong with it.
+        msg: String,
+    },
+
+    // ---- runtime ----------------------------------------------------------------------------
+    /// A CUDA driver, cuBLASLt or kernel-launch call failed.
+    #[error("CUDA: {context}: {msg}")]
+    Cuda {
+        /// What flare was doing.
+        context: &'static str,
+        /// The error the CUDA layer reported.
+        msg: String,
+    },
+
+    // ---- wrapped ----------------------------------------------------------------------------
+    /// An error from Candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// An I/O error, with the path or action it concerned.
+    #[error("{context}: {source}")]
+    Io {
+        /// The file or action concerned.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Turns a flare error into a Candle error, for code that must return Candle's result type
+    /// (custom-op callbacks). [`Error::Candle`] is unwrapped rather than wrapped twice.
+    pub fn into_candle(self) -> candle_core::Error {
+        match self {
+            Error::Candle(e) => e,
+            other => candle_core::Error::wrap(other),
+        }
+    }
+}
+
+/// Describes a device the way error messages name it.
+pub(crate) fn device_name(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}

@@ -1,0 +1,104 @@
+//! flare's ops on Candle tensors.
+//!
+//! Each op is a Candle custom op with a CPU forward, a CUDA forward and a backward, so
+//! `Tensor::backward` flows through it; a public function checks shapes, dtypes and devices and
+//! returns a clear [`Error`](crate::Error) before anything runs. On devices other than CPU and
+//! CUDA each op falls back to Candle's own composite ops. Each op's module also holds a composed
+//! reference (`*_reference`) built from plain Candle ops, used by the tests and benchmarks.
+//!
+//! Backward kernels are ops too; they have no backward of their own (a second derivative
+//! through them returns Candle's `BackwardNotSupported`, never a silently cut gradient).
+
+mod cpu;
+pub mod matmul;
+pub mod rms_norm;
+pub mod softmax;
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+
+pub use matmul::matmul;
+pub use rms_norm::{add_rms_norm, rms_norm};
+pub use softmax::softmax_last_dim;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::device_name;
+use crate::{Error, Result};
+
+/// The dtypes flare's ops run natively on `device`: f32/f16/bf16 everywhere, f64 on CPU too
+/// (for float64 references and finite-difference gradient checks).
+pub fn supported_dtypes(device: &Device) -> &'static [DType] {
+    if device.is_cpu() {
+        &[DType::F32, DType::F16, DType::BF16, DType::F64]
+    } else {
+        &[DType::F32, DType::F16, DType::BF16]
+    }
+}
+
+/// Refuses dtypes the op has no implementation for on this device.
+pub(crate) fn check_dtype(op: &'static str, t: &Tensor) -> Result<()> {
+    if supported_dtypes(t.device()).contains(&t.dtype()) {
+        Ok(())
+    } else {
+        Err(Error::UnsupportedDType {
+            op,
+            dtype: t.dtype(),
+            device: device_name(t.device()),
+        })
+    }
+}
+
+/// Refuses a pair of tensors on different devices or with different dtypes.
+pub(crate) fn check_same(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if !a.device().same_device(b.device()) {
+        return Err(Error::DeviceMismatch {
+            op,
+            lhs: device_name(a.device()),
+            rhs: device_name(b.device()),
+        });
+    }
+    if a.dtype() != b.dtype() {
+        return Err(Error::DTypeMismatch {
+            op,
+            lhs: a.dtype(),
+            rhs: b.dtype(),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses tensors of rank below `min`.
+pub(crate) fn check_rank(op: &'static str, t: &Tensor, min: usize) -> Result<()> {
+    if t.rank() < min {
+        return Err(Error::Rank {
+            op,
+            min,
+            shape: t.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether flare's own implementation runs on this device (CPU and, with the `cuda` feature,
+/// CUDA); elsewhere the ops fall back to Candle's composite ops.
+pub(crate) fn native(device: &Device) -> bool {
+    match device {
+        Device::Cpu => true,
+        Device::Cuda(_) => cfg!(feature = "cuda"),
+        _ => false,
+    }
+}
+
+/// Splits a contiguous layout's element range, checking that it is contiguous.
+pub(crate) fn contiguous_range(
+    op: &'static str,
+    l: &candle_core::Layout,
+) -> candle_core::Result<(usize, usize)> {
+    l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "{op}: internal error: expected a contiguous input, got strides {:?}",
+            l.stride()
+        ))
+    })
+}

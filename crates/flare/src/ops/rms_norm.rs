@@ -1,0 +1,497 @@
+//! RMSNorm, and the fused residual-add + RMSNorm of a transformer block, with backward.
+//!
+//! Forward, per row of `x` (length `n` = last dim), with weight `w`:
+//!   `r = 1 / sqrt(mean(x²) + eps)`, `y = x · r ⊙ w`
+//! accumulated in f32 (f64 for f64). [`add_rms_norm`] computes `h = x + residual` and
+//! `y = rms_norm(h)` in one pass and returns both: the block's next residual stream and the
+//! normalised input of its next sub-layer.
+//!
+//! Backward, with `x̂ = x · r` and `g = dy ⊙ w`:
+//!   `dx = r · (g − x̂ · mean(g ⊙ x̂))`,  `dw = Σ_rows dy ⊙ x̂`
+//! Candle's `bwd` receives only the inputs, the output and its gradient, so the backward
+//! recomputes `r` from `x` (one extra reduction over the row, no stored statistics). `dw` is
+//! skipped when the weight is frozen. The backward op returns `dx` and `dw` packed in one
+//! tensor of shape `[rows + 1, n]` (last row `dw`) which is split by views.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::cpu::{dispatch_float2, dispatch_float3, rows_per_task, Elem};
+use super::{check_dtype, check_rank, check_same, contiguous_range, native};
+use crate::{Error, Result};
+
+const OP: &str = "rms_norm";
+const OP_ADD: &str = "add_rms_norm";
+const OP_BWD: &str = "rms_norm_bwd";
+
+/// `1 / sqrt(mean(x²) + eps)` of one row.
+#[inline]
+fn rinv<T: Elem>(x: &[T], eps: T::A) -> T::A {
+    let mut ss = T::acc(0.0);
+    for &v in x {
+        let v = v.up();
+        ss += v * v;
+    }
+    (ss / T::acc(x.len() as f64) + eps).sqrt().recip()
+}
+
+fn rms_norm_rows<T: Elem>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let cols = w.len();
+    let mut y = vec![T::down(T::acc(0.0)); x.len()];
+    if cols == 0 {
+        return y;
+    }
+    let eps = T::acc(eps);
+    let chunk = rows_per_task(cols) * cols;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(cols).zip(xc.chunks(cols)) {
+                let r = rinv(xr, eps);
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = T::down(v.up() * r * g.up());
+                }
+            }
+        });
+    y
+}
+
+/// Packed `[2, rows, cols]`: the normalised sum, then the sum `h = x + residual` (rounded to
+/// `T`; the norm is computed from the rounded `h`, so it equals `rms_norm` of the returned sum).
+fn add_rms_norm_rows<T: Elem>(x: &[T], res: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let cols = w.len();
+    let n = x.len();
+    let mut out = vec![T::down(T::acc(0.0)); 2 * n];
+    if cols == 0 {
+        return out;
+    }
+    let eps = T::acc(eps);
+    let chunk = rows_per_task(cols) * cols;
+    let (ys, hs) = out.split_at_mut(n);
+    ys.par_chunks_mut(chunk)
+        .zip(hs.par_chunks_mut(chunk))
+        .zip(x.par_chunks(chunk).zip(res.par_chunks(chunk)))
+        .for_each(|((yc, hc), (xc, rc))| {
+            for (h, (&a, &b)) in hc.iter_mut().zip(xc.iter().zip(rc)) {
+                *h = T::down(a.up() + b.up());
+            }
+            for (yr, hr) in yc.chunks_mut(cols).zip(hc.chunks(cols)) {
+                let r = rinv(hr, eps);
+                for ((o, &v), &g) in yr.iter_mut().zip(hr.iter()).zip(w) {
+                    *o = T::down(v.up() * r * g.up());
+                }
+            }
+        });
+    out
+}
+
+/// Packed `[rows + 1, cols]`: `dx`, then `dw` (zeros when `need_dw` is false).
+fn rms_norm_bwd_rows<T: Elem>(x: &[T], w: &[T], dy: &[T], eps: f64, need_dw: bool) -> Vec<T> {
+    let cols = w.len();
+    let n = x.len();
+    let mut out = vec![T::down(T::acc(0.0)); n + cols];
+    if cols == 0 {
+        return out;
+    }
+    let eps = T::acc(eps);
+    let rows_chunk = rows_per_task(cols);
+    let chunk = rows_chunk * cols;
+    let (dxs, dws) = out.split_at_mut(n);
+    // Each task returns its partial dw; partials are summed in task order (deterministic).
+    let partials: Vec<Vec<T::A>> = dxs
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+        .map(|(dxc, (xc, gc))| {
+            let mut dw = if need_dw { vec![T::acc(0.0); cols] } else { Vec::new() };
+            for ((dxr, xr), gr) in dxc.chunks_mut(cols).zip(xc.chunks(cols)).zip(gc.chunks(cols))
+            {
+                let r = rinv(xr, eps);
+                let mut dot = T::acc(0.0);
+                for ((&v, &g), &wv) in xr.iter().zip(gr).zip(w) {
+                    dot += g.up() * wv.up() * v.up() * r;
+                }
+                let mean = dot / T::acc(cols as f64);
+                for (((o, &v), &g), &wv) in dxr.iter_mut().zip(xr).zip(gr).zip(w) {
+                    let xh = v.up() * r;
+                    *o = T::down(r * (g.up() * wv.up() - xh * mean));
+                }
+                if need_dw {
+                    for ((d, &v), &g) in dw.iter_mut().zip(xr).zip(gr) {
+                        *d += g.up() * v.up() * r;
+                    }
+                }
+            }
+            dw
+        })
+        .collect();
+    if need_dw {
+        let mut acc = vec![T::acc(0.0); cols];
+        for p in &partials {
+            for (a, &v) in acc.iter_mut().zip(p) {
+                *a += v;
+            }
+        }
+        for (o, a) in dws.iter_mut().zip(acc) {
+            *o = T::down(a);
+        }
+    }
+    out
+}
+
+/// The forward op `(x, w) -> y`.
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a0, a1) = contiguous_range(OP, l1)?;
+        let (b0, b1) = contiguous_range(OP, l2)?;
+        let eps = self.eps as f64;
+        let out = dispatch_float2!(OP, s1, s2, |x, w| rms_norm_rows(
+            &x[a0..a1],
+            &w[b0..b1],
+            eps
+        ))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::rms_norm::fwd(s1, l1, s2, l2, self.eps)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = backward(x, w, dy, self.eps)?;
+        Ok((dx, dw))
+    }
+}
+
+/// Runs the fused backward and splits its packed output. `dx` is `None` when `x` takes no
+/// part in autograd, `dw` likewise for `w`.
+fn backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let need_dx = x.track_op();
+    let need_dw = w.track_op();
+    if !need_dx && !need_dw {
+        return Ok((None, None));
+    }
+    let cols = w.elem_count();
+    let rows = x.elem_count() / cols.max(1);
+    let dy = dy.contiguous()?;
+    let packed = x.apply_op3_arc(
+        w,
+        &dy,
+        std::sync::Arc::new(Box::new(RmsNormBwd { eps, need_dw })),
+    )?;
+    let dx = if need_dx {
+        Some(packed.narrow(0, 0, rows)?.reshape(x.shape())?)
+    } else {
+        None
+    };
+    let dw = if need_dw {
+        Some(packed.narrow(0, rows, 1)?.reshape(w.shape())?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+/// The backward op `(x, w, dy) -> [dx; dw]` packed as `[rows + 1, cols]`.
+struct RmsNormBwd {
+    eps: f32,
+    need_dw: bool,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        OP_BWD
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a0, a1) = contiguous_range(OP_BWD, l1)?;
+        let (b0, b1) = contiguous_range(OP_BWD, l2)?;
+        let (c0, c1) = contiguous_range(OP_BWD, l3)?;
+        let (eps, need_dw) = (self.eps as f64, self.need_dw);
+        let out = dispatch_float3!(OP_BWD, s1, s2, s3, |x, w, dy| rms_norm_bwd_rows(
+            &x[a0..a1],
+            &w[b0..b1],
+            &dy[c0..c1],
+            eps,
+            need_dw
+        ))?;
+        Ok((out, packed_bwd_shape(l1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::rms_norm::bwd(s1, l1, s2, l2, s3, l3, self.eps, self.need_dw)
+    }
+}
+
+fn packed_bwd_shape(l: &Layout) -> Shape {
+    let cols = l.dims().last().copied().unwrap_or(1);
+    let rows = l.shape().elem_count() / cols.max(1);
+    Shape::from((rows + 1, cols))
+}
+
+/// The fused op `(x, residual, w) -> [y; h]` packed as `[2, ...x.shape]`.
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        OP_ADD
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a0, a1) = contiguous_range(OP_ADD, l1)?;
+        let (b0, b1) = contiguous_range(OP_ADD, l2)?;
+        let (c0, c1) = contiguous_range(OP_ADD, l3)?;
+        let eps = self.eps as f64;
+        let out = dispatch_float3!(OP_ADD, s1, s2, s3, |x, r, w| add_rms_norm_rows(
+            &x[a0..a1],
+            &r[b0..b1],
+            &w[c0..c1],
+            eps
+        ))?;
+        Ok((out, packed_add_shape(l1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::rms_norm::add_fwd(s1, l1, s2, l2, s3, l3, self.eps)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        w: &Tensor,
+        packed: &Tensor,
+        dpacked: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // y = rms_norm(h) and h = x + r: dh = rms_norm_bwd(h, dy) + dh_direct, dx = dr = dh.
+        let h = packed.get(1)?;
+        let dy = dpacked.get(0)?;
+        let dh_direct = dpacked.get(1)?;
+        let need_w = w.track_op();
+        let need_h = x.track_op() || r.track_op();
+        // `h` is the op's output, not a tracked tensor; pick what to compute explicitly.
+        let cols = w.elem_count();
+        let rows = h.elem_count() / cols.max(1);
+        let packed_grad = h.contiguous()?.apply_op3_arc(
+            w,
+            &dy.contiguous()?,
+            std::sync::Arc::new(Box::new(RmsNormBwd {
+                eps: self.eps,
+                need_dw: need_w,
+            })),
+        )?;
+        let dh = if need_h {
+            Some(
+                packed_grad
+                    .narrow(0, 0, rows)?
+                    .reshape(h.shape())?
+                    .add(&dh_direct)?,
+            )
+        } else {
+            None
+        };
+        let dw = if need_w {
+            Some(packed_grad.narrow(0, rows, 1)?.reshape(w.shape())?)
+        } else {
+            None
+        };
+        let dx = if x.track_op() { dh.clone() } else { None };
+        let dr = if r.track_op() { dh } else { None };
+        Ok((dx, dr, dw))
+    }
+}
+
+fn packed_add_shape(l: &Layout) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(l.dims());
+    Shape::from(dims)
+}
+
+/// Checks `x` against `weight` (and `eps`) for the RMSNorm ops.
+fn check(op: &'static str, x: &Tensor, weight: &Tensor, eps: f32) -> Result<()> {
+    check_rank(op, x, 1)?;
+    check_same(op, x, weight)?;
+    check_dtype(op, x)?;
+    let n = x.dims()[x.rank() - 1];
+    if weight.rank() != 1 || weight.dims()[0] != n {
+        return Err(Error::ShapeMismatch {
+            op,
+            msg: "weight must be 1-D with the length of x's last dim",
+            lhs: x.dims().to_vec(),
+            rhs: weight.dims().to_vec(),
+        });
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::InvalidArgument {
+            op,
+            msg: format!("eps must be finite and >= 0, got {eps}"),
+        });
+    }
+    Ok(())
+}
+
+/// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * weight`, with a fused backward for
+/// `x` and `weight`.
+///
+/// `weight` is 1-D with the length of `x`'s last dim, same dtype and device. f32, f16, bf16
+/// (f32 accumulation), and f64 on CPU.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[3f32, 4.]], &Device::Cpu)?;
+/// let w = Tensor::new(&[1f32, 2.], &Device::Cpu)?;
+/// let y = flare::ops::rms_norm(&x, &w, 0.0)?.to_vec2::<f32>()?;
+/// let r = (12.5f32).sqrt(); // sqrt(mean(9, 16))
+/// assert!((y[0][0] - 3.0 / r).abs() < 1e-6 && (y[0][1] - 8.0 / r).abs() < 1e-6);
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    check(OP, x, weight, eps)?;
+    if !native(x.device()) {
+        return rms_norm_reference(x, weight, eps);
+    }
+    Ok(x
+        .contiguous()?
+        .apply_op2(&weight.contiguous()?, RmsNorm { eps })?)
+}
+
+/// The residual pattern of a transformer block in one pass: returns
+/// `(rms_norm(x + residual, weight, eps), x + residual)`.
+///
+/// Both outputs are differentiable; gradients reach `x`, `residual` and `weight`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[1f32, 2.]], &Device::Cpu)?;
+/// let r = Tensor::new(&[[2f32, 2.]], &Device::Cpu)?;
+/// let w = Tensor::new(&[1f32, 1.], &Device::Cpu)?;
+/// let (y, h) = flare::ops::add_rms_norm(&x, &r, &w, 1e-6)?;
+/// assert_eq!(h.to_vec2::<f32>()?, vec![vec![3., 4.]]);
+/// let y2 = flare::ops::rms_norm(&h, &w, 1e-6)?;
+/// assert_eq!(y.to_vec2::<f32>()?, y2.to_vec2::<f32>()?);
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    check(OP_ADD, x, weight, eps)?;
+    check_same(OP_ADD, x, residual)?;
+    if x.dims() != residual.dims() {
+        return Err(Error::ShapeMismatch {
+            op: OP_ADD,
+            msg: "x and residual must have the same shape",
+            lhs: x.dims().to_vec(),
+            rhs: residual.dims().to_vec(),
+        });
+    }
+    if !native(x.device()) {
+        return add_rms_norm_reference(x, residual, weight, eps);
+    }
+    let packed = x.contiguous()?.apply_op3(
+        &residual.contiguous()?,
+        &weight.contiguous()?,
+        AddRmsNorm { eps },
+    )?;
+    Ok((packed.get(0)?, packed.get(1)?))
+}
+
+/// The composite reference from plain Candle ops (with their backward), computed in f32 for
+/// half types (f64 for f64). Used by tests, benchmarks and as the fallback on other devices.
+pub fn rms_norm_reference(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    let dt = x.dtype();
+    let up = |t: &Tensor| -> Result<Tensor> {
+        Ok(if dt == DType::F64 {
+            t.clone()
+        } else {
+            t.to_dtype(DType::F32)?
+        })
+    };
+    let xf = up(x)?;
+    let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
+        .sqrt()?
+        .recip()?;
+    let y = xf.broadcast_mul(&r)?.broadcast_mul(&up(weight)?)?;
+    Ok(y.to_dtype(dt)?)
+}
+
+/// The composite reference of [`add_rms_norm`].
+pub fn add_rms_norm_reference(
+    x: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let h = (x + residual)?;
+    Ok((rms_norm_reference(&h, weight, eps)?, h))
+}

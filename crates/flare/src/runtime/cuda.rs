@@ -1,0 +1,193 @@
+//! The CUDA runtime: one [`CudaRuntime`] per device, created on first use and reused by every op.
+//!
+//! It holds Candle's stream for the device (flare launches on the same stream as Candle, so no
+//! cross-stream synchronisation is ever needed), the cuBLASLt handle and workspace with the GEMM
+//! plan cache ([`super::gemm`]), and every flare kernel: each PTX module is loaded once and each
+//! function handle is resolved once, at creation, into a table indexed by [`Kernel`]. Launching a
+//! kernel is then an array index, never a lookup by name.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaStream};
+use candle_core::cuda_backend::CudaDevice;
+
+use super::gemm::Gemm;
+use super::{FUNCTIONS_LOADED, MODULES_LOADED, RUNTIMES_CREATED};
+use crate::{Error, Result};
+
+/// The kernel modules flare ships, one per op family (one `.cu` file each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Module {
+    Softmax,
+    RmsNorm,
+}
+
+impl Module {
+    const ALL: [Module; 2] = [Module::Softmax, Module::RmsNorm];
+
+    fn ptx(self) -> &'static str {
+        match self {
+            Module::Softmax => flare_kernels::SOFTMAX,
+            Module::RmsNorm => flare_kernels::RMS_NORM,
+        }
+    }
+}
+
+macro_rules! kernels {
+    ($($variant:ident => ($module:ident, $name:literal),)*) => {
+        /// Every flare kernel, by op and dtype. The discriminant indexes the function table.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[allow(missing_docs)]
+        pub enum Kernel { $($variant,)* }
+
+        const KERNELS: &[(Module, &str)] = &[$((Module::$module, $name),)*];
+    };
+}
+
+kernels! {
+    SoftmaxFwdF32 => (Softmax, "softmax_fwd_f32"),
+    SoftmaxFwdF16 => (Softmax, "softmax_fwd_f16"),
+    SoftmaxFwdBF16 => (Softmax, "softmax_fwd_bf16"),
+    SoftmaxBwdF32 => (Softmax, "softmax_bwd_f32"),
+    SoftmaxBwdF16 => (Softmax, "softmax_bwd_f16"),
+    SoftmaxBwdBF16 => (Softmax, "softmax_bwd_bf16"),
+    RmsNormFwdF32 => (RmsNorm, "rms_norm_fwd_f32"),
+    RmsNormFwdF16 => (RmsNorm, "rms_norm_fwd_f16"),
+    RmsNormFwdBF16 => (RmsNorm, "rms_norm_fwd_bf16"),
+    AddRmsNormFwdF32 => (RmsNorm, "add_rms_norm_fwd_f32"),
+    AddRmsNormFwdF16 => (RmsNorm, "add_rms_norm_fwd_f16"),
+    AddRmsNormFwdBF16 => (RmsNorm, "add_rms_norm_fwd_bf16"),
+    RmsNormBwdF32 => (RmsNorm, "rms_norm_bwd_f32"),
+    RmsNormBwdF16 => (RmsNorm, "rms_norm_bwd_f16"),
+    RmsNormBwdBF16 => (RmsNorm, "rms_norm_bwd_bf16"),
+    RmsNormDwF32 => (RmsNorm, "rms_norm_dw_f32"),
+    RmsNormDwF16 => (RmsNorm, "rms_norm_dw_f16"),
+    RmsNormDwBF16 => (RmsNorm, "rms_norm_dw_bf16"),
+}
+
+/// Everything flare needs on one CUDA device, created once.
+pub struct CudaRuntime {
+    device: CudaDevice,
+    stream: Arc<CudaStream>,
+    _modules: Vec<Arc<CudaModule>>,
+    functions: Vec<CudaFunction>,
+    gemm: Gemm,
+    /// Multiprocessor count, for sizing persistent grids.
+    pub sm_count: u32,
+}
+
+impl std::fmt::Debug for CudaRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaRuntime")
+            .field("device", &self.device)
+            .field("functions", &self.functions.len())
+            .finish()
+    }
+}
+
+/// Shorthand: maps any `Debug` error into [`Error::Cuda`] with a context.
+pub(crate) trait CudaResultExt<T> {
+    /// Attaches `context` to a CUDA-layer error.
+    fn cuda_ctx(self, context: &'static str) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Debug> CudaResultExt<T> for std::result::Result<T, E> {
+    fn cuda_ctx(self, context: &'static str) -> Result<T> {
+        self.map_err(|e| Error::Cuda {
+            context,
+            msg: format!("{e:?}"),
+        })
+    }
+}
+
+fn registry() -> &'static Mutex<HashMap<candle_core::cuda_backend::DeviceId, Arc<CudaRuntime>>> {
+    static REGISTRY: OnceLock<
+        Mutex<HashMap<candle_core::cuda_backend::DeviceId, Arc<CudaRuntime>>>,
+    > = OnceLock::new();
+    REGISTRY.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+impl CudaRuntime {
+    /// Returns the runtime of `device`, creating it the first time the device is seen.
+    pub fn get(device: &CudaDevice) -> Result<Arc<CudaRuntime>> {
+        let mut map = registry().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rt) = map.get(&device.id()) {
+            return Ok(rt.clone());
+        }
+        let rt = Arc::new(CudaRuntime::new(device)?);
+        map.insert(device.id(), rt.clone());
+        Ok(rt)
+    }
+
+    fn new(device: &CudaDevice) -> Result<Self> {
+        let stream = device.cuda_stream();
+        let ctx = stream.context().clone();
+        // flare issues all of its work on Candle's single stream per device, so cudarc's
+        // per-allocation event tracking (an event record and wait around every kernel argument)
+        // buys nothing. Set FLARE_CUDA_EVENT_TRACKING=1 to keep it, e.g. when the same buffers
+        // are also used from streams of your own.
+        if std::env::var("FLARE_CUDA_EVENT_TRACKING").map_or(true, |v| v != "1") {
+            // SAFETY: flare and Candle use one stream per device; nothing flare creates is
+            // shared with another stream, so the cross-stream ordering the events provide is
+            // never needed. Only allocations made after this call are affected.
+            unsafe { ctx.disable_event_tracking() };
+        }
+        let mut modules = Vec::with_capacity(Module::ALL.len());
+        for m in Module::ALL {
+            let module = ctx
+                .load_module(candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_src(m.ptx()))
+                .cuda_ctx("loading a flare kernel module")?;
+            MODULES_LOADED.fetch_add(1, Ordering::Relaxed);
+            modules.push(module);
+        }
+        let mut functions = Vec::with_capacity(KERNELS.len());
+        for (m, name) in KERNELS {
+            let idx = Module::ALL.iter().position(|x| x == m).unwrap_or(0);
+            let f = modules[idx]
+                .load_function(name)
+                .map_err(|e| Error::Cuda {
+                    context: "resolving a flare kernel",
+                    msg: format!("{name}: {e:?}"),
+                })?;
+            FUNCTIONS_LOADED.fetch_add(1, Ordering::Relaxed);
+            functions.push(f);
+        }
+        let sm_count = ctx
+            .attribute(
+                candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .cuda_ctx("reading the multiprocessor count")? as u32;
+        let gemm = Gemm::new(stream.clone())?;
+        RUNTIMES_CREATED.fetch_add(1, Ordering::Relaxed);
+        Ok(CudaRuntime {
+            device: device.clone(),
+            stream,
+            _modules: modules,
+            functions,
+            gemm,
+            sm_count,
+        })
+    }
+
+    /// The function handle of `k`, resolved when the runtime was created.
+    pub fn function(&self, k: Kernel) -> &CudaFunction {
+        &self.functions[k as usize]
+    }
+
+    /// The stream every flare op on this device is issued on (Candle's).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The Candle device this runtime belongs to.
+    pub fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+
+    /// The cuBLASLt handle, workspace and plan cache of this device.
+    pub fn gemm(&self) -> &Gemm {
+        &self.gemm
+    }
+}

@@ -1,0 +1,66 @@
+//! The per-device runtime: everything an op needs on a device, created once and reused.
+//!
+//! On CUDA a [`cuda::CudaRuntime`] holds, per device: Candle's stream, one cuBLASLt handle and
+//! its workspace, every flare kernel module loaded once with each kernel's function handle
+//! resolved once, and the GEMM plans (descriptors plus the heuristic's algorithm) cached per
+//! shape and dtype. It is created lazily the first time an op runs on a device. The CPU needs no
+//! state. The counters in [`RuntimeStats`] let tests and benchmarks check that nothing is created
+//! per call.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod gemm;
+
+/// Counts of the expensive per-device objects flare has created since the process started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RuntimeStats {
+    /// Per-device runtimes created (one per CUDA device used).
+    pub runtimes_created: usize,
+    /// cuBLASLt handles created.
+    pub blas_handles_created: usize,
+    /// Kernel modules loaded (PTX JIT-compiled by the driver).
+    pub modules_loaded: usize,
+    /// Kernel function handles looked up by name.
+    pub functions_loaded: usize,
+    /// GEMM plans built (descriptors created and the algorithm heuristic queried).
+    pub gemm_plans_created: usize,
+}
+
+pub(crate) static RUNTIMES_CREATED: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static BLAS_HANDLES_CREATED: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static MODULES_LOADED: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static FUNCTIONS_LOADED: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static GEMM_PLANS_CREATED: AtomicUsize = AtomicUsize::new(0);
+
+static ALLOW_TF32: AtomicBool = AtomicBool::new(false);
+
+/// Returns how many runtimes, handles, modules, functions and GEMM plans flare has created.
+pub fn stats() -> RuntimeStats {
+    RuntimeStats {
+        runtimes_created: RUNTIMES_CREATED.load(Ordering::Relaxed),
+        blas_handles_created: BLAS_HANDLES_CREATED.load(Ordering::Relaxed),
+        modules_loaded: MODULES_LOADED.load(Ordering::Relaxed),
+        functions_loaded: FUNCTIONS_LOADED.load(Ordering::Relaxed),
+        gemm_plans_created: GEMM_PLANS_CREATED.load(Ordering::Relaxed),
+    }
+}
+
+/// Lets f32 matmuls on CUDA use TF32 tensor cores (about 10 bits of mantissa in the products,
+/// several times faster). Off by default, as in PyTorch. Has no effect on CPU or half types.
+pub fn set_allow_tf32(allow: bool) {
+    ALLOW_TF32.store(allow, Ordering::Relaxed);
+}
+
+/// Whether f32 matmuls on CUDA may use TF32; see [`set_allow_tf32`].
+pub fn allow_tf32() -> bool {
+    ALLOW_TF32.load(Ordering::Relaxed)
+}
+
+/// Waits until all work queued on `device` has finished (a no-op on CPU).
+pub fn synchronize(device: &candle_core::Device) -> crate::Result<()> {
+    device.synchronize()?;
+    Ok(())
+}
