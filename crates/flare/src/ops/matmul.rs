@@ -63,9 +63,23 @@ impl MatLayout {
         let row_major = (cs == 1 || cols == 1) && (rows == 1 || rs >= cols.max(1));
         let col_major = (rs == 1 || rows == 1) && (cols == 1 || cs >= rows.max(1));
         let (transposed, ld) = if row_major {
-            (false, if rows == 1 { cols.max(1) } else { rs.max(cols).max(1) })
+            (
+                false,
+                if rows == 1 {
+                    cols.max(1)
+                } else {
+                    rs.max(cols).max(1)
+                },
+            )
         } else if col_major {
-            (true, if cols == 1 { rows.max(1) } else { cs.max(rows).max(1) })
+            (
+                true,
+                if cols == 1 {
+                    rows.max(1)
+                } else {
+                    cs.max(rows).max(1)
+                },
+            )
         } else {
             return None;
         };
@@ -172,8 +186,16 @@ fn check(a: &Tensor, b: &Tensor) -> Result<Vec<usize>> {
     let rank = ab.len().max(bb.len());
     let mut batch = vec![0; rank];
     for i in 0..rank {
-        let x = if i + ab.len() >= rank { ab[i + ab.len() - rank] } else { 1 };
-        let y = if i + bb.len() >= rank { bb[i + bb.len() - rank] } else { 1 };
+        let x = if i + ab.len() >= rank {
+            ab[i + ab.len() - rank]
+        } else {
+            1
+        };
+        let y = if i + bb.len() >= rank {
+            bb[i + bb.len() - rank]
+        } else {
+            1
+        };
         batch[i] = match (x, y) {
             (x, y) if x == y => x,
             (1, y) => y,
@@ -246,7 +268,18 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         // when the batch is contiguous or broadcast, a copy otherwise).
         (a.reshape((nb, m, k))?, b.reshape((nb, k, n))?)
     };
-    let c = gemm_ready(a3)?.apply_op2(&gemm_ready(b3)?, MatMul)?;
+    let (a3, b3) = (gemm_ready(a3)?, gemm_ready(b3)?);
+    // Candle 0.11's CPU gemm folds the batches of `a` into one tall matrix whenever `b` is
+    // batch-invariant (batch stride 0), without checking that `a`'s rows are contiguous; a
+    // transposed `a` would then be read wrongly. Give it a row-major `a` in that case.
+    let b_broadcast =
+        MatLayout::of(b3.layout()).is_some_and(|l| l.batch > 1 && l.batch_stride == 0);
+    let a3 = if a3.device().is_cpu() && b_broadcast && !a3.is_contiguous() {
+        a3.contiguous()?
+    } else {
+        a3
+    };
+    let c = a3.apply_op2(&b3, MatMul)?;
     if batch.len() > 1 {
         let mut out = batch;
         out.extend([m, n]);

@@ -83,11 +83,7 @@ pub(crate) fn check_rank(op: &'static str, t: &Tensor, min: usize) -> Result<()>
 /// Whether flare's own implementation runs on this device (CPU and, with the `cuda` feature,
 /// CUDA); elsewhere the ops fall back to Candle's composite ops.
 pub(crate) fn native(device: &Device) -> bool {
-    match device {
-        Device::Cpu => true,
-        Device::Cuda(_) => cfg!(feature = "cuda"),
-        _ => false,
-    }
+    device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda())
 }
 
 /// Splits a contiguous layout's element range, checking that it is contiguous.

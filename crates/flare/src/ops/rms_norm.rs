@@ -103,8 +103,15 @@ fn rms_norm_bwd_rows<T: Elem>(x: &[T], w: &[T], dy: &[T], eps: f64, need_dw: boo
         .par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
         .map(|(dxc, (xc, gc))| {
-            let mut dw = if need_dw { vec![T::acc(0.0); cols] } else { Vec::new() };
-            for ((dxr, xr), gr) in dxc.chunks_mut(cols).zip(xc.chunks(cols)).zip(gc.chunks(cols))
+            let mut dw = if need_dw {
+                vec![T::acc(0.0); cols]
+            } else {
+                Vec::new()
+            };
+            for ((dxr, xr), gr) in dxc
+                .chunks_mut(cols)
+                .zip(xc.chunks(cols))
+                .zip(gc.chunks(cols))
             {
                 let r = rinv(xr, eps);
                 let mut dot = T::acc(0.0);
@@ -418,8 +425,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     if !native(x.device()) {
         return rms_norm_reference(x, weight, eps);
     }
-    Ok(x
-        .contiguous()?
+    Ok(x.contiguous()?
         .apply_op2(&weight.contiguous()?, RmsNorm { eps })?)
 }
 

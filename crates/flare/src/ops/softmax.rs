@@ -57,7 +57,11 @@ fn softmax_bwd_rows<T: Elem>(y: &[T], dy: &[T], cols: usize) -> Vec<T> {
     dx.par_chunks_mut(chunk)
         .zip(y.par_chunks(chunk).zip(dy.par_chunks(chunk)))
         .for_each(|(dxc, (yc, dyc))| {
-            for ((o, yr), gr) in dxc.chunks_mut(cols).zip(yc.chunks(cols)).zip(dyc.chunks(cols)) {
+            for ((o, yr), gr) in dxc
+                .chunks_mut(cols)
+                .zip(yc.chunks(cols))
+                .zip(dyc.chunks(cols))
+            {
                 let mut dot = T::acc(0.0);
                 for (&a, &b) in yr.iter().zip(gr) {
                     dot += a.up() * b.up();
@@ -96,7 +100,10 @@ impl CustomOp1 for SoftmaxLastDim {
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let dy = dy.contiguous()?;
-        Ok(Some(y.apply_op2_arc(&dy, std::sync::Arc::new(Box::new(SoftmaxBwd)))?))
+        Ok(Some(y.apply_op2_arc(
+            &dy,
+            std::sync::Arc::new(Box::new(SoftmaxBwd)),
+        )?))
     }
 }
 

@@ -137,7 +137,9 @@ impl CudaRuntime {
         let mut modules = Vec::with_capacity(Module::ALL.len());
         for m in Module::ALL {
             let module = ctx
-                .load_module(candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_src(m.ptx()))
+                .load_module(candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_src(
+                    m.ptx(),
+                ))
                 .cuda_ctx("loading a flare kernel module")?;
             MODULES_LOADED.fetch_add(1, Ordering::Relaxed);
             modules.push(module);
@@ -145,12 +147,10 @@ impl CudaRuntime {
         let mut functions = Vec::with_capacity(KERNELS.len());
         for (m, name) in KERNELS {
             let idx = Module::ALL.iter().position(|x| x == m).unwrap_or(0);
-            let f = modules[idx]
-                .load_function(name)
-                .map_err(|e| Error::Cuda {
-                    context: "resolving a flare kernel",
-                    msg: format!("{name}: {e:?}"),
-                })?;
+            let f = modules[idx].load_function(name).map_err(|e| Error::Cuda {
+                context: "resolving a flare kernel",
+                msg: format!("{name}: {e:?}"),
+            })?;
             FUNCTIONS_LOADED.fetch_add(1, Ordering::Relaxed);
             functions.push(f);
         }

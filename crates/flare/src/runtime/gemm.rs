@@ -405,7 +405,8 @@ impl Gemm {
         };
         // SAFETY: the workspace is scratch memory for cuBLASLt; its contents are never read
         // before cuBLASLt writes them.
-        let workspace = unsafe { stream.alloc::<u8>(bytes) }.cuda_ctx("allocating the workspace")?;
+        let workspace =
+            unsafe { stream.alloc::<u8>(bytes) }.cuda_ctx("allocating the workspace")?;
         let workspace_ptr = {
             let (ptr, _guard) = workspace.device_ptr(&stream);
             ptr
@@ -604,14 +605,24 @@ impl Gemm {
         let pref = Pref(lt::create_matmul_pref().cuda_ctx("creating a cuBLASLt preference")?);
         let ws = self.workspace_bytes as u64;
         let [al_a, al_b, al_c] = key.align_log2.map(|l| 1u32 << l);
-        // SAFETY: `pref.0` is live; MAX_WORKSPACE_BYTES is uint64, MIN_ALIGNMENT_* uint32.
+        use sys::cublasLtMatmulPreferenceAttributes_t as A;
+        // SAFETY: `pref.0` is live; MAX_WORKSPACE_BYTES is uint64.
         unsafe {
-            use sys::cublasLtMatmulPreferenceAttributes_t as A;
-            set_pref(pref.0, A::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, key)?;
-            set_pref(pref.0, A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, key)?;
-            set_pref(pref.0, A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, key)?;
-            set_pref(pref.0, A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, key)?;
-            set_pref(pref.0, A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, key)?;
+            set_pref(
+                pref.0,
+                A::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws,
+                key,
+            )?
+        };
+        for (attr, align) in [
+            (A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al_a),
+            (A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al_b),
+            (A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al_c),
+            (A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al_c),
+        ] {
+            // SAFETY: `pref.0` is live; MIN_ALIGNMENT_*_BYTES are uint32.
+            unsafe { set_pref(pref.0, attr, &align, key)? };
         }
 
         self.stream

@@ -121,9 +121,7 @@ pub(crate) fn fwd(
     let out = match (&s1.slice, &s2.slice) {
         (CudaStorageSlice::F32(x), CudaStorageSlice::F32(y)) => run(x, y, DType::F32, &pb, dev)?,
         (CudaStorageSlice::F16(x), CudaStorageSlice::F16(y)) => run(x, y, DType::F16, &pb, dev)?,
-        (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(y)) => {
-            run(x, y, DType::BF16, &pb, dev)?
-        }
+        (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(y)) => run(x, y, DType::BF16, &pb, dev)?,
         _ if s1.dtype() != s2.dtype() => {
             return Err(candle_core::Error::Msg(format!(
                 "{OP}: dtype mismatch on CUDA: {:?} and {:?}",

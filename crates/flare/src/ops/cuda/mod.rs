@@ -3,4 +3,5 @@
 
 pub(crate) mod matmul;
 pub(crate) mod rms_norm;
+mod rows;
 pub(crate) mod softmax;

@@ -1,0 +1,9 @@
+//! flare's integration tests, compiled as one binary and split by theme: one module per op and
+//! one for the runtime. Every test body runs on the CPU and, with the `cuda` feature and a GPU,
+//! on CUDA device 0 (see `common`).
+
+mod common;
+mod matmul;
+mod rms_norm;
+mod runtime;
+mod softmax;
