@@ -1,0 +1,277 @@
+// Shared helpers of flare's row kernels (softmax, RMSNorm): dtype conversion, packed 16-byte
+// loads and stores, and reductions over a thread group that owns one row.
+//
+// Execution model shared by every row kernel
+// ------------------------------------------
+// A row of `cols` elements is owned by a group of G threads (the `group` kernel argument, chosen
+// by the host as ceil(cols / E) rounded up as below, E = the kernel's elements per thread):
+//   * G <= 32, a power of two: several rows per warp, 128-thread blocks; reductions are
+//     butterfly shuffles inside the group. Short rows (the dispatch-bound case included).
+//   * 32 < G <= the kernel's block limit, a multiple of 32, blockDim.x == G: one row per block;
+//     reductions are warp shuffles and one exchange through shared memory.
+//   * rows longer than block limit * E: G = blockDim.x = the block limit.
+// Blocks loop over rows with a grid stride. Packs are V = 16 / sizeof(T) consecutive elements;
+// pack k of a row belongs to lane k % G of its group.
+//
+// Two paths, picked by the kernel itself (uniformly for the whole grid):
+//   * register path, when the row fits (G * E >= cols) and 16-byte accesses apply (cols % V == 0
+//     and every pointer 16-byte aligned): each thread keeps its <= E elements in registers, so
+//     every element is read once and written once.
+//   * streaming path otherwise: a reduction pass, then an output pass that reads the row again
+//     (from L1/L2 unless the row is very long). With 16-byte accesses when they apply, else
+//     element accesses with a bound check (the same packs, the last one partial).
+// Every reduction is a fixed butterfly / fixed-order sum, so results are bitwise deterministic
+// and identical in every lane of a group. All arithmetic and accumulation is in f32.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace flare {
+
+// Packs per thread per iteration of the streaming loops: 4 with 16-byte accesses; 2 with
+// element accesses, whose packs are already V independent loads each.
+constexpr int LONG_UNROLL = 4;
+template <bool VEC> __host__ __device__ constexpr int stream_unroll() {
+  return VEC ? LONG_UNROLL : 2;
+}
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename T> __device__ __forceinline__ T from_bits(unsigned short u);
+template <> __device__ __forceinline__ __half from_bits<__half>(unsigned short u) {
+  return __ushort_as_half(u);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_bits<__nv_bfloat16>(unsigned short u) {
+  return __ushort_as_bfloat16(u);
+}
+
+// Elements per 16-byte access.
+template <typename T> struct VecWidth {
+  static constexpr int value = 16 / sizeof(T);
+};
+
+// V consecutive elements, aligned to their size.
+template <typename T, int V> struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// Read-only (non-coherent) load of a pack; p must be aligned to sizeof(Pack<T, V>).
+template <typename T, int V> __device__ __forceinline__ Pack<T, V> load_pack(const T *p) {
+  Pack<T, V> r;
+  if constexpr (sizeof(Pack<T, V>) == 16) {
+    *reinterpret_cast<uint4 *>(&r) = __ldg(reinterpret_cast<const uint4 *>(p));
+  } else {
+    static_assert(V == 1, "packs are either 16 bytes or one element");
+    r.v[0] = __ldg(p);
+  }
+  return r;
+}
+
+// The same load through volatile asm: never merged with another load of the same address nor
+// hoisted out of a loop. Used for the weight vector, which is re-read (from L1/L2) where keeping
+// it in registers would cost more registers than the kernel can spare.
+template <typename T, int V> __device__ __forceinline__ Pack<T, V> load_pack_fresh(const T *p) {
+  Pack<T, V> r;
+  if constexpr (sizeof(Pack<T, V>) == 16) {
+    uint4 u;
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+                 : "l"(p));
+    *reinterpret_cast<uint4 *>(&r) = u;
+  } else if constexpr (sizeof(T) == 4) {
+    static_assert(V == 1, "packs are either 16 bytes or one element");
+    float u;
+    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(u) : "l"(p));
+    r.v[0] = u;
+  } else {
+    static_assert(V == 1 && sizeof(T) == 2, "packs are either 16 bytes or one element");
+    unsigned short u;
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(u) : "l"(p));
+    r.v[0] = from_bits<T>(u);
+  }
+  return r;
+}
+
+// Coherent load (for data this kernel wrote itself earlier).
+template <typename T, int V> __device__ __forceinline__ Pack<T, V> load_pack_rw(const T *p) {
+  return *reinterpret_cast<const Pack<T, V> *>(p);
+}
+
+template <typename T, int V> __device__ __forceinline__ void store_pack(T *p, const Pack<T, V> &v) {
+  *reinterpret_cast<Pack<T, V> *>(p) = v;
+}
+
+// Pack `c` of a row (elements c*V .. c*V+V-1). With VEC the pack is one 16-byte access (the
+// caller guarantees c < cols / V and alignment); without, the elements are read one by one and
+// those at or past `cols` are `pad`. Contiguous elements per thread keep the address arithmetic
+// to one register pair per pack in both cases; the scalar accesses of a warp still cover whole
+// sectors (merged in L1 for loads and in L2 for stores).
+template <typename T, int V, bool VEC>
+__device__ __forceinline__ Pack<T, V> load_row_pack(const T *row, int c, int cols, float pad) {
+  if constexpr (VEC) {
+    return load_pack<T, V>(row + c * V);
+  } else {
+    Pack<T, V> r;
+    const int e0 = c * V;
+    if (e0 + V <= cols) {  // only the last pack of a row can be partial
+#pragma unroll
+      for (int j = 0; j < V; ++j) r.v[j] = __ldg(row + e0 + j);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) r.v[j] = e0 + j < cols ? __ldg(row + e0 + j) : from_f<T>(pad);
+    }
+    return r;
+  }
+}
+
+// As load_row_pack, through load_pack_fresh (see there).
+template <typename T, int V, bool VEC>
+__device__ __forceinline__ Pack<T, V> load_row_pack_fresh(const T *row, int c, int cols) {
+  if constexpr (VEC) {
+    return load_pack_fresh<T, V>(row + c * V);
+  } else {
+    Pack<T, V> r;
+    const int e0 = c * V;
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      r.v[j] = e0 + j < cols ? load_pack_fresh<T, 1>(row + e0 + j).v[0] : from_f<T>(0.f);
+    return r;
+  }
+}
+
+// As load_row_pack, with coherent loads (data this kernel wrote earlier).
+template <typename T, int V, bool VEC>
+__device__ __forceinline__ Pack<T, V> load_row_pack_rw(const T *row, int c, int cols) {
+  if constexpr (VEC) {
+    return load_pack_rw<T, V>(row + c * V);
+  } else {
+    Pack<T, V> r;
+    const int e0 = c * V;
+#pragma unroll
+    for (int j = 0; j < V; ++j) r.v[j] = e0 + j < cols ? row[e0 + j] : from_f<T>(0.f);
+    return r;
+  }
+}
+
+// Stores pack `c` of a row; without VEC only the elements before `cols`.
+template <typename T, int V, bool VEC>
+__device__ __forceinline__ void store_row_pack(T *row, int c, int cols, const Pack<T, V> &p) {
+  if constexpr (VEC) {
+    store_pack<T, V>(row + c * V, p);
+  } else {
+    const int e0 = c * V;
+    if (e0 + V <= cols) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) row[e0 + j] = p.v[j];
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        if (e0 + j < cols) row[e0 + j] = p.v[j];
+    }
+  }
+}
+
+template <typename T, int V> __device__ __forceinline__ Pack<T, V> zero_pack() {
+  Pack<T, V> r;
+#pragma unroll
+  for (int j = 0; j < V; ++j) r.v[j] = from_f<T>(0.f);
+  return r;
+}
+
+__device__ __forceinline__ bool aligned16(const void *p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+  static __device__ __forceinline__ float identity() { return 0.f; }
+};
+
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+  static __device__ __forceinline__ float identity() { return -INFINITY; }
+};
+
+// Butterfly over the aligned lane groups of `width` lanes (a power of two <= 32).
+template <typename Op> __device__ __forceinline__ float lanes_reduce(float v, int width) {
+  for (int o = 1; o < width; o <<= 1) v = Op()(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+template <typename Op> __device__ __forceinline__ float warp_reduce(float v) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) v = Op()(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Reduces `v` over the thread group owning a row (see the execution model above) and returns
+// the result in every thread of the group. For G > 32 every thread of the block must call it
+// (it synchronises once). `sh` is 32 floats of shared memory; two consecutive reductions must
+// use different buffers (a buffer is reused only after the next reduction's barrier, which
+// every thread reaches after it finished reading the previous one).
+template <typename Op> __device__ __forceinline__ float group_reduce(float v, int G, float *sh) {
+  if (G <= 32) return lanes_reduce<Op>(v, G);
+  v = warp_reduce<Op>(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  v = lane < (int)(blockDim.x >> 5) ? sh[lane] : Op::identity();
+  return warp_reduce<Op>(v);
+}
+
+// Two sums at once (one barrier).
+__device__ __forceinline__ float2 group_sum2(float2 v, int G, float2 *sh) {
+  const int width = G <= 32 ? G : 32;
+  for (int o = 1; o < width; o <<= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+  }
+  if (G <= 32) return v;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  v = lane < (int)(blockDim.x >> 5) ? sh[lane] : make_float2(0.f, 0.f);
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+  }
+  return v;
+}
+
+// Row indexing: which row of the block's step and which lane of its group this thread is, and
+// how rows advance (a grid stride of whole steps, uniform across the block).
+struct RowGroups {
+  int G;          // threads per row
+  int lane;       // this thread's index inside its group
+  int per_block;  // rows per block per step
+  int slot;       // this thread's row inside the block's step
+  __device__ __forceinline__ explicit RowGroups(int g) : G(g) {
+    if (g <= 32) {
+      lane = threadIdx.x & (g - 1);
+      per_block = blockDim.x / g;
+      slot = threadIdx.x / g;
+    } else {
+      lane = threadIdx.x;
+      per_block = 1;
+      slot = 0;
+    }
+  }
+  __device__ __forceinline__ long long first() const {
+    return (long long)blockIdx.x * per_block;
+  }
+  __device__ __forceinline__ long long step() const { return (long long)gridDim.x * per_block; }
+};
+
+}  // namespace flare
