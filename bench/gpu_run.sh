@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The one script to run on the GPU machine (the repository root is the working directory).
+#
+# Expects the binaries built elsewhere with --features cuda, xz-compressed:
+#   .carry/flare.xz   the `flare` CLI
+#   .carry/it.xz      the integration-test binary
+# Writes into $OUT (default /tmp/flare-gpu-out): tests.log, flare_ops.json, flare_ops.log,
+# torch_ops.json, torch_ops.log, report.md. Every step runs even if an earlier one failed; the
+# script exits non-zero at the end if any step failed. Target PASS/FAIL lines are information
+# and do not fail the script. Time limits per step keep the whole run well inside 10 minutes.
+set -uo pipefail
+
+OUT="${OUT:-/tmp/flare-gpu-out}"
+mkdir -p "$OUT"
+BIN=/tmp/flare-bin
+mkdir -p "$BIN"
+FAILED=()
+T0=$(date +%s)
+
+step() { # step NAME COMMAND...: runs it, records a failure, never stops the script
+  local name=$1 rc
+  shift
+  echo
+  echo "=== [$(($(date +%s) - T0))s] $name"
+  "$@"
+  rc=$?
+  if [ $rc -ne 0 ]; then
+    echo "=== $name: FAILED (exit $rc)"
+    FAILED+=("$name")
+  fi
+  return 0
+}
+
+# ---- CUDA libraries: PyTorch's bundled CUDA 13 (cuBLAS/cuBLASLt, cuRAND, NVRTC) -----------------
+TORCH_CU=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib
+if [ -d "$TORCH_CU" ]; then
+  CUDA_LIB=$TORCH_CU
+else
+  hit=$(find /opt -name 'libcublas.so.13*' -print -quit 2>/dev/null)
+  CUDA_LIB=${hit:+$(dirname "$hit")}
+fi
+if [ -n "${CUDA_LIB:-}" ]; then
+  export LD_LIBRARY_PATH="$CUDA_LIB:${LD_LIBRARY_PATH:-}"
+  echo "CUDA libraries: $CUDA_LIB"
+else
+  echo "WARNING: no libcublas.so.13 found under /opt"
+fi
+
+# The Python with PyTorch: the venv's if there is one, else python3 on PATH.
+PY=python3
+[ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
+
+unpack() { # unpack NAME: .carry/NAME.xz -> $BIN/NAME
+  local src=".carry/$1.xz" dst="$BIN/$1"
+  [ -f "$src" ] || { echo "missing $src"; return 1; }
+  if command -v xz >/dev/null 2>&1; then
+    xz -dc "$src" >"$dst" || return 1
+  else
+    python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' \
+      "$src" "$dst" || return 1
+  fi
+  chmod +x "$dst"
+  echo "$dst: $(stat -c %s "$dst") bytes"
+}
+
+check_ldd() { # check_ldd BINARY: fails if a shared library is not found
+  local missing
+  missing=$(ldd "$1" 2>&1 | grep 'not found')
+  if [ -n "$missing" ]; then
+    echo "$1: unresolved libraries:"
+    echo "$missing"
+    return 1
+  fi
+  echo "$1: all libraries resolve"
+}
+
+step "unpack flare" unpack flare
+step "unpack it" unpack it
+step "ldd flare" check_ldd "$BIN/flare"
+step "ldd it" check_ldd "$BIN/it"
+step "nvidia-smi" nvidia-smi -L
+
+run_tests() { timeout 200 "$BIN/it" --test-threads=1 2>&1 | tee "$OUT/tests.log"; }
+run_bench() {
+  timeout 150 "$BIN/flare" bench ops --device cuda --json "$OUT/flare_ops.json" 2>&1 |
+    tee "$OUT/flare_ops.log"
+}
+run_torch() { timeout 120 "$PY" bench/anchor_ops.py --json "$OUT/torch_ops.json" 2>&1 | tee "$OUT/torch_ops.log"; }
+# The two case lists must agree, or rows will not merge.
+check_lists() { diff <("$BIN/flare" bench ops --device cuda --list) <(python3 bench/anchor_ops.py --list); }
+TORCH_JSON=()
+run_report() {
+  [ -f "$OUT/torch_ops.json" ] && TORCH_JSON=("$OUT/torch_ops.json")
+  python3 bench/report.py "$OUT/flare_ops.json" "${TORCH_JSON[@]}" | tee "$OUT/report.md"
+}
+
+step "integration tests" run_tests
+step "flare bench ops" run_bench
+step "torch anchor" run_torch
+step "case lists agree" check_lists
+step "report" run_report
+
+echo
+echo "=== [$(($(date +%s) - T0))s] summary (full Markdown in $OUT/report.md)"
+if [ -f "$OUT/flare_ops.json" ]; then
+  python3 bench/report.py --short "$OUT/flare_ops.json" "${TORCH_JSON[@]}" || true
+fi
+if [ ${#FAILED[@]} -ne 0 ]; then
+  echo
+  echo "FAILED steps: ${FAILED[*]}"
+  exit 1
+fi
+echo
+echo "all steps ok"
