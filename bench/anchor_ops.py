@@ -282,6 +282,8 @@ def main(argv=None):
         print("torch sees no CUDA device", file=sys.stderr)
         return 2
     dev = torch.device(args.device)
+    if dev.index is None:
+        dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
     torch.manual_seed(0x5EED)
     name = torch.cuda.get_device_name(dev)

@@ -18,3 +18,8 @@ pub const SOFTMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"))
 /// `rms_norm_dw_*`.
 #[cfg(feature = "cuda")]
 pub const RMS_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
+
+/// PTX of `gemm_small.cu`: `gemm_small_*`, a strided, batched GEMM for products too small for
+/// cuBLASLt's host overhead to pay off.
+#[cfg(feature = "cuda")]
+pub const GEMM_SMALL: &str = include_str!(concat!(env!("OUT_DIR"), "/gemm_small.ptx"));

@@ -14,10 +14,12 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn down(a: Self::A) -> Self;
     /// Converts an f64 constant (an epsilon) to the accumulation type.
     fn acc(c: f64) -> Self::A;
+    /// `exp` in the accumulation type: [`exp_f32`] for f32 accumulation, `f64::exp` for f64.
+    fn exp(a: Self::A) -> Self::A;
 }
 
 macro_rules! elem {
-    ($t:ty, $a:ty, $up:expr, $down:expr) => {
+    ($t:ty, $a:ty, $up:expr, $down:expr, $exp:expr) => {
         impl Elem for $t {
             type A = $a;
             #[inline(always)]
@@ -32,14 +34,93 @@ macro_rules! elem {
             fn acc(c: f64) -> $a {
                 c as $a
             }
+            #[inline(always)]
+            fn exp(a: $a) -> $a {
+                $exp(a)
+            }
         }
     };
 }
 
-elem!(f32, f32, |x| x, |a| a);
-elem!(f64, f64, |x| x, |a| a);
-elem!(f16, f32, f16::to_f32, f16::from_f32);
-elem!(bf16, f32, bf16::to_f32, bf16::from_f32);
+elem!(f32, f32, |x| x, |a| a, exp_f32);
+elem!(f64, f64, |x| x, |a| a, f64::exp);
+elem!(f16, f32, f16::to_f32, f16::from_f32, exp_f32);
+elem!(bf16, f32, bf16::to_f32, bf16::from_f32, exp_f32);
+
+/// `exp(x)` for f32 without a libm call, so that loops over rows vectorise (libm's `expf` is a
+/// scalar call per element and dominates a CPU softmax).
+///
+/// Range reduction `x = n·ln2 + r`, |r| <= ln2/2, with `n` rounded by the 1.5·2²³ trick (no
+/// `round` call, plain SSE2, and `n`'s integer value read from the sum's mantissa bits), a degree-6 Taylor polynomial for `exp(r)` (truncation error
+/// below 1.3e-7 relative) and `2ⁿ` built from the exponent bits. Below -87.3 the result is 0
+/// (as `exp` underflows there; this also maps -inf to 0), above 88.7 it is +inf, NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
+    let xc = x.clamp(-87.3, 88.7);
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    // n as an integer, read from t's mantissa bits: integer ops vectorise, a float-to-int
+    // conversion (saturating in Rust) does not.
+    let ni = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
+    let y = p * scale;
+    if x < -87.3 {
+        0.0
+    } else if x > 88.7 {
+        f32::INFINITY
+    } else if x.is_nan() {
+        x
+    } else {
+        y
+    }
+}
+
+/// Maximum of a row in the accumulation type, with 8 independent lanes so it vectorises.
+#[inline]
+pub(crate) fn row_max<T: Elem>(x: &[T]) -> T::A {
+    use num_traits::Float;
+    let mut m = [T::A::neg_infinity(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            let v = c[i].up();
+            m[i] = if v > m[i] { v } else { m[i] };
+        }
+    }
+    let mut best = T::A::neg_infinity();
+    for v in m.into_iter().chain(rest.iter().map(|v| v.up())) {
+        best = if v > best { v } else { best };
+    }
+    best
+}
+
+/// Sum of a slice of the accumulation type, with 8 independent lanes so it vectorises.
+#[inline]
+pub(crate) fn lane_sum<A: num_traits::Float + std::ops::AddAssign>(x: &[A]) -> A {
+    let mut s = [A::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            s[i] += c[i];
+        }
+    }
+    let mut total = A::zero();
+    for v in s.into_iter().chain(rest.iter().copied()) {
+        total += v;
+    }
+    total
+}
 
 /// Applies a generic body to the typed slice inside a `CpuStorage`, for the dtypes flare's ops
 /// support; other dtypes produce an error naming the op.

@@ -52,6 +52,19 @@ impl MatLayout {
             return None;
         }
         let (rows, cols) = (dims[r - 2], dims[r - 1]);
+        if rows == 0 || cols == 0 {
+            // Nothing is read: any leading dimension the GEMM accepts will do.
+            let batch = if r == 3 { dims[0] } else { 1 };
+            return Some(MatLayout {
+                offset: l.start_offset(),
+                transposed: false,
+                ld: cols.max(1),
+                batch_stride: rows * cols,
+                batch,
+                rows,
+                cols,
+            });
+        }
         let (rs, cs) = (strides[r - 2], strides[r - 1]);
         let (batch, batch_stride) = if r == 3 {
             let b = dims[0];
@@ -259,8 +272,18 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a_full.extend([m, k]);
     let mut b_full = batch.clone();
     b_full.extend([k, n]);
-    let a = a.broadcast_as(a_full)?;
-    let b = b.broadcast_as(b_full)?;
+    // Broadcast only where needed: each broadcast is a node in the autograd graph whose
+    // backward costs a pass over the gradient.
+    let a = if a.dims() == a_full.as_slice() {
+        a.clone()
+    } else {
+        a.broadcast_as(a_full)?
+    };
+    let b = if b.dims() == b_full.as_slice() {
+        b.clone()
+    } else {
+        b.broadcast_as(b_full)?
+    };
     let (a3, b3) = if batch.len() == 1 || batch.is_empty() {
         (a, b)
     } else {

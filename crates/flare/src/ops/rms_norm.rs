@@ -28,8 +28,21 @@ const OP_BWD: &str = "rms_norm_bwd";
 /// `1 / sqrt(mean(x²) + eps)` of one row.
 #[inline]
 fn rinv<T: Elem>(x: &[T], eps: T::A) -> T::A {
+    // Eight independent partial sums so the loop vectorises.
+    let mut lanes = [T::acc(0.0); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            let v = c[i].up();
+            lanes[i] += v * v;
+        }
+    }
     let mut ss = T::acc(0.0);
-    for &v in x {
+    for l in lanes {
+        ss += l;
+    }
+    for &v in rest {
         let v = v.up();
         ss += v * v;
     }

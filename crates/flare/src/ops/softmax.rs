@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::cpu::{dispatch_float, dispatch_float2, rows_per_task, Elem};
+use super::cpu::{dispatch_float, dispatch_float2, lane_sum, row_max, rows_per_task, Elem};
 use super::{check_dtype, check_rank, contiguous_range, native};
 use crate::Result;
 
@@ -30,17 +30,13 @@ fn softmax_rows<T: Elem>(x: &[T], cols: usize) -> Vec<T> {
             // The exponentials are kept in the accumulation type so half types round once.
             let mut e = vec![T::acc(0.0); cols];
             for (yr, xr) in yc.chunks_mut(cols).zip(xc.chunks(cols)) {
-                let mut max = T::A::neg_infinity();
-                for &v in xr {
-                    max = max.max(v.up());
-                }
-                let mut sum = T::acc(0.0);
+                let max = row_max(xr);
+                let e = &mut e[..xr.len()];
                 for (ei, &v) in e.iter_mut().zip(xr) {
-                    *ei = (v.up() - max).exp();
-                    sum += *ei;
+                    *ei = T::exp(v.up() - max);
                 }
-                let inv = sum.recip();
-                for (o, &ei) in yr.iter_mut().zip(&e) {
+                let inv = lane_sum(e).recip();
+                for (o, &ei) in yr.iter_mut().zip(e.iter()) {
                     *o = T::down(ei * inv);
                 }
             }

@@ -22,15 +22,17 @@ use crate::{Error, Result};
 enum Module {
     Softmax,
     RmsNorm,
+    GemmSmall,
 }
 
 impl Module {
-    const ALL: [Module; 2] = [Module::Softmax, Module::RmsNorm];
+    const ALL: [Module; 3] = [Module::Softmax, Module::RmsNorm, Module::GemmSmall];
 
     fn ptx(self) -> &'static str {
         match self {
             Module::Softmax => flare_kernels::SOFTMAX,
             Module::RmsNorm => flare_kernels::RMS_NORM,
+            Module::GemmSmall => flare_kernels::GEMM_SMALL,
         }
     }
 }
@@ -65,6 +67,9 @@ kernels! {
     RmsNormDwF32 => (RmsNorm, "rms_norm_dw_f32"),
     RmsNormDwF16 => (RmsNorm, "rms_norm_dw_f16"),
     RmsNormDwBF16 => (RmsNorm, "rms_norm_dw_bf16"),
+    GemmSmallF32 => (GemmSmall, "gemm_small_f32"),
+    GemmSmallF16 => (GemmSmall, "gemm_small_f16"),
+    GemmSmallBF16 => (GemmSmall, "gemm_small_bf16"),
 }
 
 /// Everything flare needs on one CUDA device, created once.
@@ -85,6 +90,52 @@ impl std::fmt::Debug for CudaRuntime {
             .field("functions", &self.functions.len())
             .finish()
     }
+}
+
+/// Makes the device's memory pool keep freed memory instead of returning it to the driver at
+/// every synchronisation (its default release threshold is 0). Without this, a large tensor freed
+/// before a `synchronize` is unmapped and the next allocation of that size maps it again, which
+/// costs hundreds of microseconds for a few hundred MB: the per-op setup cost flare exists to
+/// avoid. PyTorch's caching allocator behaves the same way. [`empty_cache`] gives the memory back.
+fn keep_pool_memory(
+    ctx: &Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    ctx.bind_to_thread().cuda_ctx("binding the CUDA context")?;
+    // SAFETY: `cu_device` comes from a live context; the pool handle is owned by the driver and
+    // `threshold` is a u64, the type CU_MEMPOOL_ATTR_RELEASE_THRESHOLD expects.
+    unsafe {
+        let pool = result::device::get_mem_pool(ctx.cu_device())
+            .cuda_ctx("querying the device memory pool")?;
+        let mut threshold: u64 = u64::MAX;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .cuda_ctx("setting the memory pool's release threshold")?;
+    }
+    Ok(())
+}
+
+/// Returns the unused memory held in `device`'s memory pool to the driver (after waiting for
+/// queued work), e.g. before handing the GPU to another process.
+pub fn empty_cache(device: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let stream = device.cuda_stream();
+    stream
+        .synchronize()
+        .cuda_ctx("synchronizing before trimming the pool")?;
+    let ctx = stream.context();
+    ctx.bind_to_thread().cuda_ctx("binding the CUDA context")?;
+    // SAFETY: the pool belongs to a live device; trimming only releases memory no allocation
+    // holds, and all queued work has finished.
+    unsafe {
+        let pool = result::device::get_mem_pool(ctx.cu_device())
+            .cuda_ctx("querying the device memory pool")?;
+        result::mem_pool::trim_to(pool, 0).cuda_ctx("trimming the device memory pool")?;
+    }
+    Ok(())
 }
 
 /// Shorthand: maps any `Debug` error into [`Error::Cuda`] with a context.
@@ -133,6 +184,9 @@ impl CudaRuntime {
             // shared with another stream, so the cross-stream ordering the events provide is
             // never needed. Only allocations made after this call are affected.
             unsafe { ctx.disable_event_tracking() };
+        }
+        if std::env::var("FLARE_CUDA_KEEP_POOL").map_or(true, |v| v != "0") {
+            keep_pool_memory(&ctx)?;
         }
         let mut modules = Vec::with_capacity(Module::ALL.len());
         for m in Module::ALL {

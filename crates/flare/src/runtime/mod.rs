@@ -64,3 +64,15 @@ pub fn synchronize(device: &candle_core::Device) -> crate::Result<()> {
     device.synchronize()?;
     Ok(())
 }
+
+/// Gives the unused device memory that flare keeps pooled back to the driver (CUDA; a no-op
+/// elsewhere). flare keeps freed memory in the device's pool rather than unmapping it at every
+/// synchronisation, as PyTorch's caching allocator does; set `FLARE_CUDA_KEEP_POOL=0` before
+/// the first op to turn that off.
+pub fn empty_cache(device: &candle_core::Device) -> crate::Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => cuda::empty_cache(d),
+        _ => Ok(()),
+    }
+}
