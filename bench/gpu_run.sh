@@ -94,11 +94,26 @@ run_report() {
   python3 bench/report.py "$OUT/flare_ops.json" "${TORCH_JSON[@]}" | tee "$OUT/report.md"
 }
 
+run_floors() { timeout 90 "$BIN/flare" bench floors 2>&1 | tee "$OUT/floors.log"; }
+run_cublaslt_only() {
+  FLARE_SMALL_GEMM=0 timeout 60 "$BIN/flare" bench ops --device cuda --filter "matmul 64x64x64,matmul 1024x1024x1024" 2>&1 | tail -4
+}
+run_sanitizer() {
+  local cs
+  cs=$(command -v compute-sanitizer || find /usr/local/cuda* /opt -name compute-sanitizer -type f 2>/dev/null | head -1)
+  [ -n "$cs" ] || { echo "compute-sanitizer not found"; return 0; }
+  timeout 240 "$cs" --tool memcheck --leak-check no --error-exitcode 3 "$BIN/it" --test-threads=1 cuda 2>&1 |
+    tail -15 | tee "$OUT/sanitizer.log"
+}
+
 step "integration tests" run_tests
 step "flare bench ops" run_bench
+step "dispatch floors" run_floors
+step "matmul through cuBLASLt only (FLARE_SMALL_GEMM=0)" run_cublaslt_only
 step "torch anchor" run_torch
 step "case lists agree" check_lists
 step "report" run_report
+step "compute-sanitizer memcheck (cuda tests)" run_sanitizer
 
 echo
 echo "=== [$(($(date +%s) - T0))s] summary (full Markdown in $OUT/report.md)"

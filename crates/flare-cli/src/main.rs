@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod floors;
 
 /// Fast LoRA fine-tuning and inference on Candle.
 #[derive(Debug, Parser)]
@@ -40,11 +41,15 @@ enum BenchCommand {
     /// Time flare's ops against Candle's equivalents (forward, and forward+backward).
     #[command(long_about = bench::OPS_LONG_ABOUT)]
     Ops(bench::OpsArgs),
+    /// Time the pieces of one dispatch (kernel launch, allocation, cuBLASLt call, whole ops)
+    /// on a CUDA device, to explain the dispatch-bound rows of `bench ops`.
+    Floors(floors::FloorsArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(BenchCommand::Ops(args)) => bench::run_ops(&args),
+        Command::Bench(BenchCommand::Floors(args)) => floors::run_floors(&args),
     }
 }
 

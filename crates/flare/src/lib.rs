@@ -18,6 +18,8 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod io;
+pub mod lora;
 pub mod ops;
 pub mod runtime;
 

@@ -13,9 +13,10 @@
 //
 // Execution
 // ---------
-// A block of 256 threads owns one 32 x 32 tile of C (thread (tx, ty) = (tid % 16, tid / 16)
-// accumulates rows ty, ty + 16 and columns tx, tx + 16: four outputs, conflict-free shared
-// memory reads, and each half-warp stores 16 consecutive elements of a row). The K dimension is
+// A block of 256 threads owns one 32 x 32 tile of C: thread (tx, ty) = (tid % 16, tid / 16)
+// accumulates the 2 x 2 outputs at rows 2ty, 2ty + 1 and columns 2tx, 2tx + 1, reading per k one
+// 8-byte pair of A and one of B from shared memory (a warp's reads are one broadcast pair and 16
+// consecutive pairs: conflict-free), so each shared load feeds two FMAs. The K dimension is
 // walked in 32-wide slabs held in shared memory as f32, double-buffered: the next slab is loaded
 // from global memory into registers before the current one is multiplied, so its latency
 // overlaps the FMAs, and one barrier per slab suffices. Each thread loads 4 elements of each
@@ -36,12 +37,14 @@ namespace gemm_small {
 constexpr int THREADS = 256;
 // Blocks per SM promised to ptxas. With the default it aims at 64-80 registers and sinks the
 // next slab's loads into (or behind) the FMA loop; with 2 it keeps them all ahead of it (about
-// 116 registers, 2 blocks = 16 warps per SM, plenty for problems this small).
+// 120 registers, 2 blocks = 16 warps per SM, plenty for problems this small).
 constexpr int MIN_BLOCKS = 2;
 constexpr int BM = 32;  // rows of C per block
 constexpr int BN = 32;  // columns of C per block
 constexpr int BK = 32;  // k per shared-memory slab
-constexpr int PAD = 1;  // shared rows of 33 floats: column-wise stores are conflict-free
+// Shared rows of 34 floats: pairs stay 8-byte aligned, and a warp storing one column of a slab
+// (32 consecutive k, the mapping of a k-contiguous operand) hits each bank at most twice.
+constexpr int PAD = 2;
 constexpr int LOADS = BM * BK / THREADS;  // elements of each operand per thread per slab: 4
 constexpr int ROWS_PER_PASS = THREADS / 32;  // 8: the slow index advances by this per load
 static_assert(BM == BK && BN == BK && LOADS * ROWS_PER_PASS == 32, "one 32 x 32 slab per operand");
@@ -86,8 +89,8 @@ __device__ __forceinline__ void gemm_small_impl(const T *__restrict__ A, const T
                                                 int batch) {
   using namespace gemm_small;
   // [buffer][k][m] and [buffer][k][n].
-  __shared__ float As[2][BK][BM + PAD];
-  __shared__ float Bs[2][BK][BN + PAD];
+  __shared__ __align__(16) float As[2][BK][BM + PAD];
+  __shared__ __align__(16) float Bs[2][BK][BN + PAD];
 
   const int tid = threadIdx.x;
   const int tx = tid & 15, ty = tid >> 4;
@@ -165,12 +168,12 @@ __device__ __forceinline__ void gemm_small_impl(const T *__restrict__ A, const T
         load(s + 1);
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
-          const float a0 = As[buf][kk][ty], a1 = As[buf][kk][ty + 16];
-          const float b0 = Bs[buf][kk][tx], b1 = Bs[buf][kk][tx + 16];
-          c00 = fmaf(a0, b0, c00);
-          c01 = fmaf(a0, b1, c01);
-          c10 = fmaf(a1, b0, c10);
-          c11 = fmaf(a1, b1, c11);
+          const float2 a = *reinterpret_cast<const float2 *>(&As[buf][kk][2 * ty]);
+          const float2 b = *reinterpret_cast<const float2 *>(&Bs[buf][kk][2 * tx]);
+          c00 = fmaf(a.x, b.x, c00);
+          c01 = fmaf(a.x, b.y, c01);
+          c10 = fmaf(a.y, b.x, c10);
+          c11 = fmaf(a.y, b.y, c11);
         }
         // The other buffer was last read in slab s - 1, before the previous barrier.
         stash(buf ^ 1);
@@ -178,7 +181,7 @@ __device__ __forceinline__ void gemm_small_impl(const T *__restrict__ A, const T
         __syncthreads();
       }
 
-      const int r0 = m0 + ty, r1 = r0 + 16, q0 = n0 + tx, q1 = q0 + 16;
+      const int r0 = m0 + 2 * ty, r1 = r0 + 1, q0 = n0 + 2 * tx, q1 = q0 + 1;
       if (r0 < M) {
         if (q0 < N) Cz[(long long)r0 * N + q0] = from_f<T>(c00);
         if (q1 < N) Cz[(long long)r0 * N + q1] = from_f<T>(c01);

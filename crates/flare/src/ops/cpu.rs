@@ -190,3 +190,36 @@ pub(crate) use dispatch_float3;
 pub(crate) fn rows_per_task(cols: usize) -> usize {
     (16384 / cols.max(1)).max(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_matches_f64_exp() {
+        // A dense sweep over the range where exp is finite and normal, plus the edges.
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let got = exp_f32(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_7;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-1000.0), 0.0);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    #[test]
+    fn lane_reductions_match_sequential() {
+        let v: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let seq: f32 = v.iter().sum();
+        assert!((lane_sum(&v) - seq).abs() < 1e-5);
+        let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(row_max(&v), m);
+    }
+}

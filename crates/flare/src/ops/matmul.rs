@@ -1,4 +1,5 @@
-//! Batched matrix product `a @ b` with a backward, routed to cuBLASLt on CUDA.
+//! Batched matrix product `a @ b` with a backward, routed to cuBLASLt on CUDA (small products
+//! to flare's own `gemm_small` kernel, where cuBLASLt's host overhead would dominate).
 //!
 //! `a: [..., m, k]`, `b: [..., k, n]` → `[..., m, n]`, batch dims broadcast as in NumPy.
 //! Transposed operands (`x.t()`) are passed to the GEMM as transpose flags with their leading

@@ -163,6 +163,26 @@ fn registry() -> &'static Mutex<HashMap<candle_core::cuda_backend::DeviceId, Arc
 impl CudaRuntime {
     /// Returns the runtime of `device`, creating it the first time the device is seen.
     pub fn get(device: &CudaDevice) -> Result<Arc<CudaRuntime>> {
+        // The hot path: the last runtime this thread used, without touching the global lock.
+        thread_local! {
+            static LAST: std::cell::RefCell<Option<Arc<CudaRuntime>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let id = device.id();
+        if let Some(rt) = LAST.with(|l| {
+            l.borrow()
+                .as_ref()
+                .filter(|rt| rt.device.id() == id)
+                .cloned()
+        }) {
+            return Ok(rt);
+        }
+        let rt = Self::get_slow(device)?;
+        LAST.with(|l| *l.borrow_mut() = Some(rt.clone()));
+        Ok(rt)
+    }
+
+    fn get_slow(device: &CudaDevice) -> Result<Arc<CudaRuntime>> {
         let mut map = registry().lock().unwrap_or_else(|p| p.into_inner());
         if let Some(rt) = map.get(&device.id()) {
             return Ok(rt.clone());

@@ -3,10 +3,23 @@
 //! A [`Gemm`] is created once per device by [`super::cuda::CudaRuntime`]. A *plan* is everything
 //! cuBLASLt needs to run one GEMM shape: the operation descriptor, the three matrix layouts and
 //! the algorithm chosen by `cublasLtMatmulAlgoGetHeuristic` (top-1, allowed the whole
-//! workspace). A plan is built the first time its [`GemmParams`] (plus dtype, compute type,
-//! pointer alignment and whether `beta` is zero) is seen and reused afterwards, so a cached
-//! call costs one mutex lock, one hash lookup and one `cublasLtMatmul` on the runtime's stream:
-//! no descriptor is created, no heuristic is queried and nothing is allocated per call.
+//! workspace; for large problems the fastest of its top candidates, timed once, see below). A
+//! plan is built the first time its [`GemmParams`] (plus dtype, compute type, pointer alignment
+//! and whether `beta` is zero) is seen and reused afterwards, so a cached call costs one mutex
+//! lock, one hash lookup and one `cublasLtMatmul` on the runtime's stream: no descriptor is
+//! created, no heuristic is queried and nothing is allocated per call.
+//!
+//! **Autotuning.** The heuristic's first choice is not always the fastest kernel. When a plan is
+//! built for a large problem (`m * n * k * batch >= `[`AUTOTUNE_MIN_MACS`]), the heuristic is
+//! asked for up to [`AUTOTUNE_CANDIDATES`] algorithms and each is timed with CUDA events on the
+//! operands of that first call (one warm-up and [`AUTOTUNE_TIMED_RUNS`] timed launches each,
+//! queued back to back behind a short host-side hold of the stream); the lowest median wins
+//! (the heuristic's first choice stays unless another is at least 1% faster) and is stored in
+//! the plan. With `beta != 0` the candidates write a scratch `C` (up to 256 MiB; above that the
+//! first choice is kept). This synchronizes the stream once per large plan; cached calls never
+//! synchronize. `FLARE_GEMM_AUTOTUNE=0` turns it off (top-1, as for small problems);
+//! `FLARE_GEMM_DEBUG=1` prints each tune (key, candidates, times, winner) to stderr.
+//! [`Gemm::autotunes`] counts the tunes.
 //!
 //! The one entry point, [`Gemm::matmul`], follows cuBLAS's column-major convention,
 //! `C[m, n] = alpha * op(A) op(B) + beta * C` over a strided batch, so the same call serves a
@@ -16,13 +29,20 @@
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
-use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use candle_core::cuda_backend::cudarc::driver::result as driver_result;
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    CUdevice_attribute, CUdeviceptr, CUevent_flags, CUstreamCaptureStatus,
+};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+};
 use candle_core::DType;
 
 use super::cuda::CudaResultExt;
@@ -33,6 +53,44 @@ use crate::{Error, Result};
 const WORKSPACE_BYTES_SM90: usize = 32 << 20;
 /// Workspace on older GPUs.
 const WORKSPACE_BYTES_OLDER: usize = 4 << 20;
+
+/// Plans for GEMMs with at least this many multiply-adds (`m * n * k * batch`) are autotuned
+/// (see the module docs). 2^30 is a 1024³ product: about 2 GFLOP, a few microseconds on an
+/// H100, where a better kernel starts to be worth a one-off synchronization.
+pub const AUTOTUNE_MIN_MACS: u128 = 1 << 30;
+/// How many algorithms the heuristic is asked for when autotuning.
+pub const AUTOTUNE_CANDIDATES: usize = 8;
+/// Timed launches per candidate (after one warm-up); the median counts.
+pub const AUTOTUNE_TIMED_RUNS: usize = 3;
+/// Another candidate replaces the heuristic's first choice only when its median is at least
+/// this fraction faster, so that timing noise does not overrule the heuristic on a tie.
+const AUTOTUNE_MIN_GAIN: f32 = 0.01;
+/// With `beta != 0` the candidates are timed into a scratch `C` (the real one is read, so it
+/// must not be overwritten); above this size the plan keeps the heuristic's first choice.
+const AUTOTUNE_SCRATCH_MAX_BYTES: usize = 256 << 20;
+/// How long the stream is held (by a host function that sleeps) while the timed launches are
+/// queued behind it, so that they run back to back and the events time the kernels rather
+/// than the host's launch overhead (which exceeds a small GEMM's run time).
+const AUTOTUNE_HOLD: Duration = Duration::from_micros(2000);
+
+/// Whether large plans are autotuned: on unless `FLARE_GEMM_AUTOTUNE=0`. Read once.
+fn autotune_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLARE_GEMM_AUTOTUNE").map_or(true, |v| v.trim() != "0"))
+}
+
+/// Whether tunes are printed to stderr: only with `FLARE_GEMM_DEBUG=1`. Read once.
+fn debug_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLARE_GEMM_DEBUG").is_ok_and(|v| v.trim() == "1"))
+}
+
+/// Host function queued on the stream ahead of the timed launches: it blocks the stream for
+/// [`AUTOTUNE_HOLD`] while the host queues them. It makes no CUDA call (which a host function
+/// must not) and reads nothing through its argument (null).
+extern "C" fn hold_stream(_: *mut c_void) {
+    std::thread::sleep(AUTOTUNE_HOLD);
+}
 
 /// One GEMM in cuBLAS's column-major convention:
 /// `C[m, n] = alpha * op(A)[m, k] * op(B)[k, n] + beta * C[m, n]`, for each of `batch` matrices.
@@ -87,6 +145,22 @@ impl GemmParams {
             p.stride_c = 0;
         }
         p
+    }
+
+    /// Multiply-adds of the whole product: `m * n * k * batch`.
+    fn macs(&self) -> u128 {
+        self.m as u128 * self.n as u128 * self.k as u128 * self.batch.max(1) as u128
+    }
+
+    /// Bytes from the first to one past the last element of `C` the params address, or `None`
+    /// on overflow.
+    fn c_extent_bytes(&self) -> Option<usize> {
+        let batches = self.batch.max(1) - 1;
+        let elems = batches
+            .checked_mul(self.stride_c)?
+            .checked_add(self.n.checked_sub(1)?.checked_mul(self.ldc)?)?
+            .checked_add(self.m)?;
+        elems.checked_mul(self.dtype.size_in_bytes())
     }
 
     /// Stored `(rows, cols)` of `A` and `B` in column-major terms.
@@ -205,6 +279,51 @@ impl Hasher for KeyHasher {
 
 type PlanMap = HashMap<GemmKey, Plan, BuildHasherDefault<KeyHasher>>;
 
+/// One algorithm offered by `cublasLtMatmulAlgoGetHeuristic`.
+type Candidate = sys::cublasLtMatmulHeuristicResult_t;
+
+/// Reads one configuration attribute of `algo`, or `None` if cuBLASLt refuses (e.g. a size
+/// that is not the attribute's).
+fn algo_config<T: Copy + Default>(
+    algo: &sys::cublasLtMatmulAlgo_t,
+    attr: sys::cublasLtMatmulAlgoConfigAttributes_t,
+) -> Option<T> {
+    let mut value = T::default();
+    let mut written = 0usize;
+    // SAFETY: `algo` is a valid algorithm value (from the heuristic); `value` is a writable
+    // buffer of exactly `size_of::<T>()` bytes, and cuBLASLt writes at most that many (it
+    // refuses a size that does not match the attribute).
+    let status = unsafe {
+        sys::cublasLtMatmulAlgoConfigGetAttribute(
+            algo,
+            attr,
+            &mut value as *mut T as *mut c_void,
+            std::mem::size_of::<T>(),
+            &mut written,
+        )
+    };
+    (status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && written == std::mem::size_of::<T>())
+        .then_some(value)
+}
+
+/// The configuration of `algo`, for `FLARE_GEMM_DEBUG` output.
+fn algo_desc(algo: &sys::cublasLtMatmulAlgo_t) -> String {
+    use sys::cublasLtMatmulAlgoConfigAttributes_t as C;
+    let show = |v: Option<u32>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
+    format!(
+        "algo={} tile={} stages={} splitk={} swizzle={} cluster={}",
+        show(algo_config::<i32>(algo, C::CUBLASLT_ALGO_CONFIG_ID).map(|v| v as u32)),
+        show(algo_config::<u32>(algo, C::CUBLASLT_ALGO_CONFIG_TILE_ID)),
+        show(algo_config::<u32>(algo, C::CUBLASLT_ALGO_CONFIG_STAGES_ID)),
+        show(algo_config::<u32>(algo, C::CUBLASLT_ALGO_CONFIG_SPLITK_NUM)),
+        show(algo_config::<u32>(
+            algo,
+            C::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING
+        )),
+        show(algo_config::<u16>(algo, C::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID).map(u32::from)),
+    )
+}
+
 /// Maps a cuBLASLt status to [`Error::Cuda`].
 fn check(status: sys::cublasStatus_t, context: &'static str) -> Result<()> {
     match status {
@@ -255,6 +374,7 @@ struct Plan {
     a: sys::cublasLtMatrixLayout_t,
     b: sys::cublasLtMatrixLayout_t,
     c: sys::cublasLtMatrixLayout_t,
+    /// The heuristic's first choice, or the autotuned winner among its candidates.
     algo: sys::cublasLtMatmulAlgo_t,
 }
 
@@ -369,6 +489,8 @@ pub struct Gemm {
     workspace_ptr: CUdeviceptr,
     workspace_bytes: usize,
     stream: Arc<CudaStream>,
+    /// Plans autotuned (candidates timed) on this device.
+    autotunes: AtomicUsize,
 }
 
 impl std::fmt::Debug for Gemm {
@@ -376,6 +498,7 @@ impl std::fmt::Debug for Gemm {
         f.debug_struct("Gemm")
             .field("workspace_bytes", &self.workspace_bytes)
             .field("plans", &self.plans.try_lock().map(|m| m.len()).ok())
+            .field("autotunes", &self.autotunes.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -420,6 +543,7 @@ impl Gemm {
             workspace_ptr,
             workspace_bytes: bytes,
             stream,
+            autotunes: AtomicUsize::new(0),
         })
     }
 
@@ -433,13 +557,23 @@ impl Gemm {
         self.plans.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Number of GEMM plans autotuned on this device (their candidates timed on the GPU; see
+    /// the module docs). A plan whose tuning was skipped (autotuning off, a small problem, a
+    /// capturing stream, no scratch `C`) is not counted.
+    pub fn autotunes(&self) -> usize {
+        self.autotunes.load(Ordering::Relaxed)
+    }
+
     /// Runs `C = alpha * op(A) op(B) + beta * C` (column-major, strided batch; see
     /// [`GemmParams`]) on the runtime's stream, with `f32` scaling and `f32` accumulation
     /// (TF32 tensor cores for f32 inputs when [`super::allow_tf32`] is on).
     ///
     /// The first call with given params, dtype, compute type, pointer alignment and
     /// `beta == 0`-ness builds a plan (descriptors plus the heuristic's algorithm); every later
-    /// call reuses it: one mutex lock, one hash lookup and one `cublasLtMatmul`.
+    /// call reuses it: one mutex lock, one hash lookup and one `cublasLtMatmul`. For a large
+    /// problem that first call also autotunes the algorithm (see the module docs): it launches
+    /// the GEMM a few dozen times (with `beta == 0` into `c` itself, which the real call then
+    /// overwrites; otherwise into a scratch buffer) and synchronizes the stream once.
     ///
     /// With `beta == 0`, `C` is written without being read (its contents may be garbage, even
     /// NaN). With `beta == 1`, the product is accumulated into `C` (gradients, LoRA updates).
@@ -491,16 +625,56 @@ impl Gemm {
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         let plan = match plans.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(self.build_plan(&key)?),
+            Entry::Vacant(e) => {
+                let tune = autotune_enabled() && key.params.macs() >= AUTOTUNE_MIN_MACS;
+                let requested = if tune { AUTOTUNE_CANDIDATES } else { 1 };
+                let (mut plan, candidates) = self.build_plan(&key, requested)?;
+                if tune {
+                    // SAFETY: the caller's contract for `a`, `b`, `c` (see above) is exactly
+                    // what `autotune` needs; `plan` was just built for `key` and `candidates`
+                    // are its heuristic's results. The plan mutex is held.
+                    let chosen =
+                        unsafe { self.autotune(&key, &plan, &candidates, a, b, c, alpha, beta)? };
+                    if let Some(i) = chosen {
+                        plan.algo = candidates[i].algo;
+                    }
+                }
+                e.insert(plan)
+            }
         };
-        let cu_stream = self.stream.cu_stream() as sys::cudaStream_t;
         // SAFETY: the plan's descriptors are live (owned by the cache, which is locked) and
-        // describe exactly `p`; the caller guarantees that `a`, `b`, `c` cover those shapes on
-        // this device and are ready on this stream; `alpha`/`beta` are host f32 values as the
-        // descriptor's default host pointer mode and f32 scale type expect, read before the
-        // call returns; the workspace is ours, as large as the heuristic was told, and only
-        // used by GEMMs on this one stream, which run in order. C is passed as D (in place).
-        let status = unsafe {
+        // describe exactly `p`, and its algorithm came from their heuristic within our
+        // workspace; the caller guarantees that `a`, `b`, `c` cover those shapes on this device
+        // and are ready on this stream. C is passed as D (in place).
+        let status = unsafe { self.launch(plan, &plan.algo, a, b, c, alpha, beta) };
+        check_for(status, "cublasLtMatmul", &key)
+    }
+
+    /// Queues one `cublasLtMatmul` of `plan` with `algo` on the runtime's stream, reading `C`
+    /// from and writing `D` to `d`, and returns its status.
+    ///
+    /// # Safety
+    /// `plan`'s descriptors must be live (the plan mutex held, or the plan not yet shared) and
+    /// `algo` must come from their heuristic with a workspace need within ours. `a`, `b` and
+    /// `d` must satisfy [`Gemm::matmul`]'s contract for `a`, `b` and `c` and the plan's params.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch(
+        &self,
+        plan: &Plan,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        a: CUdeviceptr,
+        b: CUdeviceptr,
+        d: CUdeviceptr,
+        alpha: f32,
+        beta: f32,
+    ) -> sys::cublasStatus_t {
+        let cu_stream = self.stream.cu_stream() as sys::cudaStream_t;
+        // SAFETY: see the function's contract for the descriptors, the algorithm and the
+        // pointers; `alpha`/`beta` are host f32 values as the descriptor's default host pointer
+        // mode and f32 scale type expect, read before the call returns; the workspace is ours,
+        // as large as the heuristic was told, and only used by GEMMs on this one stream, which
+        // run in order. C is passed as D (in place).
+        unsafe {
             sys::cublasLtMatmul(
                 self.handle.0,
                 plan.desc,
@@ -510,22 +684,23 @@ impl Gemm {
                 b as *const c_void,
                 plan.b,
                 &beta as *const f32 as *const c_void,
-                c as *const c_void,
+                d as *const c_void,
                 plan.c,
-                c as *mut c_void,
+                d as *mut c_void,
                 plan.c,
-                &plan.algo,
+                algo,
                 self.workspace_ptr as *mut c_void,
                 self.workspace_bytes,
                 cu_stream,
             )
-        };
-        check_for(status, "cublasLtMatmul", &key)
+        }
     }
 
-    /// Creates the descriptors of `key` and asks the heuristic for its algorithm. Called with
-    /// the plan mutex held.
-    fn build_plan(&self, key: &GemmKey) -> Result<Plan> {
+    /// Creates the descriptors of `key` and asks the heuristic for up to `requested`
+    /// algorithms. Returns the plan, holding the heuristic's first usable algorithm, and every
+    /// usable one (status success, workspace within ours) in the heuristic's order, so never
+    /// empty. Called with the plan mutex held.
+    fn build_plan(&self, key: &GemmKey, requested: usize) -> Result<(Plan, Vec<Candidate>)> {
         let p = &key.params;
         p.validate()?;
         let dt = data_type(p.dtype).ok_or_else(|| Error::UnsupportedDType {
@@ -629,10 +804,15 @@ impl Gemm {
             .context()
             .bind_to_thread()
             .cuda_ctx("binding the CUDA context for cuBLASLt")?;
-        let mut result = std::mem::MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::zeroed();
+        let requested = requested.clamp(1, AUTOTUNE_CANDIDATES);
+        // SAFETY: `cublasLtMatmulHeuristicResult_t` is plain C data (integers, a float and the
+        // `cublasStatus_t` enum, whose 0 is CUBLAS_STATUS_SUCCESS), so all-zero bytes are a
+        // valid value.
+        let zero: Candidate = unsafe { std::mem::zeroed() };
+        let mut results = vec![zero; requested];
         let mut count: std::ffi::c_int = 0;
-        // SAFETY: all descriptors are live and describe the GEMM; `result` has room for the one
-        // result requested and `count` receives how many were written.
+        // SAFETY: all descriptors are live and describe the GEMM; `results` has room for the
+        // `requested` results asked for and `count` receives how many were written.
         let status = unsafe {
             sys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle.0,
@@ -642,24 +822,245 @@ impl Gemm {
                 plan.c,
                 plan.c,
                 pref.0,
-                1,
-                result.as_mut_ptr(),
+                requested as std::ffi::c_int,
+                results.as_mut_ptr(),
                 &mut count,
             )
         };
         check_for(status, "cuBLASLt algorithm heuristic", key)?;
+        let count = usize::try_from(count).unwrap_or(0).min(requested);
         if count < 1 {
             return Err(Error::Cuda {
                 context: "cuBLASLt algorithm heuristic",
                 msg: format!("no algorithm supports {key:?}"),
             });
         }
-        // SAFETY: the heuristic reported writing one result; the zeroed init also makes every
-        // field a valid value of its type.
-        let result = unsafe { result.assume_init() };
-        check_for(result.state, "cuBLASLt algorithm heuristic result", key)?;
-        plan.algo = result.algo;
+        results.truncate(count);
+        let first_state = results[0].state;
+        results.retain(|r| {
+            r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                && r.workspaceSize <= self.workspace_bytes
+        });
+        let Some(first) = results.first() else {
+            check_for(first_state, "cuBLASLt algorithm heuristic result", key)?;
+            return Err(Error::Cuda {
+                context: "cuBLASLt algorithm heuristic",
+                msg: format!("no algorithm fits the workspace for {key:?}"),
+            });
+        };
+        plan.algo = first.algo;
         GEMM_PLANS_CREATED.fetch_add(1, Ordering::Relaxed);
-        Ok(plan)
+        Ok((plan, results))
+    }
+
+    /// Times `cands` (the heuristic's usable algorithms for `plan`, its first choice first) on
+    /// the operands of the first call and returns the index of the one to keep, or `None` to
+    /// keep the first without timing (the stream is being captured into a graph, or
+    /// `beta != 0` and no scratch `C` could be had). Every candidate is launched once to
+    /// check that it runs (and load its kernel); then, with the stream held by
+    /// [`hold_stream`], each gets one warm-up and [`AUTOTUNE_TIMED_RUNS`] launches between
+    /// events, queued back to back; one stream synchronization reads them all. A candidate
+    /// whose launch fails is skipped. With `beta == 0` the launches write `c`, which the real
+    /// call overwrites; otherwise they write a zeroed scratch copy of `C`'s extent.
+    ///
+    /// # Safety
+    /// `a`, `b` and `c` must satisfy [`Gemm::matmul`]'s contract for `key.params`; `plan` must
+    /// be `key`'s and `cands` its heuristic's results. Called with the plan mutex held.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn autotune(
+        &self,
+        key: &GemmKey,
+        plan: &Plan,
+        cands: &[Candidate],
+        a: CUdeviceptr,
+        b: CUdeviceptr,
+        c: CUdeviceptr,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<Option<usize>> {
+        let debug = debug_enabled();
+        let skip = |why: &str| {
+            if debug {
+                eprintln!("flare gemm autotune: skipped ({why}) for {key:?}");
+            }
+            Ok(None)
+        };
+        if cands.len() < 2 {
+            return skip("the heuristic offered one algorithm");
+        }
+        match self.stream.capture_status() {
+            Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE) => {}
+            _ => return skip("the stream is being captured"),
+        }
+
+        // Where the candidates write: `c` itself when it is not read, else a scratch buffer.
+        let mut scratch = if beta == 0.0 {
+            None
+        } else {
+            let Some(bytes) = key.params.c_extent_bytes() else {
+                return skip("C's extent overflows");
+            };
+            if bytes > AUTOTUNE_SCRATCH_MAX_BYTES {
+                return skip("beta != 0 and C is too large for a scratch copy");
+            }
+            match self.stream.alloc_zeros::<u8>(bytes) {
+                Ok(s) => Some(s),
+                Err(_) => return skip("beta != 0 and the scratch C could not be allocated"),
+            }
+        };
+        let scratch_ptr = scratch.as_mut().map(|s| s.device_ptr_mut(&self.stream));
+        let d = match &scratch_ptr {
+            None => c,
+            Some((ptr, _guard)) => {
+                // The candidates were chosen for `c`'s alignment; the scratch must have at
+                // least as much (the pool gives 256-byte or better, so this holds).
+                if align_log2(*ptr) < key.align_log2[2] {
+                    return skip("the scratch C is less aligned than C");
+                }
+                *ptr
+            }
+        };
+
+        // Probe: one launch each, which also loads each kernel before the timed batch.
+        let mut alive: Vec<bool> = cands
+            .iter()
+            .map(|cand| {
+                // SAFETY: the plan is `key`'s, the algorithm came from its heuristic within our
+                // workspace, `a` and `b` are the caller's and `d` is `c` (written, not read,
+                // with beta == 0) or a zeroed scratch covering C's extent, aligned as `c`.
+                let status = unsafe { self.launch(plan, &cand.algo, a, b, d, alpha, beta) };
+                status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            })
+            .collect();
+
+        let ctx = self.stream.context();
+        let mut events: Vec<Vec<CudaEvent>> = Vec::with_capacity(cands.len());
+        for _ in cands {
+            let evs = (0..=AUTOTUNE_TIMED_RUNS)
+                .map(|_| ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .cuda_ctx("creating GEMM autotuning events")?;
+            events.push(evs);
+        }
+
+        // Hold the stream so that the batch below runs back to back, not at the host's pace.
+        // SAFETY: `hold_stream` makes no CUDA call and ignores its (null) argument; the stream
+        // is the runtime's live stream.
+        let held = unsafe {
+            driver_result::stream::launch_host_function(
+                self.stream.cu_stream(),
+                hold_stream,
+                std::ptr::null_mut(),
+            )
+        }
+        .is_ok();
+        let queued = Instant::now();
+        for ((cand, evs), ok) in cands.iter().zip(&events).zip(alive.iter_mut()) {
+            if !*ok {
+                continue;
+            }
+            // SAFETY: as for the probe above.
+            let warm = unsafe { self.launch(plan, &cand.algo, a, b, d, alpha, beta) };
+            if warm != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                *ok = false;
+                continue;
+            }
+            evs[0]
+                .record(&self.stream)
+                .cuda_ctx("recording a GEMM autotuning event")?;
+            for ev in &evs[1..] {
+                // SAFETY: as for the probe above.
+                let status = unsafe { self.launch(plan, &cand.algo, a, b, d, alpha, beta) };
+                if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                    *ok = false;
+                    break;
+                }
+                ev.record(&self.stream)
+                    .cuda_ctx("recording a GEMM autotuning event")?;
+            }
+        }
+        let queued = queued.elapsed();
+        self.stream
+            .synchronize()
+            .cuda_ctx("synchronizing after GEMM autotuning")?;
+        drop(scratch_ptr);
+        drop(scratch);
+
+        let mut timings: Vec<(usize, [f32; AUTOTUNE_TIMED_RUNS], f32)> = Vec::new();
+        for (i, (evs, _)) in events
+            .iter()
+            .zip(&alive)
+            .enumerate()
+            .filter(|(_, (_, ok))| **ok)
+        {
+            let mut times = [0f32; AUTOTUNE_TIMED_RUNS];
+            for (t, pair) in times.iter_mut().zip(evs.windows(2)) {
+                *t = pair[0]
+                    .elapsed_ms(&pair[1])
+                    .cuda_ctx("reading a GEMM autotuning event")?;
+            }
+            let mut sorted = times;
+            sorted.sort_by(f32::total_cmp);
+            timings.push((i, times, sorted[AUTOTUNE_TIMED_RUNS / 2]));
+        }
+        self.autotunes.fetch_add(1, Ordering::Relaxed);
+
+        let best = timings
+            .iter()
+            .min_by(|x, y| x.2.total_cmp(&y.2))
+            .map(|t| (t.0, t.2));
+        let first = timings.iter().find(|t| t.0 == 0).map(|t| t.2);
+        let chosen = match (best, first) {
+            (None, _) => None,
+            (Some((_, best_ms)), Some(first_ms))
+                if best_ms > first_ms * (1.0 - AUTOTUNE_MIN_GAIN) =>
+            {
+                Some(0)
+            }
+            (Some((i, _)), _) => Some(i),
+        };
+
+        if debug {
+            let mut msg = format!(
+                "flare gemm autotune: {key:?}\n  {} candidates, {} timed; batch queued in {:.0} us \
+                 (stream {}held {} us)\n",
+                cands.len(),
+                timings.len(),
+                queued.as_secs_f64() * 1e6,
+                if held { "" } else { "NOT " },
+                AUTOTUNE_HOLD.as_micros(),
+            );
+            let flop = 2.0 * key.params.macs() as f64;
+            for (i, cand) in cands.iter().enumerate() {
+                let _ = write!(
+                    msg,
+                    "  [{i}] {} ws={} waves={:.2}: ",
+                    algo_desc(&cand.algo),
+                    cand.workspaceSize,
+                    cand.wavesCount
+                );
+                let _ = match timings.iter().find(|t| t.0 == i) {
+                    Some((_, times, median)) => writeln!(
+                        msg,
+                        "median {:.1} us ({:.0} TFLOP/s), runs {:?} us",
+                        median * 1e3,
+                        flop / (*median as f64 * 1e-3) / 1e12,
+                        times.map(|t| (t * 1e4).round() / 10.0)
+                    ),
+                    None => writeln!(msg, "failed to launch"),
+                };
+            }
+            let _ = match (chosen, first) {
+                (Some(i), Some(f)) => writeln!(
+                    msg,
+                    "  winner: [{i}] ({:.2}x the heuristic's first choice)",
+                    f / timings.iter().find(|t| t.0 == i).map_or(f, |t| t.2)
+                ),
+                (Some(i), None) => writeln!(msg, "  winner: [{i}] (the first choice failed)"),
+                (None, _) => writeln!(msg, "  no candidate ran; keeping [0]"),
+            };
+            eprint!("{msg}");
+        }
+        Ok(chosen)
     }
 }

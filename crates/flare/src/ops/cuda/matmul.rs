@@ -1,5 +1,17 @@
-//! CUDA forward of [`crate::ops::matmul`]: one cuBLASLt GEMM per call, with strided and
-//! transposed operands read in place (see [`MatLayout`]) and the plan cached per shape by
+//! CUDA forward of [`crate::ops::matmul`]: one kernel launch per call, with strided,
+//! transposed and broadcast operands read in place (see [`MatLayout`]).
+//!
+//! Small products (at most [`SMALL_GEMM_MAX`] multiply-adds over the whole batch and a reduction
+//! of at most [`SMALL_GEMM_MAX_K`]) run on flare's own `gemm_small_*` kernel
+//! (`crates/flare-kernels/src/cu/gemm_small.cu`), launched straight from the runtime's
+//! pre-resolved function table: one `cuLaunchKernel`, none of cuBLASLt's per-call host work
+//! (plan lookup, descriptor checks, `cublasLtMatmul`'s own dispatch), which dominates at these
+//! sizes. That kernel computes in exact f32 (one FMA per k, in increasing k order, no TF32
+//! whatever [`crate::runtime::set_allow_tf32`] says) and reads operands through element strides.
+//! Set the environment variable `FLARE_SMALL_GEMM=0` (read once, at the first matmul) to send
+//! every product to cuBLASLt instead, e.g. to measure the difference.
+//!
+//! Everything else is one cuBLASLt GEMM, with the plan cached per shape by
 //! [`crate::runtime::gemm::Gemm`].
 //!
 //! Candle's tensors are row-major and cuBLASLt is column-major. A row-major `C = A · B` is the
@@ -8,18 +20,48 @@
 //! swapped, and no transpose flag at all for row-major operands; an operand stored
 //! column-major (a transposed view, `MatLayout::transposed`) gets the flag instead.
 
+use std::sync::OnceLock;
+
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorageSlice};
 use candle_core::{CudaStorage, DType, Layout, Shape};
 
 use crate::ops::matmul::MatLayout;
-use crate::runtime::cuda::CudaRuntime;
+use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 use crate::runtime::gemm::GemmParams;
 
 const OP: &str = "matmul";
+
+/// Products of at most this many multiply-adds, `batch * m * n * k` (2^21: one 128^3 GEMM, or
+/// eight 64^3), run on `gemm_small_*` rather than cuBLASLt. Below it the GEMM itself is a few
+/// microseconds of device time at most (a 64^3 product is four blocks of two 32-wide k slabs,
+/// about 2 us), while cuBLASLt's host overhead is about 9 us per call on an H100 (12.7 us per
+/// 64^3 bf16 matmul in a burst, against 3.3 us for a bare kernel launch): the host cost
+/// dominates, and skipping it is the win. Above it cuBLASLt's tensor-core kernels win.
+pub(crate) const SMALL_GEMM_MAX: usize = 1 << 21;
+
+/// The longest reduction `gemm_small_*` takes. One block owns a 32 x 32 tile of the output and
+/// walks all of `k` in 32-wide slabs, so a product with few output tiles and a long `k` is
+/// serial on one SM (about 0.3 us per slab: 16 slabs, about 5 us, at this bound), where
+/// cuBLASLt would split `k` across SMs.
+pub(crate) const SMALL_GEMM_MAX_K: usize = 512;
+
+/// Threads per block of `gemm_small_*` (`gemm_small::THREADS`).
+const SMALL_GEMM_THREADS: u32 = 256;
+/// Rows and columns of the output tile of one `gemm_small_*` block (`gemm_small::BM`, `BN`).
+const SMALL_GEMM_TILE: usize = 32;
+/// The grid's z dimension limit (the kernel loops over the batch beyond it).
+const MAX_GRID_Z: usize = 65535;
+
+/// Whether small products may skip cuBLASLt: not when `FLARE_SMALL_GEMM=0`. Read once.
+fn small_gemm_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("FLARE_SMALL_GEMM").map_or(true, |v| v.trim() != "0"))
+}
 
 fn internal(msg: String) -> candle_core::Error {
     candle_core::Error::Msg(format!("{OP}: internal error: {msg}"))
@@ -39,6 +81,12 @@ struct Problem {
 }
 
 impl Problem {
+    /// Whether this (non-empty) product runs on `gemm_small_*`; see [`SMALL_GEMM_MAX`].
+    fn is_small(&self) -> bool {
+        let work = self.batch as u128 * self.m as u128 * self.n as u128 * self.k as u128;
+        work <= SMALL_GEMM_MAX as u128 && self.k <= SMALL_GEMM_MAX_K && small_gemm_enabled()
+    }
+
     /// The column-major GEMM computing this row-major product: `Cᵀ[n, m] = Bᵀ · Aᵀ`.
     fn gemm_params(&self, dtype: DType) -> GemmParams {
         // An operand with a batch of one is broadcast over the other's batch.
@@ -119,9 +167,15 @@ pub(crate) fn fwd(
     };
     let dev = &s1.device;
     let out = match (&s1.slice, &s2.slice) {
-        (CudaStorageSlice::F32(x), CudaStorageSlice::F32(y)) => run(x, y, DType::F32, &pb, dev)?,
-        (CudaStorageSlice::F16(x), CudaStorageSlice::F16(y)) => run(x, y, DType::F16, &pb, dev)?,
-        (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(y)) => run(x, y, DType::BF16, &pb, dev)?,
+        (CudaStorageSlice::F32(x), CudaStorageSlice::F32(y)) => {
+            run(x, y, DType::F32, Kernel::GemmSmallF32, &pb, dev)?
+        }
+        (CudaStorageSlice::F16(x), CudaStorageSlice::F16(y)) => {
+            run(x, y, DType::F16, Kernel::GemmSmallF16, &pb, dev)?
+        }
+        (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(y)) => {
+            run(x, y, DType::BF16, Kernel::GemmSmallBF16, &pb, dev)?
+        }
         _ if s1.dtype() != s2.dtype() => {
             return Err(candle_core::Error::Msg(format!(
                 "{OP}: dtype mismatch on CUDA: {:?} and {:?}",
@@ -139,11 +193,13 @@ pub(crate) fn fwd(
     Ok((out, shape))
 }
 
-/// Allocates the output and runs the GEMM.
+/// Allocates the output and runs the GEMM: `small` (the `gemm_small_*` kernel of this dtype)
+/// for small products, cuBLASLt otherwise.
 fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     x: &CudaSlice<T>,
     y: &CudaSlice<T>,
     dtype: DType,
+    small: Kernel,
     pb: &Problem,
     dev: &CudaDevice,
 ) -> candle_core::Result<CudaStorage> {
@@ -156,6 +212,9 @@ fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
     }
     let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
+    if pb.is_small() {
+        return run_small(x, y, small, pb, &rt, dev);
+    }
     let stream = rt.stream();
     // SAFETY: cuBLASLt writes every element of the output (beta = 0, ldc = n, stride m * n
     // covers exactly `elems`) before anything can read it.
@@ -185,5 +244,88 @@ fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         }
         .map_err(crate::Error::into_candle)?;
     }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `(row stride, column stride, batch stride)` in elements of the logical `[batch, rows, cols]`
+/// matrix `l` describes: `(ld, 1)` row-major, `(1, ld)` transposed, batch stride 0 when the
+/// operand is broadcast or has a batch of one.
+fn small_strides(l: &MatLayout) -> (i64, i64, i64) {
+    let (rs, cs) = if l.transposed { (1, l.ld) } else { (l.ld, 1) };
+    let bs = if l.batch == 1 { 0 } else { l.batch_stride };
+    (rs as i64, cs as i64, bs as i64)
+}
+
+/// The elements of `s` from `offset` on.
+fn from<'a, T>(
+    s: &'a CudaSlice<T>,
+    offset: usize,
+    which: &str,
+) -> candle_core::Result<CudaView<'a, T>> {
+    s.try_slice(offset..).ok_or_else(|| {
+        internal(format!(
+            "{which} offset {offset} outside a buffer of {} elements",
+            s.len()
+        ))
+    })
+}
+
+/// Runs a small product (`pb.is_small()`, every size at least 1) on `gemm_small_*`: one launch,
+/// no cuBLASLt.
+fn run_small<T: CudaDType + DeviceRepr>(
+    x: &CudaSlice<T>,
+    y: &CudaSlice<T>,
+    kernel: Kernel,
+    pb: &Problem,
+    rt: &CudaRuntime,
+    dev: &CudaDevice,
+) -> candle_core::Result<CudaStorage> {
+    let elems = pb.batch * pb.m * pb.n;
+    let (a, b) = (from(x, pb.a.offset, "lhs")?, from(y, pb.b.offset, "rhs")?);
+    // SAFETY: the kernel below writes every element of the output (each of the `batch` matrices
+    // of `m * n`, contiguous) before anything can read it.
+    let mut out = unsafe { dev.alloc::<T>(elems) }?;
+    // All fit: `is_small` bounds batch * m * n * k (each at least 1) by 2^21.
+    let (m, n, k, batch) = (pb.m as i32, pb.n as i32, pb.k as i32, pb.batch as i32);
+    let (a_rs, a_cs, a_bs) = small_strides(&pb.a);
+    let (b_rs, b_cs, b_bs) = small_strides(&pb.b);
+    let tiles = pb.m.div_ceil(SMALL_GEMM_TILE) * pb.n.div_ceil(SMALL_GEMM_TILE);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            tiles.min(i32::MAX as usize) as u32,
+            1,
+            pb.batch.min(MAX_GRID_Z) as u32,
+        ),
+        block_dim: (SMALL_GEMM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut lb = rt.stream().launch_builder(rt.function(kernel));
+    lb.arg(&a)
+        .arg(&b)
+        .arg(&mut out)
+        .arg(&m)
+        .arg(&n)
+        .arg(&k)
+        .arg(&a_rs)
+        .arg(&a_cs)
+        .arg(&a_bs)
+        .arg(&b_rs)
+        .arg(&b_cs)
+        .arg(&b_bs)
+        .arg(&batch);
+    // SAFETY: gemm_small_<t>(const T *A, const T *B, T *C, int M, int N, int K, long long a_rs,
+    // a_cs, a_bs, b_rs, b_cs, b_bs, int batch), with T the element type of `x`, `y` and `out`
+    // (the kernel was chosen by dtype). `a` and `b` start at the operands' start offsets, and
+    // the strides are those of their layouts (`MatLayout` only normalizes strides of unit dims
+    // and uses batch stride 0 for a broadcast), so every element A_z[i, l] and B_z[l, j] the
+    // kernel reads, for z < batch, i < m, l < k, j < n, is inside the Candle storage (it forms
+    // no address outside those ranges). `out` is a fresh allocation of exactly batch * m * n
+    // elements, disjoint from both inputs, which the kernel writes contiguously row-major. The
+    // block is the kernel's 256 threads (its `__launch_bounds__`), it uses only static shared
+    // memory, and any grid is correct (it loops over tiles and batch). All buffers are on this
+    // device and ordered on its one stream.
+    unsafe { lb.launch(cfg) }
+        .cuda_ctx("launching gemm_small")
+        .map_err(crate::Error::into_candle)?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
