@@ -5,13 +5,18 @@
 #   .carry/flare.xz   the `flare` CLI
 #   .carry/it.xz      the integration-test binary
 # Writes into $OUT (default /tmp/flare-gpu-out): tests.log, flare_ops.json, flare_ops.log,
-# torch_ops.json, torch_ops.log, report.md. Every step runs even if an earlier one failed; the
+# torch_ops.json, torch_ops.log, report.md, flare_lora.json/.log, torch_lora.json/.log,
+# lora_report.txt. Every step runs even if an earlier one failed; the
 # script exits non-zero at the end if any step failed. Target PASS/FAIL lines are information
 # and do not fail the script. Time limits per step keep the whole run well inside 10 minutes.
 set -uo pipefail
 
-OUT="${OUT:-/tmp/flare-gpu-out}"
-mkdir -p "$OUT"
+# Everything is written to a work folder and packed into $OUT/results.tgz at the end (the device
+# tool brings back at most 8 files); report.md is also copied to $OUT on its own.
+FINAL_OUT="${OUT:-/tmp/flare-gpu-out}"
+OUT=/tmp/flare-gpu-work
+rm -rf "$OUT"
+mkdir -p "$OUT" "$FINAL_OUT"
 BIN=/tmp/flare-bin
 mkdir -p "$BIN"
 FAILED=()
@@ -110,8 +115,27 @@ step "integration tests" run_tests
 step "flare bench ops" run_bench
 step "dispatch floors" run_floors
 step "matmul through cuBLASLt only (FLARE_SMALL_GEMM=0)" run_cublaslt_only
+run_autotune_debug() {
+  FLARE_GEMM_DEBUG=1 timeout 60 "$BIN/flare" bench ops --device cuda --filter "matmul 4096x4096x4096 bf16 fwd" 2>&1 | tail -40
+}
+step "matmul 4096 bf16 autotune candidates (FLARE_GEMM_DEBUG=1)" run_autotune_debug
 step "torch anchor" run_torch
 step "case lists agree" check_lists
+# LoRA: flare's fused LoRA linear against the plain linear, Candle's unfused composite and
+# PyTorch's unfused LoRA (time and peak memory); the comparison re-reads both JSON files.
+run_lora_bench() {
+  timeout 90 "$BIN/flare" bench lora --device cuda --json "$OUT/flare_lora.json" 2>&1 |
+    tee "$OUT/flare_lora.log"
+}
+run_lora_torch() { timeout 90 "$PY" bench/anchor_lora.py --json "$OUT/torch_lora.json" 2>&1 | tee "$OUT/torch_lora.log"; }
+run_lora_compare() {
+  local t=()
+  [ -f "$OUT/torch_lora.json" ] && t=(--torch-json "$OUT/torch_lora.json")
+  timeout 30 "$BIN/flare" bench lora --report "$OUT/flare_lora.json" "${t[@]}" | tee "$OUT/lora_report.txt"
+}
+step "flare bench lora" run_lora_bench
+step "torch anchor lora" run_lora_torch
+step "lora comparison (flare vs torch)" run_lora_compare
 step "report" run_report
 step "compute-sanitizer memcheck (cuda tests)" run_sanitizer
 
@@ -120,6 +144,11 @@ echo "=== [$(($(date +%s) - T0))s] summary (full Markdown in $OUT/report.md)"
 if [ -f "$OUT/flare_ops.json" ]; then
   python3 bench/report.py --short "$OUT/flare_ops.json" "${TORCH_JSON[@]}" || true
 fi
+if [ -f "$OUT/lora_report.txt" ]; then
+  echo
+  cat "$OUT/lora_report.txt"
+fi
+tar czf "$FINAL_OUT/results.tgz" -C "$OUT" . && cp "$OUT/report.md" "$FINAL_OUT/" 2>/dev/null
 if [ ${#FAILED[@]} -ne 0 ]; then
   echo
   echo "FAILED steps: ${FAILED[*]}"

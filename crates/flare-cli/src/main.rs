@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_lora;
 mod floors;
 
 /// Fast LoRA fine-tuning and inference on Candle.
@@ -44,12 +45,17 @@ enum BenchCommand {
     /// Time the pieces of one dispatch (kernel launch, allocation, cuBLASLt call, whole ops)
     /// on a CUDA device, to explain the dispatch-bound rows of `bench ops`.
     Floors(floors::FloorsArgs),
+    /// Time the fused LoRA linear against the plain linear and the unfused Candle composite,
+    /// with each case's peak device memory.
+    #[command(long_about = bench_lora::LORA_LONG_ABOUT)]
+    Lora(bench_lora::LoraArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(BenchCommand::Ops(args)) => bench::run_ops(&args),
         Command::Bench(BenchCommand::Floors(args)) => floors::run_floors(&args),
+        Command::Bench(BenchCommand::Lora(args)) => bench_lora::run_lora(&args),
     }
 }
 
@@ -94,7 +100,9 @@ mod tests {
             "out.json",
         ])
         .unwrap();
-        let Command::Bench(BenchCommand::Ops(a)) = cli.command;
+        let Command::Bench(BenchCommand::Ops(a)) = cli.command else {
+            panic!("expected bench ops");
+        };
         assert_eq!(a.device, "cuda:1");
         assert!(a.quick);
         assert_eq!(a.filter.as_deref(), Some("softmax"));
@@ -105,9 +113,46 @@ mod tests {
     #[test]
     fn default_device_is_cpu() {
         let cli = Cli::try_parse_from(["flare", "bench", "ops"]).unwrap();
-        let Command::Bench(BenchCommand::Ops(a)) = cli.command;
+        let Command::Bench(BenchCommand::Ops(a)) = cli.command else {
+            panic!("expected bench ops");
+        };
         assert_eq!(a.device, "cpu");
         assert!(!a.quick);
+    }
+
+    #[test]
+    fn parses_bench_lora() {
+        let cli = Cli::try_parse_from([
+            "flare",
+            "bench",
+            "lora",
+            "--device",
+            "cuda",
+            "--tokens",
+            "128",
+            "--in",
+            "64",
+            "--out",
+            "32",
+            "--r",
+            "4",
+            "--torch-json",
+            "t.json",
+        ])
+        .unwrap();
+        let Command::Bench(BenchCommand::Lora(a)) = cli.command else {
+            panic!("expected bench lora");
+        };
+        assert_eq!(a.device, "cuda");
+        assert_eq!(
+            (a.tokens, a.in_features, a.out_features, a.r),
+            (Some(128), Some(64), Some(32), Some(4))
+        );
+        assert_eq!(
+            a.torch_json.as_deref(),
+            Some(std::path::Path::new("t.json"))
+        );
+        assert!(Cli::try_parse_from(["flare", "bench", "lora", "--r", "0"]).is_err());
     }
 
     #[test]

@@ -7,25 +7,95 @@
 // the register path when the row fits (group * ELEMS >= cols) and 16-byte accesses apply, the
 // streaming path otherwise. The host launcher (crates/flare/src/ops/cuda/softmax.rs) mirrors the
 // constants below.
+//
+// The forward's register path takes one group reduction per row, of (max, sum) pairs: each
+// thread first reduces its own elements (its max m and the sum of exp(x - m)), so every warp
+// does its exps as soon as its own loads land, and the block meets at a single barrier.
 #include "common.cuh"
 
 using namespace flare;
 
-// Threads per block at most, and elements per thread in the register path.
+// Threads per block at most, and elements per thread in the register path. f16 / bf16 keep
+// twice as many elements per thread as f32 (the same 128 bytes of input per thread, so the same
+// bytes in flight per resident thread), packed as stored; see softmax_fwd_regs_packed.
 #define SOFTMAX_FWD_THREADS 1024
-#define SOFTMAX_FWD_ELEMS 32
+#define SOFTMAX_FWD_ELEMS_F32 32
+#define SOFTMAX_FWD_ELEMS_16 64
 #define SOFTMAX_BWD_THREADS 512
 #define SOFTMAX_BWD_ELEMS 32
 
+template <typename T> struct FwdElems {
+  static constexpr int value = sizeof(T) == 4 ? SOFTMAX_FWD_ELEMS_F32 : SOFTMAX_FWD_ELEMS_16;
+};
+
 // ---- forward -------------------------------------------------------------------------------
 
-// The row in registers (as f32): read once, max, exp and sum, scale, write once.
-template <typename T, int E>
-__device__ __forceinline__ void softmax_fwd_regs(const T *__restrict__ x, T *__restrict__ y,
-                                                 long long rows, int cols, int G) {
-  constexpr int V = VecWidth<T>::value;
+// exp(d) as the register path computes it: expf for f32 outputs; for f16 / bf16 outputs
+// ex2.approx(d * log2 e), one FMUL and one MUFU.EX2 (relative error ~1e-5 at worst for
+// d >= -88, far below half an output ulp (2.4e-4 for f16, 2e-3 for bf16); results under
+// 2^-126 flush to zero; exp(0) = 1 exactly, exp(-inf) = 0, NaN stays NaN).
+template <typename T> __device__ __forceinline__ float fwd_exp(float d) {
+  if constexpr (sizeof(T) == 4) {
+    return expf(d);
+  } else {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d * 1.4426950408889634f));
+    return r;
+  }
+}
+
+// The factor exp(m - M) that rescales a sum taken relative to m to one relative to M >= m;
+// 0 when m = -inf (that sum is 0, or NaN if the elements behind it were NaN: kept as NaN).
+template <typename T> __device__ __forceinline__ float fwd_rescale(float m, float M) {
+  return m == -INFINITY ? 0.f : fwd_exp<T>(m - M);
+}
+
+// One reduction of (max, sum) pairs over the row's group, with a single barrier for G > 32.
+// In: this thread's max m (-inf if it has no finite-or-+inf element) and s, the sum of
+// exp(x - m) over its elements (taken relative to 0 when m = -inf, so then 0 or NaN). Out, in
+// every thread of the group, bitwise identical: (M, S) with M the row max and S the sum of
+// exp(x - M) over the row (each thread's s rescaled by exp(m - M), each warp's likewise).
+// `sh` is 32 pairs of shared memory; consecutive rows must alternate buffers (a buffer is
+// written again only after the next row's barrier, which every thread reaches after reading).
+template <typename T> __device__ __forceinline__ float2 group_max_sum(float m, float s, int G,
+                                                                       float2 *sh) {
+  float M = m;
+  if (G >= 32) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    s *= fwd_rescale<T>(m, M);
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  } else {
+    for (int o = 1; o < G; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    s *= fwd_rescale<T>(m, M);
+    for (int o = 1; o < G; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  }
+  if (G <= 32) return make_float2(M, s);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) sh[warp] = make_float2(M, s);
+  __syncthreads();
+  const float2 p = lane < (int)(blockDim.x >> 5) ? sh[lane] : make_float2(-INFINITY, 0.f);
+  float R = p.x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) R = fmaxf(R, __shfl_xor_sync(0xffffffffu, R, o));
+  float S = p.y * fwd_rescale<T>(p.x, R);
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) S += __shfl_xor_sync(0xffffffffu, S, o);
+  return make_float2(R, S);
+}
+
+// f32 register path: the row in registers, read once, written once. Each thread takes its own
+// max m, replaces its elements by e = exp(x - m) and sums them, before any exchange; one
+// (max, sum) reduction gives (M, S); the output is e * (exp(m - M) / S).
+template <int E>
+__device__ __forceinline__ void softmax_fwd_regs_f32(const float *__restrict__ x,
+                                                     float *__restrict__ y, long long rows,
+                                                     int cols, int G) {
+  constexpr int V = VecWidth<float>::value;
   constexpr int NV = E / V;
-  __shared__ float sh[2][32];
+  __shared__ float2 sh[2][32];
+  int buf = 0;
   const RowGroups rg(G);
   const int nvr = cols / V;
   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
@@ -37,12 +107,12 @@ __device__ __forceinline__ void softmax_fwd_regs(const T *__restrict__ x, T *__r
     for (int i = 0; i < NV; ++i) {
       const int c = rg.lane + i * G;
       if (valid && c < nvr) {
-        const Pack<T, V> p = load_pack<T, V>(x + off + c * V);
+        const Pack<float, V> p = load_pack<float, V>(x + off + c * V);
 #pragma unroll
-        for (int j = 0; j < V; ++j) v[i][j] = to_f(p.v[j]);
+        for (int j = 0; j < V; ++j) v[i][j] = p.v[j];
       } else {
 #pragma unroll
-        for (int j = 0; j < V; ++j) v[i][j] = -INFINITY;
+        for (int j = 0; j < V; ++j) v[i][j] = -INFINITY;  // exp(-inf - m) = 0
       }
     }
     float m = -INFINITY;
@@ -50,27 +120,151 @@ __device__ __forceinline__ void softmax_fwd_regs(const T *__restrict__ x, T *__r
     for (int i = 0; i < NV; ++i)
 #pragma unroll
       for (int j = 0; j < V; ++j) m = fmaxf(m, v[i][j]);
-    m = group_reduce<MaxOp>(m, G, sh[0]);
+    const float msub = m == -INFINITY ? 0.f : m;
     float s = 0.f;
 #pragma unroll
     for (int i = 0; i < NV; ++i)
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        // Padding is -inf and contributes exp(-inf) = 0.
-        const float e = expf(v[i][j] - m);
+        const float e = expf(v[i][j] - msub);
         v[i][j] = e;
         s += e;
       }
-    s = group_reduce<SumOp>(s, G, sh[1]);
-    const float inv = 1.f / s;
+    const float2 ms = group_max_sum<float>(m, s, G, sh[buf]);
+    buf ^= 1;
+    // All -inf: 0 / 0 = NaN, as exp(x - M) / S would give.
+    const float scale = fwd_rescale<float>(m, ms.x) / ms.y;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int c = rg.lane + i * G;
       if (valid && c < nvr) {
-        Pack<T, V> p;
+        Pack<float, V> p;
 #pragma unroll
-        for (int j = 0; j < V; ++j) p.v[j] = from_f<T>(v[i][j] * inv);
-        store_pack<T, V>(y + off + c * V, p);
+        for (int j = 0; j < V; ++j) p.v[j] = v[i][j] * scale;
+        store_pack<float, V>(y + off + c * V, p);
+      }
+    }
+  }
+}
+
+// Two f16 / bf16 elements in a 32-bit register (the low half first, as stored).
+template <typename T> struct Pair;
+template <> struct Pair<__half> {
+  static __device__ __forceinline__ float2 to_f2(uint32_t u) {
+    return __half22float2(*reinterpret_cast<const __half2 *>(&u));
+  }
+  static __device__ __forceinline__ uint32_t from_f2(float a, float b) {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t *>(&h);
+  }
+  static __device__ __forceinline__ uint32_t max2(uint32_t a, uint32_t b) {
+    const __half2 h = __hmax2(*reinterpret_cast<const __half2 *>(&a),
+                              *reinterpret_cast<const __half2 *>(&b));
+    return *reinterpret_cast<const uint32_t *>(&h);
+  }
+  static constexpr uint32_t NEG_INF2 = 0xfc00fc00u;
+};
+template <> struct Pair<__nv_bfloat16> {
+  static __device__ __forceinline__ float2 to_f2(uint32_t u) {
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+  }
+  static __device__ __forceinline__ uint32_t from_f2(float a, float b) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t *>(&h);
+  }
+  static __device__ __forceinline__ uint32_t max2(uint32_t a, uint32_t b) {
+    const __nv_bfloat162 h = __hmax2(*reinterpret_cast<const __nv_bfloat162 *>(&a),
+                                     *reinterpret_cast<const __nv_bfloat162 *>(&b));
+    return *reinterpret_cast<const uint32_t *>(&h);
+  }
+  static constexpr uint32_t NEG_INF2 = 0xff80ff80u;
+};
+
+// Hides a register's value from the compiler (no instruction), so that the f32 values
+// converted from it in one pass are recomputed in the next instead of kept alive.
+__device__ __forceinline__ void opaque(uint32_t &u) { asm volatile("" : "+r"(u)); }
+
+// f16 / bf16 register path: the row stays in registers as loaded (two elements per register,
+// so a thread keeps 128 bytes in 32 registers and the kernel fits 64 registers at 1024 threads
+// per SM), read once and written once. The max is taken on the packed pairs (exact); each
+// thread then sums exp(x - m) relative to its own max m, one (max, sum) reduction gives (M, S),
+// and the output pass recomputes exp(x - M) / S from the packed input (two exps per element,
+// each one FMUL + MUFU.EX2).
+template <typename T, int E>
+__device__ __forceinline__ void softmax_fwd_regs_packed(const T *__restrict__ x,
+                                                        T *__restrict__ y, long long rows,
+                                                        int cols, int G) {
+  using P = Pair<T>;
+  constexpr int V = VecWidth<T>::value;
+  constexpr int NV = E / V;
+  constexpr int H = V / 2;  // registers per pack
+  static_assert(H == 4, "16-byte packs of 2-byte elements");
+  __shared__ float2 sh[2][32];
+  int buf = 0;
+  const RowGroups rg(G);
+  const int nvr = cols / V;
+  for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
+    const long long row = r0 + rg.slot;
+    const bool valid = row < rows;
+    const long long off = (valid ? row : 0) * (long long)cols;
+    uint32_t h[NV][H];
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int c = rg.lane + i * G;
+      if (valid && c < nvr) {
+        const uint4 u = __ldg(reinterpret_cast<const uint4 *>(x + off + c * V));
+        h[i][0] = u.x;
+        h[i][1] = u.y;
+        h[i][2] = u.z;
+        h[i][3] = u.w;
+      } else {
+#pragma unroll
+        for (int k = 0; k < H; ++k) h[i][k] = P::NEG_INF2;  // exp(-inf - m) = 0
+      }
+    }
+    // Max over the pairs (NaN is skipped, as fmaxf does), H independent chains.
+    uint32_t hm[H];
+#pragma unroll
+    for (int k = 0; k < H; ++k) hm[k] = h[0][k];
+#pragma unroll
+    for (int i = 1; i < NV; ++i)
+#pragma unroll
+      for (int k = 0; k < H; ++k) hm[k] = P::max2(hm[k], h[i][k]);
+    float m = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < H; ++k) {
+      const float2 f = P::to_f2(hm[k]);
+      m = fmaxf(m, fmaxf(f.x, f.y));
+    }
+    const float msub = m == -INFINITY ? 0.f : m;
+    float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; ++i)
+#pragma unroll
+      for (int k = 0; k < H; ++k) {
+        const float2 f = P::to_f2(h[i][k]);
+        s0 += fwd_exp<T>(f.x - msub);
+        s1 += fwd_exp<T>(f.y - msub);
+      }
+#pragma unroll
+    for (int i = 0; i < NV; ++i)
+#pragma unroll
+      for (int k = 0; k < H; ++k) opaque(h[i][k]);
+    const float2 ms = group_max_sum<T>(m, s0 + s1, G, sh[buf]);
+    buf ^= 1;
+    const float M = ms.x, inv = 1.f / ms.y;
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int c = rg.lane + i * G;
+      if (valid && c < nvr) {
+        uint4 u;
+        uint32_t *o = reinterpret_cast<uint32_t *>(&u);
+#pragma unroll
+        for (int k = 0; k < H; ++k) {
+          const float2 f = P::to_f2(h[i][k]);
+          o[k] = P::from_f2(fwd_exp<T>(f.x - M) * inv, fwd_exp<T>(f.y - M) * inv);
+        }
+        *reinterpret_cast<uint4 *>(y + off + c * V) = u;
       }
     }
   }
@@ -234,13 +428,18 @@ template <typename T>
 __device__ __forceinline__ void softmax_fwd(const T *__restrict__ x, T *__restrict__ y,
                                             long long rows, int cols, int group) {
   constexpr int V = VecWidth<T>::value;
+  constexpr int E = FwdElems<T>::value;
   const bool vec = cols % V == 0 && aligned16(x) && aligned16(y);
-  if (vec && (long long)group * SOFTMAX_FWD_ELEMS >= cols)
-    softmax_fwd_regs<T, SOFTMAX_FWD_ELEMS>(x, y, rows, cols, group);
-  else if (vec)
+  if (vec && (long long)group * E >= cols) {
+    if constexpr (sizeof(T) == 4)
+      softmax_fwd_regs_f32<E>(x, y, rows, cols, group);
+    else
+      softmax_fwd_regs_packed<T, E>(x, y, rows, cols, group);
+  } else if (vec) {
     softmax_fwd_stream<T, true>(x, y, rows, cols, group);
-  else
+  } else {
     softmax_fwd_stream<T, false>(x, y, rows, cols, group);
+  }
 }
 
 template <typename T>

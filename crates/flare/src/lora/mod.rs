@@ -1,7 +1,14 @@
 //! LoRA: low-rank adapters on frozen linear layers, PEFT-compatible.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod init;
+pub mod linear;
+pub mod op;
 pub mod peft;
 
 pub use config::LoraConfig;
+pub use linear::{LoraAdapter, LoraLinear};
+pub use op::{lora_linear, lora_linear_reference};
 pub use peft::{load_adapter, save_adapter, Adapter, AdapterConfig};

@@ -80,11 +80,16 @@ pub fn lora_b_key(module_path: &str) -> String {
 /// Deserializing checks the file against what flare supports: it refuses `peft_type` other
 /// than `"LORA"`, `use_dora: true`, `bias` other than `"none"`, `lora_bias: true`,
 /// `fan_in_fan_out: true`, non-empty `rank_pattern` / `alpha_pattern`, non-empty
-/// `modules_to_save`, `layers_to_transform`, `layer_replication`, `target_parameters` and a
-/// `target_modules` regex (or `"all-linear"`), each with an error that names the field; it also
+/// `modules_to_save`, `layers_to_transform`, `layer_replication`, `target_parameters`, the LoRA
+/// variants of newer PEFT releases when switched on (`use_qalora`, `alora_invocation_tokens`,
+/// `use_bdlora`, `velora_config`, `kasa_config`, `monteclora_config`, `arrow_config`,
+/// `trainable_token_indices`) and a `target_modules` regex (or `"all-linear"`), each with an
+/// error that names the field; it also
 /// checks the values themselves as [`LoraConfig::validate`] does. Other keys
 /// (`init_lora_weights`, `revision`, `exclude_modules`, ...) are ignored. Serializing writes the
-/// fields PEFT needs to rebuild the config, with the keys sorted as PEFT sorts them.
+/// fields PEFT needs to rebuild the config, keys sorted as PEFT sorts them, and leaves out the
+/// fields whose PEFT default is what flare implements (`use_dora`, `rank_pattern`, ...), so that
+/// PEFT releases older than those fields (which refuse unknown keys) load the file too.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "RawAdapterConfig", into = "RawAdapterConfig")]
 pub struct AdapterConfig {
@@ -277,6 +282,62 @@ struct RawAdapterConfig {
     use_dora: Option<bool>,
     #[serde(default)]
     use_rslora: Option<bool>,
+
+    // LoRA variants of newer PEFT releases, read only to be refused when set.
+    #[serde(default, skip_serializing)]
+    alora_invocation_tokens: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    arrow_config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    kasa_config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    monteclora_config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    trainable_token_indices: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    use_bdlora: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    use_qalora: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    velora_config: Option<serde_json::Value>,
+}
+
+impl RawAdapterConfig {
+    /// The first newer-PEFT variant that is switched on, as (field, what it is).
+    fn variant_in_use(&self) -> Option<(&'static str, &'static str, &serde_json::Value)> {
+        [
+            (
+                "alora_invocation_tokens",
+                "activated LoRA",
+                &self.alora_invocation_tokens,
+            ),
+            ("arrow_config", "Arrow routing", &self.arrow_config),
+            ("kasa_config", "KaSA", &self.kasa_config),
+            ("monteclora_config", "MonteCLoRA", &self.monteclora_config),
+            (
+                "trainable_token_indices",
+                "trainable token embeddings",
+                &self.trainable_token_indices,
+            ),
+            ("use_bdlora", "block-diagonal LoRA", &self.use_bdlora),
+            ("use_qalora", "QA-LoRA", &self.use_qalora),
+            ("velora_config", "VeLoRA", &self.velora_config),
+        ]
+        .into_iter()
+        .find_map(|(k, what, v)| match v {
+            Some(v) if is_set(v) => Some((k, what, v)),
+            _ => None,
+        })
+    }
+}
+
+/// True unless `v` is null, false, 0, `""`, `[]` or `{}`: a PEFT option that is switched on.
+fn is_set(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Bool(b) => *b,
+        serde_json::Value::Number(n) => n.as_f64() != Some(0.0),
+        other => !is_empty_value(other),
+    }
 }
 
 /// True for JSON null, `[]`, `{}` and `""`: a PEFT field that is set to "nothing".
@@ -302,6 +363,9 @@ impl TryFrom<RawAdapterConfig> for AdapterConfig {
         }
         if raw.use_dora == Some(true) {
             return Err("use_dora: true (DoRA) is not supported".into());
+        }
+        if let Some((key, what, v)) = raw.variant_in_use() {
+            return Err(format!("{key}: {v} ({what}) is not supported"));
         }
         if raw.lora_bias == Some(true) {
             return Err("lora_bias: true (a trained bias on lora_B) is not supported".into());
@@ -367,10 +431,13 @@ impl TryFrom<RawAdapterConfig> for AdapterConfig {
     }
 }
 
+/// Writes only the fields every PEFT release since rsLoRA (0.7) knows: PEFT builds its config
+/// class from the file's keys and older releases refuse keys they do not know (PEFT 0.13 fails
+/// on `lora_bias`), while every field left out has the default that flare implements.
 impl From<AdapterConfig> for RawAdapterConfig {
     fn from(c: AdapterConfig) -> Self {
         RawAdapterConfig {
-            alpha_pattern: Some(serde_json::Map::new()),
+            alpha_pattern: None,
             base_model_name_or_path: c.base_model_name_or_path,
             bias: Some(c.bias),
             fan_in_fan_out: Some(c.fan_in_fan_out),
@@ -379,17 +446,25 @@ impl From<AdapterConfig> for RawAdapterConfig {
             layer_replication: None,
             layers_to_transform: None,
             lora_alpha: c.lora_alpha,
-            lora_bias: Some(false),
+            lora_bias: None,
             lora_dropout: Some(c.lora_dropout),
             modules_to_save: None,
             peft_type: c.peft_type,
             r: c.r,
-            rank_pattern: Some(serde_json::Map::new()),
+            rank_pattern: None,
             target_parameters: None,
             target_modules: Some(TargetModules::List(c.target_modules)),
             task_type: c.task_type,
-            use_dora: Some(false),
+            use_dora: None,
             use_rslora: Some(c.use_rslora),
+            alora_invocation_tokens: None,
+            arrow_config: None,
+            kasa_config: None,
+            monteclora_config: None,
+            trainable_token_indices: None,
+            use_bdlora: None,
+            use_qalora: None,
+            velora_config: None,
         }
     }
 }
@@ -734,7 +809,7 @@ pub fn load_adapter(dir: impl AsRef<Path>, device: &Device) -> Result<Adapter> {
                     &weights_path,
                     format!(
                         "tensor `{ka}` has no matching lora_B (expected `{}`)",
-                        ka.replace("lora_A", "lora_B")
+                        swap_last(&ka, ".lora_A", ".lora_B")
                     ),
                 ))
             }
@@ -743,7 +818,7 @@ pub fn load_adapter(dir: impl AsRef<Path>, device: &Device) -> Result<Adapter> {
                     &weights_path,
                     format!(
                         "tensor `{kb}` has no matching lora_A (expected `{}`)",
-                        kb.replace("lora_B", "lora_A")
+                        swap_last(&kb, ".lora_B", ".lora_A")
                     ),
                 ))
             }
@@ -764,6 +839,15 @@ pub fn load_adapter(dir: impl AsRef<Path>, device: &Device) -> Result<Adapter> {
         tensors.insert(path, (a.1, b.1));
     }
     Ok(Adapter { config, tensors })
+}
+
+/// `key` with the last occurrence of `from` replaced by `to` (the partner of a LoRA key, in the
+/// same naming variant).
+fn swap_last(key: &str, from: &str, to: &str) -> String {
+    match key.rfind(from) {
+        Some(i) => format!("{}{to}{}", &key[..i], &key[i + from.len()..]),
+        None => key.to_string(),
+    }
 }
 
 /// Reads and checks `adapter_config.json`.
@@ -805,6 +889,10 @@ mod tests {
         ] {
             assert_eq!(parse_key(key), None, "{key}");
         }
+        assert_eq!(
+            swap_last("m.lora_A.x.lora_A.default.weight", ".lora_A", ".lora_B"),
+            "m.lora_A.x.lora_B.default.weight"
+        );
         assert_eq!(lora_a_key(p), format!("base_model.model.{p}.lora_A.weight"));
         assert_eq!(lora_b_key(p), format!("base_model.model.{p}.lora_B.weight"));
     }
@@ -874,6 +962,10 @@ mod tests {
             ("layers_to_transform", "[0, 1]", "layers_to_transform"),
             ("layers_to_transform", "3", "layers_to_transform"),
             ("lora_bias", "true", "lora_bias"),
+            ("use_qalora", "true", "QA-LoRA"),
+            ("alora_invocation_tokens", "[1, 2]", "activated LoRA"),
+            ("trainable_token_indices", "[5]", "trainable token"),
+            ("velora_config", "{\"x\": 1}", "velora_config"),
             (
                 "target_modules",
                 "\".*(q|v)_proj\"",
@@ -891,6 +983,9 @@ mod tests {
         assert!(with("layers_to_transform", "null").is_ok());
         assert!(with("rank_pattern", "null").is_ok());
         assert!(with("init_lora_weights", "\"gaussian\"").is_ok());
+        assert!(with("use_qalora", "false").is_ok());
+        assert!(with("alora_invocation_tokens", "null").is_ok());
+        assert!(with("velora_config", "null").is_ok());
         assert!(with("something_new", "{\"a\": 1}").is_ok());
         assert_eq!(
             with("target_modules", "\"q_proj\"").unwrap().target_modules,
@@ -916,7 +1011,7 @@ mod tests {
         assert_eq!(LoraConfig::try_from(&c).unwrap(), l);
         let json = serde_json::to_string_pretty(&c).unwrap();
         assert!(json.contains("\"peft_type\": \"LORA\""), "{json}");
-        assert!(json.contains("\"use_dora\": false"), "{json}");
+        assert!(!json.contains("use_dora"), "{json}");
         assert!(json.contains("\"lora_dropout\": 0.05,"), "{json}");
     }
 }

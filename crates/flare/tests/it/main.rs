@@ -3,7 +3,9 @@
 //! on CUDA device 0 (see `common`).
 
 mod common;
+mod lora;
 mod matmul;
+mod peft;
 mod rms_norm;
 mod runtime;
 mod softmax;

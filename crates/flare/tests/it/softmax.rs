@@ -20,8 +20,13 @@ fn softmax_f64(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
-/// Shapes with last dims 1, 7, 33, 1000, 4097, ranks 2 to 4.
+/// Shapes with last dims 1, 7, 33, 1000, 4097, ranks 2 to 4, plus the CUDA kernels' path
+/// boundaries: 64 and 8192 columns (16-byte register paths, one thread per row for 2-byte types
+/// at 64) and 40000 (register path for 2-byte types, streaming path for f32).
 const SHAPES: &[&[usize]] = &[
+    &[5, 64],
+    &[3, 8192],
+    &[2, 40000],
     &[4, 1],
     &[5, 7],
     &[3, 33],

@@ -1,8 +1,9 @@
 //! Host launchers of the softmax kernels (`crates/flare-kernels/src/cu/softmax.cu`).
 //!
-//! One launch per op: rows stay in registers up to 32768 columns (forward) or 16384 (backward),
-//! one row per 16..1024-thread group; longer rows, and rows whose length or alignment rules out
-//! 16-byte accesses, are streamed (two reads, the second mostly from cache).
+//! One launch per op: rows stay in registers up to 32768 columns (f32 forward), 65536 (f16 / bf16
+//! forward, 64 elements per thread kept packed) or 16384 (backward), one row per 1..1024-thread
+//! group; longer rows, and rows whose length or alignment rules out 16-byte accesses, are
+//! streamed (two reads, the second mostly from cache).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
@@ -16,9 +17,15 @@ use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 const OP_FWD: &str = "softmax_last_dim (cuda)";
 const OP_BWD: &str = "softmax_last_dim backward (cuda)";
 
-/// `SOFTMAX_FWD_ELEMS` / `SOFTMAX_FWD_THREADS` of softmax.cu.
-const FWD: RowKernel = RowKernel {
+/// `SOFTMAX_FWD_ELEMS_F32` / `SOFTMAX_FWD_THREADS` of softmax.cu.
+const FWD_F32: RowKernel = RowKernel {
     elems: 32,
+    max_threads: 1024,
+};
+/// `SOFTMAX_FWD_ELEMS_16` / `SOFTMAX_FWD_THREADS` of softmax.cu (f16 and bf16: the same 128
+/// bytes of input per thread as f32).
+const FWD_16: RowKernel = RowKernel {
+    elems: 64,
     max_threads: 1024,
 };
 /// `SOFTMAX_BWD_ELEMS` / `SOFTMAX_BWD_THREADS` of softmax.cu.
@@ -30,9 +37,9 @@ const BWD: RowKernel = RowKernel {
 /// Softmax over the last dimension of a contiguous `x`; the output has `x`'s shape.
 pub(crate) fn fwd(x: &CudaStorage, lx: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
     let out = match x.dtype() {
-        DType::F32 => fwd_t::<f32>(Kernel::SoftmaxFwdF32, x, lx),
-        DType::F16 => fwd_t::<f16>(Kernel::SoftmaxFwdF16, x, lx),
-        DType::BF16 => fwd_t::<bf16>(Kernel::SoftmaxFwdBF16, x, lx),
+        DType::F32 => fwd_t::<f32>(Kernel::SoftmaxFwdF32, FWD_F32, x, lx),
+        DType::F16 => fwd_t::<f16>(Kernel::SoftmaxFwdF16, FWD_16, x, lx),
+        DType::BF16 => fwd_t::<bf16>(Kernel::SoftmaxFwdBF16, FWD_16, x, lx),
         dt => Err(unsupported(OP_FWD, dt)),
     }?;
     Ok((out, lx.shape().clone()))
@@ -58,6 +65,7 @@ pub(crate) fn bwd(
 
 fn fwd_t<T: CudaDType + DeviceRepr>(
     kernel: Kernel,
+    k: RowKernel,
     x: &CudaStorage,
     lx: &Layout,
 ) -> candle_core::Result<CudaStorage> {
@@ -69,7 +77,7 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     let mut out = unsafe { dev.alloc::<T>(n) }?;
     if n > 0 {
         let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
-        let plan = RowPlan::new(FWD, rows, cols, None);
+        let plan = RowPlan::new(k, rows, cols, None);
         let (rows_a, cols_a, group) = (rows as i64, cols as i32, plan.group_arg());
         let mut b = rt.stream().launch_builder(rt.function(kernel));
         b.arg(&src)

@@ -1,0 +1,912 @@
+//! `flare::lora::lora_linear` and `flare::lora::LoraLinear`: the fused forward against a float64
+//! composite on odd shapes at every dtype (and f32 adapters on a half base), gradients of `x`,
+//! `A` and `B` against the composite's autograd and finite differences, the frozen weight never
+//! getting a gradient, partial tracking, dropout, adapter switching, merge / unmerge, PEFT's
+//! initialisation, every output element written, and clear errors.
+//!
+//! Derivatives, with `y = x Wᵀ + bias + s (x Aᵀ) Bᵀ`, upstream `dy`, `G = s dy B`:
+//!   `dx = dy W + G A`, `dA = Gᵀ x`, `dB = s dyᵀ (x Aᵀ)`.
+
+use candle_core::{DType, Device, Tensor};
+use flare::lora::{lora_linear, lora_linear_reference, LoraConfig, LoraLinear};
+use flare::Error;
+
+use crate::common::*;
+
+const IN: usize = 33;
+const OUT: usize = 7;
+/// Token shapes `[..., in]`: 1, 7 and 33 tokens, and batch dims.
+const X_SHAPES: &[&[usize]] = &[&[1, IN], &[7, IN], &[33, IN], &[2, 3, IN]];
+const RANKS: &[usize] = &[1, 4];
+
+/// The float64 reference from plain Candle ops, on f64 CPU copies of the operands (which may
+/// be `Var`s of f64 CPU tensors, for autograd).
+fn reference_f64(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+) -> Result<Tensor> {
+    let up = |t: &Tensor| -> Result<Tensor> {
+        Ok(if t.dtype() == DType::F64 && t.device().is_cpu() {
+            t.clone()
+        } else {
+            f64_cpu(t)?
+        })
+    };
+    let (x, w, a, b) = (up(x)?, up(w)?, up(a)?, up(b)?);
+    let mut y = x.broadcast_matmul(&w.t()?)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(&up(bias)?)?;
+    }
+    let low = (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * s)?;
+    Ok((y + low)?)
+}
+
+/// One case's operands: x, W, bias, A, B (A and B of `adapter_dtype`), scale.
+struct Case {
+    x: Tensor,
+    w: Tensor,
+    bias: Option<Tensor>,
+    a: Tensor,
+    b: Tensor,
+    s: f64,
+}
+
+fn case(
+    xsh: &[usize],
+    r: usize,
+    with_bias: bool,
+    dtype: DType,
+    adapter_dtype: DType,
+    dev: &Device,
+    what: &str,
+) -> Result<Case> {
+    let sd = |tag: &str| seed(&format!("{what} {tag}"));
+    Ok(Case {
+        x: randn(xsh, dtype, dev, sd("x"))?,
+        w: randn_scaled(&[OUT, IN], 0.0, 0.2, dtype, dev, sd("w"))?,
+        bias: if with_bias {
+            Some(randn(&[OUT], dtype, dev, sd("bias"))?)
+        } else {
+            None
+        },
+        a: randn_scaled(&[r, IN], 0.0, 0.2, adapter_dtype, dev, sd("a"))?,
+        b: randn(&[OUT, r], adapter_dtype, dev, sd("b"))?,
+        s: 8.0 / (3.0 * r as f64),
+    })
+}
+
+fn out_dims(xsh: &[usize]) -> Vec<usize> {
+    let mut d = xsh.to_vec();
+    *d.last_mut().unwrap() = OUT;
+    d
+}
+
+/// The fused forward (and flare's composite reference) against the float64 composite.
+fn forward(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    let mut combos: Vec<(DType, DType)> = dtypes(dev).into_iter().map(|d| (d, d)).collect();
+    combos.push((DType::BF16, DType::F32));
+    combos.push((DType::F16, DType::F32));
+    for (dtype, adt) in combos {
+        for xsh in X_SHAPES {
+            for &r in RANKS {
+                for with_bias in [false, true] {
+                    let what = format!(
+                        "lora_linear {xsh:?} r {r} bias {with_bias} {} (adapters {})",
+                        dt(dtype),
+                        dt(adt)
+                    );
+                    let c = case(xsh, r, with_bias, dtype, adt, dev, &what)?;
+                    let y = lora_linear(&c.x, &c.w, c.bias.as_ref(), &c.a, &c.b, c.s)?;
+                    assert_eq!(y.dtype(), dtype, "{what}: output dtype");
+                    assert!(y.device().same_device(dev), "{what}: output device");
+                    assert_eq!(y.dims(), out_dims(xsh).as_slice(), "{what}: output shape");
+                    // The op computes on A and B cast to the base dtype (documented): so does
+                    // the reference.
+                    let (ab, bb) = (c.a.to_dtype(dtype)?, c.b.to_dtype(dtype)?);
+                    let reference = reference_f64(&c.x, &c.w, c.bias.as_ref(), &ab, &bb, c.s)?;
+                    fails.check(&y, &reference, tol(dtype), &what)?;
+                    let yr = lora_linear_reference(&c.x, &c.w, c.bias.as_ref(), &c.a, &c.b, c.s)?;
+                    fails.check(&yr, &reference, tol(dtype), &format!("{what} (reference)"))?;
+                }
+            }
+        }
+    }
+    fails.finish();
+    Ok(())
+}
+
+/// A non-contiguous input (a transposed view) gives the same output as its contiguous copy,
+/// and degenerate shapes (no tokens) give empty outputs.
+fn views_and_empty(dev: &Device) -> Result<()> {
+    let dtype = DType::F32;
+    let c = case(&[7, IN], 4, true, dtype, dtype, dev, "lora views")?;
+    let xt = randn(&[IN, 7], dtype, dev, seed("lora views xt"))?.t()?;
+    assert!(!xt.is_contiguous());
+    let y = lora_linear(&xt, &c.w, c.bias.as_ref(), &c.a, &c.b, c.s)?;
+    let y2 = lora_linear(&xt.contiguous()?, &c.w, c.bias.as_ref(), &c.a, &c.b, c.s)?;
+    assert_eq!(to_f64_vec(&y)?, to_f64_vec(&y2)?, "transposed x");
+    for xsh in [&[0usize, IN][..], &[2, 0, IN]] {
+        let x = Tensor::zeros(xsh, dtype, dev)?;
+        let y = lora_linear(&x, &c.w, c.bias.as_ref(), &c.a, &c.b, c.s)?;
+        assert_eq!(y.dims(), out_dims(xsh).as_slice(), "empty {xsh:?}");
+    }
+    Ok(())
+}
+
+/// Gradients of `x`, `A` and `B` against the float64 composite's autograd at every dtype (and
+/// f32 adapters on a half base, whose gradients must come back in f32); `W` never gets one.
+fn grads_vs_reference(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    let mut combos: Vec<(DType, DType)> = dtypes(dev).into_iter().map(|d| (d, d)).collect();
+    combos.push((DType::BF16, DType::F32));
+    for (dtype, adt) in combos {
+        for xsh in X_SHAPES {
+            for &r in RANKS {
+                let with_bias = r == 4;
+                let what = format!(
+                    "lora_linear grad {xsh:?} r {r} bias {with_bias} {} (adapters {})",
+                    dt(dtype),
+                    dt(adt)
+                );
+                let c = case(xsh, r, with_bias, dtype, adt, dev, &what)?;
+                let (xv, av, bv) = (var(&c.x)?, var(&c.a)?, var(&c.b)?);
+                let y = lora_linear(
+                    xv.as_tensor(),
+                    &c.w,
+                    c.bias.as_ref(),
+                    av.as_tensor(),
+                    bv.as_tensor(),
+                    c.s,
+                )?;
+                let rr = randn(y.dims(), dtype, dev, seed(&format!("{what} r")))?;
+                let grads = y.mul(&rr)?.sum_all()?.backward()?;
+                assert!(grads.get(&c.w).is_none(), "{what}: W got a gradient");
+                if let Some(bias) = &c.bias {
+                    assert!(grads.get(bias).is_none(), "{what}: bias got a gradient");
+                }
+
+                // The reference runs on A and B rounded to the base dtype, as the op does:
+                // with f32 adapters on a bf16 base, the rounding of A alone can move a short
+                // dot product like `x Aᵀ` (one token, rank 1) by more than the bf16 tolerance.
+                let (xr, ar, br) = (
+                    var(&f64_cpu(&c.x)?)?,
+                    var(&f64_cpu(&c.a.to_dtype(dtype)?)?)?,
+                    var(&f64_cpu(&c.b.to_dtype(dtype)?)?)?,
+                );
+                let yr = reference_f64(
+                    xr.as_tensor(),
+                    &c.w,
+                    c.bias.as_ref(),
+                    ar.as_tensor(),
+                    br.as_tensor(),
+                    c.s,
+                )?;
+                let grads_r = yr.mul(&f64_cpu(&rr)?)?.sum_all()?.backward()?;
+                for (name, v, vr, want_dt) in [
+                    ("dx", &xv, &xr, dtype),
+                    ("dA", &av, &ar, adt),
+                    ("dB", &bv, &br, adt),
+                ] {
+                    let what = format!("{what} {name}");
+                    let g = grad_of(&grads, v.as_tensor(), &what);
+                    assert_eq!(g.dtype(), want_dt, "{what}: gradient dtype");
+                    assert_eq!(g.dims(), v.dims(), "{what}: gradient shape");
+                    assert!(g.device().same_device(dev), "{what}: gradient device");
+                    let gr = grad_of(&grads_r, vr.as_tensor(), &what);
+                    fails.check(&g, &gr, tol(dtype), &what)?;
+                }
+            }
+        }
+    }
+    fails.finish();
+    Ok(())
+}
+
+/// Analytic gradients against central finite differences of the f64 CPU op. On CUDA the
+/// analytic gradients are computed in f32 on the device from the same (f32-exact) inputs and
+/// compared at the f32 tolerance.
+fn grad_fd(dev: &Device) -> Result<()> {
+    let dtype = if dev.is_cpu() { DType::F64 } else { DType::F32 };
+    let bound = if dev.is_cpu() {
+        FD_TOL
+    } else {
+        tol(DType::F32)
+    };
+    let up = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(dev)?) };
+    for (xsh, r, with_bias) in [
+        (&[1usize, IN][..], 1usize, false),
+        (&[7, IN], 4, true),
+        (&[2, 3, IN], 4, false),
+    ] {
+        let what = format!("lora_linear grad fd {xsh:?} r {r} bias {with_bias}");
+        let c = case(
+            xsh,
+            r,
+            with_bias,
+            DType::F64,
+            DType::F64,
+            &Device::Cpu,
+            &what,
+        )?;
+        let (x, w, a, b) = (
+            f32_exact(&c.x)?,
+            f32_exact(&c.w)?,
+            f32_exact(&c.a)?,
+            f32_exact(&c.b)?,
+        );
+        let bias = c.bias.as_ref().map(f32_exact).transpose()?;
+        let rr = f32_exact(&randn(
+            &out_dims(xsh),
+            DType::F64,
+            &Device::Cpu,
+            seed(&format!("{what} r")),
+        )?)?;
+        let s = c.s;
+        let f = |x: &Tensor, a: &Tensor, b: &Tensor| -> Result<f64> {
+            weighted_sum(&lora_linear(x, &w, bias.as_ref(), a, b, s)?, &rr)
+        };
+        let fd_x = fd_grad(|x| f(x, &a, &b), &x, FD_H)?;
+        let fd_a = fd_grad(|a| f(&x, a, &b), &a, FD_H)?;
+        let fd_b = fd_grad(|b| f(&x, &a, b), &b, FD_H)?;
+
+        let (xv, av, bv) = (var(&up(&x)?)?, var(&up(&a)?)?, var(&up(&b)?)?);
+        let (wd, biasd) = (up(&w)?, bias.as_ref().map(up).transpose()?);
+        let y = lora_linear(
+            xv.as_tensor(),
+            &wd,
+            biasd.as_ref(),
+            av.as_tensor(),
+            bv.as_tensor(),
+            s,
+        )?;
+        let grads = y.mul(&up(&rr)?)?.sum_all()?.backward()?;
+        assert!(grads.get(&wd).is_none(), "{what}: W got a gradient");
+        for (name, v, fd) in [("dx", &xv, &fd_x), ("dA", &av, &fd_a), ("dB", &bv, &fd_b)] {
+            let what = format!("{what} {name}");
+            assert_close(&grad_of(&grads, v.as_tensor(), &what), fd, bound, &what)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every subset of `{x, A, B}` tracked: exactly the tracked ones get gradients, matching the
+/// reference; a `Var` weight still gets none.
+fn partial_tracking(dev: &Device) -> Result<()> {
+    let dtype = if dev.is_cpu() { DType::F64 } else { DType::F32 };
+    let what = "lora_linear partial";
+    let c = case(&[2, 3, IN], 4, true, dtype, dtype, dev, what)?;
+    let rr = randn(&out_dims(&[2, 3, IN]), dtype, dev, seed("lora partial r"))?;
+    let (xr, ar, br) = (
+        var(&f64_cpu(&c.x)?)?,
+        var(&f64_cpu(&c.a)?)?,
+        var(&f64_cpu(&c.b)?)?,
+    );
+    let gr = reference_f64(
+        xr.as_tensor(),
+        &c.w,
+        c.bias.as_ref(),
+        ar.as_tensor(),
+        br.as_tensor(),
+        c.s,
+    )?
+    .mul(&f64_cpu(&rr)?)?
+    .sum_all()?
+    .backward()?;
+    for mask in 0..8u8 {
+        let (tx, ta, tb) = (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+        let what = format!("{what} x {tx} A {ta} B {tb}");
+        let wrap = |t: &Tensor, tracked: bool| -> Result<Tensor> {
+            Ok(if tracked {
+                var(t)?.as_tensor().clone()
+            } else {
+                t.clone()
+            })
+        };
+        let (x, a, b) = (wrap(&c.x, tx)?, wrap(&c.a, ta)?, wrap(&c.b, tb)?);
+        let wv = var(&c.w)?;
+        let y = lora_linear(&x, wv.as_tensor(), c.bias.as_ref(), &a, &b, c.s)?;
+        assert_eq!(y.track_op(), tx || ta || tb, "{what}: output tracking");
+        let grads = y.mul(&rr)?.sum_all()?.backward()?;
+        assert!(
+            grads.get(wv.as_tensor()).is_none(),
+            "{what}: Var W got a gradient"
+        );
+        for (name, t, tracked, vr) in [
+            ("dx", &x, tx, &xr),
+            ("dA", &a, ta, &ar),
+            ("dB", &b, tb, &br),
+        ] {
+            let what = format!("{what} {name}");
+            match (grads.get(t), tracked) {
+                (Some(g), true) => {
+                    assert_close(g, &grad_of(&gr, vr.as_tensor(), &what), tol(dtype), &what)?
+                }
+                (None, false) => {}
+                (g, _) => panic!(
+                    "{what}: tracked {tracked}, gradient present {}",
+                    g.is_some()
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every output element is written, forward and backward. See [`poison`] for why this is only
+/// meaningful on CUDA.
+fn every_element_written(dev: &Device) -> Result<()> {
+    for &dtype in &dtypes(dev) {
+        for with_bias in [false, true] {
+            let what = format!("lora_linear poisoned bias {with_bias} {}", dt(dtype));
+            let xsh = [33, IN];
+            let c = case(&xsh, 4, with_bias, dtype, dtype, dev, &what)?;
+            let (xv, av, bv) = (var(&c.x)?, var(&c.a)?, var(&c.b)?);
+            let n = 33 * IN + 4 * IN + OUT * 4 + 64;
+            let sizes = [33 * OUT, 33 * 4, n, 33 * 4, 33 * 4];
+            poison(dev, dtype, &sizes)?;
+            let y = lora_linear(
+                xv.as_tensor(),
+                &c.w,
+                c.bias.as_ref(),
+                av.as_tensor(),
+                bv.as_tensor(),
+                c.s,
+            )?;
+            assert_no_nan(&y, &what)?;
+            let rr = randn(y.dims(), dtype, dev, seed(&format!("{what} r")))?;
+            poison(dev, dtype, &sizes)?;
+            let g = y.mul(&rr)?.sum_all()?.backward()?;
+            for (name, v) in [("dx", &xv), ("dA", &av), ("dB", &bv)] {
+                assert_no_nan(
+                    &grad_of(&g, v.as_tensor(), &what),
+                    &format!("{what} {name}"),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn layer_with_bias(dtype: DType, dev: &Device, what: &str) -> Result<(LoraLinear, Tensor, Tensor)> {
+    let w = randn_scaled(&[OUT, IN], 0.0, 0.2, dtype, dev, seed(&format!("{what} w")))?;
+    let bias = randn(&[OUT], dtype, dev, seed(&format!("{what} bias")))?;
+    Ok((LoraLinear::new(w.clone(), Some(bias.clone()))?, w, bias))
+}
+
+/// Loads random `A` and `B` into adapter `name` (a fresh adapter's `B` is zero, which would
+/// make every adapter output equal to the base one).
+fn randomize(layer: &mut LoraLinear, name: &str, what: &str) -> Result<()> {
+    let r = layer.adapter(name).unwrap().rank();
+    let cpu = &Device::Cpu;
+    let a = randn_scaled(
+        &[r, IN],
+        0.0,
+        0.2,
+        DType::F64,
+        cpu,
+        seed(&format!("{what} {name} a")),
+    )?;
+    let b = randn(
+        &[OUT, r],
+        DType::F64,
+        cpu,
+        seed(&format!("{what} {name} b")),
+    )?;
+    layer.set_adapter_weights(name, &a, &b)
+}
+
+/// With no active adapter (never set, or switched off) the layer's output is the base linear
+/// `matmul(x, Wᵀ) + bias`, bit for bit, at every dtype.
+fn base_exact(dev: &Device) -> Result<()> {
+    for &dtype in &dtypes(dev) {
+        let what = format!("LoraLinear base {}", dt(dtype));
+        let (mut layer, w, bias) = layer_with_bias(dtype, dev, &what)?;
+        let x = randn(&[2, 3, IN], dtype, dev, seed(&format!("{what} x")))?;
+        let base = flare::ops::matmul(&x, &w.t()?)?.broadcast_add(&bias)?;
+        let bits = |t: &Tensor| to_f64_vec(t);
+        assert_eq!(
+            bits(&layer.forward(&x)?)?,
+            bits(&base)?,
+            "{what}: no adapter"
+        );
+        let cfg = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            ..Default::default()
+        };
+        layer.add_adapter("one", &cfg, 1)?;
+        randomize(&mut layer, "one", &what)?;
+        assert_eq!(
+            bits(&layer.forward(&x)?)?,
+            bits(&base)?,
+            "{what}: added, inactive"
+        );
+        layer.set_active(Some("one"))?;
+        let y = layer.forward(&x)?;
+        assert_ne!(
+            bits(&y)?,
+            bits(&base)?,
+            "{what}: active adapter changes nothing"
+        );
+        layer.set_active(None)?;
+        assert_eq!(
+            bits(&layer.forward(&x)?)?,
+            bits(&base)?,
+            "{what}: switched off"
+        );
+        assert_eq!(bits(layer.weight())?, bits(&w)?, "{what}: weight touched");
+    }
+    Ok(())
+}
+
+/// Two adapters, switched: each gives its own output (matching the reference with its own A, B
+/// and scale), and they differ.
+fn two_adapters(dev: &Device) -> Result<()> {
+    for &dtype in &dtypes(dev) {
+        let what = format!("LoraLinear two adapters {}", dt(dtype));
+        let (mut layer, w, bias) = layer_with_bias(dtype, dev, &what)?;
+        layer.add_adapter(
+            "one",
+            &LoraConfig {
+                r: 1,
+                alpha: 2.0,
+                ..Default::default()
+            },
+            1,
+        )?;
+        layer.add_adapter(
+            "two",
+            &LoraConfig {
+                r: 4,
+                alpha: 16.0,
+                use_rslora: true,
+                ..Default::default()
+            },
+            2,
+        )?;
+        assert_eq!(layer.adapter_names(), vec!["one", "two"]);
+        randomize(&mut layer, "one", &what)?;
+        randomize(&mut layer, "two", &what)?;
+        let x = randn(&[7, IN], dtype, dev, seed(&format!("{what} x")))?;
+        let mut outs = Vec::new();
+        for name in ["one", "two", "one"] {
+            layer.set_active(Some(name))?;
+            let ad = layer.adapter(name).unwrap();
+            let y = layer.forward(&x)?;
+            let reference = reference_f64(&x, &w, Some(&bias), ad.a(), ad.b(), ad.scale())?;
+            assert_close(&y, &reference, tol(dtype), &format!("{what} {name}"))?;
+            outs.push(to_f64_vec(&y)?);
+        }
+        assert_ne!(
+            outs[0], outs[1],
+            "{what}: the adapters give the same output"
+        );
+        assert_eq!(
+            outs[0], outs[2],
+            "{what}: switching back changed the output"
+        );
+        assert_eq!(
+            layer.adapter("two").unwrap().scale(),
+            8.0,
+            "{what}: rsLoRA scale"
+        );
+    }
+    Ok(())
+}
+
+/// Merge, then forward, equals the unmerged fused forward; unmerge restores the weight (up to
+/// rounding) and the fused forward. Merge-state errors.
+fn merge_unmerge(dev: &Device) -> Result<()> {
+    let mut combos = vec![(DType::F32, 1e-5, 1e-6), (DType::BF16, 1e-2, 1e-2)];
+    if dev.is_cpu() {
+        combos.push((DType::F64, 1e-12, 1e-14));
+    }
+    for (dtype, fwd_tol, w_tol) in combos {
+        let what = format!("LoraLinear merge {}", dt(dtype));
+        let (mut layer, w, _bias) = layer_with_bias(dtype, dev, &what)?;
+        let cfg = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            ..Default::default()
+        };
+        layer.add_adapter("one", &cfg, 1)?;
+        layer.add_adapter("two", &cfg, 2)?;
+        randomize(&mut layer, "one", &what)?;
+        let e = layer.merge().unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { .. }),
+            "{what}: merge with none active: {e:?}"
+        );
+        layer.set_active(Some("one"))?;
+        let x = randn(&[2, 3, IN], dtype, dev, seed(&format!("{what} x")))?;
+        let fused = layer.forward(&x)?;
+        layer.merge()?;
+        assert_eq!(layer.merged(), Some("one"));
+        assert_close(
+            &layer.forward(&x)?,
+            &fused,
+            fwd_tol,
+            &format!("{what} merged"),
+        )?;
+        // A merged layer gives its adapter no gradient (its forward does not use it).
+        let xv = var(&x)?;
+        let g = layer.forward(xv.as_tensor())?.sum_all()?.backward()?;
+        for v in layer.trainable_vars() {
+            assert!(
+                g.get(v.as_tensor()).is_none(),
+                "{what}: merged adapter got a gradient"
+            );
+        }
+        for (name, r) in [
+            ("merge twice", layer.merge()),
+            ("switch while merged", layer.set_active(Some("two"))),
+            ("disable while merged", layer.set_active(None)),
+            (
+                "load while merged",
+                layer.set_adapter_weights(
+                    "one",
+                    &Tensor::zeros((4, IN), DType::F32, &Device::Cpu)?,
+                    &Tensor::zeros((OUT, 4), DType::F32, &Device::Cpu)?,
+                ),
+            ),
+        ] {
+            let e = r.unwrap_err();
+            assert!(
+                matches!(e, Error::InvalidArgument { .. }),
+                "{what}: {name}: {e:?}"
+            );
+        }
+        layer.unmerge()?;
+        assert_eq!(layer.merged(), None);
+        assert_close(
+            layer.weight(),
+            &w,
+            w_tol,
+            &format!("{what} restored weight"),
+        )?;
+        assert_close(
+            &layer.forward(&x)?,
+            &fused,
+            fwd_tol,
+            &format!("{what} unmerged"),
+        )?;
+        let e = layer.unmerge().unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { .. }),
+            "{what}: unmerge twice: {e:?}"
+        );
+        layer.set_active(Some("two"))?;
+    }
+    Ok(())
+}
+
+/// PEFT's initialisation: `A` uniform in `±1/sqrt(in)` with the uniform's variance, `B` zeros,
+/// deterministic in the seed, of the requested dtype and device.
+fn init(dev: &Device) -> Result<()> {
+    use flare::lora::init::{init_adapter, kaiming_uniform_bound};
+    let (inf, out, r) = (1024, 7, 16);
+    let (a, b) = init_adapter(inf, out, r, 42, DType::F32, dev)?;
+    assert_eq!((a.dims(), b.dims()), (&[r, inf][..], &[out, r][..]));
+    assert!(a.device().same_device(dev) && b.device().same_device(dev));
+    let bound = kaiming_uniform_bound(inf);
+    assert_eq!(bound, 1.0 / 32.0);
+    let av = to_f64_vec(&a)?;
+    assert!(av.iter().all(|v| v.abs() <= bound), "A outside the bound");
+    let n = av.len() as f64;
+    let mean = av.iter().sum::<f64>() / n;
+    let var = av.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+    let want = bound * bound / 3.0;
+    assert!(mean.abs() < 0.05 * bound, "A mean {mean}");
+    assert!(
+        (var / want - 1.0).abs() < 0.05,
+        "A variance {var}, expected {want}"
+    );
+    assert!(to_f64_vec(&b)?.iter().all(|&v| v == 0.0), "B not zero");
+    let (a2, _) = init_adapter(inf, out, r, 42, DType::F32, dev)?;
+    assert_eq!(to_f64_vec(&a2)?, av, "same seed, different A");
+    let (a3, _) = init_adapter(inf, out, r, 43, DType::F32, dev)?;
+    assert_ne!(to_f64_vec(&a3)?, av, "different seeds, same A");
+    // The dtype is a cast of the same f32 values; the device does not change them.
+    let (ah, bh) = init_adapter(inf, out, r, 42, DType::BF16, dev)?;
+    assert_eq!((ah.dtype(), bh.dtype()), (DType::BF16, DType::BF16));
+    assert_eq!(to_f64_vec(&ah)?, to_f64_vec(&a.to_dtype(DType::BF16)?)?);
+    let (ac, _) = init_adapter(inf, out, r, 42, DType::F32, &Device::Cpu)?;
+    assert_eq!(to_f64_vec(&ac)?, av, "CPU and device init differ");
+
+    // Through the layer: the adapter's dtype follows the base.
+    let mut layer = LoraLinear::new(Tensor::zeros((out, inf), DType::BF16, dev)?, None)?;
+    layer.add_adapter(
+        "x",
+        &LoraConfig {
+            r,
+            ..Default::default()
+        },
+        42,
+    )?;
+    let ad = layer.adapter("x").unwrap();
+    assert_eq!(ad.a().dtype(), DType::F32);
+    assert_eq!(
+        to_f64_vec(ad.a())?,
+        av,
+        "layer init differs from init_adapter"
+    );
+    Ok(())
+}
+
+/// LoRA dropout: with `W = 0`, `A = B = I` and `s = 1` the layer computes `dropout(x)`: in
+/// training mode every element is 0 or `x / (1 - p)` (both occur), out of it exactly `x`.
+fn dropout(dev: &Device) -> Result<()> {
+    let n = 16;
+    let dtype = DType::F32;
+    let mut layer = LoraLinear::new(Tensor::zeros((n, n), dtype, dev)?, None)?;
+    let cfg = LoraConfig {
+        r: n,
+        alpha: n as f64,
+        dropout: 0.5,
+        ..Default::default()
+    };
+    layer.add_adapter("d", &cfg, 0)?;
+    let eye = Tensor::eye(n, DType::F32, &Device::Cpu)?;
+    layer.set_adapter_weights("d", &eye, &eye)?;
+    layer.set_active(Some("d"))?;
+    let x = randn_scaled(&[64, n], 1.0, 0.1, dtype, dev, seed("lora dropout x"))?;
+    assert_eq!(
+        to_f64_vec(&layer.forward(&x)?)?,
+        to_f64_vec(&x)?,
+        "eval mode"
+    );
+    layer.set_training(true);
+    let xv = var(&x)?;
+    let y = layer.forward(xv.as_tensor())?;
+    let (yv, xs) = (to_f64_vec(&y)?, to_f64_vec(&x)?);
+    let mut dropped = 0;
+    for (i, (&yi, &xi)) in yv.iter().zip(&xs).enumerate() {
+        if yi == 0.0 {
+            dropped += 1;
+        } else {
+            assert!(
+                (yi - 2.0 * xi).abs() <= 1e-5 * xi.abs(),
+                "y[{i}] = {yi}, x = {xi}"
+            );
+        }
+    }
+    assert!(
+        dropped > 0 && dropped < yv.len(),
+        "{dropped} of {} dropped",
+        yv.len()
+    );
+    let g = y.sum_all()?.backward()?;
+    for v in layer.trainable_vars() {
+        assert!(
+            g.get(v.as_tensor()).is_some(),
+            "dropout path: no adapter gradient"
+        );
+    }
+    assert!(
+        g.get(xv.as_tensor()).is_some(),
+        "dropout path: no input gradient"
+    );
+    assert!(
+        g.get(layer.weight()).is_none(),
+        "dropout path: W got a gradient"
+    );
+    Ok(())
+}
+
+fn assert_lora_err(e: &Error, what: &str) {
+    let s = e.to_string();
+    assert!(
+        s.contains("lora_linear"),
+        "{what}: error `{s}` does not name lora_linear"
+    );
+}
+
+/// Bad input returns the right error variant, naming the op; never a panic.
+fn errors(dev: &Device) -> Result<()> {
+    let m = |shape: &[usize], dtype: DType| randn(shape, dtype, dev, 7);
+    let f = DType::F32;
+    let (x, w, a, b, bias) = (
+        m(&[5, IN], f)?,
+        m(&[OUT, IN], f)?,
+        m(&[4, IN], f)?,
+        m(&[OUT, 4], f)?,
+        m(&[OUT], f)?,
+    );
+    let s = Tensor::new(1f32, dev)?;
+    let call = |x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor| {
+        lora_linear(x, w, bias, a, b, 2.0).unwrap_err()
+    };
+    let bad_rank = [
+        ("x rank 0", call(&s, &w, None, &a, &b)),
+        ("w rank 1", call(&x, &m(&[IN], f)?, None, &a, &b)),
+        ("a rank 1", call(&x, &w, None, &m(&[IN], f)?, &b)),
+        ("b rank 0", call(&x, &w, None, &a, &s)),
+    ];
+    for (name, e) in bad_rank {
+        assert!(matches!(e, Error::Rank { .. }), "{name}: {e:?}");
+        assert_lora_err(&e, name);
+    }
+    let bad_shape = [
+        ("w rank 3", call(&x, &m(&[1, OUT, IN], f)?, None, &a, &b)),
+        ("b rank 3", call(&x, &w, None, &a, &m(&[1, OUT, 4], f)?)),
+        ("x in", call(&m(&[5, IN + 1], f)?, &w, None, &a, &b)),
+        ("a in", call(&x, &w, None, &m(&[4, IN + 1], f)?, &b)),
+        ("r of a and b", call(&x, &w, None, &a, &m(&[OUT, 3], f)?)),
+        (
+            "out of w and b",
+            call(&x, &w, None, &a, &m(&[OUT + 1, 4], f)?),
+        ),
+        (
+            "bias length",
+            call(&x, &w, Some(&m(&[OUT + 1], f)?), &a, &b),
+        ),
+        ("bias rank", call(&x, &w, Some(&m(&[1, OUT], f)?), &a, &b)),
+    ];
+    for (name, e) in bad_shape {
+        assert!(matches!(e, Error::ShapeMismatch { .. }), "{name}: {e:?}");
+        assert_lora_err(&e, name);
+    }
+    let h = DType::BF16;
+    let bad_dtype = [
+        ("x f32, w bf16", call(&x, &m(&[OUT, IN], h)?, None, &a, &b)),
+        ("bias bf16", call(&x, &w, Some(&m(&[OUT], h)?), &a, &b)),
+        ("a bf16, b f32", call(&x, &w, None, &m(&[4, IN], h)?, &b)),
+        (
+            "f16 adapters on bf16",
+            call(
+                &m(&[5, IN], h)?,
+                &m(&[OUT, IN], h)?,
+                None,
+                &m(&[4, IN], DType::F16)?,
+                &m(&[OUT, 4], DType::F16)?,
+            ),
+        ),
+        (
+            "bf16 adapters on f32",
+            call(&x, &w, None, &m(&[4, IN], h)?, &m(&[OUT, 4], h)?),
+        ),
+    ];
+    for (name, e) in bad_dtype {
+        assert!(matches!(e, Error::DTypeMismatch { .. }), "{name}: {e:?}");
+        assert_lora_err(&e, name);
+    }
+    let e = lora_linear(&x, &w, Some(&bias), &a, &b, f64::NAN).unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidArgument { .. }),
+        "NaN scale: {e:?}"
+    );
+    let e = call(
+        &x.to_dtype(DType::U32)?,
+        &w.to_dtype(DType::U32)?,
+        None,
+        &a,
+        &b,
+    );
+    assert!(matches!(e, Error::UnsupportedDType { .. }), "u32: {e:?}");
+    if !dev.is_cpu() {
+        let cpu = Device::Cpu;
+        let e = call(&x, &w.to_device(&cpu)?, None, &a, &b);
+        assert!(matches!(e, Error::DeviceMismatch { .. }), "w on cpu: {e:?}");
+        let e = call(&x, &w, Some(&bias.to_device(&cpu)?), &a, &b);
+        assert!(
+            matches!(e, Error::DeviceMismatch { .. }),
+            "bias on cpu: {e:?}"
+        );
+        let e = call(&x, &w, None, &a.to_device(&cpu)?, &b.to_device(&cpu)?);
+        assert!(
+            matches!(e, Error::DeviceMismatch { .. }),
+            "adapters on cpu: {e:?}"
+        );
+        let d = DType::F64;
+        let e = call(
+            &x.to_dtype(d)?,
+            &w.to_dtype(d)?,
+            None,
+            &a.to_dtype(d)?,
+            &b.to_dtype(d)?,
+        );
+        assert!(
+            matches!(e, Error::UnsupportedDType { .. }),
+            "f64 on cuda: {e:?}"
+        );
+    }
+
+    // The layer.
+    let e = LoraLinear::new(m(&[IN], f)?, None).unwrap_err();
+    assert!(
+        matches!(e, Error::Rank { .. }),
+        "layer weight rank 1: {e:?}"
+    );
+    let e = LoraLinear::new(w.clone(), Some(m(&[OUT + 1], f)?)).unwrap_err();
+    assert!(
+        matches!(e, Error::ShapeMismatch { .. }),
+        "layer bias: {e:?}"
+    );
+    let e = LoraLinear::new(w.clone(), Some(m(&[OUT], h)?)).unwrap_err();
+    assert!(
+        matches!(e, Error::DTypeMismatch { .. }),
+        "layer bias dtype: {e:?}"
+    );
+    let mut layer = LoraLinear::new(w.clone(), Some(bias.clone()))?;
+    let cfg = LoraConfig {
+        r: 4,
+        ..Default::default()
+    };
+    layer.add_adapter("a", &cfg, 0)?;
+    for (name, e) in [
+        ("duplicate", layer.add_adapter("a", &cfg, 1).unwrap_err()),
+        (
+            "r = 0",
+            layer
+                .add_adapter(
+                    "b",
+                    &LoraConfig {
+                        r: 0,
+                        ..cfg.clone()
+                    },
+                    1,
+                )
+                .unwrap_err(),
+        ),
+        ("unknown active", layer.set_active(Some("zz")).unwrap_err()),
+        (
+            "unknown load",
+            layer.set_adapter_weights("zz", &a, &b).unwrap_err(),
+        ),
+    ] {
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{name}: {e:?}");
+    }
+    for (name, e) in [
+        (
+            "load a shape",
+            layer
+                .set_adapter_weights("a", &m(&[3, IN], f)?, &b)
+                .unwrap_err(),
+        ),
+        (
+            "load b shape",
+            layer
+                .set_adapter_weights("a", &a, &m(&[OUT, 3], f)?)
+                .unwrap_err(),
+        ),
+        (
+            "base forward x",
+            layer.forward(&m(&[5, IN + 1], f)?).unwrap_err(),
+        ),
+    ] {
+        assert!(matches!(e, Error::ShapeMismatch { .. }), "{name}: {e:?}");
+    }
+    let e = layer.forward(&m(&[5, IN], h)?).unwrap_err();
+    assert!(
+        matches!(e, Error::DTypeMismatch { .. }),
+        "base forward dtype: {e:?}"
+    );
+    layer.set_active(Some("a"))?;
+    let e = layer.forward(&m(&[5, IN + 1], f)?).unwrap_err();
+    assert!(
+        matches!(e, Error::ShapeMismatch { .. }),
+        "fused forward x: {e:?}"
+    );
+    assert_lora_err(&e, "fused forward x");
+    Ok(())
+}
+
+device_test!(
+    forward,
+    views_and_empty,
+    grads_vs_reference,
+    grad_fd,
+    partial_tracking,
+    every_element_written,
+    base_exact,
+    two_adapters,
+    merge_unmerge,
+    init,
+    dropout,
+    errors,
+);
