@@ -17,6 +17,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod autograd;
 pub mod error;
 pub mod io;
 pub mod lora;
