@@ -2,8 +2,8 @@
 //
 //   rms_norm_fwd_<t>(x, w, y, rows, cols, group, eps):
 //       y = x * rsqrt(mean(x^2) + eps) * w
-//   add_rms_norm_fwd_<t>(x, r, w, out, rows, cols, group, eps):
-//       h = x + r rounded to T; out[0 .. n) = rms_norm(h) * w, out[n .. 2n) = h   (n = rows*cols)
+//   add_rms_norm_fwd_<t>(x, r, w, y, h, rows, cols, group, eps):
+//       h = x + r rounded to T; y = rms_norm(h) * w (two separate outputs)
 //   rms_norm_bwd_<t>(x, w, dy, dx, partial, rows, cols, group, eps, need_dw):
 //       rinv = rsqrt(mean(x^2) + eps), g = dy * w,
 //       dx = rinv * g - x * rinv^3 * sum(g * x) / cols
@@ -471,11 +471,10 @@ __device__ __forceinline__ void rms_fwd(const T *__restrict__ x, const T *__rest
 
 template <typename T>
 __device__ __forceinline__ void add_rms_fwd(const T *__restrict__ x, const T *__restrict__ r,
-                                            const T *__restrict__ w, T *__restrict__ out,
-                                            long long rows, int cols, int group, float eps) {
+                                            const T *__restrict__ w, T *__restrict__ y,
+                                            T *__restrict__ h, long long rows, int cols,
+                                            int group, float eps) {
   constexpr int V = VecWidth<T>::value;
-  T *y = out;
-  T *h = out + rows * (long long)cols;
   const bool vec = cols % V == 0 && aligned16(x) && aligned16(r) && aligned16(w) &&
                    aligned16(y) && aligned16(h);
   if (vec && (long long)group * ADD_RMS_ELEMS >= cols)
@@ -553,8 +552,8 @@ __device__ __forceinline__ void rms_dw(const float *__restrict__ partial, T *__r
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(ADD_RMS_THREADS, 1) add_rms_norm_fwd_##SUF(         \
       const T *__restrict__ x, const T *__restrict__ r, const T *__restrict__ w,                   \
-      T *__restrict__ out, long long rows, int cols, int group, float eps) {                       \
-    add_rms_fwd<T>(x, r, w, out, rows, cols, group, eps);                                          \
+      T *__restrict__ y, T *__restrict__ h, long long rows, int cols, int group, float eps) {     \
+    add_rms_fwd<T>(x, r, w, y, h, rows, cols, group, eps);                                         \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(RMS_BWD_THREADS) rms_norm_bwd_##SUF(                \
       const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ dy,                  \

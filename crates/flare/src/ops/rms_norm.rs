@@ -70,8 +70,8 @@ fn rms_norm_rows<T: Elem>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     y
 }
 
-/// Packed `[2, rows, cols]`: the normalised sum, then the sum `h = x + residual` (rounded to
-/// `T`; the norm is computed from the rounded `h`, so it equals `rms_norm` of the returned sum).
+/// The normalised sum and the sum `h = x + residual` (rounded to `T`; the norm is computed from
+/// the rounded `h`, so it equals `rms_norm` of the returned sum), as one buffer `[y; h]`.
 fn add_rms_norm_rows<T: Elem>(x: &[T], res: &[T], w: &[T], eps: f64) -> Vec<T> {
     let cols = w.len();
     let n = x.len();
@@ -298,9 +298,40 @@ fn packed_bwd_shape(l: &Layout) -> Shape {
     Shape::from((rows + 1, cols))
 }
 
-/// The fused op `(x, residual, w) -> [y; h]` packed as `[2, ...x.shape]`.
+/// Where [`AddRmsNorm`] leaves the sum `h` for [`StashedSum`] to pick up: a Candle custom op has
+/// one output, so the fused kernel's second output travels through this slot.
+#[derive(Default)]
+struct Stash(std::sync::Mutex<Option<Stashed>>);
+
+enum Stashed {
+    Cpu(CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::CudaStorage),
+}
+
+impl Stash {
+    fn put(&self, s: Stashed) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+    }
+
+    fn take(&self) -> candle_core::Result<Stashed> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "{OP_ADD}: internal error: the sum was not computed"
+                ))
+            })
+    }
+}
+
+/// The fused op `(x, residual, w) -> y = rms_norm(x + residual) * w`; it also computes the sum
+/// `h` in the same pass and leaves it in the stash for [`StashedSum`].
 struct AddRmsNorm {
     eps: f32,
+    stash: std::sync::Arc<Stash>,
 }
 
 impl CustomOp3 for AddRmsNorm {
@@ -321,13 +352,16 @@ impl CustomOp3 for AddRmsNorm {
         let (b0, b1) = contiguous_range(OP_ADD, l2)?;
         let (c0, c1) = contiguous_range(OP_ADD, l3)?;
         let eps = self.eps as f64;
-        let out = dispatch_float3!(OP_ADD, s1, s2, s3, |x, r, w| add_rms_norm_rows(
+        let n = a1 - a0;
+        let both = dispatch_float3!(OP_ADD, s1, s2, s3, |x, r, w| add_rms_norm_rows(
             &x[a0..a1],
             &r[b0..b1],
             &w[c0..c1],
             eps
         ))?;
-        Ok((out, packed_add_shape(l1)))
+        let (y, h) = split_cpu(both, n)?;
+        self.stash.put(Stashed::Cpu(h));
+        Ok((y, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -340,7 +374,9 @@ impl CustomOp3 for AddRmsNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::rms_norm::add_fwd(s1, l1, s2, l2, s3, l3, self.eps)
+        let (y, h) = super::cuda::rms_norm::add_fwd(s1, l1, s2, l2, s3, l3, self.eps)?;
+        self.stash.put(Stashed::Cuda(h));
+        Ok((y, l1.shape().clone()))
     }
 
     fn bwd(
@@ -348,19 +384,20 @@ impl CustomOp3 for AddRmsNorm {
         x: &Tensor,
         r: &Tensor,
         w: &Tensor,
-        packed: &Tensor,
-        dpacked: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // y = rms_norm(h) and h = x + r: dh = rms_norm_bwd(h, dy) + dh_direct, dx = dr = dh.
-        let h = packed.get(1)?;
-        let dy = dpacked.get(0)?;
-        let dh_direct = dpacked.get(1)?;
+        // y = rms_norm(h) with h = x + r: dh = rms_norm_bwd(h, dy); dx = dr = dh. The sum's own
+        // gradient reaches x and r through StashedSum's backward. h is recomputed (one add).
         let need_w = w.track_op();
         let need_h = x.track_op() || r.track_op();
-        // `h` is the op's output, not a tracked tensor; pick what to compute explicitly.
+        if !need_w && !need_h {
+            return Ok((None, None, None));
+        }
+        let h = (x.detach() + r.detach())?;
         let cols = w.elem_count();
         let rows = h.elem_count() / cols.max(1);
-        let packed_grad = h.contiguous()?.apply_op3_arc(
+        let packed = h.apply_op3_arc(
             w,
             &dy.contiguous()?,
             std::sync::Arc::new(Box::new(RmsNormBwd {
@@ -369,17 +406,12 @@ impl CustomOp3 for AddRmsNorm {
             })),
         )?;
         let dh = if need_h {
-            Some(
-                packed_grad
-                    .narrow(0, 0, rows)?
-                    .reshape(h.shape())?
-                    .add(&dh_direct)?,
-            )
+            Some(packed.narrow(0, 0, rows)?.reshape(h.shape())?)
         } else {
             None
         };
         let dw = if need_w {
-            Some(packed_grad.narrow(0, rows, 1)?.reshape(w.shape())?)
+            Some(packed.narrow(0, rows, 1)?.reshape(w.shape())?)
         } else {
             None
         };
@@ -389,10 +421,78 @@ impl CustomOp3 for AddRmsNorm {
     }
 }
 
-fn packed_add_shape(l: &Layout) -> Shape {
-    let mut dims = vec![2];
-    dims.extend_from_slice(l.dims());
-    Shape::from(dims)
+/// `(x, residual) -> h = x + residual`, returning the sum [`AddRmsNorm`] already computed (no
+/// work of its own); its backward passes the gradient to both inputs.
+struct StashedSum {
+    stash: std::sync::Arc<Stash>,
+}
+
+impl CustomOp2 for StashedSum {
+    fn name(&self) -> &'static str {
+        "add_rms_norm_sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match self.stash.take()? {
+            Stashed::Cpu(h) => Ok((h, l1.shape().clone())),
+            #[cfg(feature = "cuda")]
+            Stashed::Cuda(_) => candle_core::bail!("{OP_ADD}: internal error: device mismatch"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        match self.stash.take()? {
+            Stashed::Cuda(h) => Ok((h, l1.shape().clone())),
+            Stashed::Cpu(_) => candle_core::bail!("{OP_ADD}: internal error: device mismatch"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        _h: &Tensor,
+        dh: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.track_op().then(|| dh.clone());
+        let dr = r.track_op().then(|| dh.clone());
+        Ok((dx, dr))
+    }
+}
+
+/// Splits a CPU buffer `[y; h]` of `2n` elements into its two halves.
+fn split_cpu(both: CpuStorage, n: usize) -> candle_core::Result<(CpuStorage, CpuStorage)> {
+    use candle_core::CpuStorage as S;
+    macro_rules! split {
+        ($v:expr, $variant:ident) => {{
+            let mut y = $v;
+            let h = y.split_off(n);
+            Ok((S::$variant(y), S::$variant(h)))
+        }};
+    }
+    match both {
+        S::F32(v) => split!(v, F32),
+        S::F64(v) => split!(v, F64),
+        S::F16(v) => split!(v, F16),
+        S::BF16(v) => split!(v, BF16),
+        other => candle_core::bail!(
+            "{OP_ADD}: internal error: unexpected dtype {:?}",
+            candle_core::backend::BackendStorage::dtype(&other)
+        ),
+    }
 }
 
 /// Checks `x` against `weight` (and `eps`) for the RMSNorm ops.
@@ -477,12 +577,18 @@ pub fn add_rms_norm(
     if !native(x.device()) {
         return add_rms_norm_reference(x, residual, weight, eps);
     }
-    let packed = x.contiguous()?.apply_op3(
-        &residual.contiguous()?,
+    let (x, residual) = (x.contiguous()?, residual.contiguous()?);
+    let stash = std::sync::Arc::new(Stash::default());
+    let y = x.apply_op3(
+        &residual,
         &weight.contiguous()?,
-        AddRmsNorm { eps },
+        AddRmsNorm {
+            eps,
+            stash: stash.clone(),
+        },
     )?;
-    Ok((packed.get(0)?, packed.get(1)?))
+    let h = x.apply_op2(&residual, StashedSum { stash })?;
+    Ok((y, h))
 }
 
 /// The composite reference from plain Candle ops (with their backward), computed in f32 for

@@ -69,18 +69,14 @@ pub(crate) fn add_fwd(
     w: &CudaStorage,
     lw: &Layout,
     eps: f32,
-) -> candle_core::Result<(CudaStorage, Shape)> {
+) -> candle_core::Result<(CudaStorage, CudaStorage)> {
     check_same_len(OP_ADD, "the residual", lx, lr)?;
-    let out = match x.dtype() {
+    match x.dtype() {
         DType::F32 => add_fwd_t::<f32>(Kernel::AddRmsNormFwdF32, x, lx, r, lr, w, lw, eps),
         DType::F16 => add_fwd_t::<f16>(Kernel::AddRmsNormFwdF16, x, lx, r, lr, w, lw, eps),
         DType::BF16 => add_fwd_t::<bf16>(Kernel::AddRmsNormFwdBF16, x, lx, r, lr, w, lw, eps),
         dt => Err(unsupported(OP_ADD, dt)),
-    }?;
-    let mut dims = Vec::with_capacity(lx.dims().len() + 1);
-    dims.push(2);
-    dims.extend_from_slice(lx.dims());
-    Ok((out, Shape::from(dims)))
+    }
 }
 
 /// The backward from the inputs `x`, `w` and the output gradient `dy`, packed as one output of
@@ -174,14 +170,16 @@ fn add_fwd_t<T: CudaDType + DeviceRepr>(
     w: &CudaStorage,
     lw: &Layout,
     eps: f32,
-) -> candle_core::Result<CudaStorage> {
+) -> candle_core::Result<(CudaStorage, CudaStorage)> {
     let dev = &x.device;
     let (rows, cols) = rows_cols(OP_ADD, lx)?;
     let n = rows * cols;
     let xs = input::<T>(OP_ADD, x, lx)?;
     let rs = input::<T>(OP_ADD, r, lr)?;
-    // SAFETY: every element is written by the kernel below: y to [0, n), h to [n, 2n).
-    let mut out = unsafe { dev.alloc::<T>(2 * n) }?;
+    // SAFETY: every element of both outputs is written by the kernel below.
+    let mut y = unsafe { dev.alloc::<T>(n) }?;
+    // SAFETY: as above.
+    let mut h = unsafe { dev.alloc::<T>(n) }?;
     if n > 0 {
         check_weight(OP_ADD, lw, cols)?;
         let ws = input::<T>(OP_ADD, w, lw)?;
@@ -192,20 +190,24 @@ fn add_fwd_t<T: CudaDType + DeviceRepr>(
         b.arg(&xs)
             .arg(&rs)
             .arg(&ws)
-            .arg(&mut out)
+            .arg(&mut y)
+            .arg(&mut h)
             .arg(&rows_a)
             .arg(&cols_a)
             .arg(&group)
             .arg(&eps);
-        // SAFETY: add_rms_norm_fwd_<t>(const T *x, const T *r, const T *w, T *out,
+        // SAFETY: add_rms_norm_fwd_<t>(const T *x, const T *r, const T *w, T *y, T *h,
         // long long rows, int cols, int group, float eps): x and r have rows * cols elements
-        // (checked equal), w has cols, out has 2 * rows * cols (y then h); group and block
-        // sizes as the kernel expects (block <= ADD_RMS_THREADS), no dynamic shared memory.
+        // (checked equal), w has cols, y and h have rows * cols each; group and block sizes as
+        // the kernel expects (block <= ADD_RMS_THREADS), no dynamic shared memory.
         unsafe { b.launch(plan.config(0)) }
             .cuda_ctx("launching add_rms_norm_fwd")
             .map_err(crate::Error::into_candle)?;
     }
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        CudaStorage::wrap_cuda_slice(h, dev.clone()),
+    ))
 }
 
 /// The backward's inputs, for passing around at once.
