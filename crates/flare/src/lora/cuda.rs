@@ -45,6 +45,9 @@ pub(crate) struct BwdArgs<'a> {
     pub scale: f64,
     pub need: Needs,
     pub packed: Packed,
+    /// `H = x Aᵀ` (`[T, r]`, contiguous, the dtype of `x`) as the forward computed it, if it
+    /// kept it; recomputed when `None` and `dB` is needed.
+    pub h: Option<&'a CudaStorage>,
 }
 
 fn internal(op: &str, msg: String) -> candle_core::Error {
@@ -114,8 +117,14 @@ fn slice<T: CudaDType>(s: &CudaStorage) -> candle_core::Result<&CudaSlice<T>> {
     s.as_cuda_slice::<T>()
 }
 
-/// `y = x Wᵀ (+ bias) + s · (x Aᵀ) Bᵀ` as a fresh contiguous `[T, out]` storage.
-pub(crate) fn fwd(args: FwdArgs<'_>) -> candle_core::Result<CudaStorage> {
+/// `y = x Wᵀ (+ bias) + s · (x Aᵀ) Bᵀ` as a fresh contiguous `[T, out]` storage, and `H = x Aᵀ`
+/// (`[T, r]`), which the backward reuses instead of recomputing it.
+///
+/// Order: `H = X Aᵀ` first, then the low-rank product written into `Y` (`beta = 0`; with a bias,
+/// accumulated onto `Y` filled with the bias), and last the base GEMM `Y = X Wᵀ + 1 · Y`: the
+/// big GEMM reads `C` in its epilogue, where the read overlaps its compute, instead of a
+/// separate read-modify-write pass of `Y` by the (memory-bound) low-rank GEMM.
+pub(crate) fn fwd(args: FwdArgs<'_>) -> candle_core::Result<(CudaStorage, CudaStorage)> {
     let dtype = args.x.0.dtype();
     for (what, s) in [
         ("lora_a", args.a.0),
@@ -145,7 +154,7 @@ pub(crate) fn fwd(args: FwdArgs<'_>) -> candle_core::Result<CudaStorage> {
 fn fwd_t<T: CudaDType + DeviceRepr>(
     dtype: DType,
     args: &FwdArgs<'_>,
-) -> candle_core::Result<CudaStorage> {
+) -> candle_core::Result<(CudaStorage, CudaStorage)> {
     let (t, inf, x_off) = matrix(OP_FWD, "x", args.x.1)?;
     let (r, a_in, a_off) = matrix(OP_FWD, "lora_a", args.a.1)?;
     let (out, b_r, b_off) = matrix(OP_FWD, "lora_b", args.b.1)?;
@@ -175,14 +184,14 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     );
 
     // SAFETY: every element of `y` is written before it is read: with a bias, by the broadcast
-    // copy below (then the base GEMM reads it with beta = 1); without, by the base GEMM with
-    // beta = 0, which does not read C.
+    // copy below (then the low-rank GEMM reads it with beta = 1); without, by the low-rank GEMM
+    // with beta = 0, which does not read C. The base GEMM (beta = 1) comes after either.
     let y = unsafe { dev.alloc::<T>(t * out) }?;
     let mut y = CudaStorage::wrap_cuda_slice(y, dev.clone());
-    let beta_base = match args.bias {
+    let beta_low = match args.bias {
         Some((bias, lbias)) => {
-            // Y starts as the bias broadcast over the rows, and the base GEMM accumulates onto
-            // it. The copy is Candle's `copy2d` kernel with a source row stride of 0 (one
+            // Y starts as the bias broadcast over the rows, and the low-rank GEMM accumulates
+            // onto it. The copy is Candle's `copy2d` kernel with a source row stride of 0 (one
             // launch, no host-to-device transfer of strides); it indexes with u32, so a larger
             // output takes Candle's general strided copy. Both run on Candle's stream, which
             // is the runtime's.
@@ -195,8 +204,8 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
         }
         None => 0.0,
     };
-    // SAFETY: every element of `h` is written by the second GEMM (beta = 0) before the third
-    // reads it.
+    // SAFETY: every element of `h` is written by the first GEMM (beta = 0) before the second
+    // reads it (and before the backward, which may reuse it, can run).
     let mut h = unsafe { dev.alloc::<T>(t * r) }?;
     {
         let ys = y.as_cuda_slice_mut::<T>()?;
@@ -213,35 +222,39 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
             wp + w_off as u64 * size,
         );
         let gemm = rt.gemm();
-        // Yᵀ[out, T] (+)= W[out, in] · Xᵀ[in, T]: W's buffer read column-major is Wᵀ (in × out,
-        // ld in), so transa; X's buffer is Xᵀ (in × T, ld in).
-        let p_base = params(dtype, true, false, out, t, inf, inf, inf, out);
-        // SAFETY: W (out·in elements from `w_off`), X (T·in from `x_off`) and Y (T·out, fresh)
-        // are contiguous buffers of `T` on this runtime's device, exactly covering what the
-        // params address (checked dims above); Y is disjoint from both inputs. All are ordered
-        // on the runtime's stream (Candle's), and the guards keep them borrowed until the GEMM
-        // has been queued.
-        unsafe { gemm.matmul(&p_base, wp, xp, yp, 1.0, beta_base) }
-            .map_err(crate::Error::into_candle)?;
-        // Hᵀ[r, T] = A[r, in] · Xᵀ[in, T]: A's buffer is Aᵀ (in × r, ld in), so transa.
+        // Hᵀ[r, T] = A[r, in] · Xᵀ[in, T]: A's buffer is Aᵀ (in × r, ld in), so transa; X's
+        // buffer is Xᵀ (in × T, ld in). Both operands are K-major (the "TN" layout).
         let p_h = params(dtype, true, false, r, t, inf, inf, inf, r);
-        // SAFETY: A (r·in from `a_off`), X (T·in) and H (T·r, fresh, disjoint from both) on
-        // this device, covering exactly what the params address; same stream, guards held.
+        // SAFETY: A (r·in elements from `a_off`), X (T·in from `x_off`) and H (T·r, fresh,
+        // disjoint from both) are contiguous buffers of `T` on this runtime's device, exactly
+        // covering what the params address (checked dims above). All are ordered on the
+        // runtime's stream (Candle's), and the guards keep them borrowed until the GEMM has
+        // been queued.
         unsafe { gemm.matmul(&p_h, ap, xp, hp, 1.0, 0.0) }.map_err(crate::Error::into_candle)?;
-        // Yᵀ[out, T] += s · B[out, r] · Hᵀ[r, T]: B's buffer is Bᵀ (r × out, ld r), so transa;
-        // H's buffer is Hᵀ (r × T, ld r). beta = 1: accumulates into the base output.
+        // Yᵀ[out, T] (+)= s · B[out, r] · Hᵀ[r, T]: B's buffer is Bᵀ (r × out, ld r), so
+        // transa; H's buffer is Hᵀ (r × T, ld r). beta = 0 (or 1 onto the bias).
         let p_low = params(dtype, true, false, out, t, r, r, r, out);
         // SAFETY: B (out·r from `b_off`), H (T·r, written by the GEMM queued before on the same
-        // stream) and Y (T·out, disjoint from B and H) on this device, covering exactly what
-        // the params address; guards held.
-        unsafe { gemm.matmul(&p_low, bp, hp, yp, args.scale as f32, 1.0) }
+        // stream) and Y (T·out, fresh, disjoint from B and H; with beta = 1 it holds the bias
+        // copy queued before) on this device, covering exactly what the params address;
+        // guards held.
+        unsafe { gemm.matmul(&p_low, bp, hp, yp, args.scale as f32, beta_low) }
             .map_err(crate::Error::into_candle)?;
+        // Yᵀ[out, T] = W[out, in] · Xᵀ[in, T] + 1 · Yᵀ: W's buffer read column-major is Wᵀ
+        // (in × out, ld in), so transa; X's buffer is Xᵀ (in × T, ld in). The low-rank part
+        // (and the bias) already in Y is added in the epilogue.
+        let p_base = params(dtype, true, false, out, t, inf, inf, inf, out);
+        // SAFETY: W (out·in from `w_off`), X (T·in) and Y (T·out, disjoint from both, fully
+        // written by the GEMM queued before on this stream) on this device, covering exactly
+        // what the params address; same stream, guards held.
+        unsafe { gemm.matmul(&p_base, wp, xp, yp, 1.0, 1.0) }.map_err(crate::Error::into_candle)?;
     }
-    Ok(y)
+    Ok((y, CudaStorage::wrap_cuda_slice(h, dev.clone())))
 }
 
 /// The backward: `dx = dy W + G A`, `dA = Gᵀ x`, `dB = s · dyᵀ H` with `G = s · dy B` and
-/// `H = x Aᵀ`, each computed only when needed, into one fresh buffer laid out as `args.packed`.
+/// `H = x Aᵀ` (the forward's, or recomputed), each computed only when needed, into one fresh
+/// buffer laid out as `args.packed`.
 pub(crate) fn bwd(args: BwdArgs<'_>) -> candle_core::Result<CudaStorage> {
     let dtype = args.x.0.dtype();
     for (what, s) in [
@@ -249,7 +262,10 @@ pub(crate) fn bwd(args: BwdArgs<'_>) -> candle_core::Result<CudaStorage> {
         ("lora_a", args.a.0),
         ("weight", args.w.0),
         ("lora_b", args.b.0),
-    ] {
+    ]
+    .into_iter()
+    .chain(args.h.map(|h| ("saved H", h)))
+    {
         if s.dtype() != dtype {
             return Err(internal(
                 OP_BWD,
@@ -299,6 +315,20 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         slice::<T>(args.w.0)?,
         slice::<T>(args.b.0)?,
     );
+    // The forward's H, when it kept one: a whole `[T, r]` buffer of this dtype.
+    let saved_h = match args.h {
+        Some(h) if need.db => {
+            let h = slice::<T>(h)?;
+            if h.len() != t * r {
+                return Err(internal(
+                    OP_BWD,
+                    format!("saved H has {} elements, expected {t} x {r}", h.len()),
+                ));
+            }
+            Some(h)
+        }
+        _ => None,
+    };
     let need_g = need.dx || need.da;
     // SAFETY: the pieces `p` lays out (dx, dA, dB, those requested) are each written in full
     // below by a GEMM with beta = 0 before anything reads them (dx's second GEMM accumulates
@@ -311,8 +341,9 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     } else {
         None
     };
-    // SAFETY: written in full by the H GEMM (beta = 0) before the dB GEMM reads it.
-    let mut h = if need.db {
+    // SAFETY: written in full by the H GEMM (beta = 0) before the dB GEMM reads it. Only
+    // allocated when the forward's H is not at hand.
+    let mut h = if need.db && saved_h.is_none() {
         Some(unsafe { dev.alloc::<T>(t * r) }?)
     } else {
         None
@@ -326,6 +357,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         let (outp, _gout) = packed.device_ptr_mut(stream);
         let gs = g.as_mut().map(|g| g.device_ptr_mut(stream));
         let hs = h.as_mut().map(|h| h.device_ptr_mut(stream));
+        let saved = saved_h.map(|h| h.device_ptr(stream));
         let (xp, dyp, ap, wp, bp) = (
             xp + x_off as u64 * size,
             dyp + dy_off as u64 * size,
@@ -336,7 +368,6 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         let at = |off: usize| outp + off as u64 * size;
         let gemm = rt.gemm();
         let gp = gs.as_ref().map(|(ptr, _)| *ptr);
-        let hp = hs.as_ref().map(|(ptr, _)| *ptr);
 
         if let Some(gp) = gp {
             // Gᵀ[r, T] = s · Bᵀ[r, out] · dyᵀ[out, T]: B's buffer read column-major is Bᵀ
@@ -350,18 +381,22 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         }
         if let (Some(off), Some(gp)) = (p.dx, gp) {
             let dxp = at(off);
-            // dxᵀ[in, T] = Wᵀ[in, out] · dyᵀ[out, T]: W's buffer is Wᵀ (in × out, ld in).
-            let p1 = params(dtype, false, false, inf, t, out, inf, out, inf);
-            // SAFETY: W (out·in from `w_off`), dy (T·out) and the dx piece (T·in elements from
-            // `off` inside `packed`, which `Packed::new` sized; disjoint from the inputs) on
-            // this device; same stream, guards held.
-            unsafe { gemm.matmul(&p1, wp, dyp, dxp, 1.0, 0.0) }
-                .map_err(crate::Error::into_candle)?;
-            // dxᵀ[in, T] += Aᵀ[in, r] · Gᵀ[r, T]: A's buffer is Aᵀ (in × r, ld in), G's is Gᵀ.
-            let p2 = params(dtype, false, false, inf, t, r, inf, r, inf);
+            // The low-rank part first, then the big GEMM accumulates onto it in its epilogue
+            // (where reading C overlaps its compute), rather than a separate read-modify-write
+            // pass of dx by the memory-bound low-rank GEMM.
+            // dxᵀ[in, T] = Aᵀ[in, r] · Gᵀ[r, T]: A's buffer is Aᵀ (in × r, ld in), G's is Gᵀ.
+            let p_low = params(dtype, false, false, inf, t, r, inf, r, inf);
             // SAFETY: A (r·in from `a_off`), G (T·r, written by the GEMM queued above on this
-            // stream) and the dx piece as above (beta = 1 reads what the previous GEMM wrote).
-            unsafe { gemm.matmul(&p2, ap, gp, dxp, 1.0, 1.0) }
+            // stream) and the dx piece (T·in elements from `off` inside `packed`, which
+            // `Packed::new` sized; disjoint from the inputs) on this device; same stream,
+            // guards held. beta = 0: dx is written, not read.
+            unsafe { gemm.matmul(&p_low, ap, gp, dxp, 1.0, 0.0) }
+                .map_err(crate::Error::into_candle)?;
+            // dxᵀ[in, T] += Wᵀ[in, out] · dyᵀ[out, T]: W's buffer is Wᵀ (in × out, ld in).
+            let p_base = params(dtype, false, false, inf, t, out, inf, out, inf);
+            // SAFETY: W (out·in from `w_off`), dy (T·out) and the dx piece as above (beta = 1
+            // reads what the previous GEMM on this stream wrote in full); guards held.
+            unsafe { gemm.matmul(&p_base, wp, dyp, dxp, 1.0, 1.0) }
                 .map_err(crate::Error::into_candle)?;
         }
         if let (Some(off), Some(gp)) = (p.da, gp) {
@@ -373,17 +408,29 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             unsafe { gemm.matmul(&pa, xp, gp, at(off), 1.0, 0.0) }
                 .map_err(crate::Error::into_candle)?;
         }
-        if let (Some(off), Some(hp)) = (p.db, hp) {
-            // Hᵀ[r, T] = A[r, in] · Xᵀ[in, T]: A's buffer is Aᵀ, so transa (as in the forward).
-            let ph = params(dtype, true, false, r, t, inf, inf, inf, r);
-            // SAFETY: A (r·in), X (T·in) and H (T·r, fresh, disjoint) on this device; same
-            // stream, guards held.
-            unsafe { gemm.matmul(&ph, ap, xp, hp, 1.0, 0.0) }.map_err(crate::Error::into_candle)?;
+        if let Some(off) = p.db {
+            let hp = match (&saved, &hs) {
+                (Some((hp, _)), _) => *hp,
+                (None, Some((hp, _))) => {
+                    // Hᵀ[r, T] = A[r, in] · Xᵀ[in, T]: A's buffer is Aᵀ, so transa (as in the
+                    // forward).
+                    let ph = params(dtype, true, false, r, t, inf, inf, inf, r);
+                    // SAFETY: A (r·in), X (T·in) and H (T·r, fresh, disjoint) on this device;
+                    // same stream, guards held.
+                    unsafe { gemm.matmul(&ph, ap, xp, *hp, 1.0, 0.0) }
+                        .map_err(crate::Error::into_candle)?;
+                    *hp
+                }
+                (None, None) => {
+                    return Err(internal(OP_BWD, "dB needed but no H buffer".into()));
+                }
+            };
             // dBᵀ[r, out] = s · Hᵀ[r, T] · dy[T, out]: H's buffer is Hᵀ (r × T, ld r); dy's
             // buffer is dyᵀ (out × T, ld out), so transb.
             let pb = params(dtype, false, true, r, out, t, r, out, r);
-            // SAFETY: H (written above on this stream), dy (T·out) and the dB piece (out·r
-            // from `off` inside `packed`, disjoint) on this device; guards held.
+            // SAFETY: H (T·r: the forward's, written on this stream before this op could run,
+            // or the one written just above), dy (T·out) and the dB piece (out·r from `off`
+            // inside `packed`, disjoint) on this device; guards held.
             unsafe { gemm.matmul(&pb, hp, dyp, at(off), s, 0.0) }
                 .map_err(crate::Error::into_candle)?;
         }

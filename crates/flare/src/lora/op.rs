@@ -9,22 +9,26 @@
 //! in the op, so `W` is not an autograd input: no gradient of `W`'s size is ever allocated or
 //! computed, whether or not `W` is a `Var`.
 //! - CUDA: three cuBLASLt GEMMs through the runtime's one entry point
-//!   (`flare::runtime::gemm::Gemm::matmul`, with the `cuda` feature): `Y = X Wᵀ`, `H = X Aᵀ`
-//!   into a `[T, r]` scratch, then `Y += s · H Bᵀ` (`alpha = s`, `beta = 1`): the low-rank
-//!   product accumulates into the base GEMM's output, with no separate pass over `Y`.
-//!   cuBLASLt's bias epilogue is not part of the entry point, so with a bias `Y` is first
-//!   filled with the bias broadcast over the rows (one copy kernel, Candle's `copy2d` with a
-//!   source row stride of 0) and the base GEMM runs with `beta = 1` on top of it: one extra
-//!   write of `Y`, no extra read-modify-write pass.
+//!   (`flare::runtime::gemm::Gemm::matmul`, with the `cuda` feature): `H = X Aᵀ` into a
+//!   `[T, r]` buffer, `Y = s · H Bᵀ` (`alpha = s`, `beta = 0`), then the base GEMM
+//!   `Y = X Wᵀ + 1 · Y` (`beta = 1`): the big, compute-bound GEMM absorbs the low-rank part in
+//!   its epilogue, where reading `C` overlaps its compute, instead of the memory-bound low-rank
+//!   GEMM doing a read-modify-write pass over `Y`. cuBLASLt's bias epilogue is not part of the
+//!   entry point, so with a bias `Y` is first filled with the bias broadcast over the rows (one
+//!   copy kernel, Candle's `copy2d` with a source row stride of 0) and the low-rank GEMM runs
+//!   with `beta = 1` on top of it. `H` is kept (in the op, `T · r` elements) for the backward.
+//!   `x` of any rank is read in place as `[T, in]` and `y` comes out `[..., out]`: no reshape
+//!   nodes in the graph (each would cost a zero fill and an add over its gradient).
 //! - CPU: Candle's CPU gemm for the three products, then one pass adding `s · low + bias` in
 //!   f64 and rounding once to the dtype. f64 is supported (for finite-difference checks).
 //! - Other devices (Metal): the composite of [`crate::ops::matmul()`] calls (`W` detached).
 //!
 //! # Backward
-//! With upstream `dy: [T, out]`, `G = s · dy B` (`[T, r]`) and `H = x Aᵀ` recomputed (rank `r`,
-//! cheap; nothing is saved by the forward):
+//! With upstream `dy: [T, out]`, `G = s · dy B` (`[T, r]`) and `H = x Aᵀ` (the CUDA forward's,
+//! kept by the op; recomputed on the CPU):
 //!   `dx = dy W + G A`, `dA = Gᵀ x`, `dB = s · dyᵀ H`.
-//! On CUDA, `dx` is two GEMMs into one buffer (the second with `beta = 1`). Each gradient is
+//! On CUDA, `dx` is two GEMMs into one buffer: `G A` first (`beta = 0`), then the big `dy W`
+//! accumulating onto it in its epilogue (`beta = 1`). Each gradient is
 //! computed only when its input takes part in autograd (`Tensor::track_op`): a frozen input
 //! (`x` of the first layer, say) costs nothing, and `G` / `H` are only formed when a gradient
 //! needs them. The gradients come out of one backward op packed in a flat buffer and are split
@@ -44,7 +48,7 @@
 //! with dropout in training mode ([`crate::lora::LoraLinear`]) runs the composite of
 //! [`crate::ops::matmul()`] calls with a mask multiply on `x` for the low-rank path.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
@@ -179,15 +183,58 @@ fn scaled<T: WithDType>(v: &[T], s: f64) -> Vec<T> {
     v.iter().map(|&x| T::from_f64(s * x.to_f64())).collect()
 }
 
-/// The forward op `(x2d [T, in], A [r, in], B [out, r]) -> y [T, out]`, with `W` and the bias
-/// captured (contiguous, same dtype and device as `x`).
+/// The forward's `H = x Aᵀ` as kept for the backward: a CUDA `[T, r]` storage. Nothing is kept
+/// on other devices (the CPU backward recomputes it), so without CUDA the type is empty.
+#[cfg(feature = "cuda")]
+type SavedH = Arc<candle_core::CudaStorage>;
+#[cfg(not(feature = "cuda"))]
+type SavedH = std::convert::Infallible;
+
+/// The forward op `(x [..., in], A [r, in], B [out, r]) -> y [..., out]`, with `W` and the bias
+/// captured (contiguous, same dtype and device as `x`). `x` must be contiguous; the op reads it
+/// as the `[T, in]` matrix it is, so that no reshape node (whose backward is a zero fill and an
+/// add over the whole gradient) enters the autograd graph on either side.
 struct LoraFwd {
     w: Tensor,
     bias: Option<Tensor>,
     scale: f64,
+    /// `H = x Aᵀ` from the CUDA forward (`T · r` elements, small next to `x`), reused by the
+    /// backward for `dB` instead of a second pass over `x`. Lives as long as the op, i.e. the
+    /// autograd graph (or only the forward call when nothing is tracked).
+    saved_h: Mutex<Option<SavedH>>,
 }
 
-/// `(T, in, r, out)` of the forward's inputs.
+/// `l` as the contiguous `[rows, cols]` matrix it holds: `cols` its last dim, `rows` the product
+/// of the others (1 for a vector), same start offset. Errors if `l` is not contiguous or is a
+/// scalar.
+fn as_matrix(op: &str, l: &Layout) -> candle_core::Result<Layout> {
+    let dims = l.dims();
+    let Some((&cols, lead)) = dims.split_last() else {
+        return Err(internal(op, "an operand is a scalar".into()));
+    };
+    if !l.is_contiguous() {
+        return Err(internal(
+            op,
+            format!("an operand {dims:?} is not contiguous"),
+        ));
+    }
+    let rows: usize = lead.iter().product();
+    Ok(Layout::contiguous_with_offset(
+        (rows, cols),
+        l.start_offset(),
+    ))
+}
+
+/// `x`'s dims with the last one replaced by `out`: the output's shape.
+fn out_shape(lx: &Layout, out: usize) -> Shape {
+    let mut dims = lx.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    Shape::from(dims)
+}
+
+/// `(T, in, r, out)` of the forward's inputs, `lx` being the `[T, in]` matrix.
 fn fwd_dims(lx: &Layout, la: &Layout, lb: &Layout) -> (usize, usize, usize, usize) {
     (lx.dims()[0], lx.dims()[1], la.dims()[0], lb.dims()[0])
 }
@@ -206,6 +253,8 @@ impl CustomOp3 for LoraFwd {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = out_shape(lx, lb.dims()[0]);
+        let lx = &as_matrix(OP, lx)?;
         let (t, inf, r, out) = fwd_dims(lx, la, lb);
         let (ws, wl) = self.w.storage_and_layout();
         let wc = cpu_storage(OP, &ws)?;
@@ -236,7 +285,7 @@ impl CustomOp3 for LoraFwd {
                 out,
             )))
         })?;
-        Ok((y, Shape::from((t, out))))
+        Ok((y, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -256,16 +305,18 @@ impl CustomOp3 for LoraFwd {
             Some((s, l)) => Some((cuda_storage(OP, s)?, *l)),
             None => None,
         };
-        let (t, _, _, out) = fwd_dims(lx, la, lb);
-        let y = super::cuda::fwd(super::cuda::FwdArgs {
-            x: (sx, lx),
+        let shape = out_shape(lx, lb.dims()[0]);
+        let lx2 = as_matrix(OP, lx)?;
+        let (y, h) = super::cuda::fwd(super::cuda::FwdArgs {
+            x: (sx, &lx2),
             a: (sa, la),
             b: (sb, lb),
             w: (wc, wl),
             bias,
             scale: self.scale,
         })?;
-        Ok((y, Shape::from((t, out))))
+        *self.saved_h.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(h));
+        Ok((y, shape))
     }
 
     fn bwd(
@@ -284,7 +335,8 @@ impl CustomOp3 for LoraFwd {
         if !(need.dx || need.da || need.db) {
             return Ok((None, None, None));
         }
-        let (t, inf) = x.dims2()?;
+        let inf = x.dims().last().copied().unwrap_or(1);
+        let t = x.elem_count() / inf.max(1);
         let (out, r) = b.dims2()?;
         let dy = dy.contiguous()?;
         let op = LoraBwd {
@@ -292,19 +344,26 @@ impl CustomOp3 for LoraFwd {
             b: b.detach(),
             scale: self.scale,
             need,
+            h: self
+                .saved_h
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .cloned(),
         };
         // Tracked (not `apply_op3_no_bwd`), so that a second derivative through it errors with
         // `BackwardNotSupported` instead of silently stopping.
         let packed = x.apply_op3_arc(&dy, a, Arc::new(Box::new(op)))?;
         let p = Packed::new(t, inf, out, r, need);
-        let piece = |off: Option<usize>, rows: usize, cols: usize| {
-            off.map(|o| packed.narrow(0, o, rows * cols)?.reshape((rows, cols)))
+        // Views of the packed buffer: no copies.
+        let piece = |off: Option<usize>, dims: &[usize]| {
+            off.map(|o| packed.narrow(0, o, dims.iter().product())?.reshape(dims))
                 .transpose()
         };
         Ok((
-            piece(p.dx, t, inf)?,
-            piece(p.da, r, inf)?,
-            piece(p.db, out, r)?,
+            piece(p.dx, x.dims())?,
+            piece(p.da, &[r, inf])?,
+            piece(p.db, &[out, r])?,
         ))
     }
 }
@@ -317,13 +376,17 @@ fn cuda_storage<'a>(op: &str, s: &'a Storage) -> candle_core::Result<&'a candle_
     }
 }
 
-/// The backward op `(x [T, in], dy [T, out], A [r, in]) -> [dx | dA | dB]` packed flat (see
-/// [`Packed`]), with `W` and `B` captured (contiguous, same dtype and device).
+/// The backward op `(x [..., in], dy [..., out], A [r, in]) -> [dx | dA | dB]` packed flat
+/// (see [`Packed`]), with `W` and `B` captured (contiguous, same dtype and device); `x` and `dy`
+/// contiguous, read as `[T, in]` and `[T, out]`.
 struct LoraBwd {
     w: Tensor,
     b: Tensor,
     scale: f64,
     need: Needs,
+    /// The forward's `H = x Aᵀ` (CUDA), when it kept one.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    h: Option<SavedH>,
 }
 
 impl CustomOp3 for LoraBwd {
@@ -340,6 +403,7 @@ impl CustomOp3 for LoraBwd {
         sa: &CpuStorage,
         la: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (lx, ldy) = (&as_matrix(OP_BWD, lx)?, &as_matrix(OP_BWD, ldy)?);
         let (t, inf) = (lx.dims()[0], lx.dims()[1]);
         let (out, r) = (ldy.dims()[1], la.dims()[0]);
         let (ws, wl) = self.w.storage_and_layout();
@@ -416,6 +480,7 @@ impl CustomOp3 for LoraBwd {
         let wc = cuda_storage(OP_BWD, &ws)?;
         let (bs, bl) = self.b.storage_and_layout();
         let bc = cuda_storage(OP_BWD, &bs)?;
+        let (lx, ldy) = (&as_matrix(OP_BWD, lx)?, &as_matrix(OP_BWD, ldy)?);
         let (t, inf) = (lx.dims()[0], lx.dims()[1]);
         let (out, r) = (ldy.dims()[1], la.dims()[0]);
         let p = Packed::new(t, inf, out, r, self.need);
@@ -428,6 +493,7 @@ impl CustomOp3 for LoraBwd {
             scale: self.scale,
             need: self.need,
             packed: p,
+            h: self.h.as_deref(),
         })?;
         Ok((packed, Shape::from(p.total)))
     }
@@ -640,16 +706,15 @@ pub fn lora_linear(
         // composite, whose ops handle empty tensors.
         return composite(x, w, bias, &a, &b, scale, None);
     }
-    let x2 = x.contiguous()?.reshape((t, inf))?;
+    // The op reads `x` of any rank as `[T, in]` and returns `[..., out]`: no reshape nodes.
     let op = LoraFwd {
         w: w.detach().contiguous()?,
         bias: bias.map(|b| b.detach().contiguous()).transpose()?,
         scale,
+        saved_h: Mutex::new(None),
     };
-    let y = x2.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
-    let mut dims = lead.to_vec();
-    dims.push(out);
-    Ok(y.reshape(dims)?)
+    Ok(x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
 }
 
 /// The unfused composite of flare's own ops: `matmul(x, Wᵀ) + bias + matmul(s ·

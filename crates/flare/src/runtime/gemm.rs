@@ -11,7 +11,9 @@
 //!
 //! **Autotuning.** The heuristic's first choice is not always the fastest kernel. When a plan is
 //! built for a large problem (`m * n * k * batch >= `[`AUTOTUNE_MIN_MACS`]), the heuristic is
-//! asked for up to [`AUTOTUNE_CANDIDATES`] algorithms and each is timed with CUDA events on the
+//! asked for up to [`AUTOTUNE_CANDIDATES`] algorithms ([`AUTOTUNE_CANDIDATES_SKINNY`] for a
+//! skinny product, one of `m`, `n`, `k` at most [`SKINNY_DIM`], where the first choice is most
+//! often poor: a LoRA rank, split-K or not) and each is timed with CUDA events on the
 //! operands of that first call (one warm-up and [`AUTOTUNE_TIMED_RUNS`] timed launches each,
 //! queued back to back behind a short host-side hold of the stream); the lowest median wins
 //! (the heuristic's first choice stays unless another is at least 1% faster) and is stored in
@@ -55,11 +57,18 @@ const WORKSPACE_BYTES_SM90: usize = 32 << 20;
 const WORKSPACE_BYTES_OLDER: usize = 4 << 20;
 
 /// Plans for GEMMs with at least this many multiply-adds (`m * n * k * batch`) are autotuned
-/// (see the module docs). 2^30 is a 1024³ product: about 2 GFLOP, a few microseconds on an
-/// H100, where a better kernel starts to be worth a one-off synchronization.
-pub const AUTOTUNE_MIN_MACS: u128 = 1 << 30;
+/// (see the module docs). 2^26 is, e.g., a 4096 × 4096 × 4 product or a 1024 × 1024 × 64 one:
+/// it covers the memory-bound skinny products of LoRA (4096 × 4096 × 16 = 2^28, tokens × in ×
+/// rank and the like), which run for ten microseconds or more and whose heuristic choice can be
+/// several times slower than the best kernel. Tuning happens once per plan (a one-off
+/// synchronization), so the low threshold costs nothing on cached calls.
+pub const AUTOTUNE_MIN_MACS: u128 = 1 << 26;
 /// How many algorithms the heuristic is asked for when autotuning.
 pub const AUTOTUNE_CANDIDATES: usize = 8;
+/// How many for a skinny product (see [`SKINNY_DIM`]): more tile shapes and split-K variants.
+pub const AUTOTUNE_CANDIDATES_SKINNY: usize = 16;
+/// A product with `m`, `n` or `k` at most this is skinny.
+pub const SKINNY_DIM: usize = 64;
 /// Timed launches per candidate (after one warm-up); the median counts.
 pub const AUTOTUNE_TIMED_RUNS: usize = 3;
 /// Another candidate replaces the heuristic's first choice only when its median is at least
@@ -627,7 +636,13 @@ impl Gemm {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
                 let tune = autotune_enabled() && key.params.macs() >= AUTOTUNE_MIN_MACS;
-                let requested = if tune { AUTOTUNE_CANDIDATES } else { 1 };
+                let q = &key.params;
+                let skinny = q.m.min(q.n).min(q.k) <= SKINNY_DIM;
+                let requested = match (tune, skinny) {
+                    (false, _) => 1,
+                    (true, false) => AUTOTUNE_CANDIDATES,
+                    (true, true) => AUTOTUNE_CANDIDATES_SKINNY,
+                };
                 let (mut plan, candidates) = self.build_plan(&key, requested)?;
                 if tune {
                     // SAFETY: the caller's contract for `a`, `b`, `c` (see above) is exactly
@@ -804,7 +819,7 @@ impl Gemm {
             .context()
             .bind_to_thread()
             .cuda_ctx("binding the CUDA context for cuBLASLt")?;
-        let requested = requested.clamp(1, AUTOTUNE_CANDIDATES);
+        let requested = requested.clamp(1, AUTOTUNE_CANDIDATES.max(AUTOTUNE_CANDIDATES_SKINNY));
         // SAFETY: `cublasLtMatmulHeuristicResult_t` is plain C data (integers, a float and the
         // `cublasStatus_t` enum, whose 0 is CUBLAS_STATUS_SUCCESS), so all-zero bytes are a
         // valid value.
