@@ -822,7 +822,12 @@ pub fn load_adapter(dir: impl AsRef<Path>, device: &Device) -> Result<Adapter> {
                     ),
                 ))
             }
-            (None, None) => unreachable!("a module entry is created with one of its tensors"),
+            (None, None) => {
+                return Err(bad_file(
+                    &weights_path,
+                    format!("internal error: module `{path}` has no tensors"),
+                ))
+            }
         };
         check_pair(&path, a.1.dims(), b.1.dims(), config.r)
             .map_err(|msg| bad_file(&weights_path, msg))?;
