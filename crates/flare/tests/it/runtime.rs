@@ -29,6 +29,8 @@ struct Inputs {
     b16: Tensor,
     x: Tensor,
     w: Tensor,
+    big_a: Tensor,
+    big_b: Tensor,
 }
 
 impl Inputs {
@@ -41,22 +43,27 @@ impl Inputs {
             b16: randn(&[64, 64], DType::BF16, dev, s("b16"))?,
             x: randn(&[64, 1000], DType::F32, dev, s("x"))?,
             w: randn(&[1000], DType::F32, dev, s("w"))?,
+            big_a: randn(&[256, 256], DType::BF16, dev, s("big_a"))?,
+            big_b: randn(&[256, 256], DType::BF16, dev, s("big_b"))?,
         })
     }
 
-    /// Op number `i` of a mixed sequence: f32 and bf16 matmul 64^3, softmax, rms_norm.
+    /// Op number `i` of a mixed sequence: f32 and bf16 matmul 64^3 (flare's small-GEMM kernel
+    /// on CUDA), softmax, rms_norm, and a bf16 matmul 256^3 (cuBLASLt, through a cached plan).
     fn op(&self, i: usize) -> Result<Tensor> {
-        match i % 4 {
+        match i % 5 {
             0 => matmul(&self.a, &self.b),
             1 => softmax_last_dim(&self.x),
             2 => rms_norm(&self.x, &self.w, 1e-6),
-            _ => matmul(&self.a16, &self.b16),
+            3 => matmul(&self.a16, &self.b16),
+            _ => matmul(&self.big_a, &self.big_b),
         }
     }
 }
 
-/// Two distinct GEMMs in the mixed sequence (64^3 in f32 and in bf16).
-const DISTINCT_GEMMS: usize = 2;
+/// At most this many GEMM plans for the distinct GEMMs of the mixed sequence (the 64^3 ones
+/// need none on CUDA; 256^3 bf16 needs one).
+const DISTINCT_GEMMS: usize = 3;
 
 /// 1000 mixed forward ops: on the CPU nothing is created at all; on CUDA the first op of each
 /// kind may create the runtime (once per process) and one GEMM plan per distinct GEMM, the
@@ -64,7 +71,7 @@ const DISTINCT_GEMMS: usize = 2;
 fn no_per_call_resources(dev: &Device) -> Result<()> {
     let inputs = Inputs::new(dev)?;
     let s0 = stats();
-    for i in 0..4 {
+    for i in 0..5 {
         inputs.op(i)?;
     }
     dev.synchronize()?;
