@@ -9,6 +9,7 @@ those rounded weights, so loading the files in f32 reproduces them.
 
 - qwen2: q/k/v bias, tied embeddings.
 - llama: llama3 rope scaling, untied lm_head.
+- mistral: sliding window of 4 (shorter than the 7 reference tokens), untied lm_head.
 
 Run: python bench/make_model_fixtures.py (needs torch, transformers, safetensors).
 """
@@ -18,7 +19,14 @@ import os
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "crates", "flare", "tests", "fixtures", "models")
 
@@ -52,11 +60,16 @@ def build(arch):
             },
         )
         return LlamaForCausalLM(cfg)
+    if arch == "mistral":
+        # A window shorter than the reference sequence, so that it matters.
+        cfg = MistralConfig(**COMMON, rope_theta=10000.0, sliding_window=4, tie_word_embeddings=False)
+        cfg._attn_implementation = "eager"
+        return MistralForCausalLM(cfg)
     raise ValueError(arch)
 
 
 def main():
-    for i, arch in enumerate(["qwen2", "llama"]):
+    for i, arch in enumerate(["qwen2", "llama", "mistral"]):
         torch.manual_seed(1234 + i)
         model = build(arch).float().eval()
         # Random init gives tiny weights; widen them so that the logits are not all near zero and

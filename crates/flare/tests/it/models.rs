@@ -1,5 +1,6 @@
 //! Transformer models from Hugging Face directories: golden logits from transformers for tiny
-//! random Qwen2 (q/k/v bias, tied embeddings) and Llama (llama3 RoPE scaling, untied) models
+//! random Qwen2 (q/k/v bias, tied embeddings), Llama (llama3 RoPE scaling, untied) and Mistral
+//! (sliding window shorter than the sequence) models
 //! (`bench/make_model_fixtures.py`), sharded loading, adapter injection by module path, and
 //! the errors for bad directories.
 
@@ -117,6 +118,23 @@ fn llama_golden_logits() -> Result<()> {
     let (ids, want) = reference("llama")?;
     let err = rel_err(&model.forward(&ids)?, &want)?;
     assert!(err > 1e-3, "without the llama3 scaling: rel err {err:e}");
+    Ok(())
+}
+
+#[test]
+fn mistral_golden_logits() -> Result<()> {
+    golden("mistral")?;
+    // The fixture exercises the sliding window: full causal attention misses.
+    let _guard = shared_lock();
+    let dir = TempDir::copy_of("mistral");
+    dir.edit_config(|c| {
+        c.insert("sliding_window".into(), serde_json::Value::Null);
+    });
+    let model = Transformer::from_dir(&dir.0, DType::F32, &Device::Cpu)?;
+    assert_eq!(model.config().sliding_window, None);
+    let (ids, want) = reference("mistral")?;
+    let err = rel_err(&model.forward(&ids)?, &want)?;
+    assert!(err > 1e-3, "without the sliding window: rel err {err:e}");
     Ok(())
 }
 
