@@ -21,6 +21,7 @@ pub mod autograd;
 pub mod error;
 pub mod io;
 pub mod lora;
+pub mod models;
 pub mod ops;
 pub mod runtime;
 

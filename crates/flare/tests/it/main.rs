@@ -5,6 +5,7 @@
 mod common;
 mod lora;
 mod matmul;
+mod models;
 mod peft;
 mod rms_norm;
 mod runtime;

@@ -1,0 +1,32 @@
+//! Decoder-only transformer models loaded from Hugging Face directories (Llama, Qwen2,
+//! Mistral), with every linear projection a [`crate::lora::LoraLinear`] so that LoRA adapters
+//! can be injected by their PEFT module path.
+//!
+//! - [`ModelConfig`] reads `config.json`.
+//! - [`Weights`] memory-maps `model.safetensors` or the shards of
+//!   `model.safetensors.index.json`.
+//! - [`Transformer`] is the model and its forward.
+//!
+//! Errors about a file's contents are [`crate::Error::Io`] of kind `InvalidData` whose context
+//! is the file's path and whose message names the field or the tensor.
+
+pub mod config;
+pub mod transformer;
+pub mod weights;
+
+pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
+pub use transformer::{apply_rope, rope_inv_freq, Transformer};
+pub use weights::Weights;
+
+use std::path::Path;
+
+use crate::Error;
+
+/// An error about the contents of `file`: [`Error::Io`] of kind `InvalidData` whose context is
+/// the file's path.
+pub(crate) fn bad_file(file: &Path, msg: impl Into<String>) -> Error {
+    Error::Io {
+        context: file.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into()),
+    }
+}

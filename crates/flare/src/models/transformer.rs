@@ -1,0 +1,438 @@
+//! [`Transformer`]: the decoder-only model of the Llama family (Llama, Qwen2, Mistral), with
+//! every linear projection a [`LoraLinear`] so that adapters can be injected by module path.
+//!
+//! Per layer: `rms_norm → attention (q/k/v/o, RoPE, GQA, causal mask) → residual → rms_norm →
+//! SwiGLU MLP (gate/up/down) → residual`; then the final norm and the output projection. Norms
+//! use [`crate::ops::add_rms_norm`] to fuse each residual add with the following norm, products
+//! use [`crate::ops::matmul`], and the attention softmax [`crate::ops::softmax_last_dim`].
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::{Llama3RopeScaling, ModelConfig};
+use super::weights::Weights;
+use crate::error::device_name;
+use crate::lora::LoraLinear;
+use crate::ops::{add_rms_norm, matmul, rms_norm, softmax_last_dim, supported_dtypes};
+use crate::{Error, Result};
+
+const OP: &str = "Transformer";
+
+/// The RoPE inverse frequencies `θ^(-2i/d)`, `i < d/2`, with the `llama3` scaling applied as
+/// transformers does it.
+///
+/// ```
+/// let f = flare::models::rope_inv_freq(4, 10000.0, None);
+/// assert_eq!(f.len(), 2);
+/// assert!((f[0] - 1.0).abs() < 1e-12 && (f[1] - 0.01).abs() < 1e-12);
+/// ```
+pub fn rope_inv_freq(head_dim: usize, theta: f64, scaling: Option<&Llama3RopeScaling>) -> Vec<f64> {
+    let base: Vec<f64> = (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+        .collect();
+    let Some(s) = scaling else {
+        return base;
+    };
+    let old = s.original_max_position_embeddings as f64;
+    let low_freq_wavelen = old / s.low_freq_factor;
+    let high_freq_wavelen = old / s.high_freq_factor;
+    base.into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < high_freq_wavelen {
+                f
+            } else if wavelen > low_freq_wavelen {
+                f / s.factor
+            } else {
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * f / s.factor + smooth * f
+            }
+        })
+        .collect()
+}
+
+/// `x * cos + rotate_half(x) * sin` for `x: [batch, heads, seq, head_dim]` and
+/// `cos, sin: [seq, head_dim]` (the two halves of the last dim repeated, the transformers
+/// convention), where `rotate_half([x1, x2]) = [-x2, x1]`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[[[1f32, 0.]]]], &Device::Cpu)?; // [1, 1, 1, 2]
+/// let (c, s) = (0.5f32, 0.75f32.sqrt());
+/// let cos = Tensor::new(&[[c, c]], &Device::Cpu)?;
+/// let sin = Tensor::new(&[[s, s]], &Device::Cpu)?;
+/// let y = flare::models::apply_rope(&x, &cos, &sin)?.flatten_all()?.to_vec1::<f32>()?;
+/// assert!((y[0] - c).abs() < 1e-6 && (y[1] - s).abs() < 1e-6);
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let half = d / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, d - half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// The attention block of one layer.
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
+}
+
+/// The SwiGLU MLP of one layer.
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: LoraLinear,
+    up_proj: LoraLinear,
+    down_proj: LoraLinear,
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+struct Layer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// A decoder-only transformer of the Llama family, loaded from a Hugging Face directory.
+///
+/// Linear projections are [`LoraLinear`]s at the module paths transformers and PEFT use
+/// (`model.layers.{i}.self_attn.q_proj`, ..., `model.layers.{i}.mlp.down_proj`); see
+/// [`lora_modules_mut`](Self::lora_modules_mut).
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// `[vocab, hidden]`: the embedding matrix itself when tied.
+    lm_head: Tensor,
+    /// RoPE inverse frequencies, `[head_dim / 2]`, f32.
+    inv_freq: Tensor,
+}
+
+impl Transformer {
+    /// Loads `config.json` and the weights of a model directory onto `device` in `dtype`
+    /// (f32, f16, bf16; f64 on CPU), whatever dtype the files store.
+    ///
+    /// Errors name the file and the field or tensor concerned (see [`ModelConfig::from_dir`],
+    /// [`Weights::from_dir`] and [`from_weights`](Self::from_weights)).
+    pub fn from_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = ModelConfig::from_dir(dir)?;
+        let weights = Weights::from_dir(dir)?;
+        Self::from_weights(config, &weights, dtype, device)
+    }
+
+    /// Builds the model from a config and opened weights. Every tensor is checked for presence
+    /// and shape; an error names the file and the tensor.
+    pub fn from_weights(
+        config: ModelConfig,
+        weights: &Weights,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if !supported_dtypes(device).contains(&dtype) {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                dtype,
+                device: device_name(device),
+            });
+        }
+        let c = &config;
+        let get = |name: &str, shape: &[usize]| weights.get(name, shape, dtype, device);
+        let linear = |path: &str, out: usize, inp: usize, bias: bool| -> Result<LoraLinear> {
+            let w = get(&format!("{path}.weight"), &[out, inp])?;
+            let b = if bias {
+                Some(get(&format!("{path}.bias"), &[out])?)
+            } else {
+                None
+            };
+            LoraLinear::new(w, b)
+        };
+        let (h, q_dim, kv_dim) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let embed_tokens = get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let a = format!("{p}.self_attn");
+            let m = format!("{p}.mlp");
+            layers.push(Layer {
+                input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn: Attention {
+                    q_proj: linear(&format!("{a}.q_proj"), q_dim, h, c.qkv_bias)?,
+                    k_proj: linear(&format!("{a}.k_proj"), kv_dim, h, c.qkv_bias)?,
+                    v_proj: linear(&format!("{a}.v_proj"), kv_dim, h, c.qkv_bias)?,
+                    o_proj: linear(&format!("{a}.o_proj"), h, q_dim, c.o_bias)?,
+                },
+                post_attention_layernorm: get(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                )?,
+                mlp: Mlp {
+                    gate_proj: linear(
+                        &format!("{m}.gate_proj"),
+                        c.intermediate_size,
+                        h,
+                        c.mlp_bias,
+                    )?,
+                    up_proj: linear(&format!("{m}.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                    down_proj: linear(
+                        &format!("{m}.down_proj"),
+                        h,
+                        c.intermediate_size,
+                        c.mlp_bias,
+                    )?,
+                },
+            });
+        }
+        let norm = get("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            get("lm_head.weight", &[c.vocab_size, h])?
+        };
+        let inv_freq: Vec<f32> = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling.as_ref())
+            .into_iter()
+            .map(|f| f as f32)
+            .collect();
+        let inv_freq = Tensor::new(inv_freq, device)?;
+        Ok(Transformer {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The dtype of the weights and of the logits.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// The device of the weights.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Every linear projection with its module path, in layer order (`q, k, v, o, gate, up,
+    /// down` per layer), for injecting adapters by PEFT module name.
+    ///
+    /// ```no_run
+    /// # use candle_core::{DType, Device};
+    /// # use flare::lora::LoraConfig;
+    /// let mut model = flare::models::Transformer::from_dir("qwen2-0.5b", DType::BF16, &Device::Cpu)?;
+    /// let cfg = LoraConfig { r: 8, target_modules: vec!["q_proj".into(), "v_proj".into()], ..Default::default() };
+    /// for (i, (path, layer)) in model.lora_modules_mut().into_iter().enumerate() {
+    ///     if path.ends_with(".q_proj") || path.ends_with(".v_proj") {
+    ///         layer.add_adapter("default", &cfg, i as u64)?;
+    ///         layer.set_active(Some("default"))?;
+    ///     }
+    /// }
+    /// # Ok::<(), flare::Error>(())
+    /// ```
+    pub fn lora_modules_mut(&mut self) -> Vec<(String, &mut LoraLinear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    /// Every linear projection with its module path, read-only; same order as
+    /// [`lora_modules_mut`](Self::lora_modules_mut).
+    pub fn lora_modules(&self) -> Vec<(String, &LoraLinear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter().enumerate() {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    /// The linear projection at a module path (`model.layers.3.mlp.up_proj`), if any.
+    pub fn lora_module_mut(&mut self, path: &str) -> Option<&mut LoraLinear> {
+        self.lora_modules_mut()
+            .into_iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, l)| l)
+    }
+
+    /// `cos, sin: [seq, head_dim]` for positions `0..seq`, in the model's dtype (computed in
+    /// f32, as transformers does).
+    fn rope_tables(&self, seq: usize) -> Result<(Tensor, Tensor)> {
+        let pos = Tensor::arange(0u32, seq as u32, self.device())?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
+        Ok((
+            emb.cos()?.to_dtype(self.dtype())?,
+            emb.sin()?.to_dtype(self.dtype())?,
+        ))
+    }
+
+    /// `[seq, seq]` u8: 1 where query `i` may attend to key `j` (`j <= i`, within the sliding
+    /// window if any).
+    fn attention_mask(&self, seq: usize) -> Result<Tensor> {
+        let window = self.config.sliding_window.unwrap_or(usize::MAX);
+        let mask: Vec<u8> = (0..seq)
+            .flat_map(|i| (0..seq).map(move |j| u8::from(j <= i && i - j < window)))
+            .collect();
+        Ok(Tensor::from_vec(mask, (seq, seq), self.device())?)
+    }
+
+    /// The logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u8, u32 or i64), in the
+    /// model's dtype, with causal attention over the whole sequence (no KV cache).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2().map_err(|_| Error::InvalidArgument {
+            op: OP,
+            msg: format!(
+                "input_ids must be [batch, seq], got shape {:?}",
+                input_ids.dims()
+            ),
+        })?;
+        if !matches!(input_ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                msg: format!(
+                    "input_ids must be u8, u32 or i64, got {:?}",
+                    input_ids.dtype()
+                ),
+            });
+        }
+        if s == 0 || b == 0 {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                msg: format!("input_ids is empty: shape {:?}", input_ids.dims()),
+            });
+        }
+        let c = &self.config;
+        let eps = c.rms_norm_eps as f32;
+        let x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, s, c.hidden_size))?;
+        let (cos, sin) = self.rope_tables(s)?;
+        let mask = self.attention_mask(s)?;
+
+        let first_norm = self
+            .layers
+            .first()
+            .map_or(&self.norm, |l| &l.input_layernorm);
+        let mut normed = rms_norm(&x, first_norm, eps)?;
+        let mut residual = x;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attn = self.attention(&layer.self_attn, &normed, &cos, &sin, &mask)?;
+            let (n, r) = add_rms_norm(&attn, &residual, &layer.post_attention_layernorm, eps)?;
+            let mlp = &layer.mlp;
+            let gate = mlp.gate_proj.forward(&n)?.silu()?;
+            let up = mlp.up_proj.forward(&n)?;
+            let down = mlp.down_proj.forward(&(gate * up)?)?;
+            let next_norm = self
+                .layers
+                .get(i + 1)
+                .map_or(&self.norm, |l| &l.input_layernorm);
+            (normed, residual) = add_rms_norm(&down, &r, next_norm, eps)?;
+        }
+        matmul(&normed, &self.lm_head.t()?)
+    }
+
+    /// Self-attention of `x: [b, s, hidden]`, returns `[b, s, hidden]`.
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(attn.q_proj.forward(x)?, nh)?;
+        let k = heads(attn.k_proj.forward(x)?, nkv)?;
+        let v = heads(attn.v_proj.forward(x)?, nkv)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        // GQA: each kv head serves `nh / nkv` consecutive query heads.
+        let rep = nh / nkv;
+        let repeat = |t: Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                return Ok(t);
+            }
+            Ok(t.unsqueeze(2)?
+                .broadcast_as((b, nkv, rep, s, hd))?
+                .reshape((b, nh, s, hd))?)
+        };
+        let k = repeat(k)?;
+        let v = repeat(v)?;
+        let scores = (matmul(&q, &k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let neg = Tensor::new(dtype_min(scores.dtype()), scores.device())?
+            .to_dtype(scores.dtype())?
+            .broadcast_as(scores.shape())?;
+        let scores = mask
+            .broadcast_as(scores.shape())?
+            .where_cond(&scores, &neg)?;
+        let probs = softmax_last_dim(&scores)?;
+        let out = matmul(&probs, &v)?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))?;
+        attn.o_proj.forward(&out)
+    }
+}
+
+/// The most negative finite value of a float dtype (as transformers masks with), as f64.
+fn dtype_min(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => f64::from(half::f16::MIN),
+        DType::BF16 => f64::from(half::bf16::MIN),
+        DType::F32 => f64::from(f32::MIN),
+        _ => f64::MIN,
+    }
+}

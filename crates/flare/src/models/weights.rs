@@ -1,0 +1,198 @@
+//! [`Weights`]: the tensors of a Hugging Face model directory, memory-mapped from
+//! `model.safetensors` or from the shards listed in `model.safetensors.index.json`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Tensor};
+
+use super::bad_file;
+use crate::{Error, Result};
+
+/// The weights file of an unsharded model directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index file of a sharded model directory.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The memory-mapped safetensors files of a model, with the file each tensor lives in.
+///
+/// Tensors are read on demand by [`get`](Self::get), converted to the dtype asked for.
+pub struct Weights {
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// Tensor name -> index into `files`.
+    index: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field(
+                "files",
+                &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
+            .field("tensors", &self.index.len())
+            .finish()
+    }
+}
+
+/// Memory-maps one safetensors file and reads its header.
+fn open_file(path: &Path) -> Result<MmapedSafetensors> {
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(Error::Io {
+            context: format!("opening model weights {}", path.display()),
+            source: e,
+        });
+    }
+    // SAFETY: the file is mapped read-only; like every memory-mapped reader, flare assumes the
+    // file is not modified while the model is being loaded.
+    unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
+        // The path is in our message already.
+        let e = match e {
+            candle_core::Error::WithPath { inner, .. } => *inner,
+            e => e,
+        };
+        bad_file(
+            path,
+            format!("malformed or truncated safetensors file: {e}"),
+        )
+    })
+}
+
+impl Weights {
+    /// Opens the weights of a model directory: `model.safetensors` if present, otherwise the
+    /// shards named by `model.safetensors.index.json`.
+    ///
+    /// Errors name the file: neither file present, a malformed index, a missing shard, a
+    /// malformed or truncated safetensors file (its header does not describe its contents).
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let single = dir.join(WEIGHTS_FILE);
+        if single.exists() {
+            return Self::from_files(&[single]);
+        }
+        let index = dir.join(INDEX_FILE);
+        if !index.exists() {
+            return Err(Error::Io {
+                context: format!(
+                    "model directory {}: neither {WEIGHTS_FILE} nor {INDEX_FILE}",
+                    dir.display()
+                ),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no weights"),
+            });
+        }
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::Io {
+            context: format!("reading {}", index.display()),
+            source: e,
+        })?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| bad_file(&index, format!("malformed JSON: {e}")))?;
+        let map = value
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad_file(&index, "missing field `weight_map` (an object)"))?;
+        let mut shards = BTreeSet::new();
+        for (name, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                bad_file(&index, format!("`weight_map.{name}` must be a file name"))
+            })?;
+            shards.insert(file.to_string());
+        }
+        let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+        let weights = Self::from_files(&paths)?;
+        // Every tensor the index names must be in the shard it names.
+        for (name, file) in map {
+            let path = dir.join(file.as_str().unwrap_or_default());
+            match weights.index.get(name) {
+                Some(&i) if weights.files[i].0 == path => {}
+                _ => {
+                    return Err(bad_file(
+                        &path,
+                        format!("tensor `{name}` (listed in {INDEX_FILE}) is not in this file"),
+                    ))
+                }
+            }
+        }
+        Ok(weights)
+    }
+
+    /// Opens the given safetensors files (the shards of one model). A tensor present in two
+    /// files is an error.
+    pub fn from_files(paths: &[impl AsRef<Path>]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let path = p.as_ref().to_path_buf();
+            let st = open_file(&path)?;
+            for (name, _) in st.tensors() {
+                if let Some(&j) = index.get(&name) {
+                    let other: &(PathBuf, MmapedSafetensors) = &files[j];
+                    return Err(bad_file(
+                        &path,
+                        format!("tensor `{name}` is also in {}", other.0.display()),
+                    ));
+                }
+                index.insert(name, i);
+            }
+            files.push((path, st));
+        }
+        Ok(Weights { files, index })
+    }
+
+    /// The names of all tensors, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Whether a tensor of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The file a tensor lives in.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.index.get(name).map(|&i| self.files[i].0.as_path())
+    }
+
+    /// Reads tensor `name`, checks that its shape is `shape`, and returns it on `device` in
+    /// `dtype`. Errors name the file and the tensor: a missing tensor, a wrong shape, data that
+    /// cannot be read.
+    pub fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let Some(&i) = self.index.get(name) else {
+            let files: Vec<String> = self
+                .files
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect();
+            return Err(bad_file(
+                Path::new(&files.join(", ")),
+                format!("missing tensor `{name}`"),
+            ));
+        };
+        let (path, st) = &self.files[i];
+        let view = st
+            .get(name)
+            .map_err(|e| bad_file(path, format!("tensor `{name}`: {e}")))?;
+        if view.shape() != shape {
+            return Err(bad_file(
+                path,
+                format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    view.shape()
+                ),
+            ));
+        }
+        let t = view
+            .load(device)
+            .map_err(|e| bad_file(path, format!("tensor `{name}`: {e}")))?;
+        Ok(t.to_dtype(dtype)?)
+    }
+}
