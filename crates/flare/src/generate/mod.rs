@@ -1,6 +1,7 @@
 //! Text generation with a [`Transformer`] and its [`KvCache`]: the prompt is prefilled once,
 //! then one token per step is decoded, chosen by [`sample`] (greedy or seeded sampling with
 //! transformers' logits processors), until `max_new_tokens` or an EOS token.
+//! [`generate_batch`] does the same for several prompts of one length at once.
 
 pub mod sampling;
 
@@ -93,4 +94,92 @@ pub fn generate(
         let ids = Tensor::new(&[[next]], model.device())?;
         logits = model.decode_step(&ids, &mut cache)?;
     }
+}
+
+/// [`generate`] for a batch of prompts of one length (no padding), decoded together with one
+/// [`KvCache`] of batch `prompts.len()`. Returns each row's new tokens; a row stops after one of
+/// its EOS tokens (later steps still run for the others, their outputs for it discarded).
+/// `on_token(row, id)` is called for each new token of each running row. When sampling, one
+/// [`StdRng`] seeded with `config.seed` draws for the rows in order at every step.
+///
+/// Errors: no prompt, prompts of different lengths, plus those of [`generate`].
+pub fn generate_batch(
+    model: &Transformer,
+    prompts: &[&[u32]],
+    config: &GenerationConfig,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Vec<u32>>> {
+    config.sampling.validate()?;
+    let Some(first) = prompts.first() else {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: "no prompt given".into(),
+        });
+    };
+    let len = first.len();
+    if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() != len) {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: format!(
+                "prompts must share one length (no padding): prompt 0 has {len} tokens, prompt {i} has {}",
+                p.len()
+            ),
+        });
+    }
+    if len == 0 {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: "the prompts are empty".into(),
+        });
+    }
+    let vocab = model.config().vocab_size;
+    if let Some(t) = prompts
+        .iter()
+        .flat_map(|p| p.iter())
+        .find(|&&t| t as usize >= vocab)
+    {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: format!("prompt token id {t} out of the vocabulary ({vocab})"),
+        });
+    }
+    let b = prompts.len();
+    let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(config.max_new_tokens); b];
+    if config.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let mut cache = model.new_cache(b, len + config.max_new_tokens - 1)?;
+    let mut all: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+    let mut done = vec![false; b];
+    let flat: Vec<u32> = prompts.iter().flat_map(|p| p.iter().copied()).collect();
+    let ids = Tensor::from_vec(flat, (b, len), model.device())?;
+    let mut logits = model.prefill(&ids, &mut cache)?;
+    for step in 0..config.max_new_tokens {
+        let mut next = vec![0u32; b];
+        for row in 0..b {
+            let last = if done[row] {
+                *all[row].last().unwrap_or(&0)
+            } else {
+                let t = sample(
+                    &last_row(&logits.narrow(0, row, 1)?)?,
+                    &all[row],
+                    &config.sampling,
+                    &mut rng,
+                )?;
+                all[row].push(t);
+                out[row].push(t);
+                on_token(row, t);
+                done[row] = config.eos_token_ids.contains(&t);
+                t
+            };
+            next[row] = last;
+        }
+        if done.iter().all(|d| *d) || step + 1 == config.max_new_tokens {
+            break;
+        }
+        let ids = Tensor::from_vec(next, (b, 1), model.device())?;
+        logits = model.decode_step(&ids, &mut cache)?;
+    }
+    Ok(out)
 }

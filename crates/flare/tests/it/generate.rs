@@ -170,3 +170,51 @@ fn eos_stops_and_sampling_is_seeded() -> Result<()> {
     assert_eq!(a, generate(&model, &prompt, &cfg, |_| {})?);
     Ok(())
 }
+
+#[test]
+fn batched_greedy_matches_single() -> Result<()> {
+    let _g = shared_lock();
+    let dev = Device::Cpu;
+    for arch in ["qwen2", "mistral"] {
+        let model = Transformer::from_dir(fixture(arch), DType::F32, &dev)?;
+        let (prompt, want) = golden(arch)?;
+        let other: Vec<u32> = prompt.iter().map(|t| (t * 7 + 3) % 256).collect();
+        let cfg = GenerationConfig {
+            max_new_tokens: 16,
+            ..Default::default()
+        };
+        let single_other = generate(&model, &other, &cfg, |_| {})?;
+        let mut seen = 0;
+        let got = flare::generate::generate_batch(
+            &model,
+            &[prompt.as_slice(), other.as_slice()],
+            &cfg,
+            |_, _| seen += 1,
+        )?;
+        assert_eq!(got[0], want[..16], "{arch} row 0");
+        assert_eq!(got[1], single_other, "{arch} row 1");
+        assert_eq!(seen, 32);
+
+        // A row that hits EOS stops; the other goes on.
+        let eos = GenerationConfig {
+            eos_token_ids: vec![want[2]],
+            ..cfg.clone()
+        };
+        let got = flare::generate::generate_batch(
+            &model,
+            &[prompt.as_slice(), other.as_slice()],
+            &eos,
+            |_, _| {},
+        )?;
+        let stop = want.iter().position(|t| *t == want[2]).unwrap();
+        assert_eq!(got[0], want[..=stop]);
+        let single = generate(&model, &other, &eos, |_| {})?;
+        assert_eq!(got[1], single);
+
+        assert!(flare::generate::generate_batch(&model, &[], &cfg, |_, _| {}).is_err());
+        assert!(
+            flare::generate::generate_batch(&model, &[&[1, 2], &[1]], &cfg, |_, _| {}).is_err()
+        );
+    }
+    Ok(())
+}
