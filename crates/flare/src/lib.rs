@@ -19,6 +19,7 @@
 
 pub mod autograd;
 pub mod error;
+pub mod generate;
 pub mod io;
 pub mod lora;
 pub mod models;

@@ -6,14 +6,18 @@
 //! - [`Weights`] memory-maps `model.safetensors` or the shards of
 //!   `model.safetensors.index.json`.
 //! - [`Transformer`] is the model and its forward.
+//! - [`KvCache`] is its preallocated key/value cache for incremental decoding
+//!   ([`Transformer::prefill`], [`Transformer::decode_step`]).
 //!
 //! Errors about a file's contents are [`crate::Error::Io`] of kind `InvalidData` whose context
 //! is the file's path and whose message names the field or the tensor.
 
+pub mod cache;
 pub mod config;
 pub mod transformer;
 pub mod weights;
 
+pub use cache::{KvCache, LayerKv};
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
 pub use transformer::{apply_rope, rope_inv_freq, Transformer};
 pub use weights::Weights;

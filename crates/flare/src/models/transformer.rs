@@ -10,6 +10,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::cache::KvCache;
 use super::config::{Llama3RopeScaling, ModelConfig};
 use super::weights::Weights;
 use crate::error::device_name;
@@ -300,10 +301,25 @@ impl Transformer {
             .map(|(_, l)| l)
     }
 
-    /// `cos, sin: [seq, head_dim]` for positions `0..seq`, in the model's dtype (computed in
-    /// f32, as transformers does).
-    fn rope_tables(&self, seq: usize) -> Result<(Tensor, Tensor)> {
-        let pos = Tensor::arange(0u32, seq as u32, self.device())?
+    /// A zeroed [`KvCache`] for `batch` sequences of up to `max_len` positions, in the model's
+    /// dtype and on its device.
+    pub fn new_cache(&self, batch: usize, max_len: usize) -> Result<KvCache> {
+        let c = &self.config;
+        KvCache::new(
+            c.num_hidden_layers,
+            batch,
+            c.num_key_value_heads,
+            max_len,
+            c.head_dim,
+            self.dtype(),
+            self.device(),
+        )
+    }
+
+    /// `cos, sin: [seq, head_dim]` for positions `offset..offset + seq`, in the model's dtype
+    /// (computed in f32, as transformers does).
+    fn rope_tables(&self, offset: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+        let pos = Tensor::arange(offset as u32, (offset + seq) as u32, self.device())?
             .to_dtype(DType::F32)?
             .unsqueeze(1)?;
         let freqs = pos.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
@@ -314,19 +330,19 @@ impl Transformer {
         ))
     }
 
-    /// `[seq, seq]` u8: 1 where query `i` may attend to key `j` (`j <= i`, within the sliding
-    /// window if any).
-    fn attention_mask(&self, seq: usize) -> Result<Tensor> {
+    /// `[seq, offset + seq]` u8: 1 where query `i` (at position `offset + i`) may attend to key
+    /// `j` (`j <= offset + i`, within the sliding window if any).
+    fn attention_mask(&self, offset: usize, seq: usize) -> Result<Tensor> {
         let window = self.config.sliding_window.unwrap_or(usize::MAX);
-        let mask: Vec<u8> = (0..seq)
-            .flat_map(|i| (0..seq).map(move |j| u8::from(j <= i && i - j < window)))
+        let total = offset + seq;
+        let mask: Vec<u8> = (offset..total)
+            .flat_map(|i| (0..total).map(move |j| u8::from(j <= i && i - j < window)))
             .collect();
-        Ok(Tensor::from_vec(mask, (seq, seq), self.device())?)
+        Ok(Tensor::from_vec(mask, (seq, total), self.device())?)
     }
 
-    /// The logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u8, u32 or i64), in the
-    /// model's dtype, with causal attention over the whole sequence (no KV cache).
-    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+    /// Checks `input_ids: [batch, seq]` (u8, u32 or i64, non-empty) and returns `(batch, seq)`.
+    fn check_ids(input_ids: &Tensor) -> Result<(usize, usize)> {
         let (b, s) = input_ids.dims2().map_err(|_| Error::InvalidArgument {
             op: OP,
             msg: format!(
@@ -349,14 +365,106 @@ impl Transformer {
                 msg: format!("input_ids is empty: shape {:?}", input_ids.dims()),
             });
         }
+        Ok((b, s))
+    }
+
+    /// The logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u8, u32 or i64), in the
+    /// model's dtype, with causal attention over the whole sequence (no KV cache).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = Self::check_ids(input_ids)?;
+        self.forward_impl(input_ids, b, s, None)
+    }
+
+    /// The logits `[batch, seq, vocab]` of the new positions `offset..offset + seq` for token
+    /// ids `[batch, seq]`, attending to the `offset` positions already in `cache` and to each
+    /// other (causally, within the sliding window if any). The keys and values of the new
+    /// positions are written into `cache`, whose length then is `offset + seq`.
+    ///
+    /// `offset` must equal `cache.len()`; the new positions must fit in `cache.max_len()` and
+    /// the batch must be the cache's, else [`Error::InvalidArgument`] (and the cache is left
+    /// unchanged).
+    ///
+    /// ```no_run
+    /// # use candle_core::{DType, Device, Tensor};
+    /// let model = flare::models::Transformer::from_dir("qwen2-0.5b", DType::F32, &Device::Cpu)?;
+    /// let mut cache = model.new_cache(1, 64)?;
+    /// let prompt = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?;
+    /// let logits = model.prefill(&prompt, &mut cache)?; // [1, 3, vocab]
+    /// let next = model.decode_step(&Tensor::new(&[[4u32]], &Device::Cpu)?, &mut cache)?; // [1, 1, vocab]
+    /// # Ok::<(), flare::Error>(())
+    /// ```
+    pub fn forward_with_cache(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        offset: usize,
+    ) -> Result<Tensor> {
+        let (b, s) = Self::check_ids(input_ids)?;
+        if offset != cache.len() {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                msg: format!(
+                    "position offset {offset} differs from the cache length {}",
+                    cache.len()
+                ),
+            });
+        }
+        cache.check_append(self.layers.len(), b, s)?;
+        let logits = self.forward_impl(input_ids, b, s, Some(&mut *cache))?;
+        cache.advance(s);
+        Ok(logits)
+    }
+
+    /// [`forward_with_cache`](Self::forward_with_cache) of a prompt `[batch, seq]` into an
+    /// empty cache (errors if `cache` is not empty).
+    pub fn prefill(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if !cache.is_empty() {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                msg: format!(
+                    "prefill needs an empty cache, this one holds {} positions",
+                    cache.len()
+                ),
+            });
+        }
+        self.forward_with_cache(input_ids, cache, 0)
+    }
+
+    /// [`forward_with_cache`](Self::forward_with_cache) of one new token per sequence,
+    /// `[batch, 1]`, at position `cache.len()`.
+    pub fn decode_step(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, s) = Self::check_ids(input_ids)?;
+        if s != 1 {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                msg: format!(
+                    "decode_step takes one token per sequence, got shape {:?}",
+                    input_ids.dims()
+                ),
+            });
+        }
+        let offset = cache.len();
+        self.forward_with_cache(input_ids, cache, offset)
+    }
+
+    /// The forward of checked ids `[b, s]`, at positions `cache.len()..` when a cache is given
+    /// (whose room has been checked; its length is not advanced here).
+    fn forward_impl(
+        &self,
+        input_ids: &Tensor,
+        b: usize,
+        s: usize,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
         let x = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, s, c.hidden_size))?;
-        let (cos, sin) = self.rope_tables(s)?;
-        let mask = self.attention_mask(s)?;
+        let (cos, sin) = self.rope_tables(offset, s)?;
+        let mask = self.attention_mask(offset, s)?;
 
         let first_norm = self
             .layers
@@ -365,7 +473,14 @@ impl Transformer {
         let mut normed = rms_norm(&x, first_norm, eps)?;
         let mut residual = x;
         for (i, layer) in self.layers.iter().enumerate() {
-            let attn = self.attention(&layer.self_attn, &normed, &cos, &sin, &mask)?;
+            let attn = self.attention(
+                &layer.self_attn,
+                &normed,
+                &cos,
+                &sin,
+                &mask,
+                cache.as_deref_mut().map(|c| (c, i)),
+            )?;
             let (n, r) = add_rms_norm(&attn, &residual, &layer.post_attention_layernorm, eps)?;
             let mlp = &layer.mlp;
             let gate = mlp.gate_proj.forward(&n)?.silu()?;
@@ -380,7 +495,9 @@ impl Transformer {
         matmul(&normed, &self.lm_head.t()?)
     }
 
-    /// Self-attention of `x: [b, s, hidden]`, returns `[b, s, hidden]`.
+    /// Self-attention of `x: [b, s, hidden]`, returns `[b, s, hidden]`. With `(cache, layer)`,
+    /// the new keys and values are appended to that layer's cache and the queries attend to
+    /// all cached positions; `mask` is `[s, cached + s]`.
     fn attention(
         &self,
         attn: &Attention,
@@ -388,6 +505,7 @@ impl Transformer {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, s, _) = x.dims3()?;
@@ -400,18 +518,23 @@ impl Transformer {
         let v = heads(attn.v_proj.forward(x)?, nkv)?;
         let q = apply_rope(&q, cos, sin)?;
         let k = apply_rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let t = k.dim(2)?;
         // GQA: each kv head serves `nh / nkv` consecutive query heads.
         let rep = nh / nkv;
-        let repeat = |t: Tensor| -> Result<Tensor> {
+        let repeat = |t: Tensor, len: usize| -> Result<Tensor> {
             if rep == 1 {
                 return Ok(t);
             }
             Ok(t.unsqueeze(2)?
-                .broadcast_as((b, nkv, rep, s, hd))?
-                .reshape((b, nh, s, hd))?)
+                .broadcast_as((b, nkv, rep, len, hd))?
+                .reshape((b, nh, len, hd))?)
         };
-        let k = repeat(k)?;
-        let v = repeat(v)?;
+        let k = repeat(k, t)?;
+        let v = repeat(v, t)?;
         let scores = (matmul(&q, &k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let neg = Tensor::new(dtype_min(scores.dtype()), scores.device())?
             .to_dtype(scores.dtype())?
@@ -420,7 +543,7 @@ impl Transformer {
             .broadcast_as(scores.shape())?
             .where_cond(&scores, &neg)?;
         let probs = softmax_last_dim(&scores)?;
-        let out = matmul(&probs, &v)?
+        let out = matmul(&probs, &v.contiguous()?)?
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))?;
         attn.o_proj.forward(&out)
