@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use flare::generate::{generate, GenerationConfig, SamplingParams};
 use flare::models::Transformer;
 
-use crate::common::{rel_err, shared_lock, Result};
+use crate::common::{device_test, rel_err, shared_lock, Result};
 
 fn fixture(arch: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -32,7 +32,12 @@ fn golden(arch: &str) -> Result<(Vec<u32>, Vec<u32>)> {
 
 fn check(arch: &str) -> Result<()> {
     let _g = shared_lock();
-    let dev = Device::Cpu;
+    check_on(arch, &Device::Cpu)
+}
+
+/// The greedy golden continuation and the cached-vs-uncached logits of `arch` on `dev`.
+fn check_on(arch: &str, dev: &Device) -> Result<()> {
+    let dev = dev.clone();
     let model = Transformer::from_dir(fixture(arch), DType::F32, &dev)?;
     let (prompt, want) = golden(arch)?;
     assert_eq!(want.len(), 32);
@@ -218,3 +223,14 @@ fn batched_greedy_matches_single() -> Result<()> {
     }
     Ok(())
 }
+
+/// The greedy golden continuations on every device (on CUDA: flare's kernels, cuBLASLt and the
+/// KV cache on the GPU, f32).
+fn greedy_all_archs(dev: &Device) -> Result<()> {
+    for arch in ["qwen2", "llama", "mistral"] {
+        check_on(arch, dev)?;
+    }
+    Ok(())
+}
+
+device_test!(greedy_all_archs);

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use flare::lora::LoraConfig;
 use flare::models::{Architecture, ModelConfig, Transformer};
 
-use crate::common::{rel_err, shared_lock, Result};
+use crate::common::{device_test, rel_err, shared_lock, Result};
 
 fn fixture(arch: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -367,3 +367,20 @@ fn bad_input_ids() -> Result<()> {
     assert!(model.forward(&flat).is_err());
     Ok(())
 }
+
+/// The golden logits of all three fixtures on every device: on CUDA this runs the model through
+/// flare's kernels, its small-GEMM kernel and cuBLASLt (f32, TF32 off).
+fn golden_all_archs(dev: &Device) -> Result<()> {
+    for arch in ["qwen2", "llama", "mistral"] {
+        let model = Transformer::from_dir(fixture(arch), DType::F32, dev)?;
+        let (ids, want) = reference(arch)?;
+        let got = model
+            .forward(&ids.to_device(dev)?)?
+            .to_device(&Device::Cpu)?;
+        let err = rel_err(&got, &want)?;
+        assert!(err <= 1e-4, "{arch} on {dev:?}: logits rel err {err:e}");
+    }
+    Ok(())
+}
+
+device_test!(golden_all_archs);
