@@ -161,7 +161,7 @@ impl DeviceSpec {
 }
 
 /// A human-readable description of the hardware behind `dev` (the GPU's name on CUDA).
-fn hardware_name(dev: &Device) -> String {
+pub(crate) fn hardware_name(dev: &Device) -> String {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(c) = dev {
         return c
@@ -758,22 +758,28 @@ fn json_dir(path: &Path) -> &Path {
 
 // ---- the harness --------------------------------------------------------------------------------
 
-/// Timing parameters that depend on the device and `--quick`.
+/// Timing parameters that depend on the device and `--quick`; shared by `bench ops` and
+/// `bench lora`.
 #[derive(Debug, Clone, Copy)]
-struct Config {
-    repeats: usize,
-    warmup_bursts: usize,
+pub(crate) struct Config {
+    pub(crate) repeats: usize,
+    pub(crate) warmup_bursts: usize,
     /// Target length of one timed region, in microseconds.
-    target_region_us: f64,
-    max_burst: usize,
-    /// Rough cap on a case's timed seconds; repeats are cut (to no fewer than 3) above it.
-    case_budget_s: f64,
-    cache_bytes: usize,
-    max_sets: usize,
+    pub(crate) target_region_us: f64,
+    pub(crate) max_burst: usize,
+    /// Rough cap on the timed seconds that the caller's `budget` covers (one case for
+    /// `bench ops`, the whole run for `bench lora`); repeats are cut (to no fewer than 3) above
+    /// it.
+    pub(crate) budget_s: f64,
+    pub(crate) cache_bytes: usize,
+    pub(crate) max_sets: usize,
 }
 
+/// Seconds of timed work allowed, by (cuda, quick): `[quick, cuda, cpu]`.
+pub(crate) type Budget = [f64; 3];
+
 impl Config {
-    fn new(cuda: bool, quick: bool, repeats: Option<u32>) -> Config {
+    pub(crate) fn new(cuda: bool, quick: bool, repeats: Option<u32>, budget: Budget) -> Config {
         let default_repeats = match (cuda, quick) {
             (_, true) => 5,
             (true, false) => 25,
@@ -784,10 +790,10 @@ impl Config {
             warmup_bursts: if quick { 1 } else { 2 },
             target_region_us: if cuda { 2_000.0 } else { 5_000.0 },
             max_burst: if cuda { 2_000 } else { 1_000 },
-            case_budget_s: match (cuda, quick) {
-                (_, true) => 0.5,
-                (true, false) => 5.0,
-                (false, false) => 4.0,
+            budget_s: match (cuda, quick) {
+                (_, true) => budget[0],
+                (true, false) => budget[1],
+                (false, false) => budget[2],
             },
             // H100's L2 is 50 MB; on the CPU, a generous last-level cache.
             cache_bytes: if cuda { 50_000_000 } else { 32 << 20 },
@@ -796,8 +802,11 @@ impl Config {
     }
 }
 
+/// Per-case budget of `bench ops`.
+const OPS_CASE_BUDGET: Budget = [0.5, 5.0, 4.0];
+
 /// A timed call: runs the op on input set `i` and drops the result.
-type Call = Box<dyn FnMut(usize) -> Result<()>>;
+pub(crate) type Call = Box<dyn FnMut(usize) -> Result<()>>;
 
 /// A case ready to time: both sides' calls over their input sets, and the check result.
 struct Prepared {
@@ -1189,8 +1198,8 @@ fn measure(dev: &Device, case: &Case, cfg: &Config, p: &mut Prepared) -> Result<
             + time_burst(&candle_sync, &mut p.candle, burst, &mut ci)?;
         per_repeat_s = t * burst as f64 * 1e-6;
     }
-    let repeats = if per_repeat_s * cfg.repeats as f64 > cfg.case_budget_s {
-        ((cfg.case_budget_s / per_repeat_s) as usize).clamp(3, cfg.repeats)
+    let repeats = if per_repeat_s * cfg.repeats as f64 > cfg.budget_s {
+        ((cfg.budget_s / per_repeat_s) as usize).clamp(3, cfg.repeats)
     } else {
         cfg.repeats
     };
@@ -1281,7 +1290,7 @@ pub fn run_ops(args: &OpsArgs) -> Result<()> {
     let probe = Tensor::randn(0f32, 1f32, (2, 8), &dev)?;
     flare::ops::softmax_last_dim(&probe).context("initialising flare on the device")?;
     flare::runtime::synchronize(&dev)?;
-    let cfg = Config::new(cuda, args.quick, args.repeats);
+    let cfg = Config::new(cuda, args.quick, args.repeats, OPS_CASE_BUDGET);
     let mut selected: Vec<Case> = all
         .iter()
         .copied()

@@ -24,7 +24,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::bench::{fmt_num, input_sets, median, DeviceSpec, Pass};
+use crate::bench::{
+    fmt_num, hardware_name, input_sets, median, Budget, Call, Config, DeviceSpec, Pass,
+};
 
 /// The LoRA scale `s = alpha / r` of every case (alpha 32 at r 16).
 pub const SCALE: f64 = 2.0;
@@ -809,44 +811,8 @@ fn tolerance(dt: DType) -> f64 {
     }
 }
 
-/// Timing parameters (as `flare bench ops`).
-#[derive(Debug, Clone, Copy)]
-struct Config {
-    repeats: usize,
-    warmup_bursts: usize,
-    target_region_us: f64,
-    max_burst: usize,
-    /// Rough cap on the timed seconds of the whole run (all cases); repeats are cut (to no
-    /// fewer than 3) above it.
-    budget_s: f64,
-    cache_bytes: usize,
-    max_sets: usize,
-}
-
-impl Config {
-    fn new(cuda: bool, quick: bool, repeats: Option<u32>) -> Config {
-        let default_repeats = match (cuda, quick) {
-            (_, true) => 5,
-            (true, false) => 25,
-            (false, false) => 10,
-        };
-        Config {
-            repeats: repeats.map_or(default_repeats, |r| r as usize),
-            warmup_bursts: if quick { 1 } else { 2 },
-            target_region_us: if cuda { 2_000.0 } else { 5_000.0 },
-            max_burst: if cuda { 2_000 } else { 1_000 },
-            budget_s: match (cuda, quick) {
-                (_, true) => 3.0,
-                (true, false) => 30.0,
-                (false, false) => 25.0,
-            },
-            cache_bytes: if cuda { 50_000_000 } else { 32 << 20 },
-            max_sets: if cuda { 16 } else { 8 },
-        }
-    }
-}
-
-type Call = Box<dyn FnMut(usize) -> Result<()>>;
+/// Whole-run budget of `bench lora` (see [`Config`]).
+const LORA_RUN_BUDGET: Budget = [3.0, 30.0, 25.0];
 
 /// A case being timed.
 struct Runner {
@@ -889,21 +855,6 @@ fn make_call(imp: Impl, pass: Pass, sets: Rc<Vec<Set>>) -> Call {
         }
         Ok(())
     })
-}
-
-/// A description of the hardware behind `dev`.
-fn hardware_name(dev: &Device) -> String {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(c) = dev {
-        return c
-            .cuda_stream()
-            .context()
-            .name()
-            .unwrap_or_else(|_| "CUDA device".into());
-    }
-    let _ = dev;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("CPU ({cores} threads)")
 }
 
 /// Loads the PyTorch rows of `shape`/`dtype` from `--torch-json`, if given.
@@ -1004,7 +955,7 @@ pub fn run_lora(args: &LoraArgs) -> Result<()> {
     flare::runtime::synchronize(&dev)?;
     let _ = dev.set_seed(0x5EED);
     let hw = hardware_name(&dev);
-    let cfg = Config::new(cuda, args.quick, args.repeats);
+    let cfg = Config::new(cuda, args.quick, args.repeats, LORA_RUN_BUDGET);
     let nsets = input_sets(shape.footprint(dt), cfg.cache_bytes, cfg.max_sets);
     eprintln!(
         "flare bench lora: {} ({hw}), {} {dtl}, s = {SCALE}, {nsets} input set(s), {} repeats{}",
