@@ -205,21 +205,21 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = backward(x, w, dy, self.eps)?;
+        let (dx, dw) = backward(x, w, dy, self.eps, x.track_op(), w.track_op())?;
         Ok((dx, dw))
     }
 }
 
-/// Runs the fused backward and splits its packed output. `dx` is `None` when `x` takes no
-/// part in autograd, `dw` likewise for `w`.
+/// Runs the fused backward of `rms_norm(x, w)` and splits its packed output: `dx` when
+/// `need_dx`, `dw` when `need_dw` (the caller decides, from what takes part in autograd).
 fn backward(
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
     eps: f32,
+    need_dx: bool,
+    need_dw: bool,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-    let need_dx = x.track_op();
-    let need_dw = w.track_op();
     if !need_dx && !need_dw {
         return Ok((None, None));
     }
@@ -395,26 +395,7 @@ impl CustomOp3 for AddRmsNorm {
             return Ok((None, None, None));
         }
         let h = (x.detach() + r.detach())?;
-        let cols = w.elem_count();
-        let rows = h.elem_count() / cols.max(1);
-        let packed = h.apply_op3_arc(
-            w,
-            &dy.contiguous()?,
-            std::sync::Arc::new(Box::new(RmsNormBwd {
-                eps: self.eps,
-                need_dw: need_w,
-            })),
-        )?;
-        let dh = if need_h {
-            Some(packed.narrow(0, 0, rows)?.reshape(h.shape())?)
-        } else {
-            None
-        };
-        let dw = if need_w {
-            Some(packed.narrow(0, rows, 1)?.reshape(w.shape())?)
-        } else {
-            None
-        };
+        let (dh, dw) = backward(&h, w, dy, self.eps, need_h, need_w)?;
         let dx = if x.track_op() { dh.clone() } else { None };
         let dr = if r.track_op() { dh } else { None };
         Ok((dx, dr, dw))
