@@ -126,18 +126,31 @@ impl FromStr for DeviceSpec {
         let t = s.trim().to_ascii_lowercase();
         match t.as_str() {
             "cpu" => Ok(DeviceSpec::Cpu),
+            "auto" => Ok(DeviceSpec::auto()),
             "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
             _ => match t.strip_prefix("cuda:") {
                 Some(n) => n.parse().map(DeviceSpec::Cuda).map_err(|_| {
                     anyhow::anyhow!("invalid CUDA ordinal in device '{s}': expected cuda:N")
                 }),
-                None => bail!("unknown device '{s}': expected cpu, cuda or cuda:N"),
+                None => bail!("unknown device '{s}': expected auto, cpu, cuda or cuda:N"),
             },
         }
     }
 }
 
 impl DeviceSpec {
+    /// `auto`: CUDA device 0 when this build has CUDA and a GPU is there, else the CPU.
+    pub fn auto() -> Self {
+        if cfg!(feature = "cuda")
+            && candle_core::utils::cuda_is_available()
+            && Device::new_cuda(0).is_ok()
+        {
+            DeviceSpec::Cuda(0)
+        } else {
+            DeviceSpec::Cpu
+        }
+    }
+
     /// Opens the device, with a clear error when this build has no CUDA.
     pub fn open(self) -> Result<Device> {
         match self {
@@ -1435,6 +1448,8 @@ mod tests {
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
         assert!("metal".parse::<DeviceSpec>().is_err());
+        #[cfg(not(feature = "cuda"))]
+        assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
         assert_eq!(DeviceSpec::Cuda(2).name(), "cuda:2");
     }
 
