@@ -10,7 +10,8 @@ use crate::{Error, Result};
 
 const OP: &str = "text_decoder";
 
-/// Turns a stream of token ids into a stream of text pieces. See the [module docs](self).
+/// Turns a stream of token ids into a stream of text pieces: each piece is new text past what
+/// was given out, never half a character, and the pieces add up to the decoded text of all ids.
 #[derive(Debug, Clone)]
 pub struct TextDecoder<'a> {
     tokenizer: &'a Tokenizer,

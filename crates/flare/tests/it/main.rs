@@ -4,6 +4,7 @@
 
 mod common;
 mod generate;
+mod generate_text;
 mod lora;
 mod matmul;
 mod models;
