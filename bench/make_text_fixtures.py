@@ -21,7 +21,8 @@ few strings with and without special tokens, `decode` with and without skipping 
 and `apply_chat_template` (text and ids) of a few conversations, with and without the
 generation prompt. Only files are added; the model weights and references are not touched.
 
-Run: /tmp/peftvenv2/bin/python bench/make_text_fixtures.py (needs transformers, tokenizers).
+Run after make_model_fixtures.py (which deletes generation_config.json):
+/tmp/peftvenv2/bin/python bench/make_text_fixtures.py (needs transformers, tokenizers).
 """
 
 import json
