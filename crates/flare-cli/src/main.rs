@@ -1,8 +1,8 @@
 //! `flare`: the command-line front end of the flare library.
 //!
 //! The binary is thin: it parses arguments, validates them, calls the library and reports.
-//! Each subcommand lives in its own module (`bench` now; `train`, `generate`, `merge` and `demo`
-//! slot in beside it). Errors are `anyhow` here and only here; `main` prints the whole chain and
+//! Each subcommand lives in its own module (`bench`, `generate_cmd`, `info`; `train`, `merge`
+//! and `demo` slot in beside them). Errors are `anyhow` here and only here; `main` prints the whole chain and
 //! exits non-zero.
 
 #![deny(missing_docs)]
@@ -14,6 +14,8 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_lora;
 mod floors;
+mod generate_cmd;
+mod info;
 
 /// Fast LoRA fine-tuning and inference on Candle.
 #[derive(Debug, Parser)]
@@ -34,6 +36,12 @@ enum Command {
     /// Benchmarks: time flare against Candle on the same inputs in the same process.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Generate text with a Hugging Face model directory, streaming it to stdout.
+    #[command(long_about = generate_cmd::GENERATE_LONG_ABOUT)]
+    Generate(generate_cmd::GenerateArgs),
+    /// Describe a model directory: architecture, sizes, weights, tokenizer, chat template,
+    /// generation config, adapters.
+    Info(info::InfoArgs),
 }
 
 /// The subcommands of `flare bench`.
@@ -56,6 +64,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Ops(args)) => bench::run_ops(&args),
         Command::Bench(BenchCommand::Floors(args)) => floors::run_floors(&args),
         Command::Bench(BenchCommand::Lora(args)) => bench_lora::run_lora(&args),
+        Command::Generate(args) => generate_cmd::run_generate(&args),
+        Command::Info(args) => info::run_info(&args),
     }
 }
 
