@@ -164,6 +164,38 @@ fn llama_tokenizer_matches_transformers() -> Result<()> {
     tokenizer_matches_transformers("llama")
 }
 
+/// Chat templates of well-known families (Llama 3, Mistral, Gemma, a Qwen3-like one, tojson)
+/// render exactly as transformers' Jinja2 environment renders them, errors included.
+#[test]
+fn known_templates_match_jinja2() -> Result<()> {
+    let mut tok = Tokenizer::from_dir(fixture("llama"))?;
+    let g = golden("llama");
+    let cases = g["templates"].as_array().unwrap();
+    assert!(cases.len() >= 30);
+    let mut errors = 0;
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        tok.set_chat_template(ChatTemplate::new(case["template"].as_str().unwrap())?);
+        let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let gen = case["add_generation_prompt"].as_bool().unwrap();
+        let got = tok.apply_chat_template(&messages, gen);
+        match (case.get("text"), case.get("error")) {
+            (Some(want), _) => assert_eq!(
+                got?,
+                want.as_str().unwrap(),
+                "{name}: {messages:?}, add_generation_prompt={gen}"
+            ),
+            (None, Some(want)) => {
+                errors += 1;
+                assert_err_mentions(got.unwrap_err(), &[want.as_str().unwrap()]);
+            }
+            _ => panic!("malformed golden case"),
+        }
+    }
+    assert!(errors >= 2, "the error cases are exercised");
+    Ok(())
+}
+
 #[test]
 fn special_tokens_and_lookups() -> Result<()> {
     let mut tok = Tokenizer::from_dir(fixture("llama"))?;
