@@ -352,6 +352,28 @@ fn text_decoder_streams_whole_characters() -> Result<()> {
         assert_eq!(dec.text(), tok.decode(&ids, skip)?);
         assert_eq!(dec.ids(), &ids[..]);
     }
+    // Random ids (invalid UTF-8, special tokens, long runs): the windowed decoding still adds up
+    // to the decoded text of all ids, for both tokenizers and both settings.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for arch in ["qwen2", "llama"] {
+        let tok = Tokenizer::from_dir(fixture(arch))?;
+        let ids: Vec<u32> = (0..600).map(|_| rng.random_range(0..256)).collect();
+        for skip in [false, true] {
+            let mut dec = TextDecoder::new(&tok, skip);
+            let mut streamed = String::new();
+            for &id in &ids {
+                if let Some(p) = dec.push(id)? {
+                    streamed.push_str(&p);
+                }
+            }
+            if let Some(p) = dec.finish()? {
+                streamed.push_str(&p);
+            }
+            assert_eq!(streamed, tok.decode(&ids, skip)?, "{arch}, skip={skip}");
+        }
+    }
+
     // An incomplete character at the end comes out at finish, as decode gives it.
     let one = tok.encode("🙂", false)?;
     assert!(one.len() > 1);
