@@ -222,6 +222,15 @@ EXTRA_TEMPLATES = {
     {%- endif %}
 {%- endif %}
 """,
+    "context": (
+        "{{ tools is defined }}|{{ tools }}|{{ documents is none }}|{{ add_generation_prompt }}|"
+        "{{ messages|length }}|{{ 7 // 2 }}|{{ messages[0].role|capitalize }}|"
+        "{{ 'a-b-c'.split('-') | join(',') }}|{{ messages[-1]['content'] | length }}|"
+        "{{ messages[0].content.replace(' ', '_') }}|"
+        "{% for k, v in messages[0].items() %}{{ k }}={{ v }};{% endfor %}|"
+        "{{ messages | selectattr('role', 'equalto', 'user') | list | length }}|"
+        "{{ messages[0].role.title() }}|{{ messages[0].content.upper() }}|{{ eos_token }}|{{ unk_token }}"
+    ),
     "json": "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ {'k': [1, 2.5, none, true], 'html': '<a href=\"x\">&amp;</a>'} | tojson }}",
 }
 
