@@ -231,6 +231,12 @@ EXTRA_TEMPLATES = {
         "{{ messages | selectattr('role', 'equalto', 'user') | list | length }}|"
         "{{ messages[0].role.title() }}|{{ messages[0].content.upper() }}|{{ eos_token }}|{{ unk_token }}"
     ),
+    "generation_tag": (
+        "{%- for message in messages %}\n    {%- if message['role'] == 'assistant' %}\n"
+        "        {%- generation %}<A>{{ message['content'] }}</A>\n{% endgeneration %}\n"
+        "    {%- else %}<{{ message['role'] }}>{{ message['content'] }}\n    {% endif %}\n"
+        "{%- endfor %}"
+    ),
     "json": "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ {'k': [1, 2.5, none, true], 'html': '<a href=\"x\">&amp;</a>'} | tojson }}",
 }
 

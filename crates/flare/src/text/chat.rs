@@ -6,7 +6,9 @@
 //! `.items()`, ... from minijinja-contrib's pycompat), `strftime_now(format)` (UTC), values
 //! printed as Python prints them (`True`, `False`, `None`), and the variables `messages`,
 //! `add_generation_prompt`, `tools` and `documents` (both `none`: flare passes no tools) and the
-//! special tokens (`bos_token`, `eos_token`, `pad_token`, `unk_token`).
+//! special tokens (`bos_token`, `eos_token`, `pad_token`, `unk_token`). transformers' own
+//! `{% generation %}...{% endgeneration %}` tag (marking assistant text for its assistant-token
+//! mask) renders its body, as in transformers.
 
 use std::io;
 
@@ -50,7 +52,7 @@ impl ChatTemplate {
     /// A template from its Jinja source. The source is checked for syntax errors here, so that
     /// a broken template fails when it is loaded rather than at the first message.
     pub fn new(source: impl Into<String>) -> Result<Self> {
-        let source = source.into();
+        let source = rewrite_generation_tags(&source.into());
         let env = environment();
         env.template_from_str(&source)
             .map_err(|e| render_error("compiling the chat template", e))?;
@@ -102,6 +104,39 @@ impl ChatTemplate {
         tmpl.render(ctx)
             .map_err(|e| render_error("rendering the chat template", e))
     }
+}
+
+/// Rewrites transformers' `{% generation %}` / `{% endgeneration %}` (with any `-` whitespace
+/// control) as `{% if true %}` / `{% endif %}`, a block tag minijinja knows that renders its
+/// body and takes the same whitespace handling.
+fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(i) = rest.find("{%") {
+        out.push_str(&rest[..i]);
+        let tag = &rest[i..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let (lead, body) = match inner.strip_prefix('-') {
+            Some(b) => ("-", b),
+            None => ("", inner),
+        };
+        let (body, trail) = match body.strip_suffix('-') {
+            Some(b) => (b, "-"),
+            None => (body, ""),
+        };
+        match body.trim() {
+            "generation" => out.push_str(&format!("{{%{lead} if true {trail}%}}")),
+            "endgeneration" => out.push_str(&format!("{{%{lead} endif {trail}%}}")),
+            _ => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The environment transformers' `_compile_jinja_template` builds, in minijinja.
@@ -325,6 +360,22 @@ mod tests {
         let t = ChatTemplate::new("{{ strftime_now('%Y') }}").unwrap();
         let year: i64 = t.render(&[], false).unwrap().parse().unwrap();
         assert!(year >= 2024);
+    }
+
+    #[test]
+    fn generation_tags_render_their_body() {
+        assert_eq!(
+            rewrite_generation_tags("a{% generation %}b{%- endgeneration -%} c{{ x }}{% if y %}"),
+            "a{% if true %}b{%- endif -%} c{{ x }}{% if y %}"
+        );
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[ChatMessage::new("a", "x")], false).unwrap(),
+            "[x]"
+        );
     }
 
     #[test]
