@@ -5,3 +5,7 @@ pub(crate) mod matmul;
 pub(crate) mod rms_norm;
 mod rows;
 pub(crate) mod softmax;
+pub(crate) mod argmax;
+mod elementwise;
+pub(crate) mod rope;
+pub(crate) mod swiglu;
