@@ -96,7 +96,6 @@ pub fn argmax_last_dim(x: &Tensor) -> Result<Tensor> {
         // Candle's argmax has no NaN rule; the host sees the same values.
         return Ok(x.argmax(candle_core::D::Minus1)?);
     }
-    Ok(x
-        .contiguous()?
+    Ok(x.contiguous()?
         .apply_op1_arc(std::sync::Arc::new(Box::new(ArgmaxLastDim)))?)
 }

@@ -69,7 +69,10 @@ impl CustomOp2 for SwiGlu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((super::cuda::swiglu::fwd(s1, l1, s2, l2)?, l1.shape().clone()))
+        Ok((
+            super::cuda::swiglu::fwd(s1, l1, s2, l2)?,
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -159,10 +162,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !native(gate.device()) {
         return swiglu_reference(gate, up);
     }
-    Ok(gate.contiguous()?.apply_op2_arc(
-        &up.contiguous()?,
-        std::sync::Arc::new(Box::new(SwiGlu)),
-    )?)
+    Ok(gate
+        .contiguous()?
+        .apply_op2_arc(&up.contiguous()?, std::sync::Arc::new(Box::new(SwiGlu)))?)
 }
 
 /// The composite reference `silu(gate) * up` from plain Candle ops (with their backward).

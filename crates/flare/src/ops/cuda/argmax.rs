@@ -1,5 +1,6 @@
 //! Host launcher of `argmax_*` (`crates/flare-kernels/src/cu/argmax.cu`): one block per row.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};

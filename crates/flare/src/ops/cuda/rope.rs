@@ -1,6 +1,7 @@
 //! Host launcher of `rope_*` (`crates/flare-kernels/src/cu/rope.cu`): one launch per call,
 //! the input read through its strides, the output a fresh contiguous buffer.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};

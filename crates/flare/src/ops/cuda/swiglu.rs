@@ -1,5 +1,6 @@
 //! Host launchers of `swiglu_fwd_*` and `swiglu_bwd_*` (`crates/flare-kernels/src/cu/swiglu.cu`).
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
