@@ -558,9 +558,6 @@ impl Transformer {
 
     /// The logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u8, u32 or i64), in the
     /// model's dtype, with causal attention over the whole sequence (no KV cache).
-
-    /// The logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u8, u32 or i64), in the
-    /// model's dtype, with causal attention over the whole sequence (no KV cache).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, s) = Self::check_ids(input_ids)?;
         let mask = self.attention_mask(0, s, None)?;
