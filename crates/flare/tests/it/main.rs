@@ -3,6 +3,7 @@
 //! on CUDA device 0 (see `common`).
 
 mod common;
+mod decode_ops;
 mod generate;
 mod lora;
 mod matmul;
