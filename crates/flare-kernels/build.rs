@@ -15,6 +15,7 @@ const KERNELS: &[&str] = &[
     "rope",
     "swiglu",
     "argmax",
+    "gemv",
 ];
 /// Headers the kernels include.
 const HEADERS: &[&str] = &["common.cuh"];

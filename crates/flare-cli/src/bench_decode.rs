@@ -226,7 +226,7 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
     if args.batch.is_empty() || args.batch.contains(&0) {
         bail!("--batch needs positive sizes, got {:?}", args.batch);
     }
-    if !(args.bandwidth_gbs > 0.0) {
+    if args.bandwidth_gbs.is_nan() || args.bandwidth_gbs <= 0.0 {
         bail!("--bandwidth-gbs must be positive");
     }
     let label = model_label(&config);

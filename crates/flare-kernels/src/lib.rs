@@ -36,3 +36,8 @@ pub const SWIGLU: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
 /// PTX of `argmax.cu`: `argmax_*`, the index of the largest element of each row (u32).
 #[cfg(feature = "cuda")]
 pub const ARGMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/argmax.ptx"));
+
+/// PTX of `gemv.cu`: `gemv_*`, `x @ w.T` for a few rows of `x` (decoding), one warp per
+/// output column reading the weight once.
+#[cfg(feature = "cuda")]
+pub const GEMV: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));

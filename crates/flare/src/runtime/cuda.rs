@@ -26,16 +26,18 @@ enum Module {
     Rope,
     SwiGlu,
     Argmax,
+    Gemv,
 }
 
 impl Module {
-    const ALL: [Module; 6] = [
+    const ALL: [Module; 7] = [
         Module::Softmax,
         Module::RmsNorm,
         Module::GemmSmall,
         Module::Rope,
         Module::SwiGlu,
         Module::Argmax,
+        Module::Gemv,
     ];
 
     fn ptx(self) -> &'static str {
@@ -46,6 +48,7 @@ impl Module {
             Module::Rope => flare_kernels::ROPE,
             Module::SwiGlu => flare_kernels::SWIGLU,
             Module::Argmax => flare_kernels::ARGMAX,
+            Module::Gemv => flare_kernels::GEMV,
         }
     }
 }
@@ -95,6 +98,9 @@ kernels! {
     ArgmaxF32 => (Argmax, "argmax_f32"),
     ArgmaxF16 => (Argmax, "argmax_f16"),
     ArgmaxBF16 => (Argmax, "argmax_bf16"),
+    GemvF32 => (Gemv, "gemv_f32"),
+    GemvF16 => (Gemv, "gemv_f16"),
+    GemvBF16 => (Gemv, "gemv_bf16"),
 }
 
 /// Everything flare needs on one CUDA device, created once.

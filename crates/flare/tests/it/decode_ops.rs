@@ -275,3 +275,53 @@ fn argmax_matches_host(dev: &Device) -> Result<()> {
 }
 
 device_test!(argmax_matches_host);
+
+/// Skinny products `x @ w.T` (the decode-time linear layers; `gemv_*` on CUDA) against an f64
+/// reference: 1..=8 rows and a 9-row control, odd k and n, strided rows of `x` and of `w`
+/// (narrowed views, ld > k) and offsets that rule out 16-byte accesses, a rank-3 `x`.
+fn skinny_matmul(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    for dtype in dtypes(dev) {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 7, 33),
+            (3, 33, 7),
+            (8, 64, 129),
+            (9, 40, 17),
+            (2, 896, 300),
+        ] {
+            for strided in [false, true] {
+                let what = format!("x[{m},{k}] @ w[{n},{k}].T {dtype:?} strided={strided}");
+                let sd = seed(&what);
+                let (x, w) = if strided {
+                    let xw = randn(&[m, k + 3], dtype, dev, sd)?;
+                    let ww = randn(&[n, k + 5], dtype, dev, sd + 1)?;
+                    (xw.narrow(1, 1, k)?, ww.narrow(1, 2, k)?)
+                } else {
+                    (
+                        randn(&[m, k], dtype, dev, sd)?,
+                        randn(&[n, k], dtype, dev, sd + 1)?,
+                    )
+                };
+                let y = flare::ops::matmul(&x, &w.t()?)?;
+                let want = f64_cpu(&x)?.matmul(&f64_cpu(&w)?.t()?)?;
+                fails.check(&f64_cpu(&y)?, &want, tol(dtype), &what)?;
+            }
+        }
+        // A rank-3 x (batch 2 x 1 token), as a linear layer sees one decode step.
+        let x = randn(&[2, 1, 96], dtype, dev, 77)?;
+        let w = randn(&[40, 96], dtype, dev, 78)?;
+        let y = flare::ops::matmul(&x, &w.t()?)?;
+        let want = f64_cpu(&x)?.broadcast_matmul(&f64_cpu(&w)?.t()?)?;
+        fails.check(
+            &f64_cpu(&y)?,
+            &want,
+            tol(dtype),
+            &format!("rank-3 {dtype:?}"),
+        )?;
+    }
+    fails.finish();
+    Ok(())
+}
+
+device_test!(skinny_matmul);
