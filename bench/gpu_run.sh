@@ -6,7 +6,7 @@
 #   .carry/it.xz      the integration-test binary
 # Writes into $OUT (default /tmp/flare-gpu-out): tests.log, flare_ops.json, flare_ops.log,
 # torch_ops.json, torch_ops.log, report.md, flare_lora.json/.log, torch_lora.json/.log,
-# lora_report.txt. Every step runs even if an earlier one failed; the
+# lora_report.txt, flare_decode.json/.log, hf_decode.json/.log, decode_report.txt. Every step runs even if an earlier one failed; the
 # script exits non-zero at the end if any step failed. Target PASS/FAIL lines are information
 # and do not fail the script. Time limits per step keep the whole run well inside 10 minutes.
 set -uo pipefail
@@ -136,6 +136,25 @@ run_lora_compare() {
 step "flare bench lora" run_lora_bench
 step "torch anchor lora" run_lora_torch
 step "lora comparison (flare vs torch)" run_lora_compare
+# Decode: flare's prefill / greedy decode / generate on the Qwen2-0.5B shape with random
+# weights, then HF transformers (eager and sdpa) on the same shape, then the comparison with the
+# issue's target line (batch-1 decode >= 500 tokens/s).
+run_decode_bench() {
+  timeout 120 "$BIN/flare" bench decode --device cuda --json "$OUT/flare_decode.json" 2>&1 |
+    tee "$OUT/flare_decode.log"
+}
+run_decode_anchor() {
+  timeout 120 "$PY" bench/anchor_decode.py --new-tokens 64 --json "$OUT/hf_decode.json" 2>&1 |
+    tee "$OUT/hf_decode.log"
+}
+run_decode_compare() {
+  local a=()
+  [ -f "$OUT/hf_decode.json" ] && a=("$OUT/hf_decode.json")
+  python3 bench/compare_decode.py "$OUT/flare_decode.json" "${a[@]}" | tee "$OUT/decode_report.txt"
+}
+step "flare bench decode" run_decode_bench
+step "HF anchor decode" run_decode_anchor
+step "decode comparison (flare vs HF)" run_decode_compare
 step "report" run_report
 step "compute-sanitizer memcheck (cuda tests)" run_sanitizer
 
@@ -147,6 +166,10 @@ fi
 if [ -f "$OUT/lora_report.txt" ]; then
   echo
   cat "$OUT/lora_report.txt"
+fi
+if [ -f "$OUT/decode_report.txt" ]; then
+  echo
+  cat "$OUT/decode_report.txt"
 fi
 tar czf "$FINAL_OUT/results.tgz" -C "$OUT" . && cp "$OUT/report.md" "$FINAL_OUT/" 2>/dev/null
 if [ ${#FAILED[@]} -ne 0 ]; then

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_decode;
 mod bench_lora;
 mod floors;
 mod generate_cmd;
@@ -57,6 +58,10 @@ enum BenchCommand {
     /// with each case's peak device memory.
     #[command(long_about = bench_lora::LORA_LONG_ABOUT)]
     Lora(bench_lora::LoraArgs),
+    /// Time prefill and greedy decoding of a model with random weights (Qwen2-0.5B shape by
+    /// default) against the weight-read floor.
+    #[command(long_about = bench_decode::DECODE_LONG_ABOUT)]
+    Decode(bench_decode::DecodeArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -64,6 +69,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Ops(args)) => bench::run_ops(&args),
         Command::Bench(BenchCommand::Floors(args)) => floors::run_floors(&args),
         Command::Bench(BenchCommand::Lora(args)) => bench_lora::run_lora(&args),
+        Command::Bench(BenchCommand::Decode(args)) => bench_decode::run_decode(&args),
         Command::Generate(args) => generate_cmd::run_generate(&args),
         Command::Info(args) => info::run_info(&args),
     }
@@ -163,6 +169,34 @@ mod tests {
             Some(std::path::Path::new("t.json"))
         );
         assert!(Cli::try_parse_from(["flare", "bench", "lora", "--r", "0"]).is_err());
+    }
+
+    #[test]
+    fn parses_bench_decode() {
+        let cli = Cli::try_parse_from([
+            "flare",
+            "bench",
+            "decode",
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--prompt-len",
+            "64",
+            "--new-tokens",
+            "8",
+            "--batch",
+            "1,4",
+            "--quick",
+        ])
+        .unwrap();
+        let Command::Bench(BenchCommand::Decode(a)) = cli.command else {
+            panic!("expected bench decode");
+        };
+        assert_eq!((a.prompt_len, a.new_tokens), (64, 8));
+        assert_eq!(a.batch, vec![1, 4]);
+        assert!(a.quick && a.dtype.as_deref() == Some("f32"));
+        assert!(Cli::try_parse_from(["flare", "bench", "decode", "--new-tokens", "0"]).is_err());
     }
 
     #[test]

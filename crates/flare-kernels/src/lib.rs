@@ -23,3 +23,21 @@ pub const RMS_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"
 /// cuBLASLt's host overhead to pay off.
 #[cfg(feature = "cuda")]
 pub const GEMM_SMALL: &str = include_str!(concat!(env!("OUT_DIR"), "/gemm_small.ptx"));
+
+/// PTX of `rope.cu`: `rope_*`, RoPE with the seq/head transposition fused in (forward and, by
+/// the opposite sign, backward).
+#[cfg(feature = "cuda")]
+pub const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
+
+/// PTX of `swiglu.cu`: `swiglu_fwd_*` and `swiglu_bwd_*`, `silu(g) * u` and its gradients.
+#[cfg(feature = "cuda")]
+pub const SWIGLU: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
+
+/// PTX of `argmax.cu`: `argmax_*`, the index of the largest element of each row (u32).
+#[cfg(feature = "cuda")]
+pub const ARGMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/argmax.ptx"));
+
+/// PTX of `gemv.cu`: `gemv_*`, `x @ w.T` for a few rows of `x` (decoding), one warp per
+/// output column reading the weight once.
+#[cfg(feature = "cuda")]
+pub const GEMV: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));

@@ -4,7 +4,8 @@
 //! [`TokenStream`] is that loop as an iterator of token ids; [`generate`] runs it to the end.
 //! [`TextStream`] and [`generate_text`] work in text: a prompt string or a chat conversation in,
 //! decoded text out piece by piece, with stop strings. [`HfGenerationConfig`] reads a model's
-//! `generation_config.json`. [`generate_batch`] decodes several prompts of one length at once.
+//! `generation_config.json`. [`generate_batch`] decodes several prompts at once (left-padded
+//! when their lengths differ).
 
 mod config_file;
 pub mod sampling;
@@ -52,6 +53,57 @@ fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
+// ---- device-argmax hook ------------------------------------------------------------------------
+// Greedy decoding without a repetition penalty needs only the argmax of the last row: it is
+// taken on the device and only the token id (4 bytes) is copied to the host, not the
+// vocabulary row. Every other processor runs on the host through `sample`.
+
+/// Whether `params` choose the token by a plain argmax (greedy, no repetition penalty), which
+/// [`greedy_on_device`] computes on the model's device.
+pub fn is_plain_greedy(params: &SamplingParams) -> bool {
+    !params.do_sample && params.repetition_penalty == 1.0
+}
+
+/// The greedy token of each row of `logits: [batch, seq, vocab]` at its last position, by an
+/// argmax on the logits' device: `[batch]` u32 ids, still on the device (so they can feed the
+/// next step without a host round trip). Same choice as [`sampling::argmax`]: the first
+/// maximum, NaN skipped; a row without a non-NaN logit is an error when read back with
+/// [`ids_to_host`].
+pub fn greedy_on_device(logits: &Tensor) -> Result<Tensor> {
+    let s = logits.dim(1)?;
+    crate::ops::argmax_last_dim(&logits.narrow(1, s - 1, 1)?.squeeze(1)?)
+}
+
+/// Copies device token ids `[batch]` (from [`greedy_on_device`]) to the host, refusing the
+/// marker of a row without a non-NaN logit.
+pub fn ids_to_host(ids: &Tensor) -> Result<Vec<u32>> {
+    let v = ids.to_vec1::<u32>()?;
+    if v.contains(&u32::MAX) {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: "no finite logit to choose from (every logit is NaN)".into(),
+        });
+    }
+    Ok(v)
+}
+
+/// The next token of a batch-1 generation from `logits: [1, s, vocab]`: the device argmax for
+/// plain greedy decoding, else [`sample`] on the host copy of the last row.
+fn next_token(
+    logits: &Tensor,
+    previous: &[u32],
+    params: &SamplingParams,
+    rng: &mut StdRng,
+) -> Result<u32> {
+    if is_plain_greedy(params) {
+        params.validate()?;
+        return Ok(ids_to_host(&greedy_on_device(logits)?)?[0]);
+    }
+    sample(&last_row(logits)?, previous, params, rng)
+}
+
+// ---- generation ----------------------------------------------------------------------------------
+
 /// Generates up to `config.max_new_tokens` tokens after `prompt_ids` (batch 1) and returns
 /// them (the prompt excluded); `on_token` is called with each new token id as it is chosen.
 /// A loop over [`TokenStream`], which callers that may stop early use directly.
@@ -80,13 +132,17 @@ pub fn generate(
     Ok(stream.tokens().to_vec())
 }
 
-/// [`generate`] for a batch of prompts of one length (no padding), decoded together with one
-/// [`KvCache`](crate::models::KvCache) of batch `prompts.len()`. Returns each row's new tokens; a row stops after one of
-/// its EOS tokens (later steps still run for the others, their outputs for it discarded).
-/// `on_token(row, id)` is called for each new token of each running row. When sampling, one
-/// [`StdRng`] seeded with `config.seed` draws for the rows in order at every step.
+/// [`generate`] for a batch of prompts, decoded together with one [`KvCache`] of batch
+/// `prompts.len()`. Prompts of different lengths are left-padded and prefilled with
+/// [`Transformer::prefill_padded`], so each row's tokens are those of its prompt generated
+/// alone (up to rounding). Returns each row's new tokens; a row stops after one of its EOS
+/// tokens (later steps still run for the others, their outputs for it discarded).
+/// `on_token(row, id)` is called for each new token of each running row. Plain greedy decoding
+/// takes the argmax of every row on the device and feeds the ids back without a host copy of
+/// the logits; otherwise one [`StdRng`] seeded with `config.seed` draws for the rows in order
+/// at every step.
 ///
-/// Errors: no prompt, prompts of different lengths, plus those of [`generate`].
+/// Errors: no prompt, an empty prompt, plus those of [`generate`].
 pub fn generate_batch(
     model: &Transformer,
     prompts: &[&[u32]],
@@ -94,26 +150,16 @@ pub fn generate_batch(
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<Vec<Vec<u32>>> {
     config.sampling.validate()?;
-    let Some(first) = prompts.first() else {
+    if prompts.is_empty() {
         return Err(Error::InvalidArgument {
             op: OP,
             msg: "no prompt given".into(),
         });
-    };
-    let len = first.len();
-    if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() != len) {
-        return Err(Error::InvalidArgument {
-            op: OP,
-            msg: format!(
-                "prompts must share one length (no padding): prompt 0 has {len} tokens, prompt {i} has {}",
-                p.len()
-            ),
-        });
     }
-    if len == 0 {
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
         return Err(Error::InvalidArgument {
             op: OP,
-            msg: "the prompts are empty".into(),
+            msg: format!("prompt {i} is empty"),
         });
     }
     let vocab = model.config().vocab_size;
@@ -132,37 +178,57 @@ pub fn generate_batch(
     if config.max_new_tokens == 0 {
         return Ok(out);
     }
+    let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut cache = model.new_cache(b, len + config.max_new_tokens - 1)?;
     let mut all: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
     let mut done = vec![false; b];
-    let flat: Vec<u32> = prompts.iter().flat_map(|p| p.iter().copied()).collect();
+    // Left padding with token 0 (any valid id: padding is masked out).
+    let flat: Vec<u32> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(0, len - p.len()).chain(p.iter().copied()))
+        .collect();
     let ids = Tensor::from_vec(flat, (b, len), model.device())?;
-    let mut logits = model.prefill(&ids, &mut cache)?;
+    let mut logits = model.prefill_padded(&ids, &lengths, &mut cache)?;
+    let greedy = is_plain_greedy(&config.sampling);
     for step in 0..config.max_new_tokens {
-        let mut next = vec![0u32; b];
-        for row in 0..b {
-            let last = if done[row] {
-                *all[row].last().unwrap_or(&0)
-            } else {
-                let t = sample(
-                    &last_row(&logits.narrow(0, row, 1)?)?,
-                    &all[row],
-                    &config.sampling,
-                    &mut rng,
-                )?;
-                all[row].push(t);
-                out[row].push(t);
-                on_token(row, t);
-                done[row] = config.eos_token_ids.contains(&t);
-                t
-            };
-            next[row] = last;
+        let (chosen, device_ids) = if greedy {
+            let d = greedy_on_device(&logits)?;
+            (ids_to_host(&d)?, Some(d))
+        } else {
+            let mut next = vec![0u32; b];
+            for (row, t) in next.iter_mut().enumerate() {
+                *t = if done[row] {
+                    *all[row].last().unwrap_or(&0)
+                } else {
+                    sample(
+                        &last_row(&logits.narrow(0, row, 1)?)?,
+                        &all[row],
+                        &config.sampling,
+                        &mut rng,
+                    )?
+                };
+            }
+            (next, None)
+        };
+        for (row, &t) in chosen.iter().enumerate() {
+            if done[row] {
+                continue;
+            }
+            all[row].push(t);
+            out[row].push(t);
+            on_token(row, t);
+            done[row] = config.eos_token_ids.contains(&t);
         }
         if done.iter().all(|d| *d) || step + 1 == config.max_new_tokens {
             break;
         }
-        let ids = Tensor::from_vec(next, (b, 1), model.device())?;
+        // Finished rows keep decoding (their tokens are discarded): the batch stays whole.
+        let ids = match device_ids {
+            Some(d) => d.reshape((b, 1))?,
+            None => Tensor::from_vec(chosen, (b, 1), model.device())?,
+        };
         logits = model.decode_step(&ids, &mut cache)?;
     }
     Ok(out)

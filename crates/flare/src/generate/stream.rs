@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::{last_row, sample, GenerationConfig};
+use super::{next_token, GenerationConfig};
 use crate::models::{KvCache, Transformer};
 use crate::{Error, Result};
 
@@ -142,12 +142,7 @@ impl<'a> TokenStream<'a> {
             op: OP,
             msg: "internal: no logits for the next token".into(),
         })?;
-        let next = sample(
-            &last_row(&logits)?,
-            &self.all,
-            &self.config.sampling,
-            &mut self.rng,
-        )?;
+        let next = next_token(&logits, &self.all, &self.config.sampling, &mut self.rng)?;
         self.all.push(next);
         if self.config.eos_token_ids.contains(&next) {
             self.stop = Some(StopReason::Eos(next));

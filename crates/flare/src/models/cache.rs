@@ -30,6 +30,8 @@ pub struct KvCache {
     batch: usize,
     max_len: usize,
     len: usize,
+    /// Left padding per row (set by a padded prefill); `None`: no row is padded.
+    pads: Option<Vec<usize>>,
 }
 
 impl KvCache {
@@ -65,6 +67,7 @@ impl KvCache {
             batch,
             max_len,
             len: 0,
+            pads: None,
         })
     }
 
@@ -93,9 +96,22 @@ impl KvCache {
         &self.layers
     }
 
-    /// Forgets every cached position (the memory is kept for reuse).
+    /// Forgets every cached position and the padding (the memory is kept for reuse).
     pub fn reset(&mut self) {
         self.len = 0;
+        self.pads = None;
+    }
+
+    /// The left padding of each row, when the cache was filled by
+    /// [`Transformer::prefill_padded`](super::Transformer::prefill_padded) with rows of
+    /// different lengths: positions `0..pads[r]` of row `r` are padding, never attended to.
+    pub fn pads(&self) -> Option<&[usize]> {
+        self.pads.as_deref()
+    }
+
+    /// Sets the rows' left padding (at prefill).
+    pub(crate) fn set_pads(&mut self, pads: Option<Vec<usize>>) {
+        self.pads = pads;
     }
 
     /// Checks that `new` positions for `batch` sequences fit, with `layers` layers.
@@ -131,13 +147,15 @@ impl KvCache {
     }
 
     /// Writes `k, v: [batch, kv_heads, new, head_dim]` of layer `layer` at positions
-    /// `len..len + new` and returns the keys and values of positions `0..len + new`. Does not
-    /// advance `len` (see [`advance`](Self::advance)).
+    /// `len..len + new` and returns views (no copy) of the keys and values of positions
+    /// `first..len + new`, each `[batch * kv_heads, len + new - first, head_dim]` with a batch
+    /// stride of `max_len * head_dim`. Does not advance `len` (see [`advance`](Self::advance)).
     pub(crate) fn append(
         &mut self,
         layer: usize,
         k: &Tensor,
         v: &Tensor,
+        first: usize,
     ) -> Result<(Tensor, Tensor)> {
         let new = k.dim(2)?;
         let l = self
@@ -150,10 +168,12 @@ impl KvCache {
         l.k.slice_set(&k.contiguous()?, 2, self.len)?;
         l.v.slice_set(&v.contiguous()?, 2, self.len)?;
         let total = self.len + new;
-        Ok((
-            l.k.narrow(2, 0, total)?.contiguous()?,
-            l.v.narrow(2, 0, total)?.contiguous()?,
-        ))
+        let first = first.min(total.saturating_sub(1));
+        let view = |t: &Tensor| -> Result<Tensor> {
+            let (b, h, m, d) = t.dims4()?;
+            Ok(t.reshape((b * h, m, d))?.narrow(1, first, total - first)?)
+        };
+        Ok((view(&l.k)?, view(&l.v)?))
     }
 
     /// Marks `new` more positions as cached.

@@ -15,7 +15,10 @@ use super::config::{Llama3RopeScaling, ModelConfig};
 use super::weights::Weights;
 use crate::error::device_name;
 use crate::lora::LoraLinear;
-use crate::ops::{add_rms_norm, matmul, rms_norm, softmax_last_dim, supported_dtypes};
+use crate::ops::rope::rope_tables_f32;
+use crate::ops::{
+    add_rms_norm, matmul, rms_norm, rope_heads, softmax_last_dim, supported_dtypes, swiglu,
+};
 use crate::{Error, Result};
 
 const OP: &str = "Transformer";
@@ -116,8 +119,36 @@ pub struct Transformer {
     norm: Tensor,
     /// `[vocab, hidden]`: the embedding matrix itself when tied.
     lm_head: Tensor,
-    /// RoPE inverse frequencies, `[head_dim / 2]`, f32.
-    inv_freq: Tensor,
+    /// RoPE inverse frequencies, `head_dim / 2` of them, f32.
+    inv_freq: Vec<f32>,
+    /// `cos(pos · inv_freq)`, `[table_len, head_dim / 2]` in the model's dtype, for positions
+    /// `0..table_len` (computed once, so a forward takes a view of it and launches nothing).
+    rope_cos: Tensor,
+    /// `sin(pos · inv_freq)`, like `rope_cos`.
+    rope_sin: Tensor,
+}
+
+/// Positions covered by the precomputed RoPE tables at most (longer contexts compute their
+/// tables per forward): 32768 positions of a 128-wide head are 8 MiB in bf16.
+const ROPE_TABLE_MAX: usize = 32768;
+
+/// The positions of the new tokens of one forward.
+enum Positions {
+    /// `offset..offset + seq` for every batch row.
+    Shared(usize),
+    /// Row-major `[batch, seq]` positions (left-padded batches).
+    PerRow(Vec<u32>),
+}
+
+/// What attention masks out in one forward.
+struct AttnMask {
+    /// u8 `[1 or batch, seq, total]`: 1 where query `i` may attend to key `j`. `None`: every
+    /// cached key (within the window) is visible, which is the case of one unpadded new token.
+    keep: Option<Tensor>,
+    /// The masked score (the dtype's most negative value), a scalar, when `keep` is set.
+    neg: Option<Tensor>,
+    /// The first key position the queries may see (sliding window, mask-free case).
+    first_key: usize,
 }
 
 impl Transformer {
@@ -205,11 +236,30 @@ impl Transformer {
         } else {
             get("lm_head.weight", &[c.vocab_size, h])?
         };
+        Self::assemble(config, embed_tokens, layers, norm, lm_head)
+    }
+
+    /// The model from its parts, with the RoPE tables computed.
+    fn assemble(
+        config: ModelConfig,
+        embed_tokens: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Tensor,
+    ) -> Result<Self> {
+        let c = &config;
         let inv_freq: Vec<f32> = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling.as_ref())
             .into_iter()
             .map(|f| f as f32)
             .collect();
-        let inv_freq = Tensor::new(inv_freq, device)?;
+        let table_len = c.max_position_embeddings.clamp(1, ROPE_TABLE_MAX);
+        let positions: Vec<u32> = (0..table_len as u32).collect();
+        let (rope_cos, rope_sin) = Self::tables(
+            &positions,
+            &inv_freq,
+            embed_tokens.dtype(),
+            embed_tokens.device(),
+        )?;
         Ok(Transformer {
             config,
             embed_tokens,
@@ -217,7 +267,115 @@ impl Transformer {
             norm,
             lm_head,
             inv_freq,
+            rope_cos,
+            rope_sin,
         })
+    }
+
+    /// `(cos, sin)`, `[positions.len(), head_dim / 2]`, in `dtype` on `device`.
+    fn tables(
+        positions: &[u32],
+        inv_freq: &[f32],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let (c, s) = rope_tables_f32(positions, inv_freq);
+        let shape = (positions.len(), inv_freq.len());
+        Ok((
+            Tensor::from_vec(c, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(s, shape, device)?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// A model of `config` with random weights, for benchmarks and tests that need no files:
+    /// every projection and embedding weight uniform in `±0.02·√3` (standard deviation 0.02,
+    /// transformers' `initializer_range`), biases uniform in `±0.02`, norm weights one. The
+    /// same `seed` gives the same weights on every device.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// let cfg = flare::models::ModelConfig::from_json_str(r#"{"architectures": ["Qwen2ForCausalLM"],
+    ///     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    ///     "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 50,
+    ///     "max_position_embeddings": 64, "tie_word_embeddings": true}"#, "config.json")?;
+    /// let model = flare::models::Transformer::random(cfg, DType::F32, &Device::Cpu, 0)?;
+    /// let logits = model.forward(&Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?)?;
+    /// assert_eq!(logits.dims(), &[1, 3, 50]);
+    /// # Ok::<(), flare::Error>(())
+    /// ```
+    pub fn random(config: ModelConfig, dtype: DType, device: &Device, seed: u64) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        if !supported_dtypes(device).contains(&dtype) {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                dtype,
+                device: device_name(device),
+            });
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut uniform = |shape: &[usize], bound: f32| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
+            Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
+        };
+        let w_bound = 0.02 * 3f32.sqrt();
+        let c = &config;
+        let (h, q_dim, kv_dim) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let mut linear = |out: usize, inp: usize, bias: bool| -> Result<LoraLinear> {
+            let w = uniform(&[out, inp], w_bound)?;
+            let b = if bias {
+                Some(uniform(&[out], 0.02)?)
+            } else {
+                None
+            };
+            LoraLinear::new(w, b)
+        };
+        let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for _ in 0..c.num_hidden_layers {
+            layers.push(Layer {
+                input_layernorm: ones(h)?,
+                self_attn: Attention {
+                    q_proj: linear(q_dim, h, c.qkv_bias)?,
+                    k_proj: linear(kv_dim, h, c.qkv_bias)?,
+                    v_proj: linear(kv_dim, h, c.qkv_bias)?,
+                    o_proj: linear(h, q_dim, c.o_bias)?,
+                },
+                post_attention_layernorm: ones(h)?,
+                mlp: Mlp {
+                    gate_proj: linear(c.intermediate_size, h, c.mlp_bias)?,
+                    up_proj: linear(c.intermediate_size, h, c.mlp_bias)?,
+                    down_proj: linear(h, c.intermediate_size, c.mlp_bias)?,
+                },
+            });
+        }
+        let embed_tokens = uniform(&[c.vocab_size, h], w_bound)?;
+        let lm_head = if c.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            uniform(&[c.vocab_size, h], w_bound)?
+        };
+        let norm = ones(h)?;
+        Self::assemble(config, embed_tokens, layers, norm, lm_head)
+    }
+
+    /// The bytes of weights one decode step reads: every layer's projections and norms, the
+    /// final norm and the output projection (the embedding gather reads one row per token,
+    /// negligible). The weight-read floor of decoding is this over the memory bandwidth.
+    pub fn decode_weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut total = bytes(&self.norm) + bytes(&self.lm_head);
+        for (_, lin) in self.lora_modules() {
+            total += bytes(lin.weight()) + lin.bias().map_or(0, bytes);
+        }
+        for l in &self.layers {
+            total += bytes(&l.input_layernorm) + bytes(&l.post_attention_layernorm);
+        }
+        total
     }
 
     /// The model's configuration.
@@ -316,32 +474,62 @@ impl Transformer {
         )
     }
 
-    /// `cos, sin: [seq, head_dim]` for positions `offset..offset + seq`, in the model's dtype
-    /// (computed in f32, as transformers does).
-    fn rope_tables(&self, offset: usize, seq: usize) -> Result<(Tensor, Tensor)> {
-        let pos = Tensor::arange(offset as u32, (offset + seq) as u32, self.device())?
-            .to_dtype(DType::F32)?
-            .unsqueeze(1)?;
-        let freqs = pos.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
-        Ok((
-            emb.cos()?.to_dtype(self.dtype())?,
-            emb.sin()?.to_dtype(self.dtype())?,
-        ))
+    /// `(cos, sin)` for the new positions: `[seq, head_dim / 2]` views of the precomputed
+    /// tables for shared positions (no launch), `[batch * seq, head_dim / 2]` for per-row ones.
+    fn rope_for(&self, positions: &Positions, seq: usize) -> Result<(Tensor, Tensor)> {
+        match positions {
+            Positions::Shared(offset) if offset + seq <= self.rope_cos.dim(0)? => Ok((
+                self.rope_cos.narrow(0, *offset, seq)?,
+                self.rope_sin.narrow(0, *offset, seq)?,
+            )),
+            Positions::Shared(offset) => {
+                let p: Vec<u32> = (*offset as u32..(offset + seq) as u32).collect();
+                Self::tables(&p, &self.inv_freq, self.dtype(), self.device())
+            }
+            Positions::PerRow(p) => Self::tables(p, &self.inv_freq, self.dtype(), self.device()),
+        }
     }
 
-    /// `[seq, offset + seq]` u8: 1 where query `i` (at position `offset + i`) may attend to key
-    /// `j` (`j <= offset + i`, within the sliding window if any).
-    fn attention_mask(&self, offset: usize, seq: usize) -> Result<Tensor> {
+    /// The attention mask of `seq` new queries at cache positions `offset..offset + seq` over
+    /// `offset + seq` keys, for rows left-padded by `pads` (when given): query `i` of row `r`
+    /// sees key `j` when `pads[r] <= j <= i` and `i - j` is within the sliding window; a
+    /// padding query sees only itself (its output is never used, and this keeps it finite).
+    /// No mask at all for one unpadded new token: it sees every key, and a sliding window only
+    /// moves the first visible key.
+    fn attention_mask(
+        &self,
+        offset: usize,
+        seq: usize,
+        pads: Option<&[usize]>,
+    ) -> Result<AttnMask> {
         let window = self.config.sliding_window.unwrap_or(usize::MAX);
         let total = offset + seq;
-        let mask: Vec<u8> = (offset..total)
-            .flat_map(|i| (0..total).map(move |j| u8::from(j <= i && i - j < window)))
-            .collect();
-        Ok(Tensor::from_vec(mask, (seq, total), self.device())?)
+        if seq == 1 && pads.is_none() {
+            return Ok(AttnMask {
+                keep: None,
+                neg: None,
+                first_key: total.saturating_sub(window),
+            });
+        }
+        let rows: Vec<usize> = pads.map_or_else(|| vec![0], <[usize]>::to_vec);
+        let mut mask = Vec::with_capacity(rows.len() * seq * total);
+        for &pad in &rows {
+            for i in offset..total {
+                mask.extend((0..total).map(|j| {
+                    let visible = j <= i && i - j < window && j >= pad;
+                    u8::from(visible || (i < pad && j == i))
+                }));
+            }
+        }
+        let keep = Tensor::from_vec(mask, (rows.len(), seq, total), self.device())?;
+        let neg = Tensor::new(dtype_min(self.dtype()), self.device())?.to_dtype(self.dtype())?;
+        Ok(AttnMask {
+            keep: Some(keep),
+            neg: Some(neg),
+            first_key: 0,
+        })
     }
 
-    /// Checks `input_ids: [batch, seq]` (u8, u32 or i64, non-empty) and returns `(batch, seq)`.
     fn check_ids(input_ids: &Tensor) -> Result<(usize, usize)> {
         let (b, s) = input_ids.dims2().map_err(|_| Error::InvalidArgument {
             op: OP,
@@ -372,13 +560,16 @@ impl Transformer {
     /// model's dtype, with causal attention over the whole sequence (no KV cache).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, s) = Self::check_ids(input_ids)?;
-        self.forward_impl(input_ids, b, s, None)
+        let mask = self.attention_mask(0, s, None)?;
+        self.forward_impl(input_ids, b, s, None, &Positions::Shared(0), &mask)
     }
 
     /// The logits `[batch, seq, vocab]` of the new positions `offset..offset + seq` for token
     /// ids `[batch, seq]`, attending to the `offset` positions already in `cache` and to each
     /// other (causally, within the sliding window if any). The keys and values of the new
-    /// positions are written into `cache`, whose length then is `offset + seq`.
+    /// positions are written into `cache`, whose length then is `offset + seq`. A cache filled
+    /// by [`prefill_padded`](Self::prefill_padded) keeps each row's padding masked and its
+    /// positions shifted.
     ///
     /// `offset` must equal `cache.len()`; the new positions must fit in `cache.max_len()` and
     /// the batch must be the cache's, else [`Error::InvalidArgument`] (and the cache is left
@@ -410,7 +601,19 @@ impl Transformer {
             });
         }
         cache.check_append(self.layers.len(), b, s)?;
-        let logits = self.forward_impl(input_ids, b, s, Some(&mut *cache))?;
+        let pads = cache.pads().map(<[usize]>::to_vec);
+        let positions = match &pads {
+            None => Positions::Shared(offset),
+            Some(p) => Positions::PerRow(
+                p.iter()
+                    .flat_map(|&pad| {
+                        (offset..offset + s).map(move |i| i.saturating_sub(pad) as u32)
+                    })
+                    .collect(),
+            ),
+        };
+        let mask = self.attention_mask(offset, s, pads.as_deref())?;
+        let logits = self.forward_impl(input_ids, b, s, Some(&mut *cache), &positions, &mask)?;
         cache.advance(s);
         Ok(logits)
     }
@@ -418,6 +621,54 @@ impl Transformer {
     /// [`forward_with_cache`](Self::forward_with_cache) of a prompt `[batch, seq]` into an
     /// empty cache (errors if `cache` is not empty).
     pub fn prefill(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Self::check_empty(cache)?;
+        cache.set_pads(None);
+        self.forward_with_cache(input_ids, cache, 0)
+    }
+
+    /// Prefills prompts of different lengths, left-padded to one length: `input_ids:
+    /// [batch, seq]` where row `r` holds `seq - lengths[r]` padding tokens (any valid id) then
+    /// its `lengths[r]` prompt tokens. Each row attends only to its own tokens and its positions
+    /// start at 0 at its first real token, so its logits are those of the prompt run alone (up
+    /// to rounding); the logits of padding positions are meaningless. The cache remembers the
+    /// padding, so later [`decode_step`](Self::decode_step)s keep it masked.
+    ///
+    /// Errors: a non-empty cache, `lengths` not one per row, a length of 0 or above `seq`.
+    pub fn prefill_padded(
+        &self,
+        input_ids: &Tensor,
+        lengths: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, s) = Self::check_ids(input_ids)?;
+        Self::check_empty(cache)?;
+        if lengths.len() != b {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                msg: format!("{} lengths for a batch of {b}", lengths.len()),
+            });
+        }
+        if let Some((r, l)) = lengths.iter().enumerate().find(|(_, &l)| l == 0 || l > s) {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                msg: format!("row {r} has length {l}, expected 1..={s}"),
+            });
+        }
+        let pads: Vec<usize> = lengths.iter().map(|l| s - l).collect();
+        cache.set_pads(if pads.iter().all(|&p| p == 0) {
+            None
+        } else {
+            Some(pads)
+        });
+        let out = self.forward_with_cache(input_ids, cache, 0);
+        if out.is_err() {
+            cache.set_pads(None);
+        }
+        out
+    }
+
+    /// Refuses a non-empty cache for a prefill.
+    fn check_empty(cache: &KvCache) -> Result<()> {
         if !cache.is_empty() {
             return Err(Error::InvalidArgument {
                 op: OP,
@@ -427,7 +678,7 @@ impl Transformer {
                 ),
             });
         }
-        self.forward_with_cache(input_ids, cache, 0)
+        Ok(())
     }
 
     /// [`forward_with_cache`](Self::forward_with_cache) of one new token per sequence,
@@ -447,24 +698,29 @@ impl Transformer {
         self.forward_with_cache(input_ids, cache, offset)
     }
 
-    /// The forward of checked ids `[b, s]`, at positions `cache.len()..` when a cache is given
-    /// (whose room has been checked; its length is not advanced here).
+    /// The forward of checked ids `[b, s]`, at cache positions `cache.len()..` when a cache is
+    /// given (whose room has been checked; its length is not advanced here).
     fn forward_impl(
         &self,
         input_ids: &Tensor,
         b: usize,
         s: usize,
         mut cache: Option<&mut KvCache>,
+        positions: &Positions,
+        mask: &AttnMask,
     ) -> Result<Tensor> {
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
-        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let ids = if input_ids.rank() == 1 {
+            input_ids.clone()
+        } else {
+            input_ids.flatten_all()?
+        };
         let x = self
             .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
+            .index_select(&ids, 0)?
             .reshape((b, s, c.hidden_size))?;
-        let (cos, sin) = self.rope_tables(offset, s)?;
-        let mask = self.attention_mask(offset, s)?;
+        let (cos, sin) = self.rope_for(positions, s)?;
 
         let first_norm = self
             .layers
@@ -478,14 +734,13 @@ impl Transformer {
                 &normed,
                 &cos,
                 &sin,
-                &mask,
+                mask,
                 cache.as_deref_mut().map(|c| (c, i)),
             )?;
             let (n, r) = add_rms_norm(&attn, &residual, &layer.post_attention_layernorm, eps)?;
             let mlp = &layer.mlp;
-            let gate = mlp.gate_proj.forward(&n)?.silu()?;
-            let up = mlp.up_proj.forward(&n)?;
-            let down = mlp.down_proj.forward(&(gate * up)?)?;
+            let act = swiglu(&mlp.gate_proj.forward(&n)?, &mlp.up_proj.forward(&n)?)?;
+            let down = mlp.down_proj.forward(&act)?;
             let next_norm = self
                 .layers
                 .get(i + 1)
@@ -496,56 +751,64 @@ impl Transformer {
     }
 
     /// Self-attention of `x: [b, s, hidden]`, returns `[b, s, hidden]`. With `(cache, layer)`,
-    /// the new keys and values are appended to that layer's cache and the queries attend to
-    /// all cached positions; `mask` is `[s, cached + s]`.
+    /// the new keys and values are written into that layer's cache and the queries attend to
+    /// the cached positions in place (no copy of the cache).
+    ///
+    /// GQA without repeating keys: the `group = heads / kv_heads` query heads of one kv head
+    /// are consecutive, so the queries `[b, heads, s, d]` are viewed as
+    /// `[b · kv_heads, group · s, d]` and multiplied against the keys `[b · kv_heads, t, d]`
+    /// (a strided view of the cache, read by the GEMM through its batch stride). RoPE writes
+    /// the queries already scaled by `1/sqrt(d)`.
     fn attention(
         &self,
         attn: &Attention,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: &AttnMask,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
+        let group = nh / nkv;
+        let q = attn.q_proj.forward(x)?.reshape((b, s, nh, hd))?;
+        let k = attn.k_proj.forward(x)?.reshape((b, s, nkv, hd))?;
+        let v = attn.v_proj.forward(x)?.reshape((b, s, nkv, hd))?;
+        let q = rope_heads(&q, cos, sin, 1.0 / (hd as f64).sqrt())?;
+        let k = rope_heads(&k, cos, sin, 1.0)?;
+        let v = if s == 1 {
+            v.reshape((b, nkv, 1, hd))?
+        } else {
+            v.transpose(1, 2)?.contiguous()?
         };
-        let q = heads(attn.q_proj.forward(x)?, nh)?;
-        let k = heads(attn.k_proj.forward(x)?, nkv)?;
-        let v = heads(attn.v_proj.forward(x)?, nkv)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
         let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &k, &v)?,
-            None => (k, v),
+            Some((cache, layer)) => cache.append(layer, &k, &v, mask.first_key)?,
+            None => (k.reshape((b * nkv, s, hd))?, v.reshape((b * nkv, s, hd))?),
         };
-        let t = k.dim(2)?;
-        // GQA: each kv head serves `nh / nkv` consecutive query heads.
-        let rep = nh / nkv;
-        let repeat = |t: Tensor, len: usize| -> Result<Tensor> {
-            if rep == 1 {
-                return Ok(t);
+        let t = k.dim(1)?;
+        let q = q.reshape((b * nkv, group * s, hd))?;
+        let scores = matmul(&q, &k.t()?)?;
+        let scores = match (&mask.keep, &mask.neg) {
+            (Some(keep), Some(neg)) => {
+                let shape = (b, nkv, group, s, t);
+                let sc = scores.reshape(shape)?;
+                let mb = keep.dim(0)?;
+                let keep = keep.reshape((mb, 1, 1, s, t))?.broadcast_as(shape)?;
+                keep.where_cond(&sc, &neg.broadcast_as(shape)?)?
+                    .reshape((b * nkv, group * s, t))?
             }
-            Ok(t.unsqueeze(2)?
-                .broadcast_as((b, nkv, rep, len, hd))?
-                .reshape((b, nh, len, hd))?)
+            _ => scores,
         };
-        let k = repeat(k, t)?;
-        let v = repeat(v, t)?;
-        let scores = (matmul(&q, &k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let neg = Tensor::new(dtype_min(scores.dtype()), scores.device())?
-            .to_dtype(scores.dtype())?
-            .broadcast_as(scores.shape())?;
-        let scores = mask
-            .broadcast_as(scores.shape())?
-            .where_cond(&scores, &neg)?;
         let probs = softmax_last_dim(&scores)?;
-        let out = matmul(&probs, &v.contiguous()?)?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * hd))?;
+        let out = matmul(&probs, &v)?; // [b * nkv, group * s, d] = [b, nh, s, d]
+        let out = if s == 1 {
+            out.reshape((b, 1, nh * hd))?
+        } else {
+            out.reshape((b, nh, s, hd))?
+                .transpose(1, 2)?
+                .reshape((b, s, nh * hd))?
+        };
         attn.o_proj.forward(&out)
     }
 }

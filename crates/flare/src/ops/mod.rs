@@ -9,17 +9,23 @@
 //! Backward kernels are ops too; they have no backward of their own (a second derivative
 //! through them returns Candle's `BackwardNotSupported`, never a silently cut gradient).
 
+pub mod argmax;
 mod cpu;
 pub mod matmul;
 pub mod rms_norm;
+pub mod rope;
 pub mod softmax;
+pub mod swiglu;
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
+pub use argmax::argmax_last_dim;
 pub use matmul::matmul;
 pub use rms_norm::{add_rms_norm, rms_norm};
+pub use rope::rope_heads;
 pub use softmax::softmax_last_dim;
+pub use swiglu::swiglu;
 
 use candle_core::{DType, Device, Tensor};
 

@@ -23,16 +23,32 @@ enum Module {
     Softmax,
     RmsNorm,
     GemmSmall,
+    Rope,
+    SwiGlu,
+    Argmax,
+    Gemv,
 }
 
 impl Module {
-    const ALL: [Module; 3] = [Module::Softmax, Module::RmsNorm, Module::GemmSmall];
+    const ALL: [Module; 7] = [
+        Module::Softmax,
+        Module::RmsNorm,
+        Module::GemmSmall,
+        Module::Rope,
+        Module::SwiGlu,
+        Module::Argmax,
+        Module::Gemv,
+    ];
 
     fn ptx(self) -> &'static str {
         match self {
             Module::Softmax => flare_kernels::SOFTMAX,
             Module::RmsNorm => flare_kernels::RMS_NORM,
             Module::GemmSmall => flare_kernels::GEMM_SMALL,
+            Module::Rope => flare_kernels::ROPE,
+            Module::SwiGlu => flare_kernels::SWIGLU,
+            Module::Argmax => flare_kernels::ARGMAX,
+            Module::Gemv => flare_kernels::GEMV,
         }
     }
 }
@@ -70,6 +86,21 @@ kernels! {
     GemmSmallF32 => (GemmSmall, "gemm_small_f32"),
     GemmSmallF16 => (GemmSmall, "gemm_small_f16"),
     GemmSmallBF16 => (GemmSmall, "gemm_small_bf16"),
+    RopeF32 => (Rope, "rope_f32"),
+    RopeF16 => (Rope, "rope_f16"),
+    RopeBF16 => (Rope, "rope_bf16"),
+    SwiGluFwdF32 => (SwiGlu, "swiglu_fwd_f32"),
+    SwiGluFwdF16 => (SwiGlu, "swiglu_fwd_f16"),
+    SwiGluFwdBF16 => (SwiGlu, "swiglu_fwd_bf16"),
+    SwiGluBwdF32 => (SwiGlu, "swiglu_bwd_f32"),
+    SwiGluBwdF16 => (SwiGlu, "swiglu_bwd_f16"),
+    SwiGluBwdBF16 => (SwiGlu, "swiglu_bwd_bf16"),
+    ArgmaxF32 => (Argmax, "argmax_f32"),
+    ArgmaxF16 => (Argmax, "argmax_f16"),
+    ArgmaxBF16 => (Argmax, "argmax_bf16"),
+    GemvF32 => (Gemv, "gemv_f32"),
+    GemvF16 => (Gemv, "gemv_f16"),
+    GemvBF16 => (Gemv, "gemv_bf16"),
 }
 
 /// Everything flare needs on one CUDA device, created once.

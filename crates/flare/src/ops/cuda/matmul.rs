@@ -11,6 +11,12 @@
 //! Set the environment variable `FLARE_SMALL_GEMM=0` (read once, at the first matmul) to send
 //! every product to cuBLASLt instead, e.g. to measure the difference.
 //!
+//! Skinny products `x @ w.T` of at most [`GEMV_MAX_M`] rows against a weight stored row-major
+//! (a linear layer at decode time: one row per sequence) run on `gemv_*`
+//! (`crates/flare-kernels/src/cu/gemv.cu`): one warp per output column reads the weight once,
+//! coalesced, with one plain launch (about half of cuBLASLt's host cost per call). Exact f32
+//! accumulation like `gemm_small`. `FLARE_GEMV=0` (read once) sends them to the other paths.
+//!
 //! Everything else is one cuBLASLt GEMM, with the plan cached per shape by
 //! [`crate::runtime::gemm::Gemm`].
 //!
@@ -57,6 +63,18 @@ const SMALL_GEMM_TILE: usize = 32;
 /// The grid's z dimension limit (the kernel loops over the batch beyond it).
 const MAX_GRID_Z: usize = 65535;
 
+/// Rows of `x` that `gemv_*` takes at most (`GEMV_MAX_M` of gemv.cu).
+pub(crate) const GEMV_MAX_M: usize = 8;
+/// Output columns per `gemv_*` block (`GEMV_WARPS`) and its threads (`GEMV_THREADS`).
+const GEMV_WARPS: usize = 8;
+const GEMV_THREADS: u32 = 256;
+
+/// Whether skinny products may use `gemv_*`: not when `FLARE_GEMV=0`. Read once.
+fn gemv_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("FLARE_GEMV").map_or(true, |v| v.trim() != "0"))
+}
+
 /// Whether small products may skip cuBLASLt: not when `FLARE_SMALL_GEMM=0`. Read once.
 fn small_gemm_enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
@@ -85,6 +103,20 @@ impl Problem {
     fn is_small(&self) -> bool {
         let work = self.batch as u128 * self.m as u128 * self.n as u128 * self.k as u128;
         work <= SMALL_GEMM_MAX as u128 && self.k <= SMALL_GEMM_MAX_K && small_gemm_enabled()
+    }
+
+    /// Whether this (non-empty) product runs on `gemv_*`: one matrix, at most
+    /// [`GEMV_MAX_M`] row-major rows of `a`, and `b` a transposed row-major weight (`w.T`).
+    fn is_gemv(&self) -> bool {
+        self.batch == 1
+            && self.a.batch == 1
+            && self.b.batch == 1
+            && self.m <= GEMV_MAX_M
+            && !self.a.transposed
+            && self.b.transposed
+            && self.n <= i32::MAX as usize
+            && self.k <= i32::MAX as usize
+            && gemv_enabled()
     }
 
     /// The column-major GEMM computing this row-major product: `Cᵀ[n, m] = Bᵀ · Aᵀ`.
@@ -212,6 +244,9 @@ fn run<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
     }
     let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
+    if pb.is_gemv() {
+        return run_gemv(x, y, dtype, pb, &rt, dev);
+    }
     if pb.is_small() {
         return run_small(x, y, small, pb, &rt, dev);
     }
@@ -326,6 +361,69 @@ fn run_small<T: CudaDType + DeviceRepr>(
     // device and ordered on its one stream.
     unsafe { lb.launch(cfg) }
         .cuda_ctx("launching gemm_small")
+        .map_err(crate::Error::into_candle)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// Runs a skinny product (`pb.is_gemv()`, every size at least 1) on `gemv_*`: one launch.
+fn run_gemv<T: CudaDType + DeviceRepr>(
+    x: &CudaSlice<T>,
+    y: &CudaSlice<T>,
+    dtype: DType,
+    pb: &Problem,
+    rt: &CudaRuntime,
+    dev: &CudaDevice,
+) -> candle_core::Result<CudaStorage> {
+    let kernel = match dtype {
+        DType::F32 => Kernel::GemvF32,
+        DType::F16 => Kernel::GemvF16,
+        DType::BF16 => Kernel::GemvBF16,
+        dt => return Err(internal(format!("gemv for dtype {dt:?}"))),
+    };
+    let elems = pb.m * pb.n;
+    let (a, b) = (from(x, pb.a.offset, "lhs")?, from(y, pb.b.offset, "rhs")?);
+    // The last elements the kernel reads: x[m - 1, k - 1] and w[n - 1, k - 1].
+    let (a_last, b_last) = (
+        (pb.m - 1) * pb.a.ld + pb.k - 1,
+        (pb.n - 1) * pb.b.ld + pb.k - 1,
+    );
+    if a_last >= a.len() || b_last >= b.len() {
+        return Err(internal(format!(
+            "gemv operands reach past their buffers ({a_last} of {}, {b_last} of {})",
+            a.len(),
+            b.len()
+        )));
+    }
+    // SAFETY: the kernel below writes every element of the [m, n] output before anything can
+    // read it.
+    let mut out = unsafe { dev.alloc::<T>(elems) }?;
+    let (m, n, k) = (pb.m as i32, pb.n as i32, pb.k as i32);
+    let (ldx, ldw) = (pb.a.ld as i64, pb.b.ld as i64);
+    let blocks = pb.n.div_ceil(GEMV_WARPS).min(i32::MAX as usize);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (GEMV_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut lb = rt.stream().launch_builder(rt.function(kernel));
+    lb.arg(&a)
+        .arg(&b)
+        .arg(&mut out)
+        .arg(&m)
+        .arg(&n)
+        .arg(&k)
+        .arg(&ldx)
+        .arg(&ldw);
+    // SAFETY: gemv_<t>(const T *x, const T *w, T *y, int m, int n, int k, long long ldx,
+    // long long ldw), T the element type of all three (chosen by dtype). `a` is the row-major
+    // lhs from its start offset, rows ldx apart; `b` is the rhs `w.T` from its start offset,
+    // i.e. w row-major with rows ldw apart; the last elements read are inside both views
+    // (checked above). m <= GEMV_MAX_M (the kernel's accumulator count). `out` is a fresh
+    // allocation of exactly m * n elements, written contiguously row-major. The block is the
+    // kernel's GEMV_THREADS (its launch bound), no shared memory; any grid is correct (it loops
+    // over columns). All buffers are on this device, ordered on its one stream.
+    unsafe { lb.launch(cfg) }
+        .cuda_ctx("launching gemv")
         .map_err(crate::Error::into_candle)?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }

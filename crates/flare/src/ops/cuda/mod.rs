@@ -1,7 +1,11 @@
 //! CUDA forwards of flare's ops: GEMMs through cuBLASLt, the rest through flare's kernels, all
 //! on the per-device [`crate::runtime::cuda::CudaRuntime`].
 
+pub(crate) mod argmax;
+mod elementwise;
 pub(crate) mod matmul;
 pub(crate) mod rms_norm;
+pub(crate) mod rope;
 mod rows;
 pub(crate) mod softmax;
+pub(crate) mod swiglu;

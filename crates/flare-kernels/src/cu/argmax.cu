@@ -1,0 +1,84 @@
+// Argmax over the last dimension: out[r] = the index of the largest element of row r, the
+// first one on ties (as torch.argmax); NaN elements are skipped; a row with no non-NaN element
+// gives 0xFFFFFFFF (the host turns it into an error). Used by greedy decoding so that only the
+// token id, not the vocabulary row, is copied to the host.
+//
+// One block (ARGMAX_THREADS threads) per row, grid-stride over rows. Each thread scans its
+// strided share of the row in increasing index order, keeping the first maximum; the block then
+// reduces (value, index) pairs by warp shuffles and one exchange through shared memory,
+// preferring the larger value and, on equal values, the smaller index. Comparisons in f32
+// (exact for every input dtype).
+#include "common.cuh"
+
+using namespace flare;
+
+#define ARGMAX_THREADS 1024
+
+__device__ __forceinline__ bool better(float v, unsigned int i, float bv, unsigned int bi) {
+  return v > bv || (v == bv && i < bi);
+}
+
+template <typename T>
+__device__ __forceinline__ void argmax_body(const T *__restrict__ x, unsigned int *__restrict__ out,
+                                            long long rows, int cols) {
+  __shared__ float sv[32];
+  __shared__ unsigned int si[32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = (blockDim.x + 31) >> 5;
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T *row = x + r * (long long)cols;
+    float bv = -INFINITY;
+    unsigned int bi = 0xFFFFFFFFu;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+      const float v = to_f(row[c]);
+      // NaN compares false both ways and is skipped.
+      if (better(v, (unsigned int)c, bv, bi)) {
+        bv = v;
+        bi = (unsigned int)c;
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float ov = __shfl_xor_sync(0xFFFFFFFFu, bv, off);
+      const unsigned int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, off);
+      if (better(ov, oi, bv, bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    if (lane == 0) {
+      sv[warp] = bv;
+      si[warp] = bi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      bv = lane < warps ? sv[lane] : -INFINITY;
+      bi = lane < warps ? si[lane] : 0xFFFFFFFFu;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const float ov = __shfl_xor_sync(0xFFFFFFFFu, bv, off);
+        const unsigned int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, off);
+        if (better(ov, oi, bv, bi)) {
+          bv = ov;
+          bi = oi;
+        }
+      }
+      if (lane == 0) {
+        out[r] = bi;
+      }
+    }
+    // The shared slots are reused by the next row.
+    __syncthreads();
+  }
+}
+
+#define ARGMAX_OP(T, NAME)                                                                        \
+  extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)                                  \
+      NAME(const T *x, unsigned int *out, long long rows, int cols) {                           \
+    argmax_body<T>(x, out, rows, cols);                                                         \
+  }
+
+ARGMAX_OP(float, argmax_f32)
+ARGMAX_OP(__half, argmax_f16)
+ARGMAX_OP(__nv_bfloat16, argmax_bf16)

@@ -1,0 +1,64 @@
+// RoPE (rotary position embedding) with the transposition between the projection layout and
+// the head layout fused in.
+//
+// For each head vector x (head_dim d, half = d / 2) at sequence position t:
+//   y[i]        = (x[i] * cos[t, i] - sign * x[i + half] * sin[t, i]) * scale
+//   y[i + half] = (x[i + half] * cos[t, i] + sign * x[i] * sin[t, i]) * scale,   i < half
+// (transformers' `x * cos + rotate_half(x) * sin` with `rotate_half([x1, x2]) = [-x2, x1]`).
+// sign = +1 is the forward rotation by +theta; sign = -1 the rotation by -theta, which is the
+// backward (the rotation is orthogonal, so its transpose is its inverse).
+//
+// The input is read through element strides (any layout); the output is written contiguous
+// with the two middle dims swapped: the forward reads [b, s, h, d] (the projection's output)
+// and writes [b, h, s, d] (the attention layout); the backward reads [b, h, s, d] and writes
+// [b, s, h, d]. `xs_*` are the input strides of the (batch, seq, head, dim) axes whatever their
+// order in memory; `ys_*` the output strides of (batch, seq, head) (its dim stride is 1).
+// cos and sin are [rows, half], contiguous, with row `b * cos_bs + t` for batch b and position
+// t (cos_bs = 0: one table for every batch row; cos_bs = s: one table per batch row).
+// One thread per (b, t, head, i) pair, grid-stride loop; all arithmetic in f32, rounded once.
+#include "common.cuh"
+
+using namespace flare;
+
+template <typename T>
+__device__ __forceinline__ void rope_body(const T *__restrict__ x, T *__restrict__ y,
+                                          const T *__restrict__ cosv, const T *__restrict__ sinv,
+                                          long long b, int s, int h, int half, long long xs_b,
+                                          long long xs_s, long long xs_h, long long xs_d,
+                                          long long ys_b, long long ys_s, long long ys_h,
+                                          long long cos_bs, float sign, float scale) {
+  const long long n = b * (long long)s * (long long)h * (long long)half;
+  for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n;
+       idx += (long long)gridDim.x * blockDim.x) {
+    long long r = idx;
+    const int i = (int)(r % half);
+    r /= half;
+    const int hh = (int)(r % h);
+    r /= h;
+    const int t = (int)(r % s);
+    const long long bb = r / s;
+    const long long xo = bb * xs_b + t * xs_s + hh * xs_h;
+    const float x1 = to_f(x[xo + i * xs_d]);
+    const float x2 = to_f(x[xo + (long long)(i + half) * xs_d]);
+    const long long co = (bb * cos_bs + t) * half + i;
+    const float c = to_f(cosv[co]);
+    const float sn = sign * to_f(sinv[co]);
+    const long long yo = bb * ys_b + t * ys_s + hh * ys_h;
+    y[yo + i] = from_f<T>((x1 * c - x2 * sn) * scale);
+    y[yo + i + half] = from_f<T>((x2 * c + x1 * sn) * scale);
+  }
+}
+
+#define ROPE_OP(T, NAME)                                                                          \
+  extern "C" __global__ void NAME(const T *x, T *y, const T *cosv, const T *sinv, long long b,  \
+                                  int s, int h, int half, long long xs_b, long long xs_s,       \
+                                  long long xs_h, long long xs_d, long long ys_b,               \
+                                  long long ys_s, long long ys_h, long long cos_bs, float sign, \
+                                  float scale) {                                                \
+    rope_body<T>(x, y, cosv, sinv, b, s, h, half, xs_b, xs_s, xs_h, xs_d, ys_b, ys_s, ys_h,      \
+                 cos_bs, sign, scale);                                                          \
+  }
+
+ROPE_OP(float, rope_f32)
+ROPE_OP(__half, rope_f16)
+ROPE_OP(__nv_bfloat16, rope_bf16)

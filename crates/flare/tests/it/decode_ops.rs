@@ -1,0 +1,327 @@
+//! The decode-path ops: `rope_heads` (RoPE fused with the seq/head transposition), `swiglu`
+//! and `argmax_last_dim`, against f64 references written out here, with finite-difference
+//! gradients on the CPU and CUDA-vs-CPU checks through `device_test!`.
+
+use candle_core::{DType, Device, Tensor, D};
+use flare::ops::{argmax_last_dim, rope_heads, swiglu};
+
+use crate::common::{
+    device_test, dtypes, f64_cpu, fd_grad, grad_of, randn, seed, shared_lock, to_f64_vec, tol, var,
+    weighted_sum, Failures, Result, FD_H, FD_TOL,
+};
+
+/// The f64 reference of `rope_heads`: `x` `[b, s, h, d]`, tables `[rows, d/2]` (rows `s` or
+/// `b*s`), output `[b, h, s, d]` as a flat vector.
+fn rope_ref(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Vec<f64>> {
+    let (b, s, h, d) = x.dims4()?;
+    let half = d / 2;
+    let xv = to_f64_vec(&x.contiguous()?)?;
+    let (cv, sv) = (to_f64_vec(cos)?, to_f64_vec(sin)?);
+    let per_row = cos.dim(0)? == b * s && b > 1;
+    let mut y = vec![0.0; b * h * s * d];
+    for bb in 0..b {
+        for t in 0..s {
+            let row = if per_row { bb * s + t } else { t };
+            for hh in 0..h {
+                let xo = ((bb * s + t) * h + hh) * d;
+                let yo = ((bb * h + hh) * s + t) * d;
+                for i in 0..half {
+                    let (x1, x2) = (xv[xo + i], xv[xo + i + half]);
+                    let (c, sn) = (cv[row * half + i], sv[row * half + i]);
+                    y[yo + i] = (x1 * c - x2 * sn) * scale;
+                    y[yo + i + half] = (x2 * c + x1 * sn) * scale;
+                }
+            }
+        }
+    }
+    Ok(y)
+}
+
+/// Tables of random angles, `[rows, half]`, in `dtype` on `dev`.
+fn tables(
+    rows: usize,
+    half: usize,
+    dtype: DType,
+    dev: &Device,
+    sd: u64,
+) -> Result<(Tensor, Tensor)> {
+    let angle = randn(&[rows, half], DType::F64, &Device::Cpu, sd)?;
+    let c = angle.cos()?.to_dtype(dtype)?.to_device(dev)?;
+    let s = angle.sin()?.to_dtype(dtype)?.to_device(dev)?;
+    Ok((c, s))
+}
+
+/// Forward on odd shapes, shared and per-row tables, contiguous and transposed inputs.
+fn rope_forward(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    for dtype in dtypes(dev) {
+        for &(b, s, h, d) in &[(1, 1, 1, 2), (2, 7, 3, 6), (1, 5, 2, 66), (3, 2, 4, 8)] {
+            for per_row in [false, true] {
+                for transposed in [false, true] {
+                    let what =
+                        format!("rope {b}x{s}x{h}x{d} {dtype:?} per_row={per_row} t={transposed}");
+                    let sd = seed(&what);
+                    let x = if transposed {
+                        // A [b, h, s, d] tensor viewed as [b, s, h, d]: non-contiguous.
+                        randn(&[b, h, s, d], dtype, dev, sd)?.transpose(1, 2)?
+                    } else {
+                        randn(&[b, s, h, d], dtype, dev, sd)?
+                    };
+                    let rows = if per_row { b * s } else { s };
+                    let (c, sn) = tables(rows, d / 2, dtype, dev, sd + 1)?;
+                    let scale = 0.125;
+                    let y = rope_heads(&x, &c, &sn, scale)?;
+                    assert!(y.is_contiguous());
+                    let want = rope_ref(&x, &c, &sn, scale)?;
+                    let want = Tensor::from_vec(want, (b, h, s, d), &Device::Cpu)?;
+                    fails.check(&f64_cpu(&y)?, &want, tol(dtype), &what)?;
+                }
+            }
+        }
+    }
+    fails.finish();
+    Ok(())
+}
+
+/// The backward on the device against the f64 CPU backward (itself checked by finite
+/// differences in `rope_fd_gradient`).
+fn rope_backward(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    for dtype in dtypes(dev) {
+        for &(b, s, h, d) in &[(1, 1, 1, 2), (2, 7, 3, 6), (1, 3, 2, 66)] {
+            let what = format!("rope bwd {b}x{s}x{h}x{d} {dtype:?}");
+            let sd = seed(&what);
+            let x = randn(&[b, s, h, d], dtype, dev, sd)?;
+            let (c, sn) = tables(b * s, d / 2, dtype, dev, sd + 1)?;
+            let r = randn(&[b, h, s, d], dtype, dev, sd + 2)?;
+            let xv = var(&x)?;
+            let y = rope_heads(xv.as_tensor(), &c, &sn, 0.5)?;
+            let g = (y * &r)?.sum_all()?.backward()?;
+            let dx = grad_of(&g, xv.as_tensor(), &what);
+            let x64 = var(&f64_cpu(&x)?)?;
+            let y64 = rope_heads(x64.as_tensor(), &f64_cpu(&c)?, &f64_cpu(&sn)?, 0.5)?;
+            let g64 = (y64 * f64_cpu(&r)?)?.sum_all()?.backward()?;
+            let want = grad_of(&g64, x64.as_tensor(), &what);
+            fails.check(&f64_cpu(&dx)?, &want, tol(dtype), &what)?;
+        }
+    }
+    fails.finish();
+    Ok(())
+}
+
+device_test!(rope_forward, rope_backward);
+
+#[test]
+fn rope_fd_gradient() -> Result<()> {
+    let _g = shared_lock();
+    let dev = Device::Cpu;
+    let x = randn(&[2, 3, 2, 6], DType::F64, &dev, 1)?;
+    let (c, s) = tables(6, 3, DType::F64, &dev, 2)?;
+    let r = randn(&[2, 2, 3, 6], DType::F64, &dev, 3)?;
+    let xv = var(&x)?;
+    let g = (rope_heads(xv.as_tensor(), &c, &s, 0.7)? * &r)?
+        .sum_all()?
+        .backward()?;
+    let got = grad_of(&g, xv.as_tensor(), "rope dx");
+    let want = fd_grad(|x| weighted_sum(&rope_heads(x, &c, &s, 0.7)?, &r), &x, FD_H)?;
+    crate::common::assert_close(&got, &want, FD_TOL, "rope dx vs finite differences")?;
+    // The composite reference agrees.
+    let composite = flare::ops::rope::rope_heads_reference(&x, &c, &s, 0.7)?;
+    crate::common::assert_close(
+        &rope_heads(&x, &c, &s, 0.7)?,
+        &composite,
+        1e-12,
+        "rope vs composite",
+    )?;
+    // Bad shapes are errors, not panics.
+    assert!(rope_heads(&x, &c.narrow(1, 0, 2)?, &s, 1.0).is_err());
+    assert!(rope_heads(&x.narrow(3, 0, 5)?, &c, &s, 1.0).is_err());
+    assert!(rope_heads(&x.flatten_all()?, &c, &s, 1.0).is_err());
+    // A table that takes part in autograd is refused by the backward.
+    let cv = var(&c)?;
+    let y = rope_heads(xv.as_tensor(), cv.as_tensor(), &s, 1.0)?;
+    assert!(y.sum_all()?.backward().is_err());
+    Ok(())
+}
+
+/// f64 reference of swiglu and its gradients.
+fn swiglu_ref(g: &[f64], u: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let y = g.iter().zip(u).map(|(&g, &u)| g * sig(g) * u).collect();
+    let dg = (0..g.len())
+        .map(|i| dy[i] * u[i] * sig(g[i]) * (1.0 + g[i] * (1.0 - sig(g[i]))))
+        .collect();
+    let du = (0..g.len()).map(|i| dy[i] * g[i] * sig(g[i])).collect();
+    (y, dg, du)
+}
+
+fn swiglu_forward_backward(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    for dtype in dtypes(dev) {
+        for shape in [vec![1], vec![7], vec![3, 33], vec![2, 3, 5]] {
+            for transposed in [false, true] {
+                if transposed && shape.len() < 2 {
+                    continue;
+                }
+                let what = format!("swiglu {shape:?} {dtype:?} t={transposed}");
+                let sd = seed(&what);
+                let mk = |k: u64| -> Result<Tensor> {
+                    if transposed {
+                        let mut s = shape.clone();
+                        let n = s.len();
+                        s.swap(n - 2, n - 1);
+                        Ok(randn(&s, dtype, dev, sd + k)?.transpose(D::Minus2, D::Minus1)?)
+                    } else {
+                        randn(&shape, dtype, dev, sd + k)
+                    }
+                };
+                let (g, u) = (mk(0)?, mk(1)?);
+                let dy = randn(&shape, dtype, dev, sd + 2)?;
+                let (gv, uv) = (var(&g)?, var(&u)?);
+                let y = swiglu(gv.as_tensor(), uv.as_tensor())?;
+                let grads = (&y * &dy)?.sum_all()?.backward()?;
+                let (ry, rdg, rdu) =
+                    swiglu_ref(&to_f64_vec(&g)?, &to_f64_vec(&u)?, &to_f64_vec(&dy)?);
+                let t = |v: Vec<f64>| Tensor::from_vec(v, shape.as_slice(), &Device::Cpu);
+                fails.check(&f64_cpu(&y)?, &t(ry)?, tol(dtype), &format!("{what} y"))?;
+                let dg = grad_of(&grads, gv.as_tensor(), &what);
+                let du = grad_of(&grads, uv.as_tensor(), &what);
+                fails.check(&f64_cpu(&dg)?, &t(rdg)?, tol(dtype), &format!("{what} dg"))?;
+                fails.check(&f64_cpu(&du)?, &t(rdu)?, tol(dtype), &format!("{what} du"))?;
+            }
+        }
+    }
+    fails.finish();
+    Ok(())
+}
+
+device_test!(swiglu_forward_backward);
+
+#[test]
+fn swiglu_fd_gradient() -> Result<()> {
+    let _g = shared_lock();
+    let dev = Device::Cpu;
+    let g = randn(&[3, 7], DType::F64, &dev, 11)?;
+    let u = randn(&[3, 7], DType::F64, &dev, 12)?;
+    let r = randn(&[3, 7], DType::F64, &dev, 13)?;
+    let (gv, uv) = (var(&g)?, var(&u)?);
+    let grads = (swiglu(gv.as_tensor(), uv.as_tensor())? * &r)?
+        .sum_all()?
+        .backward()?;
+    let want_g = fd_grad(|g| weighted_sum(&swiglu(g, &u)?, &r), &g, FD_H)?;
+    let want_u = fd_grad(|u| weighted_sum(&swiglu(&g, u)?, &r), &u, FD_H)?;
+    crate::common::assert_close(
+        &grad_of(&grads, gv.as_tensor(), "dg"),
+        &want_g,
+        FD_TOL,
+        "dg",
+    )?;
+    crate::common::assert_close(
+        &grad_of(&grads, uv.as_tensor(), "du"),
+        &want_u,
+        FD_TOL,
+        "du",
+    )?;
+    assert!(swiglu(&g, &u.narrow(1, 0, 6)?).is_err());
+    Ok(())
+}
+
+/// Argmax against the host's `sampling::argmax` on the same (rounded) values, with ties, NaN
+/// and all-NaN rows, odd widths and a transposed view.
+fn argmax_matches_host(dev: &Device) -> Result<()> {
+    for dtype in dtypes(dev) {
+        for &(rows, cols) in &[(1, 1), (1, 7), (3, 33), (2, 5000), (4, 151_936)] {
+            let sd = seed(&format!("argmax {rows}x{cols} {dtype:?}"));
+            let x = randn(&[rows, cols], dtype, dev, sd)?;
+            let got = argmax_last_dim(&x)?.to_vec1::<u32>()?;
+            let host = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (r, row) in host.iter().enumerate() {
+                let want = flare::generate::sampling::argmax(row)?;
+                assert_eq!(got[r], want, "{rows}x{cols} {dtype:?} row {r}");
+            }
+        }
+        // Ties take the first index; NaN is skipped; an all-NaN row gives u32::MAX.
+        let nan = f64::NAN;
+        let x = Tensor::new(
+            &[
+                [1.0f64, 3.0, 3.0, -1.0],
+                [nan, -2.0, nan, -2.0],
+                [nan, nan, nan, nan],
+            ],
+            &Device::Cpu,
+        )?
+        .to_dtype(dtype)?
+        .to_device(dev)?;
+        assert_eq!(argmax_last_dim(&x)?.to_vec1::<u32>()?, vec![1, 1, u32::MAX]);
+        // A transposed view and a batch dim.
+        let x = randn(&[2, 9, 3], dtype, dev, 5)?.transpose(1, 2)?; // [2, 3, 9]
+        let got = argmax_last_dim(&x)?;
+        assert_eq!(got.dims(), &[2, 3]);
+        let want = x
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .to_device(&Device::Cpu)?;
+        let host = want.reshape((6, 9))?.to_vec2::<f32>()?;
+        let got = got.flatten_all()?.to_vec1::<u32>()?;
+        for (r, row) in host.iter().enumerate() {
+            assert_eq!(
+                got[r],
+                flare::generate::sampling::argmax(row)?,
+                "transposed row {r}"
+            );
+        }
+    }
+    Ok(())
+}
+
+device_test!(argmax_matches_host);
+
+/// Skinny products `x @ w.T` (the decode-time linear layers; `gemv_*` on CUDA) against an f64
+/// reference: 1..=8 rows and a 9-row control, odd k and n, strided rows of `x` and of `w`
+/// (narrowed views, ld > k) and offsets that rule out 16-byte accesses, a rank-3 `x`.
+fn skinny_matmul(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    for dtype in dtypes(dev) {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 7, 33),
+            (3, 33, 7),
+            (8, 64, 129),
+            (9, 40, 17),
+            (2, 896, 300),
+        ] {
+            for strided in [false, true] {
+                let what = format!("x[{m},{k}] @ w[{n},{k}].T {dtype:?} strided={strided}");
+                let sd = seed(&what);
+                let (x, w) = if strided {
+                    let xw = randn(&[m, k + 3], dtype, dev, sd)?;
+                    let ww = randn(&[n, k + 5], dtype, dev, sd + 1)?;
+                    (xw.narrow(1, 1, k)?, ww.narrow(1, 2, k)?)
+                } else {
+                    (
+                        randn(&[m, k], dtype, dev, sd)?,
+                        randn(&[n, k], dtype, dev, sd + 1)?,
+                    )
+                };
+                let y = flare::ops::matmul(&x, &w.t()?)?;
+                let want = f64_cpu(&x)?.matmul(&f64_cpu(&w)?.t()?)?;
+                fails.check(&f64_cpu(&y)?, &want, tol(dtype), &what)?;
+            }
+        }
+        // A rank-3 x (batch 2 x 1 token), as a linear layer sees one decode step.
+        let x = randn(&[2, 1, 96], dtype, dev, 77)?;
+        let w = randn(&[40, 96], dtype, dev, 78)?;
+        let y = flare::ops::matmul(&x, &w.t()?)?;
+        let want = f64_cpu(&x)?.broadcast_matmul(&f64_cpu(&w)?.t()?)?;
+        fails.check(
+            &f64_cpu(&y)?,
+            &want,
+            tol(dtype),
+            &format!("rank-3 {dtype:?}"),
+        )?;
+    }
+    fails.finish();
+    Ok(())
+}
+
+device_test!(skinny_matmul);
