@@ -8,7 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel sources, one PTX module each (`src/cu/<name>.cu` -> `$OUT_DIR/<name>.ptx`).
-const KERNELS: &[&str] = &["softmax", "rms_norm", "gemm_small"];
+const KERNELS: &[&str] = &[
+    "softmax",
+    "rms_norm",
+    "gemm_small",
+    "cross_entropy",
+    "adamw",
+];
 /// Headers the kernels include.
 const HEADERS: &[&str] = &["common.cuh"];
 

@@ -23,3 +23,11 @@ pub const RMS_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"
 /// cuBLASLt's host overhead to pay off.
 #[cfg(feature = "cuda")]
 pub const GEMM_SMALL: &str = include_str!(concat!(env!("OUT_DIR"), "/gemm_small.ptx"));
+
+/// PTX of `cross_entropy.cu`: `cross_entropy_fwd_*` and `cross_entropy_bwd_*`.
+#[cfg(feature = "cuda")]
+pub const CROSS_ENTROPY: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
+
+/// PTX of `adamw.cu`: `adamw_multi_f32`, the multi-tensor AdamW update.
+#[cfg(feature = "cuda")]
+pub const ADAMW: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));

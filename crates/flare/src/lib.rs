@@ -25,5 +25,6 @@ pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod runtime;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -10,6 +10,7 @@
 //! through them returns Candle's `BackwardNotSupported`, never a silently cut gradient).
 
 mod cpu;
+pub mod cross_entropy;
 pub mod matmul;
 pub mod rms_norm;
 pub mod softmax;
@@ -17,6 +18,7 @@ pub mod softmax;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
+pub use cross_entropy::{cross_entropy, cross_entropy_per_token, cross_entropy_weighted};
 pub use matmul::matmul;
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use softmax::softmax_last_dim;

@@ -23,16 +23,26 @@ enum Module {
     Softmax,
     RmsNorm,
     GemmSmall,
+    CrossEntropy,
+    AdamW,
 }
 
 impl Module {
-    const ALL: [Module; 3] = [Module::Softmax, Module::RmsNorm, Module::GemmSmall];
+    const ALL: [Module; 5] = [
+        Module::Softmax,
+        Module::RmsNorm,
+        Module::GemmSmall,
+        Module::CrossEntropy,
+        Module::AdamW,
+    ];
 
     fn ptx(self) -> &'static str {
         match self {
             Module::Softmax => flare_kernels::SOFTMAX,
             Module::RmsNorm => flare_kernels::RMS_NORM,
             Module::GemmSmall => flare_kernels::GEMM_SMALL,
+            Module::CrossEntropy => flare_kernels::CROSS_ENTROPY,
+            Module::AdamW => flare_kernels::ADAMW,
         }
     }
 }
@@ -70,6 +80,13 @@ kernels! {
     GemmSmallF32 => (GemmSmall, "gemm_small_f32"),
     GemmSmallF16 => (GemmSmall, "gemm_small_f16"),
     GemmSmallBF16 => (GemmSmall, "gemm_small_bf16"),
+    CrossEntropyFwdF32 => (CrossEntropy, "cross_entropy_fwd_f32"),
+    CrossEntropyFwdF16 => (CrossEntropy, "cross_entropy_fwd_f16"),
+    CrossEntropyFwdBF16 => (CrossEntropy, "cross_entropy_fwd_bf16"),
+    CrossEntropyBwdF32 => (CrossEntropy, "cross_entropy_bwd_f32"),
+    CrossEntropyBwdF16 => (CrossEntropy, "cross_entropy_bwd_f16"),
+    CrossEntropyBwdBF16 => (CrossEntropy, "cross_entropy_bwd_bf16"),
+    AdamWMultiF32 => (AdamW, "adamw_multi_f32"),
 }
 
 /// Everything flare needs on one CUDA device, created once.

@@ -1,6 +1,7 @@
 //! CUDA forwards of flare's ops: GEMMs through cuBLASLt, the rest through flare's kernels, all
 //! on the per-device [`crate::runtime::cuda::CudaRuntime`].
 
+pub(crate) mod cross_entropy;
 pub(crate) mod matmul;
 pub(crate) mod rms_norm;
 mod rows;
