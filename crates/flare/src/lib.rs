@@ -25,6 +25,7 @@ pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod runtime;
+pub mod text;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -3,8 +3,10 @@
 //! transformers' logits processors), until `max_new_tokens` or an EOS token.
 //! [`generate_batch`] does the same for several prompts of one length at once.
 
+mod config_file;
 pub mod sampling;
 
+pub use config_file::HfGenerationConfig;
 pub use sampling::{sample, SamplingParams};
 
 use candle_core::{DType, Tensor};
@@ -27,6 +29,10 @@ pub struct GenerationConfig {
     pub eos_token_ids: Vec<u32>,
     /// The seed of the [`StdRng`] used when sampling.
     pub seed: u64,
+    /// Generation stops once the decoded new text contains any of these (checked by the
+    /// text-level API, which has a tokenizer; the stop string is left out of the returned
+    /// text, as transformers does); empty: none.
+    pub stop_strings: Vec<String>,
 }
 
 /// The last row of logits `[1, s, vocab]` as f32.

@@ -48,6 +48,7 @@ fn check_on(arch: &str, dev: &Device) -> Result<()> {
         sampling: SamplingParams::default(),
         eos_token_ids: vec![],
         seed: 0,
+        ..Default::default()
     };
     let mut streamed = Vec::new();
     let got = generate(&model, &prompt, &cfg, |t| streamed.push(t))?;
@@ -169,6 +170,7 @@ fn eos_stops_and_sampling_is_seeded() -> Result<()> {
         },
         eos_token_ids: vec![],
         seed: 42,
+        ..Default::default()
     };
     let a = generate(&model, &prompt, &cfg, |_| {})?;
     assert_eq!(a.len(), 12);

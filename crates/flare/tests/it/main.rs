@@ -11,3 +11,4 @@ mod peft;
 mod rms_norm;
 mod runtime;
 mod softmax;
+mod text;
