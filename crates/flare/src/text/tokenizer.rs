@@ -196,9 +196,11 @@ impl Tokenizer {
             "eos_token" => &mut self.eos,
             "pad_token" => &mut self.pad,
             "unk_token" => &mut self.unk,
-            _ => return Err(self.err(format!(
+            _ => {
+                return Err(self.err(format!(
                 "unknown special token name {name:?} (bos_token, eos_token, pad_token, unk_token)"
-            ))),
+            )))
+            }
         };
         *slot = Some((token.to_string(), id));
         Ok(())

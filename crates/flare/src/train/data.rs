@@ -38,14 +38,8 @@ use serde::{Deserialize, Serialize};
 use crate::ops::cross_entropy::IGNORE_INDEX;
 use crate::{Error, Result};
 
-/// A conversation turn of a `messages` example.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    /// `system`, `user`, `assistant`, ...
-    pub role: String,
-    /// The text of the turn.
-    pub content: String,
-}
+/// A conversation turn of a `messages` example (`{"role": ..., "content": ...}`).
+pub use crate::text::ChatMessage as Message;
 
 /// What the data pipeline needs from a tokenizer.
 pub trait Encoder {
@@ -59,6 +53,34 @@ pub trait Encoder {
     /// A string that changes whenever the tokenisation could (vocabulary, merges, template),
     /// for the cache key.
     fn fingerprint(&self) -> Result<String>;
+}
+
+impl Encoder for crate::text::Tokenizer {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        crate::text::Tokenizer::encode(self, text, false)
+    }
+
+    fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.apply_chat_template(messages, add_generation_prompt)
+    }
+
+    fn eos_token_id(&self) -> Option<u32> {
+        crate::text::Tokenizer::eos_token_id(self)
+    }
+
+    fn fingerprint(&self) -> Result<String> {
+        let bytes = std::fs::read(self.file()).map_err(|e| Error::Io {
+            context: format!("reading {}", self.file().display()),
+            source: e,
+        })?;
+        let template = self.chat_template().map(|t| t.source()).unwrap_or("");
+        let eos = crate::text::Tokenizer::eos_token_id(self);
+        Ok(format!(
+            "{:016x}/{:016x}/{eos:?}",
+            fnv1a(&[&bytes]),
+            fnv1a(&[template.as_bytes()])
+        ))
+    }
 }
 
 /// What to do with a malformed line.

@@ -395,6 +395,23 @@ impl Trainer {
         Ok(t)
     }
 
+    /// [`new`](Self::new) with the tokenizer of the model directory
+    /// ([`crate::text::Tokenizer::from_dir`]).
+    pub fn from_config(config: TrainConfig, device: &Device) -> Result<Self> {
+        let tok = crate::text::Tokenizer::from_dir(&config.model)?;
+        Self::new(config, device, Box::new(tok))
+    }
+
+    /// [`resume`](Self::resume) with the tokenizer of the model directory.
+    pub fn resume_from_config(
+        config: TrainConfig,
+        device: &Device,
+        checkpoint: impl AsRef<Path>,
+    ) -> Result<Self> {
+        let tok = crate::text::Tokenizer::from_dir(&config.model)?;
+        Self::resume(config, device, Box::new(tok), checkpoint)
+    }
+
     /// Continues the run saved in checkpoint directory `checkpoint` (see [`Self::save_checkpoint`]):
     /// the adapter weights, optimizer moments, step, epoch and batch position are restored, and
     /// `metrics.jsonl` is cut back to the checkpoint's step. `config` should be the run's

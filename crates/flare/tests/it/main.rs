@@ -12,3 +12,4 @@ mod rms_norm;
 mod runtime;
 mod softmax;
 mod text;
+mod train;
