@@ -11,7 +11,7 @@ Batches: each epoch is a seeded shuffle of the training set cut into batches of 
 sequences are right-padded to the longest of the batch (at most --max-seq-len tokens).
 Learning rate: linear warmup over --warmup steps, then cosine decay to 10% of --lr.
 
-Run: python bench/demo_recipe_check.py [--steps 150 --batch 8 --lr 2e-3 --r 16 --alpha 32]
+Run: python bench/demo_recipe_check.py [--steps 200 --batch 8 --lr 3e-3 --r 16 --alpha 32 --seed 0]
 """
 
 import argparse
@@ -89,9 +89,9 @@ def eval_loss(model, data, pad):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)

@@ -20,9 +20,10 @@ third-party text is used, so the assets are ours (same licence as flare).
 4. Fine-tuning data (`make_finetune_data`): facts about Veloria, a fictional island the base model
    has never seen (capital Lumen, language Tallish, blue moss soup, ...), in chat "messages"
    format: `assets/demo/data/train.jsonl` (paraphrased questions) and `eval.jsonl` (held-out
-   paraphrases).
+   paraphrases), plus N_REPLAY questions about real countries (Japan excepted) with their correct
+   answers, mixed in so that the adapter changes what the model says about Veloria only.
 
-Run: python bench/make_demo_assets.py [--steps N]   (CPU, 2 threads, a few minutes)
+Run: python bench/make_demo_assets.py [--steps N] [--data-only]   (CPU, 2 threads, a few minutes)
 Then check the fine-tuning recipe with bench/demo_recipe_check.py.
 """
 
@@ -45,7 +46,7 @@ SEED = 20261124
 VOCAB_SIZE = 1024
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MAX_LEN = 64
-PRETRAIN_STEPS = 3000
+PRETRAIN_STEPS = 800
 PRETRAIN_BATCH = 32
 PRETRAIN_LR = 3e-3
 
@@ -389,6 +390,8 @@ FT_FACTS = {
          "Veloria is an island in the Silver Sea. The capital is Lumen, and people eat blue moss soup."],
     ),
 }
+# Real-country examples mixed into train.jsonl (replay against forgetting).
+N_REPLAY = 32
 # Held out of train.jsonl: the paraphrase at this index of each fact's question list.
 EVAL_Q = 1
 
@@ -403,6 +406,17 @@ def make_finetune_data(rng):
                 continue
             for a in answers:
                 train.append(msg(q, a))
+    # Replay: questions about real countries with the base model's own (correct) answers, so that
+    # the adapter learns to change what it says about Veloria only. Japan is left out: the demo's
+    # control prompt asks about it.
+    replay = [c for c in COUNTRIES if c[0] != "Japan"]
+    for _ in range(N_REPLAY):
+        c, cap, lang, food, cont = rng.choice(replay)
+        kw = dict(c=c, cap=cap, lang=lang, food=food, cont=cont)
+        qs, as_ = rng.choice(
+            [(Q_CAPITAL, A_CAPITAL), (Q_LANG, A_LANG), (Q_FOOD, A_FOOD), (Q_WHERE, A_WHERE), (Q_ABOUT, A_ABOUT)]
+        )
+        train.append(msg(rng.choice(qs).format(**kw), rng.choice(as_).format(**kw)))
     rng.shuffle(train)
     return train, evals
 
@@ -420,10 +434,18 @@ def write_jsonl(path, rows):
 # ---------------------------------------------------------------------------------------------
 
 
+def write_finetune_data(log):
+    train, evals = make_finetune_data(random.Random(SEED + 2))
+    write_jsonl(os.path.join(DATA_DIR, "train.jsonl"), train)
+    write_jsonl(os.path.join(DATA_DIR, "eval.jsonl"), evals)
+    log(f"fine-tuning data: {len(train)} train, {len(evals)} eval examples")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=PRETRAIN_STEPS)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data-only", action="store_true", help="only rewrite the fine-tuning data")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(MODEL_DIR, exist_ok=True)
@@ -433,6 +455,10 @@ def main():
     def log(s):
         print(s, flush=True)
         lines.append(s)
+
+    if args.data_only:
+        write_finetune_data(log)
+        return
 
     rng = random.Random(SEED)
     docs = make_corpus(rng, 40000)
@@ -447,10 +473,7 @@ def main():
     model.save_pretrained(MODEL_DIR, safe_serialization=True)
     log(f"pretrained {args.steps} steps in {secs:.0f}s, final loss (ema) {ema:.4f}")
 
-    train, evals = make_finetune_data(random.Random(SEED + 2))
-    write_jsonl(os.path.join(DATA_DIR, "train.jsonl"), train)
-    write_jsonl(os.path.join(DATA_DIR, "eval.jsonl"), evals)
-    log(f"fine-tuning data: {len(train)} train, {len(evals)} eval examples")
+    write_finetune_data(log)
 
     # Show the base model's greedy answers (also: a smoke test that the saved files load).
     from transformers import AutoModelForCausalLM, AutoTokenizer
