@@ -180,6 +180,7 @@ fn bench_case(
     let mut times: Vec<[f64; 5]> = Vec::new();
     #[cfg(feature = "cuda")]
     let pool = meter(dev)?;
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut peak = None;
     for it in 0..2 + timed {
         #[cfg(feature = "cuda")]
@@ -221,13 +222,7 @@ fn bench_case(
         }
         if it >= 2 {
             let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-            times.push([
-                ms(t0, t1),
-                ms(t1, t2),
-                ms(t2, t3),
-                ms(t3, t4),
-                ms(t0, t4),
-            ]);
+            times.push([ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t3, t4), ms(t0, t4)]);
         }
         let _ = it;
     }
@@ -247,9 +242,16 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
         &[(4, 512), (8, 1024)]
     };
     let timed = if quick { 3 } else { 5 };
-    let dtype = if dev.is_cpu() { DType::F32 } else { DType::BF16 };
+    let dtype = if dev.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    };
     let dir = std::env::temp_dir().join(format!("flare-bench-train-{}", std::process::id()));
-    eprintln!("writing a random Qwen2-0.5B-shaped model ({layers} layers) to {}", dir.display());
+    eprintln!(
+        "writing a random Qwen2-0.5B-shaped model ({layers} layers) to {}",
+        dir.display()
+    );
     write_random_model(&dir, layers)?;
     let result = (|| -> Result<Vec<TrainRow>> {
         let mut model = Transformer::from_dir(&dir, dtype, &dev).context("loading the model")?;

@@ -13,7 +13,10 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_lora;
+mod bench_train;
+mod demo;
 mod floors;
+mod train;
 
 /// Fast LoRA fine-tuning and inference on Candle.
 #[derive(Debug, Parser)]
@@ -34,6 +37,12 @@ enum Command {
     /// Benchmarks: time flare against Candle on the same inputs in the same process.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// LoRA fine-tune a model on JSONL data (flags and/or --config file.toml).
+    Train(Box<train::TrainArgs>),
+    /// Merge an adapter into its base model and write a Hugging Face model directory.
+    Merge(train::MergeArgs),
+    /// Fine-tune the bundled tiny model on the bundled data and show answers before and after.
+    Demo(demo::DemoArgs),
 }
 
 /// The subcommands of `flare bench`.
@@ -49,6 +58,9 @@ enum BenchCommand {
     /// with each case's peak device memory.
     #[command(long_about = bench_lora::LORA_LONG_ABOUT)]
     Lora(bench_lora::LoraArgs),
+    /// LoRA training throughput (Qwen2-0.5B shape, random weights): tokens/s, peak memory and
+    /// a per-phase breakdown, in bench/anchor_train.py's rows.
+    Train(bench_train::TrainBenchArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -56,6 +68,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Ops(args)) => bench::run_ops(&args),
         Command::Bench(BenchCommand::Floors(args)) => floors::run_floors(&args),
         Command::Bench(BenchCommand::Lora(args)) => bench_lora::run_lora(&args),
+        Command::Bench(BenchCommand::Train(args)) => bench_train::run_train_bench(&args),
+        Command::Train(args) => train::run_train(&args),
+        Command::Merge(args) => train::run_merge(&args),
+        Command::Demo(args) => demo::run_demo(&args),
     }
 }
 

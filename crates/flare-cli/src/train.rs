@@ -211,10 +211,7 @@ pub fn run_with_progress(t: &mut Trainer, progress: bool) -> Result<PathBuf> {
         Event::Step(m) => {
             tokens += m.tokens as u64;
             let tps = tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
-            let msg = format!(
-                "loss {:.4} lr {:.2e} {:.0} tok/s",
-                m.loss, m.lr, tps
-            );
+            let msg = format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.loss, m.lr, tps);
             if progress {
                 bar.set_position(m.step);
                 bar.set_message(msg);
@@ -293,13 +290,8 @@ pub fn run_merge(a: &MergeArgs) -> Result<()> {
         Some("f16") => Some(DType::F16),
         Some(other) => bail!("--dtype: expected f32, bf16 or f16, got {other:?}"),
     };
-    flare::train::merge_adapter_to_dir(&a.model, &a.adapter, &a.out, dtype).with_context(|| {
-        format!(
-            "merging {} into {}",
-            a.adapter.display(),
-            a.model.display()
-        )
-    })?;
+    flare::train::merge_adapter_to_dir(&a.model, &a.adapter, &a.out, dtype)
+        .with_context(|| format!("merging {} into {}", a.adapter.display(), a.model.display()))?;
     eprintln!("merged model written to {}", a.out.display());
     Ok(())
 }

@@ -106,10 +106,11 @@ pub fn merge_adapter_to_dir(
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let bytes = safetensors::tensor::serialize(sorted, metadata).map_err(|e| Error::InvalidArgument {
-        op: OP,
-        msg: format!("serialising the merged weights: {e}"),
-    })?;
+    let bytes =
+        safetensors::tensor::serialize(sorted, metadata).map_err(|e| Error::InvalidArgument {
+            op: OP,
+            msg: format!("serialising the merged weights: {e}"),
+        })?;
     crate::io::write_atomic(out_dir.join("model.safetensors"), &bytes)?;
 
     let cfg_path = model_dir.join("config.json");

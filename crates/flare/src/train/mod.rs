@@ -22,7 +22,7 @@ pub mod optim;
 pub mod plot;
 pub mod trainer;
 
-pub use export::merge_adapter_to_dir;
 pub use data::{BadLines, Batch, DataConfig, Encoder, Example, Message, Tokenized};
+pub use export::merge_adapter_to_dir;
 pub use optim::{clip_scale, global_grad_norm, AdamW, AdamWConfig, Schedule};
 pub use trainer::{DataStats, Event, StepMetrics, TrainConfig, TrainState, Trainer};
