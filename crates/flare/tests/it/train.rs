@@ -575,3 +575,48 @@ fn checkpoints_are_atomic_and_complete() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[test]
+fn merged_model_gives_the_base_plus_adapter_logits() -> Result<()> {
+    let dir = scratch("merge");
+    let cfg = small_config(&dir, memorise_data(&dir), 6);
+    let mut t = Trainer::from_config(cfg.clone(), &Device::Cpu)?;
+    let adapter_dir = t.run(|_| {})?;
+    let merged_dir = dir.join("merged");
+    flare::train::merge_adapter_to_dir(fixture(), &adapter_dir, &merged_dir, Some(DType::F32))?;
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(merged_dir.join(f).is_file(), "{f} missing");
+    }
+    let merged = flare::models::Transformer::from_dir(&merged_dir, DType::F32, &Device::Cpu)?;
+    let base = flare::models::Transformer::from_dir(fixture(), DType::F32, &Device::Cpu)?;
+    let ids = Tensor::new(
+        &[[3u32, 50, 77, 120, 9, 200, 31], [1, 2, 3, 4, 5, 6, 7]],
+        &Device::Cpu,
+    )?;
+    let want = t.model().forward(&ids)?;
+    let got = merged.forward(&ids)?;
+    let plain = base.forward(&ids)?;
+    let e = rel_err(&got, &want)?;
+    assert!(e < 1e-5, "merged vs base+adapter: rel err {e}");
+    assert!(
+        rel_err(&plain, &want)? > 100.0 * e.max(1e-7),
+        "the adapter changes nothing"
+    );
+    // An adapter for a model of other shapes (the demo model: hidden 128, not 64) is refused,
+    // naming the tensor.
+    let e = flare::train::merge_adapter_to_dir(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/demo/model"),
+        &adapter_dir,
+        dir.join("bad"),
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("lora_A"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
