@@ -181,8 +181,8 @@ fn adamw_matches_hand_computed_f64_steps() -> Result<()> {
     let mut opt = AdamW::new(vec![("p".into(), var.clone())], cfg)?;
     // The reference, in f64 from the formulas of torch.optim.AdamW.
     let mut p: Vec<f64> = p0.iter().map(|&v| f64::from(v)).collect();
-    let mut m = vec![0.0; 5];
-    let mut v = vec![0.0; 5];
+    let mut m = [0.0; 5];
+    let mut v = [0.0; 5];
     for (k, g) in grads.iter().enumerate() {
         opt.step_with(&[Some(Tensor::new(g, &dev)?)], lr, scale)?;
         let t = (k + 1) as i32;
