@@ -155,6 +155,16 @@ run_decode_compare() {
 step "flare bench decode" run_decode_bench
 step "HF anchor decode" run_decode_anchor
 step "decode comparison (flare vs HF)" run_decode_compare
+# Training: flare's LoRA training step against PyTorch + PEFT on the Qwen2-0.5B shape.
+run_train_bench() {
+  timeout 240 "$BIN/flare" bench train --device cuda --json "$OUT/flare_train.json" 2>&1 |
+    tee "$OUT/flare_train.log"
+}
+run_train_torch() {
+  timeout 240 "$PY" bench/anchor_train.py --json "$OUT/torch_train.json" 2>&1 | tee "$OUT/torch_train.log"
+}
+step "flare bench train" run_train_bench
+step "torch anchor train" run_train_torch
 step "report" run_report
 step "compute-sanitizer memcheck (cuda tests)" run_sanitizer
 
@@ -163,6 +173,9 @@ echo "=== [$(($(date +%s) - T0))s] summary (full Markdown in $OUT/report.md)"
 if [ -f "$OUT/flare_ops.json" ]; then
   python3 bench/report.py --short "$OUT/flare_ops.json" "${TORCH_JSON[@]}" || true
 fi
+for f in flare_train.log torch_train.log; do
+  [ -f "$OUT/$f" ] && { echo; echo "--- $f"; cat "$OUT/$f"; }
+done
 if [ -f "$OUT/lora_report.txt" ]; then
   echo
   cat "$OUT/lora_report.txt"

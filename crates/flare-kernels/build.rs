@@ -16,6 +16,8 @@ const KERNELS: &[&str] = &[
     "swiglu",
     "argmax",
     "gemv",
+    "cross_entropy",
+    "adamw",
 ];
 /// Headers the kernels include.
 const HEADERS: &[&str] = &["common.cuh"];

@@ -569,7 +569,7 @@ fn json_dir(path: &Path) -> &Path {
 // ---- peak memory (CUDA) -------------------------------------------------------------------------
 
 #[cfg(feature = "cuda")]
-mod pool {
+pub(crate) mod pool {
     //! The device memory pool's usage counters, read through the driver.
     use std::sync::Arc;
 

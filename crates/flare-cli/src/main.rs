@@ -14,9 +14,12 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_decode;
 mod bench_lora;
+mod bench_train;
+mod demo;
 mod floors;
 mod generate_cmd;
 mod info;
+mod train;
 
 /// Fast LoRA fine-tuning and inference on Candle.
 #[derive(Debug, Parser)]
@@ -43,6 +46,12 @@ enum Command {
     /// Describe a model directory: architecture, sizes, weights, tokenizer, chat template,
     /// generation config, adapters.
     Info(info::InfoArgs),
+    /// LoRA fine-tune a model on JSONL data (flags and/or --config file.toml).
+    Train(Box<train::TrainArgs>),
+    /// Merge an adapter into its base model and write a Hugging Face model directory.
+    Merge(train::MergeArgs),
+    /// Fine-tune the bundled tiny model on the bundled data and show answers before and after.
+    Demo(demo::DemoArgs),
 }
 
 /// The subcommands of `flare bench`.
@@ -62,6 +71,9 @@ enum BenchCommand {
     /// default) against the weight-read floor.
     #[command(long_about = bench_decode::DECODE_LONG_ABOUT)]
     Decode(bench_decode::DecodeArgs),
+    /// LoRA training throughput (Qwen2-0.5B shape, random weights): tokens/s, peak memory and
+    /// a per-phase breakdown, in bench/anchor_train.py's rows.
+    Train(bench_train::TrainBenchArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -72,6 +84,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Decode(args)) => bench_decode::run_decode(&args),
         Command::Generate(args) => generate_cmd::run_generate(&args),
         Command::Info(args) => info::run_info(&args),
+        Command::Bench(BenchCommand::Train(args)) => bench_train::run_train_bench(&args),
+        Command::Train(args) => train::run_train(&args),
+        Command::Merge(args) => train::run_merge(&args),
+        Command::Demo(args) => demo::run_demo(&args),
     }
 }
 

@@ -41,3 +41,10 @@ pub const ARGMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/argmax.ptx"));
 /// output column reading the weight once.
 #[cfg(feature = "cuda")]
 pub const GEMV: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));
+/// PTX of `cross_entropy.cu`: `cross_entropy_fwd_*` and `cross_entropy_bwd_*`.
+#[cfg(feature = "cuda")]
+pub const CROSS_ENTROPY: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
+
+/// PTX of `adamw.cu`: `adamw_multi_f32`, the multi-tensor AdamW update.
+#[cfg(feature = "cuda")]
+pub const ADAMW: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));

@@ -74,6 +74,17 @@ pub enum Error {
         msg: String,
     },
 
+    /// A line of a training data file is malformed (bad JSON, missing or mistyped fields).
+    #[error("{file}:{line}: {msg}")]
+    Data {
+        /// The data file.
+        file: String,
+        /// The 1-based line number.
+        line: usize,
+        /// What is wrong with the line.
+        msg: String,
+    },
+
     // ---- runtime ----------------------------------------------------------------------------
     /// A CUDA driver, cuBLASLt or kernel-launch call failed.
     #[error("CUDA: {context}: {msg}")]

@@ -26,5 +26,6 @@ pub mod models;
 pub mod ops;
 pub mod runtime;
 pub mod text;
+pub mod train;
 
 pub use error::{Error, Result};

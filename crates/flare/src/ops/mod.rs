@@ -11,6 +11,7 @@
 
 pub mod argmax;
 mod cpu;
+pub mod cross_entropy;
 pub mod matmul;
 pub mod rms_norm;
 pub mod rope;
@@ -21,6 +22,7 @@ pub mod swiglu;
 pub(crate) mod cuda;
 
 pub use argmax::argmax_last_dim;
+pub use cross_entropy::{cross_entropy, cross_entropy_per_token, cross_entropy_weighted};
 pub use matmul::matmul;
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::rope_heads;

@@ -27,10 +27,12 @@ enum Module {
     SwiGlu,
     Argmax,
     Gemv,
+    CrossEntropy,
+    AdamW,
 }
 
 impl Module {
-    const ALL: [Module; 7] = [
+    const ALL: [Module; 9] = [
         Module::Softmax,
         Module::RmsNorm,
         Module::GemmSmall,
@@ -38,6 +40,8 @@ impl Module {
         Module::SwiGlu,
         Module::Argmax,
         Module::Gemv,
+        Module::CrossEntropy,
+        Module::AdamW,
     ];
 
     fn ptx(self) -> &'static str {
@@ -49,6 +53,8 @@ impl Module {
             Module::SwiGlu => flare_kernels::SWIGLU,
             Module::Argmax => flare_kernels::ARGMAX,
             Module::Gemv => flare_kernels::GEMV,
+            Module::CrossEntropy => flare_kernels::CROSS_ENTROPY,
+            Module::AdamW => flare_kernels::ADAMW,
         }
     }
 }
@@ -101,6 +107,13 @@ kernels! {
     GemvF32 => (Gemv, "gemv_f32"),
     GemvF16 => (Gemv, "gemv_f16"),
     GemvBF16 => (Gemv, "gemv_bf16"),
+    CrossEntropyFwdF32 => (CrossEntropy, "cross_entropy_fwd_f32"),
+    CrossEntropyFwdF16 => (CrossEntropy, "cross_entropy_fwd_f16"),
+    CrossEntropyFwdBF16 => (CrossEntropy, "cross_entropy_fwd_bf16"),
+    CrossEntropyBwdF32 => (CrossEntropy, "cross_entropy_bwd_f32"),
+    CrossEntropyBwdF16 => (CrossEntropy, "cross_entropy_bwd_f16"),
+    CrossEntropyBwdBF16 => (CrossEntropy, "cross_entropy_bwd_bf16"),
+    AdamWMultiF32 => (AdamW, "adamw_multi_f32"),
 }
 
 /// Everything flare needs on one CUDA device, created once.

@@ -15,3 +15,4 @@ mod rms_norm;
 mod runtime;
 mod softmax;
 mod text;
+mod train;

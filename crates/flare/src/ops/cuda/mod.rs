@@ -3,6 +3,7 @@
 
 pub(crate) mod argmax;
 mod elementwise;
+pub(crate) mod cross_entropy;
 pub(crate) mod matmul;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;

@@ -1,0 +1,28 @@
+//! LoRA fine-tuning: data ([`data`]), the optimizer and schedule ([`optim`]), the loss plot
+//! ([`plot`]) and the [`Trainer`] that ties them to a [`crate::models::Transformer`].
+//!
+//! ```no_run
+//! use candle_core::Device;
+//! use flare::train::{TrainConfig, Trainer};
+//! # fn encoder() -> Box<dyn flare::train::Encoder> { unimplemented!() }
+//! let cfg = TrainConfig {
+//!     model: "models/tiny".into(),
+//!     data: "data/train.jsonl".into(),
+//!     output_dir: "out".into(),
+//!     ..Default::default()
+//! };
+//! let mut trainer = Trainer::new(cfg, &Device::Cpu, encoder())?;
+//! trainer.run(|event| println!("{event:?}"))?;
+//! # Ok::<(), flare::Error>(())
+//! ```
+
+pub mod data;
+pub mod export;
+pub mod optim;
+pub mod plot;
+pub mod trainer;
+
+pub use data::{BadLines, Batch, DataConfig, Encoder, Example, Message, Tokenized};
+pub use export::merge_adapter_to_dir;
+pub use optim::{clip_scale, global_grad_norm, AdamW, AdamWConfig, Schedule};
+pub use trainer::{DataStats, Event, StepMetrics, TrainConfig, TrainState, Trainer};

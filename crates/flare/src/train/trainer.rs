@@ -1,0 +1,920 @@
+//! [`Trainer`]: LoRA fine-tuning of a [`Transformer`] on tokenised JSONL data, with AdamW,
+//! a warmup + decay schedule, gradient accumulation, global-norm clipping, periodic eval,
+//! atomic checkpoints and exact resumption.
+//!
+//! Only the LoRA matrices are trained (f32, on a base of any float dtype): the base weights are
+//! frozen tensors, and the fused LoRA op never computes their gradient. One optimizer step
+//! consumes `grad_accum` batches; the loss of a step is the mean over all of its counted
+//! tokens (each micro-batch's summed NLL is divided by the step's total token count, so the
+//! accumulated gradient is the gradient of that mean).
+//!
+//! Layout of `output_dir`:
+//!
+//! - `checkpoint-<step>/`: `adapter_config.json` + `adapter_model.safetensors` (PEFT),
+//!   `optimizer.safetensors` (AdamW moments), `trainer_state.json` ([`TrainState`]: step,
+//!   epoch, position in the epoch's batch order, schedule, config) and `loss.png`. A checkpoint
+//!   is written into a temporary directory and renamed into place, so a checkpoint directory
+//!   that exists is complete, and a kill during a write leaves the previous one untouched.
+//! - `adapter_config.json` + `adapter_model.safetensors`: the final adapter.
+//! - `metrics.jsonl`: one JSON object per step (and per eval).
+//! - `loss.png`: the loss curve, rewritten at each checkpoint and at the end.
+//!
+//! Determinism: on the CPU a run is a function of its config and data. The order of an epoch
+//! derives from `(seed, epoch)` ([`super::data::epoch_batches`]) and the adapters' initial
+//! values from `seed`; together with the checkpointed step, epoch, batch position, optimizer
+//! moments and adapter weights, that is the whole state, so a resumed run reproduces the
+//! uninterrupted run's losses exactly. (LoRA dropout draws from Candle's unseeded CPU RNG: with
+//! `lora_dropout > 0`, runs are not bit-reproducible.)
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::data::{
+    epoch_batches, make_batch, split_eval, tokenize_cached, BadLines, DataConfig, Encoder, Example,
+};
+use super::optim::{clip_scale, global_grad_norm, AdamW, AdamWConfig, Schedule};
+use super::plot::write_loss_png;
+use crate::lora::{load_adapter, save_adapter, Adapter, AdapterConfig, LoraConfig};
+use crate::models::Transformer;
+use crate::ops::cross_entropy::IGNORE_INDEX;
+use crate::ops::cross_entropy_per_token;
+use crate::{Error, Result};
+
+const OP: &str = "Trainer";
+/// The adapter name flare trains under (PEFT's default).
+pub const ADAPTER_NAME: &str = "default";
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIM_FILE: &str = "optimizer.safetensors";
+const METRICS_FILE: &str = "metrics.jsonl";
+const PLOT_FILE: &str = "loss.png";
+
+fn invalid(msg: String) -> Error {
+    Error::InvalidArgument { op: OP, msg }
+}
+
+fn io_err(context: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { context, source }
+}
+
+/// Everything a training run is configured by; loadable from TOML (missing keys take the
+/// defaults below, unknown keys are an error).
+///
+/// ```
+/// let cfg: flare::train::TrainConfig = toml::from_str(r#"
+///     model = "models/tiny"
+///     data = "data/train.jsonl"
+///     output_dir = "out"
+///     lr = 1e-3
+///     lora_r = 8
+/// "#).unwrap();
+/// assert_eq!(cfg.lora_r, 8);
+/// assert_eq!(cfg.batch_size, 4); // a default
+/// cfg.validate()?;
+/// # Ok::<(), flare::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer files).
+    pub model: PathBuf,
+    /// Training data (JSONL).
+    pub data: PathBuf,
+    /// Eval data (JSONL); when absent, `eval_fraction` of `data` is held out.
+    pub eval_data: Option<PathBuf>,
+    /// Where checkpoints, metrics, the plot and the final adapter go.
+    pub output_dir: PathBuf,
+    /// LoRA rank.
+    pub lora_r: usize,
+    /// LoRA alpha (scaling `alpha / r`).
+    pub lora_alpha: f64,
+    /// LoRA dropout on the low-rank path's input.
+    pub lora_dropout: f32,
+    /// Module names that get an adapter.
+    pub target_modules: Vec<String>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// Decay after warmup.
+    pub schedule: Schedule,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// AdamW β1.
+    pub beta1: f64,
+    /// AdamW β2.
+    pub beta2: f64,
+    /// AdamW ε.
+    pub eps: f64,
+    /// Passes over the training data (when `max_steps` is not set).
+    pub epochs: u64,
+    /// Optimizer steps in total, overriding `epochs`.
+    pub max_steps: Option<u64>,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Global gradient-norm clipping threshold (none when absent or 0).
+    pub max_grad_norm: Option<f64>,
+    /// Examples are truncated to this many tokens.
+    pub max_seq_len: usize,
+    /// Eval every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Fraction of `data` held out for eval when `eval_data` is absent (0: no eval).
+    pub eval_fraction: f64,
+    /// Checkpoint every this many steps (0: none but the final adapter).
+    pub save_every: u64,
+    /// Seed of the adapters' initialisation, the eval split and the batch order.
+    pub seed: u64,
+    /// Compute dtype of the base model: `f32`, `bf16`, `f16` (`f64` on CPU, for tests).
+    pub dtype: String,
+    /// Device, for the CLI: `auto`, `cpu`, `cuda`, `cuda:N` (the library takes a `Device`).
+    pub device: String,
+    /// Malformed JSONL lines: `error` (stop) or `skip` (warn and count).
+    pub bad_lines: BadLines,
+    /// Append EOS to `text` and `completion` examples.
+    pub append_eos: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: PathBuf::new(),
+            data: PathBuf::new(),
+            eval_data: None,
+            output_dir: PathBuf::from("flare-out"),
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            target_modules: crate::lora::config::KNOWN_TARGETS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            lr: 2e-4,
+            warmup_steps: 0,
+            schedule: Schedule::Cosine,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 4,
+            grad_accum: 1,
+            max_grad_norm: Some(1.0),
+            max_seq_len: 1024,
+            eval_every: 0,
+            eval_fraction: 0.0,
+            save_every: 0,
+            seed: 42,
+            dtype: "f32".into(),
+            device: "auto".into(),
+            bad_lines: BadLines::Error,
+            append_eos: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file; the error names the file and the key.
+    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(io_err(format!("reading config {}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Io {
+            context: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })
+    }
+
+    /// The LoRA part.
+    pub fn lora(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            use_rslora: false,
+            target_modules: self.target_modules.clone(),
+        }
+    }
+
+    /// The AdamW part.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+
+    /// The tokenisation part.
+    pub fn data_config(&self) -> DataConfig {
+        DataConfig {
+            max_seq_len: self.max_seq_len,
+            append_eos: self.append_eos,
+            bad_lines: self.bad_lines,
+        }
+    }
+
+    /// The compute dtype named by `dtype`.
+    pub fn parsed_dtype(&self) -> Result<DType> {
+        match self.dtype.as_str() {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            "f16" => Ok(DType::F16),
+            "f64" => Ok(DType::F64),
+            other => Err(invalid(format!(
+                "dtype must be f32, bf16, f16 or f64, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Checks every field; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        self.lora().validate()?;
+        self.adamw().validate()?;
+        self.parsed_dtype()?;
+        let bad = |m: &str| Err(invalid(m.to_string()));
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr must be > 0");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size must be >= 1");
+        }
+        if self.grad_accum == 0 {
+            return bad("grad_accum must be >= 1");
+        }
+        if self.max_seq_len < 2 {
+            return bad("max_seq_len must be >= 2");
+        }
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs == 0) {
+            return bad("nothing to train: epochs and max_steps are 0");
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            return bad("eval_fraction must be in [0, 1)");
+        }
+        if let Some(m) = self.max_grad_norm {
+            if !(m.is_finite() && m >= 0.0) {
+                return bad("max_grad_norm must be >= 0");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The resumable state of a run, saved as `trainer_state.json` in each checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Optimizer steps of the whole run.
+    pub total_steps: u64,
+    /// The epoch the next batch comes from.
+    pub epoch: u64,
+    /// Index of the next batch in that epoch's order.
+    pub batch_in_epoch: usize,
+    /// Real input tokens consumed so far.
+    pub tokens_seen: u64,
+    /// The seed the batch order and initialisation derive from (the RNG state: the order of
+    /// an epoch is a pure function of `(seed, epoch)`).
+    pub seed: u64,
+    /// The learning rate of the next step.
+    pub next_lr: f64,
+    /// The config the run was started with.
+    pub config: TrainConfig,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// The step number (1-based: the count of steps done).
+    pub step: u64,
+    /// Mean loss over the step's counted tokens.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Real input tokens of the step.
+    pub tokens: usize,
+    /// Epoch (fractional: epochs done + position in the current one).
+    pub epoch: f64,
+    /// Seconds the step took.
+    pub seconds: f64,
+}
+
+/// What the trainer reports while running.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// An optimizer step finished.
+    Step(StepMetrics),
+    /// An eval pass finished: (step, mean eval loss).
+    Eval {
+        /// Steps done.
+        step: u64,
+        /// Mean loss over the eval tokens.
+        loss: f64,
+    },
+    /// A checkpoint was written.
+    Checkpoint {
+        /// Steps done.
+        step: u64,
+        /// Its directory.
+        dir: PathBuf,
+    },
+    /// The run finished and the final adapter was written to `dir`.
+    Done {
+        /// Where the final adapter is.
+        dir: PathBuf,
+    },
+}
+
+/// Data statistics, for the report at the start of a run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DataStats {
+    /// Training examples.
+    pub train_examples: usize,
+    /// Eval examples.
+    pub eval_examples: usize,
+    /// Malformed lines skipped, as `file:line: message`.
+    pub bad_lines: Vec<String>,
+    /// Examples truncated to `max_seq_len`.
+    pub truncated: usize,
+    /// Examples dropped for having no loss token.
+    pub dropped_empty: usize,
+    /// Whether the tokenised data came from the cache.
+    pub from_cache: bool,
+}
+
+/// A LoRA fine-tuning run.
+pub struct Trainer {
+    config: TrainConfig,
+    model: Transformer,
+    encoder: Box<dyn Encoder>,
+    opt: AdamW,
+    /// Module path of each adapted layer, in the optimizer's parameter order (A then B each).
+    modules: Vec<String>,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    lengths: Vec<usize>,
+    batches_per_epoch: usize,
+    order: Vec<Vec<usize>>,
+    order_epoch: u64,
+    state: TrainState,
+    pad_id: u32,
+    stats: DataStats,
+    train_curve: Vec<(u64, f64)>,
+    eval_curve: Vec<(u64, f64)>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("config", &self.config)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+impl Trainer {
+    /// Loads the model onto `device`, tokenises the data (through the cache in
+    /// `<output_dir>/token-cache`), injects fresh adapters (seeded) and builds the optimizer.
+    /// `metrics.jsonl` in `output_dir` is started afresh.
+    pub fn new(config: TrainConfig, device: &Device, encoder: Box<dyn Encoder>) -> Result<Self> {
+        let t = Self::build(config, device, encoder)?;
+        std::fs::create_dir_all(&t.config.output_dir).map_err(io_err(format!(
+            "creating output directory {}",
+            t.config.output_dir.display()
+        )))?;
+        crate::io::write_atomic(t.config.output_dir.join(METRICS_FILE), b"")?;
+        Ok(t)
+    }
+
+    /// [`new`](Self::new) with the tokenizer of the model directory
+    /// ([`crate::text::Tokenizer::from_dir`]).
+    pub fn from_config(config: TrainConfig, device: &Device) -> Result<Self> {
+        let tok = crate::text::Tokenizer::from_dir(&config.model)?;
+        Self::new(config, device, Box::new(tok))
+    }
+
+    /// [`resume`](Self::resume) with the tokenizer of the model directory.
+    pub fn resume_from_config(
+        config: TrainConfig,
+        device: &Device,
+        checkpoint: impl AsRef<Path>,
+    ) -> Result<Self> {
+        let tok = crate::text::Tokenizer::from_dir(&config.model)?;
+        Self::resume(config, device, Box::new(tok), checkpoint)
+    }
+
+    /// Continues the run saved in checkpoint directory `checkpoint` (see [`Self::save_checkpoint`]):
+    /// the adapter weights, optimizer moments, step, epoch and batch position are restored, and
+    /// `metrics.jsonl` is cut back to the checkpoint's step. `config` should be the run's
+    /// (the one stored in the checkpoint, possibly with `max_steps` or output settings changed);
+    /// settings that would change the data order or the model (data, seed, batch size,
+    /// accumulation, sequence length, LoRA shape) must match the checkpoint's, else an error
+    /// names the first that differs.
+    pub fn resume(
+        config: TrainConfig,
+        device: &Device,
+        encoder: Box<dyn Encoder>,
+        checkpoint: impl AsRef<Path>,
+    ) -> Result<Self> {
+        let dir = checkpoint.as_ref();
+        let state_path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&state_path)
+            .map_err(io_err(format!("reading {}", state_path.display())))?;
+        let saved: TrainState = serde_json::from_str(&text).map_err(|e| Error::Io {
+            context: state_path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })?;
+        let (a, b) = (&saved.config, &config);
+        let checks: [(&str, bool); 9] = [
+            ("data", a.data == b.data),
+            ("seed", a.seed == b.seed),
+            ("batch_size", a.batch_size == b.batch_size),
+            ("grad_accum", a.grad_accum == b.grad_accum),
+            ("max_seq_len", a.max_seq_len == b.max_seq_len),
+            ("lora_r", a.lora_r == b.lora_r),
+            ("target_modules", a.target_modules == b.target_modules),
+            ("eval_fraction", a.eval_fraction == b.eval_fraction),
+            ("append_eos", a.append_eos == b.append_eos),
+        ];
+        if let Some((name, _)) = checks.iter().find(|(_, same)| !same) {
+            return Err(invalid(format!(
+                "cannot resume from {}: `{name}` differs from the checkpoint's config",
+                dir.display()
+            )));
+        }
+        let mut t = Self::build(config, device, encoder)?;
+        let adapter = load_adapter(dir, device)?;
+        for (path, (a, b)) in &adapter.tensors {
+            let layer = t.model.lora_module_mut(path).ok_or_else(|| {
+                invalid(format!(
+                    "checkpoint adapter has a module `{path}` the model lacks"
+                ))
+            })?;
+            layer.set_adapter_weights(ADAPTER_NAME, a, b)?;
+        }
+        let optim_path = dir.join(OPTIM_FILE);
+        let tensors = candle_core::safetensors::load(&optim_path, device)?;
+        t.opt
+            .load_state(&tensors.into_iter().collect(), saved.step)?;
+        t.state.step = saved.step;
+        t.state.epoch = saved.epoch;
+        t.state.batch_in_epoch = saved.batch_in_epoch;
+        t.state.tokens_seen = saved.tokens_seen;
+        t.state.next_lr = saved.next_lr;
+        // Metrics up to the checkpoint are kept; later lines belonged to the interrupted tail.
+        let metrics_path = t.config.output_dir.join(METRICS_FILE);
+        let kept: Vec<String> = std::fs::read_to_string(&metrics_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= saved.step)
+            })
+            .map(str::to_string)
+            .collect();
+        for l in &kept {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
+                let step = v.get("step").and_then(|s| s.as_u64()).unwrap_or(0);
+                if let Some(x) = v.get("loss").and_then(|x| x.as_f64()) {
+                    t.train_curve.push((step, x));
+                }
+                if let Some(x) = v.get("eval_loss").and_then(|x| x.as_f64()) {
+                    t.eval_curve.push((step, x));
+                }
+            }
+        }
+        std::fs::create_dir_all(&t.config.output_dir).map_err(io_err(format!(
+            "creating output directory {}",
+            t.config.output_dir.display()
+        )))?;
+        let mut body = kept.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        crate::io::write_atomic(&metrics_path, body.as_bytes())?;
+        Ok(t)
+    }
+
+    /// The newest `checkpoint-<step>` directory in `output_dir`, if any.
+    pub fn latest_checkpoint(output_dir: impl AsRef<Path>) -> Option<PathBuf> {
+        std::fs::read_dir(output_dir.as_ref())
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let step: u64 = name.strip_prefix("checkpoint-")?.parse().ok()?;
+                e.path()
+                    .join(STATE_FILE)
+                    .is_file()
+                    .then_some((step, e.path()))
+            })
+            .max_by_key(|(s, _)| *s)
+            .map(|(_, p)| p)
+    }
+
+    fn build(config: TrainConfig, device: &Device, encoder: Box<dyn Encoder>) -> Result<Self> {
+        config.validate()?;
+        let dtype = config.parsed_dtype()?;
+        let mut model = Transformer::from_dir(&config.model, dtype, device)?;
+        let lora = config.lora();
+        let mut modules = Vec::new();
+        let mut params: Vec<(String, Var)> = Vec::new();
+        for (i, (path, layer)) in model.lora_modules_mut().into_iter().enumerate() {
+            if !lora.targets(&path) {
+                continue;
+            }
+            // f32 adapters on any base (f64 on an f64 base, for gradient checks).
+            layer.add_adapter(ADAPTER_NAME, &lora, config.seed.wrapping_add(i as u64))?;
+            layer.set_active(Some(ADAPTER_NAME))?;
+            layer.set_training(true);
+            let vars = layer.trainable_vars();
+            params.push((format!("{path}.lora_A"), vars[0].clone()));
+            params.push((format!("{path}.lora_B"), vars[1].clone()));
+            modules.push(path);
+        }
+        if modules.is_empty() {
+            return Err(invalid(format!(
+                "no module of the model matches target_modules {:?}",
+                config.target_modules
+            )));
+        }
+        // An f64 base (tests) trains f64 adapters, which AdamW refuses: cast-free f32 only.
+        let opt = AdamW::new(params, config.adamw())?;
+
+        let cache = config.output_dir.join("token-cache");
+        let dcfg = config.data_config();
+        let mut stats = DataStats::default();
+        let note = |file: &Path, t: &super::data::Tokenized, stats: &mut DataStats| {
+            stats.bad_lines.extend(
+                t.bad_lines
+                    .iter()
+                    .map(|b| format!("{}:{}: {}", file.display(), b.line, b.msg)),
+            );
+            stats.truncated += t.truncated;
+            stats.dropped_empty += t.dropped_empty;
+        };
+        let (tok, hit) = tokenize_cached(&config.data, encoder.as_ref(), &dcfg, &cache)?;
+        stats.from_cache = hit;
+        note(&config.data, &tok, &mut stats);
+        let (train, eval) = match &config.eval_data {
+            Some(f) => {
+                let (e, _) = tokenize_cached(f, encoder.as_ref(), &dcfg, &cache)?;
+                note(f, &e, &mut stats);
+                (tok.examples, e.examples)
+            }
+            None => split_eval(tok.examples, config.eval_fraction, config.seed),
+        };
+        if train.is_empty() {
+            return Err(invalid(format!(
+                "{} holds no usable training example",
+                config.data.display()
+            )));
+        }
+        stats.train_examples = train.len();
+        stats.eval_examples = eval.len();
+        let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
+        let batches_per_epoch = train.len().div_ceil(config.batch_size);
+        let total_steps = config.max_steps.unwrap_or_else(|| {
+            (config.epochs * batches_per_epoch as u64).div_ceil(config.grad_accum as u64)
+        });
+        let pad_id = encoder.eos_token_id().unwrap_or(0);
+        let state = TrainState {
+            step: 0,
+            total_steps,
+            epoch: 0,
+            batch_in_epoch: 0,
+            tokens_seen: 0,
+            seed: config.seed,
+            next_lr: config
+                .schedule
+                .lr(config.lr, 0, total_steps, config.warmup_steps),
+            config: config.clone(),
+        };
+        let order = epoch_batches(&lengths, config.batch_size, config.seed, 0);
+        Ok(Trainer {
+            config,
+            model,
+            encoder,
+            opt,
+            modules,
+            train,
+            eval,
+            lengths,
+            batches_per_epoch,
+            order,
+            order_epoch: 0,
+            state,
+            pad_id,
+            stats,
+            train_curve: Vec::new(),
+            eval_curve: Vec::new(),
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The run's state (step, epoch, position...).
+    pub fn state(&self) -> &TrainState {
+        &self.state
+    }
+
+    /// What the data held.
+    pub fn data_stats(&self) -> &DataStats {
+        &self.stats
+    }
+
+    /// The model, with its adapters (active, in training mode).
+    pub fn model(&self) -> &Transformer {
+        &self.model
+    }
+
+    /// The model, mutably (e.g. to switch training mode off for generation).
+    pub fn model_mut(&mut self) -> &mut Transformer {
+        &mut self.model
+    }
+
+    /// The encoder (tokenizer) the data was tokenised with.
+    pub fn encoder(&self) -> &dyn Encoder {
+        self.encoder.as_ref()
+    }
+
+    /// Whether every step has been taken.
+    pub fn is_done(&self) -> bool {
+        self.state.step >= self.state.total_steps
+    }
+
+    /// The next batch of the data stream, advancing the position (epochs roll over).
+    fn next_batch(&mut self) -> super::data::Batch {
+        if self.state.batch_in_epoch >= self.batches_per_epoch {
+            self.state.epoch += 1;
+            self.state.batch_in_epoch = 0;
+        }
+        if self.order_epoch != self.state.epoch {
+            self.order = epoch_batches(
+                &self.lengths,
+                self.config.batch_size,
+                self.config.seed,
+                self.state.epoch,
+            );
+            self.order_epoch = self.state.epoch;
+        }
+        let idx = &self.order[self.state.batch_in_epoch];
+        let exs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
+        self.state.batch_in_epoch += 1;
+        make_batch(&exs, self.pad_id)
+    }
+
+    /// Summed NLL over a batch's counted targets (a scalar, f32 or f64), with autograd.
+    fn batch_nll_sum(&self, b: &super::data::Batch) -> Result<Tensor> {
+        let dev = self.model.device();
+        let ids = Tensor::from_vec(b.input_ids.clone(), (b.batch, b.seq), dev)?;
+        let targets = Tensor::from_vec(b.targets.clone(), b.batch * b.seq, dev)?;
+        let logits = self.model.forward(&ids)?;
+        let vocab = logits.dim(2)?;
+        let logits = logits.reshape((b.batch * b.seq, vocab))?;
+        Ok(cross_entropy_per_token(&logits, &targets, IGNORE_INDEX)?.sum_all()?)
+    }
+
+    /// One optimizer step over `grad_accum` batches. `None` when every step is done.
+    pub fn step(&mut self) -> Result<Option<StepMetrics>> {
+        if self.is_done() {
+            return Ok(None);
+        }
+        let t0 = Instant::now();
+        let batches: Vec<_> = (0..self.config.grad_accum)
+            .map(|_| self.next_batch())
+            .collect();
+        let total: usize = batches.iter().map(|b| b.n_targets).sum();
+        let tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
+        let inv = 1.0 / total.max(1) as f64;
+        let params: Vec<Var> = self.opt.params().to_vec();
+        let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut loss = 0.0;
+        for b in &batches {
+            if b.n_targets == 0 {
+                continue;
+            }
+            let l = (self.batch_nll_sum(b)? * inv)?;
+            let grads = l.backward()?;
+            loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            for (slot, p) in acc.iter_mut().zip(&params) {
+                if let Some(g) = grads.get(p.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let norm = global_grad_norm(&acc)?;
+        let scale = clip_scale(norm, self.config.max_grad_norm);
+        let lr = self.config.schedule.lr(
+            self.config.lr,
+            self.state.step,
+            self.state.total_steps,
+            self.config.warmup_steps,
+        );
+        self.opt.step_with(&acc, lr, scale)?;
+        self.state.step += 1;
+        self.state.tokens_seen += tokens as u64;
+        self.state.next_lr = self.config.schedule.lr(
+            self.config.lr,
+            self.state.step,
+            self.state.total_steps,
+            self.config.warmup_steps,
+        );
+        let m = StepMetrics {
+            step: self.state.step,
+            loss,
+            lr,
+            grad_norm: norm,
+            tokens,
+            epoch: self.state.epoch as f64
+                + self.state.batch_in_epoch as f64 / self.batches_per_epoch as f64,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        self.train_curve.push((m.step, m.loss));
+        self.append_metric(&serde_json::to_value(&m).unwrap_or_default())?;
+        Ok(Some(m))
+    }
+
+    /// Mean loss over the eval examples (no gradient; dropout off), or `None` without eval
+    /// data. Also logged to `metrics.jsonl` as `{"step", "eval_loss"}`.
+    pub fn evaluate(&mut self) -> Result<Option<f64>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        self.set_training(false);
+        let r = self.eval_loss();
+        self.set_training(true);
+        let loss = r?;
+        self.eval_curve.push((self.state.step, loss));
+        self.append_metric(&serde_json::json!({"step": self.state.step, "eval_loss": loss}))?;
+        Ok(Some(loss))
+    }
+
+    fn eval_loss(&self) -> Result<f64> {
+        let (mut sum, mut count) = (0.0, 0usize);
+        for chunk in self.eval.chunks(self.config.batch_size) {
+            let exs: Vec<&Example> = chunk.iter().collect();
+            let b = make_batch(&exs, self.pad_id);
+            if b.n_targets == 0 {
+                continue;
+            }
+            let s = self.batch_nll_sum(&b)?.detach();
+            sum += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            count += b.n_targets;
+        }
+        Ok(sum / count.max(1) as f64)
+    }
+
+    fn set_training(&mut self, on: bool) {
+        for (_, l) in self.model.lora_modules_mut() {
+            l.set_training(on);
+        }
+    }
+
+    fn append_metric(&self, v: &serde_json::Value) -> Result<()> {
+        let path = self.config.output_dir.join(METRICS_FILE);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(format!("opening {}", path.display())))?;
+        writeln!(f, "{v}").map_err(io_err(format!("appending to {}", path.display())))
+    }
+
+    /// The trained adapter (copies of the current weights), in PEFT form.
+    pub fn adapter(&self) -> Result<Adapter> {
+        let mut config = AdapterConfig::from(&self.config.lora());
+        config.base_model_name_or_path = Some(self.config.model.display().to_string());
+        config.task_type = Some("CAUSAL_LM".into());
+        let mut tensors = BTreeMap::new();
+        for (path, layer) in self.model.lora_modules() {
+            if let Some(ad) = layer.adapter(ADAPTER_NAME) {
+                tensors.insert(path, (ad.a().copy()?, ad.b().copy()?));
+            }
+        }
+        Ok(Adapter { config, tensors })
+    }
+
+    /// Writes `output_dir/checkpoint-<step>/` (adapter, optimizer state, trainer state, loss
+    /// plot) through a temporary directory renamed into place; returns its path.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let out = &self.config.output_dir;
+        let final_dir = out.join(format!("checkpoint-{}", self.state.step));
+        let tmp = out.join(format!(
+            ".tmp-checkpoint-{}-{}",
+            self.state.step,
+            std::process::id()
+        ));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)
+                .map_err(io_err(format!("removing stale {}", tmp.display())))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+        let write = || -> Result<()> {
+            save_adapter(&tmp, &self.adapter()?)?;
+            let st: std::collections::HashMap<String, Tensor> =
+                self.opt.state_tensors().into_iter().collect();
+            candle_core::safetensors::save(&st, tmp.join(OPTIM_FILE))?;
+            let json = serde_json::to_vec_pretty(&self.state)
+                .map_err(|e| invalid(format!("serialising the trainer state: {e}")))?;
+            crate::io::write_atomic(tmp.join(STATE_FILE), &json)?;
+            self.write_plot(&tmp.join(PLOT_FILE))?;
+            // Make the files durable before the rename publishes the directory.
+            for e in
+                std::fs::read_dir(&tmp).map_err(io_err(format!("listing {}", tmp.display())))?
+            {
+                let p = e
+                    .map_err(io_err(format!("listing {}", tmp.display())))?
+                    .path();
+                std::fs::File::open(&p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err(format!("syncing {}", p.display())))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir)
+                .map_err(io_err(format!("replacing {}", final_dir.display())))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(io_err(format!(
+            "renaming {} to {}",
+            tmp.display(),
+            final_dir.display()
+        )))?;
+        if let Ok(d) = std::fs::File::open(out) {
+            let _ = d.sync_all();
+        }
+        self.write_plot(&out.join(PLOT_FILE))?;
+        Ok(final_dir)
+    }
+
+    fn write_plot(&self, path: &Path) -> Result<()> {
+        let title = format!(
+            "flare LoRA: loss (step {} of {})",
+            self.state.step, self.state.total_steps
+        );
+        write_loss_png(path, &title, &self.train_curve, &self.eval_curve)
+    }
+
+    /// Writes the final adapter and the loss plot into `output_dir`.
+    pub fn save_final(&self) -> Result<PathBuf> {
+        let out = self.config.output_dir.clone();
+        save_adapter(&out, &self.adapter()?)?;
+        self.write_plot(&out.join(PLOT_FILE))?;
+        Ok(out)
+    }
+
+    /// Runs to the end: steps, evals every `eval_every` steps, checkpoints every `save_every`
+    /// steps, a final eval, the final adapter and plot. Every event goes to `on_event`.
+    pub fn run(&mut self, mut on_event: impl FnMut(&Event)) -> Result<PathBuf> {
+        while let Some(m) = self.step()? {
+            on_event(&Event::Step(m.clone()));
+            let step = m.step;
+            let last = self.is_done();
+            if self.config.eval_every > 0 && step % self.config.eval_every == 0 && !last {
+                if let Some(loss) = self.evaluate()? {
+                    on_event(&Event::Eval { step, loss });
+                }
+            }
+            if self.config.save_every > 0 && step % self.config.save_every == 0 {
+                let dir = self.save_checkpoint()?;
+                on_event(&Event::Checkpoint { step, dir });
+            }
+        }
+        if let Some(loss) = self.evaluate()? {
+            on_event(&Event::Eval {
+                step: self.state.step,
+                loss,
+            });
+        }
+        let dir = self.save_final()?;
+        on_event(&Event::Done { dir: dir.clone() });
+        Ok(dir)
+    }
+
+    /// The adapted module paths, in layer order.
+    pub fn modules(&self) -> &[String] {
+        &self.modules
+    }
+}
