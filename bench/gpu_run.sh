@@ -21,6 +21,12 @@ BIN=/tmp/flare-bin
 mkdir -p "$BIN"
 FAILED=()
 T0=$(date +%s)
+# STAGES picks what runs (comma-separated): tests, ops, lora, decode, train, sanitizer. One device
+# call is limited to 10 minutes, so a full round is two calls, e.g. STAGES=tests,decode,train
+# then STAGES=ops,lora,sanitizer.
+STAGES=${STAGES:-tests,ops,lora,decode,train,sanitizer}
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
+echo "stages: $STAGES"
 
 step() { # step NAME COMMAND...: runs it, records a failure, never stops the script
   local name=$1 rc
@@ -111,16 +117,22 @@ run_sanitizer() {
     tail -15 | tee "$OUT/sanitizer.log"
 }
 
+if want tests; then
 step "integration tests" run_tests
+fi
+if want ops; then
 step "flare bench ops" run_bench
 step "dispatch floors" run_floors
 step "matmul through cuBLASLt only (FLARE_SMALL_GEMM=0)" run_cublaslt_only
+fi
 run_autotune_debug() {
   FLARE_GEMM_DEBUG=1 timeout 60 "$BIN/flare" bench ops --device cuda --filter "matmul 4096x4096x4096 bf16 fwd" 2>&1 | tail -40
 }
+if want ops; then
 step "matmul 4096 bf16 autotune candidates (FLARE_GEMM_DEBUG=1)" run_autotune_debug
 step "torch anchor" run_torch
 step "case lists agree" check_lists
+fi
 # LoRA: flare's fused LoRA linear against the plain linear, Candle's unfused composite and
 # PyTorch's unfused LoRA (time and peak memory); the comparison re-reads both JSON files.
 run_lora_bench() {
@@ -133,9 +145,11 @@ run_lora_compare() {
   [ -f "$OUT/torch_lora.json" ] && t=(--torch-json "$OUT/torch_lora.json")
   timeout 30 "$BIN/flare" bench lora --report "$OUT/flare_lora.json" "${t[@]}" | tee "$OUT/lora_report.txt"
 }
+if want lora; then
 step "flare bench lora" run_lora_bench
 step "torch anchor lora" run_lora_torch
 step "lora comparison (flare vs torch)" run_lora_compare
+fi
 # Decode: flare's prefill / greedy decode / generate on the Qwen2-0.5B shape with random
 # weights, then HF transformers (eager and sdpa) on the same shape, then the comparison with the
 # issue's target line (batch-1 decode >= 500 tokens/s).
@@ -152,9 +166,11 @@ run_decode_compare() {
   [ -f "$OUT/hf_decode.json" ] && a=("$OUT/hf_decode.json")
   python3 bench/compare_decode.py "$OUT/flare_decode.json" "${a[@]}" | tee "$OUT/decode_report.txt"
 }
+if want decode; then
 step "flare bench decode" run_decode_bench
 step "HF anchor decode" run_decode_anchor
 step "decode comparison (flare vs HF)" run_decode_compare
+fi
 # Training: flare's LoRA training step against PyTorch + PEFT on the Qwen2-0.5B shape.
 run_train_bench() {
   timeout 240 "$BIN/flare" bench train --device cuda --json "$OUT/flare_train.json" 2>&1 |
@@ -163,13 +179,22 @@ run_train_bench() {
 run_train_torch() {
   timeout 240 "$PY" bench/anchor_train.py --json "$OUT/torch_train.json" 2>&1 | tee "$OUT/torch_train.log"
 }
+if want train; then
 step "flare bench train" run_train_bench
 step "torch anchor train" run_train_torch
+fi
+if want ops; then
 step "report" run_report
+fi
+if want sanitizer; then
 step "compute-sanitizer memcheck (cuda tests)" run_sanitizer
+fi
 
 echo
 echo "=== [$(($(date +%s) - T0))s] summary (full Markdown in $OUT/report.md)"
+if [ -f "$OUT/tests.log" ]; then
+  grep -E "^test result|^test .* FAILED|^failures:|^    [a-z_:]+$" "$OUT/tests.log" | tail -25
+fi
 if [ -f "$OUT/flare_ops.json" ]; then
   python3 bench/report.py --short "$OUT/flare_ops.json" "${TORCH_JSON[@]}" || true
 fi

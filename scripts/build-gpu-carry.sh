@@ -15,7 +15,7 @@ for l in sys.stdin:
         print(m["executable"])' | tail -1)
 [ -n "$test_bin" ] || { echo "could not find the integration-test binary" >&2; exit 1; }
 mkdir -p .carry
-strip -o .carry/flare target/release/flare
+strip -o .carry/flare "${CARGO_TARGET_DIR:-target}/release/flare"
 strip -o .carry/it "$test_bin"
 rm -f .carry/flare.xz .carry/it.xz
 xz -T2 -6 .carry/flare .carry/it
