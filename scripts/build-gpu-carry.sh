@@ -3,20 +3,33 @@
 # .carry/ (git-ignored) for bench/gpu_run.sh on the GPU machine:
 #   .carry/flare.xz  the CLI (`flare bench ops --device cuda`, ...)
 #   .carry/it.xz     the integration-test binary (CPU and CUDA tests)
+# The binaries are located by cargo's JSON messages (not target/release/flare, which another
+# build sharing CARGO_TARGET_DIR may overwrite). Tests find their fixtures through paths fixed at
+# build time, so build from the checkout that the GPU machine receives.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/cuda-toolchain.sh)"
-cargo build --release --features cuda -p flare-cli
-test_bin=$(cargo test --release --features cuda -p flare --test it --no-run --message-format=json 2>/dev/null \
-  | python3 -c 'import sys,json
+
+executable() { # executable TARGET_NAME < cargo JSON messages: the last artifact's path
+  python3 -c 'import sys,json
+name=sys.argv[1]; out=""
 for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="it":
-        print(m["executable"])' | tail -1)
-[ -n "$test_bin" ] || { echo "could not find the integration-test binary" >&2; exit 1; }
+    try: m=json.loads(l)
+    except ValueError: continue
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]==name:
+        out=m["executable"]
+print(out)' "$1"
+}
+
 mkdir -p .carry
-strip -o .carry/flare "${CARGO_TARGET_DIR:-target}/release/flare"
+rm -f .carry/flare .carry/it .carry/flare.xz .carry/it.xz
+cargo build --release --features cuda -p flare-cli --message-format=json-render-diagnostics >/tmp/flare-build.json
+cli_bin=$(executable flare </tmp/flare-build.json)
+[ -n "$cli_bin" ] || { echo "could not find the flare binary" >&2; exit 1; }
+strip -o .carry/flare "$cli_bin"
+cargo test --release --features cuda -p flare --test it --no-run --message-format=json-render-diagnostics >/tmp/flare-test-build.json
+test_bin=$(executable it </tmp/flare-test-build.json)
+[ -n "$test_bin" ] || { echo "could not find the integration-test binary" >&2; exit 1; }
 strip -o .carry/it "$test_bin"
-rm -f .carry/flare.xz .carry/it.xz
 xz -T2 -6 .carry/flare .carry/it
 ls -la .carry
