@@ -21,10 +21,10 @@ BIN=/tmp/flare-bin
 mkdir -p "$BIN"
 FAILED=()
 T0=$(date +%s)
-# STAGES picks what runs (comma-separated): tests, ops, lora, decode, train, sanitizer. One device
+# STAGES picks what runs (comma-separated): tests, ops, lora, decode, train, profile, sanitizer. One device
 # call is limited to 10 minutes, so a full round is two calls, e.g. STAGES=tests,decode,train
 # then STAGES=ops,lora,sanitizer.
-STAGES=${STAGES:-tests,ops,lora,decode,train,sanitizer}
+STAGES=${STAGES:-tests,ops,lora,decode,train,profile,sanitizer}
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 echo "stages: $STAGES"
 
@@ -185,6 +185,24 @@ step "torch anchor train" run_train_torch
 fi
 if want ops; then
 step "report" run_report
+fi
+# Profile: per-kernel GPU time of flare's and PyTorch's training steps and of flare's decode,
+# recorded by the CUPTI injection library (.carry/libkernel_trace.so, scripts/build-kernel-trace.sh).
+TRACE_LIB=$PWD/.carry/libkernel_trace.so
+traced() { # traced NAME COMMAND...: runs COMMAND with the kernel trace written to $OUT/NAME.tsv
+  local name=$1
+  shift
+  [ -f "$TRACE_LIB" ] || { echo "missing $TRACE_LIB"; return 1; }
+  CUDA_INJECTION64_PATH=$TRACE_LIB FLARE_TRACE_OUT="$OUT/$name.tsv" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -3 "$OUT/$name.log"
+  python3 bench/kernel_report.py "$OUT/$name.tsv" --label "$name" --top 22 | tee "$OUT/$name.txt"
+  return $rc
+}
+if want profile; then
+  step "profile: flare bench train" traced trace_flare_train timeout 200 "$BIN/flare" bench train --device cuda
+  step "profile: torch anchor train" traced trace_torch_train timeout 200 "$PY" bench/anchor_train.py
+  step "profile: flare bench decode" traced trace_flare_decode timeout 120 "$BIN/flare" bench decode --device cuda --batch 1
 fi
 if want sanitizer; then
 step "compute-sanitizer memcheck (cuda tests)" run_sanitizer
