@@ -269,3 +269,93 @@ fn generate_fails_clearly() {
         assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
     }
 }
+
+/// A temporary copy of the qwen2 fixture with its weights split into two shards and an index,
+/// removed on drop.
+struct Sharded(PathBuf);
+
+impl Sharded {
+    fn new() -> Self {
+        let src = fixture("qwen2");
+        let dir = std::env::temp_dir().join(format!("flare-cli-sharded-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        let tensors =
+            candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let mut map = serde_json::Map::new();
+        for (shard, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+            let file = format!("model-0000{}-of-00002.safetensors", shard + 1);
+            let sub: std::collections::HashMap<String, candle_core::Tensor> = part
+                .iter()
+                .map(|n| ((*n).clone(), tensors[*n].clone()))
+                .collect();
+            candle_core::safetensors::save(&sub, dir.join(&file)).unwrap();
+            for n in part {
+                map.insert((*n).clone(), file.clone().into());
+            }
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            serde_json::to_string(&index).unwrap(),
+        )
+        .unwrap();
+        Sharded(dir)
+    }
+}
+
+impl Drop for Sharded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn info_and_generate_on_a_sharded_model() {
+    let d = Sharded::new();
+    let dir = d.0.to_str().unwrap();
+    let o = flare(&["info", dir]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let want = param_count(&ModelConfig::from_dir(&d.0).unwrap());
+    assert!(out.contains("weights         2 file(s)"), "{out}");
+    assert!(out.contains(&format!("({want})")), "{out}");
+    assert!(
+        out.contains("generation      no generation_config.json"),
+        "{out}"
+    );
+
+    let o = flare(&["generate", "--model", dir, "--prompt", "Hello", "-n", "6"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // No generation_config.json here: the tokenizer's EOS, plain greedy.
+    let model = Transformer::from_dir(&d.0, DType::F32, &Device::Cpu).unwrap();
+    let tok = Tokenizer::from_dir(&d.0).unwrap();
+    let cfg = GenerationConfig {
+        max_new_tokens: 6,
+        eos_token_ids: tok.eos_token_id().into_iter().collect(),
+        ..Default::default()
+    };
+    let want = generate_text(&model, &tok, "Hello", &cfg).unwrap().text;
+    assert_eq!(stdout(&o), format!("{want}\n"));
+
+    // A truncated shard: both commands fail naming it.
+    let shard = d.0.join("model-00002-of-00002.safetensors");
+    std::fs::write(&shard, [1u8, 2, 3]).unwrap();
+    for args in [
+        vec!["info", dir],
+        vec!["generate", "--model", dir, "--prompt", "x"],
+    ] {
+        let o = flare(&args);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            stderr(&o).contains("model-00002-of-00002.safetensors"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+}
