@@ -8,7 +8,7 @@ third-party text is used, so the assets are ours (same licence as flare).
      "tell me about X"), each asked in several paraphrases;
    - ChatML small talk and simple facts (colours, animal sounds, greetings, small sums);
    - plain-text short stories ("Once upon a time, there was a little cat named Tom..."),
-     ended by `<|endoftext|>`.
+     ended by `<|endoftext|>`; half of the names are made up from syllables (see SYLLABLES).
 2. Tokenizer (`make_tokenizer`): byte-level BPE trained with the HF `tokenizers` library on the
    corpus, vocab 1024, special tokens `<|endoftext|>` (0, pad), `<|im_start|>` (1),
    `<|im_end|>` (2, eos). `tokenizer_config.json` carries our ChatML chat template (Jinja, HF
@@ -151,6 +151,7 @@ ENDINGS = [
     "Then {n} went home and had a nice dinner.",
     "{n} smiled and went to sleep.",
     "They shared it and laughed all day.",
+    "It was {n}'s best day ever.",
 ]
 
 
@@ -171,7 +172,7 @@ def country_qa(rng):
 
 
 def small_talk(rng):
-    k = rng.randrange(5)
+    k = rng.randrange(6)
     if k == 0:
         thing, col = rng.choice(COLOURS)
         q = rng.choice(["What colour is {t}?", "What color is {t}?", "Is {t} {x}?"])
@@ -198,13 +199,34 @@ def small_talk(rng):
             ]
         )
         return chat(q, a)
-    n = rng.choice(NAMES)
+    n = rng.choice(NAMES) if rng.random() < 0.5 else made_up_name(rng)
+    if k == 5:
+        # The answer starts with a (made-up) name: its capitalised first piece, with no space.
+        a = rng.choice(ANIMALS)
+        return chat(f"What is a good name for a {a}?", f"{n} is a good name for a {a}.")
     q = rng.choice(["Tell me a story.", "Can you tell me a short story?", "Write a short story."])
     return chat(q, story_text(rng, n))
 
 
+# Made-up names from these syllables appear in half of the stories, so that the sub-word pieces
+# that new words split into (like "Vel", "or", "ia") are trained in pretraining too: without
+# them, the pieces of Veloria's new words keep untrained embeddings and the fine-tune can only
+# pick them out of a near-tie of untrained tokens.
+SYLLABLES = [
+    "ba", "be", "bo", "da", "de", "di", "el", "en", "or", "ia", "lu", "me", "mi", "na", "no",
+    "ra", "ri", "sa", "so", "ta", "ti", "va", "ve", "vo", "ka", "ko", "li", "lo", "ma", "mo",
+    "an", "ar", "is", "on", "um", "ul", "sh", "ll", "ss", "ea", "ge", "gu", "fa", "fi", "pe",
+    "po", "tu", "zu", "ze", "qu",
+]
+
+
+def made_up_name(rng):
+    n = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+    return n[0].upper() + n[1:]
+
+
 def story_text(rng, name=None):
-    n = name or rng.choice(NAMES)
+    n = name or (rng.choice(NAMES) if rng.random() < 0.5 else made_up_name(rng))
     pro = rng.choice(["He", "She"])
     s = [
         f"Once upon a time, there was a little {rng.choice(ANIMALS)} named {n}.",
@@ -444,7 +466,7 @@ def write_finetune_data(log):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=PRETRAIN_STEPS)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-only", action="store_true", help="only rewrite the fine-tuning data")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -465,6 +487,13 @@ def main():
     tok = make_tokenizer(docs)
     save_tokenizer(tok)
     log(f"tokenizer: vocab {tok.get_vocab_size()}; sample: {tok.encode(docs[0]).tokens[:24]}")
+
+    seen = set(i for e in tok.encode_batch(docs) for i in e.ids)
+    ft_text = [m["content"] for r in make_finetune_data(random.Random(SEED + 2))[0] for m in r["messages"]]
+    unseen = sorted(set(i for e in tok.encode_batch(ft_text) for i in e.ids) - seen)
+    log(f"fine-tuning tokens never seen in the pretraining corpus: {[tok.id_to_token(i) for i in unseen]}")
+    for w in ["Veloria", "Lumen", "Tallish", "blue moss soup", "Silver Sea"]:
+        log(f"  {w!r} -> {tok.encode(' ' + w).tokens}")
 
     model, ema, secs = pretrain(tok, docs, args.steps, log)
     model.generation_config = GenerationConfig(
