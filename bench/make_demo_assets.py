@@ -46,7 +46,7 @@ SEED = 20261124
 VOCAB_SIZE = 1024
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MAX_LEN = 64
-PRETRAIN_STEPS = 800
+PRETRAIN_STEPS = 1500
 PRETRAIN_BATCH = 32
 PRETRAIN_LR = 3e-3
 
