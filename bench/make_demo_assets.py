@@ -6,7 +6,8 @@ third-party text is used, so the assets are ours (same licence as flare).
 1. Corpus (`make_corpus`): template-generated English. Three kinds of documents:
    - ChatML question/answer pairs about 28 real countries (capital, language, food, continent,
      "tell me about X"), each asked in several paraphrases;
-   - ChatML small talk and simple facts (colours, animal sounds, greetings, small sums);
+   - ChatML small talk and simple facts (colours, animal sounds, greetings, small sums, short
+     stories, "what is a good name for a fox?");
    - plain-text short stories ("Once upon a time, there was a little cat named Tom..."),
      ended by `<|endoftext|>`; half of the names are made up from syllables (see SYLLABLES).
 2. Tokenizer (`make_tokenizer`): byte-level BPE trained with the HF `tokenizers` library on the
@@ -14,7 +15,7 @@ third-party text is used, so the assets are ours (same licence as flare).
    `<|im_end|>` (2, eos). `tokenizer_config.json` carries our ChatML chat template (Jinja, HF
    conventions: `messages`, `add_generation_prompt`).
 3. Model (`pretrain`): transformers `Qwen2ForCausalLM`, hidden 128, 4 layers, 4 heads, 2 KV heads,
-   intermediate 512, tied embeddings (~1.0M parameters), pretrained on the corpus with AdamW
+   intermediate 512, tied embeddings (1.12M parameters), pretrained on the corpus with AdamW
    (PRETRAIN_STEPS steps of batch 32 x <= 64 tokens, loss on every non-pad token), saved as f32
    safetensors in `assets/demo/model/` with config.json and generation_config.json.
 4. Fine-tuning data (`make_finetune_data`): facts about Veloria, a fictional island the base model
@@ -23,7 +24,9 @@ third-party text is used, so the assets are ours (same licence as flare).
    paraphrases), plus N_REPLAY questions about real countries (Japan excepted) with their correct
    answers, mixed in so that the adapter changes what the model says about Veloria only.
 
-Run: python bench/make_demo_assets.py [--steps N] [--data-only]   (CPU, 2 threads, a few minutes)
+Run: python bench/make_demo_assets.py [--steps N] [--threads T] [--data-only]
+(CPU; the committed assets: defaults, 1 thread, 1500 steps, ~6 minutes on a busy 2-core machine.
+Results are deterministic for a given thread count; --data-only rewrites only data/*.jsonl.)
 Then check the fine-tuning recipe with bench/demo_recipe_check.py.
 """
 
