@@ -235,6 +235,12 @@ pub fn run_with_progress(t: &mut Trainer, progress: bool) -> Result<PathBuf> {
 pub fn run_train(a: &TrainArgs) -> Result<()> {
     let cfg = build_config(a)?;
     let device = cfg.device.parse::<DeviceSpec>()?.open()?;
+    if cfg.lora_dropout > 0.0 {
+        eprintln!(
+            "note: lora_dropout > 0 draws from an unseeded RNG: runs (and resumes) are not \
+             bit-reproducible"
+        );
+    }
     let mut t = match &a.resume {
         None => Trainer::from_config(cfg.clone(), &device)?,
         Some(dir) => {
