@@ -74,8 +74,9 @@ def generate(model, tok, prompts, max_new_tokens):
 
 
 def eval_loss(model, data, pad):
+    """Mean loss and next-token accuracy (argmax == label) over the answer tokens."""
     model.eval()
-    tot, n = 0.0, 0
+    tot, n, hit = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, len(data), 8):
             x, y, att = collate(data[i : i + 8], pad)
@@ -84,7 +85,8 @@ def eval_loss(model, data, pad):
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum")
             tot += loss.item()
             n += (t != -100).sum().item()
-    return tot / n
+            hit += ((logits.argmax(-1) == t) & (t != -100)).sum().item()
+    return tot / n, hit / n
 
 
 def main():
@@ -162,7 +164,8 @@ def main():
 
     print(f"\ntraining: {args.steps} steps of batch {args.batch} in {train_s:.1f}s "
           f"({1000 * train_s / args.steps:.0f} ms/step, {args.threads} threads)")
-    print(f"eval loss (held-out paraphrases): before {ev0:.4f}, after {ev1:.4f}")
+    print(f"eval (held-out paraphrases, answer tokens): loss {ev0[0]:.4f} -> {ev1[0]:.4f}, "
+          f"next-token accuracy {ev0[1]:.3f} -> {ev1[1]:.3f}")
     for q, b, a in zip(prompts, before, after):
         print(f"\nQ: {q}\n  before: {b}\n  after:  {a}")
 

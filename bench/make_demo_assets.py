@@ -6,15 +6,16 @@ third-party text is used, so the assets are ours (same licence as flare).
 1. Corpus (`make_corpus`): template-generated English. Three kinds of documents:
    - ChatML question/answer pairs about 28 real countries (capital, language, food, continent,
      "tell me about X"), each asked in several paraphrases;
-   - ChatML small talk and simple facts (colours, animal sounds, greetings, small sums);
+   - ChatML small talk and simple facts (colours, animal sounds, greetings, small sums, short
+     stories, "what is a good name for a fox?");
    - plain-text short stories ("Once upon a time, there was a little cat named Tom..."),
-     ended by `<|endoftext|>`.
+     ended by `<|endoftext|>`; half of the names are made up from syllables (see SYLLABLES).
 2. Tokenizer (`make_tokenizer`): byte-level BPE trained with the HF `tokenizers` library on the
    corpus, vocab 1024, special tokens `<|endoftext|>` (0, pad), `<|im_start|>` (1),
    `<|im_end|>` (2, eos). `tokenizer_config.json` carries our ChatML chat template (Jinja, HF
    conventions: `messages`, `add_generation_prompt`).
 3. Model (`pretrain`): transformers `Qwen2ForCausalLM`, hidden 128, 4 layers, 4 heads, 2 KV heads,
-   intermediate 512, tied embeddings (~1.0M parameters), pretrained on the corpus with AdamW
+   intermediate 512, tied embeddings (1.12M parameters), pretrained on the corpus with AdamW
    (PRETRAIN_STEPS steps of batch 32 x <= 64 tokens, loss on every non-pad token), saved as f32
    safetensors in `assets/demo/model/` with config.json and generation_config.json.
 4. Fine-tuning data (`make_finetune_data`): facts about Veloria, a fictional island the base model
@@ -23,7 +24,9 @@ third-party text is used, so the assets are ours (same licence as flare).
    paraphrases), plus N_REPLAY questions about real countries (Japan excepted) with their correct
    answers, mixed in so that the adapter changes what the model says about Veloria only.
 
-Run: python bench/make_demo_assets.py [--steps N] [--data-only]   (CPU, 2 threads, a few minutes)
+Run: python bench/make_demo_assets.py [--steps N] [--threads T] [--data-only]
+(CPU; the committed assets: defaults, 1 thread, 1500 steps, ~6 minutes on a busy 2-core machine.
+Results are deterministic for a given thread count; --data-only rewrites only data/*.jsonl.)
 Then check the fine-tuning recipe with bench/demo_recipe_check.py.
 """
 
@@ -46,7 +49,7 @@ SEED = 20261124
 VOCAB_SIZE = 1024
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MAX_LEN = 64
-PRETRAIN_STEPS = 800
+PRETRAIN_STEPS = 1500
 PRETRAIN_BATCH = 32
 PRETRAIN_LR = 3e-3
 
@@ -151,6 +154,7 @@ ENDINGS = [
     "Then {n} went home and had a nice dinner.",
     "{n} smiled and went to sleep.",
     "They shared it and laughed all day.",
+    "It was {n}'s best day ever.",
 ]
 
 
@@ -171,7 +175,7 @@ def country_qa(rng):
 
 
 def small_talk(rng):
-    k = rng.randrange(5)
+    k = rng.randrange(6)
     if k == 0:
         thing, col = rng.choice(COLOURS)
         q = rng.choice(["What colour is {t}?", "What color is {t}?", "Is {t} {x}?"])
@@ -198,13 +202,34 @@ def small_talk(rng):
             ]
         )
         return chat(q, a)
-    n = rng.choice(NAMES)
+    n = rng.choice(NAMES) if rng.random() < 0.5 else made_up_name(rng)
+    if k == 5:
+        # The answer starts with a (made-up) name: its capitalised first piece, with no space.
+        a = rng.choice(ANIMALS)
+        return chat(f"What is a good name for a {a}?", f"{n} is a good name for a {a}.")
     q = rng.choice(["Tell me a story.", "Can you tell me a short story?", "Write a short story."])
     return chat(q, story_text(rng, n))
 
 
+# Made-up names from these syllables appear in half of the stories, so that the sub-word pieces
+# that new words split into (like "Vel", "or", "ia") are trained in pretraining too: without
+# them, the pieces of Veloria's new words keep untrained embeddings and the fine-tune can only
+# pick them out of a near-tie of untrained tokens.
+SYLLABLES = [
+    "ba", "be", "bo", "da", "de", "di", "el", "en", "or", "ia", "lu", "me", "mi", "na", "no",
+    "ra", "ri", "sa", "so", "ta", "ti", "va", "ve", "vo", "ka", "ko", "li", "lo", "ma", "mo",
+    "an", "ar", "is", "on", "um", "ul", "sh", "ll", "ss", "ea", "ge", "gu", "fa", "fi", "pe",
+    "po", "tu", "zu", "ze", "qu",
+]
+
+
+def made_up_name(rng):
+    n = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+    return n[0].upper() + n[1:]
+
+
 def story_text(rng, name=None):
-    n = name or rng.choice(NAMES)
+    n = name or (rng.choice(NAMES) if rng.random() < 0.5 else made_up_name(rng))
     pro = rng.choice(["He", "She"])
     s = [
         f"Once upon a time, there was a little {rng.choice(ANIMALS)} named {n}.",
@@ -444,7 +469,7 @@ def write_finetune_data(log):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=PRETRAIN_STEPS)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-only", action="store_true", help="only rewrite the fine-tuning data")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -465,6 +490,13 @@ def main():
     tok = make_tokenizer(docs)
     save_tokenizer(tok)
     log(f"tokenizer: vocab {tok.get_vocab_size()}; sample: {tok.encode(docs[0]).tokens[:24]}")
+
+    seen = set(i for e in tok.encode_batch(docs) for i in e.ids)
+    ft_text = [m["content"] for r in make_finetune_data(random.Random(SEED + 2))[0] for m in r["messages"]]
+    unseen = sorted(set(i for e in tok.encode_batch(ft_text) for i in e.ids) - seen)
+    log(f"fine-tuning tokens never seen in the pretraining corpus: {[tok.id_to_token(i) for i in unseen]}")
+    for w in ["Veloria", "Lumen", "Tallish", "blue moss soup", "Silver Sea"]:
+        log(f"  {w!r} -> {tok.encode(' ' + w).tokens}")
 
     model, ema, secs = pretrain(tok, docs, args.steps, log)
     model.generation_config = GenerationConfig(
