@@ -35,6 +35,9 @@ def main():
                 input_ids=prompt,
                 attention_mask=torch.ones_like(prompt),
                 do_sample=False,
+                # Plain greedy whatever the fixture's generation_config.json says (the qwen2
+                # one, from make_text_fixtures.py, sets a repetition penalty).
+                repetition_penalty=1.0,
                 max_new_tokens=NEW_TOKENS,
                 eos_token_id=None,
                 pad_token_id=0,

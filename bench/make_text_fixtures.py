@@ -21,7 +21,8 @@ few strings with and without special tokens, `decode` with and without skipping 
 and `apply_chat_template` (text and ids) of a few conversations, with and without the
 generation prompt. Only files are added; the model weights and references are not touched.
 
-Run: /tmp/peftvenv2/bin/python bench/make_text_fixtures.py (needs transformers, tokenizers).
+Run after make_model_fixtures.py (which deletes generation_config.json):
+/tmp/peftvenv2/bin/python bench/make_text_fixtures.py (needs transformers, tokenizers).
 """
 
 import json
@@ -160,6 +161,114 @@ QWEN2_EXTRA_CONVERSATIONS = [
 QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
+# Chat templates of well-known model families (written out here, in their published form or
+# close to it), rendered by transformers with the llama fixture tokenizer's special tokens, so
+# that flare's minijinja environment is checked against Jinja2 on the constructs real templates
+# use: `| trim` binding tighter than `+`, `loop.index0`, `namespace`, `messages[::-1]`,
+# `.split()[-1]`, `.strip('\n')`, `.startswith()`, `is defined`, `raise_exception`, `tojson`.
+EXTRA_TEMPLATES = {
+    "llama3": (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+        "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+        "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+        "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+        "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+        "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+        "{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant "
+        "roles are supported!') }}{% endif %}{% endfor %}"
+    ),
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+        "supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'assistant') %}"
+        "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+        "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+    ),
+    "qwen3_like": """{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.role == "assistant" %}
+        {%- set content = message.content %}
+        {%- set reasoning_content = '' %}
+        {%- if '</think>' in content %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}
+""",
+    "context": (
+        "{{ tools is defined }}|{{ tools }}|{{ documents is none }}|{{ add_generation_prompt }}|"
+        "{{ messages|length }}|{{ 7 // 2 }}|{{ messages[0].role|capitalize }}|"
+        "{{ 'a-b-c'.split('-') | join(',') }}|{{ messages[-1]['content'] | length }}|"
+        "{{ messages[0].content.replace(' ', '_') }}|"
+        "{% for k, v in messages[0].items() %}{{ k }}={{ v }};{% endfor %}|"
+        "{{ messages | selectattr('role', 'equalto', 'user') | list | length }}|"
+        "{{ messages[0].role.title() }}|{{ messages[0].content.upper() }}|{{ eos_token }}|{{ unk_token }}"
+    ),
+    "generation_tag": (
+        "{%- for message in messages %}\n    {%- if message['role'] == 'assistant' %}\n"
+        "        {%- generation %}<A>{{ message['content'] }}</A>\n{% endgeneration %}\n"
+        "    {%- else %}<{{ message['role'] }}>{{ message['content'] }}\n    {% endif %}\n"
+        "{%- endfor %}"
+    ),
+    "json": "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ {'k': [1, 2.5, none, true], 'html': '<a href=\"x\">&amp;</a>'} | tojson }}",
+}
+
+EXTRA_CONVERSATIONS = [
+    [{"role": "user", "content": "  Hello there!  "}],
+    [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "<think>\nadd them\n</think>\n\nIt is 4."},
+    ],
+    [
+        {"role": "user", "content": "Caf\u00e9 \u65e5\u672c\u8a9e \U0001F642"},
+        {"role": "assistant", "content": "Oui."},
+        {"role": "user", "content": "<tool_response>{\"a\": 1}</tool_response>"},
+    ],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+]
+
+
+def golden_templates(hf):
+    out = []
+    for name, tpl in EXTRA_TEMPLATES.items():
+        for messages in EXTRA_CONVERSATIONS:
+            for gen in [False, True]:
+                case = {"name": name, "template": tpl, "messages": messages, "add_generation_prompt": gen}
+                try:
+                    case["text"] = hf.apply_chat_template(messages, chat_template=tpl, tokenize=False, add_generation_prompt=gen)
+                except Exception as e:  # the template's raise_exception
+                    case["error"] = str(e)
+                out.append(case)
+    return out
+
+
 def train(specials, qwen2_pipeline=False):
     tok = Tokenizer(models.BPE())
     if qwen2_pipeline:
@@ -179,7 +288,7 @@ def train(specials, qwen2_pipeline=False):
     return tok
 
 
-def golden(d, conversations):
+def golden(d, conversations, templates=False):
     hf = AutoTokenizer.from_pretrained(d)
     print(d, type(hf).__name__, hf._tokenizer.pre_tokenizer)
     out = {"encode": [], "decode": [], "chat": []}
@@ -197,6 +306,8 @@ def golden(d, conversations):
             text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             ids = hf.encode(text, add_special_tokens=False)
             out["chat"].append({"messages": messages, "add_generation_prompt": gen, "text": text, "ids": ids})
+    if templates:
+        out["templates"] = golden_templates(hf)
     out["vocab_size"] = len(hf)
     out["bos_token_id"] = hf.bos_token_id
     out["eos_token_id"] = hf.eos_token_id
@@ -259,7 +370,7 @@ def llama():
         os.path.join(d, "generation_config.json"),
         {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_length": 64},
     )
-    return golden(d, CONVERSATIONS)
+    return golden(d, CONVERSATIONS, templates=True)
 
 
 def main():

@@ -1,8 +1,8 @@
 //! `flare`: the command-line front end of the flare library.
 //!
 //! The binary is thin: it parses arguments, validates them, calls the library and reports.
-//! Each subcommand lives in its own module (`bench` now; `train`, `generate`, `merge` and `demo`
-//! slot in beside it). Errors are `anyhow` here and only here; `main` prints the whole chain and
+//! Each subcommand lives in its own module (`bench`, `generate_cmd`, `info`; `train`, `merge`
+//! and `demo` slot in beside them). Errors are `anyhow` here and only here; `main` prints the whole chain and
 //! exits non-zero.
 
 #![deny(missing_docs)]
@@ -16,6 +16,8 @@ mod bench_lora;
 mod bench_train;
 mod demo;
 mod floors;
+mod generate_cmd;
+mod info;
 mod train;
 
 /// Fast LoRA fine-tuning and inference on Candle.
@@ -43,6 +45,12 @@ enum Command {
     Merge(train::MergeArgs),
     /// Fine-tune the bundled tiny model on the bundled data and show answers before and after.
     Demo(demo::DemoArgs),
+    /// Generate text with a Hugging Face model directory, streaming it to stdout.
+    #[command(long_about = generate_cmd::GENERATE_LONG_ABOUT)]
+    Generate(generate_cmd::GenerateArgs),
+    /// Describe a model directory: architecture, sizes, weights, tokenizer, chat template,
+    /// generation config, adapters.
+    Info(info::InfoArgs),
 }
 
 /// The subcommands of `flare bench`.
@@ -72,6 +80,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run_train(&args),
         Command::Merge(args) => train::run_merge(&args),
         Command::Demo(args) => demo::run_demo(&args),
+        Command::Generate(args) => generate_cmd::run_generate(&args),
+        Command::Info(args) => info::run_info(&args),
     }
 }
 

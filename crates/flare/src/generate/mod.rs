@@ -1,19 +1,26 @@
-//! Text generation with a [`Transformer`] and its [`KvCache`]: the prompt is prefilled once,
+//! Text generation with a [`Transformer`] and its [`KvCache`](crate::models::KvCache): the prompt is prefilled once,
 //! then one token per step is decoded, chosen by [`sample`] (greedy or seeded sampling with
 //! transformers' logits processors), until `max_new_tokens` or an EOS token.
-//! [`generate_batch`] does the same for several prompts of one length at once.
+//! [`TokenStream`] is that loop as an iterator of token ids; [`generate`] runs it to the end.
+//! [`TextStream`] and [`generate_text`] work in text: a prompt string or a chat conversation in,
+//! decoded text out piece by piece, with stop strings. [`HfGenerationConfig`] reads a model's
+//! `generation_config.json`. [`generate_batch`] decodes several prompts of one length at once.
 
 mod config_file;
 pub mod sampling;
+mod stream;
+mod text;
 
 pub use config_file::HfGenerationConfig;
 pub use sampling::{sample, SamplingParams};
+pub use stream::{StopReason, TokenStream};
+pub use text::{generate_text, Generated, Prompt, TextStream};
 
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::models::{KvCache, Transformer};
+use crate::models::Transformer;
 use crate::{Error, Result};
 
 const OP: &str = "generate";
@@ -29,9 +36,9 @@ pub struct GenerationConfig {
     pub eos_token_ids: Vec<u32>,
     /// The seed of the [`StdRng`] used when sampling.
     pub seed: u64,
-    /// Generation stops once the decoded new text contains any of these (checked by the
-    /// text-level API, which has a tokenizer; the stop string is left out of the returned
-    /// text, as transformers does); empty: none.
+    /// Generation stops once the decoded new text contains any of these; empty: none. Only
+    /// the text-level API ([`TextStream`], [`generate_text`]), which has a tokenizer, checks
+    /// them; the stop string itself is left out of the text it returns.
     pub stop_strings: Vec<String>,
 }
 
@@ -47,6 +54,7 @@ fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
 
 /// Generates up to `config.max_new_tokens` tokens after `prompt_ids` (batch 1) and returns
 /// them (the prompt excluded); `on_token` is called with each new token id as it is chosen.
+/// A loop over [`TokenStream`], which callers that may stop early use directly.
 ///
 /// The KV cache is allocated once for `prompt + max_new_tokens` positions. Errors: an empty
 /// prompt, a token id outside the vocabulary, invalid sampling parameters.
@@ -65,45 +73,15 @@ pub fn generate(
     config: &GenerationConfig,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
-    config.sampling.validate()?;
-    if prompt_ids.is_empty() {
-        return Err(Error::InvalidArgument {
-            op: OP,
-            msg: "the prompt is empty".into(),
-        });
-    }
-    let vocab = model.config().vocab_size;
-    if let Some(t) = prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::InvalidArgument {
-            op: OP,
-            msg: format!("prompt token id {t} out of the vocabulary ({vocab})"),
-        });
-    }
-    let mut out = Vec::with_capacity(config.max_new_tokens);
-    if config.max_new_tokens == 0 {
-        return Ok(out);
-    }
-    let mut rng = StdRng::seed_from_u64(config.seed);
-    // The last generated token is never fed back, hence `- 1`.
-    let mut cache: KvCache = model.new_cache(1, prompt_ids.len() + config.max_new_tokens - 1)?;
-    let mut all: Vec<u32> = prompt_ids.to_vec();
-    let ids = Tensor::new(prompt_ids, model.device())?.unsqueeze(0)?;
-    let mut logits = model.prefill(&ids, &mut cache)?;
-    loop {
-        let next = sample(&last_row(&logits)?, &all, &config.sampling, &mut rng)?;
-        all.push(next);
-        out.push(next);
+    let mut stream = TokenStream::new(model, prompt_ids, config)?;
+    while let Some(next) = stream.next_token()? {
         on_token(next);
-        if out.len() >= config.max_new_tokens || config.eos_token_ids.contains(&next) {
-            return Ok(out);
-        }
-        let ids = Tensor::new(&[[next]], model.device())?;
-        logits = model.decode_step(&ids, &mut cache)?;
     }
+    Ok(stream.tokens().to_vec())
 }
 
 /// [`generate`] for a batch of prompts of one length (no padding), decoded together with one
-/// [`KvCache`] of batch `prompts.len()`. Returns each row's new tokens; a row stops after one of
+/// [`KvCache`](crate::models::KvCache) of batch `prompts.len()`. Returns each row's new tokens; a row stops after one of
 /// its EOS tokens (later steps still run for the others, their outputs for it discarded).
 /// `on_token(row, id)` is called for each new token of each running row. When sampling, one
 /// [`StdRng`] seeded with `config.seed` draws for the rows in order at every step.

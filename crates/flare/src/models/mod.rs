@@ -6,17 +6,20 @@
 //! - [`Weights`] memory-maps `model.safetensors` or the shards of
 //!   `model.safetensors.index.json`.
 //! - [`Transformer`] is the model and its forward.
+//! - [`load_peft_adapter`] / [`apply_adapter`] put a PEFT LoRA adapter into it.
 //! - [`KvCache`] is its preallocated key/value cache for incremental decoding
 //!   ([`Transformer::prefill`], [`Transformer::decode_step`]).
 //!
 //! Errors about a file's contents are [`crate::Error::Io`] of kind `InvalidData` whose context
 //! is the file's path and whose message names the field or the tensor.
 
+pub mod adapter;
 pub mod cache;
 pub mod config;
 pub mod transformer;
 pub mod weights;
 
+pub use adapter::{apply_adapter, load_peft_adapter};
 pub use cache::{KvCache, LayerKv};
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
 pub use transformer::{apply_rope, rope_inv_freq, Transformer};

@@ -3,13 +3,16 @@
 //! `lstrip_blocks` on, loop controls, `raise_exception(msg)`, a `tojson` filter that writes JSON
 //! as Python's `json.dumps` does (`", "` and `": "` separators, no HTML escaping, non-ASCII kept,
 //! optional `indent`), Python string and dict methods (`.strip()`, `.startswith()`,
-//! `.items()`, ... from minijinja-contrib's pycompat), and the variables `messages`,
-//! `add_generation_prompt` and the special tokens (`bos_token`, `eos_token`, `pad_token`,
-//! `unk_token`).
+//! `.items()`, ... from minijinja-contrib's pycompat), `strftime_now(format)` (UTC), values
+//! printed as Python prints them (`True`, `False`, `None`), and the variables `messages`,
+//! `add_generation_prompt`, `tools` and `documents` (both `none`: flare passes no tools) and the
+//! special tokens (`bos_token`, `eos_token`, `pad_token`, `unk_token`). transformers' own
+//! `{% generation %}...{% endgeneration %}` tag (marking assistant text for its assistant-token
+//! mask) renders its body, as in transformers.
 
 use std::io;
 
-use minijinja::value::{Kwargs, Value};
+use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -49,7 +52,7 @@ impl ChatTemplate {
     /// A template from its Jinja source. The source is checked for syntax errors here, so that
     /// a broken template fails when it is loaded rather than at the first message.
     pub fn new(source: impl Into<String>) -> Result<Self> {
-        let source = source.into();
+        let source = rewrite_generation_tags(&source.into());
         let env = environment();
         env.template_from_str(&source)
             .map_err(|e| render_error("compiling the chat template", e))?;
@@ -91,6 +94,8 @@ impl ChatTemplate {
             .map(|(n, v)| (n.clone(), Value::from(v.as_str())))
             .collect();
         ctx.push(("messages".into(), Value::from_serialize(messages)));
+        ctx.push(("tools".into(), Value::from(())));
+        ctx.push(("documents".into(), Value::from(())));
         ctx.push((
             "add_generation_prompt".into(),
             Value::from(add_generation_prompt),
@@ -101,6 +106,39 @@ impl ChatTemplate {
     }
 }
 
+/// Rewrites transformers' `{% generation %}` / `{% endgeneration %}` (with any `-` whitespace
+/// control) as `{% if true %}` / `{% endif %}`, a block tag minijinja knows that renders its
+/// body and takes the same whitespace handling.
+fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(i) = rest.find("{%") {
+        out.push_str(&rest[..i]);
+        let tag = &rest[i..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let (lead, body) = match inner.strip_prefix('-') {
+            Some(b) => ("-", b),
+            None => ("", inner),
+        };
+        let (body, trail) = match body.strip_suffix('-') {
+            Some(b) => (b, "-"),
+            None => (body, ""),
+        };
+        match body.trim() {
+            "generation" => out.push_str(&format!("{{%{lead} if true {trail}%}}")),
+            "endgeneration" => out.push_str(&format!("{{%{lead} endif {trail}%}}")),
+            _ => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The environment transformers' `_compile_jinja_template` builds, in minijinja.
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
@@ -108,8 +146,97 @@ fn environment() -> Environment<'static> {
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", raise_exception);
+    env.add_function("strftime_now", strftime_now);
     env.add_filter("tojson", tojson);
+    env.set_formatter(|out, state, value| match value.kind() {
+        ValueKind::Bool => Ok(out.write_str(if value.is_true() { "True" } else { "False" })?),
+        ValueKind::None => Ok(out.write_str("None")?),
+        _ => minijinja::escape_formatter(out, state, value),
+    });
     env
+}
+
+/// `strftime_now(format)`: the current time (UTC) formatted with the common `strftime`
+/// directives (`%Y %y %m %d %e %H %M %S %j %b %B %a %A %%`); others are an error.
+fn strftime_now(format: String) -> std::result::Result<Value, minijinja::Error> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    format_utc(secs, &format)
+        .map(Value::from)
+        .map_err(|msg| minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+/// Formats seconds since the Unix epoch (UTC) with a subset of `strftime`.
+fn format_utc(secs: i64, format: &str) -> std::result::Result<String, String> {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy_mar = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy_mar + 2) / 153;
+    let day = doy_mar - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    const CUM: [i64; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yday = CUM[(month - 1) as usize] + day + i64::from(leap && month > 2);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday.
+    let month_name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('e') => out.push_str(&format!("{day:2}")),
+            Some('H') => out.push_str(&format!("{:02}", tod / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", tod / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", tod % 60)),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('B') => out.push_str(month_name),
+            Some('a') => out.push_str(&DAYS[weekday][..3]),
+            Some('A') => out.push_str(DAYS[weekday]),
+            Some('%') => out.push('%'),
+            Some(other) => return Err(format!("strftime_now: unsupported directive %{other}")),
+            None => return Err("strftime_now: the format ends with %".into()),
+        }
+    }
+    Ok(out)
 }
 
 fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
@@ -211,6 +338,44 @@ mod tests {
         let t = ChatTemplate::new("{{ raise_exception('only user and assistant') }}").unwrap();
         let err = t.render(&[], false).unwrap_err().to_string();
         assert!(err.contains("only user and assistant"), "{err}");
+    }
+
+    #[test]
+    fn format_utc_matches_python() {
+        // datetime.fromtimestamp(1700000000, timezone.utc).strftime(...)
+        assert_eq!(
+            format_utc(1_700_000_000, "%Y-%m-%d %H:%M:%S %a %A %b %B %j %y %e %%").unwrap(),
+            "2023-11-14 22:13:20 Tue Tuesday Nov November 318 23 14 %"
+        );
+        // Leap day, before the epoch.
+        assert_eq!(
+            format_utc(951_782_400, "%d %b %Y %j").unwrap(),
+            "29 Feb 2000 060"
+        );
+        assert_eq!(
+            format_utc(-86_400, "%Y-%m-%d %A").unwrap(),
+            "1969-12-31 Wednesday"
+        );
+        assert!(format_utc(0, "%Q").is_err());
+        let t = ChatTemplate::new("{{ strftime_now('%Y') }}").unwrap();
+        let year: i64 = t.render(&[], false).unwrap().parse().unwrap();
+        assert!(year >= 2024);
+    }
+
+    #[test]
+    fn generation_tags_render_their_body() {
+        assert_eq!(
+            rewrite_generation_tags("a{% generation %}b{%- endgeneration -%} c{{ x }}{% if y %}"),
+            "a{% if true %}b{%- endif -%} c{{ x }}{% if y %}"
+        );
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[ChatMessage::new("a", "x")], false).unwrap(),
+            "[x]"
+        );
     }
 
     #[test]

@@ -138,7 +138,9 @@ impl Tokenizer {
     }
 
     /// The text of `ids`; `skip_special_tokens` leaves out special tokens (BOS, EOS, chat
-    /// markers). Errors: a token id outside the vocabulary.
+    /// markers). No `clean_up_tokenization_spaces` step: transformers 5 skips it for BPE
+    /// tokenizers, which every family flare builds uses. Errors: a token id outside the
+    /// vocabulary.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         let n = self.vocab_size();
         if let Some(t) = ids.iter().find(|&&t| t as usize >= n) {

@@ -2,8 +2,10 @@
 //! one for the runtime. Every test body runs on the CPU and, with the `cuda` feature and a GPU,
 //! on CUDA device 0 (see `common`).
 
+mod adapter;
 mod common;
 mod generate;
+mod generate_text;
 mod lora;
 mod matmul;
 mod models;

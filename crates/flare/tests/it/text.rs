@@ -164,6 +164,38 @@ fn llama_tokenizer_matches_transformers() -> Result<()> {
     tokenizer_matches_transformers("llama")
 }
 
+/// Chat templates of well-known families (Llama 3, Mistral, Gemma, a Qwen3-like one, tojson)
+/// render exactly as transformers' Jinja2 environment renders them, errors included.
+#[test]
+fn known_templates_match_jinja2() -> Result<()> {
+    let mut tok = Tokenizer::from_dir(fixture("llama"))?;
+    let g = golden("llama");
+    let cases = g["templates"].as_array().unwrap();
+    assert!(cases.len() >= 30);
+    let mut errors = 0;
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        tok.set_chat_template(ChatTemplate::new(case["template"].as_str().unwrap())?);
+        let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let gen = case["add_generation_prompt"].as_bool().unwrap();
+        let got = tok.apply_chat_template(&messages, gen);
+        match (case.get("text"), case.get("error")) {
+            (Some(want), _) => assert_eq!(
+                got?,
+                want.as_str().unwrap(),
+                "{name}: {messages:?}, add_generation_prompt={gen}"
+            ),
+            (None, Some(want)) => {
+                errors += 1;
+                assert_err_mentions(got.unwrap_err(), &[want.as_str().unwrap()]);
+            }
+            _ => panic!("malformed golden case"),
+        }
+    }
+    assert!(errors >= 2, "the error cases are exercised");
+    Ok(())
+}
+
 #[test]
 fn special_tokens_and_lookups() -> Result<()> {
     let mut tok = Tokenizer::from_dir(fixture("llama"))?;
@@ -320,6 +352,28 @@ fn text_decoder_streams_whole_characters() -> Result<()> {
         assert_eq!(dec.text(), tok.decode(&ids, skip)?);
         assert_eq!(dec.ids(), &ids[..]);
     }
+    // Random ids (invalid UTF-8, special tokens, long runs): the windowed decoding still adds up
+    // to the decoded text of all ids, for both tokenizers and both settings.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for arch in ["qwen2", "llama"] {
+        let tok = Tokenizer::from_dir(fixture(arch))?;
+        let ids: Vec<u32> = (0..600).map(|_| rng.random_range(0..256)).collect();
+        for skip in [false, true] {
+            let mut dec = TextDecoder::new(&tok, skip);
+            let mut streamed = String::new();
+            for &id in &ids {
+                if let Some(p) = dec.push(id)? {
+                    streamed.push_str(&p);
+                }
+            }
+            if let Some(p) = dec.finish()? {
+                streamed.push_str(&p);
+            }
+            assert_eq!(streamed, tok.decode(&ids, skip)?, "{arch}, skip={skip}");
+        }
+    }
+
     // An incomplete character at the end comes out at finish, as decode gives it.
     let one = tok.encode("🙂", false)?;
     assert!(one.len() > 1);

@@ -1,0 +1,361 @@
+//! End-to-end runs of the `flare` binary on the qwen2 and llama fixture models of the flare
+//! crate: `flare info` reports what the directory holds (the parameter count checked against the
+//! config's arithmetic), and `flare generate` prints exactly what the library generates with the
+//! same settings, reports its rates on stderr, and fails clearly on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device};
+use flare::generate::{generate_text, GenerationConfig, HfGenerationConfig, Prompt};
+use flare::models::{load_peft_adapter, ModelConfig, Transformer};
+use flare::text::{ChatMessage, Tokenizer};
+
+fn fixture(arch: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../flare/tests/fixtures/models")
+        .join(arch)
+}
+
+fn flare(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flare"))
+        .args(args)
+        .output()
+        .expect("running flare")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Parameters of a Llama-family model from its config.
+fn param_count(c: &ModelConfig) -> u64 {
+    let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let bias = |b: bool, n: usize| if b { n } else { 0 };
+    let attn = h * q
+        + bias(c.qkv_bias, q)
+        + 2 * (h * kv + bias(c.qkv_bias, kv))
+        + q * h
+        + bias(c.o_bias, h);
+    let mlp = 3 * h * i + bias(c.mlp_bias, 2 * i + h);
+    let layer = attn + mlp + 2 * h;
+    let head = if c.tie_word_embeddings { 0 } else { v * h };
+    (v * h + c.num_hidden_layers * layer + h + head) as u64
+}
+
+#[test]
+fn info_describes_the_fixtures() {
+    for (arch, name, template) in [
+        ("qwen2", "Qwen2", "yes (tokenizer_config.json"),
+        ("llama", "Llama", "yes (chat_template.jinja"),
+    ] {
+        let dir = fixture(arch);
+        let o = flare(&["info", dir.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        let c = ModelConfig::from_dir(&dir).unwrap();
+        let want_params = param_count(&c);
+        for line in [
+            format!("architecture    {name}"),
+            format!(
+                "layers          {}, hidden {}, intermediate {}, vocab {}",
+                c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size
+            ),
+            format!("({want_params})"),
+            "dtype on disk   BF16".to_string(),
+            format!("chat template   {template}"),
+            "tokenizer       vocab 256".to_string(),
+            "adapter (LoRA r=4, alpha=8, 14 modules".to_string(),
+        ] {
+            assert!(out.contains(&line), "{arch}: {line:?} not in\n{out}");
+        }
+    }
+    let o = flare(&["info", fixture("mistral").to_str().unwrap()]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(out.contains("tokenizer       none"), "{out}");
+    assert!(out.contains("adapters        none"), "{out}");
+
+    let o = flare(&["info", "/no/such/model"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("/no/such/model"), "{}", stderr(&o));
+}
+
+/// What the library generates for `prompt` with the fixture's generation_config.json, the
+/// tokenizer's EOS as fallback, and `edit` applied.
+fn library_text(
+    arch: &str,
+    adapter: bool,
+    prompt: Prompt,
+    edit: impl FnOnce(&mut GenerationConfig),
+) -> String {
+    let dir = fixture(arch);
+    let mut model = Transformer::from_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    if adapter {
+        load_peft_adapter(&mut model, dir.join("adapter"), "default").unwrap();
+    }
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let ids = prompt.to_ids(&tok).unwrap();
+    let mut cfg = GenerationConfig {
+        max_new_tokens: 256,
+        ..Default::default()
+    };
+    if let Some(f) = HfGenerationConfig::from_dir(&dir).unwrap() {
+        f.apply(&mut cfg, ids.len());
+    }
+    if cfg.eos_token_ids.is_empty() {
+        cfg.eos_token_ids.extend(tok.eos_token_id());
+    }
+    edit(&mut cfg);
+    generate_text(&model, &tok, prompt, &cfg).unwrap().text
+}
+
+#[test]
+fn generate_prints_what_the_library_generates() {
+    let q = fixture("qwen2");
+    let q = q.to_str().unwrap();
+
+    // Plain prompt, greedy with the file's repetition penalty and EOS ids.
+    let o = flare(&[
+        "generate",
+        "--model",
+        q,
+        "--prompt",
+        "The quick brown fox",
+        "-n",
+        "12",
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = library_text("qwen2", false, "The quick brown fox".into(), |c| {
+        c.max_new_tokens = 12
+    });
+    assert_eq!(stdout(&o), format!("{want}\n"));
+    let err = stderr(&o);
+    assert!(
+        err.contains("prompt tokens") && err.contains("tokens/s"),
+        "{err}"
+    );
+
+    // Chat with a system message, sampling, a stop string.
+    let o = flare(&[
+        "generate",
+        "--model",
+        q,
+        "--chat",
+        "--system",
+        "You are a helpful assistant.",
+        "--prompt",
+        "Hello, how are you?",
+        "-n",
+        "30",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "20",
+        "--seed",
+        "5",
+        "--stop",
+        "e",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let messages = vec![
+        ChatMessage::new("system", "You are a helpful assistant."),
+        ChatMessage::new("user", "Hello, how are you?"),
+    ];
+    let want = library_text("qwen2", false, Prompt::Chat(messages), |c| {
+        c.max_new_tokens = 30;
+        c.sampling.do_sample = true;
+        c.sampling.temperature = 0.9;
+        c.sampling.top_k = 20;
+        c.seed = 5;
+        c.stop_strings = vec!["e".into()];
+    });
+    assert_eq!(stdout(&o), format!("{want}\n"));
+    assert!(!want.contains('e'));
+
+    // With an adapter, prompt on stdin.
+    let l = fixture("llama");
+    let adapter = l.join("adapter");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flare"))
+        .args([
+            "generate",
+            "--model",
+            l.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--greedy",
+            "-n",
+            "16",
+            "--dtype",
+            "f32",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"Hello, world!")
+            .unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = library_text("llama", true, "Hello, world!".into(), |c| {
+        c.max_new_tokens = 16;
+        c.sampling.do_sample = false;
+    });
+    assert_eq!(stdout(&o), format!("{want}\n"));
+    assert!(stderr(&o).contains("14 modules"), "{}", stderr(&o));
+}
+
+#[test]
+fn generate_fails_clearly() {
+    let q = fixture("qwen2");
+    let q = q.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["generate", "--model", "/no/such/model", "--prompt", "x"],
+            "/no/such/model",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                q,
+                "--prompt",
+                "x",
+                "--adapter",
+                "/no/adapter",
+            ],
+            "/no/adapter",
+        ),
+        (
+            vec!["generate", "--model", q, "--prompt", "x", "--top-p", "3"],
+            "top_p",
+        ),
+        (vec!["generate", "--model", q, "--prompt", ""], "empty"),
+        (
+            vec![
+                "generate",
+                "--model",
+                fixture("mistral").to_str().unwrap(),
+                "--prompt",
+                "x",
+            ],
+            "tokenizer.json",
+        ),
+        (
+            vec!["generate", "--model", q, "--system", "s", "--prompt", "x"],
+            "--chat",
+        ),
+    ] {
+        let o = flare(&args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
+}
+
+/// A temporary copy of the qwen2 fixture with its weights split into two shards and an index,
+/// removed on drop.
+struct Sharded(PathBuf);
+
+impl Sharded {
+    fn new() -> Self {
+        let src = fixture("qwen2");
+        let dir = std::env::temp_dir().join(format!("flare-cli-sharded-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        let tensors =
+            candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let mut map = serde_json::Map::new();
+        for (shard, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+            let file = format!("model-0000{}-of-00002.safetensors", shard + 1);
+            let sub: std::collections::HashMap<String, candle_core::Tensor> = part
+                .iter()
+                .map(|n| ((*n).clone(), tensors[*n].clone()))
+                .collect();
+            candle_core::safetensors::save(&sub, dir.join(&file)).unwrap();
+            for n in part {
+                map.insert((*n).clone(), file.clone().into());
+            }
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            serde_json::to_string(&index).unwrap(),
+        )
+        .unwrap();
+        Sharded(dir)
+    }
+}
+
+impl Drop for Sharded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn info_and_generate_on_a_sharded_model() {
+    let d = Sharded::new();
+    let dir = d.0.to_str().unwrap();
+    let o = flare(&["info", dir]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let want = param_count(&ModelConfig::from_dir(&d.0).unwrap());
+    assert!(out.contains("weights         2 file(s)"), "{out}");
+    assert!(out.contains(&format!("({want})")), "{out}");
+    assert!(
+        out.contains("generation      no generation_config.json"),
+        "{out}"
+    );
+
+    let o = flare(&["generate", "--model", dir, "--prompt", "Hello", "-n", "6"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // No generation_config.json here: the tokenizer's EOS, plain greedy.
+    let model = Transformer::from_dir(&d.0, DType::F32, &Device::Cpu).unwrap();
+    let tok = Tokenizer::from_dir(&d.0).unwrap();
+    let cfg = GenerationConfig {
+        max_new_tokens: 6,
+        eos_token_ids: tok.eos_token_id().into_iter().collect(),
+        ..Default::default()
+    };
+    let want = generate_text(&model, &tok, "Hello", &cfg).unwrap().text;
+    assert_eq!(stdout(&o), format!("{want}\n"));
+
+    // A truncated shard: both commands fail naming it.
+    let shard = d.0.join("model-00002-of-00002.safetensors");
+    std::fs::write(&shard, [1u8, 2, 3]).unwrap();
+    for args in [
+        vec!["info", dir],
+        vec!["generate", "--model", dir, "--prompt", "x"],
+    ] {
+        let o = flare(&args);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            stderr(&o).contains("model-00002-of-00002.safetensors"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+}
