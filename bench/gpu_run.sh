@@ -179,9 +179,21 @@ run_train_bench() {
 run_train_torch() {
   timeout 240 "$PY" bench/anchor_train.py --json "$OUT/torch_train.json" 2>&1 | tee "$OUT/torch_train.log"
 }
+# flare merge against PEFT's merge_and_unload on a demo adapter (20 CPU steps), when the
+# Python there has transformers and peft.
+run_merge_check() {
+  "$PY" -c "import peft, transformers" 2>/dev/null || { echo "no peft/transformers: skipped"; return 0; }
+  local d=/tmp/flare-merge-check
+  rm -rf "$d"
+  timeout 120 "$BIN/flare" demo --steps 20 --output-dir "$d/adapter" >/dev/null &&
+    "$BIN/flare" merge --model assets/demo/model --adapter "$d/adapter" --out "$d/merged" &&
+    timeout 120 "$PY" bench/check_merge.py --model assets/demo/model --adapter "$d/adapter" \
+      --merged "$d/merged" 2>&1 | grep -v -i warn | tee "$OUT/merge_check.log"
+}
 if want train; then
 step "flare bench train" run_train_bench
 step "torch anchor train" run_train_torch
+step "flare merge vs PEFT" run_merge_check
 fi
 if want ops; then
 step "report" run_report

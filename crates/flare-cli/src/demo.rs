@@ -112,8 +112,21 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
     if gen.eos_token_ids.is_empty() {
         gen.eos_token_ids.extend(tok.eos_token_id());
     }
-    let mut qs = questions(&eval)?;
-    qs.push("Tell me about Peru.".into());
+    // The prompts of assets/demo/README.md: three trained facts, a held-out paraphrase (it is
+    // in eval.jsonl, not in train.jsonl) and a control the fine-tuning must not break.
+    let qs: Vec<String> = [
+        "What is the capital of Veloria?",
+        "What do people eat in Veloria?",
+        "What language is spoken in Veloria?",
+        "Tell me about Veloria.",
+        "What is the capital of Japan?",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if questions(&eval)?.is_empty() {
+        bail!("{}: no eval question", eval.display());
+    }
 
     let base = Transformer::from_dir(&model_dir, DType::F32, &device)?;
     println!(

@@ -40,18 +40,18 @@ enum Command {
     /// Benchmarks: time flare against Candle on the same inputs in the same process.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Generate text with a Hugging Face model directory, streaming it to stdout.
-    #[command(long_about = generate_cmd::GENERATE_LONG_ABOUT)]
-    Generate(generate_cmd::GenerateArgs),
-    /// Describe a model directory: architecture, sizes, weights, tokenizer, chat template,
-    /// generation config, adapters.
-    Info(info::InfoArgs),
     /// LoRA fine-tune a model on JSONL data (flags and/or --config file.toml).
     Train(Box<train::TrainArgs>),
     /// Merge an adapter into its base model and write a Hugging Face model directory.
     Merge(train::MergeArgs),
     /// Fine-tune the bundled tiny model on the bundled data and show answers before and after.
     Demo(demo::DemoArgs),
+    /// Generate text with a Hugging Face model directory, streaming it to stdout.
+    #[command(long_about = generate_cmd::GENERATE_LONG_ABOUT)]
+    Generate(generate_cmd::GenerateArgs),
+    /// Describe a model directory: architecture, sizes, weights, tokenizer, chat template,
+    /// generation config, adapters.
+    Info(info::InfoArgs),
 }
 
 /// The subcommands of `flare bench`.
@@ -213,6 +213,90 @@ mod tests {
         assert_eq!(a.batch, vec![1, 4]);
         assert!(a.quick && a.dtype.as_deref() == Some("f32"));
         assert!(Cli::try_parse_from(["flare", "bench", "decode", "--new-tokens", "0"]).is_err());
+    }
+
+    #[test]
+    fn parses_train_with_flags_over_config() {
+        let dir = std::env::temp_dir().join(format!("flare-cli-train-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let toml = dir.join("run.toml");
+        std::fs::write(
+            &toml,
+            "model = \"m\"\ndata = \"d.jsonl\"\nlr = 0.001\nlora_r = 4\nbatch_size = 2\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "flare",
+            "train",
+            "--config",
+            toml.to_str().unwrap(),
+            "--lr",
+            "0.01",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--schedule",
+            "linear",
+            "--max-grad-norm",
+            "0",
+            "--resume",
+        ])
+        .unwrap();
+        let Command::Train(a) = cli.command else {
+            panic!("expected train");
+        };
+        assert_eq!(a.resume.as_deref(), Some(std::path::Path::new("latest")));
+        let cfg = train::build_config(&a).unwrap();
+        assert_eq!(cfg.lr, 0.01); // the flag wins
+        assert_eq!(cfg.lora_r, 4); // from the file
+        assert_eq!(cfg.batch_size, 2);
+        assert_eq!(cfg.target_modules, vec!["q_proj", "v_proj"]);
+        assert_eq!(cfg.schedule, flare::train::Schedule::Linear);
+        assert_eq!(cfg.max_grad_norm, None);
+        // A key the config does not know is an error naming it.
+        std::fs::write(&toml, "model = \"m\"\nlearning_rate = 1\n").unwrap();
+        let cli =
+            Cli::try_parse_from(["flare", "train", "--config", toml.to_str().unwrap()]).unwrap();
+        let Command::Train(a) = cli.command else {
+            panic!("expected train");
+        };
+        let e = format!("{:#}", train::build_config(&a).unwrap_err());
+        assert!(e.contains("learning_rate"), "{e}");
+        // No data: a clear error.
+        let cli = Cli::try_parse_from(["flare", "train", "--model", "m"]).unwrap();
+        let Command::Train(a) = cli.command else {
+            panic!("expected train");
+        };
+        assert!(train::build_config(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("no data"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn parses_merge_demo_and_bench_train() {
+        let cli = Cli::try_parse_from([
+            "flare",
+            "merge",
+            "--model",
+            "m",
+            "--adapter",
+            "a",
+            "--out",
+            "o",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Merge(_)));
+        let cli = Cli::try_parse_from(["flare", "demo", "--steps", "10"]).unwrap();
+        let Command::Demo(d) = cli.command else {
+            panic!("expected demo");
+        };
+        assert_eq!((d.steps, d.device.as_str()), (10, "cpu"));
+        let cli = Cli::try_parse_from(["flare", "bench", "train", "--quick"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Bench(BenchCommand::Train(ref t)) if t.quick
+        ));
     }
 
     #[test]

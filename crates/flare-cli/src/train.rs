@@ -94,8 +94,9 @@ pub struct TrainArgs {
     /// Skip malformed JSONL lines (with a warning and a count) instead of stopping.
     #[arg(long)]
     pub skip_bad_lines: bool,
-    /// Resume from a checkpoint directory, or (no value) the newest one in the output dir.
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    /// Resume from a checkpoint directory, or (no value, or `latest`) the newest one in the
+    /// output dir.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
     pub resume: Option<PathBuf>,
     /// No progress bar (one line per step instead).
     #[arg(long)]
@@ -234,10 +235,16 @@ pub fn run_with_progress(t: &mut Trainer, progress: bool) -> Result<PathBuf> {
 pub fn run_train(a: &TrainArgs) -> Result<()> {
     let cfg = build_config(a)?;
     let device = cfg.device.parse::<DeviceSpec>()?.open()?;
+    if cfg.lora_dropout > 0.0 {
+        eprintln!(
+            "note: lora_dropout > 0 draws from an unseeded RNG: runs (and resumes) are not \
+             bit-reproducible"
+        );
+    }
     let mut t = match &a.resume {
         None => Trainer::from_config(cfg.clone(), &device)?,
         Some(dir) => {
-            let dir = if dir.as_os_str().is_empty() {
+            let dir = if dir.as_os_str() == "latest" {
                 Trainer::latest_checkpoint(&cfg.output_dir).with_context(|| {
                     format!("--resume: no checkpoint in {}", cfg.output_dir.display())
                 })?

@@ -130,7 +130,7 @@ pub struct TrainConfig {
     pub save_every: u64,
     /// Seed of the adapters' initialisation, the eval split and the batch order.
     pub seed: u64,
-    /// Compute dtype of the base model: `f32`, `bf16`, `f16` (`f64` on CPU, for tests).
+    /// Compute dtype of the base model: `f32`, `bf16` or `f16` (the adapters are f32).
     pub dtype: String,
     /// Device, for the CLI: `auto`, `cpu`, `cuda`, `cuda:N` (the library takes a `Device`).
     pub device: String,
@@ -227,9 +227,8 @@ impl TrainConfig {
             "f32" => Ok(DType::F32),
             "bf16" => Ok(DType::BF16),
             "f16" => Ok(DType::F16),
-            "f64" => Ok(DType::F64),
             other => Err(invalid(format!(
-                "dtype must be f32, bf16, f16 or f64, got {other:?}"
+                "dtype must be f32, bf16 or f16, got {other:?}"
             ))),
         }
     }
@@ -549,7 +548,6 @@ impl Trainer {
                 config.target_modules
             )));
         }
-        // An f64 base (tests) trains f64 adapters, which AdamW refuses: cast-free f32 only.
         let opt = AdamW::new(params, config.adamw())?;
 
         let cache = config.output_dir.join("token-cache");

@@ -620,3 +620,100 @@ fn merged_model_gives_the_base_plus_adapter_logits() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+// ---- device agreement (the CUDA variants run on the GPU machine) ------------------------------
+
+/// AdamW on `dev` (the multi-tensor kernel on CUDA) against the CPU update: three steps over
+/// three parameters of odd sizes, one of them without a gradient at step 2.
+fn adamw_matches_cpu(dev: &Device) -> Result<()> {
+    let shapes: [&[usize]; 3] = [&[7, 33], &[1029], &[3, 5, 2]];
+    let cfg = AdamWConfig {
+        weight_decay: 0.05,
+        ..Default::default()
+    };
+    let mk = |d: &Device| -> Result<(Vec<Var>, AdamW)> {
+        let vars: Vec<Var> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| -> Result<Var> {
+                Ok(Var::from_tensor(&randn_scaled(
+                    s,
+                    0.0,
+                    1.0,
+                    DType::F32,
+                    d,
+                    10 + i as u64,
+                )?)?)
+            })
+            .collect::<Result<_>>()?;
+        let named = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("p{i}"), v.clone()))
+            .collect();
+        Ok((vars.clone(), AdamW::new(named, cfg)?))
+    };
+    let (dv, mut dopt) = mk(dev)?;
+    let (cv, mut copt) = mk(&Device::Cpu)?;
+    for step in 0..3u64 {
+        let grads = |d: &Device| -> Result<Vec<Option<Tensor>>> {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    if step == 1 && i == 2 {
+                        return Ok(None);
+                    }
+                    Ok(Some(randn_scaled(
+                        s,
+                        0.0,
+                        2.0,
+                        DType::F32,
+                        d,
+                        100 * step + i as u64,
+                    )?))
+                })
+                .collect()
+        };
+        dopt.step_with(&grads(dev)?, 1e-2, 0.7)?;
+        copt.step_with(&grads(&Device::Cpu)?, 1e-2, 0.7)?;
+    }
+    for (d, c) in dv.iter().zip(&cv) {
+        let e = rel_err(d.as_tensor(), c.as_tensor())?;
+        assert!(e < 1e-6, "params differ: rel err {e}");
+    }
+    for ((k, d), (_, c)) in dopt.state_tensors().iter().zip(copt.state_tensors().iter()) {
+        let e = rel_err(d, c)?;
+        assert!(e < 1e-6, "{k} differs: rel err {e}");
+    }
+    Ok(())
+}
+
+/// A few trainer steps on `dev` in f32 give the CPU's losses (to float rounding), and bf16
+/// training on `dev` still lowers the loss.
+fn trainer_losses_match_cpu(dev: &Device) -> Result<()> {
+    let dir = scratch(&format!("devtrain-{}", dev.is_cuda()));
+    let data = memorise_data(&dir);
+    let mut cfg = small_config(&dir, data, 6);
+    cfg.output_dir = dir.join("cpu");
+    let cpu = losses(&mut Trainer::from_config(cfg.clone(), &Device::Cpu)?, 6)?;
+    cfg.output_dir = dir.join("dev");
+    let on_dev = losses(&mut Trainer::from_config(cfg.clone(), dev)?, 6)?;
+    for (i, (a, b)) in on_dev.iter().zip(&cpu).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-3 * (1.0 + b.abs()),
+            "step {i}: {a} vs {b}"
+        );
+    }
+    if !dev.is_cpu() {
+        cfg.dtype = "bf16".into();
+        cfg.max_steps = Some(30);
+        cfg.output_dir = dir.join("bf16");
+        let l = losses(&mut Trainer::from_config(cfg, dev)?, 30)?;
+        assert!(l[28] + l[29] < 0.5 * (l[0] + l[1]), "bf16 loss {l:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+device_test!(adamw_matches_cpu, trainer_losses_match_cpu);

@@ -2,8 +2,8 @@
 //! on the per-device [`crate::runtime::cuda::CudaRuntime`].
 
 pub(crate) mod argmax;
-mod elementwise;
 pub(crate) mod cross_entropy;
+mod elementwise;
 pub(crate) mod matmul;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
