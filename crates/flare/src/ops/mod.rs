@@ -25,7 +25,7 @@ pub use matmul::matmul;
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::rope_heads;
 pub use softmax::softmax_last_dim;
-pub use swiglu::swiglu;
+pub use swiglu::{swiglu, swiglu_packed};
 
 use candle_core::{DType, Device, Tensor};
 

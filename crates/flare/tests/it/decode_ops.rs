@@ -325,3 +325,93 @@ fn skinny_matmul(dev: &Device) -> Result<()> {
 }
 
 device_test!(skinny_matmul);
+
+/// `swiglu_packed` (gate and up as the two halves of one row) against the f64 reference,
+/// forward and gradient, odd widths and batch dims, on every device; FD-checked on the CPU.
+fn swiglu_packed_forward_backward(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    for dtype in dtypes(dev) {
+        for shape in [vec![1, 2], vec![7, 66], vec![2, 3, 10]] {
+            let what = format!("swiglu_packed {shape:?} {dtype:?}");
+            let sd = seed(&what);
+            let gu = randn(&shape, dtype, dev, sd)?;
+            let last = shape.len() - 1;
+            let i = shape[last] / 2;
+            let mut out_shape = shape.clone();
+            out_shape[last] = i;
+            let dy = randn(&out_shape, dtype, dev, sd + 1)?;
+            let v = var(&gu)?;
+            let y = flare::ops::swiglu_packed(v.as_tensor())?;
+            let grads = (&y * &dy)?.sum_all()?.backward()?;
+            let g64 = f64_cpu(&gu)?;
+            let (g, u) = (g64.narrow(last, 0, i)?, g64.narrow(last, i, i)?);
+            let (ry, rdg, rdu) = swiglu_ref(
+                &to_f64_vec(&g.contiguous()?)?,
+                &to_f64_vec(&u.contiguous()?)?,
+                &to_f64_vec(&dy)?,
+            );
+            let t = |v: Vec<f64>| Tensor::from_vec(v, out_shape.as_slice(), &Device::Cpu);
+            fails.check(&f64_cpu(&y)?, &t(ry)?, tol(dtype), &format!("{what} y"))?;
+            let want = Tensor::cat(&[t(rdg)?, t(rdu)?], last)?;
+            let got = grad_of(&grads, v.as_tensor(), &what);
+            fails.check(&f64_cpu(&got)?, &want, tol(dtype), &format!("{what} d(gu)"))?;
+        }
+    }
+    fails.finish();
+    Ok(())
+}
+
+device_test!(swiglu_packed_forward_backward);
+
+#[test]
+fn swiglu_packed_fd_gradient() -> Result<()> {
+    let _g = shared_lock();
+    let gu = randn(&[3, 10], DType::F64, &Device::Cpu, 21)?;
+    let r = randn(&[3, 5], DType::F64, &Device::Cpu, 22)?;
+    let v = var(&gu)?;
+    let grads = (flare::ops::swiglu_packed(v.as_tensor())? * &r)?
+        .sum_all()?
+        .backward()?;
+    let want = fd_grad(
+        |x| weighted_sum(&flare::ops::swiglu_packed(x)?, &r),
+        &gu,
+        FD_H,
+    )?;
+    crate::common::assert_close(
+        &grad_of(&grads, v.as_tensor(), "d(gu)"),
+        &want,
+        FD_TOL,
+        "d(gu)",
+    )?;
+    assert!(flare::ops::swiglu_packed(&gu.narrow(1, 0, 9)?).is_err());
+    Ok(())
+}
+
+/// The fused q/k/v and gate/up projections give the logits of the separate ones: an adapter
+/// with a zero `B` (so the same function) sends every group back to the separate path.
+fn fused_projections_match_separate(dev: &Device) -> Result<()> {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2");
+    let model = flare::models::Transformer::from_dir(&fixture, DType::F32, dev)?;
+    let ids = Tensor::new(&[[3u32, 17, 42, 9, 100]], dev)?;
+    let fused = model.forward(&ids)?;
+    let mut separate = model.clone();
+    let cfg = flare::lora::LoraConfig {
+        r: 2,
+        ..Default::default()
+    };
+    for (i, (_, lin)) in separate.lora_modules_mut().into_iter().enumerate() {
+        lin.add_adapter("zero", &cfg, i as u64)?;
+        lin.set_active(Some("zero"))?;
+    }
+    let sep = separate.forward(&ids)?;
+    crate::common::assert_close(
+        &f64_cpu(&sep)?,
+        &f64_cpu(&fused)?,
+        1e-5,
+        "fused vs separate",
+    )?;
+    Ok(())
+}
+
+device_test!(fused_projections_match_separate);
