@@ -16,6 +16,7 @@ const KERNELS: &[&str] = &[
     "swiglu",
     "argmax",
     "gemv",
+    "attention",
 ];
 /// Headers the kernels include.
 const HEADERS: &[&str] = &["common.cuh"];

@@ -41,3 +41,8 @@ pub const ARGMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/argmax.ptx"));
 /// output column reading the weight once.
 #[cfg(feature = "cuda")]
 pub const GEMV: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));
+
+/// PTX of `attention.cu`: `attention_decode_*`, `softmax(q kᵀ) v` over every key in one launch
+/// (the single-new-token decode step).
+#[cfg(feature = "cuda")]
+pub const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));

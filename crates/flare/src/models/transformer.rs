@@ -17,8 +17,8 @@ use crate::error::device_name;
 use crate::lora::LoraLinear;
 use crate::ops::rope::rope_tables_f32;
 use crate::ops::{
-    add_rms_norm, matmul, rms_norm, rope_heads, softmax_last_dim, supported_dtypes, swiglu,
-    swiglu_packed,
+    add_rms_norm, attention_decode, matmul, rms_norm, rope_heads, softmax_last_dim,
+    supported_dtypes, swiglu, swiglu_packed,
 };
 use crate::{Error, Result};
 
@@ -930,6 +930,16 @@ impl Transformer {
         };
         let t = k.dim(1)?;
         let q = q.reshape((b * nkv, group * s, hd))?;
+        if mask.keep.is_none() {
+            // Every query sees every key of the view: one fused op (decode steps).
+            let out = attention_decode(&q, &k, &v)?.reshape((b, nh, s, hd))?;
+            let out = if s == 1 {
+                out.reshape((b, 1, nh * hd))?
+            } else {
+                out.transpose(1, 2)?.reshape((b, s, nh * hd))?
+            };
+            return attn.o_proj.forward(&out);
+        }
         let scores = matmul(&q, &k.t()?)?;
         let scores = match (&mask.keep, &mask.neg) {
             (Some(keep), Some(neg)) => {

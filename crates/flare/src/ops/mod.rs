@@ -10,6 +10,7 @@
 //! through them returns Candle's `BackwardNotSupported`, never a silently cut gradient).
 
 pub mod argmax;
+pub mod attention;
 mod cpu;
 pub mod matmul;
 pub mod rms_norm;
@@ -21,6 +22,7 @@ pub mod swiglu;
 pub(crate) mod cuda;
 
 pub use argmax::argmax_last_dim;
+pub use attention::attention_decode;
 pub use matmul::matmul;
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::rope_heads;

@@ -27,10 +27,11 @@ enum Module {
     SwiGlu,
     Argmax,
     Gemv,
+    Attention,
 }
 
 impl Module {
-    const ALL: [Module; 7] = [
+    const ALL: [Module; 8] = [
         Module::Softmax,
         Module::RmsNorm,
         Module::GemmSmall,
@@ -38,6 +39,7 @@ impl Module {
         Module::SwiGlu,
         Module::Argmax,
         Module::Gemv,
+        Module::Attention,
     ];
 
     fn ptx(self) -> &'static str {
@@ -49,6 +51,7 @@ impl Module {
             Module::SwiGlu => flare_kernels::SWIGLU,
             Module::Argmax => flare_kernels::ARGMAX,
             Module::Gemv => flare_kernels::GEMV,
+            Module::Attention => flare_kernels::ATTENTION,
         }
     }
 }
@@ -101,6 +104,9 @@ kernels! {
     GemvF32 => (Gemv, "gemv_f32"),
     GemvF16 => (Gemv, "gemv_f16"),
     GemvBF16 => (Gemv, "gemv_bf16"),
+    AttentionDecodeF32 => (Attention, "attention_decode_f32"),
+    AttentionDecodeF16 => (Attention, "attention_decode_f16"),
+    AttentionDecodeBF16 => (Attention, "attention_decode_bf16"),
 }
 
 /// Everything flare needs on one CUDA device, created once.

@@ -415,3 +415,55 @@ fn fused_projections_match_separate(dev: &Device) -> Result<()> {
 }
 
 device_test!(fused_projections_match_separate);
+
+/// f64 reference of `attention_decode`.
+fn attention_ref(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (q, k, v) = (f64_cpu(q)?, f64_cpu(k)?, f64_cpu(v)?);
+    let s = q.matmul(&k.t()?)?;
+    let m = s.max_keepdim(D::Minus1)?;
+    let e = s.broadcast_sub(&m)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    Ok(p.matmul(&v)?)
+}
+
+/// The fused decode attention against the f64 reference: odd sizes, keys read from strided
+/// views of a larger cache (batch stride > t * d, an offset), and the autograd fallback.
+fn attention_decode_matches(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    for dtype in dtypes(dev) {
+        for &(b, g, t, d) in &[(1, 1, 1, 2), (3, 7, 33, 64), (2, 7, 600, 64), (1, 2, 5, 66)] {
+            let what = format!("attention_decode b{b} g{g} t{t} d{d} {dtype:?}");
+            let sd = seed(&what);
+            let q = (randn(&[b, g, d], dtype, dev, sd)? * 0.3)?;
+            // A cache of 2t + 3 positions, viewed from position 2 for t positions.
+            let kc = randn(&[b, 2 * t + 3, d], dtype, dev, sd + 1)?;
+            let vc = randn(&[b, 2 * t + 3, d], dtype, dev, sd + 2)?;
+            let (k, v) = (kc.narrow(1, 2, t)?, vc.narrow(1, 2, t)?);
+            let y = flare::ops::attention_decode(&q, &k, &v)?;
+            fails.check(
+                &f64_cpu(&y)?,
+                &attention_ref(&q, &k, &v)?,
+                tol(dtype),
+                &what,
+            )?;
+        }
+    }
+    fails.finish();
+    // With autograd the differentiable path runs, and gradients flow.
+    let q = var(&randn(&[2, 3, 8], DType::F32, dev, 1)?)?;
+    let k = randn(&[2, 5, 8], DType::F32, dev, 2)?;
+    let v = randn(&[2, 5, 8], DType::F32, dev, 3)?;
+    let y = flare::ops::attention_decode(q.as_tensor(), &k, &v)?;
+    crate::common::assert_close(
+        &f64_cpu(&y)?,
+        &attention_ref(q.as_tensor(), &k, &v)?,
+        1e-5,
+        "tracked",
+    )?;
+    let g = y.sum_all()?.backward()?;
+    assert!(g.get(q.as_tensor()).is_some());
+    assert!(flare::ops::attention_decode(&k, &q.as_tensor().narrow(2, 0, 4)?, &v).is_err());
+    Ok(())
+}
+
+device_test!(attention_decode_matches);
