@@ -309,6 +309,8 @@ impl Transformer {
                 device: device_name(device),
             });
         }
+        // Before the weights are allocated, so that they are allocated untracked.
+        crate::runtime::init(device)?;
         let c = &config;
         let get = |name: &str, shape: &[usize]| weights.get(name, shape, dtype, device);
         let part =
@@ -438,6 +440,7 @@ impl Transformer {
                 device: device_name(device),
             });
         }
+        crate::runtime::init(device)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut uniform = |shape: &[usize], bound: f32| -> Result<Tensor> {
             let n: usize = shape.iter().product();
