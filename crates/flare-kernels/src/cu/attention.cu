@@ -5,17 +5,22 @@
 // the KV cache (batch stride, row stride; unit element stride). One launch replaces the scores
 // GEMM, the softmax and the probabilities-times-values GEMM.
 //
-// One block per (g, z). The query row is staged in shared memory as f32; each thread scores
-// keys j = tid, tid + blockDim, ... (a dot product over d) into a shared f32 row of t scores;
-// the block reduces the maximum and the sum of exponentials (warp shuffles, then one exchange
-// through shared memory, fixed order: deterministic); then thread c accumulates
-// sum_j p_j * v[j, c] for columns c = tid, tid + blockDim, ... (coalesced reads of v rows).
-// All arithmetic in f32, the output rounded once. Dynamic shared memory: (d + t) floats.
+// One block per (g, z), ATTN_WARPS warps. Lane l owns the head-dim elements c = e * 32 + l
+// (e < d / 32 rounded up), so every row of k and v is read coalesced. Scores: warp w takes keys
+// j = w, w + ATTN_WARPS, ...; each lane multiplies its elements of q and k_j, the warp sums by
+// shuffles, lane 0 stores the f32 score in shared memory. The block reduces the maximum and
+// the sum of exponentials (fixed order: deterministic). Output: warp w accumulates
+// sum_j p_j * v[j, c] over its keys in registers, then the warps' partial rows are summed
+// through shared memory in warp order. All arithmetic in f32, the output rounded once.
+// Dynamic shared memory: (t + ATTN_WARPS * d) floats.
 #include "common.cuh"
 
 using namespace flare;
 
-#define ATTN_THREADS 128
+#define ATTN_WARPS 8
+#define ATTN_THREADS (ATTN_WARPS * 32)
+// Head-dim elements per lane at most: d <= 32 * ATTN_MAX_E = 256.
+#define ATTN_MAX_E 8
 
 __device__ __forceinline__ float block_reduce(float v, float *red, bool is_max) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -40,37 +45,68 @@ __device__ __forceinline__ void attn_body(const T *__restrict__ q, const T *__re
                                           long long v_bs, long long v_rs) {
   extern __shared__ float smem[];
   __shared__ float red[32];
-  float *qs = smem;      // [d]
-  float *p = smem + d;   // [t]
+  float *p = smem;          // [t]
+  float *part = smem + t;   // [ATTN_WARPS][d]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = blockIdx.x;
   const long long z = blockIdx.y;
   const T *qr = q + (z * g_rows + g) * (long long)d;
-  for (int c = threadIdx.x; c < d; c += blockDim.x) qs[c] = to_f(qr[c]);
-  __syncthreads();
+  float qv[ATTN_MAX_E];
+#pragma unroll
+  for (int e = 0; e < ATTN_MAX_E; ++e) {
+    const int c = e * 32 + lane;
+    qv[e] = c < d ? to_f(qr[c]) : 0.0f;
+  }
   const T *kz = k + z * k_bs;
   float mx = -INFINITY;
-  for (int j = threadIdx.x; j < t; j += blockDim.x) {
+#pragma unroll 4
+  for (int j = warp; j < t; j += ATTN_WARPS) {
     const T *kr = kz + j * k_rs;
     float s = 0.0f;
-    for (int c = 0; c < d; ++c) s = fmaf(qs[c], to_f(kr[c]), s);
-    p[j] = s;
+#pragma unroll
+    for (int e = 0; e < ATTN_MAX_E; ++e) {
+      const int c = e * 32 + lane;
+      if (c < d) s = fmaf(qv[e], to_f(kr[c]), s);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, off);
+    if (lane == 0) p[j] = s;
     mx = fmaxf(mx, s);
   }
-  mx = block_reduce(mx, red, true);
+  mx = block_reduce(mx, red, true);  // its barriers also publish every p[j]
   float sum = 0.0f;
   for (int j = threadIdx.x; j < t; j += blockDim.x) {
     const float e = __expf(p[j] - mx);
     p[j] = e;
     sum += e;
   }
-  sum = block_reduce(sum, red, false);  // its barriers also publish every p[j]
-  const float inv = 1.0f / sum;
+  sum = block_reduce(sum, red, false);  // and these publish the exponentials
   const T *vz = v + z * v_bs;
+  float acc[ATTN_MAX_E];
+#pragma unroll
+  for (int e = 0; e < ATTN_MAX_E; ++e) acc[e] = 0.0f;
+#pragma unroll 4
+  for (int j = warp; j < t; j += ATTN_WARPS) {
+    const T *vr = vz + j * v_rs;
+    const float pj = p[j];
+#pragma unroll
+    for (int e = 0; e < ATTN_MAX_E; ++e) {
+      const int c = e * 32 + lane;
+      if (c < d) acc[e] = fmaf(pj, to_f(vr[c]), acc[e]);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < ATTN_MAX_E; ++e) {
+    const int c = e * 32 + lane;
+    if (c < d) part[warp * d + c] = acc[e];
+  }
+  __syncthreads();
+  const float inv = 1.0f / sum;
   T *o = out + (z * g_rows + g) * (long long)d;
   for (int c = threadIdx.x; c < d; c += blockDim.x) {
-    float acc = 0.0f;
-    for (int j = 0; j < t; ++j) acc = fmaf(p[j], to_f(vz[j * v_rs + c]), acc);
-    o[c] = from_f<T>(acc * inv);
+    float r = 0.0f;
+    for (int w = 0; w < ATTN_WARPS; ++w) r += part[w * d + c];
+    o[c] = from_f<T>(r * inv);
   }
 }
 

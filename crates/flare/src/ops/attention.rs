@@ -19,8 +19,9 @@ use super::{check_dtype, check_same, matmul, native, softmax_last_dim};
 use crate::{Error, Result};
 
 const OP: &str = "attention_decode";
-/// Keys the CUDA kernel keeps in shared memory at most (with the query row): 48 KiB of f32.
-const MAX_KEYS: usize = 12 * 1024 - 256;
+/// Keys the CUDA kernel keeps in shared memory at most (with the warps' partial output rows,
+/// `8 * d <= 2048` floats): 48 KiB of f32 in all.
+const MAX_KEYS: usize = 10 * 1024 - 64;
 
 /// Geometry of one call.
 #[derive(Debug, Clone, Copy)]

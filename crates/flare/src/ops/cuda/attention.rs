@@ -13,8 +13,8 @@ use crate::ops::attention::AttnPlan;
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 
 const OP: &str = "attention_decode (cuda)";
-/// `ATTN_THREADS` of attention.cu.
-const THREADS: u32 = 128;
+/// `ATTN_WARPS` of attention.cu (its block is `32 * ATTN_WARPS` threads).
+const WARPS: usize = 8;
 
 /// `softmax(q kᵀ) v` by the plan; a fresh contiguous `[B, G, d]` output.
 pub(crate) fn fwd(
@@ -77,14 +77,16 @@ fn run<T: CudaDType + DeviceRepr>(
             .arg(&v_rs);
         let cfg = LaunchConfig {
             grid_dim: (p.g as u32, p.b as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: ((p.d + p.t) * 4) as u32,
+            block_dim: (32 * WARPS as u32, 1, 1),
+            shared_mem_bytes: ((p.t + WARPS * p.d) * 4) as u32,
         };
         // SAFETY: attention_decode_<t>(const T *q, const T *k, const T *v, T *out, int g_rows,
         // int t, int d, long long k_bs, k_rs, v_bs, v_rs): q holds B * G * d contiguous
         // elements, the last k and v elements read are inside their views (checked above), out
-        // holds B * G * d. The caller bounds t and d so that (d + t) floats of dynamic shared
-        // memory stay within the default 48 KiB; the block is ATTN_THREADS (its launch bound).
+        // holds B * G * d. The caller bounds t and d so that the dynamic shared
+        // memory stay within the default 48 KiB with d <= 256 (the kernel's ATTN_MAX_E lanes of
+        // 32); (t + ATTN_WARPS * d) floats are what it uses; the block is ATTN_THREADS (its
+        // launch bound).
         unsafe { lb.launch(cfg) }
             .cuda_ctx("launching attention_decode")
             .map_err(crate::Error::into_candle)?;
