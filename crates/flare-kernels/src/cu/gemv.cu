@@ -34,7 +34,6 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ x, const T *__re
     for (int r = 0; r < GEMV_MAX_M; ++r) acc[r] = 0.0f;
     const T *wr = w + j * ldw;
     if (vec) {
-#pragma unroll 4
       for (int l = lane * V; l < k; l += 32 * V) {
         const Pack<T, V> wp = load_pack<T, V>(wr + l);
 #pragma unroll
