@@ -163,6 +163,10 @@ run_gemv_bench() {
 step "FLARE_GEMV=1 tests" run_gemv_tests
 step "flare bench decode" run_decode_bench
 step "flare bench decode with FLARE_GEMV=1" run_gemv_bench
+run_unfused_attention_bench() {
+  FLARE_ATTENTION_DECODE=0 timeout 60 "$BIN/flare" bench decode --device cuda --batch 1,8 --new-tokens 64 --repeats 3 2>&1 | tail -5
+}
+step "flare bench decode with FLARE_ATTENTION_DECODE=0 (composite attention)" run_unfused_attention_bench
 step "HF anchor decode" run_decode_anchor
 step "decode comparison (flare vs HF)" run_decode_compare
 step "report" run_report

@@ -148,12 +148,21 @@ impl CustomOp3 for AttentionDecode {
     }
 }
 
+/// Whether the fused op runs: not when `FLARE_ATTENTION_DECODE=0` (read once), which sends
+/// every call to [`attention_decode_reference`], e.g. to time the difference.
+fn fused_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED
+        .get_or_init(|| std::env::var("FLARE_ATTENTION_DECODE").map_or(true, |v| v.trim() != "0"))
+}
+
 /// `softmax(q kᵀ) v` over every key, batched: `q: [B, G, d]`, `k, v: [B, t, d]` (strided views
 /// such as the KV cache's are read in place when their last dim is unit-stride) → `[B, G, d]`.
 /// `q` must already carry the `1/sqrt(d)` scale. f32, f16, bf16 (f64 on CPU).
 ///
 /// One fused op when nothing takes part in autograd and `t` fits the kernel's shared memory
-/// (about 12k keys); otherwise the same maths from differentiable ops.
+/// (about 10k keys); otherwise (or with `FLARE_ATTENTION_DECODE=0`) the same maths from
+/// differentiable ops.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -184,7 +193,7 @@ pub fn attention_decode(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     }
     let t = k.dim(1)?;
     let tracked = q.track_op() || k.track_op() || v.track_op();
-    if !native(q.device()) || tracked || t == 0 || t > MAX_KEYS || d > 256 {
+    if !native(q.device()) || tracked || t == 0 || t > MAX_KEYS || d > 256 || !fused_enabled() {
         return attention_decode_reference(q, k, v);
     }
     let unit = |x: &Tensor| -> Result<Tensor> {
