@@ -441,12 +441,19 @@ fn attention_decode_matches(dev: &Device) -> Result<()> {
             let vc = randn(&[b, 2 * t + 3, d], dtype, dev, sd + 2)?;
             let (k, v) = (kc.narrow(1, 2, t)?, vc.narrow(1, 2, t)?);
             let y = flare::ops::attention_decode(&q, &k, &v)?;
-            fails.check(
-                &f64_cpu(&y)?,
-                &attention_ref(&q, &k, &v)?,
-                tol(dtype),
-                &what,
-            )?;
+            // On CUDA without FLARE_ATTENTION_DECODE=1 the composite path runs: it rounds the
+            // scores and the probabilities to the half dtype before the second product (as
+            // transformers does), which costs about one more rounding step (measured 1.08e-2
+            // in bf16 at t = 600 on an H100).
+            let composite = dev.is_cuda()
+                && std::env::var("FLARE_ATTENTION_DECODE").as_deref() != Ok("1")
+                && dtype != DType::F32;
+            let tl = if composite {
+                2.0 * tol(dtype)
+            } else {
+                tol(dtype)
+            };
+            fails.check(&f64_cpu(&y)?, &attention_ref(&q, &k, &v)?, tl, &what)?;
         }
     }
     fails.finish();
