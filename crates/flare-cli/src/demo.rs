@@ -31,9 +31,12 @@ pub struct DemoArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = DEFAULT_STEPS)]
     pub steps: u64,
 }
+
+/// The demo's number of optimizer steps (the recipe checked in assets/demo/README.md).
+const DEFAULT_STEPS: u64 = 200;
 
 fn assets_dir(a: &DemoArgs) -> Result<PathBuf> {
     if let Some(p) = &a.assets {
@@ -180,6 +183,18 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
         l.set_training(false);
     }
     print_answers("after fine-tuning", t.model(), &tok, &gen, &qs)?;
-    println!("\ndone in {:.1}s", start.elapsed().as_secs_f64());
+    // The demo is also CI's end-to-end check: a fine-tune that did not learn is a failure, not
+    // a printout. The held-out answers start at a loss of about 7 (see assets/demo/README.md).
+    let eval_loss = t.evaluate()?.context("the demo's eval split is empty")?;
+    println!(
+        "\neval loss on held-out paraphrases: {eval_loss:.4}; done in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    if a.steps >= DEFAULT_STEPS && eval_loss > 0.5 {
+        bail!(
+            "the fine-tune did not learn: eval loss {eval_loss:.3} after {} steps (expected < 0.5)",
+            a.steps
+        );
+    }
     Ok(())
 }
