@@ -179,49 +179,53 @@ pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
     Ok(y.to_dtype(dt)?)
 }
 
-/// Where a masked softmax's rows find their mask rows: `x` is `[b, heads..., s, t]` viewed as
-/// `b * heads * s` rows of `t`; the mask is `[mb, s, t]` with `mb` 1 (one mask for the batch) or
-/// `b`. Row `r` of `x` reads mask row `((r / (heads * s)) % mb) * s + r % s`.
+/// Where a masked softmax's rows find their mask rows: `x`'s rows (every dim but the last,
+/// flattened) are `mb` equal blocks of `heads_s` rows, each block a whole number of `s`-row
+/// groups (`x` viewed as `[mb, n, s, t]`); the mask is `[mb, s, t]`. Row `r` of `x` reads mask
+/// row `(r / heads_s) * s + r % s`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MaskIndex {
-    /// Rows of `x` per batch item: the product of the dims between the first and the last.
+    /// Rows of `x` per mask batch item.
     pub heads_s: usize,
-    /// Mask rows per batch item (the mask's second dim, `x`'s second-to-last).
+    /// Mask rows per batch item (the mask's second dim).
     pub s: usize,
     /// The mask's batch dim.
     pub mb: usize,
 }
 
 impl MaskIndex {
-    /// Checks the two layouts against each other (shapes as described above).
-    pub(crate) fn new(lx: &Layout, lk: &Layout) -> candle_core::Result<Self> {
-        let (xd, kd) = (lx.dims(), lk.dims());
-        let bad = || {
-            candle_core::Error::Msg(format!(
-                "{OP_MASKED}: mask of shape {kd:?} does not fit scores of shape {xd:?} \
-                 (expected [1 or {}, s, t] for scores [b, .., s, t])",
-                xd.first().copied().unwrap_or(0)
-            ))
-        };
-        if xd.len() < 3 || kd.len() != 3 {
-            return Err(bad());
+    /// Checks `x`'s and the mask's dims against each other (see [`softmax_masked`]).
+    pub(crate) fn from_dims(xd: &[usize], kd: &[usize]) -> std::result::Result<Self, ()> {
+        if xd.len() < 2 || kd.len() != 3 {
+            return Err(());
         }
-        let (b, s, t) = (xd[0], xd[xd.len() - 2], xd[xd.len() - 1]);
-        if kd[1] != s || kd[2] != t || !(kd[0] == 1 || kd[0] == b) {
-            return Err(bad());
+        let (mb, s, t) = (kd[0], kd[1], kd[2]);
+        let rows: usize = xd[..xd.len() - 1].iter().product();
+        if t != xd[xd.len() - 1] || mb == 0 || s == 0 || rows % (mb * s) != 0 {
+            return Err(());
         }
-        let heads: usize = xd[1..xd.len() - 2].iter().product();
         Ok(MaskIndex {
-            heads_s: (heads * s).max(1),
-            s: s.max(1),
-            mb: kd[0].max(1),
+            heads_s: (rows / mb).max(1),
+            s,
+            mb,
+        })
+    }
+
+    /// As [`from_dims`](Self::from_dims), on layouts, with a Candle error.
+    pub(crate) fn new(lx: &Layout, lk: &Layout) -> candle_core::Result<Self> {
+        Self::from_dims(lx.dims(), lk.dims()).map_err(|()| {
+            candle_core::Error::Msg(format!(
+                "{OP_MASKED}: mask of shape {:?} does not fit scores of shape {:?}",
+                lk.dims(),
+                lx.dims()
+            ))
         })
     }
 
     /// The mask row of row `r` of `x`.
     #[inline]
     pub(crate) fn row(&self, r: usize) -> usize {
-        ((r / self.heads_s) % self.mb) * self.s + r % self.s
+        (r / self.heads_s) * self.s + r % self.s
     }
 }
 
@@ -335,13 +339,17 @@ impl CustomOp2 for SoftmaxMasked {
 /// with a fused backward. The mask is broadcast over the batch and head dims by index
 /// arithmetic, never materialised at the scores' shape.
 ///
-/// `scores` is `[b, heads.., s, t]` (rank >= 3; any number of head dims, possibly none) in
-/// f32, f16 or bf16 (and f64 on CPU); `keep` is u8 `[mb, s, t]` with `mb` 1 or `b`. A kept
-/// position's output is `exp(x - m) / Σ_kept exp(x - m)` (m the kept maximum), a masked one's
-/// exactly 0, so gradients never reach masked scores. A row with nothing kept (or only `-inf`
-/// kept) is all zeros, with a zero gradient; this differs from masking with the dtype's
-/// minimum, which gives such a row a uniform distribution, but the model never produces one
-/// (a padding query attends to itself).
+/// `keep` is u8 `[mb, s, t]`; `scores` (f32, f16 or bf16, and f64 on CPU) has rank >= 2, last
+/// dim `t`, and its rows (every other dim, flattened) must be `mb` equal blocks of whole
+/// `s`-row groups: `scores` is read as `[mb, n, s, t]` and block `i` uses mask `i` for each of
+/// its `n` groups. So `[b, heads, s, t]` scores take a `[b, s, t]` or `[1, s, t]` mask, and so
+/// do GQA-shaped `[b · kv_heads, group · s, t]` ones (no reshape needed).
+///
+/// A kept position's output is `exp(x - m) / Σ_kept exp(x - m)` (m the kept maximum), a masked
+/// one's exactly 0, so gradients never reach masked scores. A row with nothing kept (or only
+/// `-inf` kept) is all zeros, with a zero gradient; masking with the dtype's minimum instead
+/// would give such a row a uniform distribution, but the model never produces one (a padding
+/// query attends to itself).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -354,7 +362,7 @@ impl CustomOp2 for SoftmaxMasked {
 /// # Ok::<(), flare::Error>(())
 /// ```
 pub fn softmax_masked(scores: &Tensor, keep: &Tensor) -> Result<Tensor> {
-    check_rank(OP_MASKED, scores, 3)?;
+    check_rank(OP_MASKED, scores, 2)?;
     check_dtype(OP_MASKED, scores)?;
     if !scores.device().same_device(keep.device()) {
         return Err(Error::DeviceMismatch {
@@ -370,15 +378,13 @@ pub fn softmax_masked(scores: &Tensor, keep: &Tensor) -> Result<Tensor> {
             rhs: keep.dtype(),
         });
     }
-    let (xd, kd) = (scores.dims(), keep.dims());
-    let r = xd.len();
-    if kd.len() != 3 || kd[1] != xd[r - 2] || kd[2] != xd[r - 1] || !(kd[0] == 1 || kd[0] == xd[0])
-    {
+    if MaskIndex::from_dims(scores.dims(), keep.dims()).is_err() {
         return Err(Error::ShapeMismatch {
             op: OP_MASKED,
-            msg: "the mask must be [1 or b, s, t] for scores [b, .., s, t]",
-            lhs: xd.to_vec(),
-            rhs: kd.to_vec(),
+            msg: "the mask [mb, s, t] must split the scores' rows into mb blocks of whole s-row \
+                  groups, with the same last dim (scores, mask)",
+            lhs: scores.dims().to_vec(),
+            rhs: keep.dims().to_vec(),
         });
     }
     if !native(scores.device()) {
@@ -400,15 +406,14 @@ pub fn softmax_masked_reference(scores: &Tensor, keep: &Tensor) -> Result<Tensor
         scores.to_dtype(DType::F32)?
     };
     let xd = xf.dims().to_vec();
-    let r = xd.len();
-    let kd = keep.dims();
-    let mut kshape = vec![kd[0]];
-    kshape.extend(std::iter::repeat_n(1, r - 3));
-    kshape.extend([kd[1], kd[2]]);
-    let k = keep.reshape(kshape)?.broadcast_as(xd.as_slice())?;
+    let (mb, s, t) = keep.dims3()?;
+    let rows: usize = xd[..xd.len() - 1].iter().product();
+    let shape = (mb, rows / (mb * s).max(1), s, t);
+    let xf = xf.reshape(shape)?;
+    let k = keep.reshape((mb, 1, s, t))?.broadcast_as(shape)?;
     let neg = Tensor::new(f64::NEG_INFINITY, xf.device())?
         .to_dtype(xf.dtype())?
-        .broadcast_as(xd.as_slice())?;
+        .broadcast_as(shape)?;
     let masked = k.where_cond(&xf, &neg)?;
     let max = masked.max_keepdim(D::Minus1)?;
     // Rows with nothing kept: max = -inf; shift by 0 there so exp gives 0, not NaN.
@@ -417,5 +422,5 @@ pub fn softmax_masked_reference(scores: &Tensor, keep: &Tensor) -> Result<Tensor
     let e = masked.broadcast_sub(&shift)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
     let sum = finite.where_cond(&sum, &sum.ones_like()?)?;
-    Ok(e.broadcast_div(&sum)?.to_dtype(dt)?)
+    Ok(e.broadcast_div(&sum)?.reshape(xd)?.to_dtype(dt)?)
 }
