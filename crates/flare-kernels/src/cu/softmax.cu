@@ -3,11 +3,11 @@
 //   softmax_fwd_<t>(x, y, rows, cols, group):      y = exp(x - max) / sum(exp(x - max))
 //   softmax_bwd_<t>(y, dy, dx, rows, cols, group): dx = y * (dy - sum(dy * y))
 //
-//   softmax_masked_fwd_<t>(x, keep, y, rows, cols, group, heads_s, s, mb): the same over the
+//   softmax_masked_fwd_<t>(x, keep, y, rows, cols, group, heads_s, s): the same over the
 //   positions where the u8 mask `keep` [mb, s, cols] is nonzero; masked outputs are 0 and a row
-//   with nothing kept (or only -inf kept) is all zeros. Row r of x reads mask row
-//   ((r / heads_s) % mb) * s + r % s (x is [b, heads.., s, cols], heads_s = heads * s), so the
-//   mask is broadcast over batch and heads without being materialised. The backward of the
+//   with nothing kept (or only -inf kept) is all zeros. x is read as [mb, n, s, cols]
+//   (heads_s = n * s rows per mask item): row r reads mask row (r / heads_s) * s + r % s, so
+//   the mask is broadcast over batch and heads without being materialised. The backward of the
 //   masked softmax is softmax_bwd on its output (0 where masked).
 //
 // `group` is the number of threads per row chosen by the host (see common.cuh for the paths):
@@ -43,9 +43,8 @@ struct RowMask {
   const uint8_t *keep;
   long long heads_s;
   int s;
-  int mb;
   __device__ __forceinline__ const uint8_t *row(long long r, int cols) const {
-    const long long mrow = ((r / heads_s) % mb) * s + r % s;
+    const long long mrow = (r / heads_s) * s + r % s;
     return keep + mrow * (long long)cols;
   }
 };
@@ -534,13 +533,13 @@ __device__ __forceinline__ void softmax_bwd(const T *__restrict__ y, const T *__
   extern "C" __global__ void __launch_bounds__(SOFTMAX_FWD_THREADS)                                \
       softmax_fwd_##SUF(const T *__restrict__ x, T *__restrict__ y, long long rows, int cols,      \
                         int group) {                                                               \
-    softmax_fwd<T, false>(x, y, rows, cols, group, RowMask{nullptr, 1, 1, 1});                     \
+    softmax_fwd<T, false>(x, y, rows, cols, group, RowMask{nullptr, 1, 1});                     \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(SOFTMAX_FWD_THREADS)                                \
       softmax_masked_fwd_##SUF(const T *__restrict__ x, const uint8_t *__restrict__ keep,          \
                                T *__restrict__ y, long long rows, int cols, int group,             \
-                               long long heads_s, int s, int mb) {                                 \
-    softmax_fwd<T, true>(x, y, rows, cols, group, RowMask{keep, heads_s, s, mb});                  \
+                               long long heads_s, int s) {                                         \
+    softmax_fwd<T, true>(x, y, rows, cols, group, RowMask{keep, heads_s, s});                      \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(SOFTMAX_BWD_THREADS)                                \
       softmax_bwd_##SUF(const T *__restrict__ y, const T *__restrict__ dy, T *__restrict__ dx,     \

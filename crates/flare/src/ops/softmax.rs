@@ -189,8 +189,6 @@ pub(crate) struct MaskIndex {
     pub heads_s: usize,
     /// Mask rows per batch item (the mask's second dim).
     pub s: usize,
-    /// The mask's batch dim.
-    pub mb: usize,
 }
 
 impl MaskIndex {
@@ -207,7 +205,6 @@ impl MaskIndex {
         Ok(MaskIndex {
             heads_s: (rows / mb).max(1),
             s,
-            mb,
         })
     }
 

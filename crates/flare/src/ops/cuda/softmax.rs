@@ -112,7 +112,7 @@ fn fwd_masked_t<T: CudaDType + DeviceRepr>(
         let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
         let plan = RowPlan::new(k, rows, cols, None);
         let (rows_a, cols_a, group) = (rows as i64, cols as i32, plan.group_arg());
-        let (heads_s, s, mb) = (mi.heads_s as i64, mi.s as i32, mi.mb as i32);
+        let (heads_s, s) = (mi.heads_s as i64, mi.s as i32);
         let mut b = rt.stream().launch_builder(rt.function(kernel));
         b.arg(&src)
             .arg(&mask)
@@ -121,13 +121,12 @@ fn fwd_masked_t<T: CudaDType + DeviceRepr>(
             .arg(&cols_a)
             .arg(&group)
             .arg(&heads_s)
-            .arg(&s)
-            .arg(&mb);
+            .arg(&s);
         // SAFETY: softmax_masked_fwd_<t>(const T *x, const uint8_t *keep, T *y, long long rows,
-        // int cols, int group, long long heads_s, int s, int mb): x has rows * cols elements from
-        // its start offset and y has rows * cols; keep has mb * s * cols bytes (MaskIndex::new
-        // checked its shape against x's), and every row index ((r / heads_s) % mb) * s + r % s
-        // is below mb * s. The plan's group and block sizes are the ones the kernel expects, as
+        // int cols, int group, long long heads_s, int s): x has rows * cols elements from its
+        // start offset and y has rows * cols; keep has mb * s * cols bytes with rows = mb *
+        // heads_s and heads_s a multiple of s (MaskIndex::new checked the shapes), so every
+        // mask row (r / heads_s) * s + r % s is below mb * s. The plan's group and block sizes are the ones the kernel expects, as
         // for softmax_fwd (the same limits), with no dynamic shared memory.
         unsafe { b.launch(plan.config(0)) }
             .cuda_ctx("launching softmax_masked_fwd")
