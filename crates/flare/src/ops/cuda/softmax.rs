@@ -126,8 +126,9 @@ fn fwd_masked_t<T: CudaDType + DeviceRepr>(
         // int cols, int group, long long heads_s, int s): x has rows * cols elements from its
         // start offset and y has rows * cols; keep has mb * s * cols bytes with rows = mb *
         // heads_s and heads_s a multiple of s (MaskIndex::new checked the shapes), so every
-        // mask row (r / heads_s) * s + r % s is below mb * s. The plan's group and block sizes are the ones the kernel expects, as
-        // for softmax_fwd (the same limits), with no dynamic shared memory.
+        // mask row (r / heads_s) * s + r % s is below mb * s. The plan's group and block sizes
+        // are the ones the kernel expects, as for softmax_fwd (the same limits), with no
+        // dynamic shared memory.
         unsafe { b.launch(plan.config(0)) }
             .cuda_ctx("launching softmax_masked_fwd")
             .map_err(crate::Error::into_candle)?;
