@@ -18,6 +18,7 @@ const KERNELS: &[&str] = &[
     "gemv",
     "cross_entropy",
     "adamw",
+    "attention",
 ];
 /// Headers the kernels include.
 const HEADERS: &[&str] = &["common.cuh"];

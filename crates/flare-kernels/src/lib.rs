@@ -48,3 +48,8 @@ pub const CROSS_ENTROPY: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_en
 /// PTX of `adamw.cu`: `adamw_multi_f32`, the multi-tensor AdamW update.
 #[cfg(feature = "cuda")]
 pub const ADAMW: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
+
+/// PTX of `attention.cu`: `attention_decode_*`, `softmax(q kᵀ) v` over every key in one launch
+/// (the single-new-token decode step).
+#[cfg(feature = "cuda")]
+pub const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));

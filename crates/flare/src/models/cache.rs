@@ -53,6 +53,8 @@ impl KvCache {
                 msg: format!("batch ({batch}) and max_len ({max_len}) must be positive"),
             });
         }
+        // Allocated untracked (see `crate::runtime::init`).
+        crate::runtime::init(device)?;
         let shape = (batch, kv_heads, max_len, head_dim);
         let layers = (0..layers)
             .map(|_| {

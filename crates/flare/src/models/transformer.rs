@@ -17,7 +17,8 @@ use crate::error::device_name;
 use crate::lora::LoraLinear;
 use crate::ops::rope::rope_tables_f32;
 use crate::ops::{
-    add_rms_norm, matmul, rms_norm, rope_heads, softmax_last_dim, supported_dtypes, swiglu,
+    add_rms_norm, attention_decode, matmul, rms_norm, rope_heads, softmax_last_dim, softmax_masked,
+    supported_dtypes, swiglu, swiglu_packed,
 };
 use crate::{Error, Result};
 
@@ -80,6 +81,78 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
+/// Several projections of one input stored as one weight `[Σ out, in]` (and bias), whose rows
+/// the [`LoraLinear`]s hold as views: while none of them has an active adapter and their
+/// weights are still those views, the group runs as one GEMM (one launch instead of one per
+/// projection, one bias add). An adapter, a merge or a replaced weight sends the group back to
+/// the separate projections; nothing is stored twice.
+#[derive(Debug, Clone)]
+struct Fused {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// The ids of the member weights and biases as built (views of `weight` / `bias`).
+    ids: Vec<candle_core::TensorId>,
+}
+
+impl Fused {
+    /// Fuses `parts` (`(weight [out_i, in], bias [out_i])`) and returns the group and the
+    /// [`LoraLinear`]s on views of it.
+    fn build(parts: Vec<(Tensor, Option<Tensor>)>) -> Result<(Fused, Vec<LoraLinear>)> {
+        let ws: Vec<&Tensor> = parts.iter().map(|(w, _)| w).collect();
+        let weight = Tensor::cat(&ws, 0)?;
+        let bias = if parts.iter().all(|(_, b)| b.is_some()) {
+            let bs: Vec<&Tensor> = parts.iter().filter_map(|(_, b)| b.as_ref()).collect();
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
+        let mut lins = Vec::with_capacity(parts.len());
+        let mut ids = Vec::new();
+        let mut row = 0;
+        for (w, b) in &parts {
+            let out = w.dim(0)?;
+            let wv = weight.narrow(0, row, out)?;
+            let bv = match (&bias, b) {
+                (Some(fb), Some(_)) => Some(fb.narrow(0, row, out)?),
+                (None, b) => b.clone(),
+                (Some(_), None) => None,
+            };
+            ids.push(wv.id());
+            if let Some(bv) = &bv {
+                ids.push(bv.id());
+            }
+            lins.push(LoraLinear::new(wv, bv)?);
+            row += out;
+        }
+        Ok((Fused { weight, bias, ids }, lins))
+    }
+
+    /// Whether `lins` still compute exactly the fused product: no active adapter, and the
+    /// weights and biases built by [`build`](Self::build).
+    fn applies(&self, lins: &[&LoraLinear]) -> bool {
+        let mut ids = Vec::with_capacity(self.ids.len());
+        for l in lins {
+            if l.active().is_some() {
+                return false;
+            }
+            ids.push(l.weight().id());
+            if let Some(b) = l.bias() {
+                ids.push(b.id());
+            }
+        }
+        ids == self.ids
+    }
+
+    /// `x @ weight.T + bias`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = matmul(x, &self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
 /// The attention block of one layer.
 #[derive(Debug, Clone)]
 struct Attention {
@@ -87,6 +160,8 @@ struct Attention {
     k_proj: LoraLinear,
     v_proj: LoraLinear,
     o_proj: LoraLinear,
+    /// q, k and v as one projection.
+    qkv: Fused,
 }
 
 /// The SwiGLU MLP of one layer.
@@ -95,6 +170,61 @@ struct Mlp {
     gate_proj: LoraLinear,
     up_proj: LoraLinear,
     down_proj: LoraLinear,
+    /// gate and up as one projection.
+    gate_up: Fused,
+}
+
+impl Attention {
+    /// The block from its four projections' `(weight, bias)`.
+    fn new(
+        q: (Tensor, Option<Tensor>),
+        k: (Tensor, Option<Tensor>),
+        v: (Tensor, Option<Tensor>),
+        o: LoraLinear,
+    ) -> Result<Self> {
+        let (qkv, mut lins) = Fused::build(vec![q, k, v])?;
+        let v_proj = lins.pop();
+        let k_proj = lins.pop();
+        let q_proj = lins.pop();
+        match (q_proj, k_proj, v_proj) {
+            (Some(q_proj), Some(k_proj), Some(v_proj)) => Ok(Attention {
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj: o,
+                qkv,
+            }),
+            _ => Err(Error::InvalidArgument {
+                op: OP,
+                msg: "internal error: fused q/k/v lost a projection".into(),
+            }),
+        }
+    }
+}
+
+impl Mlp {
+    /// The MLP from its projections' `(weight, bias)`.
+    fn new(
+        gate: (Tensor, Option<Tensor>),
+        up: (Tensor, Option<Tensor>),
+        down: LoraLinear,
+    ) -> Result<Self> {
+        let (gate_up, mut lins) = Fused::build(vec![gate, up])?;
+        let up_proj = lins.pop();
+        let gate_proj = lins.pop();
+        match (gate_proj, up_proj) {
+            (Some(gate_proj), Some(up_proj)) => Ok(Mlp {
+                gate_proj,
+                up_proj,
+                down_proj: down,
+                gate_up,
+            }),
+            _ => Err(Error::InvalidArgument {
+                op: OP,
+                msg: "internal error: fused gate/up lost a projection".into(),
+            }),
+        }
+    }
 }
 
 /// One decoder layer.
@@ -145,8 +275,6 @@ struct AttnMask {
     /// u8 `[1 or batch, seq, total]`: 1 where query `i` may attend to key `j`. `None`: every
     /// cached key (within the window) is visible, which is the case of one unpadded new token.
     keep: Option<Tensor>,
-    /// The masked score (the dtype's most negative value), a scalar, when `keep` is set.
-    neg: Option<Tensor>,
     /// The first key position the queries may see (sliding window, mask-free case).
     first_key: usize,
 }
@@ -179,15 +307,22 @@ impl Transformer {
                 device: device_name(device),
             });
         }
+        // Before the weights are allocated, so that they are allocated untracked.
+        crate::runtime::init(device)?;
         let c = &config;
         let get = |name: &str, shape: &[usize]| weights.get(name, shape, dtype, device);
-        let linear = |path: &str, out: usize, inp: usize, bias: bool| -> Result<LoraLinear> {
-            let w = get(&format!("{path}.weight"), &[out, inp])?;
-            let b = if bias {
-                Some(get(&format!("{path}.bias"), &[out])?)
-            } else {
-                None
+        let part =
+            |path: &str, out: usize, inp: usize, bias: bool| -> Result<(Tensor, Option<Tensor>)> {
+                let w = get(&format!("{path}.weight"), &[out, inp])?;
+                let b = if bias {
+                    Some(get(&format!("{path}.bias"), &[out])?)
+                } else {
+                    None
+                };
+                Ok((w, b))
             };
+        let linear = |path: &str, out: usize, inp: usize, bias: bool| -> Result<LoraLinear> {
+            let (w, b) = part(path, out, inp, bias)?;
             LoraLinear::new(w, b)
         };
         let (h, q_dim, kv_dim) = (
@@ -201,33 +336,24 @@ impl Transformer {
             let p = format!("model.layers.{i}");
             let a = format!("{p}.self_attn");
             let m = format!("{p}.mlp");
+            let inter = c.intermediate_size;
             layers.push(Layer {
                 input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                self_attn: Attention {
-                    q_proj: linear(&format!("{a}.q_proj"), q_dim, h, c.qkv_bias)?,
-                    k_proj: linear(&format!("{a}.k_proj"), kv_dim, h, c.qkv_bias)?,
-                    v_proj: linear(&format!("{a}.v_proj"), kv_dim, h, c.qkv_bias)?,
-                    o_proj: linear(&format!("{a}.o_proj"), h, q_dim, c.o_bias)?,
-                },
+                self_attn: Attention::new(
+                    part(&format!("{a}.q_proj"), q_dim, h, c.qkv_bias)?,
+                    part(&format!("{a}.k_proj"), kv_dim, h, c.qkv_bias)?,
+                    part(&format!("{a}.v_proj"), kv_dim, h, c.qkv_bias)?,
+                    linear(&format!("{a}.o_proj"), h, q_dim, c.o_bias)?,
+                )?,
                 post_attention_layernorm: get(
                     &format!("{p}.post_attention_layernorm.weight"),
                     &[h],
                 )?,
-                mlp: Mlp {
-                    gate_proj: linear(
-                        &format!("{m}.gate_proj"),
-                        c.intermediate_size,
-                        h,
-                        c.mlp_bias,
-                    )?,
-                    up_proj: linear(&format!("{m}.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                    down_proj: linear(
-                        &format!("{m}.down_proj"),
-                        h,
-                        c.intermediate_size,
-                        c.mlp_bias,
-                    )?,
-                },
+                mlp: Mlp::new(
+                    part(&format!("{m}.gate_proj"), inter, h, c.mlp_bias)?,
+                    part(&format!("{m}.up_proj"), inter, h, c.mlp_bias)?,
+                    linear(&format!("{m}.down_proj"), h, inter, c.mlp_bias)?,
+                )?,
             });
         }
         let norm = get("model.norm.weight", &[h])?;
@@ -312,6 +438,7 @@ impl Transformer {
                 device: device_name(device),
             });
         }
+        crate::runtime::init(device)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut uniform = |shape: &[usize], bound: f32| -> Result<Tensor> {
             let n: usize = shape.iter().product();
@@ -325,32 +452,32 @@ impl Transformer {
             c.num_attention_heads * c.head_dim,
             c.num_key_value_heads * c.head_dim,
         );
-        let mut linear = |out: usize, inp: usize, bias: bool| -> Result<LoraLinear> {
+        let mut part = |out: usize, inp: usize, bias: bool| -> Result<(Tensor, Option<Tensor>)> {
             let w = uniform(&[out, inp], w_bound)?;
             let b = if bias {
                 Some(uniform(&[out], 0.02)?)
             } else {
                 None
             };
-            LoraLinear::new(w, b)
+            Ok((w, b))
         };
         let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for _ in 0..c.num_hidden_layers {
+            let inter = c.intermediate_size;
+            let (q, k, v) = (
+                part(q_dim, h, c.qkv_bias)?,
+                part(kv_dim, h, c.qkv_bias)?,
+                part(kv_dim, h, c.qkv_bias)?,
+            );
+            let (ow, ob) = part(h, q_dim, c.o_bias)?;
+            let (g, u) = (part(inter, h, c.mlp_bias)?, part(inter, h, c.mlp_bias)?);
+            let (dw, db) = part(h, inter, c.mlp_bias)?;
             layers.push(Layer {
                 input_layernorm: ones(h)?,
-                self_attn: Attention {
-                    q_proj: linear(q_dim, h, c.qkv_bias)?,
-                    k_proj: linear(kv_dim, h, c.qkv_bias)?,
-                    v_proj: linear(kv_dim, h, c.qkv_bias)?,
-                    o_proj: linear(h, q_dim, c.o_bias)?,
-                },
+                self_attn: Attention::new(q, k, v, LoraLinear::new(ow, ob)?)?,
                 post_attention_layernorm: ones(h)?,
-                mlp: Mlp {
-                    gate_proj: linear(c.intermediate_size, h, c.mlp_bias)?,
-                    up_proj: linear(c.intermediate_size, h, c.mlp_bias)?,
-                    down_proj: linear(h, c.intermediate_size, c.mlp_bias)?,
-                },
+                mlp: Mlp::new(g, u, LoraLinear::new(dw, db)?)?,
             });
         }
         let embed_tokens = uniform(&[c.vocab_size, h], w_bound)?;
@@ -507,7 +634,6 @@ impl Transformer {
         if seq == 1 && pads.is_none() {
             return Ok(AttnMask {
                 keep: None,
-                neg: None,
                 first_key: total.saturating_sub(window),
             });
         }
@@ -522,10 +648,8 @@ impl Transformer {
             }
         }
         let keep = Tensor::from_vec(mask, (rows.len(), seq, total), self.device())?;
-        let neg = Tensor::new(dtype_min(self.dtype()), self.device())?.to_dtype(self.dtype())?;
         Ok(AttnMask {
             keep: Some(keep),
-            neg: Some(neg),
             first_key: 0,
         })
     }
@@ -739,7 +863,11 @@ impl Transformer {
             )?;
             let (n, r) = add_rms_norm(&attn, &residual, &layer.post_attention_layernorm, eps)?;
             let mlp = &layer.mlp;
-            let act = swiglu(&mlp.gate_proj.forward(&n)?, &mlp.up_proj.forward(&n)?)?;
+            let act = if mlp.gate_up.applies(&[&mlp.gate_proj, &mlp.up_proj]) {
+                swiglu_packed(&mlp.gate_up.forward(&n)?)?
+            } else {
+                swiglu(&mlp.gate_proj.forward(&n)?, &mlp.up_proj.forward(&n)?)?
+            };
             let down = mlp.down_proj.forward(&act)?;
             let next_norm = self
                 .layers
@@ -772,35 +900,51 @@ impl Transformer {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let group = nh / nkv;
-        let q = attn.q_proj.forward(x)?.reshape((b, s, nh, hd))?;
-        let k = attn.k_proj.forward(x)?.reshape((b, s, nkv, hd))?;
-        let v = attn.v_proj.forward(x)?.reshape((b, s, nkv, hd))?;
+        let (q, k, v) = if attn
+            .qkv
+            .applies(&[&attn.q_proj, &attn.k_proj, &attn.v_proj])
+        {
+            // One GEMM; q, k, v are head-shaped views of its output (RoPE reads them strided).
+            let qkv = attn.qkv.forward(x)?.reshape((b, s, nh + 2 * nkv, hd))?;
+            (
+                qkv.narrow(2, 0, nh)?,
+                qkv.narrow(2, nh, nkv)?,
+                qkv.narrow(2, nh + nkv, nkv)?,
+            )
+        } else {
+            (
+                attn.q_proj.forward(x)?.reshape((b, s, nh, hd))?,
+                attn.k_proj.forward(x)?.reshape((b, s, nkv, hd))?,
+                attn.v_proj.forward(x)?.reshape((b, s, nkv, hd))?,
+            )
+        };
         let q = rope_heads(&q, cos, sin, 1.0 / (hd as f64).sqrt())?;
         let k = rope_heads(&k, cos, sin, 1.0)?;
-        let v = if s == 1 {
-            v.reshape((b, nkv, 1, hd))?
-        } else {
-            v.transpose(1, 2)?.contiguous()?
-        };
+        // [b, kv, s, d] for the cache (a view when s == 1 and the rows are contiguous).
+        let v = v.transpose(1, 2)?.contiguous()?;
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, &k, &v, mask.first_key)?,
             None => (k.reshape((b * nkv, s, hd))?, v.reshape((b * nkv, s, hd))?),
         };
-        let t = k.dim(1)?;
         let q = q.reshape((b * nkv, group * s, hd))?;
+        if mask.keep.is_none() {
+            // Every query sees every key of the view: one fused op (decode steps).
+            let out = attention_decode(&q, &k, &v)?.reshape((b, nh, s, hd))?;
+            let out = if s == 1 {
+                out.reshape((b, 1, nh * hd))?
+            } else {
+                out.transpose(1, 2)?.reshape((b, s, nh * hd))?
+            };
+            return attn.o_proj.forward(&out);
+        }
         let scores = matmul(&q, &k.t()?)?;
-        let scores = match (&mask.keep, &mask.neg) {
-            (Some(keep), Some(neg)) => {
-                let shape = (b, nkv, group, s, t);
-                let sc = scores.reshape(shape)?;
-                let mb = keep.dim(0)?;
-                let keep = keep.reshape((mb, 1, 1, s, t))?.broadcast_as(shape)?;
-                keep.where_cond(&sc, &neg.broadcast_as(shape)?)?
-                    .reshape((b * nkv, group * s, t))?
-            }
-            _ => scores,
+        // The scores [b · kv, group · s, t] are [b, kv · group, s, t] row for row: the fused
+        // masked softmax reads the [1 or b, s, t] mask by index (no broadcast mask, no
+        // where_cond, no reshapes: each would cost a score-sized pass forward and backward).
+        let probs = match &mask.keep {
+            Some(keep) => softmax_masked(&scores, keep)?,
+            None => softmax_last_dim(&scores)?,
         };
-        let probs = softmax_last_dim(&scores)?;
         let out = matmul(&probs, &v)?; // [b * nkv, group * s, d] = [b, nh, s, d]
         let out = if s == 1 {
             out.reshape((b, 1, nh * hd))?
@@ -810,15 +954,5 @@ impl Transformer {
                 .reshape((b, s, nh * hd))?
         };
         attn.o_proj.forward(&out)
-    }
-}
-
-/// The most negative finite value of a float dtype (as transformers masks with), as f64.
-fn dtype_min(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => f64::from(half::f16::MIN),
-        DType::BF16 => f64::from(half::bf16::MIN),
-        DType::F32 => f64::from(f32::MIN),
-        _ => f64::MIN,
     }
 }

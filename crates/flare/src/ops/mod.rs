@@ -10,6 +10,7 @@
 //! through them returns Candle's `BackwardNotSupported`, never a silently cut gradient).
 
 pub mod argmax;
+pub mod attention;
 mod cpu;
 pub mod cross_entropy;
 pub mod matmul;
@@ -22,12 +23,13 @@ pub mod swiglu;
 pub(crate) mod cuda;
 
 pub use argmax::argmax_last_dim;
+pub use attention::attention_decode;
 pub use cross_entropy::{cross_entropy, cross_entropy_per_token, cross_entropy_weighted};
 pub use matmul::matmul;
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::rope_heads;
 pub use softmax::{softmax_last_dim, softmax_masked};
-pub use swiglu::swiglu;
+pub use swiglu::{swiglu, swiglu_packed};
 
 use candle_core::{DType, Device, Tensor};
 

@@ -1,46 +1,126 @@
 //! SwiGLU, the gate of the Llama-family MLP: `y = silu(g) ⊙ u = g · σ(g) ⊙ u`, one pass
 //! instead of Candle's `silu` then `mul` (two launches and an intermediate).
 //!
+//! Two forms: [`swiglu`] of separate `gate` and `up` tensors, and [`swiglu_packed`] of one
+//! fused gate/up projection `[..., 2 · I]` whose rows hold the gate then the up half (the
+//! model's decode path runs gate and up as one GEMM). Both read through row strides, so the
+//! halves are never copied apart.
+//!
 //! Backward, with `σ = sigmoid(g)` and upstream gradient `dy`:
 //!   `dg = dy ⊙ u ⊙ σ ⊙ (1 + g ⊙ (1 − σ))`, `du = dy ⊙ g ⊙ σ`.
 //! It recomputes `σ` from `g` (Candle's `bwd` gets the inputs) and writes both gradients in one
-//! pass into one buffer, returned as two views.
+//! pass into one buffer: `[dg; du]` split into two views for [`swiglu`], the packed
+//! `[..., 2 · I]` gradient for [`swiglu_packed`].
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use super::cpu::{dispatch_float2, dispatch_float3, Elem};
-use super::{check_dtype, check_same, contiguous_range, native};
+use super::cpu::{dispatch_float, dispatch_float2, dispatch_float3, Elem};
+use super::{check_dtype, check_rank, check_same, contiguous_range, native};
 use crate::{Error, Result};
 
 const OP: &str = "swiglu";
 const OP_BWD: &str = "swiglu_bwd";
 
-fn swiglu_cpu<T: Elem>(g: &[T], u: &[T]) -> Vec<T> {
-    let one = T::acc(1.0);
-    g.iter()
-        .zip(u)
-        .map(|(&g, &u)| {
-            let g = g.up();
-            T::down(g / (one + T::exp(-g)) * u.up())
-        })
-        .collect()
+/// Where the operands of one SwiGLU pass sit, in elements of their storages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SwiGluPlan {
+    /// Rows.
+    pub rows: usize,
+    /// Columns of the output (the width of one half).
+    pub cols: usize,
+    /// First element and row stride of the gate.
+    pub g_off: usize,
+    /// Row stride of the gate.
+    pub ldg: usize,
+    /// First element of the up half.
+    pub u_off: usize,
+    /// Row stride of the up half.
+    pub ldu: usize,
+    /// Row stride of the gradient buffer (backward).
+    pub ldo: usize,
+    /// Offset of `du` in the gradient buffer (backward).
+    pub du_off: usize,
+    /// Elements of the gradient buffer (backward).
+    pub grad_len: usize,
 }
 
-fn swiglu_bwd_cpu<T: Elem>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
-    let n = g.len();
+impl SwiGluPlan {
+    /// Separate contiguous `g` and `u` of layouts `lg`, `lu` (same element count).
+    fn separate(lg: &Layout, lu: &Layout) -> candle_core::Result<Self> {
+        let (g0, g1) = contiguous_range(OP, lg)?;
+        let (u0, _) = contiguous_range(OP, lu)?;
+        let n = g1 - g0;
+        let cols = lg.dims().last().copied().unwrap_or(1).max(1);
+        Ok(SwiGluPlan {
+            rows: n / cols,
+            cols,
+            g_off: g0,
+            ldg: cols,
+            u_off: u0,
+            ldu: cols,
+            ldo: cols,
+            du_off: n,
+            grad_len: 2 * n,
+        })
+    }
+
+    /// A contiguous packed `gu` `[..., 2 · cols]`.
+    fn packed(l: &Layout) -> candle_core::Result<Self> {
+        let (a, b) = contiguous_range(OP, l)?;
+        let width = l.dims().last().copied().unwrap_or(0);
+        if width % 2 != 0 || width == 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "{OP}: internal error: packed rows of odd width {width}"
+            )));
+        }
+        let cols = width / 2;
+        Ok(SwiGluPlan {
+            rows: (b - a) / width,
+            cols,
+            g_off: a,
+            ldg: width,
+            u_off: a + cols,
+            ldu: width,
+            ldo: width,
+            du_off: cols,
+            grad_len: b - a,
+        })
+    }
+}
+
+fn sig<A: num_traits::Float>(g: A) -> A {
+    A::one() / (A::one() + (-g).exp())
+}
+
+fn fwd_cpu<T: Elem>(g: &[T], u: &[T], p: &SwiGluPlan) -> Vec<T> {
+    let mut y = Vec::with_capacity(p.rows * p.cols);
+    for r in 0..p.rows {
+        for c in 0..p.cols {
+            let gv = g[p.g_off + r * p.ldg + c].up();
+            let uv = u[p.u_off + r * p.ldu + c].up();
+            y.push(T::down(gv * sig(gv) * uv));
+        }
+    }
+    y
+}
+
+fn bwd_cpu<T: Elem>(g: &[T], u: &[T], dy: &[T], p: &SwiGluPlan) -> Vec<T> {
     let one = T::acc(1.0);
-    let mut out = vec![T::down(T::acc(0.0)); 2 * n];
-    let (dg, du) = out.split_at_mut(n);
-    for i in 0..n {
-        let (gv, uv, d) = (g[i].up(), u[i].up(), dy[i].up());
-        let sg = one / (one + T::exp(-gv));
-        dg[i] = T::down(d * uv * sg * (one + gv * (one - sg)));
-        du[i] = T::down(d * gv * sg);
+    let mut out = vec![T::down(T::acc(0.0)); p.grad_len];
+    for r in 0..p.rows {
+        for c in 0..p.cols {
+            let gv = g[p.g_off + r * p.ldg + c].up();
+            let uv = u[p.u_off + r * p.ldu + c].up();
+            let d = dy[r * p.cols + c].up();
+            let sg = sig(gv);
+            out[r * p.ldo + c] = T::down(d * uv * sg * (one + gv * (one - sg)));
+            out[p.du_off + r * p.ldo + c] = T::down(d * gv * sg);
+        }
     }
     out
 }
 
-/// The forward op `(g, u) -> y`.
+/// The forward of separate `(g, u) -> y`.
 struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
@@ -55,9 +135,8 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a0, a1) = contiguous_range(OP, l1)?;
-        let (b0, b1) = contiguous_range(OP, l2)?;
-        let out = dispatch_float2!(OP, s1, s2, |g, u| swiglu_cpu(&g[a0..a1], &u[b0..b1]))?;
+        let p = SwiGluPlan::separate(l1, l2)?;
+        let out = dispatch_float2!(OP, s1, s2, |g, u| fwd_cpu(g, u, &p))?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -69,10 +148,8 @@ impl CustomOp2 for SwiGlu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((
-            super::cuda::swiglu::fwd(s1, l1, s2, l2)?,
-            l1.shape().clone(),
-        ))
+        let p = SwiGluPlan::separate(l1, l2)?;
+        Ok((super::cuda::swiglu::fwd(s1, s2, &p)?, l1.shape().clone()))
     }
 
     fn bwd(
@@ -91,7 +168,8 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-/// The backward op `(g, u, dy) -> [dg; du]` (flat, `2n` elements). No backward of its own.
+/// The backward of separate inputs, `(g, u, dy) -> [dg; du]` (flat, `2n` elements). No
+/// backward of its own.
 struct SwiGluBwd;
 
 impl CustomOp3 for SwiGluBwd {
@@ -108,15 +186,15 @@ impl CustomOp3 for SwiGluBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a0, a1) = contiguous_range(OP_BWD, l1)?;
-        let (b0, b1) = contiguous_range(OP_BWD, l2)?;
-        let (c0, c1) = contiguous_range(OP_BWD, l3)?;
-        let out = dispatch_float3!(OP_BWD, s1, s2, s3, |g, u, dy| swiglu_bwd_cpu(
-            &g[a0..a1],
-            &u[b0..b1],
-            &dy[c0..c1]
+        let p = SwiGluPlan::separate(l1, l2)?;
+        let (d0, d1) = contiguous_range(OP_BWD, l3)?;
+        let out = dispatch_float3!(OP_BWD, s1, s2, s3, |g, u, dy| bwd_cpu(
+            g,
+            u,
+            &dy[d0..d1],
+            &p
         ))?;
-        Ok((out, Shape::from(2 * (a1 - a0))))
+        Ok((out, Shape::from(p.grad_len)))
     }
 
     #[cfg(feature = "cuda")]
@@ -129,8 +207,87 @@ impl CustomOp3 for SwiGluBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let out = super::cuda::swiglu::bwd(s1, l1, s2, l2, s3, l3)?;
-        Ok((out, Shape::from(2 * l1.shape().elem_count())))
+        let p = SwiGluPlan::separate(l1, l2)?;
+        let out = super::cuda::swiglu::bwd(s1, s2, s3, l3, &p)?;
+        Ok((out, Shape::from(p.grad_len)))
+    }
+}
+
+/// The forward of a packed `gu -> y`.
+struct SwiGluPacked;
+
+fn half_shape(l: &Layout) -> Shape {
+    let mut d = l.dims().to_vec();
+    if let Some(last) = d.last_mut() {
+        *last /= 2;
+    }
+    Shape::from(d)
+}
+
+impl CustomOp1 for SwiGluPacked {
+    fn name(&self) -> &'static str {
+        "swiglu_packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let p = SwiGluPlan::packed(l)?;
+        let out = dispatch_float!(OP, s, |v| fwd_cpu(v, v, &p))?;
+        Ok((out, half_shape(l)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let p = SwiGluPlan::packed(l)?;
+        Ok((super::cuda::swiglu::fwd(s, s, &p)?, half_shape(l)))
+    }
+
+    fn bwd(&self, gu: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dy = dy.contiguous()?;
+        Ok(Some(gu.apply_op2_arc(
+            &dy,
+            std::sync::Arc::new(Box::new(SwiGluPackedBwd)),
+        )?))
+    }
+}
+
+/// The backward of a packed input, `(gu, dy) -> d(gu)`. No backward of its own.
+struct SwiGluPackedBwd;
+
+impl CustomOp2 for SwiGluPackedBwd {
+    fn name(&self) -> &'static str {
+        "swiglu_packed_bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let p = SwiGluPlan::packed(l1)?;
+        let (d0, d1) = contiguous_range(OP_BWD, l2)?;
+        let out = dispatch_float2!(OP_BWD, s1, s2, |gu, dy| bwd_cpu(gu, gu, &dy[d0..d1], &p))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let p = SwiGluPlan::packed(l1)?;
+        Ok((
+            super::cuda::swiglu::bwd(s1, s1, s2, l2, &p)?,
+            l1.shape().clone(),
+        ))
     }
 }
 
@@ -165,6 +322,43 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(gate
         .contiguous()?
         .apply_op2_arc(&up.contiguous()?, std::sync::Arc::new(Box::new(SwiGlu)))?)
+}
+
+/// [`swiglu`] of the two halves of the last dim of `gate_up: [..., 2 · I]` (gate first, then
+/// up, as a fused gate/up projection writes them), returning `[..., I]`, with a backward to
+/// `gate_up`. The halves are read in place, never copied apart.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let gu = Tensor::new(&[[1f32, -2.0, 2.0, 1.0]], &Device::Cpu)?; // gate [1, -2], up [2, 1]
+/// let y = flare::ops::swiglu_packed(&gu)?;
+/// let want = flare::ops::swiglu(&gu.narrow(1, 0, 2)?, &gu.narrow(1, 2, 2)?)?;
+/// assert_eq!(y.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn swiglu_packed(gate_up: &Tensor) -> Result<Tensor> {
+    check_rank(OP, gate_up, 1)?;
+    check_dtype(OP, gate_up)?;
+    let width = gate_up.dims()[gate_up.rank() - 1];
+    if width % 2 != 0 || width == 0 {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: format!(
+                "gate_up's last dim must be even and positive (gate then up), got shape {:?}",
+                gate_up.dims()
+            ),
+        });
+    }
+    if !native(gate_up.device()) {
+        let d = gate_up.rank() - 1;
+        return swiglu_reference(
+            &gate_up.narrow(d, 0, width / 2)?,
+            &gate_up.narrow(d, width / 2, width / 2)?,
+        );
+    }
+    Ok(gate_up
+        .contiguous()?
+        .apply_op1_arc(std::sync::Arc::new(Box::new(SwiGluPacked)))?)
 }
 
 /// The composite reference `silu(gate) * up` from plain Candle ops (with their backward).

@@ -29,10 +29,11 @@ enum Module {
     Gemv,
     CrossEntropy,
     AdamW,
+    Attention,
 }
 
 impl Module {
-    const ALL: [Module; 9] = [
+    const ALL: [Module; 10] = [
         Module::Softmax,
         Module::RmsNorm,
         Module::GemmSmall,
@@ -42,6 +43,7 @@ impl Module {
         Module::Gemv,
         Module::CrossEntropy,
         Module::AdamW,
+        Module::Attention,
     ];
 
     fn ptx(self) -> &'static str {
@@ -55,6 +57,7 @@ impl Module {
             Module::Gemv => flare_kernels::GEMV,
             Module::CrossEntropy => flare_kernels::CROSS_ENTROPY,
             Module::AdamW => flare_kernels::ADAMW,
+            Module::Attention => flare_kernels::ATTENTION,
         }
     }
 }
@@ -117,6 +120,9 @@ kernels! {
     CrossEntropyBwdF16 => (CrossEntropy, "cross_entropy_bwd_f16"),
     CrossEntropyBwdBF16 => (CrossEntropy, "cross_entropy_bwd_bf16"),
     AdamWMultiF32 => (AdamW, "adamw_multi_f32"),
+    AttentionDecodeF32 => (Attention, "attention_decode_f32"),
+    AttentionDecodeF16 => (Attention, "attention_decode_f16"),
+    AttentionDecodeBF16 => (Attention, "attention_decode_bf16"),
 }
 
 /// Everything flare needs on one CUDA device, created once.

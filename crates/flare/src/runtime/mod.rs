@@ -65,6 +65,19 @@ pub fn synchronize(device: &candle_core::Device) -> crate::Result<()> {
     Ok(())
 }
 
+/// Creates flare's runtime for `device` now (CUDA; a no-op elsewhere) instead of at the first
+/// flare op. Call it before allocating long-lived tensors (model weights, KV caches): the
+/// runtime turns off cudarc's per-allocation event tracking, which only affects allocations
+/// made afterwards, and a tracked buffer costs an event wait and record on every kernel that
+/// reads it. [`crate::models::Transformer`]'s constructors call it.
+pub fn init(device: &candle_core::Device) -> crate::Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => cuda::CudaRuntime::get(d).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
 /// Gives the unused device memory that flare keeps pooled back to the driver (CUDA; a no-op
 /// elsewhere). flare keeps freed memory in the device's pool rather than unmapping it at every
 /// synchronisation, as PyTorch's caching allocator does; set `FLARE_CUDA_KEEP_POOL=0` before

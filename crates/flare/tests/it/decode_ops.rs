@@ -276,7 +276,8 @@ fn argmax_matches_host(dev: &Device) -> Result<()> {
 
 device_test!(argmax_matches_host);
 
-/// Skinny products `x @ w.T` (the decode-time linear layers; `gemv_*` on CUDA) against an f64
+/// Skinny products `x @ w.T` (the decode-time linear layers; `gemv_*` on CUDA with
+/// `FLARE_GEMV=1`, cuBLASLt otherwise) against an f64
 /// reference: 1..=8 rows and a 9-row control, odd k and n, strided rows of `x` and of `w`
 /// (narrowed views, ld > k) and offsets that rule out 16-byte accesses, a rank-3 `x`.
 fn skinny_matmul(dev: &Device) -> Result<()> {
@@ -325,3 +326,152 @@ fn skinny_matmul(dev: &Device) -> Result<()> {
 }
 
 device_test!(skinny_matmul);
+
+/// `swiglu_packed` (gate and up as the two halves of one row) against the f64 reference,
+/// forward and gradient, odd widths and batch dims, on every device; FD-checked on the CPU.
+fn swiglu_packed_forward_backward(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    for dtype in dtypes(dev) {
+        for shape in [vec![1, 2], vec![7, 66], vec![2, 3, 10]] {
+            let what = format!("swiglu_packed {shape:?} {dtype:?}");
+            let sd = seed(&what);
+            let gu = randn(&shape, dtype, dev, sd)?;
+            let last = shape.len() - 1;
+            let i = shape[last] / 2;
+            let mut out_shape = shape.clone();
+            out_shape[last] = i;
+            let dy = randn(&out_shape, dtype, dev, sd + 1)?;
+            let v = var(&gu)?;
+            let y = flare::ops::swiglu_packed(v.as_tensor())?;
+            let grads = (&y * &dy)?.sum_all()?.backward()?;
+            let g64 = f64_cpu(&gu)?;
+            let (g, u) = (g64.narrow(last, 0, i)?, g64.narrow(last, i, i)?);
+            let (ry, rdg, rdu) = swiglu_ref(
+                &to_f64_vec(&g.contiguous()?)?,
+                &to_f64_vec(&u.contiguous()?)?,
+                &to_f64_vec(&dy)?,
+            );
+            let t = |v: Vec<f64>| Tensor::from_vec(v, out_shape.as_slice(), &Device::Cpu);
+            fails.check(&f64_cpu(&y)?, &t(ry)?, tol(dtype), &format!("{what} y"))?;
+            let want = Tensor::cat(&[t(rdg)?, t(rdu)?], last)?;
+            let got = grad_of(&grads, v.as_tensor(), &what);
+            fails.check(&f64_cpu(&got)?, &want, tol(dtype), &format!("{what} d(gu)"))?;
+        }
+    }
+    fails.finish();
+    Ok(())
+}
+
+device_test!(swiglu_packed_forward_backward);
+
+#[test]
+fn swiglu_packed_fd_gradient() -> Result<()> {
+    let _g = shared_lock();
+    let gu = randn(&[3, 10], DType::F64, &Device::Cpu, 21)?;
+    let r = randn(&[3, 5], DType::F64, &Device::Cpu, 22)?;
+    let v = var(&gu)?;
+    let grads = (flare::ops::swiglu_packed(v.as_tensor())? * &r)?
+        .sum_all()?
+        .backward()?;
+    let want = fd_grad(
+        |x| weighted_sum(&flare::ops::swiglu_packed(x)?, &r),
+        &gu,
+        FD_H,
+    )?;
+    crate::common::assert_close(
+        &grad_of(&grads, v.as_tensor(), "d(gu)"),
+        &want,
+        FD_TOL,
+        "d(gu)",
+    )?;
+    assert!(flare::ops::swiglu_packed(&gu.narrow(1, 0, 9)?).is_err());
+    Ok(())
+}
+
+/// The fused q/k/v and gate/up projections give the logits of the separate ones: an adapter
+/// with a zero `B` (so the same function) sends every group back to the separate path.
+fn fused_projections_match_separate(dev: &Device) -> Result<()> {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2");
+    let model = flare::models::Transformer::from_dir(&fixture, DType::F32, dev)?;
+    let ids = Tensor::new(&[[3u32, 17, 42, 9, 100]], dev)?;
+    let fused = model.forward(&ids)?;
+    let mut separate = model.clone();
+    let cfg = flare::lora::LoraConfig {
+        r: 2,
+        ..Default::default()
+    };
+    for (i, (_, lin)) in separate.lora_modules_mut().into_iter().enumerate() {
+        lin.add_adapter("zero", &cfg, i as u64)?;
+        lin.set_active(Some("zero"))?;
+    }
+    let sep = separate.forward(&ids)?;
+    crate::common::assert_close(
+        &f64_cpu(&sep)?,
+        &f64_cpu(&fused)?,
+        1e-5,
+        "fused vs separate",
+    )?;
+    Ok(())
+}
+
+device_test!(fused_projections_match_separate);
+
+/// f64 reference of `attention_decode`.
+fn attention_ref(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (q, k, v) = (f64_cpu(q)?, f64_cpu(k)?, f64_cpu(v)?);
+    let s = q.matmul(&k.t()?)?;
+    let m = s.max_keepdim(D::Minus1)?;
+    let e = s.broadcast_sub(&m)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    Ok(p.matmul(&v)?)
+}
+
+/// The fused decode attention against the f64 reference: odd sizes, keys read from strided
+/// views of a larger cache (batch stride > t * d, an offset), and the autograd fallback.
+fn attention_decode_matches(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    for dtype in dtypes(dev) {
+        for &(b, g, t, d) in &[(1, 1, 1, 2), (3, 7, 33, 64), (2, 7, 600, 64), (1, 2, 5, 66)] {
+            let what = format!("attention_decode b{b} g{g} t{t} d{d} {dtype:?}");
+            let sd = seed(&what);
+            let q = (randn(&[b, g, d], dtype, dev, sd)? * 0.3)?;
+            // A cache of 2t + 3 positions, viewed from position 2 for t positions.
+            let kc = randn(&[b, 2 * t + 3, d], dtype, dev, sd + 1)?;
+            let vc = randn(&[b, 2 * t + 3, d], dtype, dev, sd + 2)?;
+            let (k, v) = (kc.narrow(1, 2, t)?, vc.narrow(1, 2, t)?);
+            let y = flare::ops::attention_decode(&q, &k, &v)?;
+            // On CUDA without FLARE_ATTENTION_DECODE=1 the composite path runs: it rounds the
+            // scores and the probabilities to the half dtype before the second product (as
+            // transformers does), which costs about one more rounding step (measured 1.08e-2
+            // in bf16 at t = 600 on an H100).
+            let composite = dev.is_cuda()
+                && std::env::var("FLARE_ATTENTION_DECODE").as_deref() != Ok("1")
+                && dtype != DType::F32;
+            let tl = if composite {
+                2.0 * tol(dtype)
+            } else {
+                tol(dtype)
+            };
+            fails.check(&f64_cpu(&y)?, &attention_ref(&q, &k, &v)?, tl, &what)?;
+        }
+    }
+    fails.finish();
+    // With autograd the differentiable path runs, and gradients flow.
+    let q = var(&randn(&[2, 3, 8], DType::F32, dev, 1)?)?;
+    let k = randn(&[2, 5, 8], DType::F32, dev, 2)?;
+    let v = randn(&[2, 5, 8], DType::F32, dev, 3)?;
+    let y = flare::ops::attention_decode(q.as_tensor(), &k, &v)?;
+    crate::common::assert_close(
+        &f64_cpu(&y)?,
+        &attention_ref(q.as_tensor(), &k, &v)?,
+        1e-5,
+        "tracked",
+    )?;
+    let g = y.sum_all()?.backward()?;
+    assert!(g.get(q.as_tensor()).is_some());
+    assert!(flare::ops::attention_decode(&k, &q.as_tensor().narrow(2, 0, 4)?, &v).is_err());
+    Ok(())
+}
+
+device_test!(attention_decode_matches);

@@ -12,10 +12,13 @@
 //! every product to cuBLASLt instead, e.g. to measure the difference.
 //!
 //! Skinny products `x @ w.T` of at most [`GEMV_MAX_M`] rows against a weight stored row-major
-//! (a linear layer at decode time: one row per sequence) run on `gemv_*`
+//! (a linear layer at decode time: one row per sequence) can run on `gemv_*`
 //! (`crates/flare-kernels/src/cu/gemv.cu`): one warp per output column reads the weight once,
-//! coalesced, with one plain launch (about half of cuBLASLt's host cost per call). Exact f32
-//! accumulation like `gemm_small`. `FLARE_GEMV=0` (read once) sends them to the other paths.
+//! with one plain launch instead of cuBLASLt's heavier host path. Exact f32 accumulation like
+//! `gemm_small`. Opt-in with `FLARE_GEMV=1` (read once): on the H100 (2026-11-24, Qwen2-0.5B
+//! shape, bf16) whole-model decoding was slower with it than with cuBLASLt (248 vs 260 tokens/s
+//! at batch 1, 1400 vs 1900 at batch 8: its per-row loads of `x` do not scale with rows), so it
+//! is off until it is tuned.
 //!
 //! Everything else is one cuBLASLt GEMM, with the plan cached per shape by
 //! [`crate::runtime::gemm::Gemm`].
@@ -69,10 +72,11 @@ pub(crate) const GEMV_MAX_M: usize = 8;
 const GEMV_WARPS: usize = 8;
 const GEMV_THREADS: u32 = 256;
 
-/// Whether skinny products may use `gemv_*`: not when `FLARE_GEMV=0`. Read once.
+/// Whether skinny products use `gemv_*`: only when `FLARE_GEMV=1` (see the module doc). Read
+/// once.
 fn gemv_enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("FLARE_GEMV").map_or(true, |v| v.trim() != "0"))
+    *ENABLED.get_or_init(|| std::env::var("FLARE_GEMV").is_ok_and(|v| v.trim() == "1"))
 }
 
 /// Whether small products may skip cuBLASLt: not when `FLARE_SMALL_GEMM=0`. Read once.

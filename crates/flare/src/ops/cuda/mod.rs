@@ -2,6 +2,7 @@
 //! on the per-device [`crate::runtime::cuda::CudaRuntime`].
 
 pub(crate) mod argmax;
+pub(crate) mod attention;
 pub(crate) mod cross_entropy;
 mod elementwise;
 pub(crate) mod matmul;
