@@ -3,6 +3,13 @@
 //   softmax_fwd_<t>(x, y, rows, cols, group):      y = exp(x - max) / sum(exp(x - max))
 //   softmax_bwd_<t>(y, dy, dx, rows, cols, group): dx = y * (dy - sum(dy * y))
 //
+//   softmax_masked_fwd_<t>(x, keep, y, rows, cols, group, heads_s, s): the same over the
+//   positions where the u8 mask `keep` [mb, s, cols] is nonzero; masked outputs are 0 and a row
+//   with nothing kept (or only -inf kept) is all zeros. x is read as [mb, n, s, cols]
+//   (heads_s = n * s rows per mask item): row r reads mask row (r / heads_s) * s + r % s, so
+//   the mask is broadcast over batch and heads without being materialised. The backward of the
+//   masked softmax is softmax_bwd on its output (0 where masked).
+//
 // `group` is the number of threads per row chosen by the host (see common.cuh for the paths):
 // the register path when the row fits (group * ELEMS >= cols) and 16-byte accesses apply, the
 // streaming path otherwise. The host launcher (crates/flare/src/ops/cuda/softmax.rs) mirrors the
@@ -27,6 +34,44 @@ using namespace flare;
 template <typename T> struct FwdElems {
   static constexpr int value = sizeof(T) == 4 ? SOFTMAX_FWD_ELEMS_F32 : SOFTMAX_FWD_ELEMS_16;
 };
+
+// ---- mask ----------------------------------------------------------------------------------
+
+// Where the masked kernels find each row's mask row (see the top of the file). The unmasked
+// kernels pass keep = nullptr and MASK = false, which compiles every mask access away.
+struct RowMask {
+  const uint8_t *keep;
+  long long heads_s;
+  int s;
+  __device__ __forceinline__ const uint8_t *row(long long r, int cols) const {
+    const long long mrow = (r / heads_s) * s + r % s;
+    return keep + mrow * (long long)cols;
+  }
+};
+
+// Sets the masked elements of pack c of a row to -inf (elements at or past cols untouched).
+template <bool MASK, typename T, int V>
+__device__ __forceinline__ void mask_pack(Pack<T, V> &p, const uint8_t *kr, int c, int cols) {
+  if constexpr (MASK) {
+    const int e0 = c * V;
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      if (e0 + j < cols && __ldg(kr + e0 + j) == 0) p.v[j] = from_f<T>(-INFINITY);
+  }
+}
+
+// Register paths: pack c's V mask bytes in one load (the caller guarantees cols % V == 0 and a
+// V-byte aligned mask, so every row's mask is aligned), as a 64-bit word, byte j = element j.
+template <int V>
+__device__ __forceinline__ unsigned long long load_mask_word(const uint8_t *kr, int c) {
+  if constexpr (V == 8) {
+    const uint2 w = __ldg(reinterpret_cast<const uint2 *>(kr + c * 8));
+    return ((unsigned long long)w.y << 32) | w.x;
+  } else {
+    static_assert(V == 4, "16-byte packs of 2- or 4-byte elements");
+    return __ldg(reinterpret_cast<const unsigned int *>(kr + c * 4));
+  }
+}
 
 // ---- forward -------------------------------------------------------------------------------
 
@@ -88,10 +133,10 @@ template <typename T> __device__ __forceinline__ float2 group_max_sum(float m, f
 // f32 register path: the row in registers, read once, written once. Each thread takes its own
 // max m, replaces its elements by e = exp(x - m) and sums them, before any exchange; one
 // (max, sum) reduction gives (M, S); the output is e * (exp(m - M) / S).
-template <int E>
+template <int E, bool MASK>
 __device__ __forceinline__ void softmax_fwd_regs_f32(const float *__restrict__ x,
                                                      float *__restrict__ y, long long rows,
-                                                     int cols, int G) {
+                                                     int cols, int G, RowMask mk) {
   constexpr int V = VecWidth<float>::value;
   constexpr int NV = E / V;
   __shared__ float2 sh[2][32];
@@ -102,12 +147,19 @@ __device__ __forceinline__ void softmax_fwd_regs_f32(const float *__restrict__ x
     const long long row = r0 + rg.slot;
     const bool valid = row < rows;
     const long long off = (valid ? row : 0) * (long long)cols;
+    const uint8_t *kr = MASK && valid ? mk.row(row, cols) : nullptr;
     float v[NV][V];
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int c = rg.lane + i * G;
       if (valid && c < nvr) {
-        const Pack<float, V> p = load_pack<float, V>(x + off + c * V);
+        Pack<float, V> p = load_pack<float, V>(x + off + c * V);
+        if constexpr (MASK) {
+          const unsigned long long w = load_mask_word<V>(kr, c);
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            if (((w >> (8 * j)) & 0xffu) == 0) p.v[j] = -INFINITY;
+        }
 #pragma unroll
         for (int j = 0; j < V; ++j) v[i][j] = p.v[j];
       } else {
@@ -132,8 +184,9 @@ __device__ __forceinline__ void softmax_fwd_regs_f32(const float *__restrict__ x
       }
     const float2 ms = group_max_sum<float>(m, s, G, sh[buf]);
     buf ^= 1;
-    // All -inf: 0 / 0 = NaN, as exp(x - M) / S would give.
-    const float scale = fwd_rescale<float>(m, ms.x) / ms.y;
+    // All -inf: 0 / 0 = NaN, as exp(x - M) / S would give; masked: zeros.
+    float scale = fwd_rescale<float>(m, ms.x) / ms.y;
+    if (MASK && ms.x == -INFINITY) scale = 0.f;
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int c = rg.lane + i * G;
@@ -190,10 +243,10 @@ __device__ __forceinline__ void opaque(uint32_t &u) { asm volatile("" : "+r"(u))
 // thread then sums exp(x - m) relative to its own max m, one (max, sum) reduction gives (M, S),
 // and the output pass recomputes exp(x - M) / S from the packed input (two exps per element,
 // each one FMUL + MUFU.EX2).
-template <typename T, int E>
+template <typename T, int E, bool MASK>
 __device__ __forceinline__ void softmax_fwd_regs_packed(const T *__restrict__ x,
                                                         T *__restrict__ y, long long rows,
-                                                        int cols, int G) {
+                                                        int cols, int G, RowMask mk) {
   using P = Pair<T>;
   constexpr int V = VecWidth<T>::value;
   constexpr int NV = E / V;
@@ -207,6 +260,7 @@ __device__ __forceinline__ void softmax_fwd_regs_packed(const T *__restrict__ x,
     const long long row = r0 + rg.slot;
     const bool valid = row < rows;
     const long long off = (valid ? row : 0) * (long long)cols;
+    const uint8_t *kr = MASK && valid ? mk.row(row, cols) : nullptr;
     uint32_t h[NV][H];
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
@@ -217,6 +271,18 @@ __device__ __forceinline__ void softmax_fwd_regs_packed(const T *__restrict__ x,
         h[i][1] = u.y;
         h[i][2] = u.z;
         h[i][3] = u.w;
+        if constexpr (MASK) {
+          // Masked halves become -inf: byte 2k of the mask word keeps the low half of h[i][k],
+          // byte 2k + 1 the high half.
+          const unsigned long long w = load_mask_word<V>(kr, c);
+#pragma unroll
+          for (int k = 0; k < H; ++k) {
+            const uint32_t lo = ((w >> (16 * k)) & 0xffu) ? 0x0000ffffu : 0u;
+            const uint32_t hi = ((w >> (16 * k + 8)) & 0xffu) ? 0xffff0000u : 0u;
+            const uint32_t km = lo | hi;
+            h[i][k] = (h[i][k] & km) | (P::NEG_INF2 & ~km);
+          }
+        }
       } else {
 #pragma unroll
         for (int k = 0; k < H; ++k) h[i][k] = P::NEG_INF2;  // exp(-inf - m) = 0
@@ -252,7 +318,8 @@ __device__ __forceinline__ void softmax_fwd_regs_packed(const T *__restrict__ x,
       for (int k = 0; k < H; ++k) opaque(h[i][k]);
     const float2 ms = group_max_sum<T>(m, s0 + s1, G, sh[buf]);
     buf ^= 1;
-    const float M = ms.x, inv = 1.f / ms.y;
+    float M = ms.x, inv = 1.f / ms.y;
+    if (MASK && M == -INFINITY) M = 0.f, inv = 0.f;  // nothing kept: exp(-inf) * 0 = 0
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int c = rg.lane + i * G;
@@ -272,9 +339,9 @@ __device__ __forceinline__ void softmax_fwd_regs_packed(const T *__restrict__ x,
 
 // Streaming: an online max / rescaled-sum pass, then an output pass that re-reads the row
 // (from L1/L2 unless the row is very long).
-template <typename T, bool VEC>
+template <typename T, bool VEC, bool MASK>
 __device__ __forceinline__ void softmax_fwd_stream(const T *__restrict__ x, T *__restrict__ y,
-                                                   long long rows, int cols, int G) {
+                                                   long long rows, int cols, int G, RowMask mk) {
   constexpr int V = VecWidth<T>::value;
   __shared__ float sh[2][32];
   const RowGroups rg(G);
@@ -283,6 +350,7 @@ __device__ __forceinline__ void softmax_fwd_stream(const T *__restrict__ x, T *_
     const long long row = r0 + rg.slot;
     const bool valid = row < rows;
     const long long off = (valid ? row : 0) * (long long)cols;
+    const uint8_t *kr = MASK && valid ? mk.row(row, cols) : nullptr;
     float m = -INFINITY, s = 0.f;
     if (valid) {
       for (int c0 = rg.lane; c0 < nvr; c0 += LONG_UNROLL * G) {
@@ -291,7 +359,8 @@ __device__ __forceinline__ void softmax_fwd_stream(const T *__restrict__ x, T *_
         for (int u = 0; u < LONG_UNROLL; ++u) {
           const int c = c0 + u * G;
           if (c < nvr) {
-            const Pack<T, V> p = load_row_pack<T, V, VEC>(x + off, c, cols, -INFINITY);
+            Pack<T, V> p = load_row_pack<T, V, VEC>(x + off, c, cols, -INFINITY);
+            mask_pack<MASK>(p, kr, c, cols);
 #pragma unroll
             for (int j = 0; j < V; ++j) f[u][j] = to_f(p.v[j]);
           } else {
@@ -318,14 +387,16 @@ __device__ __forceinline__ void softmax_fwd_stream(const T *__restrict__ x, T *_
     const float M = group_reduce<MaxOp>(m, G, sh[0]);
     const float scaled = m == -INFINITY ? 0.f : s * expf(m - M);
     const float S = group_reduce<SumOp>(scaled, G, sh[1]);
-    const float inv = 1.f / S;
+    float Mo = M, inv = 1.f / S;
+    if (MASK && M == -INFINITY) Mo = 0.f, inv = 0.f;  // nothing kept: exp(-inf) * 0 = 0
     if (valid) {
 #pragma unroll stream_unroll<VEC>()
       for (int c = rg.lane; c < nvr; c += G) {
-        const Pack<T, V> p = load_row_pack<T, V, VEC>(x + off, c, cols, 0.f);
+        Pack<T, V> p = load_row_pack<T, V, VEC>(x + off, c, cols, 0.f);
+        mask_pack<MASK>(p, kr, c, cols);
         Pack<T, V> o;
 #pragma unroll
-        for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(expf(to_f(p.v[j]) - M) * inv);
+        for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(expf(to_f(p.v[j]) - Mo) * inv);
         store_row_pack<T, V, VEC>(y + off, c, cols, o);
       }
     }
@@ -424,21 +495,23 @@ __device__ __forceinline__ void softmax_bwd_stream(const T *__restrict__ y,
 
 // ---- entry points --------------------------------------------------------------------------
 
-template <typename T>
+template <typename T, bool MASK>
 __device__ __forceinline__ void softmax_fwd(const T *__restrict__ x, T *__restrict__ y,
-                                            long long rows, int cols, int group) {
+                                            long long rows, int cols, int group, RowMask mk) {
   constexpr int V = VecWidth<T>::value;
   constexpr int E = FwdElems<T>::value;
   const bool vec = cols % V == 0 && aligned16(x) && aligned16(y);
-  if (vec && (long long)group * E >= cols) {
+  // The register paths read V mask bytes at once (see load_mask_word).
+  const bool mask_vec = !MASK || (reinterpret_cast<uintptr_t>(mk.keep) & (V - 1)) == 0;
+  if (vec && mask_vec && (long long)group * E >= cols) {
     if constexpr (sizeof(T) == 4)
-      softmax_fwd_regs_f32<E>(x, y, rows, cols, group);
+      softmax_fwd_regs_f32<E, MASK>(x, y, rows, cols, group, mk);
     else
-      softmax_fwd_regs_packed<T, E>(x, y, rows, cols, group);
+      softmax_fwd_regs_packed<T, E, MASK>(x, y, rows, cols, group, mk);
   } else if (vec) {
-    softmax_fwd_stream<T, true>(x, y, rows, cols, group);
+    softmax_fwd_stream<T, true, MASK>(x, y, rows, cols, group, mk);
   } else {
-    softmax_fwd_stream<T, false>(x, y, rows, cols, group);
+    softmax_fwd_stream<T, false, MASK>(x, y, rows, cols, group, mk);
   }
 }
 
@@ -460,7 +533,13 @@ __device__ __forceinline__ void softmax_bwd(const T *__restrict__ y, const T *__
   extern "C" __global__ void __launch_bounds__(SOFTMAX_FWD_THREADS)                                \
       softmax_fwd_##SUF(const T *__restrict__ x, T *__restrict__ y, long long rows, int cols,      \
                         int group) {                                                               \
-    softmax_fwd<T>(x, y, rows, cols, group);                                                       \
+    softmax_fwd<T, false>(x, y, rows, cols, group, RowMask{nullptr, 1, 1});                     \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(SOFTMAX_FWD_THREADS)                                \
+      softmax_masked_fwd_##SUF(const T *__restrict__ x, const uint8_t *__restrict__ keep,          \
+                               T *__restrict__ y, long long rows, int cols, int group,             \
+                               long long heads_s, int s) {                                         \
+    softmax_fwd<T, true>(x, y, rows, cols, group, RowMask{keep, heads_s, s});                      \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(SOFTMAX_BWD_THREADS)                                \
       softmax_bwd_##SUF(const T *__restrict__ y, const T *__restrict__ dy, T *__restrict__ dx,     \

@@ -17,7 +17,7 @@ use crate::error::device_name;
 use crate::lora::LoraLinear;
 use crate::ops::rope::rope_tables_f32;
 use crate::ops::{
-    add_rms_norm, attention_decode, matmul, rms_norm, rope_heads, softmax_last_dim,
+    add_rms_norm, attention_decode, matmul, rms_norm, rope_heads, softmax_last_dim, softmax_masked,
     supported_dtypes, swiglu, swiglu_packed,
 };
 use crate::{Error, Result};
@@ -275,8 +275,6 @@ struct AttnMask {
     /// u8 `[1 or batch, seq, total]`: 1 where query `i` may attend to key `j`. `None`: every
     /// cached key (within the window) is visible, which is the case of one unpadded new token.
     keep: Option<Tensor>,
-    /// The masked score (the dtype's most negative value), a scalar, when `keep` is set.
-    neg: Option<Tensor>,
     /// The first key position the queries may see (sliding window, mask-free case).
     first_key: usize,
 }
@@ -636,7 +634,6 @@ impl Transformer {
         if seq == 1 && pads.is_none() {
             return Ok(AttnMask {
                 keep: None,
-                neg: None,
                 first_key: total.saturating_sub(window),
             });
         }
@@ -651,10 +648,8 @@ impl Transformer {
             }
         }
         let keep = Tensor::from_vec(mask, (rows.len(), seq, total), self.device())?;
-        let neg = Tensor::new(dtype_min(self.dtype()), self.device())?.to_dtype(self.dtype())?;
         Ok(AttnMask {
             keep: Some(keep),
-            neg: Some(neg),
             first_key: 0,
         })
     }
@@ -931,7 +926,6 @@ impl Transformer {
             Some((cache, layer)) => cache.append(layer, &k, &v, mask.first_key)?,
             None => (k.reshape((b * nkv, s, hd))?, v.reshape((b * nkv, s, hd))?),
         };
-        let t = k.dim(1)?;
         let q = q.reshape((b * nkv, group * s, hd))?;
         if mask.keep.is_none() {
             // Every query sees every key of the view: one fused op (decode steps).
@@ -944,18 +938,13 @@ impl Transformer {
             return attn.o_proj.forward(&out);
         }
         let scores = matmul(&q, &k.t()?)?;
-        let scores = match (&mask.keep, &mask.neg) {
-            (Some(keep), Some(neg)) => {
-                let shape = (b, nkv, group, s, t);
-                let sc = scores.reshape(shape)?;
-                let mb = keep.dim(0)?;
-                let keep = keep.reshape((mb, 1, 1, s, t))?.broadcast_as(shape)?;
-                keep.where_cond(&sc, &neg.broadcast_as(shape)?)?
-                    .reshape((b * nkv, group * s, t))?
-            }
-            _ => scores,
+        // The scores [b · kv, group · s, t] are [b, kv · group, s, t] row for row: the fused
+        // masked softmax reads the [1 or b, s, t] mask by index (no broadcast mask, no
+        // where_cond, no reshapes: each would cost a score-sized pass forward and backward).
+        let probs = match &mask.keep {
+            Some(keep) => softmax_masked(&scores, keep)?,
+            None => softmax_last_dim(&scores)?,
         };
-        let probs = softmax_last_dim(&scores)?;
         let out = matmul(&probs, &v)?; // [b * nkv, group * s, d] = [b, nh, s, d]
         let out = if s == 1 {
             out.reshape((b, 1, nh * hd))?
@@ -965,15 +954,5 @@ impl Transformer {
                 .reshape((b, s, nh * hd))?
         };
         attn.o_proj.forward(&out)
-    }
-}
-
-/// The most negative finite value of a float dtype (as transformers masks with), as f64.
-fn dtype_min(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => f64::from(half::f16::MIN),
-        DType::BF16 => f64::from(half::bf16::MIN),
-        DType::F32 => f64::from(f32::MIN),
-        _ => f64::MIN,
     }
 }

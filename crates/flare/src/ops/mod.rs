@@ -28,7 +28,7 @@ pub use cross_entropy::{cross_entropy, cross_entropy_per_token, cross_entropy_we
 pub use matmul::matmul;
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::rope_heads;
-pub use softmax::softmax_last_dim;
+pub use softmax::{softmax_last_dim, softmax_masked};
 pub use swiglu::{swiglu, swiglu_packed};
 
 use candle_core::{DType, Device, Tensor};

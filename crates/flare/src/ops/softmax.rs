@@ -7,16 +7,17 @@
 //! Backward: `dx = y ⊙ (dy − Σ_j dy_j y_j)`. Candle's `bwd` receives the op's output `y`, so the
 //! backward needs no recomputation; it is itself a fused op (one pass over `y` and `dy`).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use super::cpu::{dispatch_float, dispatch_float2, lane_sum, row_max, rows_per_task, Elem};
 use super::{check_dtype, check_rank, contiguous_range, native};
-use crate::Result;
+use crate::{Error, Result};
 
 const OP: &str = "softmax_last_dim";
 const OP_BWD: &str = "softmax_last_dim_bwd";
+const OP_MASKED: &str = "softmax_masked";
 
 fn softmax_rows<T: Elem>(x: &[T], cols: usize) -> Vec<T> {
     let mut y = vec![T::down(T::acc(0.0)); x.len()];
@@ -176,4 +177,247 @@ pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
     let e = xf.broadcast_sub(&max)?.exp()?;
     let y = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
     Ok(y.to_dtype(dt)?)
+}
+
+/// Where a masked softmax's rows find their mask rows: `x`'s rows (every dim but the last,
+/// flattened) are `mb` equal blocks of `heads_s` rows, each block a whole number of `s`-row
+/// groups (`x` viewed as `[mb, n, s, t]`); the mask is `[mb, s, t]`. Row `r` of `x` reads mask
+/// row `(r / heads_s) * s + r % s`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MaskIndex {
+    /// Rows of `x` per mask batch item.
+    pub heads_s: usize,
+    /// Mask rows per batch item (the mask's second dim).
+    pub s: usize,
+}
+
+impl MaskIndex {
+    /// Checks `x`'s and the mask's dims against each other (see [`softmax_masked`]).
+    pub(crate) fn from_dims(xd: &[usize], kd: &[usize]) -> std::result::Result<Self, ()> {
+        if xd.len() < 2 || kd.len() != 3 {
+            return Err(());
+        }
+        let (mb, s, t) = (kd[0], kd[1], kd[2]);
+        let rows: usize = xd[..xd.len() - 1].iter().product();
+        if t != xd[xd.len() - 1] || mb == 0 || s == 0 || rows % (mb * s) != 0 {
+            return Err(());
+        }
+        Ok(MaskIndex {
+            heads_s: (rows / mb).max(1),
+            s,
+        })
+    }
+
+    /// As [`from_dims`](Self::from_dims), on layouts, with a Candle error.
+    pub(crate) fn new(lx: &Layout, lk: &Layout) -> candle_core::Result<Self> {
+        Self::from_dims(lx.dims(), lk.dims()).map_err(|()| {
+            candle_core::Error::Msg(format!(
+                "{OP_MASKED}: mask of shape {:?} does not fit scores of shape {:?}",
+                lk.dims(),
+                lx.dims()
+            ))
+        })
+    }
+
+    /// The mask row of row `r` of `x`.
+    #[inline]
+    pub(crate) fn row(&self, r: usize) -> usize {
+        (r / self.heads_s) * self.s + r % self.s
+    }
+}
+
+fn softmax_masked_rows<T: Elem>(x: &[T], keep: &[u8], cols: usize, mi: MaskIndex) -> Vec<T> {
+    let zero = T::down(T::acc(0.0));
+    let mut y = vec![zero; x.len()];
+    if cols == 0 {
+        return y;
+    }
+    let rows_per = rows_per_task(cols);
+    let chunk = rows_per * cols;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(ci, (yc, xc))| {
+            let mut e = vec![T::acc(0.0); cols];
+            for (ri, (yr, xr)) in yc.chunks_mut(cols).zip(xc.chunks(cols)).enumerate() {
+                let m0 = mi.row(ci * rows_per + ri) * cols;
+                let kr = &keep[m0..m0 + cols];
+                let mut max = T::A::neg_infinity();
+                for (&v, &k) in xr.iter().zip(kr) {
+                    let v = v.up();
+                    if k != 0 && v > max {
+                        max = v;
+                    }
+                }
+                if max == T::A::neg_infinity() {
+                    // Nothing kept (or only -inf kept): the row is all zeros.
+                    continue;
+                }
+                for ((ei, &v), &k) in e.iter_mut().zip(xr).zip(kr) {
+                    *ei = if k != 0 {
+                        T::exp(v.up() - max)
+                    } else {
+                        T::acc(0.0)
+                    };
+                }
+                let inv = lane_sum(&e).recip();
+                for (o, &ei) in yr.iter_mut().zip(e.iter()) {
+                    *o = T::down(ei * inv);
+                }
+            }
+        });
+    y
+}
+
+/// The masked forward op: `(x, keep) -> y`.
+struct SoftmaxMasked;
+
+impl CustomOp2 for SoftmaxMasked {
+    fn name(&self) -> &'static str {
+        OP_MASKED
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mi = MaskIndex::new(l1, l2)?;
+        let (a0, a1) = contiguous_range(OP_MASKED, l1)?;
+        let (b0, b1) = contiguous_range(OP_MASKED, l2)?;
+        let keep = match s2 {
+            CpuStorage::U8(k) => &k[b0..b1],
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{OP_MASKED}: the mask must be u8"
+                )))
+            }
+        };
+        let cols = l1.dims().last().copied().unwrap_or(1);
+        let out = dispatch_float!(OP_MASKED, s1, |v| softmax_masked_rows(
+            &v[a0..a1],
+            keep,
+            cols,
+            mi
+        ))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let mi = MaskIndex::new(l1, l2)?;
+        super::cuda::softmax::fwd_masked(s1, l1, s2, l2, mi)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _keep: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // Masked outputs are exactly 0, so `y * (dy - dot)` is 0 there: the plain softmax
+        // backward on `y` is the masked one.
+        let dy = dy.contiguous()?;
+        let dx = y.apply_op2_arc(&dy, std::sync::Arc::new(Box::new(SoftmaxBwd)))?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// Softmax over the last dimension of `scores` with the positions where `keep` is 0 masked out,
+/// with a fused backward. The mask is broadcast over the batch and head dims by index
+/// arithmetic, never materialised at the scores' shape.
+///
+/// `keep` is u8 `[mb, s, t]`; `scores` (f32, f16 or bf16, and f64 on CPU) has rank >= 2, last
+/// dim `t`, and its rows (every other dim, flattened) must be `mb` equal blocks of whole
+/// `s`-row groups: `scores` is read as `[mb, n, s, t]` and block `i` uses mask `i` for each of
+/// its `n` groups. So `[b, heads, s, t]` scores take a `[b, s, t]` or `[1, s, t]` mask, and so
+/// do GQA-shaped `[b · kv_heads, group · s, t]` ones (no reshape needed).
+///
+/// A kept position's output is `exp(x - m) / Σ_kept exp(x - m)` (m the kept maximum), a masked
+/// one's exactly 0, so gradients never reach masked scores. A row with nothing kept (or only
+/// `-inf` kept) is all zeros, with a zero gradient; masking with the dtype's minimum instead
+/// would give such a row a uniform distribution, but the model never produces one (a padding
+/// query attends to itself).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[[1f32, 2., 3.], [0., 0., 0.]]], &Device::Cpu)?;
+/// let keep = Tensor::new(&[[[1u8, 1, 0], [0, 0, 0]]], &Device::Cpu)?;
+/// let y = flare::ops::softmax_masked(&x, &keep)?.to_vec3::<f32>()?;
+/// assert_eq!(y[0][0][2], 0.0);
+/// assert!((y[0][0][0] + y[0][0][1] - 1.0).abs() < 1e-6);
+/// assert_eq!(y[0][1], vec![0.0; 3]);
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn softmax_masked(scores: &Tensor, keep: &Tensor) -> Result<Tensor> {
+    check_rank(OP_MASKED, scores, 2)?;
+    check_dtype(OP_MASKED, scores)?;
+    if !scores.device().same_device(keep.device()) {
+        return Err(Error::DeviceMismatch {
+            op: OP_MASKED,
+            lhs: crate::error::device_name(scores.device()),
+            rhs: crate::error::device_name(keep.device()),
+        });
+    }
+    if keep.dtype() != DType::U8 {
+        return Err(Error::DTypeMismatch {
+            op: OP_MASKED,
+            lhs: DType::U8,
+            rhs: keep.dtype(),
+        });
+    }
+    if MaskIndex::from_dims(scores.dims(), keep.dims()).is_err() {
+        return Err(Error::ShapeMismatch {
+            op: OP_MASKED,
+            msg: "the mask [mb, s, t] must split the scores' rows into mb blocks of whole s-row \
+                  groups, with the same last dim (scores, mask)",
+            lhs: scores.dims().to_vec(),
+            rhs: keep.dims().to_vec(),
+        });
+    }
+    if !native(scores.device()) {
+        return softmax_masked_reference(scores, keep);
+    }
+    Ok(scores
+        .contiguous()?
+        .apply_op2(&keep.contiguous()?, SoftmaxMasked)?)
+}
+
+/// The composite reference of [`softmax_masked`] from plain Candle ops (with their backward),
+/// in f32 for half types: masked scores set to -inf, a softmax, and rows with nothing kept
+/// zeroed.
+pub fn softmax_masked_reference(scores: &Tensor, keep: &Tensor) -> Result<Tensor> {
+    let dt = scores.dtype();
+    let xf = if matches!(dt, DType::F64) {
+        scores.clone()
+    } else {
+        scores.to_dtype(DType::F32)?
+    };
+    let xd = xf.dims().to_vec();
+    let (mb, s, t) = keep.dims3()?;
+    let rows: usize = xd[..xd.len() - 1].iter().product();
+    let shape = (mb, rows / (mb * s).max(1), s, t);
+    let xf = xf.reshape(shape)?;
+    let k = keep.reshape((mb, 1, s, t))?.broadcast_as(shape)?;
+    let neg = Tensor::new(f64::NEG_INFINITY, xf.device())?
+        .to_dtype(xf.dtype())?
+        .broadcast_as(shape)?;
+    let masked = k.where_cond(&xf, &neg)?;
+    let max = masked.max_keepdim(D::Minus1)?;
+    // Rows with nothing kept: max = -inf; shift by 0 there so exp gives 0, not NaN.
+    let finite = max.ne(f64::NEG_INFINITY)?;
+    let shift = finite.where_cond(&max, &max.zeros_like()?)?;
+    let e = masked.broadcast_sub(&shift)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let sum = finite.where_cond(&sum, &sum.ones_like()?)?;
+    Ok(e.broadcast_div(&sum)?.reshape(xd)?.to_dtype(dt)?)
 }

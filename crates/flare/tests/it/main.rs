@@ -14,5 +14,6 @@ mod peft;
 mod rms_norm;
 mod runtime;
 mod softmax;
+mod softmax_masked;
 mod text;
 mod train;

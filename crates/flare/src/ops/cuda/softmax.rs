@@ -16,6 +16,7 @@ use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 
 const OP_FWD: &str = "softmax_last_dim (cuda)";
 const OP_BWD: &str = "softmax_last_dim backward (cuda)";
+const OP_MASKED: &str = "softmax_masked (cuda)";
 
 /// `SOFTMAX_FWD_ELEMS_F32` / `SOFTMAX_FWD_THREADS` of softmax.cu.
 const FWD_F32: RowKernel = RowKernel {
@@ -61,6 +62,78 @@ pub(crate) fn bwd(
         dt => Err(unsupported(OP_BWD, dt)),
     }?;
     Ok((out, ly.shape().clone()))
+}
+
+/// The masked softmax of a contiguous `x` `[b, heads.., s, t]` with the contiguous u8 mask `keep`
+/// `[mb, s, t]` (shapes checked into `mi` by the caller); the output has `x`'s shape.
+pub(crate) fn fwd_masked(
+    x: &CudaStorage,
+    lx: &Layout,
+    keep: &CudaStorage,
+    lk: &Layout,
+    mi: crate::ops::softmax::MaskIndex,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    if keep.dtype() != DType::U8 {
+        return Err(candle_core::Error::Msg(format!(
+            "{OP_MASKED}: the mask must be u8, got {:?}",
+            keep.dtype()
+        )));
+    }
+    let out = match x.dtype() {
+        DType::F32 => {
+            fwd_masked_t::<f32>(Kernel::SoftmaxMaskedFwdF32, FWD_F32, x, lx, keep, lk, mi)
+        }
+        DType::F16 => fwd_masked_t::<f16>(Kernel::SoftmaxMaskedFwdF16, FWD_16, x, lx, keep, lk, mi),
+        DType::BF16 => {
+            fwd_masked_t::<bf16>(Kernel::SoftmaxMaskedFwdBF16, FWD_16, x, lx, keep, lk, mi)
+        }
+        dt => Err(unsupported(OP_MASKED, dt)),
+    }?;
+    Ok((out, lx.shape().clone()))
+}
+
+fn fwd_masked_t<T: CudaDType + DeviceRepr>(
+    kernel: Kernel,
+    k: RowKernel,
+    x: &CudaStorage,
+    lx: &Layout,
+    keep: &CudaStorage,
+    lk: &Layout,
+    mi: crate::ops::softmax::MaskIndex,
+) -> candle_core::Result<CudaStorage> {
+    let dev = &x.device;
+    let (rows, cols) = rows_cols(OP_MASKED, lx)?;
+    let n = rows * cols;
+    let src = input::<T>(OP_MASKED, x, lx)?;
+    let mask = input::<u8>(OP_MASKED, keep, lk)?;
+    // SAFETY: every element is written by the kernel below (nothing to write when n == 0).
+    let mut out = unsafe { dev.alloc::<T>(n) }?;
+    if n > 0 {
+        let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
+        let plan = RowPlan::new(k, rows, cols, None);
+        let (rows_a, cols_a, group) = (rows as i64, cols as i32, plan.group_arg());
+        let (heads_s, s) = (mi.heads_s as i64, mi.s as i32);
+        let mut b = rt.stream().launch_builder(rt.function(kernel));
+        b.arg(&src)
+            .arg(&mask)
+            .arg(&mut out)
+            .arg(&rows_a)
+            .arg(&cols_a)
+            .arg(&group)
+            .arg(&heads_s)
+            .arg(&s);
+        // SAFETY: softmax_masked_fwd_<t>(const T *x, const uint8_t *keep, T *y, long long rows,
+        // int cols, int group, long long heads_s, int s): x has rows * cols elements from its
+        // start offset and y has rows * cols; keep has mb * s * cols bytes with rows = mb *
+        // heads_s and heads_s a multiple of s (MaskIndex::new checked the shapes), so every
+        // mask row (r / heads_s) * s + r % s is below mb * s. The plan's group and block sizes
+        // are the ones the kernel expects, as for softmax_fwd (the same limits), with no
+        // dynamic shared memory.
+        unsafe { b.launch(plan.config(0)) }
+            .cuda_ctx("launching softmax_masked_fwd")
+            .map_err(crate::Error::into_candle)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
 fn fwd_t<T: CudaDType + DeviceRepr>(
