@@ -69,15 +69,22 @@ const MAX_GRID_Z: usize = 65535;
 /// Rows of `x` that `gemv_*` takes at most (`GEMV_MAX_M` of gemv.cu).
 pub(crate) const GEMV_MAX_M: usize = 8;
 /// Output columns per `gemv_*` block (`GEMV_WARPS`) and its threads (`GEMV_THREADS`).
-const GEMV_WARPS: usize = 8;
-const GEMV_THREADS: u32 = 256;
+const GEMV_WARPS: usize = 4;
+const GEMV_THREADS: u32 = 128;
 
-/// Whether skinny products use `gemv_*`: only when `FLARE_GEMV=1` (see the module doc). Read
-/// once.
+/// Whether skinny products use `gemv_*`: `FLARE_GEMV=1` on, `=0` off, unset
+/// [`GEMV_DEFAULT`] (see the module doc). Read once.
 fn gemv_enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("FLARE_GEMV").is_ok_and(|v| v.trim() == "1"))
+    *ENABLED.get_or_init(|| match std::env::var("FLARE_GEMV") {
+        Ok(v) if v.trim() == "1" => true,
+        Ok(v) if v.trim() == "0" => false,
+        _ => GEMV_DEFAULT,
+    })
 }
+
+/// Whether skinny products use `gemv_*` when `FLARE_GEMV` is unset.
+const GEMV_DEFAULT: bool = false;
 
 /// Whether small products may skip cuBLASLt: not when `FLARE_SMALL_GEMM=0`. Read once.
 fn small_gemm_enabled() -> bool {
