@@ -276,8 +276,8 @@ fn argmax_matches_host(dev: &Device) -> Result<()> {
 
 device_test!(argmax_matches_host);
 
-/// Skinny products `x @ w.T` (the decode-time linear layers; `gemv_*` on CUDA with
-/// `FLARE_GEMV=1`, cuBLASLt otherwise) against an f64
+/// Skinny products `x @ w.T` (the decode-time linear layers; `gemv_*` on CUDA by
+/// default, cuBLASLt / gemm_small with `FLARE_GEMV=0`) against an f64
 /// reference: 1..=8 rows and a 9-row control, odd k and n, strided rows of `x` and of `w`
 /// (narrowed views, ld > k) and offsets that rule out 16-byte accesses, a rank-3 `x`.
 fn skinny_matmul(dev: &Device) -> Result<()> {

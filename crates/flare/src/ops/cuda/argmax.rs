@@ -1,6 +1,7 @@
 //! Host launcher of `argmax_*` (`crates/flare-kernels/src/cu/argmax.cu`): one block per row,
-//! or, for a few long rows (greedy decoding's logits), `argmax_part_*` over chunks of
-//! [`PART_CHUNK`] columns in parallel and `argmax_final` per row (two launches, same result).
+//! or, with `FLARE_ARGMAX_SPLIT=1` and a few long rows (greedy decoding's logits),
+//! `argmax_part_*` over chunks of [`PART_CHUNK`] columns in parallel and `argmax_final` per row
+//! (two launches, same result).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};

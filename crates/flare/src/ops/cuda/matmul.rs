@@ -12,13 +12,16 @@
 //! every product to cuBLASLt instead, e.g. to measure the difference.
 //!
 //! Skinny products `x @ w.T` of at most [`GEMV_MAX_M`] rows against a weight stored row-major
-//! (a linear layer at decode time: one row per sequence) can run on `gemv_*`
+//! (a linear layer at decode time: one row per sequence) run on `gemv_*`
 //! (`crates/flare-kernels/src/cu/gemv.cu`): one warp per output column reads the weight once,
-//! with one plain launch instead of cuBLASLt's heavier host path. Exact f32 accumulation like
-//! `gemm_small`. Opt-in with `FLARE_GEMV=1` (read once): on the H100 (2026-11-24, Qwen2-0.5B
-//! shape, bf16) whole-model decoding was slower with it than with cuBLASLt (248 vs 260 tokens/s
-//! at batch 1, 1400 vs 1900 at batch 8: its per-row loads of `x` do not scale with rows), so it
-//! is off until it is tuned.
+//! four 16-byte loads per lane in flight, with one plain launch instead of cuBLASLt's heavier
+//! host path. Exact f32 accumulation like `gemm_small`. On by default; `FLARE_GEMV=0` (read
+//! once) sends them back to cuBLASLt / `gemm_small`. History: the first version (one load in
+//! flight per lane) was slower than cuBLASLt on the H100; with the unrolled loads and the
+//! flash-decoding attention, whole-model decoding (2026-11-24, Qwen2-0.5B shape, bf16, 512 +
+//! 128 tokens) went from 213-276 to 295-317 tokens/s at batch 1 and from 1471-1738 to
+//! 1958-2014 at batch 8 (both switches off against both on; with 64 new tokens, gemv alone:
+//! 230 -> 272 and 1511 -> 1730).
 //!
 //! Everything else is one cuBLASLt GEMM, with the plan cached per shape by
 //! [`crate::runtime::gemm::Gemm`].
@@ -84,7 +87,7 @@ fn gemv_enabled() -> bool {
 }
 
 /// Whether skinny products use `gemv_*` when `FLARE_GEMV` is unset.
-const GEMV_DEFAULT: bool = false;
+const GEMV_DEFAULT: bool = true;
 
 /// Whether small products may skip cuBLASLt: not when `FLARE_SMALL_GEMM=0`. Read once.
 fn small_gemm_enabled() -> bool {
