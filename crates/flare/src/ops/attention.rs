@@ -155,6 +155,7 @@ impl CustomOp3 for AttentionDecode {
 /// (keys in chunks over many blocks, all query heads of a kv head per block) replaced it and is
 /// the default: with 64 new tokens, 230 -> 240 tokens/s at batch 1 and 1511 -> 1663 at batch 8
 /// alone, 272 -> 294 and 1730 -> 1939 on top of `gemv_*`.
+#[cfg(feature = "cuda")]
 fn fused_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| match std::env::var("FLARE_ATTENTION_DECODE") {
@@ -165,6 +166,7 @@ fn fused_enabled() -> bool {
 }
 
 /// Whether the fused op runs on CUDA when `FLARE_ATTENTION_DECODE` is unset.
+#[cfg(feature = "cuda")]
 const FUSED_DEFAULT: bool = true;
 
 /// `softmax(q kᵀ) v` over every key, batched: `q: [B, G, d]`, `k, v: [B, t, d]` (strided views
