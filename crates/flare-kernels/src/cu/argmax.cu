@@ -82,3 +82,101 @@ __device__ __forceinline__ void argmax_body(const T *__restrict__ x, unsigned in
 ARGMAX_OP(float, argmax_f32)
 ARGMAX_OP(__half, argmax_f16)
 ARGMAX_OP(__nv_bfloat16, argmax_bf16)
+
+// Two-stage form for few long rows (greedy decoding: one or a few rows of ~150k logits, where
+// one block per row leaves the GPU idle). Stage 1, argmax_part_*: grid (parts, rows); block p
+// of row r scans columns [p * chunk, min((p + 1) * chunk, cols)) as above and writes its
+// (value, index) pair to pv/pi[r * parts + p] (-inf / 0xFFFFFFFF when it saw only NaN).
+// Stage 2, argmax_final: one block per row reduces its `parts` pairs with the same rule
+// (larger value, then smaller index), so the result equals the one-block kernel's.
+__device__ __forceinline__ void block_best(float &bv, unsigned int &bi, float *sv,
+                                           unsigned int *si) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(0xFFFFFFFFu, bv, off);
+    const unsigned int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, off);
+    if (better(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  if (lane == 0) {
+    sv[warp] = bv;
+    si[warp] = bi;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    bv = lane < warps ? sv[lane] : -INFINITY;
+    bi = lane < warps ? si[lane] : 0xFFFFFFFFu;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float ov = __shfl_xor_sync(0xFFFFFFFFu, bv, off);
+      const unsigned int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, off);
+      if (better(ov, oi, bv, bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+  }
+}
+
+#define ARGMAX_PART_THREADS 256
+
+template <typename T>
+__device__ __forceinline__ void argmax_part_body(const T *__restrict__ x, float *__restrict__ pv,
+                                                 unsigned int *__restrict__ pi, int cols,
+                                                 int chunk) {
+  __shared__ float sv[32];
+  __shared__ unsigned int si[32];
+  const long long r = blockIdx.y;
+  const int parts = gridDim.x;
+  const int lo = blockIdx.x * chunk;
+  const int hi = min(cols, lo + chunk);
+  const T *row = x + r * (long long)cols;
+  float bv = -INFINITY;
+  unsigned int bi = 0xFFFFFFFFu;
+  for (int c = lo + threadIdx.x; c < hi; c += blockDim.x) {
+    const float v = to_f(row[c]);
+    if (better(v, (unsigned int)c, bv, bi)) {
+      bv = v;
+      bi = (unsigned int)c;
+    }
+  }
+  block_best(bv, bi, sv, si);
+  if (threadIdx.x == 0) {
+    pv[r * parts + blockIdx.x] = bv;
+    pi[r * parts + blockIdx.x] = bi;
+  }
+}
+
+#define ARGMAX_PART_OP(T, NAME)                                                                   \
+  extern "C" __global__ void __launch_bounds__(ARGMAX_PART_THREADS)                             \
+      NAME(const T *x, float *pv, unsigned int *pi, int cols, int chunk) {                      \
+    argmax_part_body<T>(x, pv, pi, cols, chunk);                                                \
+  }
+
+ARGMAX_PART_OP(float, argmax_part_f32)
+ARGMAX_PART_OP(__half, argmax_part_f16)
+ARGMAX_PART_OP(__nv_bfloat16, argmax_part_bf16)
+
+extern "C" __global__ void __launch_bounds__(ARGMAX_PART_THREADS)
+    argmax_final(const float *pv, const unsigned int *pi, unsigned int *out, int parts) {
+  __shared__ float sv[32];
+  __shared__ unsigned int si[32];
+  const long long r = blockIdx.x;
+  float bv = -INFINITY;
+  unsigned int bi = 0xFFFFFFFFu;
+  for (int p = threadIdx.x; p < parts; p += blockDim.x) {
+    const float v = pv[r * parts + p];
+    const unsigned int i = pi[r * parts + p];
+    if (better(v, i, bv, bi)) {
+      bv = v;
+      bi = i;
+    }
+  }
+  block_best(bv, bi, sv, si);
+  if (threadIdx.x == 0) out[r] = bi;
+}

@@ -1,122 +1,141 @@
 // Decode attention without a mask: out[z, g] = softmax(q[z, g] . k[z, :]^T) @ v[z, :], for
-// every query row g of every batch z against all t keys of that batch (the queries are already
-// scaled by 1/sqrt(d)). This is the single-new-token case of the model: z runs over
+// every query row g < G of every batch z against all t keys of that batch (the queries are
+// already scaled by 1/sqrt(d)). This is the single-new-token case of the model: z runs over
 // batch x kv-heads, g over the query heads of a kv head (GQA), and k, v are strided views of
-// the KV cache (batch stride, row stride; unit element stride). One launch replaces the scores
-// GEMM, the softmax and the probabilities-times-values GEMM.
+// the KV cache (batch stride, row stride; unit element stride). Two launches replace the
+// scores GEMM, the softmax and the probabilities-times-values GEMM.
 //
-// One block per (g, z), ATTN_WARPS warps. Lane l owns the head-dim elements c = e * 32 + l
-// (e < d / 32 rounded up), so every row of k and v is read coalesced. Scores: warp w takes keys
-// j = w, w + ATTN_WARPS, ...; each lane multiplies its elements of q and k_j, the warp sums by
-// shuffles, lane 0 stores the f32 score in shared memory. The block reduces the maximum and
-// the sum of exponentials (fixed order: deterministic). Output: warp w accumulates
-// sum_j p_j * v[j, c] over its keys in registers, then the warps' partial rows are summed
-// through shared memory in warp order. All arithmetic in f32, the output rounded once.
-// Dynamic shared memory: (t + ATTN_WARPS * d) floats.
+// Flash-decoding split: attention_split_* runs a grid (chunks, B); block (c, z) takes keys
+// [c * chunk, min((c + 1) * chunk, t)) of batch z for ALL G query rows, so each key and value
+// row is read once per kv head, and many blocks share one head at batch 1. It stages q (f32)
+// and its chunk of k (f32, rows padded to d + 1 floats: the score loop reads down a column
+// without bank conflicts) in shared memory (16-byte loads when the layout allows), computes
+// the G x chunk scores (one thread per pair, f32), then per query row the chunk's maximum m
+// and sum of exponentials l, and the unnormalised partial output o[g, :] = sum_j e_j v[j, :]
+// (one thread per (g, column), v rows read coalesced). Partials go to an f32 workspace:
+// ws_o[z][c][g][d], ws_ml[z][c][g][2]. attention_combine_* (grid (G, B), threads over the
+// columns) merges the chunks: M = max m_c, out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c,
+// in chunk order (deterministic), rounded once to T.
+// Dynamic shared memory of the split kernel: (G * d + chunk * (d + 1) + G * chunk) floats.
 #include "common.cuh"
 
 using namespace flare;
 
-#define ATTN_WARPS 8
-#define ATTN_THREADS (ATTN_WARPS * 32)
-// Head-dim elements per lane at most: d <= 32 * ATTN_MAX_E = 256.
-#define ATTN_MAX_E 8
+#define ATTN_THREADS 128
 
-__device__ __forceinline__ float block_reduce(float v, float *red, bool is_max) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int warps = (blockDim.x + 31) >> 5;
+template <typename T>
+__device__ __forceinline__ void split_body(const T *__restrict__ q, const T *__restrict__ k,
+                                           const T *__restrict__ v, float *__restrict__ ws_o,
+                                           float *__restrict__ ws_ml, int G, int t, int d,
+                                           int chunk, long long k_bs, long long k_rs,
+                                           long long v_bs, long long v_rs) {
+  extern __shared__ float smem[];
+  constexpr int V = VecWidth<T>::value;
+  const int dp = d + 1;
+  float *qs = smem;                 // [G][d]
+  float *ks = qs + G * d;           // [chunk][d + 1]
+  float *ps = ks + chunk * dp;      // [G][chunk]
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int lane = tid & 31, warp = tid >> 5, warps = nt >> 5;
+  const long long z = blockIdx.y;
+  const int ci = blockIdx.x, chunks = gridDim.x;
+  const int j0 = ci * chunk;
+  const int cnt = min(chunk, t - j0);
+  const T *qz = q + z * (long long)G * d;
+  const T *kz = k + z * k_bs + (long long)j0 * k_rs;
+  const T *vz = v + z * v_bs + (long long)j0 * v_rs;
+  for (int i = tid; i < G * d; i += nt) qs[i] = to_f(qz[i]);
+  const bool vec = (d % V == 0) && (k_rs % V == 0) &&
+                   (reinterpret_cast<uintptr_t>(kz) % 16 == 0);
+  if (vec) {
+    const int dv = d / V;
+    for (int i = tid; i < cnt * dv; i += nt) {
+      const int j = i / dv, c = (i - j * dv) * V;
+      const Pack<T, V> p = load_pack<T, V>(kz + j * k_rs + c);
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float o = __shfl_xor_sync(0xFFFFFFFFu, v, off);
-    v = is_max ? fmaxf(v, o) : v + o;
+      for (int e = 0; e < V; ++e) ks[j * dp + c + e] = to_f(p.v[e]);
+    }
+  } else {
+    for (int i = tid; i < cnt * d; i += nt) {
+      const int j = i / d, c = i - j * d;
+      ks[j * dp + c] = to_f(kz[j * k_rs + c]);
+    }
   }
-  __syncthreads();  // red may still be read by a previous reduction
-  if (lane == 0) red[warp] = v;
   __syncthreads();
-  float r = red[0];
-  for (int w = 1; w < warps; ++w) r = is_max ? fmaxf(r, red[w]) : r + red[w];
-  return r;
+  for (int i = tid; i < G * cnt; i += nt) {
+    const int g = i / cnt, j = i - g * cnt;
+    const float *qr = qs + g * d;
+    const float *kr = ks + j * dp;
+    float s = 0.0f;
+    for (int c = 0; c < d; ++c) s = fmaf(qr[c], kr[c], s);
+    ps[g * chunk + j] = s;
+  }
+  __syncthreads();
+  for (int g = warp; g < G; g += warps) {
+    float *pr = ps + g * chunk;
+    float m = -INFINITY;
+    for (int j = lane; j < cnt; j += 32) m = fmaxf(m, pr[j]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, off));
+    float l = 0.0f;
+    for (int j = lane; j < cnt; j += 32) {
+      const float e = __expf(pr[j] - m);
+      pr[j] = e;
+      l += e;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xFFFFFFFFu, l, off);
+    if (lane == 0) {
+      float *ml = ws_ml + ((z * chunks + ci) * G + g) * 2;
+      ml[0] = m;
+      ml[1] = l;
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < G * d; i += nt) {
+    const int g = i / d, c = i - g * d;
+    const float *pr = ps + g * chunk;
+    float acc = 0.0f;
+    for (int j = 0; j < cnt; ++j) acc = fmaf(pr[j], to_f(vz[j * v_rs + c]), acc);
+    ws_o[((z * chunks + ci) * G + g) * (long long)d + c] = acc;
+  }
 }
 
 template <typename T>
-__device__ __forceinline__ void attn_body(const T *__restrict__ q, const T *__restrict__ k,
-                                          const T *__restrict__ v, T *__restrict__ out, int g_rows,
-                                          int t, int d, long long k_bs, long long k_rs,
-                                          long long v_bs, long long v_rs) {
-  extern __shared__ float smem[];
-  __shared__ float red[32];
-  float *p = smem;          // [t]
-  float *part = smem + t;   // [ATTN_WARPS][d]
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+__device__ __forceinline__ void combine_body(const float *__restrict__ ws_o,
+                                             const float *__restrict__ ws_ml, T *__restrict__ out,
+                                             int G, int d, int chunks) {
   const int g = blockIdx.x;
   const long long z = blockIdx.y;
-  const T *qr = q + (z * g_rows + g) * (long long)d;
-  float qv[ATTN_MAX_E];
-#pragma unroll
-  for (int e = 0; e < ATTN_MAX_E; ++e) {
-    const int c = e * 32 + lane;
-    qv[e] = c < d ? to_f(qr[c]) : 0.0f;
-  }
-  const T *kz = k + z * k_bs;
   float mx = -INFINITY;
-#pragma unroll 4
-  for (int j = warp; j < t; j += ATTN_WARPS) {
-    const T *kr = kz + j * k_rs;
-    float s = 0.0f;
-#pragma unroll
-    for (int e = 0; e < ATTN_MAX_E; ++e) {
-      const int c = e * 32 + lane;
-      if (c < d) s = fmaf(qv[e], to_f(kr[c]), s);
+  for (int c = 0; c < chunks; ++c) mx = fmaxf(mx, ws_ml[((z * chunks + c) * G + g) * 2]);
+  float l = 0.0f;
+  for (int c = 0; c < chunks; ++c) {
+    const float *ml = ws_ml + ((z * chunks + c) * G + g) * 2;
+    l += __expf(ml[0] - mx) * ml[1];
+  }
+  const float inv = 1.0f / l;
+  for (int col = threadIdx.x; col < d; col += blockDim.x) {
+    float acc = 0.0f;
+    for (int c = 0; c < chunks; ++c) {
+      const float w = __expf(ws_ml[((z * chunks + c) * G + g) * 2] - mx);
+      acc = fmaf(w, ws_o[((z * chunks + c) * G + g) * (long long)d + col], acc);
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, off);
-    if (lane == 0) p[j] = s;
-    mx = fmaxf(mx, s);
-  }
-  mx = block_reduce(mx, red, true);  // its barriers also publish every p[j]
-  float sum = 0.0f;
-  for (int j = threadIdx.x; j < t; j += blockDim.x) {
-    const float e = __expf(p[j] - mx);
-    p[j] = e;
-    sum += e;
-  }
-  sum = block_reduce(sum, red, false);  // and these publish the exponentials
-  const T *vz = v + z * v_bs;
-  float acc[ATTN_MAX_E];
-#pragma unroll
-  for (int e = 0; e < ATTN_MAX_E; ++e) acc[e] = 0.0f;
-#pragma unroll 4
-  for (int j = warp; j < t; j += ATTN_WARPS) {
-    const T *vr = vz + j * v_rs;
-    const float pj = p[j];
-#pragma unroll
-    for (int e = 0; e < ATTN_MAX_E; ++e) {
-      const int c = e * 32 + lane;
-      if (c < d) acc[e] = fmaf(pj, to_f(vr[c]), acc[e]);
-    }
-  }
-#pragma unroll
-  for (int e = 0; e < ATTN_MAX_E; ++e) {
-    const int c = e * 32 + lane;
-    if (c < d) part[warp * d + c] = acc[e];
-  }
-  __syncthreads();
-  const float inv = 1.0f / sum;
-  T *o = out + (z * g_rows + g) * (long long)d;
-  for (int c = threadIdx.x; c < d; c += blockDim.x) {
-    float r = 0.0f;
-    for (int w = 0; w < ATTN_WARPS; ++w) r += part[w * d + c];
-    o[c] = from_f<T>(r * inv);
+    out[(z * G + g) * (long long)d + col] = from_f<T>(acc * inv);
   }
 }
 
-#define ATTN_OP(T, NAME)                                                                          \
+#define ATTN_OPS(T, SPLIT, COMBINE)                                                               \
   extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                    \
-      NAME(const T *q, const T *k, const T *v, T *out, int g_rows, int t, int d,                \
-           long long k_bs, long long k_rs, long long v_bs, long long v_rs) {                    \
-    attn_body<T>(q, k, v, out, g_rows, t, d, k_bs, k_rs, v_bs, v_rs);                           \
+      SPLIT(const T *q, const T *k, const T *v, float *ws_o, float *ws_ml, int G, int t, int d, \
+            int chunk, long long k_bs, long long k_rs, long long v_bs, long long v_rs) {        \
+    split_body<T>(q, k, v, ws_o, ws_ml, G, t, d, chunk, k_bs, k_rs, v_bs, v_rs);                \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(ATTN_THREADS)                                    \
+      COMBINE(const float *ws_o, const float *ws_ml, T *out, int G, int d, int chunks) {        \
+    combine_body<T>(ws_o, ws_ml, out, G, d, chunks);                                            \
   }
 
-ATTN_OP(float, attention_decode_f32)
-ATTN_OP(__half, attention_decode_f16)
-ATTN_OP(__nv_bfloat16, attention_decode_bf16)
+ATTN_OPS(float, attention_split_f32, attention_combine_f32)
+ATTN_OPS(__half, attention_split_f16, attention_combine_f16)
+ATTN_OPS(__nv_bfloat16, attention_split_bf16, attention_combine_bf16)

@@ -2,8 +2,10 @@
 // x (the tokens of one decode step) against a weight w stored row-major [n, k] (the layout of a
 // linear layer's weight, read through `x @ w.T`).
 //
-// Design: one warp per output column j (GEMV_WARPS columns per block). The warp's lanes walk
-// w's row j along k, so the weight, which is the traffic that matters, is read once, coalesced,
+// Design: one warp per output column j (GEMV_WARPS columns per block, small blocks so that a
+// 896-column weight still spreads over every SM). The warp's lanes walk w's row j along k,
+// GEMV_UNROLL independent 16-byte loads per lane in flight at once (the first version issued
+// one at a time and was latency bound, ~10x off bandwidth), so the weight, which is the traffic that matters, is read once, coalesced,
 // 16 bytes per lane per step when k, the row strides and the pointers allow it (decided by the
 // kernel uniformly for the grid), element by element otherwise. Each lane reads the matching
 // slice of every x row (x is tiny and stays in L1/L2), keeps one f32 accumulator per row, and
@@ -14,7 +16,8 @@
 using namespace flare;
 
 #define GEMV_MAX_M 8
-#define GEMV_WARPS 8
+#define GEMV_WARPS 4
+#define GEMV_UNROLL 4
 #define GEMV_THREADS (GEMV_WARPS * 32)
 
 template <typename T>
@@ -34,30 +37,57 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ x, const T *__re
     for (int r = 0; r < GEMV_MAX_M; ++r) acc[r] = 0.0f;
     const T *wr = w + j * ldw;
     if (vec) {
-      for (int l = lane * V; l < k; l += 32 * V) {
-        const Pack<T, V> wp = load_pack<T, V>(wr + l);
+      // GEMV_UNROLL independent weight loads are issued before any arithmetic, so a warp keeps
+      // GEMV_UNROLL * 512 bytes of its row in flight (a 896-wide bf16 row is one round trip).
+      constexpr int STEP = 32 * V;
+      for (int l0 = lane * V; l0 < k; l0 += STEP * GEMV_UNROLL) {
+        Pack<T, V> wp[GEMV_UNROLL];
 #pragma unroll
-        for (int r = 0; r < GEMV_MAX_M; ++r) {
-          if (r < m) {
-            const Pack<T, V> xp = load_pack<T, V>(x + r * ldx + l);
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+          const int l = l0 + u * STEP;
+          if (l < k) wp[u] = load_pack<T, V>(wr + l);
+        }
 #pragma unroll
-            for (int e = 0; e < V; ++e) acc[r] = fmaf(to_f(xp.v[e]), to_f(wp.v[e]), acc[r]);
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+          const int l = l0 + u * STEP;
+          if (l < k) {
+#pragma unroll
+            for (int r = 0; r < GEMV_MAX_M; ++r) {
+              if (r < m) {
+                const Pack<T, V> xp = load_pack<T, V>(x + r * ldx + l);
+#pragma unroll
+                for (int e = 0; e < V; ++e) acc[r] = fmaf(to_f(xp.v[e]), to_f(wp[u].v[e]), acc[r]);
+              }
+            }
           }
         }
       }
     } else {
-      for (int l = lane; l < k; l += 32) {
-        const float wv = to_f(wr[l]);
+      for (int l0 = lane; l0 < k; l0 += 32 * GEMV_UNROLL) {
+        float wv[GEMV_UNROLL];
 #pragma unroll
-        for (int r = 0; r < GEMV_MAX_M; ++r) {
-          if (r < m) acc[r] = fmaf(to_f(x[r * ldx + l]), wv, acc[r]);
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+          const int l = l0 + u * 32;
+          wv[u] = l < k ? to_f(__ldg(wr + l)) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+          const int l = l0 + u * 32;
+          if (l < k) {
+#pragma unroll
+            for (int r = 0; r < GEMV_MAX_M; ++r) {
+              if (r < m) acc[r] = fmaf(to_f(__ldg(x + r * ldx + l)), wv[u], acc[r]);
+            }
+          }
         }
       }
     }
 #pragma unroll
     for (int r = 0; r < GEMV_MAX_M; ++r) {
+      if (r < m) {
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xFFFFFFFFu, acc[r], off);
+        for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xFFFFFFFFu, acc[r], off);
+      }
     }
 #pragma unroll
     for (int r = 0; r < GEMV_MAX_M; ++r) {

@@ -148,22 +148,32 @@ impl CustomOp3 for AttentionDecode {
     }
 }
 
-/// Whether the fused op runs: only with `FLARE_ATTENTION_DECODE=1` (read once). On the H100
-/// (2026-11-24, Qwen2-0.5B shape, bf16, 512-token context) the composite path (flare's
-/// gemm_small / cuBLASLt and softmax) decoded faster: 297-320 against 250-261 tokens/s at
-/// batch 1, 2274-2323 against 1833-1867 at batch 8; the kernel (one block per query row, 14
-/// blocks at batch 1) leaves most SMs idle. Off by default until it splits the keys across
-/// blocks.
+/// Whether the fused op runs on CUDA: `FLARE_ATTENTION_DECODE=1` turns it on, `=0` off,
+/// unset means [`FUSED_DEFAULT`] (read once). History: the first kernel (one block per query
+/// row, 14 blocks at batch 1) lost to the composite path on the H100 (2026-11-24, Qwen2-0.5B
+/// shape, bf16: 250-261 against 297-320 tokens/s at batch 1); the flash-decoding split
+/// (keys in chunks over many blocks, all query heads of a kv head per block) replaced it and is
+/// the default: with 64 new tokens, 230 -> 240 tokens/s at batch 1 and 1511 -> 1663 at batch 8
+/// alone, 272 -> 294 and 1730 -> 1939 on top of `gemv_*`.
+#[cfg(feature = "cuda")]
 fn fused_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("FLARE_ATTENTION_DECODE").is_ok_and(|v| v.trim() == "1"))
+    *ENABLED.get_or_init(|| match std::env::var("FLARE_ATTENTION_DECODE") {
+        Ok(v) if v.trim() == "1" => true,
+        Ok(v) if v.trim() == "0" => false,
+        _ => FUSED_DEFAULT,
+    })
 }
+
+/// Whether the fused op runs on CUDA when `FLARE_ATTENTION_DECODE` is unset.
+#[cfg(feature = "cuda")]
+const FUSED_DEFAULT: bool = true;
 
 /// `softmax(q kᵀ) v` over every key, batched: `q: [B, G, d]`, `k, v: [B, t, d]` (strided views
 /// such as the KV cache's are read in place when their last dim is unit-stride) → `[B, G, d]`.
 /// `q` must already carry the `1/sqrt(d)` scale. f32, f16, bf16 (f64 on CPU).
 ///
-/// On the CPU, and on CUDA with `FLARE_ATTENTION_DECODE=1` (opt-in, see `fused_enabled`), one
+/// On the CPU, and on CUDA unless `FLARE_ATTENTION_DECODE=0` (see `fused_enabled`), one
 /// fused op when nothing
 /// takes part in autograd and `t` fits the kernel's shared memory (about 10k keys); otherwise
 /// the same maths from differentiable ops (flare's matmul and softmax).
@@ -197,7 +207,11 @@ pub fn attention_decode(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     }
     let t = k.dim(1)?;
     let tracked = q.track_op() || k.track_op() || v.track_op();
-    let off_on_cuda = q.device().is_cuda() && !fused_enabled();
+    #[cfg(feature = "cuda")]
+    let off_on_cuda =
+        q.device().is_cuda() && (!fused_enabled() || !super::cuda::attention::fits(q.dim(1)?, d));
+    #[cfg(not(feature = "cuda"))]
+    let off_on_cuda = q.device().is_cuda();
     if !native(q.device()) || tracked || t == 0 || t > MAX_KEYS || d > 256 || off_on_cuda {
         return attention_decode_reference(q, k, v);
     }

@@ -110,6 +110,10 @@ kernels! {
     ArgmaxF32 => (Argmax, "argmax_f32"),
     ArgmaxF16 => (Argmax, "argmax_f16"),
     ArgmaxBF16 => (Argmax, "argmax_bf16"),
+    ArgmaxPartF32 => (Argmax, "argmax_part_f32"),
+    ArgmaxPartF16 => (Argmax, "argmax_part_f16"),
+    ArgmaxPartBF16 => (Argmax, "argmax_part_bf16"),
+    ArgmaxFinal => (Argmax, "argmax_final"),
     GemvF32 => (Gemv, "gemv_f32"),
     GemvF16 => (Gemv, "gemv_f16"),
     GemvBF16 => (Gemv, "gemv_bf16"),
@@ -120,9 +124,12 @@ kernels! {
     CrossEntropyBwdF16 => (CrossEntropy, "cross_entropy_bwd_f16"),
     CrossEntropyBwdBF16 => (CrossEntropy, "cross_entropy_bwd_bf16"),
     AdamWMultiF32 => (AdamW, "adamw_multi_f32"),
-    AttentionDecodeF32 => (Attention, "attention_decode_f32"),
-    AttentionDecodeF16 => (Attention, "attention_decode_f16"),
-    AttentionDecodeBF16 => (Attention, "attention_decode_bf16"),
+    AttentionSplitF32 => (Attention, "attention_split_f32"),
+    AttentionSplitF16 => (Attention, "attention_split_f16"),
+    AttentionSplitBF16 => (Attention, "attention_split_bf16"),
+    AttentionCombineF32 => (Attention, "attention_combine_f32"),
+    AttentionCombineF16 => (Attention, "attention_combine_f16"),
+    AttentionCombineBF16 => (Attention, "attention_combine_bf16"),
 }
 
 /// Everything flare needs on one CUDA device, created once.

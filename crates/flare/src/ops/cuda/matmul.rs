@@ -12,13 +12,16 @@
 //! every product to cuBLASLt instead, e.g. to measure the difference.
 //!
 //! Skinny products `x @ w.T` of at most [`GEMV_MAX_M`] rows against a weight stored row-major
-//! (a linear layer at decode time: one row per sequence) can run on `gemv_*`
+//! (a linear layer at decode time: one row per sequence) run on `gemv_*`
 //! (`crates/flare-kernels/src/cu/gemv.cu`): one warp per output column reads the weight once,
-//! with one plain launch instead of cuBLASLt's heavier host path. Exact f32 accumulation like
-//! `gemm_small`. Opt-in with `FLARE_GEMV=1` (read once): on the H100 (2026-11-24, Qwen2-0.5B
-//! shape, bf16) whole-model decoding was slower with it than with cuBLASLt (248 vs 260 tokens/s
-//! at batch 1, 1400 vs 1900 at batch 8: its per-row loads of `x` do not scale with rows), so it
-//! is off until it is tuned.
+//! four 16-byte loads per lane in flight, with one plain launch instead of cuBLASLt's heavier
+//! host path. Exact f32 accumulation like `gemm_small`. On by default; `FLARE_GEMV=0` (read
+//! once) sends them back to cuBLASLt / `gemm_small`. History: the first version (one load in
+//! flight per lane) was slower than cuBLASLt on the H100; with the unrolled loads and the
+//! flash-decoding attention, whole-model decoding (2026-11-24, Qwen2-0.5B shape, bf16, 512 +
+//! 128 tokens) went from 213-276 to 295-317 tokens/s at batch 1 and from 1471-1738 to
+//! 1958-2014 at batch 8 (both switches off against both on; with 64 new tokens, gemv alone:
+//! 230 -> 272 and 1511 -> 1730).
 //!
 //! Everything else is one cuBLASLt GEMM, with the plan cached per shape by
 //! [`crate::runtime::gemm::Gemm`].
@@ -69,15 +72,22 @@ const MAX_GRID_Z: usize = 65535;
 /// Rows of `x` that `gemv_*` takes at most (`GEMV_MAX_M` of gemv.cu).
 pub(crate) const GEMV_MAX_M: usize = 8;
 /// Output columns per `gemv_*` block (`GEMV_WARPS`) and its threads (`GEMV_THREADS`).
-const GEMV_WARPS: usize = 8;
-const GEMV_THREADS: u32 = 256;
+const GEMV_WARPS: usize = 4;
+const GEMV_THREADS: u32 = 128;
 
-/// Whether skinny products use `gemv_*`: only when `FLARE_GEMV=1` (see the module doc). Read
-/// once.
+/// Whether skinny products use `gemv_*`: `FLARE_GEMV=1` on, `=0` off, unset
+/// [`GEMV_DEFAULT`] (see the module doc). Read once.
 fn gemv_enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("FLARE_GEMV").is_ok_and(|v| v.trim() == "1"))
+    *ENABLED.get_or_init(|| match std::env::var("FLARE_GEMV") {
+        Ok(v) if v.trim() == "1" => true,
+        Ok(v) if v.trim() == "0" => false,
+        _ => GEMV_DEFAULT,
+    })
 }
+
+/// Whether skinny products use `gemv_*` when `FLARE_GEMV` is unset.
+const GEMV_DEFAULT: bool = true;
 
 /// Whether small products may skip cuBLASLt: not when `FLARE_SMALL_GEMM=0`. Read once.
 fn small_gemm_enabled() -> bool {
