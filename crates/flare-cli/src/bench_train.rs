@@ -11,14 +11,14 @@
 //! (3 with `--quick`); medians reported. Peak memory: the device pool's high-water mark over one
 //! step, everything allocated included (weights too), as `torch.cuda.max_memory_allocated`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use clap::Args;
 use flare::lora::LoraConfig;
-use flare::models::Transformer;
+use flare::models::{ModelConfig, Transformer};
 use flare::ops::cross_entropy::IGNORE_INDEX;
 use flare::train::{clip_scale, global_grad_norm, AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
@@ -90,54 +90,6 @@ fn qwen2_config(layers: usize) -> serde_json::Value {
         "use_sliding_window": false,
         "torch_dtype": "bfloat16"
     })
-}
-
-/// Writes a random-weight Qwen2-0.5B-shaped model (bf16) into `dir`.
-fn write_random_model(dir: &Path, layers: usize) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let cfg = qwen2_config(layers);
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg)?)?;
-    let (h, i, v, kv) = (896usize, 4864usize, 151936usize, 2 * 64usize);
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![v, h]),
-        ("model.norm.weight".into(), vec![h]),
-    ];
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (n, s) in [
-            ("self_attn.q_proj.weight", vec![h, h]),
-            ("self_attn.q_proj.bias", vec![h]),
-            ("self_attn.k_proj.weight", vec![kv, h]),
-            ("self_attn.k_proj.bias", vec![kv]),
-            ("self_attn.v_proj.weight", vec![kv, h]),
-            ("self_attn.v_proj.bias", vec![kv]),
-            ("self_attn.o_proj.weight", vec![h, h]),
-            ("mlp.gate_proj.weight", vec![i, h]),
-            ("mlp.up_proj.weight", vec![i, h]),
-            ("mlp.down_proj.weight", vec![h, i]),
-            ("input_layernorm.weight", vec![h]),
-            ("post_attention_layernorm.weight", vec![h]),
-        ] {
-            shapes.push((format!("{p}.{n}"), s));
-        }
-    }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let mut tensors = Vec::new();
-    for (name, shape) in shapes {
-        let n: usize = shape.iter().product();
-        let vals: Vec<half::bf16> = if name.ends_with("norm.weight") {
-            vec![half::bf16::ONE; n]
-        } else {
-            // Uniform with std 0.02 (cheap to draw for 0.5B values).
-            (0..n)
-                .map(|_| half::bf16::from_f32((rng.random::<f32>() - 0.5) * 0.0693))
-                .collect()
-        };
-        tensors.push((name, Tensor::from_vec(vals, shape, &Device::Cpu)?));
-    }
-    let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
-    Ok(())
 }
 
 #[cfg(feature = "cuda")]
@@ -247,14 +199,12 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
     } else {
         DType::BF16
     };
-    let dir = std::env::temp_dir().join(format!("flare-bench-train-{}", std::process::id()));
-    eprintln!(
-        "writing a random Qwen2-0.5B-shaped model ({layers} layers) to {}",
-        dir.display()
-    );
-    write_random_model(&dir, layers)?;
+    eprintln!("building a Qwen2-0.5B-shaped model ({layers} layers) with random weights");
+    let config =
+        ModelConfig::from_json_str(&qwen2_config(layers).to_string(), "<qwen2-0.5b config>")?;
     let result = (|| -> Result<Vec<TrainRow>> {
-        let mut model = Transformer::from_dir(&dir, dtype, &dev).context("loading the model")?;
+        let mut model =
+            Transformer::random(config, dtype, &dev, 0).context("building the model")?;
         let lora = LoraConfig {
             r: 16,
             alpha: 32.0,
@@ -310,7 +260,6 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
         }
         Ok(rows)
     })();
-    let _ = std::fs::remove_dir_all(&dir);
     let rows = result?;
     if let Some(p) = &a.json {
         let bytes = serde_json::to_vec_pretty(&rows)?;

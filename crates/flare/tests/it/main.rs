@@ -3,6 +3,7 @@
 //! on CUDA device 0 (see `common`).
 
 mod adapter;
+mod backprop;
 mod common;
 mod decode_ops;
 mod generate;
