@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::bench::{hardware_name, median, DeviceSpec};
 use flare::generate::{generate, GenerationConfig};
-use flare::models::{ModelConfig, Transformer};
+use flare::models::{DecodeGraph, KvCache, ModelConfig, Transformer};
 
 /// The long help of `flare bench decode`.
 pub const DECODE_LONG_ABOUT: &str = "\
@@ -93,6 +93,9 @@ pub const QUICK: &str = r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size"
 pub struct DecodeRow {
     /// `prefill`, `decode` or `generate`.
     pub name: String,
+    /// How the steps ran: `graph` (the decode engine replaying one CUDA graph per step),
+    /// `kernels` (the engine's kernels launched one by one), `per-op` (`decode_step`).
+    pub path: String,
     /// Sequences per step.
     pub batch: usize,
     /// Prompt tokens per sequence.
@@ -197,6 +200,24 @@ fn greedy_steps(
     Ok(last)
 }
 
+/// `new` greedy steps of the decode engine from token `first` on a prefilled batch-1 cache.
+fn engine_steps(
+    engine: &mut DecodeGraph,
+    cache: &mut KvCache,
+    first: u32,
+    new: usize,
+) -> Result<Vec<u32>> {
+    engine.start(first, cache)?;
+    (0..new)
+        .map(|_| Ok(engine.step(cache)?))
+        .collect::<Result<Vec<u32>>>()
+}
+
+/// The greedy first token after a batch-1 prefill.
+fn first_token(logits: &Tensor) -> Result<u32> {
+    Ok(flare::generate::ids_to_host(&flare::generate::greedy_on_device(logits)?)?[0])
+}
+
 /// Runs `flare bench decode`.
 pub fn run_decode(args: &DecodeArgs) -> Result<()> {
     let spec: DeviceSpec = args.device.parse()?;
@@ -249,28 +270,30 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
             .collect();
         Ok(Tensor::from_vec(ids, (b, prompt_len), &dev)?)
     };
-    let row = |name: &str, batch: usize, new: usize, secs: f64, steps: usize, floor: bool| {
-        let tokens = if new == 0 { prompt_len } else { batch * new };
-        let tps = tokens as f64 / secs;
-        let floor_tps = floor.then(|| batch as f64 * bw / weight_bytes as f64);
-        DecodeRow {
-            name: name.into(),
-            batch,
-            prompt_len,
-            new_tokens: new,
-            tokens_per_s: tps,
-            ms_per_step: secs * 1e3 / steps.max(1) as f64,
-            floor_tokens_per_s: floor_tps,
-            pct_of_floor: floor_tps.map(|f| 100.0 * tps / f),
-            repeats,
-            framework: "flare".into(),
-            device: spec.name(),
-            device_name: hardware_name(&dev),
-            dtype: dtype_name(dtype).into(),
-            model: label.clone(),
-            weight_bytes,
-        }
-    };
+    let row =
+        |name: &str, path: &str, batch: usize, new: usize, secs: f64, steps: usize, floor: bool| {
+            let tokens = if new == 0 { prompt_len } else { batch * new };
+            let tps = tokens as f64 / secs;
+            let floor_tps = floor.then(|| batch as f64 * bw / weight_bytes as f64);
+            DecodeRow {
+                name: name.into(),
+                path: path.into(),
+                batch,
+                prompt_len,
+                new_tokens: new,
+                tokens_per_s: tps,
+                ms_per_step: secs * 1e3 / steps.max(1) as f64,
+                floor_tokens_per_s: floor_tps,
+                pct_of_floor: floor_tps.map(|f| 100.0 * tps / f),
+                repeats,
+                framework: "flare".into(),
+                device: spec.name(),
+                device_name: hardware_name(&dev),
+                dtype: dtype_name(dtype).into(),
+                model: label.clone(),
+                weight_bytes,
+            }
+        };
     let mut rows = Vec::new();
 
     // Prefill, batch 1.
@@ -283,10 +306,61 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
             Ok(())
         })
     })?;
-    rows.push(row("prefill", 1, 0, secs, 1, false));
+    rows.push(row("prefill", "per-op", 1, 0, secs, 1, false));
 
-    // Greedy decode per batch size.
+    // Greedy decode per batch size; batch 1 also on the decode engine where it applies, after
+    // checking that its greedy tokens are the per-op path's.
     for &b in &args.batch {
+        if b == 1 {
+            let ids = prompt(1)?;
+            let mut cache = model.new_cache(1, prompt_len + new_tokens)?;
+            if let Some(why) = DecodeGraph::unsupported(&model, &cache) {
+                eprintln!("decode engine: not used ({why})");
+            } else {
+                let first = first_token(&model.prefill(&ids, &mut cache)?)?;
+                let mut per_op = vec![first];
+                let mut t = first;
+                for _ in 0..new_tokens {
+                    let logits = model.decode_step(&Tensor::new(&[[t]], &dev)?, &mut cache)?;
+                    t = first_token(&logits)?;
+                    per_op.push(t);
+                }
+                for graph in [true, false] {
+                    cache.reset();
+                    let first = first_token(&model.prefill(&ids, &mut cache)?)?;
+                    let mut engine = DecodeGraph::with_graph(&model, &cache, graph)?;
+                    let path = if graph { "graph" } else { "kernels" };
+                    let got = engine_steps(&mut engine, &mut cache, first, new_tokens)?;
+                    let ok = first == per_op[0] && got[..] == per_op[1..];
+                    let verdict = if ok {
+                        "ok".to_string()
+                    } else {
+                        let s = got
+                            .iter()
+                            .zip(&per_op[1..])
+                            .position(|(a, b)| a != b)
+                            .unwrap_or(0);
+                        format!(
+                            "DIFF at step {s} (engine {}, per-op {})",
+                            got.get(s).copied().unwrap_or(0),
+                            per_op.get(s + 1).copied().unwrap_or(0)
+                        )
+                    };
+                    println!(
+                        "check: decode engine ({path}) greedy tokens over {new_tokens} steps vs per-op path: {verdict}"
+                    );
+                    let secs = median_secs(repeats, || {
+                        cache.reset();
+                        let first = first_token(&model.prefill(&ids, &mut cache)?)?;
+                        timed(&dev, || {
+                            engine_steps(&mut engine, &mut cache, first, new_tokens)?;
+                            Ok(())
+                        })
+                    })?;
+                    rows.push(row("decode", path, 1, new_tokens, secs, new_tokens, true));
+                }
+            }
+        }
         let ids = prompt(b)?;
         let mut cache = model.new_cache(b, prompt_len + new_tokens)?;
         let secs = median_secs(repeats, || {
@@ -300,7 +374,9 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
                 Ok(())
             })
         })?;
-        rows.push(row("decode", b, new_tokens, secs, new_tokens, true));
+        rows.push(row(
+            "decode", "per-op", b, new_tokens, secs, new_tokens, true,
+        ));
     }
 
     // The library's generate, batch 1, prefill included.
@@ -309,6 +385,12 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
         max_new_tokens: new_tokens,
         ..Default::default()
     };
+    let gen_path =
+        if flare::generate::TokenStream::new(&model, &prompt_ids, &gen)?.uses_decode_engine() {
+            "graph"
+        } else {
+            "per-op"
+        };
     let secs = median_secs(repeats, || {
         timed(&dev, || {
             let out = generate(&model, &prompt_ids, &gen, |_| {})?;
@@ -321,7 +403,9 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
             Ok(())
         })
     })?;
-    rows.push(row("generate", 1, new_tokens, secs, new_tokens, true));
+    rows.push(row(
+        "generate", gen_path, 1, new_tokens, secs, new_tokens, true,
+    ));
 
     print!("{}", format_rows(&rows, args.bandwidth_gbs));
     if let Some(path) = &args.json {
@@ -348,14 +432,15 @@ pub fn format_rows(rows: &[DecodeRow], bandwidth_gbs: f64) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<9} {:>5} {:>7} {:>6} {:>12} {:>10} {:>12} {:>8}",
-        "row", "batch", "prompt", "new", "tokens/s", "ms/step", "floor tok/s", "% floor"
+        "{:<9} {:<8} {:>5} {:>7} {:>6} {:>12} {:>10} {:>12} {:>8}",
+        "row", "path", "batch", "prompt", "new", "tokens/s", "ms/step", "floor tok/s", "% floor"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<9} {:>5} {:>7} {:>6} {:>12.1} {:>10.3} {:>12} {:>8}",
+            "{:<9} {:<8} {:>5} {:>7} {:>6} {:>12.1} {:>10.3} {:>12} {:>8}",
             r.name,
+            r.path,
             r.batch,
             r.prompt_len,
             r.new_tokens,

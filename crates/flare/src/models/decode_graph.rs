@@ -149,7 +149,9 @@ impl DecodeGraph {
         };
         if let Some(l) = cache.layers().first() {
             let want = [1, c.num_key_value_heads, cache.max_len(), c.head_dim];
-            if l.k.dims() != want || l.k.dtype() != dtype || !l.k.device().same_device(model.device())
+            if l.k.dims() != want
+                || l.k.dtype() != dtype
+                || !l.k.device().same_device(model.device())
             {
                 return Some("the cache's shape, dtype or device is not the model's".into());
             }
@@ -436,10 +438,9 @@ mod cuda {
                 });
             };
             let rt = CudaRuntime::get(cdev)?;
-            let parts = model.decode_parts().map_err(|msg| Error::InvalidArgument {
-                op: OP,
-                msg,
-            })?;
+            let parts = model
+                .decode_parts()
+                .map_err(|msg| Error::InvalidArgument { op: OP, msg })?;
             let stream = rt
                 .stream()
                 .context()
@@ -472,9 +473,8 @@ mod cuda {
             let arg_chunk = vocab.div_ceil(2 * sm).div_ceil(256) * 256;
             let parts_n = vocab.div_ceil(arg_chunk);
 
-            let zeros = |n: usize, dt: DType| -> Result<Tensor> {
-                Ok(Tensor::zeros(n.max(1), dt, dev)?)
-            };
+            let zeros =
+                |n: usize, dt: DType| -> Result<Tensor> { Ok(Tensor::zeros(n.max(1), dt, dev)?) };
             let x = zeros(h, dtype)?;
             let qkv = zeros((nh + 2 * nkv) * d, dtype)?;
             let attn = zeros(nh * d, dtype)?;
@@ -504,8 +504,13 @@ mod cuda {
                 keep.push(t.clone());
                 Ok(v)
             };
-            let (x_p, qkv_p, attn_p, gu_p, logits_p) =
-                (p(&x, &mut keep)?, p(&qkv, &mut keep)?, p(&attn, &mut keep)?, p(&gu, &mut keep)?, p(&logits, &mut keep)?);
+            let (x_p, qkv_p, attn_p, gu_p, logits_p) = (
+                p(&x, &mut keep)?,
+                p(&qkv, &mut keep)?,
+                p(&attn, &mut keep)?,
+                p(&gu, &mut keep)?,
+                p(&logits, &mut keep)?,
+            );
             let (ws_o_p, ws_ml_p, pv_p, pi_p, token_p, pos_p) = (
                 p(&ws_o, &mut keep)?,
                 p(&ws_ml, &mut keep)?,
@@ -514,7 +519,10 @@ mod cuda {
                 p(&token, &mut keep)?,
                 p(&pos, &mut keep)?,
             );
-            let (cos_p, sin_p) = (p(&parts.rope_cos, &mut keep)?, p(&parts.rope_sin, &mut keep)?);
+            let (cos_p, sin_p) = (
+                p(&parts.rope_cos, &mut keep)?,
+                p(&parts.rope_sin, &mut keep)?,
+            );
             let cache_ptr = match cache.layers().first() {
                 Some(l) => ptr(&l.k, &stream)?,
                 None => 0,
@@ -642,7 +650,10 @@ mod cuda {
                 let (wo, bo) = (pw(&lp.o.0, &mut keep)?, opt(&lp.o.1, &mut keep)?);
                 launches.push(gemv(attn_p, 0, 0, wo, bo, x_p, h, nh * d, 1));
                 let ln2 = p(&lp.post_norm, &mut keep)?;
-                let (wgu, bgu) = (pw(&lp.gate_up.0, &mut keep)?, opt(&lp.gate_up.1, &mut keep)?);
+                let (wgu, bgu) = (
+                    pw(&lp.gate_up.0, &mut keep)?,
+                    opt(&lp.gate_up.1, &mut keep)?,
+                );
                 launches.push(gemv(x_p, ln2, 1, wgu, bgu, gu_p, 2 * inter, h, 0));
                 let (wd, bd) = (pw(&lp.down.0, &mut keep)?, opt(&lp.down.1, &mut keep)?);
                 launches.push(gemv(gu_p, 0, 2, wd, bd, x_p, h, inter, 1));
@@ -720,9 +731,7 @@ mod cuda {
                 context: "capturing the decode graph",
                 msg: "the capture produced no graph".into(),
             })?;
-            graph
-                .upload()
-                .cuda_ctx("uploading the decode graph")?;
+            graph.upload().cuda_ctx("uploading the decode graph")?;
             Ok(graph)
         }
 
@@ -835,7 +844,10 @@ mod cuda {
             if self.pos >= self.max_len {
                 return Err(Error::InvalidArgument {
                     op: OP,
-                    msg: format!("cache full: position {} >= max_len {}", self.pos, self.max_len),
+                    msg: format!(
+                        "cache full: position {} >= max_len {}",
+                        self.pos, self.max_len
+                    ),
                 });
             }
             if self.pos >= self.table_len {

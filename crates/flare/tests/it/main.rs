@@ -4,6 +4,7 @@
 
 mod adapter;
 mod common;
+mod decode_graph;
 mod decode_ops;
 mod generate;
 mod generate_text;
