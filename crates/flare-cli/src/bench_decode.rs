@@ -3,8 +3,14 @@
 //!
 //! Rows: `prefill` (one prompt of `--prompt-len` tokens, tokens/s), `decode` for each
 //! `--batch` size (tokens/s over `--new-tokens` greedy steps after a prefill that is not timed;
-//! each step is a `decode_step`, the device argmax and the copy of the token ids to the host,
-//! as in generation), and `generate` (batch 1, the library's `generate`, prefill included).
+//! path `per-op`: each step is a `decode_step`, the device argmax and the copy of the token ids
+//! to the host, as before the decode engine), and `generate` (batch 1, the library's
+//! `generate`, prefill included; it runs on the decode engine where that applies). At batch 1,
+//! where the decode engine ([`flare::models::DecodeGraph`]) applies, two more `decode` rows: path
+//! `graph` (one CUDA graph replay, one 4-byte copy and one synchronisation per step) and path
+//! `kernels` (the same kernels launched one by one); before they are timed, the engine's greedy
+//! tokens over `--new-tokens` steps are checked against the per-op path's (`check: ... ok` or
+//! `DIFF at step s`).
 //! Each is timed between device synchronisations after a warm-up run, and the median over
 //! `--repeats` runs is reported. The weight-read floor is the bytes of weights read per step
 //! (every projection, the norms and the output projection) over `--bandwidth-gbs`: a batch-B
@@ -31,9 +37,12 @@ the Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, head_dim 64, 
 (a Hugging Face config.json). --quick uses a tiny config (CI, CPU: seconds).
 
 Rows: prefill tokens/s (batch 1, --prompt-len tokens); decode tokens/s for each --batch size
-(--new-tokens greedy steps after an untimed prefill, each step: decode_step, argmax on the
-device, token ids copied to the host); generate tokens/s (batch 1, flare::generate::generate,
-prefill included). Timed between device synchronisations after one warm-up run; median of
+(--new-tokens greedy steps after an untimed prefill; path per-op: each step is decode_step,
+argmax on the device, token ids copied to the host); at batch 1 on CUDA also path graph (the
+decode engine: one CUDA graph replay per step) and path kernels (the engine's kernels launched
+one by one), after a check that the engine's greedy tokens equal the per-op path's (printed
+'check: ... ok' or 'DIFF'); generate tokens/s (batch 1, flare::generate::generate, prefill
+included; on the decode engine where it applies). Timed between device synchronisations after one warm-up run; median of
 --repeats. The floor is the weight bytes read per step over --bandwidth-gbs (3350 GB/s: H100
 SXM HBM3): flare's rate as a percentage of it says how far decoding is from bandwidth-bound.
 
@@ -319,11 +328,14 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
             } else {
                 let first = first_token(&model.prefill(&ids, &mut cache)?)?;
                 let mut per_op = vec![first];
+                // The per-op logits of every step (host, f32), to tell a near-tie on a DIFF.
+                let mut per_op_logits: Vec<Vec<f32>> = Vec::with_capacity(new_tokens);
                 let mut t = first;
                 for _ in 0..new_tokens {
                     let logits = model.decode_step(&Tensor::new(&[[t]], &dev)?, &mut cache)?;
                     t = first_token(&logits)?;
                     per_op.push(t);
+                    per_op_logits.push(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?);
                 }
                 for graph in [true, false] {
                     cache.reset();
@@ -340,10 +352,16 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
                             .zip(&per_op[1..])
                             .position(|(a, b)| a != b)
                             .unwrap_or(0);
+                        let (te, tr) = (
+                            got.get(s).copied().unwrap_or(0) as usize,
+                            per_op.get(s + 1).copied().unwrap_or(0) as usize,
+                        );
+                        let gap = per_op_logits.get(s).map_or(f32::NAN, |l| {
+                            (l[tr] - l.get(te).copied().unwrap_or(f32::NAN)) / l[tr].abs()
+                        });
                         format!(
-                            "DIFF at step {s} (engine {}, per-op {})",
-                            got.get(s).copied().unwrap_or(0),
-                            per_op.get(s + 1).copied().unwrap_or(0)
+                            "DIFF at step {s} (engine {te}, per-op {tr}; relative gap of their \
+                             per-op logits {gap:.2e})"
                         )
                     };
                     println!(
