@@ -67,7 +67,7 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
                                           float eps, int in_mode, const T *__restrict__ w,
                                           const T *__restrict__ bias, T *__restrict__ y, int n,
                                           int k, int out_mode) {
-  extern __shared__ float xs[];
+  extern __shared__ __align__(16) float xs[];
   __shared__ float red[DG_GEMV_WARPS];
   constexpr int V = VecWidth<T>::value;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -123,11 +123,18 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
       for (int u = 0; u < DG_GEMV_UNROLL; ++u) {
         const int l = l0 + u * STEP;
         if (l < k) {
+          // x read as float4s: a lane's V floats are contiguous, and 16-byte shared loads keep
+          // the bank conflicts of the lanes' stride-V addresses to 2-way (8-way with scalars).
 #pragma unroll
-          for (int e = 0; e < V; ++e) {
-            const float xv = xs[l + e];
+          for (int e4 = 0; e4 < V; e4 += 4) {
+            const float4 x4 = *reinterpret_cast<const float4 *>(xs + l + e4);
+            const float xv[4] = {x4.x, x4.y, x4.z, x4.w};
 #pragma unroll
-            for (int r = 0; r < DG_GEMV_ROWS; ++r) acc[r] = fmaf(xv, to_f(wp[r][u].v[e]), acc[r]);
+            for (int e = 0; e < 4; ++e) {
+#pragma unroll
+              for (int r = 0; r < DG_GEMV_ROWS; ++r)
+                acc[r] = fmaf(xv[e], to_f(wp[r][u].v[e4 + e]), acc[r]);
+            }
           }
         }
       }
@@ -196,6 +203,8 @@ __device__ __forceinline__ void rope_append_body(T *__restrict__ qkv, T *__restr
 
 // attention.cu's split kernel with the key count t = *pos + 1 read from the device: grid
 // (chunks, kv_heads) over the whole cache, blocks whose chunk starts at or past t exit at once.
+// Unlike attention.cu it stages the chunk's values in shared memory too (all loads of a block in
+// flight at once: the per-column value loop over global memory was latency bound).
 // Block (c, z) takes keys [c * chunk, min(t, (c + 1) * chunk)) of kv head z for its G query heads
 // (q heads z * G .. z * G + G - 1, consecutive in q) and writes the chunk's unnormalised output
 // and (max, sum of exponentials) to ws_o[z][c][g][d], ws_ml[z][c][g][2]. Keys and values are
@@ -214,7 +223,8 @@ __device__ __forceinline__ void split_body(const T *__restrict__ q, const T *__r
   const int dp = d + 1;
   float *qs = smem;             // [G][d]
   float *ks = qs + G * d;       // [chunk][d + 1]
-  float *ps = ks + chunk * dp;  // [G][chunk]
+  float *vs = ks + chunk * dp;  // [chunk][d]
+  float *ps = vs + chunk * d;   // [G][chunk]
   const int tid = threadIdx.x, nt = blockDim.x;
   const int lane = tid & 31, warp = tid >> 5, warps = nt >> 5;
   const long long z = blockIdx.y;
@@ -228,13 +238,18 @@ __device__ __forceinline__ void split_body(const T *__restrict__ q, const T *__r
     for (int i = tid; i < cnt * dv; i += nt) {
       const int j = i / dv, c = (i - j * dv) * V;
       const Pack<T, V> pk = load_pack_rw<T, V>(kz + (long long)j * d + c);
+      const Pack<T, V> pv = load_pack_rw<T, V>(vz + (long long)j * d + c);
 #pragma unroll
-      for (int e = 0; e < V; ++e) ks[j * dp + c + e] = to_f(pk.v[e]);
+      for (int e = 0; e < V; ++e) {
+        ks[j * dp + c + e] = to_f(pk.v[e]);
+        vs[j * d + c + e] = to_f(pv.v[e]);
+      }
     }
   } else {
     for (int i = tid; i < cnt * d; i += nt) {
       const int j = i / d, c = i - j * d;
       ks[j * dp + c] = to_f(kz[(long long)j * d + c]);
+      vs[j * d + c] = to_f(vz[(long long)j * d + c]);
     }
   }
   __syncthreads();
@@ -272,7 +287,7 @@ __device__ __forceinline__ void split_body(const T *__restrict__ q, const T *__r
     const int g = i / d, c = i - g * d;
     const float *pr = ps + g * chunk;
     float acc = 0.0f;
-    for (int j = 0; j < cnt; ++j) acc = fmaf(pr[j], to_f(vz[(long long)j * d + c]), acc);
+    for (int j = 0; j < cnt; ++j) acc = fmaf(pr[j], vs[j * d + c], acc);
     ws_o[((z * chunks + ci) * G + g) * (long long)d + c] = acc;
   }
 }
@@ -360,7 +375,7 @@ extern "C" __global__ void __launch_bounds__(DG_THREADS)
       decode_embed_##SUF(const T *embed, const unsigned int *token, T *x, int hidden, int vocab) {  \
     embed_body<T>(embed, token, x, hidden, vocab);                                               \
   }                                                                                              \
-  extern "C" __global__ void __launch_bounds__(DG_GEMV_THREADS)                                  \
+  extern "C" __global__ void __launch_bounds__(DG_GEMV_THREADS, 4)                               \
       decode_gemv_##SUF(const T *in, const T *norm_w, float eps, int in_mode, const T *w,          \
                         const T *bias, T *y, int n, int k, int out_mode) {                          \
     gemv_body<T>(in, norm_w, eps, in_mode, w, bias, y, n, k, out_mode);                          \

@@ -49,17 +49,17 @@ const OP: &str = "DecodeGraph";
 
 /// Shared memory a kernel may use without opting in.
 const SMEM_LIMIT: usize = 48 * 1024;
-/// Keys per attention block at most (halved while the block's shared memory does not fit).
-const ATTN_CHUNK: usize = 64;
-
 /// The attention block's shared memory in floats (decode.cu's split kernel).
 fn attn_smem_floats(g: usize, d: usize, chunk: usize) -> usize {
-    g * d + chunk * (d + 1) + g * chunk
+    g * d + chunk * (d + 1) + chunk * d + g * chunk
 }
 
-/// The attention chunk for `g` query heads per kv head of width `d`, if any fits.
-fn attn_chunk(g: usize, d: usize) -> Option<usize> {
-    let mut chunk = ATTN_CHUNK;
+/// Keys per attention block for a cache of `max_len` positions and `g` query heads per kv head
+/// of width `d`, if any fits: 16 up to 2048 positions (many small blocks: a block's work is a
+/// few round trips), growing to 64 for long caches (fewer idle blocks), halved while the
+/// block's shared memory does not fit.
+fn attn_chunk(g: usize, d: usize, max_len: usize) -> Option<usize> {
+    let mut chunk = max_len.div_ceil(128).next_power_of_two().clamp(16, 64);
     while attn_smem_floats(g, d, chunk) * 4 > SMEM_LIMIT {
         if chunk <= 8 {
             return None;
@@ -191,7 +191,13 @@ impl DecodeGraph {
         if c.head_dim % 2 != 0 || c.num_key_value_heads == 0 {
             return Some("odd head_dim or no kv heads".into());
         }
-        if attn_chunk(c.num_attention_heads / c.num_key_value_heads, c.head_dim).is_none() {
+        if attn_chunk(
+            c.num_attention_heads / c.num_key_value_heads,
+            c.head_dim,
+            cache.max_len(),
+        )
+        .is_none()
+        {
             return Some("the attention heads do not fit the kernel's shared memory".into());
         }
         if c.vocab_size >= i32::MAX as usize || cache.max_len() >= i32::MAX as usize {
@@ -464,7 +470,7 @@ mod cuda {
             );
             let g = nh / nkv;
             let max_len = cache.max_len();
-            let chunk = attn_chunk(g, d).ok_or_else(|| Error::InvalidArgument {
+            let chunk = attn_chunk(g, d, max_len).ok_or_else(|| Error::InvalidArgument {
                 op: OP,
                 msg: "the attention heads do not fit the kernel's shared memory".into(),
             })?;
