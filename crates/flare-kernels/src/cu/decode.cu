@@ -60,15 +60,17 @@ __device__ __forceinline__ float dg_sigmoid(float g) { return 1.0f / (1.0f + __e
 //   1: in' = round_T(in * rsqrt(mean(in^2) + eps) * norm_w)            (RMSNorm of in, k wide)
 //   2: in' = round_T(silu(in[i]) * in[k + i])                         (SwiGLU of [gate | up])
 // then out = round_T(acc), with a bias out = round_T(out + bias[j]); `out_mode` 0 stores
-// y[j] = out, 1 adds into the residual: y[j] = round_T(y[j] + out). k % (16 / sizeof(T)) == 0 and
+// y[j] = out, 1 adds into the residual: y[j] = round_T(y[j] + out). `ksplit`: 1 or DG_GEMV_WARPS
+// (see below). k % (16 / sizeof(T)) == 0 and
 // 16-byte aligned w (checked by the host). Dynamic shared memory: k floats.
 template <typename T>
 __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__restrict__ norm_w,
                                           float eps, int in_mode, const T *__restrict__ w,
                                           const T *__restrict__ bias, T *__restrict__ y, int n,
-                                          int k, int out_mode) {
+                                          int k, int out_mode, int ksplit) {
   extern __shared__ __align__(16) float xs[];
   __shared__ float red[DG_GEMV_WARPS];
+  __shared__ float part[DG_GEMV_WARPS][DG_GEMV_ROWS];
   constexpr int V = VecWidth<T>::value;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if (in_mode == 2) {
@@ -98,9 +100,14 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
   __syncthreads();
 
   constexpr int STEP = 32 * V;
-  const int warps_total = gridDim.x * DG_GEMV_WARPS;
-  for (int j0 = (blockIdx.x * DG_GEMV_WARPS + warp) * DG_GEMV_ROWS; j0 < n;
-       j0 += warps_total * DG_GEMV_ROWS) {
+  // ksplit == 1: each warp owns DG_GEMV_ROWS rows. ksplit == DG_GEMV_WARPS: the block's warps
+  // share the same rows and split k (warp w takes the unrolled steps w, w + ksplit, ...), then
+  // add their partials in warp order through shared memory: for few long rows (down_proj), so
+  // that enough loads are in flight.
+  const int groups = DG_GEMV_WARPS / ksplit;  // row groups per block
+  const int wg = warp / ksplit, wk = warp - wg * ksplit;
+  const int stride_rows = gridDim.x * groups * DG_GEMV_ROWS;
+  for (int j0 = (blockIdx.x * groups + wg) * DG_GEMV_ROWS; j0 < n; j0 += stride_rows) {
     float acc[DG_GEMV_ROWS];
     const T *wr[DG_GEMV_ROWS];
 #pragma unroll
@@ -109,7 +116,8 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
       // A row past n re-reads row j0 (in bounds) and is never stored.
       wr[r] = w + (long long)(j0 + r < n ? j0 + r : j0) * k;
     }
-    for (int l0 = lane * V; l0 < k; l0 += STEP * DG_GEMV_UNROLL) {
+    for (int l0 = lane * V + wk * STEP * DG_GEMV_UNROLL; l0 < k;
+         l0 += STEP * DG_GEMV_UNROLL * ksplit) {
       Pack<T, V> wp[DG_GEMV_ROWS][DG_GEMV_UNROLL];
 #pragma unroll
       for (int r = 0; r < DG_GEMV_ROWS; ++r) {
@@ -144,10 +152,25 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xFFFFFFFFu, acc[r], off);
     }
+    if (ksplit > 1) {
+      if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < DG_GEMV_ROWS; ++r) part[warp][r] = acc[r];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < DG_GEMV_ROWS; ++r) {
+        float t = 0.0f;
+        for (int w2 = 0; w2 < ksplit; ++w2) t += part[wg * ksplit + w2][r];
+        acc[r] = t;
+      }
+      // The partials are read before the next rows overwrite them.
+      __syncthreads();
+    }
 #pragma unroll
     for (int r = 0; r < DG_GEMV_ROWS; ++r) {
       const int j = j0 + r;
-      if (lane == r && j < n) {
+      if (wk == 0 && lane == r && j < n) {
         T out = from_f<T>(acc[r]);
         if (bias != nullptr) out = from_f<T>(to_f(out) + to_f(bias[j]));
         if (out_mode == 1) out = from_f<T>(to_f(y[j]) + to_f(out));
@@ -377,8 +400,8 @@ extern "C" __global__ void __launch_bounds__(DG_THREADS)
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(DG_GEMV_THREADS, 4)                               \
       decode_gemv_##SUF(const T *in, const T *norm_w, float eps, int in_mode, const T *w,          \
-                        const T *bias, T *y, int n, int k, int out_mode) {                          \
-    gemv_body<T>(in, norm_w, eps, in_mode, w, bias, y, n, k, out_mode);                          \
+                        const T *bias, T *y, int n, int k, int out_mode, int ksplit) {              \
+    gemv_body<T>(in, norm_w, eps, in_mode, w, bias, y, n, k, out_mode, ksplit);                  \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(DG_THREADS)                                       \
       decode_rope_append_##SUF(T *qkv, T *kc, T *vc, const T *cosv, const T *sinv,                 \

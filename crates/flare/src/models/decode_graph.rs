@@ -308,6 +308,8 @@ mod cuda {
     /// DG_GEMV_ROWS`) of decode.cu.
     const GEMV_THREADS: u32 = 128;
     const GEMV_ROWS_PER_BLOCK: usize = 8;
+    /// Warps per gemv block (`DG_GEMV_WARPS`): the k split of long rows.
+    const GEMV_WARPS: usize = 4;
     /// Threads of the small kernels (`DG_THREADS`), of the attention (`DG_ATTN_THREADS`) and of
     /// argmax.cu's `argmax_part_*` (`ARGMAX_PART_THREADS`).
     const THREADS: u32 = 256;
@@ -547,7 +549,11 @@ mod cuda {
                         k: usize,
                         out_mode: i32|
              -> Launch {
-                let blocks = n.div_ceil(GEMV_ROWS_PER_BLOCK).clamp(1, sm * 16);
+                // Long rows (k > 2048: down_proj) split k over the block's warps, so that a
+                // weight of few rows still keeps enough loads in flight.
+                let ksplit = if k > 2048 { GEMV_WARPS } else { 1 };
+                let rows_per_block = GEMV_ROWS_PER_BLOCK / ksplit;
+                let blocks = n.div_ceil(rows_per_block).clamp(1, sm * 16);
                 Launch {
                     kernel: k_gemv,
                     grid: (blocks as u32, 1),
@@ -564,6 +570,7 @@ mod cuda {
                         Arg::I32(i32_of(n)),
                         Arg::I32(i32_of(k)),
                         Arg::I32(out_mode),
+                        Arg::I32(ksplit as i32),
                     ],
                 }
             };
