@@ -19,6 +19,7 @@ const KERNELS: &[&str] = &[
     "cross_entropy",
     "adamw",
     "attention",
+    "decode",
 ];
 /// Headers the kernels include.
 const HEADERS: &[&str] = &["common.cuh"];

@@ -3,8 +3,14 @@
 //!
 //! Rows: `prefill` (one prompt of `--prompt-len` tokens, tokens/s), `decode` for each
 //! `--batch` size (tokens/s over `--new-tokens` greedy steps after a prefill that is not timed;
-//! each step is a `decode_step`, the device argmax and the copy of the token ids to the host,
-//! as in generation), and `generate` (batch 1, the library's `generate`, prefill included).
+//! path `per-op`: each step is a `decode_step`, the device argmax and the copy of the token ids
+//! to the host, as before the decode engine), and `generate` (batch 1, the library's
+//! `generate`, prefill included; it runs on the decode engine where that applies). At batch 1,
+//! where the decode engine ([`flare::models::DecodeGraph`]) applies, two more `decode` rows: path
+//! `graph` (one CUDA graph replay, one 4-byte copy and one synchronisation per step) and path
+//! `kernels` (the same kernels launched one by one); before they are timed, the engine's greedy
+//! tokens over `--new-tokens` steps are checked against the per-op path's (`check: ... ok` or
+//! `DIFF at step s`).
 //! Each is timed between device synchronisations after a warm-up run, and the median over
 //! `--repeats` runs is reported. The weight-read floor is the bytes of weights read per step
 //! (every projection, the norms and the output projection) over `--bandwidth-gbs`: a batch-B
@@ -21,7 +27,7 @@ use serde::Serialize;
 
 use crate::bench::{hardware_name, median, DeviceSpec};
 use flare::generate::{generate, GenerationConfig};
-use flare::models::{ModelConfig, Transformer};
+use flare::models::{DecodeGraph, KvCache, ModelConfig, Transformer};
 
 /// The long help of `flare bench decode`.
 pub const DECODE_LONG_ABOUT: &str = "\
@@ -31,9 +37,12 @@ the Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, head_dim 64, 
 (a Hugging Face config.json). --quick uses a tiny config (CI, CPU: seconds).
 
 Rows: prefill tokens/s (batch 1, --prompt-len tokens); decode tokens/s for each --batch size
-(--new-tokens greedy steps after an untimed prefill, each step: decode_step, argmax on the
-device, token ids copied to the host); generate tokens/s (batch 1, flare::generate::generate,
-prefill included). Timed between device synchronisations after one warm-up run; median of
+(--new-tokens greedy steps after an untimed prefill; path per-op: each step is decode_step,
+argmax on the device, token ids copied to the host); at batch 1 on CUDA also path graph (the
+decode engine: one CUDA graph replay per step) and path kernels (the engine's kernels launched
+one by one), after a check that the engine's greedy tokens equal the per-op path's (printed
+'check: ... ok' or 'DIFF'); generate tokens/s (batch 1, flare::generate::generate, prefill
+included; on the decode engine where it applies). Timed between device synchronisations after one warm-up run; median of
 --repeats. The floor is the weight bytes read per step over --bandwidth-gbs (3350 GB/s: H100
 SXM HBM3): flare's rate as a percentage of it says how far decoding is from bandwidth-bound.
 
@@ -93,6 +102,9 @@ pub const QUICK: &str = r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size"
 pub struct DecodeRow {
     /// `prefill`, `decode` or `generate`.
     pub name: String,
+    /// How the steps ran: `graph` (the decode engine replaying one CUDA graph per step),
+    /// `kernels` (the engine's kernels launched one by one), `per-op` (`decode_step`).
+    pub path: String,
     /// Sequences per step.
     pub batch: usize,
     /// Prompt tokens per sequence.
@@ -197,6 +209,63 @@ fn greedy_steps(
     Ok(last)
 }
 
+/// `new` greedy steps of the decode engine from token `first` on a prefilled batch-1 cache.
+fn engine_steps(
+    engine: &mut DecodeGraph,
+    cache: &mut KvCache,
+    first: u32,
+    new: usize,
+) -> Result<Vec<u32>> {
+    engine.start(first, cache)?;
+    (0..new)
+        .map(|_| Ok(engine.step(cache)?))
+        .collect::<Result<Vec<u32>>>()
+}
+
+/// The per-op path fed the engine's tokens (`first`, then `got` but its last) on a fresh
+/// prefill: at each step, whether the engine's token is the per-op argmax. Returns the number of
+/// steps where it is not and the largest relative gap `(max - logit[engine token]) / |max|`
+/// there (0 when none).
+fn forced_check(
+    model: &Transformer,
+    cache: &mut KvCache,
+    ids: &Tensor,
+    first: u32,
+    got: &[u32],
+) -> Result<(usize, f32)> {
+    cache.reset();
+    model.prefill(ids, cache)?;
+    let (mut ties, mut worst) = (0, 0f32);
+    let mut fed = first;
+    for &te in got {
+        let logits = model.decode_step(&Tensor::new(&[[fed]], model.device())?, cache)?;
+        let l: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let tr = first_token(&logits)? as usize;
+        if tr != te as usize {
+            ties += 1;
+            let gap = (l[tr] - l[te as usize]) / l[tr].abs().max(1e-30);
+            worst = worst.max(if gap.is_nan() { f32::INFINITY } else { gap });
+        }
+        fed = te;
+    }
+    Ok((ties, worst))
+}
+
+/// The relative logit gap within which two tokens tie at `dtype`'s rounding (about one unit in
+/// the last place of the logits).
+fn tie_tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => 1e-2,
+        DType::F16 => 2e-3,
+        _ => 1e-5,
+    }
+}
+
+/// The greedy first token after a batch-1 prefill.
+fn first_token(logits: &Tensor) -> Result<u32> {
+    Ok(flare::generate::ids_to_host(&flare::generate::greedy_on_device(logits)?)?[0])
+}
+
 /// Runs `flare bench decode`.
 pub fn run_decode(args: &DecodeArgs) -> Result<()> {
     let spec: DeviceSpec = args.device.parse()?;
@@ -249,28 +318,30 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
             .collect();
         Ok(Tensor::from_vec(ids, (b, prompt_len), &dev)?)
     };
-    let row = |name: &str, batch: usize, new: usize, secs: f64, steps: usize, floor: bool| {
-        let tokens = if new == 0 { prompt_len } else { batch * new };
-        let tps = tokens as f64 / secs;
-        let floor_tps = floor.then(|| batch as f64 * bw / weight_bytes as f64);
-        DecodeRow {
-            name: name.into(),
-            batch,
-            prompt_len,
-            new_tokens: new,
-            tokens_per_s: tps,
-            ms_per_step: secs * 1e3 / steps.max(1) as f64,
-            floor_tokens_per_s: floor_tps,
-            pct_of_floor: floor_tps.map(|f| 100.0 * tps / f),
-            repeats,
-            framework: "flare".into(),
-            device: spec.name(),
-            device_name: hardware_name(&dev),
-            dtype: dtype_name(dtype).into(),
-            model: label.clone(),
-            weight_bytes,
-        }
-    };
+    let row =
+        |name: &str, path: &str, batch: usize, new: usize, secs: f64, steps: usize, floor: bool| {
+            let tokens = if new == 0 { prompt_len } else { batch * new };
+            let tps = tokens as f64 / secs;
+            let floor_tps = floor.then(|| batch as f64 * bw / weight_bytes as f64);
+            DecodeRow {
+                name: name.into(),
+                path: path.into(),
+                batch,
+                prompt_len,
+                new_tokens: new,
+                tokens_per_s: tps,
+                ms_per_step: secs * 1e3 / steps.max(1) as f64,
+                floor_tokens_per_s: floor_tps,
+                pct_of_floor: floor_tps.map(|f| 100.0 * tps / f),
+                repeats,
+                framework: "flare".into(),
+                device: spec.name(),
+                device_name: hardware_name(&dev),
+                dtype: dtype_name(dtype).into(),
+                model: label.clone(),
+                weight_bytes,
+            }
+        };
     let mut rows = Vec::new();
 
     // Prefill, batch 1.
@@ -283,10 +354,71 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
             Ok(())
         })
     })?;
-    rows.push(row("prefill", 1, 0, secs, 1, false));
+    rows.push(row("prefill", "per-op", 1, 0, secs, 1, false));
 
-    // Greedy decode per batch size.
+    // Greedy decode per batch size; batch 1 also on the decode engine where it applies, after
+    // checking that its greedy tokens are the per-op path's.
     for &b in &args.batch {
+        if b == 1 {
+            let ids = prompt(1)?;
+            let mut cache = model.new_cache(1, prompt_len + new_tokens)?;
+            if let Some(why) = DecodeGraph::unsupported(&model, &cache) {
+                eprintln!("decode engine: not used ({why})");
+            } else {
+                let first = first_token(&model.prefill(&ids, &mut cache)?)?;
+                let mut per_op = vec![first];
+                let mut t = first;
+                for _ in 0..new_tokens {
+                    let logits = model.decode_step(&Tensor::new(&[[t]], &dev)?, &mut cache)?;
+                    t = first_token(&logits)?;
+                    per_op.push(t);
+                }
+                for graph in [true, false] {
+                    cache.reset();
+                    let first = first_token(&model.prefill(&ids, &mut cache)?)?;
+                    let mut engine = DecodeGraph::with_graph(&model, &cache, graph)?;
+                    let path = if graph { "graph" } else { "kernels" };
+                    let got = engine_steps(&mut engine, &mut cache, first, new_tokens)?;
+                    let verdict = if first == per_op[0] && got[..] == per_op[1..] {
+                        "ok (equal tokens)".to_string()
+                    } else {
+                        // Free-running tokens part at a tie: check every engine token against
+                        // the per-op path fed the engine's own tokens (teacher forcing).
+                        let s0 = got
+                            .iter()
+                            .zip(&per_op[1..])
+                            .position(|(a, b)| a != b)
+                            .unwrap_or(0);
+                        let (ties, worst) = forced_check(&model, &mut cache, &ids, first, &got)?;
+                        let tol = tie_tolerance(dtype);
+                        if worst <= tol {
+                            format!(
+                                "ok (equal tokens for {s0} steps, then a tie: every engine token \
+                                 is the per-op argmax fed the same tokens, or ties it within \
+                                 rounding: {ties} ties, largest relative gap {worst:.1e} <= {tol:.0e})"
+                            )
+                        } else {
+                            format!(
+                                "DIFF at step {s0} (teacher-forced: {ties} mismatches, largest \
+                                 relative logit gap {worst:.1e} > {tol:.0e})"
+                            )
+                        }
+                    };
+                    println!(
+                        "check: decode engine ({path}) greedy tokens over {new_tokens} steps vs per-op path: {verdict}"
+                    );
+                    let secs = median_secs(repeats, || {
+                        cache.reset();
+                        let first = first_token(&model.prefill(&ids, &mut cache)?)?;
+                        timed(&dev, || {
+                            engine_steps(&mut engine, &mut cache, first, new_tokens)?;
+                            Ok(())
+                        })
+                    })?;
+                    rows.push(row("decode", path, 1, new_tokens, secs, new_tokens, true));
+                }
+            }
+        }
         let ids = prompt(b)?;
         let mut cache = model.new_cache(b, prompt_len + new_tokens)?;
         let secs = median_secs(repeats, || {
@@ -300,7 +432,9 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
                 Ok(())
             })
         })?;
-        rows.push(row("decode", b, new_tokens, secs, new_tokens, true));
+        rows.push(row(
+            "decode", "per-op", b, new_tokens, secs, new_tokens, true,
+        ));
     }
 
     // The library's generate, batch 1, prefill included.
@@ -309,6 +443,12 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
         max_new_tokens: new_tokens,
         ..Default::default()
     };
+    let gen_path =
+        if flare::generate::TokenStream::new(&model, &prompt_ids, &gen)?.uses_decode_engine() {
+            "graph"
+        } else {
+            "per-op"
+        };
     let secs = median_secs(repeats, || {
         timed(&dev, || {
             let out = generate(&model, &prompt_ids, &gen, |_| {})?;
@@ -321,7 +461,9 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
             Ok(())
         })
     })?;
-    rows.push(row("generate", 1, new_tokens, secs, new_tokens, true));
+    rows.push(row(
+        "generate", gen_path, 1, new_tokens, secs, new_tokens, true,
+    ));
 
     print!("{}", format_rows(&rows, args.bandwidth_gbs));
     if let Some(path) = &args.json {
@@ -348,14 +490,15 @@ pub fn format_rows(rows: &[DecodeRow], bandwidth_gbs: f64) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<9} {:>5} {:>7} {:>6} {:>12} {:>10} {:>12} {:>8}",
-        "row", "batch", "prompt", "new", "tokens/s", "ms/step", "floor tok/s", "% floor"
+        "{:<9} {:<8} {:>5} {:>7} {:>6} {:>12} {:>10} {:>12} {:>8}",
+        "row", "path", "batch", "prompt", "new", "tokens/s", "ms/step", "floor tok/s", "% floor"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<9} {:>5} {:>7} {:>6} {:>12.1} {:>10.3} {:>12} {:>8}",
+            "{:<9} {:<8} {:>5} {:>7} {:>6} {:>12.1} {:>10.3} {:>12} {:>8}",
             r.name,
+            r.path,
             r.batch,
             r.prompt_len,
             r.new_tokens,

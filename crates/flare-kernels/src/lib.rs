@@ -53,3 +53,10 @@ pub const ADAMW: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
 /// (the single-new-token decode step).
 #[cfg(feature = "cuda")]
 pub const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+
+/// PTX of `decode.cu`: `decode_*`, the kernels of the batch-1 decode engine (one decode step as
+/// a fixed sequence of launches reading the token id and position from device memory, replayed
+/// as one CUDA graph): gemv with RMSNorm/SwiGLU staging and residual epilogue, RoPE + KV-cache
+/// append, flash-decoding attention, embedding lookup and the final argmax.
+#[cfg(feature = "cuda")]
+pub const DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));

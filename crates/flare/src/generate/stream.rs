@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::{next_token, GenerationConfig};
-use crate::models::{KvCache, Transformer};
+use crate::models::{DecodeGraph, KvCache, Transformer};
 use crate::{Error, Result};
 
 const OP: &str = "generate";
@@ -53,6 +53,10 @@ pub struct TokenStream<'a> {
     pending: Option<u32>,
     stop: Option<StopReason>,
     failed: bool,
+    /// The batch-1 decode engine, for plain greedy decoding when it applies.
+    engine: Option<DecodeGraph>,
+    /// Whether the engine has been given its first token.
+    engine_started: bool,
 }
 
 impl<'a> TokenStream<'a> {
@@ -87,6 +91,17 @@ impl<'a> TokenStream<'a> {
             let ids = Tensor::new(prompt_ids, model.device())?.unsqueeze(0)?;
             (Some(model.prefill(&ids, &mut cache)?), None)
         };
+        // Plain greedy decoding of more than one token runs on the decode engine where it
+        // applies (see `DecodeGraph::unsupported`); building it where it applies must succeed.
+        let engine = if config.max_new_tokens > 1
+            && super::is_plain_greedy(&config.sampling)
+            && crate::models::decode_graph::engine_enabled()
+            && DecodeGraph::unsupported(model, &cache).is_none()
+        {
+            Some(DecodeGraph::new(model, &cache)?)
+        } else {
+            None
+        };
         let mut all = Vec::with_capacity(prompt_ids.len() + config.max_new_tokens);
         all.extend_from_slice(prompt_ids);
         Ok(TokenStream {
@@ -100,6 +115,8 @@ impl<'a> TokenStream<'a> {
             pending: None,
             stop,
             failed: false,
+            engine,
+            engine_started: false,
         })
     }
 
@@ -133,16 +150,36 @@ impl<'a> TokenStream<'a> {
         }
     }
 
+    /// Whether plain greedy steps run on the batch-1 decode engine ([`DecodeGraph`]: CUDA,
+    /// batch 1, no active adapter, ...; `FLARE_DECODE_ENGINE=0` turns it off) rather than on
+    /// [`Transformer::decode_step`].
+    pub fn uses_decode_engine(&self) -> bool {
+        self.engine.is_some()
+    }
+
     fn step(&mut self) -> Result<u32> {
-        if let Some(t) = self.pending.take() {
-            let ids = Tensor::new(&[[t]], self.model.device())?;
-            self.logits = Some(self.model.decode_step(&ids, &mut self.cache)?);
-        }
-        let logits = self.logits.take().ok_or_else(|| Error::InvalidArgument {
-            op: OP,
-            msg: "internal: no logits for the next token".into(),
-        })?;
-        let next = next_token(&logits, &self.all, &self.config.sampling, &mut self.rng)?;
+        let pending = self.pending.take();
+        let next = match (pending, self.engine.as_mut()) {
+            (Some(t), Some(engine)) => {
+                // The engine keeps the token it chose on the device; only the first is given.
+                if !self.engine_started {
+                    engine.start(t, &self.cache)?;
+                    self.engine_started = true;
+                }
+                engine.step(&mut self.cache)?
+            }
+            (pending, _) => {
+                if let Some(t) = pending {
+                    let ids = Tensor::new(&[[t]], self.model.device())?;
+                    self.logits = Some(self.model.decode_step(&ids, &mut self.cache)?);
+                }
+                let logits = self.logits.take().ok_or_else(|| Error::InvalidArgument {
+                    op: OP,
+                    msg: "internal: no logits for the next token".into(),
+                })?;
+                next_token(&logits, &self.all, &self.config.sampling, &mut self.rng)?
+            }
+        };
         self.all.push(next);
         if self.config.eos_token_ids.contains(&next) {
             self.stop = Some(StopReason::Eos(next));

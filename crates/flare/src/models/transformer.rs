@@ -258,6 +258,34 @@ pub struct Transformer {
     rope_sin: Tensor,
 }
 
+/// The tensors one batch-1 decode step reads, for the decode engine
+/// ([`super::decode_graph::DecodeGraph`]): clones (the same device buffers) of the weights as the
+/// per-op path uses them with no adapter active.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct DecodeParts {
+    pub embed: Tensor,
+    pub layers: Vec<LayerParts>,
+    pub norm: Tensor,
+    pub lm_head: Tensor,
+    pub rope_cos: Tensor,
+    pub rope_sin: Tensor,
+}
+
+/// One layer's tensors of [`DecodeParts`].
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct LayerParts {
+    pub input_norm: Tensor,
+    /// q, k, v stacked: `[(heads + 2 * kv_heads) * head_dim, hidden]`, and its bias.
+    pub qkv: (Tensor, Option<Tensor>),
+    pub o: (Tensor, Option<Tensor>),
+    pub post_norm: Tensor,
+    /// gate then up stacked: `[2 * intermediate, hidden]`, and its bias.
+    pub gate_up: (Tensor, Option<Tensor>),
+    pub down: (Tensor, Option<Tensor>),
+}
+
 /// Positions covered by the precomputed RoPE tables at most (longer contexts compute their
 /// tables per forward): 32768 positions of a 128-wide head are 8 MiB in bf16.
 const ROPE_TABLE_MAX: usize = 32768;
@@ -503,6 +531,42 @@ impl Transformer {
             total += bytes(&l.input_layernorm) + bytes(&l.post_attention_layernorm);
         }
         total
+    }
+
+    /// The tensors of a batch-1 decode step for the decode engine, or why the engine cannot
+    /// compute what [`decode_step`](Self::decode_step) computes (an active adapter, a merged or
+    /// replaced weight: the fused q/k/v or gate/up projections no longer apply).
+    pub(crate) fn decode_parts(&self) -> std::result::Result<DecodeParts, String> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            if !a.qkv.applies(&[&a.q_proj, &a.k_proj, &a.v_proj])
+                || !m.gate_up.applies(&[&m.gate_proj, &m.up_proj])
+                || a.o_proj.active().is_some()
+                || m.down_proj.active().is_some()
+            {
+                return Err(format!(
+                    "layer {i} has an active adapter or a replaced projection weight"
+                ));
+            }
+            layers.push(LayerParts {
+                input_norm: l.input_layernorm.clone(),
+                qkv: (a.qkv.weight.clone(), a.qkv.bias.clone()),
+                o: (a.o_proj.weight().clone(), a.o_proj.bias().cloned()),
+                post_norm: l.post_attention_layernorm.clone(),
+                gate_up: (m.gate_up.weight.clone(), m.gate_up.bias.clone()),
+                down: (m.down_proj.weight().clone(), m.down_proj.bias().cloned()),
+            });
+        }
+        Ok(DecodeParts {
+            embed: self.embed_tokens.clone(),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            rope_cos: self.rope_cos.clone(),
+            rope_sin: self.rope_sin.clone(),
+        })
     }
 
     /// The model's configuration.

@@ -5,6 +5,7 @@
 mod adapter;
 mod backprop;
 mod common;
+mod decode_graph;
 mod decode_ops;
 mod generate;
 mod generate_text;

@@ -1,0 +1,425 @@
+// The kernels of the batch-1 decode engine (crates/flare/src/models/decode_graph.rs): one decode
+// step of a transformer as a fixed sequence of launches over static buffers, replayed as one CUDA
+// graph. Nothing that changes from step to step is a kernel argument: the token id and the
+// position are read from device memory (`token`, `pos`), and the last kernel of a step
+// (decode_argmax_final) writes the next token id and increments the position, so the same graph
+// replays every step.
+//
+// Per layer (7 launches):
+//   decode_gemv   (rmsnorm in the staging)    qkv = norm(x) @ Wqkv.T + b
+//   decode_rope_append                        q rotated (and scaled) in place; rotated k and v
+//                                             written into the KV cache at `pos`
+//   decode_attn_split / decode_attn_combine   flash-decoding over keys 0..=pos (GQA)
+//   decode_gemv   (residual epilogue)         x = x + attn @ Wo.T (+ b)
+//   decode_gemv   (rmsnorm in the staging)    gu = norm(x) @ Wgu.T (+ b), gate then up
+//   decode_gemv   (swiglu in the staging, residual epilogue)  x = x + silu(g) * u @ Wd.T (+ b)
+// and per step: decode_embed first; decode_gemv (final norm) for the logits, argmax_part_* (of
+// argmax.cu) and decode_argmax_final last.
+//
+// Rounding follows the regular per-op path (Transformer::forward_impl): every intermediate that
+// the per-op path materialises in the model dtype T is rounded to T here too (the normed input,
+// the projection before and after its bias, the SwiGLU product, the residual sum, the rotated
+// q/k, the attention output, the logits); accumulation is in f32. The gemv reduces each output
+// in exactly the order of gemv.cu (lane l takes the 16-byte packs l, l + 32, ... in GEMV_UNROLL
+// groups, fma in element order, then an xor butterfly), so a projection of the same input gives
+// bitwise the same output as the per-op path's gemv.
+#include "common.cuh"
+
+using namespace flare;
+
+#define DG_GEMV_WARPS 4
+#define DG_GEMV_THREADS (DG_GEMV_WARPS * 32)
+#define DG_GEMV_UNROLL 4
+// Output rows per warp, interleaved so that 2 * DG_GEMV_UNROLL 16-byte loads per lane are in
+// flight at once.
+#define DG_GEMV_ROWS 2
+#define DG_THREADS 256
+#define DG_ATTN_THREADS 128
+
+// ---- embedding -----------------------------------------------------------------------------
+
+// x[i] = embed[token, i] for i < hidden. An id outside the vocabulary (only possible after an
+// all-NaN argmax, which the host reports as an error) reads row 0 instead of out of bounds.
+template <typename T>
+__device__ __forceinline__ void embed_body(const T *__restrict__ embed,
+                                           const unsigned int *__restrict__ token,
+                                           T *__restrict__ x, int hidden, int vocab) {
+  unsigned int t = *token;
+  if (t >= (unsigned int)vocab) t = 0;
+  const T *row = embed + (long long)t * hidden;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < hidden; i += gridDim.x * blockDim.x)
+    x[i] = row[i];
+}
+
+// ---- gemv with fused input staging and epilogue ----------------------------------------------
+
+__device__ __forceinline__ float dg_sigmoid(float g) { return 1.0f / (1.0f + __expf(-g)); }
+
+// y[j] (j < n) = in' . w[j, :] with in' staged in shared memory as f32 by `in_mode`:
+//   0: in' = in[0..k)
+//   1: in' = round_T(in * rsqrt(mean(in^2) + eps) * norm_w)            (RMSNorm of in, k wide)
+//   2: in' = round_T(silu(in[i]) * in[k + i])                         (SwiGLU of [gate | up])
+// then out = round_T(acc), with a bias out = round_T(out + bias[j]); `out_mode` 0 stores
+// y[j] = out, 1 adds into the residual: y[j] = round_T(y[j] + out). `ksplit`: 1 or DG_GEMV_WARPS
+// (see below). k % (16 / sizeof(T)) == 0 and
+// 16-byte aligned w (checked by the host). Dynamic shared memory: k floats.
+template <typename T>
+__device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__restrict__ norm_w,
+                                          float eps, int in_mode, const T *__restrict__ w,
+                                          const T *__restrict__ bias, T *__restrict__ y, int n,
+                                          int k, int out_mode, int ksplit) {
+  extern __shared__ __align__(16) float xs[];
+  __shared__ float red[DG_GEMV_WARPS];
+  __shared__ float part[DG_GEMV_WARPS][DG_GEMV_ROWS];
+  constexpr int V = VecWidth<T>::value;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (in_mode == 2) {
+    for (int i = tid; i < k; i += DG_GEMV_THREADS) {
+      const float g = to_f(in[i]);
+      xs[i] = to_f(from_f<T>(g * dg_sigmoid(g) * to_f(in[k + i])));
+    }
+  } else {
+    float ss = 0.0f;
+    for (int i = tid; i < k; i += DG_GEMV_THREADS) {
+      const float v = to_f(in[i]);
+      xs[i] = v;
+      ss = fmaf(v, v, ss);
+    }
+    if (in_mode == 1) {
+      ss = warp_reduce<SumOp>(ss);
+      if (lane == 0) red[warp] = ss;
+      __syncthreads();
+      float tot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < DG_GEMV_WARPS; ++i) tot += red[i];
+      const float rinv = rsqrtf(tot / (float)k + eps);
+      for (int i = tid; i < k; i += DG_GEMV_THREADS)
+        xs[i] = to_f(from_f<T>(xs[i] * rinv * to_f(norm_w[i])));
+    }
+  }
+  __syncthreads();
+
+  constexpr int STEP = 32 * V;
+  // ksplit == 1: each warp owns DG_GEMV_ROWS rows. ksplit == DG_GEMV_WARPS: the block's warps
+  // share the same rows and split k (warp w takes the unrolled steps w, w + ksplit, ...), then
+  // add their partials in warp order through shared memory: for few long rows (down_proj), so
+  // that enough loads are in flight.
+  const int groups = DG_GEMV_WARPS / ksplit;  // row groups per block
+  const int wg = warp / ksplit, wk = warp - wg * ksplit;
+  const int stride_rows = gridDim.x * groups * DG_GEMV_ROWS;
+  for (int j0 = (blockIdx.x * groups + wg) * DG_GEMV_ROWS; j0 < n; j0 += stride_rows) {
+    float acc[DG_GEMV_ROWS];
+    const T *wr[DG_GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < DG_GEMV_ROWS; ++r) {
+      acc[r] = 0.0f;
+      // A row past n re-reads row j0 (in bounds) and is never stored.
+      wr[r] = w + (long long)(j0 + r < n ? j0 + r : j0) * k;
+    }
+    for (int l0 = lane * V + wk * STEP * DG_GEMV_UNROLL; l0 < k;
+         l0 += STEP * DG_GEMV_UNROLL * ksplit) {
+      Pack<T, V> wp[DG_GEMV_ROWS][DG_GEMV_UNROLL];
+#pragma unroll
+      for (int r = 0; r < DG_GEMV_ROWS; ++r) {
+#pragma unroll
+        for (int u = 0; u < DG_GEMV_UNROLL; ++u) {
+          const int l = l0 + u * STEP;
+          if (l < k) wp[r][u] = load_pack<T, V>(wr[r] + l);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < DG_GEMV_UNROLL; ++u) {
+        const int l = l0 + u * STEP;
+        if (l < k) {
+          // x read as float4s: a lane's V floats are contiguous, and 16-byte shared loads keep
+          // the bank conflicts of the lanes' stride-V addresses to 2-way (8-way with scalars).
+#pragma unroll
+          for (int e4 = 0; e4 < V; e4 += 4) {
+            const float4 x4 = *reinterpret_cast<const float4 *>(xs + l + e4);
+            const float xv[4] = {x4.x, x4.y, x4.z, x4.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+#pragma unroll
+              for (int r = 0; r < DG_GEMV_ROWS; ++r)
+                acc[r] = fmaf(xv[e], to_f(wp[r][u].v[e4 + e]), acc[r]);
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < DG_GEMV_ROWS; ++r) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xFFFFFFFFu, acc[r], off);
+    }
+    if (ksplit > 1) {
+      if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < DG_GEMV_ROWS; ++r) part[warp][r] = acc[r];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < DG_GEMV_ROWS; ++r) {
+        float t = 0.0f;
+        for (int w2 = 0; w2 < ksplit; ++w2) t += part[wg * ksplit + w2][r];
+        acc[r] = t;
+      }
+      // The partials are read before the next rows overwrite them.
+      __syncthreads();
+    }
+#pragma unroll
+    for (int r = 0; r < DG_GEMV_ROWS; ++r) {
+      const int j = j0 + r;
+      if (wk == 0 && lane == r && j < n) {
+        T out = from_f<T>(acc[r]);
+        if (bias != nullptr) out = from_f<T>(to_f(out) + to_f(bias[j]));
+        if (out_mode == 1) out = from_f<T>(to_f(y[j]) + to_f(out));
+        y[j] = out;
+      }
+    }
+  }
+}
+
+// ---- RoPE and the KV-cache append -----------------------------------------------------------
+
+// qkv = [q (nh heads) | k (nkv heads) | v (nkv heads)], each head d wide. With p = *pos and
+// (c, s) = (cos[p, i], sin[p, i]), i < d / 2:
+//   q head: rotated in place and scaled by `scale` (1 / sqrt(d));
+//   k head h: rotated into kc[h, p, :]; v head h: copied into vc[h, p, :]
+// (caches [kv_heads, max_len, d] of one layer, batch 1). Same formula and rounding as rope.cu.
+template <typename T>
+__device__ __forceinline__ void rope_append_body(T *__restrict__ qkv, T *__restrict__ kc,
+                                                 T *__restrict__ vc, const T *__restrict__ cosv,
+                                                 const T *__restrict__ sinv,
+                                                 const int *__restrict__ pos, int nh, int nkv,
+                                                 int d, int max_len, float scale) {
+  const int p = *pos;
+  const int half = d / 2;
+  const int rot = (nh + nkv) * half;
+  const int total = rot + nkv * d;
+  for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+       idx += gridDim.x * blockDim.x) {
+    if (idx < rot) {
+      const int h = idx / half, i = idx - h * half;
+      T *src = qkv + (long long)h * d;
+      const float x1 = to_f(src[i]);
+      const float x2 = to_f(src[i + half]);
+      const float c = to_f(cosv[(long long)p * half + i]);
+      const float sn = to_f(sinv[(long long)p * half + i]);
+      if (h < nh) {
+        src[i] = from_f<T>((x1 * c - x2 * sn) * scale);
+        src[i + half] = from_f<T>((x2 * c + x1 * sn) * scale);
+      } else {
+        T *dst = kc + ((long long)(h - nh) * max_len + p) * d;
+        dst[i] = from_f<T>((x1 * c - x2 * sn) * 1.0f);
+        dst[i + half] = from_f<T>((x2 * c + x1 * sn) * 1.0f);
+      }
+    } else {
+      const int r = idx - rot;
+      const int h = r / d, c = r - h * d;
+      vc[((long long)h * max_len + p) * d + c] = qkv[(long long)(nh + nkv + h) * d + c];
+    }
+  }
+}
+
+// ---- attention ------------------------------------------------------------------------------
+
+// attention.cu's split kernel with the key count t = *pos + 1 read from the device: grid
+// (chunks, kv_heads) over the whole cache, blocks whose chunk starts at or past t exit at once.
+// Unlike attention.cu it stages the chunk's values in shared memory too (all loads of a block in
+// flight at once: the per-column value loop over global memory was latency bound).
+// Block (c, z) takes keys [c * chunk, min(t, (c + 1) * chunk)) of kv head z for its G query heads
+// (q heads z * G .. z * G + G - 1, consecutive in q) and writes the chunk's unnormalised output
+// and (max, sum of exponentials) to ws_o[z][c][g][d], ws_ml[z][c][g][2]. Keys and values are
+// [kv_heads, max_len, d] (head stride hs = max_len * d, row stride d).
+template <typename T>
+__device__ __forceinline__ void split_body(const T *__restrict__ q, const T *__restrict__ k,
+                                           const T *__restrict__ v, float *__restrict__ ws_o,
+                                           float *__restrict__ ws_ml, const int *__restrict__ pos,
+                                           int G, int d, int chunk, long long hs) {
+  const int t = *pos + 1;
+  const int ci = blockIdx.x, chunks = gridDim.x;
+  const int j0 = ci * chunk;
+  if (j0 >= t) return;
+  extern __shared__ float smem[];
+  constexpr int V = VecWidth<T>::value;
+  const int dp = d + 1;
+  float *qs = smem;             // [G][d]
+  float *ks = qs + G * d;       // [chunk][d + 1]
+  float *vs = ks + chunk * dp;  // [chunk][d]
+  float *ps = vs + chunk * d;   // [G][chunk]
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int lane = tid & 31, warp = tid >> 5, warps = nt >> 5;
+  const long long z = blockIdx.y;
+  const int cnt = min(chunk, t - j0);
+  const T *qz = q + z * (long long)G * d;
+  const T *kz = k + z * hs + (long long)j0 * d;
+  const T *vz = v + z * hs + (long long)j0 * d;
+  for (int i = tid; i < G * d; i += nt) qs[i] = to_f(qz[i]);
+  if (d % V == 0) {
+    const int dv = d / V;
+    for (int i = tid; i < cnt * dv; i += nt) {
+      const int j = i / dv, c = (i - j * dv) * V;
+      const Pack<T, V> pk = load_pack_rw<T, V>(kz + (long long)j * d + c);
+      const Pack<T, V> pv = load_pack_rw<T, V>(vz + (long long)j * d + c);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        ks[j * dp + c + e] = to_f(pk.v[e]);
+        vs[j * d + c + e] = to_f(pv.v[e]);
+      }
+    }
+  } else {
+    for (int i = tid; i < cnt * d; i += nt) {
+      const int j = i / d, c = i - j * d;
+      ks[j * dp + c] = to_f(kz[(long long)j * d + c]);
+      vs[j * d + c] = to_f(vz[(long long)j * d + c]);
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < G * cnt; i += nt) {
+    const int g = i / cnt, j = i - g * cnt;
+    const float *qr = qs + g * d;
+    const float *kr = ks + j * dp;
+    float s = 0.0f;
+    for (int c = 0; c < d; ++c) s = fmaf(qr[c], kr[c], s);
+    ps[g * chunk + j] = s;
+  }
+  __syncthreads();
+  for (int g = warp; g < G; g += warps) {
+    float *pr = ps + g * chunk;
+    float m = -INFINITY;
+    for (int j = lane; j < cnt; j += 32) m = fmaxf(m, pr[j]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, off));
+    float l = 0.0f;
+    for (int j = lane; j < cnt; j += 32) {
+      const float e = __expf(pr[j] - m);
+      pr[j] = e;
+      l += e;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xFFFFFFFFu, l, off);
+    if (lane == 0) {
+      float *ml = ws_ml + ((z * chunks + ci) * G + g) * 2;
+      ml[0] = m;
+      ml[1] = l;
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < G * d; i += nt) {
+    const int g = i / d, c = i - g * d;
+    const float *pr = ps + g * chunk;
+    float acc = 0.0f;
+    for (int j = 0; j < cnt; ++j) acc = fmaf(pr[j], vs[j * d + c], acc);
+    ws_o[((z * chunks + ci) * G + g) * (long long)d + c] = acc;
+  }
+}
+
+// Merges the ceil(t / chunk) partials of query head g of kv head z (grid (G, kv_heads)), in
+// chunk order, into out[(z * G + g) * d ..], rounded once to T. `chunks` is the workspace's
+// chunk count (its stride), not the number in use.
+template <typename T>
+__device__ __forceinline__ void combine_body(const float *__restrict__ ws_o,
+                                             const float *__restrict__ ws_ml, T *__restrict__ out,
+                                             const int *__restrict__ pos, int G, int d, int chunk,
+                                             int chunks) {
+  const int t = *pos + 1;
+  const int used = min(chunks, (t + chunk - 1) / chunk);
+  const int g = blockIdx.x;
+  const long long z = blockIdx.y;
+  float mx = -INFINITY;
+  for (int c = 0; c < used; ++c) mx = fmaxf(mx, ws_ml[((z * chunks + c) * G + g) * 2]);
+  float l = 0.0f;
+  for (int c = 0; c < used; ++c) {
+    const float *ml = ws_ml + ((z * chunks + c) * G + g) * 2;
+    l += __expf(ml[0] - mx) * ml[1];
+  }
+  const float inv = 1.0f / l;
+  for (int col = threadIdx.x; col < d; col += blockDim.x) {
+    float acc = 0.0f;
+    for (int c = 0; c < used; ++c) {
+      const float wgt = __expf(ws_ml[((z * chunks + c) * G + g) * 2] - mx);
+      acc = fmaf(wgt, ws_o[((z * chunks + c) * G + g) * (long long)d + col], acc);
+    }
+    out[(z * G + g) * (long long)d + col] = from_f<T>(acc * inv);
+  }
+}
+
+// ---- the end of a step ----------------------------------------------------------------------
+
+__device__ __forceinline__ bool dg_better(float v, unsigned int i, float bv, unsigned int bi) {
+  return v > bv || (v == bv && i < bi);
+}
+
+// One block of DG_THREADS: reduces the `parts` (value, index) pairs of argmax_part_* (larger
+// value, then smaller index: the first maximum), writes the id to *token and increments *pos.
+extern "C" __global__ void __launch_bounds__(DG_THREADS)
+    decode_argmax_final(const float *pv, const unsigned int *pi, int parts, unsigned int *token,
+                        int *pos) {
+  __shared__ float sv[DG_THREADS / 32];
+  __shared__ unsigned int si[DG_THREADS / 32];
+  float bv = -INFINITY;
+  unsigned int bi = 0xFFFFFFFFu;
+  for (int p = threadIdx.x; p < parts; p += blockDim.x) {
+    if (dg_better(pv[p], pi[p], bv, bi)) {
+      bv = pv[p];
+      bi = pi[p];
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(0xFFFFFFFFu, bv, off);
+    const unsigned int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, off);
+    if (dg_better(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    sv[warp] = bv;
+    si[warp] = bi;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < (int)(blockDim.x >> 5); ++i) {
+      if (dg_better(sv[i], si[i], bv, bi)) {
+        bv = sv[i];
+        bi = si[i];
+      }
+    }
+    *token = bi;
+    *pos += 1;
+  }
+}
+
+#define DECODE_OPS(T, SUF)                                                                         \
+  extern "C" __global__ void __launch_bounds__(DG_THREADS)                                       \
+      decode_embed_##SUF(const T *embed, const unsigned int *token, T *x, int hidden, int vocab) {  \
+    embed_body<T>(embed, token, x, hidden, vocab);                                               \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(DG_GEMV_THREADS, 4)                               \
+      decode_gemv_##SUF(const T *in, const T *norm_w, float eps, int in_mode, const T *w,          \
+                        const T *bias, T *y, int n, int k, int out_mode, int ksplit) {              \
+    gemv_body<T>(in, norm_w, eps, in_mode, w, bias, y, n, k, out_mode, ksplit);                  \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(DG_THREADS)                                       \
+      decode_rope_append_##SUF(T *qkv, T *kc, T *vc, const T *cosv, const T *sinv,                 \
+                               const int *pos, int nh, int nkv, int d, int max_len,              \
+                               float scale) {                                                    \
+    rope_append_body<T>(qkv, kc, vc, cosv, sinv, pos, nh, nkv, d, max_len, scale);               \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(DG_ATTN_THREADS)                                  \
+      decode_attn_split_##SUF(const T *q, const T *k, const T *v, float *ws_o, float *ws_ml,       \
+                              const int *pos, int G, int d, int chunk, long long hs) {           \
+    split_body<T>(q, k, v, ws_o, ws_ml, pos, G, d, chunk, hs);                                   \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(DG_ATTN_THREADS)                                  \
+      decode_attn_combine_##SUF(const float *ws_o, const float *ws_ml, T *out, const int *pos,     \
+                                int G, int d, int chunk, int chunks) {                           \
+    combine_body<T>(ws_o, ws_ml, out, pos, G, d, chunk, chunks);                                 \
+  }
+
+DECODE_OPS(float, f32)
+DECODE_OPS(__half, f16)
+DECODE_OPS(__nv_bfloat16, bf16)
