@@ -21,14 +21,17 @@ for l in sys.stdin:
 print(out)' "$1"
 }
 
+# Cargo's messages go to files of this run's own (two checkouts may build at once).
+msgs=$(mktemp -d)
+trap 'rm -rf "$msgs"' EXIT
 mkdir -p .carry
 rm -f .carry/flare .carry/it .carry/flare.xz .carry/it.xz
-cargo build --release --features cuda -p flare-cli --message-format=json-render-diagnostics >/tmp/flare-build.json
-cli_bin=$(executable flare </tmp/flare-build.json)
+cargo build --release --features cuda -p flare-cli --message-format=json-render-diagnostics >"$msgs/cli.json"
+cli_bin=$(executable flare <"$msgs/cli.json")
 [ -n "$cli_bin" ] || { echo "could not find the flare binary" >&2; exit 1; }
 strip -o .carry/flare "$cli_bin"
-cargo test --release --features cuda -p flare --test it --no-run --message-format=json-render-diagnostics >/tmp/flare-test-build.json
-test_bin=$(executable it </tmp/flare-test-build.json)
+cargo test --release --features cuda -p flare --test it --no-run --message-format=json-render-diagnostics >"$msgs/test.json"
+test_bin=$(executable it <"$msgs/test.json")
 [ -n "$test_bin" ] || { echo "could not find the integration-test binary" >&2; exit 1; }
 strip -o .carry/it "$test_bin"
 xz -T2 -6 .carry/flare .carry/it
