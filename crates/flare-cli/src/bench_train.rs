@@ -10,6 +10,8 @@
 //! optimizer (global norm, clipping, the multi-tensor AdamW). Steps: 2 warmup, then 5 timed
 //! (3 with `--quick`); medians reported. Peak memory: the device pool's high-water mark over one
 //! step, everything allocated included (weights too), as `torch.cuda.max_memory_allocated`.
+//! As in `flare::train::Trainer`, the forward and backward run under
+//! `flare::runtime::cache_launch_params` (`FLARE_LAUNCH_PARAM_CACHE=0` turns it off, to compare).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -144,6 +146,8 @@ fn bench_case(
         }
         sync(dev)?;
         let t0 = Instant::now();
+        // As the trainer does: Candle's launch-parameter cache on for the forward and backward.
+        let params_cache = flare::runtime::cache_launch_params(dev);
         let logits = model.forward(&input)?;
         sync(dev)?;
         let t1 = Instant::now();
@@ -156,6 +160,7 @@ fn bench_case(
         let grads = loss.backward()?;
         sync(dev)?;
         let t3 = Instant::now();
+        drop(params_cache);
         let gs: Vec<Option<Tensor>> = params
             .iter()
             .map(|p| grads.get(p.as_tensor()).cloned())

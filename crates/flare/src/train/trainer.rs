@@ -681,6 +681,8 @@ impl Trainer {
         let dev = self.model.device();
         let ids = Tensor::from_vec(b.input_ids.clone(), (b.batch, b.seq), dev)?;
         let targets = Tensor::from_vec(b.targets.clone(), b.batch * b.seq, dev)?;
+        // The inputs above are made first: under the cache, small host data is keyed by content.
+        let _params = crate::runtime::cache_launch_params(dev);
         let logits = self.model.forward(&ids)?;
         let vocab = logits.dim(2)?;
         let logits = logits.reshape((b.batch * b.seq, vocab))?;
@@ -707,7 +709,10 @@ impl Trainer {
                 continue;
             }
             let l = (self.batch_nll_sum(b)? * inv)?;
-            let grads = l.backward()?;
+            let grads = {
+                let _params = crate::runtime::cache_launch_params(self.model.device());
+                l.backward()?
+            };
             loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             for (slot, p) in acc.iter_mut().zip(&params) {
                 if let Some(g) = grads.get(p.as_tensor()) {

@@ -5,6 +5,8 @@
 
 use candle_core::{Device, Tensor, Var};
 
+use crate::common::*;
+
 fn vals(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
@@ -84,3 +86,55 @@ fn broadcast_and_strided_gradients_are_contiguous_and_right() {
     assert_eq!(vals(gw), vec![1.0, 2.0, 0.0, 0.0, 1.0, 3.0]);
     assert_eq!(vals(g.get(b.as_tensor()).unwrap()), vec![2.0; 3]);
 }
+
+/// The gradients of a LoRA model's loss, with or without Candle's launch-parameter cache
+/// (`flare::runtime::cache_launch_params`, which the trainer holds around forward and backward):
+/// they must be bitwise equal, on every device (a no-op on the CPU).
+fn launch_param_cache_changes_nothing(dev: &Device) -> Result<()> {
+    use flare::lora::LoraConfig;
+    use flare::models::{ModelConfig, Transformer};
+    let cfg = ModelConfig::from_json_str(
+        r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 96, "intermediate_size": 200,
+            "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 1,
+            "rms_norm_eps": 1e-6, "vocab_size": 517, "max_position_embeddings": 64,
+            "tie_word_embeddings": true}"#,
+        "config.json",
+    )?;
+    let mut model = Transformer::random(cfg, candle_core::DType::F32, dev, 3)?;
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        ..Default::default()
+    };
+    let mut vars = Vec::new();
+    for (i, (_, layer)) in model.lora_modules_mut().into_iter().enumerate() {
+        layer.add_adapter("default", &lora, i as u64)?;
+        layer.set_active(Some("default"))?;
+        layer.set_training(true);
+        vars.extend(layer.trainable_vars());
+    }
+    // B starts at zero, which would leave A's gradient zero: give B values.
+    for v in vars.iter().skip(1).step_by(2) {
+        v.set(&Tensor::randn(0f32, 0.1, v.shape(), dev)?)?;
+    }
+    let ids = Tensor::new(
+        &[[5u32, 77, 300, 2, 9, 411, 16], [1, 2, 3, 4, 5, 6, 7]],
+        dev,
+    )?;
+    let grads = |cached: bool| -> Result<Vec<Vec<f32>>> {
+        let _guard = cached.then(|| flare::runtime::cache_launch_params(dev));
+        let logits = model.forward(&ids)?;
+        let loss = (logits.sqr()?.mean_all()? + logits.sin()?.sum_all()?)?;
+        let g = loss.backward()?;
+        vars.iter()
+            .map(|v| Ok(vals(g.get(v.as_tensor()).expect("a LoRA gradient"))))
+            .collect()
+    };
+    let plain = grads(false)?;
+    let cached = grads(true)?;
+    assert!(plain.iter().any(|g| g.iter().any(|&x| x != 0.0)));
+    assert_eq!(plain, cached);
+    Ok(())
+}
+
+device_test!(launch_param_cache_changes_nothing);
