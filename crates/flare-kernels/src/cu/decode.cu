@@ -393,6 +393,17 @@ extern "C" __global__ void __launch_bounds__(DG_THREADS)
   }
 }
 
+// Holds its stream for `ns` nanoseconds: the engine's profiler (DecodeGraph::profile_step) queues
+// a step's launches behind it, so that they run back to back and not as the host issues them.
+extern "C" __global__ void decode_spin(unsigned long long ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
+}
+
 #define DECODE_OPS(T, SUF)                                                                         \
   extern "C" __global__ void __launch_bounds__(DG_THREADS)                                       \
       decode_embed_##SUF(const T *embed, const unsigned int *token, T *x, int hidden, int vocab) {  \

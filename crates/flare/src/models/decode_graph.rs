@@ -79,6 +79,23 @@ pub fn engine_enabled() -> bool {
     std::env::var("FLARE_DECODE_ENGINE").map_or(true, |v| v.trim() != "0")
 }
 
+/// One launch of a profiled step ([`DecodeGraph::profile_step`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchTime {
+    /// What the launch computes: `embed`, `gemv qkv`, `rope_append`, `attn_split`,
+    /// `attn_combine`, `gemv o`, `gemv gate_up`, `gemv down`, `gemv lm_head`, `argmax_part`,
+    /// `argmax_final`.
+    pub name: &'static str,
+    /// Output rows of a gemv (0 for the other kernels).
+    pub n: usize,
+    /// Input width of a gemv (0 for the other kernels).
+    pub k: usize,
+    /// Weight bytes a gemv reads, `n * k * dtype size` (0 for the other kernels).
+    pub bytes: usize,
+    /// Microseconds between the events recorded before and after the launch.
+    pub us: f64,
+}
+
 /// The batch-1 greedy decode engine of a [`Transformer`] and one of its [`KvCache`]s; see the
 /// [module docs](self).
 ///
@@ -280,6 +297,20 @@ impl DecodeGraph {
         }
     }
 
+    /// [`step`](Self::step) with the kernels launched one by one (whatever the mode), each
+    /// between two timing events, queued behind a short spin kernel so that they run back to
+    /// back as in the graph: the step's token and the time of each launch, in launch order. For
+    /// profiling (`flare bench decode --profile`); slower than `step`.
+    pub fn profile_step(&mut self, cache: &mut KvCache) -> Result<(u32, Vec<LaunchTime>)> {
+        #[cfg(feature = "cuda")]
+        return self.inner.profile_step(cache);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = cache;
+            match self._never {}
+        }
+    }
+
     /// A copy of the logits of the last step, `[1, 1, vocab]` in the model's dtype (those of
     /// [`Transformer::decode_step`] up to rounding).
     pub fn step_logits(&self) -> Result<Tensor> {
@@ -328,6 +359,11 @@ mod cuda {
     /// One launch of the step.
     #[derive(Debug)]
     struct Launch {
+        /// What it computes (the profile's row name).
+        name: &'static str,
+        /// Output rows and input width of a gemv (0 otherwise).
+        n: usize,
+        k: usize,
         kernel: Kernel,
         grid: (u32, u32),
         block: u32,
@@ -354,6 +390,8 @@ mod cuda {
         max_len: usize,
         table_len: usize,
         vocab: usize,
+        /// Bytes per element of the model's dtype.
+        elem: usize,
         started: bool,
     }
 
@@ -512,11 +550,12 @@ mod cuda {
                 keep.push(t.clone());
                 Ok(v)
             };
+            // The gemv's inputs and norm weights are read as 16-byte packs too.
             let (x_p, qkv_p, attn_p, gu_p, logits_p) = (
-                p(&x, &mut keep)?,
+                pw(&x, &mut keep)?,
                 p(&qkv, &mut keep)?,
-                p(&attn, &mut keep)?,
-                p(&gu, &mut keep)?,
+                pw(&attn, &mut keep)?,
+                pw(&gu, &mut keep)?,
                 p(&logits, &mut keep)?,
             );
             let (ws_o_p, ws_ml_p, pv_p, pi_p, token_p, pos_p) = (
@@ -539,7 +578,8 @@ mod cuda {
             let [k_embed, k_gemv, k_rope, k_split, k_combine, k_argmax] = kernels(dtype);
             let eps = c.rms_norm_eps as f32;
             let i32_of = |n: usize| n as i32;
-            let gemv = |input: u64,
+            let gemv = |name: &'static str,
+                        input: u64,
                         norm: u64,
                         in_mode: i32,
                         w: u64,
@@ -555,6 +595,9 @@ mod cuda {
                 let rows_per_block = GEMV_ROWS_PER_BLOCK / ksplit;
                 let blocks = n.div_ceil(rows_per_block).clamp(1, sm * 16);
                 Launch {
+                    name,
+                    n,
+                    k,
                     kernel: k_gemv,
                     grid: (blocks as u32, 1),
                     block: GEMV_THREADS,
@@ -578,6 +621,9 @@ mod cuda {
 
             let mut launches = Vec::with_capacity(parts.layers.len() * 7 + 4);
             launches.push(Launch {
+                name: "embed",
+                n: 0,
+                k: 0,
                 kernel: k_embed,
                 grid: (small_grid(h), 1),
                 block: THREADS,
@@ -593,9 +639,10 @@ mod cuda {
             let scale = (1.0 / (d as f64).sqrt()) as f32;
             for (lp, kv) in parts.layers.iter().zip(cache.layers()) {
                 let (kc, vc) = (pw(&kv.k, &mut keep)?, pw(&kv.v, &mut keep)?);
-                let ln1 = p(&lp.input_norm, &mut keep)?;
+                let ln1 = pw(&lp.input_norm, &mut keep)?;
                 let (wqkv, bqkv) = (pw(&lp.qkv.0, &mut keep)?, opt(&lp.qkv.1, &mut keep)?);
                 launches.push(gemv(
+                    "gemv qkv",
                     x_p,
                     ln1,
                     1,
@@ -608,6 +655,9 @@ mod cuda {
                 ));
                 let rope_total = (nh + nkv) * (d / 2) + nkv * d;
                 launches.push(Launch {
+                    name: "rope_append",
+                    n: 0,
+                    k: 0,
                     kernel: k_rope,
                     grid: (small_grid(rope_total), 1),
                     block: THREADS,
@@ -627,6 +677,9 @@ mod cuda {
                     ],
                 });
                 launches.push(Launch {
+                    name: "attn_split",
+                    n: 0,
+                    k: 0,
                     kernel: k_split,
                     grid: (chunks as u32, nkv as u32),
                     block: ATTN_THREADS,
@@ -645,6 +698,9 @@ mod cuda {
                     ],
                 });
                 launches.push(Launch {
+                    name: "attn_combine",
+                    n: 0,
+                    k: 0,
                     kernel: k_combine,
                     grid: (g as u32, nkv as u32),
                     block: ATTN_THREADS,
@@ -661,19 +717,44 @@ mod cuda {
                     ],
                 });
                 let (wo, bo) = (pw(&lp.o.0, &mut keep)?, opt(&lp.o.1, &mut keep)?);
-                launches.push(gemv(attn_p, 0, 0, wo, bo, x_p, h, nh * d, 1));
-                let ln2 = p(&lp.post_norm, &mut keep)?;
+                launches.push(gemv("gemv o", attn_p, 0, 0, wo, bo, x_p, h, nh * d, 1));
+                let ln2 = pw(&lp.post_norm, &mut keep)?;
                 let (wgu, bgu) = (
                     pw(&lp.gate_up.0, &mut keep)?,
                     opt(&lp.gate_up.1, &mut keep)?,
                 );
-                launches.push(gemv(x_p, ln2, 1, wgu, bgu, gu_p, 2 * inter, h, 0));
+                launches.push(gemv(
+                    "gemv gate_up",
+                    x_p,
+                    ln2,
+                    1,
+                    wgu,
+                    bgu,
+                    gu_p,
+                    2 * inter,
+                    h,
+                    0,
+                ));
                 let (wd, bd) = (pw(&lp.down.0, &mut keep)?, opt(&lp.down.1, &mut keep)?);
-                launches.push(gemv(gu_p, 0, 2, wd, bd, x_p, h, inter, 1));
+                launches.push(gemv("gemv down", gu_p, 0, 2, wd, bd, x_p, h, inter, 1));
             }
-            let (norm_p, head_p) = (p(&parts.norm, &mut keep)?, pw(&parts.lm_head, &mut keep)?);
-            launches.push(gemv(x_p, norm_p, 1, head_p, 0, logits_p, vocab, h, 0));
+            let (norm_p, head_p) = (pw(&parts.norm, &mut keep)?, pw(&parts.lm_head, &mut keep)?);
+            launches.push(gemv(
+                "gemv lm_head",
+                x_p,
+                norm_p,
+                1,
+                head_p,
+                0,
+                logits_p,
+                vocab,
+                h,
+                0,
+            ));
             launches.push(Launch {
+                name: "argmax_part",
+                n: 0,
+                k: 0,
                 kernel: k_argmax,
                 grid: (parts_n as u32, 1),
                 block: ARGMAX_THREADS,
@@ -687,6 +768,9 @@ mod cuda {
                 ],
             });
             launches.push(Launch {
+                name: "argmax_final",
+                n: 0,
+                k: 0,
                 kernel: Kernel::DecodeArgmaxFinal,
                 grid: (1, 1),
                 block: THREADS,
@@ -720,6 +804,7 @@ mod cuda {
                 max_len,
                 table_len,
                 vocab,
+                elem: dtype.size_in_bytes(),
                 started: false,
             };
             if graph {
@@ -751,6 +836,14 @@ mod cuda {
         /// Launches the step's kernels on the engine's stream.
         fn launch_all(&self) -> Result<()> {
             for l in &self.launches {
+                self.launch_one(l)?;
+            }
+            Ok(())
+        }
+
+        /// Launches one kernel of the step on the engine's stream.
+        fn launch_one(&self, l: &Launch) -> Result<()> {
+            {
                 let mut lb = self.stream.launch_builder(self.rt.function(l.kernel));
                 for a in &l.args {
                     match a {
@@ -837,6 +930,53 @@ mod cuda {
         }
 
         pub(super) fn step(&mut self, cache: &mut KvCache) -> Result<u32> {
+            self.step_with(cache, false).map(|(t, _)| t)
+        }
+
+        pub(super) fn profile_step(
+            &mut self,
+            cache: &mut KvCache,
+        ) -> Result<(u32, Vec<super::LaunchTime>)> {
+            self.step_with(cache, true)
+        }
+
+        /// Queues the step's launches behind a spin kernel, each between two timing events;
+        /// returns the events (launch i runs between events i and i + 1).
+        fn launch_timed(&self) -> Result<Vec<CudaEvent>> {
+            let ctx = self.stream.context();
+            let events = (0..=self.launches.len())
+                .map(|_| ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .cuda_ctx("creating the profiler's events")?;
+            // Long enough for the host to queue every launch (a few microseconds each).
+            let spin_ns = 10_000u64 * self.launches.len() as u64;
+            let mut lb = self
+                .stream
+                .launch_builder(self.rt.function(Kernel::DecodeSpin));
+            lb.arg(&spin_ns);
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: decode_spin takes one `unsigned long long` and touches no memory.
+            unsafe { lb.launch(cfg) }.cuda_ctx("launching the profiler's spin kernel")?;
+            for (l, ev) in self.launches.iter().zip(&events) {
+                ev.record(&self.stream)
+                    .cuda_ctx("recording a profiler event")?;
+                self.launch_one(l)?;
+            }
+            events[self.launches.len()]
+                .record(&self.stream)
+                .cuda_ctx("recording a profiler event")?;
+            Ok(events)
+        }
+
+        fn step_with(
+            &mut self,
+            cache: &mut KvCache,
+            profile: bool,
+        ) -> Result<(u32, Vec<super::LaunchTime>)> {
             if !self.started {
                 return Err(Error::InvalidArgument {
                     op: OP,
@@ -878,10 +1018,15 @@ mod cuda {
             self.stream
                 .wait(&self.event)
                 .cuda_ctx("waiting for Candle's stream")?;
-            match &self.graph {
-                Some(g) => g.launch().cuda_ctx("launching the decode graph")?,
-                None => self.launch_all()?,
-            }
+            let events = if profile {
+                Some(self.launch_timed()?)
+            } else {
+                match &self.graph {
+                    Some(g) => g.launch().cuda_ctx("launching the decode graph")?,
+                    None => self.launch_all()?,
+                }
+                None
+            };
             let mut host = [0u32];
             // SAFETY: token_ptr addresses a live 4-byte device buffer; `host` outlives the copy,
             // which completes before the synchronisation below returns.
@@ -895,6 +1040,21 @@ mod cuda {
             // The step wrote position `pos` of every layer.
             cache.advance(1);
             self.pos += 1;
+            let mut times = Vec::new();
+            if let Some(ev) = events {
+                for (i, l) in self.launches.iter().enumerate() {
+                    let ms = ev[i]
+                        .elapsed_ms(&ev[i + 1])
+                        .cuda_ctx("reading a profiler event")?;
+                    times.push(super::LaunchTime {
+                        name: l.name,
+                        n: l.n,
+                        k: l.k,
+                        bytes: l.n * l.k * self.elem,
+                        us: ms as f64 * 1e3,
+                    });
+                }
+            }
             let t = host[0];
             if t as usize >= self.vocab {
                 self.started = false;
@@ -903,7 +1063,7 @@ mod cuda {
                     msg: "the logits have no maximum (all NaN)".into(),
                 });
             }
-            Ok(t)
+            Ok((t, times))
         }
 
         pub(super) fn logits(&self) -> Result<Tensor> {

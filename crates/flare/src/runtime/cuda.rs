@@ -149,6 +149,7 @@ kernels! {
     DecodeAttnSplitBF16 => (Decode, "decode_attn_split_bf16"),
     DecodeAttnCombineBF16 => (Decode, "decode_attn_combine_bf16"),
     DecodeArgmaxFinal => (Decode, "decode_argmax_final"),
+    DecodeSpin => (Decode, "decode_spin"),
 }
 
 /// Everything flare needs on one CUDA device, created once.
