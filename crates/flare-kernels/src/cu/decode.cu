@@ -36,6 +36,28 @@ using namespace flare;
 #define DG_THREADS 256
 #define DG_ATTN_THREADS 128
 
+// ---- programmatic dependent launch ---------------------------------------------------------
+
+// The host launches every kernel after the first of a step with programmatic stream
+// serialisation (FLARE_DECODE_PDL, default on; sm_90+): a kernel may start once every block of
+// the one before has run dg_launch_next (each kernel runs it first thing), and reads or writes
+// nothing that another kernel of the step writes or reads before dg_wait_prior returns (the
+// kernel before has completed and its writes are visible; by induction, so have all before it).
+// What comes before the wait reads only weights: the gemv's first weight loads overlap the tail
+// of the kernel before and the launch latency. Without the launch attribute (or before sm_90)
+// both are no-ops.
+__device__ __forceinline__ void dg_wait_prior() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void dg_launch_next() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // ---- embedding -----------------------------------------------------------------------------
 
 // x[i] = embed[token, i] for i < hidden. An id outside the vocabulary (only possible after an
@@ -44,6 +66,7 @@ template <typename T>
 __device__ __forceinline__ void embed_body(const T *__restrict__ embed,
                                            const unsigned int *__restrict__ token,
                                            T *__restrict__ x, int hidden, int vocab) {
+  dg_launch_next();
   unsigned int t = *token;
   if (t >= (unsigned int)vocab) t = 0;
   const T *row = embed + (long long)t * hidden;
@@ -55,14 +78,44 @@ __device__ __forceinline__ void embed_body(const T *__restrict__ embed,
 
 __device__ __forceinline__ float dg_sigmoid(float g) { return 1.0f / (1.0f + __expf(-g)); }
 
+// The weight packs of rows wr[0..DG_GEMV_ROWS) at l0, l0 + STEP, ... (DG_GEMV_UNROLL of them,
+// those below k).
+template <typename T, int V>
+__device__ __forceinline__ void gemv_load(Pack<T, V> (&wp)[DG_GEMV_ROWS][DG_GEMV_UNROLL],
+                                          const T *const (&wr)[DG_GEMV_ROWS], int l0, int k) {
+  constexpr int STEP = 32 * V;
+#pragma unroll
+  for (int r = 0; r < DG_GEMV_ROWS; ++r) {
+#pragma unroll
+    for (int u = 0; u < DG_GEMV_UNROLL; ++u) {
+      const int l = l0 + u * STEP;
+      if (l < k) wp[r][u] = load_pack<T, V>(wr[r] + l);
+    }
+  }
+}
+
+// Row pointers of the row group starting at j0. A row past n re-reads row j0 (in bounds) and is
+// never stored.
+template <typename T>
+__device__ __forceinline__ void gemv_rows(const T *(&wr)[DG_GEMV_ROWS], const T *w, int j0, int n,
+                                          int k) {
+#pragma unroll
+  for (int r = 0; r < DG_GEMV_ROWS; ++r) wr[r] = w + (long long)(j0 + r < n ? j0 + r : j0) * k;
+}
+
 // y[j] (j < n) = in' . w[j, :] with in' staged in shared memory as f32 by `in_mode`:
 //   0: in' = in[0..k)
 //   1: in' = round_T(in * rsqrt(mean(in^2) + eps) * norm_w)            (RMSNorm of in, k wide)
 //   2: in' = round_T(silu(in[i]) * in[k + i])                         (SwiGLU of [gate | up])
 // then out = round_T(acc), with a bias out = round_T(out + bias[j]); `out_mode` 0 stores
 // y[j] = out, 1 adds into the residual: y[j] = round_T(y[j] + out). `ksplit`: 1 or DG_GEMV_WARPS
-// (see below). k % (16 / sizeof(T)) == 0 and
-// 16-byte aligned w (checked by the host). Dynamic shared memory: k floats.
+// (see below). k % (16 / sizeof(T)) == 0, 16-byte aligned w, in and norm_w (checked by the
+// host). Dynamic shared memory: k floats.
+//
+// Latency: a warp issues the weight loads of its first row group before the staging (they do
+// not depend on the input, so their DRAM round trip overlaps the staging's two dependent
+// reads), and those of its next row group before reducing the current one. The host sizes the
+// grid to one wave of resident blocks, so that no block stages the input twice over.
 template <typename T>
 __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__restrict__ norm_w,
                                           float eps, int in_mode, const T *__restrict__ w,
@@ -72,18 +125,48 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
   __shared__ float red[DG_GEMV_WARPS];
   __shared__ float part[DG_GEMV_WARPS][DG_GEMV_ROWS];
   constexpr int V = VecWidth<T>::value;
+  constexpr int STEP = 32 * V;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // ksplit == 1: each warp owns DG_GEMV_ROWS rows. ksplit == DG_GEMV_WARPS: the block's warps
+  // share the same rows and split k (warp w takes the unrolled steps w, w + ksplit, ...), then
+  // add their partials in warp order through shared memory: for few long rows (down_proj), so
+  // that enough loads are in flight.
+  const int groups = DG_GEMV_WARPS / ksplit;  // row groups per block
+  const int wg = warp / ksplit, wk = warp - wg * ksplit;
+  const int stride_rows = gridDim.x * groups * DG_GEMV_ROWS;
+  const int lstart = lane * V + wk * STEP * DG_GEMV_UNROLL;
+  const int lstep = STEP * DG_GEMV_UNROLL * ksplit;
+  int j0 = (blockIdx.x * groups + wg) * DG_GEMV_ROWS;
+  dg_launch_next();
+
+  Pack<T, V> wp[DG_GEMV_ROWS][DG_GEMV_UNROLL];
+  const T *wr[DG_GEMV_ROWS];
+  gemv_rows<T>(wr, w, j0, n, k);
+  bool loaded = j0 < n && lstart < k;
+  if (loaded) gemv_load<T, V>(wp, wr, lstart, k);
+  dg_wait_prior();
+
+  // Staging, 16-byte packs (k % V == 0).
   if (in_mode == 2) {
-    for (int i = tid; i < k; i += DG_GEMV_THREADS) {
-      const float g = to_f(in[i]);
-      xs[i] = to_f(from_f<T>(g * dg_sigmoid(g) * to_f(in[k + i])));
+    for (int i = tid * V; i < k; i += DG_GEMV_THREADS * V) {
+      const Pack<T, V> g = load_pack_rw<T, V>(in + i);
+      const Pack<T, V> u = load_pack_rw<T, V>(in + k + i);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float gv = to_f(g.v[e]);
+        xs[i + e] = to_f(from_f<T>(gv * dg_sigmoid(gv) * to_f(u.v[e])));
+      }
     }
   } else {
     float ss = 0.0f;
-    for (int i = tid; i < k; i += DG_GEMV_THREADS) {
-      const float v = to_f(in[i]);
-      xs[i] = v;
-      ss = fmaf(v, v, ss);
+    for (int i = tid * V; i < k; i += DG_GEMV_THREADS * V) {
+      const Pack<T, V> xp = load_pack_rw<T, V>(in + i);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float v = to_f(xp.v[e]);
+        xs[i + e] = v;
+        ss = fmaf(v, v, ss);
+      }
     }
     if (in_mode == 1) {
       ss = warp_reduce<SumOp>(ss);
@@ -93,40 +176,23 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
 #pragma unroll
       for (int i = 0; i < DG_GEMV_WARPS; ++i) tot += red[i];
       const float rinv = rsqrtf(tot / (float)k + eps);
-      for (int i = tid; i < k; i += DG_GEMV_THREADS)
-        xs[i] = to_f(from_f<T>(xs[i] * rinv * to_f(norm_w[i])));
+      // Each thread rescales the packs it staged itself: no barrier needed before.
+      for (int i = tid * V; i < k; i += DG_GEMV_THREADS * V) {
+        const Pack<T, V> np = load_pack<T, V>(norm_w + i);
+#pragma unroll
+        for (int e = 0; e < V; ++e) xs[i + e] = to_f(from_f<T>(xs[i + e] * rinv * to_f(np.v[e])));
+      }
     }
   }
   __syncthreads();
 
-  constexpr int STEP = 32 * V;
-  // ksplit == 1: each warp owns DG_GEMV_ROWS rows. ksplit == DG_GEMV_WARPS: the block's warps
-  // share the same rows and split k (warp w takes the unrolled steps w, w + ksplit, ...), then
-  // add their partials in warp order through shared memory: for few long rows (down_proj), so
-  // that enough loads are in flight.
-  const int groups = DG_GEMV_WARPS / ksplit;  // row groups per block
-  const int wg = warp / ksplit, wk = warp - wg * ksplit;
-  const int stride_rows = gridDim.x * groups * DG_GEMV_ROWS;
-  for (int j0 = (blockIdx.x * groups + wg) * DG_GEMV_ROWS; j0 < n; j0 += stride_rows) {
+  for (; j0 < n; j0 += stride_rows) {
     float acc[DG_GEMV_ROWS];
-    const T *wr[DG_GEMV_ROWS];
 #pragma unroll
-    for (int r = 0; r < DG_GEMV_ROWS; ++r) {
-      acc[r] = 0.0f;
-      // A row past n re-reads row j0 (in bounds) and is never stored.
-      wr[r] = w + (long long)(j0 + r < n ? j0 + r : j0) * k;
-    }
-    for (int l0 = lane * V + wk * STEP * DG_GEMV_UNROLL; l0 < k;
-         l0 += STEP * DG_GEMV_UNROLL * ksplit) {
-      Pack<T, V> wp[DG_GEMV_ROWS][DG_GEMV_UNROLL];
-#pragma unroll
-      for (int r = 0; r < DG_GEMV_ROWS; ++r) {
-#pragma unroll
-        for (int u = 0; u < DG_GEMV_UNROLL; ++u) {
-          const int l = l0 + u * STEP;
-          if (l < k) wp[r][u] = load_pack<T, V>(wr[r] + l);
-        }
-      }
+    for (int r = 0; r < DG_GEMV_ROWS; ++r) acc[r] = 0.0f;
+    for (int l0 = lstart; l0 < k; l0 += lstep) {
+      if (!loaded) gemv_load<T, V>(wp, wr, l0, k);
+      loaded = false;
 #pragma unroll
       for (int u = 0; u < DG_GEMV_UNROLL; ++u) {
         const int l = l0 + u * STEP;
@@ -147,6 +213,12 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
         }
       }
     }
+    // The next row group's first loads go out before this group's reduction and stores.
+    const int jn = j0 + stride_rows;
+    const T *wn[DG_GEMV_ROWS];
+    gemv_rows<T>(wn, w, jn, n, k);
+    loaded = jn < n && lstart < k;
+    if (loaded) gemv_load<T, V>(wp, wn, lstart, k);
 #pragma unroll
     for (int r = 0; r < DG_GEMV_ROWS; ++r) {
 #pragma unroll
@@ -177,6 +249,8 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
         y[j] = out;
       }
     }
+#pragma unroll
+    for (int r = 0; r < DG_GEMV_ROWS; ++r) wr[r] = wn[r];
   }
 }
 
@@ -193,6 +267,8 @@ __device__ __forceinline__ void rope_append_body(T *__restrict__ qkv, T *__restr
                                                  const T *__restrict__ sinv,
                                                  const int *__restrict__ pos, int nh, int nkv,
                                                  int d, int max_len, float scale) {
+  dg_launch_next();
+  dg_wait_prior();
   const int p = *pos;
   const int half = d / 2;
   const int rot = (nh + nkv) * half;
@@ -237,6 +313,8 @@ __device__ __forceinline__ void split_body(const T *__restrict__ q, const T *__r
                                            const T *__restrict__ v, float *__restrict__ ws_o,
                                            float *__restrict__ ws_ml, const int *__restrict__ pos,
                                            int G, int d, int chunk, long long hs) {
+  dg_launch_next();
+  dg_wait_prior();
   const int t = *pos + 1;
   const int ci = blockIdx.x, chunks = gridDim.x;
   const int j0 = ci * chunk;
@@ -323,6 +401,8 @@ __device__ __forceinline__ void combine_body(const float *__restrict__ ws_o,
                                              const float *__restrict__ ws_ml, T *__restrict__ out,
                                              const int *__restrict__ pos, int G, int d, int chunk,
                                              int chunks) {
+  dg_launch_next();
+  dg_wait_prior();
   const int t = *pos + 1;
   const int used = min(chunks, (t + chunk - 1) / chunk);
   const int g = blockIdx.x;

@@ -30,7 +30,8 @@
 //! [`crate::generate::TokenStream`] (hence `generate` and `generate_text`) uses it for plain
 //! greedy decoding whenever it applies (`FLARE_DECODE_ENGINE=0` turns that off), else the
 //! per-op path. `FLARE_DECODE_GRAPH=0` launches the same kernels one by one instead of replaying
-//! the graph (for debugging and comparison).
+//! the graph (for debugging and comparison). `FLARE_DECODE_PDL=0` launches without programmatic
+//! dependent launch (see [`pdl_enabled`]).
 //!
 //! Streams: the engine launches on a stream of its own. Before each step it waits (an event)
 //! for the work queued on Candle's stream (the prefill's cache writes), and each step ends with
@@ -72,6 +73,14 @@ fn attn_chunk(g: usize, d: usize, max_len: usize) -> Option<usize> {
 /// Whether `FLARE_DECODE_GRAPH` asks for graph replay (anything but `0`; the default).
 pub fn graph_enabled() -> bool {
     std::env::var("FLARE_DECODE_GRAPH").map_or(true, |v| v.trim() != "0")
+}
+
+/// Whether `FLARE_DECODE_PDL` asks for programmatic dependent launch (anything but `0`; the
+/// default): each kernel of a step after the first may start while the one before finishes,
+/// and waits for it (`griddepcontrol.wait`) before reading its results; the gemvs issue their
+/// first weight loads before that wait.
+pub fn pdl_enabled() -> bool {
+    std::env::var("FLARE_DECODE_PDL").map_or(true, |v| v.trim() != "0")
 }
 
 /// Whether generation may use the engine (`FLARE_DECODE_ENGINE` is not `0`; the default).
@@ -364,6 +373,9 @@ mod cuda {
         /// Output rows and input width of a gemv (0 otherwise).
         n: usize,
         k: usize,
+        /// Launched with programmatic stream serialisation (decode.cu: the kernel waits for the
+        /// one before with `griddepcontrol.wait`).
+        pdl: bool,
         kernel: Kernel,
         grid: (u32, u32),
         block: u32,
@@ -390,6 +402,8 @@ mod cuda {
         max_len: usize,
         table_len: usize,
         vocab: usize,
+        /// Launches use programmatic dependent launch ([`super::pdl_enabled`]).
+        pdl: bool,
         /// Bytes per element of the model's dtype.
         elem: usize,
         started: bool,
@@ -578,6 +592,12 @@ mod cuda {
             let [k_embed, k_gemv, k_rope, k_split, k_combine, k_argmax] = kernels(dtype);
             let eps = c.rms_norm_eps as f32;
             let i32_of = |n: usize| n as i32;
+            // One wave of resident gemv blocks (decode.cu: each block stages its input once).
+            let gemv_occ = |k: usize| -> usize {
+                rt.function(k_gemv)
+                    .occupancy_max_active_blocks_per_multiprocessor(GEMV_THREADS, k * 4, None)
+                    .map_or(4, |b| b.max(1) as usize)
+            };
             let gemv = |name: &'static str,
                         input: u64,
                         norm: u64,
@@ -593,11 +613,12 @@ mod cuda {
                 // weight of few rows still keeps enough loads in flight.
                 let ksplit = if k > 2048 { GEMV_WARPS } else { 1 };
                 let rows_per_block = GEMV_ROWS_PER_BLOCK / ksplit;
-                let blocks = n.div_ceil(rows_per_block).clamp(1, sm * 16);
+                let blocks = n.div_ceil(rows_per_block).clamp(1, sm * gemv_occ(k));
                 Launch {
                     name,
                     n,
                     k,
+                    pdl: true,
                     kernel: k_gemv,
                     grid: (blocks as u32, 1),
                     block: GEMV_THREADS,
@@ -624,6 +645,7 @@ mod cuda {
                 name: "embed",
                 n: 0,
                 k: 0,
+                pdl: false,
                 kernel: k_embed,
                 grid: (small_grid(h), 1),
                 block: THREADS,
@@ -658,6 +680,7 @@ mod cuda {
                     name: "rope_append",
                     n: 0,
                     k: 0,
+                    pdl: true,
                     kernel: k_rope,
                     grid: (small_grid(rope_total), 1),
                     block: THREADS,
@@ -680,6 +703,7 @@ mod cuda {
                     name: "attn_split",
                     n: 0,
                     k: 0,
+                    pdl: true,
                     kernel: k_split,
                     grid: (chunks as u32, nkv as u32),
                     block: ATTN_THREADS,
@@ -701,6 +725,7 @@ mod cuda {
                     name: "attn_combine",
                     n: 0,
                     k: 0,
+                    pdl: true,
                     kernel: k_combine,
                     grid: (g as u32, nkv as u32),
                     block: ATTN_THREADS,
@@ -755,6 +780,7 @@ mod cuda {
                 name: "argmax_part",
                 n: 0,
                 k: 0,
+                pdl: false,
                 kernel: k_argmax,
                 grid: (parts_n as u32, 1),
                 block: ARGMAX_THREADS,
@@ -771,6 +797,7 @@ mod cuda {
                 name: "argmax_final",
                 n: 0,
                 k: 0,
+                pdl: false,
                 kernel: Kernel::DecodeArgmaxFinal,
                 grid: (1, 1),
                 block: THREADS,
@@ -804,6 +831,7 @@ mod cuda {
                 max_len,
                 table_len,
                 vocab,
+                pdl: super::pdl_enabled(),
                 elem: dtype.size_in_bytes(),
                 started: false,
             };
@@ -836,40 +864,69 @@ mod cuda {
         /// Launches the step's kernels on the engine's stream.
         fn launch_all(&self) -> Result<()> {
             for l in &self.launches {
-                self.launch_one(l)?;
+                self.launch_one(l, self.pdl)?;
             }
             Ok(())
         }
 
-        /// Launches one kernel of the step on the engine's stream.
-        fn launch_one(&self, l: &Launch) -> Result<()> {
-            {
-                let mut lb = self.stream.launch_builder(self.rt.function(l.kernel));
-                for a in &l.args {
-                    match a {
-                        Arg::Ptr(v) => lb.arg(v),
-                        Arg::I32(v) => lb.arg(v),
-                        Arg::I64(v) => lb.arg(v),
-                        Arg::F32(v) => lb.arg(v),
-                    };
-                }
-                let cfg = LaunchConfig {
-                    grid_dim: (l.grid.0, l.grid.1, 1),
-                    block_dim: (l.block, 1, 1),
-                    shared_mem_bytes: l.smem,
-                };
-                // SAFETY: each launch's arguments match its kernel's signature in decode.cu or
-                // argmax.cu (pointers as 64-bit addresses, `int`, `long long`, `float`), as
-                // built in `new`. Every pointer is the address of a live tensor held in
-                // `_keep` (weights, the cache's tensors, the engine's buffers), sized for what
-                // the kernel addresses: the gemv reads n rows of k and writes n outputs; the
-                // RoPE/append kernel writes cache row `pos` < max_len (checked on the host
-                // before every step); the attention reads rows 0..=pos and writes its
-                // workspace of kv_heads x chunks x G rows; the argmax writes `parts` pairs,
-                // the token and the position. Grid, block and dynamic shared memory respect the
-                // kernels' launch bounds and the 48 KiB default (checked by `unsupported`).
-                unsafe { lb.launch(cfg) }.cuda_ctx("launching a decode engine kernel")?;
+        /// Launches one kernel of the step on the engine's stream, with programmatic stream
+        /// serialisation where the launch allows it and `pdl` asks for it.
+        fn launch_one(&self, l: &Launch, pdl: bool) -> Result<()> {
+            let mut params: Vec<*mut std::ffi::c_void> = l
+                .args
+                .iter()
+                .map(|a| match a {
+                    Arg::Ptr(v) => v as *const u64 as *mut std::ffi::c_void,
+                    Arg::I32(v) => v as *const i32 as *mut std::ffi::c_void,
+                    Arg::I64(v) => v as *const i64 as *mut std::ffi::c_void,
+                    Arg::F32(v) => v as *const f32 as *mut std::ffi::c_void,
+                })
+                .collect();
+            // SAFETY: CUlaunchAttribute is plain data (an id and a union of integers); all
+            // zeros is a valid value, then the id and its field are set.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: l.grid.0,
+                gridDimY: l.grid.1,
+                gridDimZ: 1,
+                blockDimX: l.block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: l.smem,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: u32::from(pdl && l.pdl),
+            };
+            self.stream
+                .context()
+                .bind_to_thread()
+                .cuda_ctx("binding the decode engine's context")?;
+            // SAFETY: each launch's arguments match its kernel's signature in decode.cu or
+            // argmax.cu (pointers as 64-bit addresses, `int`, `long long`, `float`), as built in
+            // `new`; `params` points at them (in `self.launches`, alive for the call) in order.
+            // Every pointer is the address of a live tensor held in `_keep` (weights, the
+            // cache's tensors, the engine's buffers), sized for what the kernel addresses: the
+            // gemv reads n rows of k and writes n outputs; the RoPE/append kernel writes cache
+            // row `pos` < max_len (checked on the host before every step); the attention reads
+            // rows 0..=pos and writes its workspace of kv_heads x chunks x G rows; the argmax
+            // writes `parts` pairs, the token and the position. Grid, block and dynamic shared
+            // memory respect the kernels' launch bounds and the 48 KiB default (checked by
+            // `unsupported`). A launch marked `pdl` is of a decode.cu kernel that calls
+            // `griddepcontrol.wait` before touching anything but weights. `cfg` and `attr`
+            // outlive the call.
+            unsafe {
+                sys::cuLaunchKernelEx(
+                    &cfg,
+                    self.rt.function(l.kernel).cu_function(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
             }
+            .result()
+            .cuda_ctx("launching a decode engine kernel")?;
             Ok(())
         }
 
@@ -964,7 +1021,7 @@ mod cuda {
             for (l, ev) in self.launches.iter().zip(&events) {
                 ev.record(&self.stream)
                     .cuda_ctx("recording a profiler event")?;
-                self.launch_one(l)?;
+                self.launch_one(l, false)?;
             }
             events[self.launches.len()]
                 .record(&self.stream)
