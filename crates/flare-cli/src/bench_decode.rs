@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::bench::{hardware_name, median, DeviceSpec};
 use flare::generate::{generate, GenerationConfig};
-use flare::models::{DecodeGraph, KvCache, LaunchTime, ModelConfig, Transformer};
+use flare::models::{DecodeGraph, KvCache, LaunchTime, ModelConfig, Transformer, EMPTY_KERNEL};
 
 /// The long help of `flare bench decode`.
 pub const DECODE_LONG_ABOUT: &str = "\
@@ -494,7 +494,7 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
 
 /// The `--profile` table: the launches of the profiled steps grouped by kernel and shape, in
 /// order of first launch, with calls per step, microseconds per call (mean over the steps) and
-/// per step, and the gemvs' weight GB/s; then the sum per step.
+/// per step, and the gemvs' weight GB/s; then the sum per step and the empty kernel's time.
 pub fn format_profile(steps: &[Vec<LaunchTime>]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -524,7 +524,12 @@ pub fn format_profile(steps: &[Vec<LaunchTime>]) -> String {
         "kernel", "N", "K", "calls", "us/call", "us/step", "GB/s"
     );
     let mut total = 0.0;
+    let mut empty = None;
     for (name, n, k, bytes, count, us) in &groups {
+        if *name == EMPTY_KERNEL {
+            empty = Some(us / *count as f64);
+            continue;
+        }
         let per_call = us / *count as f64;
         let per_step = us / nsteps;
         total += per_step;
@@ -549,6 +554,12 @@ pub fn format_profile(steps: &[Vec<LaunchTime>]) -> String {
         );
     }
     let _ = writeln!(out, "{:<14} {:>40.1}", "sum", total);
+    if let Some(e) = empty {
+        let _ = writeln!(
+            out,
+            "(each time includes the cost of a launch between two events: {e:.2} us for an empty kernel)"
+        );
+    }
     out
 }
 

@@ -148,6 +148,7 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
 
   // Staging, 16-byte packs (k % V == 0).
   if (in_mode == 2) {
+#pragma unroll 4
     for (int i = tid * V; i < k; i += DG_GEMV_THREADS * V) {
       const Pack<T, V> g = load_pack_rw<T, V>(in + i);
       const Pack<T, V> u = load_pack_rw<T, V>(in + k + i);
@@ -159,6 +160,7 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
     }
   } else {
     float ss = 0.0f;
+#pragma unroll 4
     for (int i = tid * V; i < k; i += DG_GEMV_THREADS * V) {
       const Pack<T, V> xp = load_pack_rw<T, V>(in + i);
 #pragma unroll
@@ -177,6 +179,7 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
       for (int i = 0; i < DG_GEMV_WARPS; ++i) tot += red[i];
       const float rinv = rsqrtf(tot / (float)k + eps);
       // Each thread rescales the packs it staged itself: no barrier needed before.
+#pragma unroll 4
       for (int i = tid * V; i < k; i += DG_GEMV_THREADS * V) {
         const Pack<T, V> np = load_pack<T, V>(norm_w + i);
 #pragma unroll
@@ -393,9 +396,9 @@ __device__ __forceinline__ void split_body(const T *__restrict__ q, const T *__r
   }
 }
 
-// Merges the ceil(t / chunk) partials of query head g of kv head z (grid (G, kv_heads)), in
-// chunk order, into out[(z * G + g) * d ..], rounded once to T. `chunks` is the workspace's
-// chunk count (its stride), not the number in use.
+// Merges the ceil(t / chunk) partials of query head g of kv head z (grid (G, kv_heads)) into
+// out[(z * G + g) * d ..] (the outputs weighted in chunk order), rounded once to T. `chunks` is
+// the workspace's chunk count (its stride), not the number in use.
 template <typename T>
 __device__ __forceinline__ void combine_body(const float *__restrict__ ws_o,
                                              const float *__restrict__ ws_ml, T *__restrict__ out,
@@ -407,19 +410,28 @@ __device__ __forceinline__ void combine_body(const float *__restrict__ ws_o,
   const int used = min(chunks, (t + chunk - 1) / chunk);
   const int g = blockIdx.x;
   const long long z = blockIdx.y;
+  // The partials' (max, sum) pairs of chunk c are at ml[c * stride], its outputs at o[c * ostride].
+  const float *ml = ws_ml + (z * chunks * G + g) * 2;
+  const long long stride = 2LL * G;
+  const float *o = ws_o + (z * chunks * G + g) * (long long)d;
+  const long long ostride = (long long)G * d;
+  // The block's threads take the chunks in turn for the maximum and the sum (every chunk's loads
+  // in flight at once, not one round trip per chunk).
+  __shared__ float sh_m[32], sh_l[32];
   float mx = -INFINITY;
-  for (int c = 0; c < used; ++c) mx = fmaxf(mx, ws_ml[((z * chunks + c) * G + g) * 2]);
+  for (int c = threadIdx.x; c < used; c += blockDim.x) mx = fmaxf(mx, ml[c * stride]);
+  mx = group_reduce<MaxOp>(mx, blockDim.x, sh_m);
   float l = 0.0f;
-  for (int c = 0; c < used; ++c) {
-    const float *ml = ws_ml + ((z * chunks + c) * G + g) * 2;
-    l += __expf(ml[0] - mx) * ml[1];
-  }
+  for (int c = threadIdx.x; c < used; c += blockDim.x)
+    l += __expf(ml[c * stride] - mx) * ml[c * stride + 1];
+  l = group_reduce<SumOp>(l, blockDim.x, sh_l);
   const float inv = 1.0f / l;
   for (int col = threadIdx.x; col < d; col += blockDim.x) {
     float acc = 0.0f;
+#pragma unroll 8
     for (int c = 0; c < used; ++c) {
-      const float wgt = __expf(ws_ml[((z * chunks + c) * G + g) * 2] - mx);
-      acc = fmaf(wgt, ws_o[((z * chunks + c) * G + g) * (long long)d + col], acc);
+      const float wgt = __expf(ml[c * stride] - mx);
+      acc = fmaf(wgt, o[c * ostride + col], acc);
     }
     out[(z * G + g) * (long long)d + col] = from_f<T>(acc * inv);
   }

@@ -88,6 +88,10 @@ pub fn engine_enabled() -> bool {
     std::env::var("FLARE_DECODE_ENGINE").map_or(true, |v| v.trim() != "0")
 }
 
+/// The [`LaunchTime::name`] of the empty kernel that ends a profiled step: the cost of a launch
+/// between two events by itself, included in every other launch's time.
+pub const EMPTY_KERNEL: &str = "(empty kernel)";
+
 /// One launch of a profiled step ([`DecodeGraph::profile_step`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LaunchTime {
@@ -308,8 +312,9 @@ impl DecodeGraph {
 
     /// [`step`](Self::step) with the kernels launched one by one (whatever the mode), each
     /// between two timing events, queued behind a short spin kernel so that they run back to
-    /// back as in the graph: the step's token and the time of each launch, in launch order. For
-    /// profiling (`flare bench decode --profile`); slower than `step`.
+    /// back as in the graph: the step's token and the time of each launch, in launch order, then
+    /// that of an empty kernel ([`EMPTY_KERNEL`]: the events' and the launch's own cost, part of
+    /// every time). For profiling (`flare bench decode --profile`); slower than `step`.
     pub fn profile_step(&mut self, cache: &mut KvCache) -> Result<(u32, Vec<LaunchTime>)> {
         #[cfg(feature = "cuda")]
         return self.inner.profile_step(cache);
@@ -1001,29 +1006,38 @@ mod cuda {
         /// returns the events (launch i runs between events i and i + 1).
         fn launch_timed(&self) -> Result<Vec<CudaEvent>> {
             let ctx = self.stream.context();
-            let events = (0..=self.launches.len())
+            let events = (0..self.launches.len() + 2)
                 .map(|_| ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)))
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .cuda_ctx("creating the profiler's events")?;
             // Long enough for the host to queue every launch (a few microseconds each).
-            let spin_ns = 10_000u64 * self.launches.len() as u64;
-            let mut lb = self
-                .stream
-                .launch_builder(self.rt.function(Kernel::DecodeSpin));
-            lb.arg(&spin_ns);
-            let cfg = LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (1, 1, 1),
-                shared_mem_bytes: 0,
+            let spin = |ns: u64| -> Result<()> {
+                let mut lb = self
+                    .stream
+                    .launch_builder(self.rt.function(Kernel::DecodeSpin));
+                lb.arg(&ns);
+                let cfg = LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (1, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: decode_spin takes one `unsigned long long` and touches no memory.
+                unsafe { lb.launch(cfg) }.cuda_ctx("launching the profiler's spin kernel")?;
+                Ok(())
             };
-            // SAFETY: decode_spin takes one `unsigned long long` and touches no memory.
-            unsafe { lb.launch(cfg) }.cuda_ctx("launching the profiler's spin kernel")?;
+            spin(10_000 * self.launches.len() as u64)?;
             for (l, ev) in self.launches.iter().zip(&events) {
                 ev.record(&self.stream)
                     .cuda_ctx("recording a profiler event")?;
                 self.launch_one(l, false)?;
             }
-            events[self.launches.len()]
+            // Last, an empty kernel: what a launch between two events costs by itself.
+            let n = self.launches.len();
+            events[n]
+                .record(&self.stream)
+                .cuda_ctx("recording a profiler event")?;
+            spin(0)?;
+            events[n + 1]
                 .record(&self.stream)
                 .cuda_ctx("recording a profiler event")?;
             Ok(events)
@@ -1111,6 +1125,17 @@ mod cuda {
                         us: ms as f64 * 1e3,
                     });
                 }
+                let n = self.launches.len();
+                let ms = ev[n]
+                    .elapsed_ms(&ev[n + 1])
+                    .cuda_ctx("reading a profiler event")?;
+                times.push(super::LaunchTime {
+                    name: super::EMPTY_KERNEL,
+                    n: 0,
+                    k: 0,
+                    bytes: 0,
+                    us: ms as f64 * 1e3,
+                });
             }
             let t = host[0];
             if t as usize >= self.vocab {
