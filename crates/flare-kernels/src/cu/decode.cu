@@ -5,11 +5,11 @@
 // (decode_argmax_final) writes the next token id and increments the position, so the same graph
 // replays every step.
 //
-// Per layer (7 launches):
+// Per layer (6 launches):
 //   decode_gemv   (rmsnorm in the staging)    qkv = norm(x) @ Wqkv.T + b
-//   decode_rope_append                        q rotated (and scaled) in place; rotated k and v
-//                                             written into the KV cache at `pos`
-//   decode_attn_split / decode_attn_combine   flash-decoding over keys 0..=pos (GQA)
+//   decode_attn_split / decode_attn_combine   flash-decoding over keys 0..=pos (GQA); the split
+//                                             applies RoPE to q (and the scale) and to the new
+//                                             k, and writes k and v into the KV cache at `pos`
 //   decode_gemv   (residual epilogue)         x = x + attn @ Wo.T (+ b)
 //   decode_gemv   (rmsnorm in the staging)    gu = norm(x) @ Wgu.T (+ b), gate then up
 //   decode_gemv   (swiglu in the staging, residual epilogue)  x = x + silu(g) * u @ Wd.T (+ b)
@@ -257,68 +257,33 @@ __device__ __forceinline__ void gemv_body(const T *__restrict__ in, const T *__r
   }
 }
 
-// ---- RoPE and the KV-cache append -----------------------------------------------------------
-
-// qkv = [q (nh heads) | k (nkv heads) | v (nkv heads)], each head d wide. With p = *pos and
-// (c, s) = (cos[p, i], sin[p, i]), i < d / 2:
-//   q head: rotated in place and scaled by `scale` (1 / sqrt(d));
-//   k head h: rotated into kc[h, p, :]; v head h: copied into vc[h, p, :]
-// (caches [kv_heads, max_len, d] of one layer, batch 1). Same formula and rounding as rope.cu.
-template <typename T>
-__device__ __forceinline__ void rope_append_body(T *__restrict__ qkv, T *__restrict__ kc,
-                                                 T *__restrict__ vc, const T *__restrict__ cosv,
-                                                 const T *__restrict__ sinv,
-                                                 const int *__restrict__ pos, int nh, int nkv,
-                                                 int d, int max_len, float scale) {
-  dg_launch_next();
-  dg_wait_prior();
-  const int p = *pos;
-  const int half = d / 2;
-  const int rot = (nh + nkv) * half;
-  const int total = rot + nkv * d;
-  for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total;
-       idx += gridDim.x * blockDim.x) {
-    if (idx < rot) {
-      const int h = idx / half, i = idx - h * half;
-      T *src = qkv + (long long)h * d;
-      const float x1 = to_f(src[i]);
-      const float x2 = to_f(src[i + half]);
-      const float c = to_f(cosv[(long long)p * half + i]);
-      const float sn = to_f(sinv[(long long)p * half + i]);
-      if (h < nh) {
-        src[i] = from_f<T>((x1 * c - x2 * sn) * scale);
-        src[i + half] = from_f<T>((x2 * c + x1 * sn) * scale);
-      } else {
-        T *dst = kc + ((long long)(h - nh) * max_len + p) * d;
-        dst[i] = from_f<T>((x1 * c - x2 * sn) * 1.0f);
-        dst[i + half] = from_f<T>((x2 * c + x1 * sn) * 1.0f);
-      }
-    } else {
-      const int r = idx - rot;
-      const int h = r / d, c = r - h * d;
-      vc[((long long)h * max_len + p) * d + c] = qkv[(long long)(nh + nkv + h) * d + c];
-    }
-  }
-}
-
 // ---- attention ------------------------------------------------------------------------------
 
-// attention.cu's split kernel with the key count t = *pos + 1 read from the device: grid
-// (chunks, kv_heads) over the whole cache, blocks whose chunk starts at or past t exit at once.
-// Unlike attention.cu it stages the chunk's values in shared memory too (all loads of a block in
-// flight at once: the per-column value loop over global memory was latency bound).
+// attention.cu's split kernel fused with RoPE and the KV-cache append, with the key count
+// t = *pos + 1 read from the device: grid (chunks, kv_heads) over the whole cache, blocks whose
+// chunk starts at or past t exit at once. Unlike attention.cu it stages the chunk's values in
+// shared memory too (all loads of a block in flight at once: the per-column value loop over
+// global memory was latency bound).
+// qkv = [q (G * kv_heads heads) | k (kv_heads heads) | v (kv_heads heads)], each head d wide, as
+// the projection wrote it. With p = *pos and (c, s) = (cos[p, i], sin[p, i]), i < d / 2, every
+// block rotates its G query heads and scales them by `scale` (1 / sqrt(d)) into shared memory;
+// the block whose chunk holds p (the last one) also rotates key head z and writes it, and value
+// head z, into the cache's row p and into its own shared rows. Same formula and rounding as
+// rope.cu (the rotated q and k are rounded to T).
 // Block (c, z) takes keys [c * chunk, min(t, (c + 1) * chunk)) of kv head z for its G query heads
 // (q heads z * G .. z * G + G - 1, consecutive in q) and writes the chunk's unnormalised output
 // and (max, sum of exponentials) to ws_o[z][c][g][d], ws_ml[z][c][g][2]. Keys and values are
 // [kv_heads, max_len, d] (head stride hs = max_len * d, row stride d).
 template <typename T>
-__device__ __forceinline__ void split_body(const T *__restrict__ q, const T *__restrict__ k,
-                                           const T *__restrict__ v, float *__restrict__ ws_o,
+__device__ __forceinline__ void split_body(const T *__restrict__ qkv, T *__restrict__ k,
+                                           T *__restrict__ v, const T *__restrict__ cosv,
+                                           const T *__restrict__ sinv, float *__restrict__ ws_o,
                                            float *__restrict__ ws_ml, const int *__restrict__ pos,
-                                           int G, int d, int chunk, long long hs) {
+                                           int G, int d, int chunk, long long hs, float scale) {
   dg_launch_next();
   dg_wait_prior();
-  const int t = *pos + 1;
+  const int p = *pos;
+  const int t = p + 1;
   const int ci = blockIdx.x, chunks = gridDim.x;
   const int j0 = ci * chunk;
   if (j0 >= t) return;
@@ -333,14 +298,51 @@ __device__ __forceinline__ void split_body(const T *__restrict__ q, const T *__r
   const int lane = tid & 31, warp = tid >> 5, warps = nt >> 5;
   const long long z = blockIdx.y;
   const int cnt = min(chunk, t - j0);
-  const T *qz = q + z * (long long)G * d;
+  const int nkv = gridDim.y, half = d / 2;
+  const T *qz = qkv + z * (long long)G * d;
   const T *kz = k + z * hs + (long long)j0 * d;
   const T *vz = v + z * hs + (long long)j0 * d;
-  for (int i = tid; i < G * d; i += nt) qs[i] = to_f(qz[i]);
+  const T *cs = cosv + (long long)p * half;
+  const T *sn = sinv + (long long)p * half;
+  for (int i = tid; i < G * half; i += nt) {
+    const int g = i / half, ii = i - g * half;
+    const float x1 = to_f(qz[g * d + ii]);
+    const float x2 = to_f(qz[g * d + ii + half]);
+    const float c = to_f(cs[ii]);
+    const float s = to_f(sn[ii]);
+    qs[g * d + ii] = to_f(from_f<T>((x1 * c - x2 * s) * scale));
+    qs[g * d + ii + half] = to_f(from_f<T>((x2 * c + x1 * s) * scale));
+  }
+  // The new position's row of this chunk (j0 <= p here), if the chunk holds it.
+  const int jp = p - j0;
+  if (jp < cnt) {
+    const T *kn = qkv + ((long long)G * nkv + z) * d;
+    const T *vn = qkv + ((long long)G * nkv + nkv + z) * d;
+    T *kd = k + z * hs + (long long)p * d;
+    T *vd = v + z * hs + (long long)p * d;
+    for (int i = tid; i < half; i += nt) {
+      const float x1 = to_f(kn[i]);
+      const float x2 = to_f(kn[i + half]);
+      const float c = to_f(cs[i]);
+      const float s = to_f(sn[i]);
+      const T r1 = from_f<T>((x1 * c - x2 * s) * 1.0f);
+      const T r2 = from_f<T>((x2 * c + x1 * s) * 1.0f);
+      kd[i] = r1;
+      kd[i + half] = r2;
+      ks[jp * dp + i] = to_f(r1);
+      ks[jp * dp + i + half] = to_f(r2);
+    }
+    for (int i = tid; i < d; i += nt) {
+      const T x = vn[i];
+      vd[i] = x;
+      vs[jp * d + i] = to_f(x);
+    }
+  }
   if (d % V == 0) {
     const int dv = d / V;
     for (int i = tid; i < cnt * dv; i += nt) {
       const int j = i / dv, c = (i - j * dv) * V;
+      if (j == jp) continue;
       const Pack<T, V> pk = load_pack_rw<T, V>(kz + (long long)j * d + c);
       const Pack<T, V> pv = load_pack_rw<T, V>(vz + (long long)j * d + c);
 #pragma unroll
@@ -352,6 +354,7 @@ __device__ __forceinline__ void split_body(const T *__restrict__ q, const T *__r
   } else {
     for (int i = tid; i < cnt * d; i += nt) {
       const int j = i / d, c = i - j * d;
+      if (j == jp) continue;
       ks[j * dp + c] = to_f(kz[(long long)j * d + c]);
       vs[j * d + c] = to_f(vz[(long long)j * d + c]);
     }
@@ -506,16 +509,11 @@ extern "C" __global__ void decode_spin(unsigned long long ns) {
                         const T *bias, T *y, int n, int k, int out_mode, int ksplit) {              \
     gemv_body<T>(in, norm_w, eps, in_mode, w, bias, y, n, k, out_mode, ksplit);                  \
   }                                                                                              \
-  extern "C" __global__ void __launch_bounds__(DG_THREADS)                                       \
-      decode_rope_append_##SUF(T *qkv, T *kc, T *vc, const T *cosv, const T *sinv,                 \
-                               const int *pos, int nh, int nkv, int d, int max_len,              \
-                               float scale) {                                                    \
-    rope_append_body<T>(qkv, kc, vc, cosv, sinv, pos, nh, nkv, d, max_len, scale);               \
-  }                                                                                              \
   extern "C" __global__ void __launch_bounds__(DG_ATTN_THREADS)                                  \
-      decode_attn_split_##SUF(const T *q, const T *k, const T *v, float *ws_o, float *ws_ml,       \
-                              const int *pos, int G, int d, int chunk, long long hs) {           \
-    split_body<T>(q, k, v, ws_o, ws_ml, pos, G, d, chunk, hs);                                   \
+      decode_attn_split_##SUF(const T *qkv, T *k, T *v, const T *cosv, const T *sinv,            \
+                              float *ws_o, float *ws_ml, const int *pos, int G, int d,           \
+                              int chunk, long long hs, float scale) {                            \
+    split_body<T>(qkv, k, v, cosv, sinv, ws_o, ws_ml, pos, G, d, chunk, hs, scale);             \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(DG_ATTN_THREADS)                                  \
       decode_attn_combine_##SUF(const float *ws_o, const float *ws_ml, T *out, const int *pos,     \

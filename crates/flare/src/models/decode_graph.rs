@@ -4,9 +4,9 @@
 //!
 //! Why: at batch 1 a decode step reads ~1 GB of weights (Qwen2-0.5B, bf16) in ~0.35 ms of HBM
 //! time, but the per-op path issues ~13 launches per layer from the host and pays a launch gap
-//! for each. Here a step is 7 launches per layer (RMSNorm fused into the input staging of the
+//! for each. Here a step is 6 launches per layer (RMSNorm fused into the input staging of the
 //! q/k/v and gate/up projections, the bias and the residual add into their epilogues, SwiGLU into
-//! the down projection's staging, RoPE fused with the KV-cache write) plus 4, replayed as one
+//! the down projection's staging, RoPE and the KV-cache write fused into the attention) plus 4, replayed as one
 //! graph: the host issues one graph launch, one 4-byte copy and one synchronisation per token.
 //!
 //! How the same graph serves every step: no kernel argument changes from step to step. The
@@ -95,8 +95,8 @@ pub const EMPTY_KERNEL: &str = "(empty kernel)";
 /// One launch of a profiled step ([`DecodeGraph::profile_step`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LaunchTime {
-    /// What the launch computes: `embed`, `gemv qkv`, `rope_append`, `attn_split`,
-    /// `attn_combine`, `gemv o`, `gemv gate_up`, `gemv down`, `gemv lm_head`, `argmax_part`,
+    /// What the launch computes: `embed`, `gemv qkv`, `attn_split` (with RoPE and the
+    /// KV-cache append), `attn_combine`, `gemv o`, `gemv gate_up`, `gemv down`, `gemv lm_head`, `argmax_part`,
     /// `argmax_final`.
     pub name: &'static str,
     /// Output rows of a gemv (0 for the other kernels).
@@ -461,14 +461,13 @@ mod cuda {
         Ok(p)
     }
 
-    /// The per-dtype kernels: (embed, gemv, rope_append, attn_split, attn_combine, argmax_part).
-    fn kernels(dtype: DType) -> [Kernel; 6] {
+    /// The per-dtype kernels: (embed, gemv, attn_split, attn_combine, argmax_part).
+    fn kernels(dtype: DType) -> [Kernel; 5] {
         use Kernel::*;
         match dtype {
             DType::F16 => [
                 DecodeEmbedF16,
                 DecodeGemvF16,
-                DecodeRopeAppendF16,
                 DecodeAttnSplitF16,
                 DecodeAttnCombineF16,
                 ArgmaxPartF16,
@@ -476,7 +475,6 @@ mod cuda {
             DType::BF16 => [
                 DecodeEmbedBF16,
                 DecodeGemvBF16,
-                DecodeRopeAppendBF16,
                 DecodeAttnSplitBF16,
                 DecodeAttnCombineBF16,
                 ArgmaxPartBF16,
@@ -484,7 +482,6 @@ mod cuda {
             _ => [
                 DecodeEmbedF32,
                 DecodeGemvF32,
-                DecodeRopeAppendF32,
                 DecodeAttnSplitF32,
                 DecodeAttnCombineF32,
                 ArgmaxPartF32,
@@ -594,7 +591,7 @@ mod cuda {
                 None => 0,
             };
 
-            let [k_embed, k_gemv, k_rope, k_split, k_combine, k_argmax] = kernels(dtype);
+            let [k_embed, k_gemv, k_split, k_combine, k_argmax] = kernels(dtype);
             let eps = c.rms_norm_eps as f32;
             let i32_of = |n: usize| n as i32;
             // One wave of resident gemv blocks (decode.cu: each block stages its input once).
@@ -645,7 +642,7 @@ mod cuda {
             };
             let small_grid = |n: usize| n.div_ceil(THREADS as usize).max(1) as u32;
 
-            let mut launches = Vec::with_capacity(parts.layers.len() * 7 + 4);
+            let mut launches = Vec::with_capacity(parts.layers.len() * 6 + 4);
             launches.push(Launch {
                 name: "embed",
                 n: 0,
@@ -680,30 +677,6 @@ mod cuda {
                     h,
                     0,
                 ));
-                let rope_total = (nh + nkv) * (d / 2) + nkv * d;
-                launches.push(Launch {
-                    name: "rope_append",
-                    n: 0,
-                    k: 0,
-                    pdl: true,
-                    kernel: k_rope,
-                    grid: (small_grid(rope_total), 1),
-                    block: THREADS,
-                    smem: 0,
-                    args: vec![
-                        Arg::Ptr(qkv_p),
-                        Arg::Ptr(kc),
-                        Arg::Ptr(vc),
-                        Arg::Ptr(cos_p),
-                        Arg::Ptr(sin_p),
-                        Arg::Ptr(pos_p),
-                        Arg::I32(i32_of(nh)),
-                        Arg::I32(i32_of(nkv)),
-                        Arg::I32(i32_of(d)),
-                        Arg::I32(i32_of(max_len)),
-                        Arg::F32(scale),
-                    ],
-                });
                 launches.push(Launch {
                     name: "attn_split",
                     n: 0,
@@ -717,6 +690,8 @@ mod cuda {
                         Arg::Ptr(qkv_p),
                         Arg::Ptr(kc),
                         Arg::Ptr(vc),
+                        Arg::Ptr(cos_p),
+                        Arg::Ptr(sin_p),
                         Arg::Ptr(ws_o_p),
                         Arg::Ptr(ws_ml_p),
                         Arg::Ptr(pos_p),
@@ -724,6 +699,7 @@ mod cuda {
                         Arg::I32(i32_of(d)),
                         Arg::I32(i32_of(chunk)),
                         Arg::I64((max_len * d) as i64),
+                        Arg::F32(scale),
                     ],
                 });
                 launches.push(Launch {
