@@ -31,7 +31,8 @@
 //! greedy decoding whenever it applies (`FLARE_DECODE_ENGINE=0` turns that off), else the
 //! per-op path. `FLARE_DECODE_GRAPH=0` launches the same kernels one by one instead of replaying
 //! the graph (for debugging and comparison). `FLARE_DECODE_PDL=0` launches without programmatic
-//! dependent launch (see [`pdl_enabled`]).
+//! dependent launch (see [`pdl_enabled`]). [`DecodeGraph::profile_step`] times each launch of a
+//! step (`flare bench decode --profile` prints the table).
 //!
 //! Streams: the engine launches on a stream of its own. Before each step it waits (an event)
 //! for the work queued on Candle's stream (the prefill's cache writes), and each step ends with
