@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::bench::{hardware_name, median, DeviceSpec};
 use flare::generate::{generate, GenerationConfig};
-use flare::models::{DecodeGraph, KvCache, ModelConfig, Transformer};
+use flare::models::{DecodeGraph, KvCache, LaunchTime, ModelConfig, Transformer, EMPTY_KERNEL};
 
 /// The long help of `flare bench decode`.
 pub const DECODE_LONG_ABOUT: &str = "\
@@ -41,13 +41,16 @@ Rows: prefill tokens/s (batch 1, --prompt-len tokens); decode tokens/s for each 
 argmax on the device, token ids copied to the host); at batch 1 on CUDA also path graph (the
 decode engine: one CUDA graph replay per step) and path kernels (the engine's kernels launched
 one by one), after a check that the engine's greedy tokens equal the per-op path's (printed
-'check: ... ok' or 'DIFF'); generate tokens/s (batch 1, flare::generate::generate, prefill
+'check: ... ok' or 'DIFF'); with --profile, a table of the engine's kernels (each launch of a
+step timed between CUDA events: name, N and K of the gemvs, calls per step, microseconds per
+call and per step, GB/s of weights); generate tokens/s (batch 1, flare::generate::generate, prefill
 included; on the decode engine where it applies). Timed between device synchronisations after one warm-up run; median of
 --repeats. The floor is the weight bytes read per step over --bandwidth-gbs (3350 GB/s: H100
 SXM HBM3): flare's rate as a percentage of it says how far decoding is from bandwidth-bound.
 
 Examples:
   flare bench decode --device cuda --json decode.json
+  flare bench decode --device cuda --batch 1 --profile
   flare bench decode --quick";
 
 /// Arguments of `flare bench decode`.
@@ -83,6 +86,11 @@ pub struct DecodeArgs {
     /// Write the rows as JSON to this file (atomically).
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
+    /// Also time each kernel of the decode engine's step (batch 1, CUDA): a table of the
+    /// kernels (name, N, K, calls per step, microseconds, GB/s of weights) over --new-tokens
+    /// profiled steps.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// The Qwen2-0.5B shape of the issue's target.
@@ -417,6 +425,17 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
                     })?;
                     rows.push(row("decode", path, 1, new_tokens, secs, new_tokens, true));
                 }
+                if args.profile {
+                    cache.reset();
+                    let first = first_token(&model.prefill(&ids, &mut cache)?)?;
+                    let mut engine = DecodeGraph::with_graph(&model, &cache, false)?;
+                    engine.start(first, &cache)?;
+                    let mut steps = Vec::with_capacity(new_tokens);
+                    for _ in 0..new_tokens {
+                        steps.push(engine.profile_step(&mut cache)?.1);
+                    }
+                    print!("{}", format_profile(&steps));
+                }
             }
         }
         let ids = prompt(b)?;
@@ -471,6 +490,77 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The `--profile` table: the launches of the profiled steps grouped by kernel and shape, in
+/// order of first launch, with calls per step, microseconds per call (mean over the steps) and
+/// per step, and the gemvs' weight GB/s; then the sum per step and the empty kernel's time.
+pub fn format_profile(steps: &[Vec<LaunchTime>]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    // (name, n, k, bytes per call, launches, total microseconds)
+    let mut groups: Vec<(&'static str, usize, usize, usize, usize, f64)> = Vec::new();
+    for l in steps.iter().flatten() {
+        match groups
+            .iter_mut()
+            .find(|g| (g.0, g.1, g.2) == (l.name, l.n, l.k))
+        {
+            Some(g) => {
+                g.4 += 1;
+                g.5 += l.us;
+            }
+            None => groups.push((l.name, l.n, l.k, l.bytes, 1, l.us)),
+        }
+    }
+    let nsteps = steps.len().max(1) as f64;
+    let _ = writeln!(
+        out,
+        "profile: decode engine kernels, each launch timed between CUDA events, mean of {} steps",
+        steps.len()
+    );
+    let _ = writeln!(
+        out,
+        "{:<14} {:>7} {:>5} {:>6} {:>9} {:>10} {:>8}",
+        "kernel", "N", "K", "calls", "us/call", "us/step", "GB/s"
+    );
+    let mut total = 0.0;
+    let mut empty = None;
+    for (name, n, k, bytes, count, us) in &groups {
+        if *name == EMPTY_KERNEL {
+            empty = Some(us / *count as f64);
+            continue;
+        }
+        let per_call = us / *count as f64;
+        let per_step = us / nsteps;
+        total += per_step;
+        let dim = |v: usize| {
+            if v == 0 {
+                "-".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        let gbs = if *bytes > 0 && per_call > 0.0 {
+            format!("{:.0}", *bytes as f64 / per_call / 1e3)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            out,
+            "{name:<14} {:>7} {:>5} {:>6} {per_call:>9.2} {per_step:>10.1} {gbs:>8}",
+            dim(*n),
+            dim(*k),
+            (*count as f64 / nsteps).round() as usize
+        );
+    }
+    let _ = writeln!(out, "{:<14} {:>40.1}", "sum", total);
+    if let Some(e) = empty {
+        let _ = writeln!(
+            out,
+            "(each time includes the cost of a launch between two events: {e:.2} us for an empty kernel)"
+        );
+    }
+    out
 }
 
 /// The printed table.

@@ -4,9 +4,9 @@
 //!
 //! Why: at batch 1 a decode step reads ~1 GB of weights (Qwen2-0.5B, bf16) in ~0.35 ms of HBM
 //! time, but the per-op path issues ~13 launches per layer from the host and pays a launch gap
-//! for each. Here a step is 7 launches per layer (RMSNorm fused into the input staging of the
+//! for each. Here a step is 6 launches per layer (RMSNorm fused into the input staging of the
 //! q/k/v and gate/up projections, the bias and the residual add into their epilogues, SwiGLU into
-//! the down projection's staging, RoPE fused with the KV-cache write) plus 4, replayed as one
+//! the down projection's staging, RoPE and the KV-cache write fused into the attention) plus 4, replayed as one
 //! graph: the host issues one graph launch, one 4-byte copy and one synchronisation per token.
 //!
 //! How the same graph serves every step: no kernel argument changes from step to step. The
@@ -30,7 +30,9 @@
 //! [`crate::generate::TokenStream`] (hence `generate` and `generate_text`) uses it for plain
 //! greedy decoding whenever it applies (`FLARE_DECODE_ENGINE=0` turns that off), else the
 //! per-op path. `FLARE_DECODE_GRAPH=0` launches the same kernels one by one instead of replaying
-//! the graph (for debugging and comparison).
+//! the graph (for debugging and comparison). `FLARE_DECODE_PDL=0` launches without programmatic
+//! dependent launch (see [`pdl_enabled`]). [`DecodeGraph::profile_step`] times each launch of a
+//! step (`flare bench decode --profile` prints the table).
 //!
 //! Streams: the engine launches on a stream of its own. Before each step it waits (an event)
 //! for the work queued on Candle's stream (the prefill's cache writes), and each step ends with
@@ -74,9 +76,38 @@ pub fn graph_enabled() -> bool {
     std::env::var("FLARE_DECODE_GRAPH").map_or(true, |v| v.trim() != "0")
 }
 
+/// Whether `FLARE_DECODE_PDL` asks for programmatic dependent launch (anything but `0`; the
+/// default): each kernel of a step after the first may start while the one before finishes,
+/// and waits for it (`griddepcontrol.wait`) before reading its results; the gemvs issue their
+/// first weight loads before that wait.
+pub fn pdl_enabled() -> bool {
+    std::env::var("FLARE_DECODE_PDL").map_or(true, |v| v.trim() != "0")
+}
+
 /// Whether generation may use the engine (`FLARE_DECODE_ENGINE` is not `0`; the default).
 pub fn engine_enabled() -> bool {
     std::env::var("FLARE_DECODE_ENGINE").map_or(true, |v| v.trim() != "0")
+}
+
+/// The [`LaunchTime::name`] of the empty kernel that ends a profiled step: the cost of a launch
+/// between two events by itself, included in every other launch's time.
+pub const EMPTY_KERNEL: &str = "(empty kernel)";
+
+/// One launch of a profiled step ([`DecodeGraph::profile_step`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchTime {
+    /// What the launch computes: `embed`, `gemv qkv`, `attn_split` (with RoPE and the
+    /// KV-cache append), `attn_combine`, `gemv o`, `gemv gate_up`, `gemv down`, `gemv lm_head`, `argmax_part`,
+    /// `argmax_final`.
+    pub name: &'static str,
+    /// Output rows of a gemv (0 for the other kernels).
+    pub n: usize,
+    /// Input width of a gemv (0 for the other kernels).
+    pub k: usize,
+    /// Weight bytes a gemv reads, `n * k * dtype size` (0 for the other kernels).
+    pub bytes: usize,
+    /// Microseconds between the events recorded before and after the launch.
+    pub us: f64,
 }
 
 /// The batch-1 greedy decode engine of a [`Transformer`] and one of its [`KvCache`]s; see the
@@ -280,6 +311,21 @@ impl DecodeGraph {
         }
     }
 
+    /// [`step`](Self::step) with the kernels launched one by one (whatever the mode), each
+    /// between two timing events, queued behind a short spin kernel so that they run back to
+    /// back as in the graph: the step's token and the time of each launch, in launch order, then
+    /// that of an empty kernel ([`EMPTY_KERNEL`]: the events' and the launch's own cost, part of
+    /// every time). For profiling (`flare bench decode --profile`); slower than `step`.
+    pub fn profile_step(&mut self, cache: &mut KvCache) -> Result<(u32, Vec<LaunchTime>)> {
+        #[cfg(feature = "cuda")]
+        return self.inner.profile_step(cache);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = cache;
+            match self._never {}
+        }
+    }
+
     /// A copy of the logits of the last step, `[1, 1, vocab]` in the model's dtype (those of
     /// [`Transformer::decode_step`] up to rounding).
     pub fn step_logits(&self) -> Result<Tensor> {
@@ -328,6 +374,14 @@ mod cuda {
     /// One launch of the step.
     #[derive(Debug)]
     struct Launch {
+        /// What it computes (the profile's row name).
+        name: &'static str,
+        /// Output rows and input width of a gemv (0 otherwise).
+        n: usize,
+        k: usize,
+        /// Launched with programmatic stream serialisation (decode.cu: the kernel waits for the
+        /// one before with `griddepcontrol.wait`).
+        pdl: bool,
         kernel: Kernel,
         grid: (u32, u32),
         block: u32,
@@ -354,6 +408,10 @@ mod cuda {
         max_len: usize,
         table_len: usize,
         vocab: usize,
+        /// Launches use programmatic dependent launch ([`super::pdl_enabled`]).
+        pdl: bool,
+        /// Bytes per element of the model's dtype.
+        elem: usize,
         started: bool,
     }
 
@@ -404,14 +462,13 @@ mod cuda {
         Ok(p)
     }
 
-    /// The per-dtype kernels: (embed, gemv, rope_append, attn_split, attn_combine, argmax_part).
-    fn kernels(dtype: DType) -> [Kernel; 6] {
+    /// The per-dtype kernels: (embed, gemv, attn_split, attn_combine, argmax_part).
+    fn kernels(dtype: DType) -> [Kernel; 5] {
         use Kernel::*;
         match dtype {
             DType::F16 => [
                 DecodeEmbedF16,
                 DecodeGemvF16,
-                DecodeRopeAppendF16,
                 DecodeAttnSplitF16,
                 DecodeAttnCombineF16,
                 ArgmaxPartF16,
@@ -419,7 +476,6 @@ mod cuda {
             DType::BF16 => [
                 DecodeEmbedBF16,
                 DecodeGemvBF16,
-                DecodeRopeAppendBF16,
                 DecodeAttnSplitBF16,
                 DecodeAttnCombineBF16,
                 ArgmaxPartBF16,
@@ -427,7 +483,6 @@ mod cuda {
             _ => [
                 DecodeEmbedF32,
                 DecodeGemvF32,
-                DecodeRopeAppendF32,
                 DecodeAttnSplitF32,
                 DecodeAttnCombineF32,
                 ArgmaxPartF32,
@@ -512,11 +567,12 @@ mod cuda {
                 keep.push(t.clone());
                 Ok(v)
             };
+            // The gemv's inputs and norm weights are read as 16-byte packs too.
             let (x_p, qkv_p, attn_p, gu_p, logits_p) = (
-                p(&x, &mut keep)?,
+                pw(&x, &mut keep)?,
                 p(&qkv, &mut keep)?,
-                p(&attn, &mut keep)?,
-                p(&gu, &mut keep)?,
+                pw(&attn, &mut keep)?,
+                pw(&gu, &mut keep)?,
                 p(&logits, &mut keep)?,
             );
             let (ws_o_p, ws_ml_p, pv_p, pi_p, token_p, pos_p) = (
@@ -536,10 +592,17 @@ mod cuda {
                 None => 0,
             };
 
-            let [k_embed, k_gemv, k_rope, k_split, k_combine, k_argmax] = kernels(dtype);
+            let [k_embed, k_gemv, k_split, k_combine, k_argmax] = kernels(dtype);
             let eps = c.rms_norm_eps as f32;
             let i32_of = |n: usize| n as i32;
-            let gemv = |input: u64,
+            // One wave of resident gemv blocks (decode.cu: each block stages its input once).
+            let gemv_occ = |k: usize| -> usize {
+                rt.function(k_gemv)
+                    .occupancy_max_active_blocks_per_multiprocessor(GEMV_THREADS, k * 4, None)
+                    .map_or(4, |b| b.max(1) as usize)
+            };
+            let gemv = |name: &'static str,
+                        input: u64,
                         norm: u64,
                         in_mode: i32,
                         w: u64,
@@ -553,8 +616,12 @@ mod cuda {
                 // weight of few rows still keeps enough loads in flight.
                 let ksplit = if k > 2048 { GEMV_WARPS } else { 1 };
                 let rows_per_block = GEMV_ROWS_PER_BLOCK / ksplit;
-                let blocks = n.div_ceil(rows_per_block).clamp(1, sm * 16);
+                let blocks = n.div_ceil(rows_per_block).clamp(1, sm * gemv_occ(k));
                 Launch {
+                    name,
+                    n,
+                    k,
+                    pdl: true,
                     kernel: k_gemv,
                     grid: (blocks as u32, 1),
                     block: GEMV_THREADS,
@@ -576,8 +643,12 @@ mod cuda {
             };
             let small_grid = |n: usize| n.div_ceil(THREADS as usize).max(1) as u32;
 
-            let mut launches = Vec::with_capacity(parts.layers.len() * 7 + 4);
+            let mut launches = Vec::with_capacity(parts.layers.len() * 6 + 4);
             launches.push(Launch {
+                name: "embed",
+                n: 0,
+                k: 0,
+                pdl: false,
                 kernel: k_embed,
                 grid: (small_grid(h), 1),
                 block: THREADS,
@@ -593,9 +664,10 @@ mod cuda {
             let scale = (1.0 / (d as f64).sqrt()) as f32;
             for (lp, kv) in parts.layers.iter().zip(cache.layers()) {
                 let (kc, vc) = (pw(&kv.k, &mut keep)?, pw(&kv.v, &mut keep)?);
-                let ln1 = p(&lp.input_norm, &mut keep)?;
+                let ln1 = pw(&lp.input_norm, &mut keep)?;
                 let (wqkv, bqkv) = (pw(&lp.qkv.0, &mut keep)?, opt(&lp.qkv.1, &mut keep)?);
                 launches.push(gemv(
+                    "gemv qkv",
                     x_p,
                     ln1,
                     1,
@@ -606,27 +678,11 @@ mod cuda {
                     h,
                     0,
                 ));
-                let rope_total = (nh + nkv) * (d / 2) + nkv * d;
                 launches.push(Launch {
-                    kernel: k_rope,
-                    grid: (small_grid(rope_total), 1),
-                    block: THREADS,
-                    smem: 0,
-                    args: vec![
-                        Arg::Ptr(qkv_p),
-                        Arg::Ptr(kc),
-                        Arg::Ptr(vc),
-                        Arg::Ptr(cos_p),
-                        Arg::Ptr(sin_p),
-                        Arg::Ptr(pos_p),
-                        Arg::I32(i32_of(nh)),
-                        Arg::I32(i32_of(nkv)),
-                        Arg::I32(i32_of(d)),
-                        Arg::I32(i32_of(max_len)),
-                        Arg::F32(scale),
-                    ],
-                });
-                launches.push(Launch {
+                    name: "attn_split",
+                    n: 0,
+                    k: 0,
+                    pdl: true,
                     kernel: k_split,
                     grid: (chunks as u32, nkv as u32),
                     block: ATTN_THREADS,
@@ -635,6 +691,8 @@ mod cuda {
                         Arg::Ptr(qkv_p),
                         Arg::Ptr(kc),
                         Arg::Ptr(vc),
+                        Arg::Ptr(cos_p),
+                        Arg::Ptr(sin_p),
                         Arg::Ptr(ws_o_p),
                         Arg::Ptr(ws_ml_p),
                         Arg::Ptr(pos_p),
@@ -642,9 +700,14 @@ mod cuda {
                         Arg::I32(i32_of(d)),
                         Arg::I32(i32_of(chunk)),
                         Arg::I64((max_len * d) as i64),
+                        Arg::F32(scale),
                     ],
                 });
                 launches.push(Launch {
+                    name: "attn_combine",
+                    n: 0,
+                    k: 0,
+                    pdl: true,
                     kernel: k_combine,
                     grid: (g as u32, nkv as u32),
                     block: ATTN_THREADS,
@@ -661,19 +724,45 @@ mod cuda {
                     ],
                 });
                 let (wo, bo) = (pw(&lp.o.0, &mut keep)?, opt(&lp.o.1, &mut keep)?);
-                launches.push(gemv(attn_p, 0, 0, wo, bo, x_p, h, nh * d, 1));
-                let ln2 = p(&lp.post_norm, &mut keep)?;
+                launches.push(gemv("gemv o", attn_p, 0, 0, wo, bo, x_p, h, nh * d, 1));
+                let ln2 = pw(&lp.post_norm, &mut keep)?;
                 let (wgu, bgu) = (
                     pw(&lp.gate_up.0, &mut keep)?,
                     opt(&lp.gate_up.1, &mut keep)?,
                 );
-                launches.push(gemv(x_p, ln2, 1, wgu, bgu, gu_p, 2 * inter, h, 0));
+                launches.push(gemv(
+                    "gemv gate_up",
+                    x_p,
+                    ln2,
+                    1,
+                    wgu,
+                    bgu,
+                    gu_p,
+                    2 * inter,
+                    h,
+                    0,
+                ));
                 let (wd, bd) = (pw(&lp.down.0, &mut keep)?, opt(&lp.down.1, &mut keep)?);
-                launches.push(gemv(gu_p, 0, 2, wd, bd, x_p, h, inter, 1));
+                launches.push(gemv("gemv down", gu_p, 0, 2, wd, bd, x_p, h, inter, 1));
             }
-            let (norm_p, head_p) = (p(&parts.norm, &mut keep)?, pw(&parts.lm_head, &mut keep)?);
-            launches.push(gemv(x_p, norm_p, 1, head_p, 0, logits_p, vocab, h, 0));
+            let (norm_p, head_p) = (pw(&parts.norm, &mut keep)?, pw(&parts.lm_head, &mut keep)?);
+            launches.push(gemv(
+                "gemv lm_head",
+                x_p,
+                norm_p,
+                1,
+                head_p,
+                0,
+                logits_p,
+                vocab,
+                h,
+                0,
+            ));
             launches.push(Launch {
+                name: "argmax_part",
+                n: 0,
+                k: 0,
+                pdl: false,
                 kernel: k_argmax,
                 grid: (parts_n as u32, 1),
                 block: ARGMAX_THREADS,
@@ -687,6 +776,10 @@ mod cuda {
                 ],
             });
             launches.push(Launch {
+                name: "argmax_final",
+                n: 0,
+                k: 0,
+                pdl: false,
                 kernel: Kernel::DecodeArgmaxFinal,
                 grid: (1, 1),
                 block: THREADS,
@@ -720,6 +813,8 @@ mod cuda {
                 max_len,
                 table_len,
                 vocab,
+                pdl: super::pdl_enabled(),
+                elem: dtype.size_in_bytes(),
                 started: false,
             };
             if graph {
@@ -751,32 +846,69 @@ mod cuda {
         /// Launches the step's kernels on the engine's stream.
         fn launch_all(&self) -> Result<()> {
             for l in &self.launches {
-                let mut lb = self.stream.launch_builder(self.rt.function(l.kernel));
-                for a in &l.args {
-                    match a {
-                        Arg::Ptr(v) => lb.arg(v),
-                        Arg::I32(v) => lb.arg(v),
-                        Arg::I64(v) => lb.arg(v),
-                        Arg::F32(v) => lb.arg(v),
-                    };
-                }
-                let cfg = LaunchConfig {
-                    grid_dim: (l.grid.0, l.grid.1, 1),
-                    block_dim: (l.block, 1, 1),
-                    shared_mem_bytes: l.smem,
-                };
-                // SAFETY: each launch's arguments match its kernel's signature in decode.cu or
-                // argmax.cu (pointers as 64-bit addresses, `int`, `long long`, `float`), as
-                // built in `new`. Every pointer is the address of a live tensor held in
-                // `_keep` (weights, the cache's tensors, the engine's buffers), sized for what
-                // the kernel addresses: the gemv reads n rows of k and writes n outputs; the
-                // RoPE/append kernel writes cache row `pos` < max_len (checked on the host
-                // before every step); the attention reads rows 0..=pos and writes its
-                // workspace of kv_heads x chunks x G rows; the argmax writes `parts` pairs,
-                // the token and the position. Grid, block and dynamic shared memory respect the
-                // kernels' launch bounds and the 48 KiB default (checked by `unsupported`).
-                unsafe { lb.launch(cfg) }.cuda_ctx("launching a decode engine kernel")?;
+                self.launch_one(l, self.pdl)?;
             }
+            Ok(())
+        }
+
+        /// Launches one kernel of the step on the engine's stream, with programmatic stream
+        /// serialisation where the launch allows it and `pdl` asks for it.
+        fn launch_one(&self, l: &Launch, pdl: bool) -> Result<()> {
+            let mut params: Vec<*mut std::ffi::c_void> = l
+                .args
+                .iter()
+                .map(|a| match a {
+                    Arg::Ptr(v) => v as *const u64 as *mut std::ffi::c_void,
+                    Arg::I32(v) => v as *const i32 as *mut std::ffi::c_void,
+                    Arg::I64(v) => v as *const i64 as *mut std::ffi::c_void,
+                    Arg::F32(v) => v as *const f32 as *mut std::ffi::c_void,
+                })
+                .collect();
+            // SAFETY: CUlaunchAttribute is plain data (an id and a union of integers); all
+            // zeros is a valid value, then the id and its field are set.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: l.grid.0,
+                gridDimY: l.grid.1,
+                gridDimZ: 1,
+                blockDimX: l.block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: l.smem,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: u32::from(pdl && l.pdl),
+            };
+            self.stream
+                .context()
+                .bind_to_thread()
+                .cuda_ctx("binding the decode engine's context")?;
+            // SAFETY: each launch's arguments match its kernel's signature in decode.cu or
+            // argmax.cu (pointers as 64-bit addresses, `int`, `long long`, `float`), as built in
+            // `new`; `params` points at them (in `self.launches`, alive for the call) in order.
+            // Every pointer is the address of a live tensor held in `_keep` (weights, the
+            // cache's tensors, the engine's buffers), sized for what the kernel addresses: the
+            // gemv reads n rows of k and writes n outputs; the RoPE/append kernel writes cache
+            // row `pos` < max_len (checked on the host before every step); the attention reads
+            // rows 0..=pos and writes its workspace of kv_heads x chunks x G rows; the argmax
+            // writes `parts` pairs, the token and the position. Grid, block and dynamic shared
+            // memory respect the kernels' launch bounds and the 48 KiB default (checked by
+            // `unsupported`). A launch marked `pdl` is of a decode.cu kernel that calls
+            // `griddepcontrol.wait` before touching anything but weights. `cfg` and `attr`
+            // outlive the call.
+            unsafe {
+                sys::cuLaunchKernelEx(
+                    &cfg,
+                    self.rt.function(l.kernel).cu_function(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
+            .cuda_ctx("launching a decode engine kernel")?;
             Ok(())
         }
 
@@ -837,6 +969,62 @@ mod cuda {
         }
 
         pub(super) fn step(&mut self, cache: &mut KvCache) -> Result<u32> {
+            self.step_with(cache, false).map(|(t, _)| t)
+        }
+
+        pub(super) fn profile_step(
+            &mut self,
+            cache: &mut KvCache,
+        ) -> Result<(u32, Vec<super::LaunchTime>)> {
+            self.step_with(cache, true)
+        }
+
+        /// Queues the step's launches behind a spin kernel, each between two timing events;
+        /// returns the events (launch i runs between events i and i + 1).
+        fn launch_timed(&self) -> Result<Vec<CudaEvent>> {
+            let ctx = self.stream.context();
+            let events = (0..self.launches.len() + 2)
+                .map(|_| ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .cuda_ctx("creating the profiler's events")?;
+            // Long enough for the host to queue every launch (a few microseconds each).
+            let spin = |ns: u64| -> Result<()> {
+                let mut lb = self
+                    .stream
+                    .launch_builder(self.rt.function(Kernel::DecodeSpin));
+                lb.arg(&ns);
+                let cfg = LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (1, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: decode_spin takes one `unsigned long long` and touches no memory.
+                unsafe { lb.launch(cfg) }.cuda_ctx("launching the profiler's spin kernel")?;
+                Ok(())
+            };
+            spin(10_000 * self.launches.len() as u64)?;
+            for (l, ev) in self.launches.iter().zip(&events) {
+                ev.record(&self.stream)
+                    .cuda_ctx("recording a profiler event")?;
+                self.launch_one(l, false)?;
+            }
+            // Last, an empty kernel: what a launch between two events costs by itself.
+            let n = self.launches.len();
+            events[n]
+                .record(&self.stream)
+                .cuda_ctx("recording a profiler event")?;
+            spin(0)?;
+            events[n + 1]
+                .record(&self.stream)
+                .cuda_ctx("recording a profiler event")?;
+            Ok(events)
+        }
+
+        fn step_with(
+            &mut self,
+            cache: &mut KvCache,
+            profile: bool,
+        ) -> Result<(u32, Vec<super::LaunchTime>)> {
             if !self.started {
                 return Err(Error::InvalidArgument {
                     op: OP,
@@ -878,10 +1066,15 @@ mod cuda {
             self.stream
                 .wait(&self.event)
                 .cuda_ctx("waiting for Candle's stream")?;
-            match &self.graph {
-                Some(g) => g.launch().cuda_ctx("launching the decode graph")?,
-                None => self.launch_all()?,
-            }
+            let events = if profile {
+                Some(self.launch_timed()?)
+            } else {
+                match &self.graph {
+                    Some(g) => g.launch().cuda_ctx("launching the decode graph")?,
+                    None => self.launch_all()?,
+                }
+                None
+            };
             let mut host = [0u32];
             // SAFETY: token_ptr addresses a live 4-byte device buffer; `host` outlives the copy,
             // which completes before the synchronisation below returns.
@@ -895,6 +1088,32 @@ mod cuda {
             // The step wrote position `pos` of every layer.
             cache.advance(1);
             self.pos += 1;
+            let mut times = Vec::new();
+            if let Some(ev) = events {
+                for (i, l) in self.launches.iter().enumerate() {
+                    let ms = ev[i]
+                        .elapsed_ms(&ev[i + 1])
+                        .cuda_ctx("reading a profiler event")?;
+                    times.push(super::LaunchTime {
+                        name: l.name,
+                        n: l.n,
+                        k: l.k,
+                        bytes: l.n * l.k * self.elem,
+                        us: ms as f64 * 1e3,
+                    });
+                }
+                let n = self.launches.len();
+                let ms = ev[n]
+                    .elapsed_ms(&ev[n + 1])
+                    .cuda_ctx("reading a profiler event")?;
+                times.push(super::LaunchTime {
+                    name: super::EMPTY_KERNEL,
+                    n: 0,
+                    k: 0,
+                    bytes: 0,
+                    us: ms as f64 * 1e3,
+                });
+            }
             let t = host[0];
             if t as usize >= self.vocab {
                 self.started = false;
@@ -903,7 +1122,7 @@ mod cuda {
                     msg: "the logits have no maximum (all NaN)".into(),
                 });
             }
-            Ok(t)
+            Ok((t, times))
         }
 
         pub(super) fn logits(&self) -> Result<Tensor> {

@@ -24,7 +24,7 @@ pub mod weights;
 pub use adapter::{apply_adapter, load_peft_adapter};
 pub use cache::{KvCache, LayerKv};
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
-pub use decode_graph::DecodeGraph;
+pub use decode_graph::{DecodeGraph, LaunchTime, EMPTY_KERNEL};
 pub use transformer::{apply_rope, rope_inv_freq, Transformer};
 pub use weights::Weights;
 

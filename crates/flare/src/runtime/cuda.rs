@@ -135,20 +135,18 @@ kernels! {
     AttentionCombineBF16 => (Attention, "attention_combine_bf16"),
     DecodeEmbedF32 => (Decode, "decode_embed_f32"),
     DecodeGemvF32 => (Decode, "decode_gemv_f32"),
-    DecodeRopeAppendF32 => (Decode, "decode_rope_append_f32"),
     DecodeAttnSplitF32 => (Decode, "decode_attn_split_f32"),
     DecodeAttnCombineF32 => (Decode, "decode_attn_combine_f32"),
     DecodeEmbedF16 => (Decode, "decode_embed_f16"),
     DecodeGemvF16 => (Decode, "decode_gemv_f16"),
-    DecodeRopeAppendF16 => (Decode, "decode_rope_append_f16"),
     DecodeAttnSplitF16 => (Decode, "decode_attn_split_f16"),
     DecodeAttnCombineF16 => (Decode, "decode_attn_combine_f16"),
     DecodeEmbedBF16 => (Decode, "decode_embed_bf16"),
     DecodeGemvBF16 => (Decode, "decode_gemv_bf16"),
-    DecodeRopeAppendBF16 => (Decode, "decode_rope_append_bf16"),
     DecodeAttnSplitBF16 => (Decode, "decode_attn_split_bf16"),
     DecodeAttnCombineBF16 => (Decode, "decode_attn_combine_bf16"),
     DecodeArgmaxFinal => (Decode, "decode_argmax_final"),
+    DecodeSpin => (Decode, "decode_spin"),
 }
 
 /// Everything flare needs on one CUDA device, created once.
