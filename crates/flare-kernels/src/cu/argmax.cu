@@ -14,46 +14,6 @@ using namespace flare;
 
 #define ARGMAX_THREADS 1024
 
-__device__ __forceinline__ bool better(float v, unsigned int i, float bv, unsigned int bi) {
-  return v > bv || (v == bv && i < bi);
-}
-
-// Keeps the better of (bv, bi) and its partner's pair across `off` lanes, for every `off` of a
-// butterfly: after it every lane of the warp holds the warp's best pair.
-__device__ __forceinline__ void warp_best(float &bv, unsigned int &bi) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float ov = __shfl_xor_sync(0xFFFFFFFFu, bv, off);
-    const unsigned int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, off);
-    if (better(ov, oi, bv, bi)) {
-      bv = ov;
-      bi = oi;
-    }
-  }
-}
-
-// The block's best (value, index) pair, in thread 0's (bv, bi) (and every lane of warp 0's):
-// warp shuffles, then one exchange of the warps' pairs through `sv` / `si` (32 slots each). Ends
-// with a barrier, so the slots may be reused at once.
-__device__ __forceinline__ void block_best(float &bv, unsigned int &bi, float *sv,
-                                           unsigned int *si) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int warps = (blockDim.x + 31) >> 5;
-  warp_best(bv, bi);
-  if (lane == 0) {
-    sv[warp] = bv;
-    si[warp] = bi;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    bv = lane < warps ? sv[lane] : -INFINITY;
-    bi = lane < warps ? si[lane] : 0xFFFFFFFFu;
-    warp_best(bv, bi);
-  }
-  __syncthreads();
-}
-
 template <typename T>
 __device__ __forceinline__ void argmax_body(const T *__restrict__ x, unsigned int *__restrict__ out,
                                             long long rows, int cols) {

@@ -36,7 +36,6 @@ __device__ __forceinline__ void split_body(const T *__restrict__ q, const T *__r
   float *ks = qs + G * d;           // [chunk][d + 1]
   float *ps = ks + chunk * dp;      // [G][chunk]
   const int tid = threadIdx.x, nt = blockDim.x;
-  const int lane = tid & 31, warp = tid >> 5, warps = nt >> 5;
   const long long z = blockIdx.y;
   const int ci = blockIdx.x, chunks = gridDim.x;
   const int j0 = ci * chunk;
@@ -62,36 +61,7 @@ __device__ __forceinline__ void split_body(const T *__restrict__ q, const T *__r
     }
   }
   __syncthreads();
-  for (int i = tid; i < G * cnt; i += nt) {
-    const int g = i / cnt, j = i - g * cnt;
-    const float *qr = qs + g * d;
-    const float *kr = ks + j * dp;
-    float s = 0.0f;
-    for (int c = 0; c < d; ++c) s = fmaf(qr[c], kr[c], s);
-    ps[g * chunk + j] = s;
-  }
-  __syncthreads();
-  for (int g = warp; g < G; g += warps) {
-    float *pr = ps + g * chunk;
-    float m = -INFINITY;
-    for (int j = lane; j < cnt; j += 32) m = fmaxf(m, pr[j]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, off));
-    float l = 0.0f;
-    for (int j = lane; j < cnt; j += 32) {
-      const float e = __expf(pr[j] - m);
-      pr[j] = e;
-      l += e;
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xFFFFFFFFu, l, off);
-    if (lane == 0) {
-      float *ml = ws_ml + ((z * chunks + ci) * G + g) * 2;
-      ml[0] = m;
-      ml[1] = l;
-    }
-  }
-  __syncthreads();
+  chunk_softmax_stats(qs, ks, ps, ws_ml + (z * chunks + ci) * G * 2, G, d, cnt, chunk);
   for (int i = tid; i < G * d; i += nt) {
     const int g = i / d, c = i - g * d;
     const float *pr = ps + g * chunk;

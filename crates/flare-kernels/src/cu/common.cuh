@@ -274,4 +274,90 @@ struct RowGroups {
   __device__ __forceinline__ long long step() const { return (long long)gridDim.x * per_block; }
 };
 
+// ---- argmax pairs ---------------------------------------------------------------------------
+// (value, index) pairs ordered by larger value, then smaller index (the first maximum, as
+// torch.argmax); NaN compares false both ways, so it never wins.
+__device__ __forceinline__ bool better(float v, unsigned int i, float bv, unsigned int bi) {
+  return v > bv || (v == bv && i < bi);
+}
+
+// Butterfly over the warp: afterwards every lane holds the warp's best pair.
+__device__ __forceinline__ void warp_best(float &bv, unsigned int &bi) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(0xFFFFFFFFu, bv, off);
+    const unsigned int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, off);
+    if (better(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+}
+
+// The block's best pair, in thread 0's (bv, bi) (and every lane of warp 0's): warp shuffles,
+// then one exchange of the warps' pairs through `sv` / `si` (32 slots each). Ends with a
+// barrier, so the slots may be reused at once.
+__device__ __forceinline__ void block_best(float &bv, unsigned int &bi, float *sv,
+                                           unsigned int *si) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = (blockDim.x + 31) >> 5;
+  warp_best(bv, bi);
+  if (lane == 0) {
+    sv[warp] = bv;
+    si[warp] = bi;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    bv = lane < warps ? sv[lane] : -INFINITY;
+    bi = lane < warps ? si[lane] : 0xFFFFFFFFu;
+    warp_best(bv, bi);
+  }
+  __syncthreads();
+}
+
+// ---- flash-decoding chunk ---------------------------------------------------------------------
+// The part of a flash-decoding split block shared by attention.cu and decode.cu, once q is in
+// `qs` ([G][d], f32) and the chunk's `cnt` keys in `ks` ([chunk][d + 1], f32, staged and
+// synchronised by the caller): the G x cnt scores into `ps` ([G][chunk]), then per query row
+// g the chunk's maximum m and sum of exponentials l into ml[g * 2], ml[g * 2 + 1], with `ps`
+// turned into the unnormalised probabilities e^(s - m). Ends with a barrier: `ps` is ready for
+// the caller's probabilities-times-values loop.
+__device__ __forceinline__ void chunk_softmax_stats(const float *qs, const float *ks, float *ps,
+                                                    float *ml, int G, int d, int cnt,
+                                                    int chunk) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int lane = tid & 31, warp = tid >> 5, warps = nt >> 5;
+  const int dp = d + 1;
+  for (int i = tid; i < G * cnt; i += nt) {
+    const int g = i / cnt, j = i - g * cnt;
+    const float *qr = qs + g * d;
+    const float *kr = ks + j * dp;
+    float s = 0.0f;
+    for (int c = 0; c < d; ++c) s = fmaf(qr[c], kr[c], s);
+    ps[g * chunk + j] = s;
+  }
+  __syncthreads();
+  for (int g = warp; g < G; g += warps) {
+    float *pr = ps + g * chunk;
+    float m = -INFINITY;
+    for (int j = lane; j < cnt; j += 32) m = fmaxf(m, pr[j]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, off));
+    float l = 0.0f;
+    for (int j = lane; j < cnt; j += 32) {
+      const float e = __expf(pr[j] - m);
+      pr[j] = e;
+      l += e;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xFFFFFFFFu, l, off);
+    if (lane == 0) {
+      ml[g * 2] = m;
+      ml[g * 2 + 1] = l;
+    }
+  }
+  __syncthreads();
+}
+
 }  // namespace flare

@@ -295,7 +295,6 @@ __device__ __forceinline__ void split_body(const T *__restrict__ qkv, T *__restr
   float *vs = ks + chunk * dp;  // [chunk][d]
   float *ps = vs + chunk * d;   // [G][chunk]
   const int tid = threadIdx.x, nt = blockDim.x;
-  const int lane = tid & 31, warp = tid >> 5, warps = nt >> 5;
   const long long z = blockIdx.y;
   const int cnt = min(chunk, t - j0);
   const int nkv = gridDim.y, half = d / 2;
@@ -360,36 +359,7 @@ __device__ __forceinline__ void split_body(const T *__restrict__ qkv, T *__restr
     }
   }
   __syncthreads();
-  for (int i = tid; i < G * cnt; i += nt) {
-    const int g = i / cnt, j = i - g * cnt;
-    const float *qr = qs + g * d;
-    const float *kr = ks + j * dp;
-    float s = 0.0f;
-    for (int c = 0; c < d; ++c) s = fmaf(qr[c], kr[c], s);
-    ps[g * chunk + j] = s;
-  }
-  __syncthreads();
-  for (int g = warp; g < G; g += warps) {
-    float *pr = ps + g * chunk;
-    float m = -INFINITY;
-    for (int j = lane; j < cnt; j += 32) m = fmaxf(m, pr[j]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, off));
-    float l = 0.0f;
-    for (int j = lane; j < cnt; j += 32) {
-      const float e = __expf(pr[j] - m);
-      pr[j] = e;
-      l += e;
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xFFFFFFFFu, l, off);
-    if (lane == 0) {
-      float *ml = ws_ml + ((z * chunks + ci) * G + g) * 2;
-      ml[0] = m;
-      ml[1] = l;
-    }
-  }
-  __syncthreads();
+  chunk_softmax_stats(qs, ks, ps, ws_ml + (z * chunks + ci) * G * 2, G, d, cnt, chunk);
   for (int i = tid; i < G * d; i += nt) {
     const int g = i / d, c = i - g * d;
     const float *pr = ps + g * chunk;
@@ -442,47 +412,23 @@ __device__ __forceinline__ void combine_body(const float *__restrict__ ws_o,
 
 // ---- the end of a step ----------------------------------------------------------------------
 
-__device__ __forceinline__ bool dg_better(float v, unsigned int i, float bv, unsigned int bi) {
-  return v > bv || (v == bv && i < bi);
-}
-
 // One block of DG_THREADS: reduces the `parts` (value, index) pairs of argmax_part_* (larger
 // value, then smaller index: the first maximum), writes the id to *token and increments *pos.
 extern "C" __global__ void __launch_bounds__(DG_THREADS)
     decode_argmax_final(const float *pv, const unsigned int *pi, int parts, unsigned int *token,
                         int *pos) {
-  __shared__ float sv[DG_THREADS / 32];
-  __shared__ unsigned int si[DG_THREADS / 32];
+  __shared__ float sv[32];
+  __shared__ unsigned int si[32];
   float bv = -INFINITY;
   unsigned int bi = 0xFFFFFFFFu;
   for (int p = threadIdx.x; p < parts; p += blockDim.x) {
-    if (dg_better(pv[p], pi[p], bv, bi)) {
+    if (better(pv[p], pi[p], bv, bi)) {
       bv = pv[p];
       bi = pi[p];
     }
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float ov = __shfl_xor_sync(0xFFFFFFFFu, bv, off);
-    const unsigned int oi = __shfl_xor_sync(0xFFFFFFFFu, bi, off);
-    if (dg_better(ov, oi, bv, bi)) {
-      bv = ov;
-      bi = oi;
-    }
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    sv[warp] = bv;
-    si[warp] = bi;
-  }
-  __syncthreads();
+  block_best(bv, bi, sv, si);
   if (threadIdx.x == 0) {
-    for (int i = 1; i < (int)(blockDim.x >> 5); ++i) {
-      if (dg_better(sv[i], si[i], bv, bi)) {
-        bv = sv[i];
-        bi = si[i];
-      }
-    }
     *token = bi;
     *pos += 1;
   }
