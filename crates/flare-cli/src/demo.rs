@@ -18,6 +18,8 @@ use flare::models::Transformer;
 use flare::text::{ChatMessage, Tokenizer};
 use flare::train::{Schedule, TrainConfig, Trainer};
 
+use crate::output::olog;
+
 /// `flare demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -89,9 +91,9 @@ fn print_answers(
     gen: &GenerationConfig,
     qs: &[String],
 ) -> Result<()> {
-    println!("\n== {title} ==");
+    olog!("\n== {title} ==");
     for q in qs {
-        println!("  Q: {q}\n  A: {}", answer(model, tok, gen, q)?);
+        olog!("  Q: {q}\n  A: {}", answer(model, tok, gen, q)?);
     }
     Ok(())
 }
@@ -132,7 +134,7 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
     }
 
     let base = Transformer::from_dir(&model_dir, DType::F32, &device)?;
-    println!(
+    olog!(
         "flare demo: a {}-layer, {}-wide Qwen2-style model ({}), LoRA on {}",
         base.config().num_hidden_layers,
         base.config().hidden_size,
@@ -169,13 +171,13 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
         device: a.device.clone(),
         ..Default::default()
     };
-    println!(
+    olog!(
         "\n== LoRA fine-tuning (r 16, alpha 32, lr 3e-3, batch 8, {} steps) ==",
         a.steps
     );
     let mut t = Trainer::from_config(cfg, &device)?;
-    let dir = crate::train::run_with_progress(&mut t, true)?;
-    println!(
+    let dir = crate::train::run_with_progress(&mut t, crate::train::Progress::default())?;
+    olog!(
         "adapter saved to {} (with metrics.jsonl and loss.png)",
         dir.display()
     );
@@ -186,7 +188,7 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
     // The demo is also CI's end-to-end check: a fine-tune that did not learn is a failure, not
     // a printout. The held-out answers start at a loss of about 7 (see assets/demo/README.md).
     let eval_loss = t.evaluate()?.context("the demo's eval split is empty")?;
-    println!(
+    olog!(
         "\neval loss on held-out paraphrases: {eval_loss:.4}; done in {:.1}s",
         start.elapsed().as_secs_f64()
     );

@@ -19,6 +19,7 @@ use flare::models::{load_peft_adapter, Transformer};
 use flare::text::{ChatMessage, Tokenizer};
 
 use crate::bench::DeviceSpec;
+use crate::output::elog;
 
 /// The long help of `flare generate`.
 pub const GENERATE_LONG_ABOUT: &str = "\
@@ -252,7 +253,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     if let Some(adapter) = &args.adapter {
         let n = load_peft_adapter(&mut model, adapter, "default")
             .with_context(|| format!("applying the adapter in {}", adapter.display()))?;
-        eprintln!("adapter {}: {n} modules", adapter.display());
+        elog!("adapter {}: {n} modules", adapter.display());
     }
     let file = HfGenerationConfig::from_dir(dir)?;
     let ids = prompt(args, text)
@@ -269,11 +270,24 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut out = std::io::stdout().lock();
-    while let Some(piece) = stream.next_piece()? {
-        out.write_all(piece.as_bytes())?;
-        out.flush()?;
+    // Ok(false) when the reader has gone (`flare generate ... | head -c 100`): generation stops
+    // there, quietly, as a SIGPIPE would have stopped it. Any other failure (a full disk) is
+    // an error: the text is the product.
+    let mut emit = |text: &str| match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e).context("writing the generated text to stdout")),
+    };
+    let mut reader_open = true;
+    while reader_open {
+        match stream.next_piece()? {
+            Some(piece) => reader_open = emit(&piece)?,
+            None => break,
+        }
     }
-    writeln!(out)?;
+    if reader_open {
+        emit("\n")?;
+    }
     let decode_s = t1.elapsed().as_secs_f64();
     let n = stream.token_ids().len();
     let why = match stream.stop_reason() {
@@ -281,7 +295,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
         Some(StopReason::StopString(s)) => format!("stop string {s:?}"),
         Some(StopReason::MaxNewTokens) | None => format!("max_new_tokens ({})", cfg.max_new_tokens),
     };
-    eprintln!(
+    elog!(
         "[{} prompt tokens, {n} new tokens, stopped by {why}; load {load_s:.2}s, prefill \
          {prefill_s:.3}s ({:.1} tokens/s), generation {decode_s:.3}s ({:.1} tokens/s); {:?} on {}]",
         ids.len(),

@@ -2,14 +2,15 @@
 //!
 //! The binary is thin: it parses arguments, validates them, calls the library and reports.
 //! Each subcommand lives in its own module (`bench`, `generate_cmd`, `info`; `train`, `merge`
-//! and `demo` slot in beside them). Errors are `anyhow` here and only here; `main` prints the whole chain and
-//! exits non-zero.
+//! and `demo` slot in beside them). Errors are `anyhow` here and only here; `main` prints the
+//! whole chain, each message once, and exits non-zero. Diagnostics go through
+//! [`output::elog`], which never panics on a closed or full stderr.
 
 #![deny(missing_docs)]
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod bench;
 mod bench_decode;
@@ -19,7 +20,10 @@ mod demo;
 mod floors;
 mod generate_cmd;
 mod info;
+mod output;
 mod train;
+
+use output::elog;
 
 /// Fast LoRA fine-tuning and inference on Candle.
 #[derive(Debug, Parser)]
@@ -91,14 +95,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The lines that report an error: `error: <message>`, then `  caused by: <source>` for each
+/// source in the chain whose text is not already part of a line above. Many errors embed
+/// their source in their own message (`reading x: No such file or directory`) and also
+/// return it as `source()`: printed naively, every such cause would appear twice.
+fn error_lines(e: &anyhow::Error) -> Vec<String> {
+    let mut shown = vec![e.to_string()];
+    let mut lines = vec![format!("error: {e}")];
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if shown.iter().any(|s| s.contains(&text)) {
+            continue;
+        }
+        lines.push(format!("  caused by: {text}"));
+        shown.push(text);
+    }
+    lines
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `flare train --help` shows the defaults of the library's TrainConfig.
+    let cmd = Cli::command().mut_subcommand("train", train::show_defaults);
+    let cli = match cmd
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(cli) => cli,
+        // Prints the message (or the help) and exits; a failed write there does not panic.
+        Err(e) => e.exit(),
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+            for line in error_lines(&e) {
+                elog!("{line}");
             }
             ExitCode::FAILURE
         }
@@ -108,7 +138,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_well_formed() {
@@ -297,6 +326,185 @@ mod tests {
             cli.command,
             Command::Bench(BenchCommand::Train(ref t)) if t.quick
         ));
+    }
+
+    fn train_args(args: &[&str]) -> train::TrainArgs {
+        let mut argv = vec!["flare", "train"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Train(a) => *a,
+            _ => panic!("expected train"),
+        }
+    }
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("flare-cli-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            TempDir(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn toml_keys_are_the_long_flags_and_paths_resolve_against_the_file() {
+        let dir = TempDir::new("toml-keys");
+        let sub = dir.0.join("runs");
+        std::fs::create_dir_all(&sub).unwrap();
+        let toml = sub.join("run.toml");
+        std::fs::write(
+            &toml,
+            "model = \"/abs/model\"\ndata = \"data/train.jsonl\"\neval-data = \"eval.jsonl\"\n\
+             output_dir = \"out\"\nskip_bad_lines = true\nlora-alpha = 8\nadam_beta2 = 0.95\n\
+             append_eos = false\ntarget_modules = [\"q_proj\", \"v_proj\"]\nmax_steps = 7\n\
+             max_grad_norm = 0.5\nresume = \"latest\"\nlog_every = 3\n",
+        )
+        .unwrap();
+        let a = train_args(&["--config", toml.to_str().unwrap()]);
+        let c = train::build_config(&a).unwrap();
+        // Relative paths are the file's directory's, whatever the working directory.
+        assert_eq!(c.model, std::path::Path::new("/abs/model"));
+        assert_eq!(c.data, sub.join("data/train.jsonl"));
+        assert_eq!(c.eval_data, Some(sub.join("eval.jsonl")));
+        assert_eq!(c.output_dir, sub.join("out"));
+        assert_eq!(c.bad_lines, flare::train::BadLines::Skip);
+        assert_eq!(c.lora_alpha, 8.0);
+        assert_eq!(c.beta2, 0.95);
+        assert!(!c.append_eos);
+        assert_eq!(c.target_modules, vec!["q_proj", "v_proj"]);
+        assert_eq!((c.max_steps, c.max_grad_norm), (Some(7), Some(0.5)));
+
+        // Every long flag but --config is a key, in either spelling.
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let train = cmd.find_subcommand("train").unwrap();
+        for arg in train.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["config", "help"].contains(&long) {
+                continue;
+            }
+            let value = match arg.get_action() {
+                clap::ArgAction::SetTrue => "true".to_string(),
+                _ if long == "target-modules" => "[\"q_proj\"]".to_string(),
+                _ if long == "append-eos" => "false".to_string(),
+                _ if long == "schedule" => "\"linear\"".to_string(),
+                _ if long == "dtype" => "\"bf16\"".to_string(),
+                _ if arg.get_value_hint() != clap::ValueHint::Unknown
+                    || ["device"].contains(&long) =>
+                {
+                    "\"cpu\"".to_string()
+                }
+                _ => "1".to_string(),
+            };
+            for key in [long.to_string(), long.replace('-', "_")] {
+                std::fs::write(&toml, format!("{key} = {value}\n")).unwrap();
+                let a = train_args(&["--config", toml.to_str().unwrap()]);
+                let e = train::build_config(&a).err().map(|e| format!("{e:#}"));
+                // It may fail for lack of --model/--data, never for the key.
+                if let Some(e) = e {
+                    assert!(e.starts_with("no model") || e.starts_with("no data"), "{key}: {e}");
+                }
+            }
+        }
+
+        // An unknown key, a key set twice, a bad value, a table: the file, line and key.
+        for (text, needles) in [
+            ("lr = 0.1\nbad_lines = \"skip\"\n", vec!["run.toml:2", "`bad_lines`"]),
+            ("lr = 0.1\n\nlearning_rate = 1\n", vec!["run.toml:3", "`learning_rate`"]),
+            ("lora_r = 2\nlora-r = 3\n", vec!["run.toml:2", "`lora-r`", "`lora_r`"]),
+            ("model = \"m\"\nlora_r = \"big\"\n", vec!["run.toml:2", "`lora_r`", "big"]),
+            ("config = \"other.toml\"\n", vec!["run.toml:1", "`config`"]),
+            ("[train]\nlr = 1\n", vec!["run.toml:1", "`train`", "table"]),
+            ("lr = \n", vec!["run.toml"]),
+        ] {
+            std::fs::write(&toml, text).unwrap();
+            let a = train_args(&["--config", toml.to_str().unwrap(), "--model", "m"]);
+            let e = format!("{:#}", train::build_config(&a).unwrap_err());
+            for n in needles {
+                assert!(e.contains(n), "{text:?}: {n:?} not in {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn negative_numbers_reach_the_real_check() {
+        for (flag, value, needle) in [
+            ("--lr", "-1", "lr must be > 0"),
+            ("--lora-alpha", "-5", "alpha must be finite and > 0"),
+            ("--weight-decay", "-1", "weight_decay must be >= 0"),
+            ("--lora-dropout", "-0.5", "dropout must be in [0, 1)"),
+            ("--eval-fraction", "-0.1", "eval_fraction must be in [0, 1)"),
+            ("--max-grad-norm", "-1", "--max-grad-norm must be a finite number >= 0"),
+        ] {
+            let joined = format!("{flag}={value}");
+            for args in [
+                vec!["--model", "m", "--data", "d", flag, value],
+                vec!["--model", "m", "--data", "d", &joined],
+            ] {
+                let a = train_args(&args);
+                let e = format!("{:#}", train::build_config(&a).unwrap_err());
+                assert!(e.contains(needle), "{args:?}: {e}");
+            }
+        }
+        // Unsigned flags refuse a negative number as a value, not as an unknown argument.
+        let e = Cli::try_parse_from(["flare", "train", "--lora-r", "-1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid value '-1' for '--lora-r"), "{e}");
+        // 0 turns clipping off, explicitly.
+        let a = train_args(&["--model", "m", "--data", "d", "--max-grad-norm", "0"]);
+        assert_eq!(train::build_config(&a).unwrap().max_grad_norm, None);
+        let a = train_args(&["--model", "m", "--data", "d"]);
+        assert_eq!(train::build_config(&a).unwrap().max_grad_norm, Some(1.0));
+    }
+
+    #[test]
+    fn an_error_chain_prints_each_message_once() {
+        let a = train_args(&["--config", "/no/such/run.toml"]);
+        let e = train::build_config(&a).unwrap_err();
+        let lines = error_lines(&e);
+        let all = lines.join("\n");
+        assert_eq!(all.matches("No such file").count(), 1, "{all}");
+        assert!(lines[0].starts_with("error: reading config /no/such/run.toml"), "{all}");
+        // A cause not contained in the message above it is still printed.
+        let e = anyhow::anyhow!("disk on fire").context("saving the adapter");
+        assert_eq!(
+            error_lines(&e),
+            vec!["error: saving the adapter", "  caused by: disk on fire"]
+        );
+    }
+
+    #[test]
+    fn train_help_shows_the_defaults() {
+        let defaults = flare::train::TrainConfig::default();
+        let mut cmd = Cli::command().mut_subcommand("train", train::show_defaults);
+        let help = cmd
+            .find_subcommand_mut("train")
+            .unwrap()
+            .render_help()
+            .to_string();
+        for needle in [
+            format!("Peak learning rate [default: {}]", defaults.lr),
+            format!("[default: {}]", defaults.output_dir.display()),
+            format!("[default: {}]", defaults.batch_size),
+            format!("[default: {}]", defaults.epochs),
+            format!("[default: {}]", defaults.eval_every),
+            format!("[default: {}]", defaults.save_every),
+            format!("LoRA rank [default: {}]", defaults.lora_r),
+            "[default: cosine]".to_string(),
+            format!("[default: {}]", defaults.target_modules.join(",")),
+        ] {
+            assert!(help.contains(&needle), "{needle:?} not in\n{help}");
+        }
     }
 
     #[test]

@@ -1,46 +1,65 @@
 //! `flare train` and `flare merge`: flags and/or a TOML file turned into a validated
-//! [`TrainConfig`], a [`Trainer`] run with a progress bar, and the merge of an adapter into its
-//! base model.
+//! [`TrainConfig`], a [`Trainer`] run with a progress bar (or, when stderr is not a terminal,
+//! periodic progress lines), and the merge of an adapter into its base model.
+//!
+//! The TOML file of `--config` is flat and its keys are exactly the long flags, written with
+//! `_` or `-` (`skip_bad_lines = true` or `skip-bad-lines = true` for `--skip-bad-lines`; both
+//! spellings of one key is an error). Each key is turned into its flag and parsed by the same
+//! clap definition as the command line, so the file accepts what the flags accept and nothing
+//! else; an unknown key or a bad value is an error naming the file, the line and the key.
+//! Relative paths in the file resolve against the file's directory, not the working directory.
+//! Flags given on the command line override the file.
 
-use std::path::PathBuf;
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
-use clap::Args;
-use flare::train::{BadLines, Event, Schedule, TrainConfig, Trainer};
-use indicatif::{ProgressBar, ProgressStyle};
+use clap::{Arg, ArgAction, Args, FromArgMatches, ValueHint};
+use flare::train::{BadLines, Event, Schedule, StepMetrics, TrainConfig, Trainer};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
 
 use crate::bench::DeviceSpec;
+use crate::output::elog;
 
-/// `flare train`: every field of the TOML config as a flag; flags override the file.
-#[derive(Debug, Args)]
+/// `flare train`: every setting of a run as a flag; `--config FILE.toml` sets them from a file
+/// (keys as the long flags), and the flags given override it.
+///
+/// The fields named like a [`TrainConfig`] field have that field's default, which
+/// [`show_defaults`] appends to their help. (Serialize/Deserialize serve [`build_config`]'s
+/// merge of the command line over the file.)
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[command(allow_negative_numbers = true)]
 pub struct TrainArgs {
-    /// A TOML file with the run's settings (keys as the long flags, with underscores).
-    #[arg(long)]
+    /// A TOML file with the run's settings: keys as the long flags (`lora_r` or `lora-r`),
+    /// relative paths from the file's directory; flags given here override it.
+    #[arg(long, value_hint = ValueHint::FilePath)]
     pub config: Option<PathBuf>,
     /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long)]
+    #[arg(long, value_hint = ValueHint::DirPath)]
     pub model: Option<PathBuf>,
     /// Training data, JSONL: {"text"}, {"prompt","completion"} or {"messages":[...]} per line.
-    #[arg(long)]
+    #[arg(long, value_hint = ValueHint::FilePath)]
     pub data: Option<PathBuf>,
     /// Eval data (JSONL); otherwise --eval-fraction of --data is held out.
-    #[arg(long)]
+    #[arg(long, value_hint = ValueHint::FilePath)]
     pub eval_data: Option<PathBuf>,
     /// Output directory (checkpoints, metrics.jsonl, loss.png, the final adapter).
-    #[arg(long)]
+    #[arg(long, value_hint = ValueHint::DirPath)]
     pub output_dir: Option<PathBuf>,
     /// LoRA rank.
     #[arg(long)]
     pub lora_r: Option<usize>,
-    /// LoRA alpha.
+    /// LoRA alpha (the adapters' scale is alpha / r).
     #[arg(long)]
     pub lora_alpha: Option<f64>,
     /// LoRA dropout.
     #[arg(long)]
     pub lora_dropout: Option<f32>,
-    /// Comma-separated module names to adapt (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    /// Comma-separated module names to adapt.
     #[arg(long, value_delimiter = ',')]
     pub target_modules: Option<Vec<String>>,
     /// Peak learning rate.
@@ -52,13 +71,22 @@ pub struct TrainArgs {
     /// Schedule after warmup: constant, linear or cosine.
     #[arg(long)]
     pub schedule: Option<String>,
-    /// AdamW weight decay.
+    /// AdamW decoupled weight decay.
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Epochs (when --max-steps is not given).
+    /// AdamW beta1.
+    #[arg(long = "adam-beta1")]
+    pub beta1: Option<f64>,
+    /// AdamW beta2.
+    #[arg(long = "adam-beta2")]
+    pub beta2: Option<f64>,
+    /// AdamW epsilon.
+    #[arg(long = "adam-epsilon")]
+    pub eps: Option<f64>,
+    /// Passes over the training data (when --max-steps is not given).
     #[arg(long)]
     pub epochs: Option<u64>,
-    /// Optimizer steps in total.
+    /// Optimizer steps in total; overrides --epochs.
     #[arg(long)]
     pub max_steps: Option<u64>,
     /// Examples per micro-batch.
@@ -67,22 +95,25 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long)]
     pub grad_accum: Option<usize>,
-    /// Gradient clipping threshold (0: none).
+    /// Gradient clipping: the largest global gradient norm; 0 turns clipping off.
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
     /// Truncate examples to this many tokens.
     #[arg(long)]
     pub max_seq_len: Option<usize>,
+    /// Append EOS to `text` and `completion` examples (true or false).
+    #[arg(long, value_name = "BOOL")]
+    pub append_eos: Option<bool>,
     /// Eval every N steps (0: at the end only).
     #[arg(long)]
     pub eval_every: Option<u64>,
-    /// Fraction of --data held out for eval.
+    /// Fraction of --data held out for eval (0: none, unless --eval-data).
     #[arg(long)]
     pub eval_fraction: Option<f64>,
     /// Checkpoint every N steps (0: none).
     #[arg(long)]
     pub save_every: Option<u64>,
-    /// Seed.
+    /// Seed of the adapters' initialisation, the eval split and the batch order.
     #[arg(long)]
     pub seed: Option<u64>,
     /// Compute dtype of the base model: f32, bf16, f16.
@@ -96,19 +127,201 @@ pub struct TrainArgs {
     pub skip_bad_lines: bool,
     /// Resume from a checkpoint directory, or (no value, or `latest`) the newest one in the
     /// output dir.
-    #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_hint = ValueHint::DirPath)]
     pub resume: Option<PathBuf>,
-    /// No progress bar (one line per step instead).
+    /// No progress bar: a progress line per step (or per --log-every steps) instead.
     #[arg(long)]
     pub no_progress: bool,
+    /// Without a progress bar (stderr not a terminal, or --no-progress), a progress line
+    /// every N steps [default: every step with --no-progress; else every 5% of the run and
+    /// at least every 10 s].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub log_every: Option<u64>,
 }
 
-/// The config from the file (or the defaults) with the flags applied, validated.
-pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
-    let mut c = match &a.config {
-        Some(p) => TrainConfig::from_toml_file(p)?,
-        None => TrainConfig::default(),
+/// Appends `[default: X]` to the help of each flag of `flare train` that sets a
+/// [`TrainConfig`] field, X read from [`TrainConfig::default`]: the help shows the defaults
+/// the run really uses, with no second copy of them to drift.
+pub fn show_defaults(mut cmd: clap::Command) -> clap::Command {
+    let serde_json::Value::Object(defaults) =
+        serde_json::to_value(TrainConfig::default()).unwrap_or_default()
+    else {
+        return cmd;
     };
+    let ids: Vec<String> = cmd
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect();
+    for id in ids {
+        let text = match defaults.get(&id) {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(serde_json::Value::Array(v)) => v
+                .iter()
+                .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+                .collect::<Vec<_>>()
+                .join(","),
+            Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => v.to_string(),
+            _ => continue,
+        };
+        cmd = cmd.mut_arg(&id, |a| {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let a = a.help(format!("{help} [default: {text}]"));
+            match a.get_long_help().map(|h| h.to_string()) {
+                Some(long) => a.long_help(format!("{long}\n\n[default: {text}]")),
+                None => a,
+            }
+        });
+    }
+    cmd
+}
+
+/// The `flare train` arguments as a clap command of their own (no binary name), to parse a
+/// TOML file's keys exactly as the command line's flags.
+fn train_command() -> clap::Command {
+    TrainArgs::augment_args(clap::Command::new("flare train").no_binary_name(true))
+}
+
+/// The first line of a clap error, without its `error: ` prefix and usage tips.
+fn clap_message(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
+}
+
+/// The 1-based line of a byte offset of `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The command-line tokens that set `arg` (long name `long`) to a TOML value; relative paths
+/// are joined to `base`, the TOML file's directory.
+fn toml_tokens(arg: &Arg, long: &str, v: &toml::Value, base: &Path) -> Result<Vec<OsString>> {
+    let flag = format!("--{long}");
+    let with = |s: &str| vec![OsString::from(format!("{flag}={s}"))];
+    Ok(match v {
+        // A flag (`skip_bad_lines = true`), or `resume = true` for a bare --resume.
+        toml::Value::Boolean(b)
+            if matches!(arg.get_action(), ArgAction::SetTrue)
+                || long == "resume" =>
+        {
+            if *b {
+                vec![flag.into()]
+            } else {
+                Vec::new()
+            }
+        }
+        toml::Value::Boolean(b) => with(&b.to_string()),
+        toml::Value::Integer(i) => with(&i.to_string()),
+        toml::Value::Float(f) => with(&f.to_string()),
+        toml::Value::String(s) => {
+            let is_path = matches!(
+                arg.get_value_hint(),
+                ValueHint::AnyPath | ValueHint::FilePath | ValueHint::DirPath
+            );
+            // `resume = "latest"` names the newest checkpoint, not a path.
+            let keyword = long == "resume" && s == "latest";
+            if is_path && !keyword && Path::new(s).is_relative() {
+                let mut t = OsString::from(format!("{flag}="));
+                t.push(base.join(s));
+                vec![t]
+            } else {
+                with(s)
+            }
+        }
+        toml::Value::Array(items) if matches!(arg.get_action(), ArgAction::Append) => {
+            let items = items
+                .iter()
+                .map(|x| x.as_str().context("expected an array of strings"))
+                .collect::<Result<Vec<_>>>()?;
+            with(&items.join(","))
+        }
+        toml::Value::Array(_) => bail!("expected a single value, got an array"),
+        toml::Value::Table(_) => {
+            bail!("expected a value, got a table (the file is flat: no [sections])")
+        }
+        toml::Value::Datetime(_) => bail!("expected a value, got a date"),
+    })
+}
+
+/// Reads a `--config` TOML file into the arguments it sets.
+fn args_from_toml(path: &Path) -> Result<TrainArgs> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    let table: BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>> =
+        toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+    let base = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let cmd = train_command();
+    let mut entries: Vec<_> = table.into_iter().collect();
+    entries.sort_by_key(|(k, _)| k.span().start);
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut argv: Vec<OsString> = Vec::new();
+    for (key, value) in &entries {
+        let at = format!("{}:{}", path.display(), line_of(&text, key.span().start));
+        let key = key.get_ref();
+        let long = key.replace('_', "-");
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()) && long != "config")
+            .ok_or_else(|| {
+                let table = if value.get_ref().is_table() {
+                    " (a table: the file is flat, without [sections])"
+                } else {
+                    ""
+                };
+                anyhow!(
+                    "{at}: unknown key `{key}`{table}: the keys are the long flags of \
+                     `flare train` (see `flare train --help`), e.g. `lora_r` or `lora-r` for \
+                     --lora-r"
+                )
+            })?;
+        if let Some(prev) = seen.insert(long.clone(), key.clone()) {
+            bail!("{at}: `{key}` sets --{long} again (already set by `{prev}`)");
+        }
+        let tokens = toml_tokens(arg, &long, value.get_ref(), &base)
+            .with_context(|| format!("{at}: key `{key}`"))?;
+        // Parsing each key alone reports a bad value with its line.
+        cmd.clone()
+            .try_get_matches_from(&tokens)
+            .map_err(|e| anyhow!("{at}: key `{key}`: {}", clap_message(&e)))?;
+        argv.extend(tokens);
+    }
+    let m = cmd
+        .try_get_matches_from(&argv)
+        .map_err(|e| anyhow!("{}: {}", path.display(), clap_message(&e)))?;
+    Ok(TrainArgs::from_arg_matches(&m)?)
+}
+
+/// `cli` over `file`: each argument given on the command line (a value, or a flag set)
+/// replaces the file's.
+fn merge_over(cli: &TrainArgs, file: TrainArgs) -> Result<TrainArgs> {
+    let serde_json::Value::Object(mut merged) = serde_json::to_value(file)? else {
+        bail!("internal: TrainArgs is not a JSON object");
+    };
+    let serde_json::Value::Object(given) = serde_json::to_value(cli)? else {
+        bail!("internal: TrainArgs is not a JSON object");
+    };
+    for (k, v) in given {
+        if !(v.is_null() || v == serde_json::Value::Bool(false)) {
+            merged.insert(k, v);
+        }
+    }
+    Ok(serde_json::from_value(serde_json::Value::Object(merged))?)
+}
+
+/// The config: the defaults, then the `--config` file, then the flags; validated.
+pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let a = match &a.config {
+        Some(p) => merge_over(a, args_from_toml(p)?)?,
+        None => a.clone(),
+    };
+    let mut c = TrainConfig::default();
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = &a.$f { c.$f = v.clone(); } )* };
     }
@@ -123,10 +336,14 @@ pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         lr,
         warmup_steps,
         weight_decay,
+        beta1,
+        beta2,
+        eps,
         epochs,
         batch_size,
         grad_accum,
         max_seq_len,
+        append_eos,
         eval_every,
         eval_fraction,
         save_every,
@@ -141,6 +358,9 @@ pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         c.max_steps = a.max_steps;
     }
     if let Some(m) = a.max_grad_norm {
+        if !(m >= 0.0 && m.is_finite()) {
+            bail!("--max-grad-norm must be a finite number >= 0 (0 turns clipping off), got {m}");
+        }
         c.max_grad_norm = (m > 0.0).then_some(m);
     }
     if let Some(s) = &a.schedule {
@@ -159,11 +379,62 @@ pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     Ok(c)
 }
 
-/// Drives a trainer to the end with a progress bar (or plain lines), printing evals and
-/// checkpoints; returns the final adapter's directory.
-pub fn run_with_progress(t: &mut Trainer, progress: bool) -> Result<PathBuf> {
+/// How a run reports its steps on stderr.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// No progress bar, even on a terminal (`--no-progress`).
+    pub no_bar: bool,
+    /// A progress line every this many steps (`--log-every`) when there is no bar.
+    pub log_every: Option<u64>,
+}
+
+impl Progress {
+    /// The progress options of `flare train`'s flags.
+    pub fn of(a: &TrainArgs) -> Self {
+        Progress {
+            no_bar: a.no_progress,
+            log_every: a.log_every,
+        }
+    }
+}
+
+/// Without a bar and without --log-every, a progress line at least this often.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// `h:mm:ss`, or `m:ss` under an hour.
+fn clock(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
+    }
+}
+
+/// The plain progress line of a step: `step 40/200 (20%): loss .., lr .., N tok/s, elapsed
+/// m:ss, ETA m:ss`. `first` is the step the run (or the resume) started at; the ETA is the
+/// time per step since then times the steps left.
+fn progress_line(m: &StepMetrics, total: u64, first: u64, elapsed: Duration, tps: f64) -> String {
+    let done = m.step.saturating_sub(first).max(1);
+    let eta = elapsed.mul_f64(total.saturating_sub(m.step) as f64 / done as f64);
+    format!(
+        "step {}/{total} ({:.0}%): loss {:.4}, lr {:.2e}, {tps:.0} tok/s, elapsed {}, ETA {}",
+        m.step,
+        100.0 * m.step as f64 / total.max(1) as f64,
+        m.loss,
+        m.lr,
+        clock(elapsed),
+        clock(eta)
+    )
+}
+
+/// Drives a trainer to the end, reporting on stderr: a progress bar when stderr is a
+/// terminal, else plain progress lines (every step with `--no-progress`, every `--log-every`
+/// steps, or by default every 5% of the run and at least every 10 s), the evals and the
+/// checkpoints. Returns the final adapter's directory.
+pub fn run_with_progress(t: &mut Trainer, progress: Progress) -> Result<PathBuf> {
     let stats = t.data_stats().clone();
-    eprintln!(
+    elog!(
         "data: {} train / {} eval examples{}{}{}",
         stats.train_examples,
         stats.eval_examples,
@@ -184,16 +455,19 @@ pub fn run_with_progress(t: &mut Trainer, progress: bool) -> Result<PathBuf> {
         },
     );
     if !stats.bad_lines.is_empty() {
-        eprintln!(
+        elog!(
             "warning: skipped {} malformed line(s):",
             stats.bad_lines.len()
         );
         for l in stats.bad_lines.iter().take(10) {
-            eprintln!("  {l}");
+            elog!("  {l}");
         }
     }
     let total = t.state().total_steps;
-    let bar = if progress {
+    let first = t.state().step;
+    // indicatif draws only on a terminal (not a pipe, a file or TERM=dumb).
+    let bar_shown = !progress.no_bar && !ProgressDrawTarget::stderr().is_hidden();
+    let bar = if bar_shown {
         let b = ProgressBar::new(total);
         b.set_style(
             ProgressStyle::with_template(
@@ -201,30 +475,45 @@ pub fn run_with_progress(t: &mut Trainer, progress: bool) -> Result<PathBuf> {
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        b.set_position(t.state().step);
+        b.set_position(first);
         b
     } else {
         ProgressBar::hidden()
     };
+    let every = progress.log_every.unwrap_or(if progress.no_bar {
+        1
+    } else {
+        (total / 20).max(1)
+    });
+    let timed = progress.log_every.is_none();
     let start = Instant::now();
+    let mut last_line = start;
     let mut tokens = 0u64;
     let dir = t.run(|e| match e {
         Event::Step(m) => {
             tokens += m.tokens as u64;
-            let tps = tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
-            let msg = format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.loss, m.lr, tps);
-            if progress {
+            let elapsed = start.elapsed();
+            let tps = tokens as f64 / elapsed.as_secs_f64().max(1e-9);
+            if bar_shown {
                 bar.set_position(m.step);
-                bar.set_message(msg);
-            } else {
-                eprintln!("step {}/{total}: {msg}", m.step);
+                bar.set_message(format!(
+                    "loss {:.4} lr {:.2e} {tps:.0} tok/s",
+                    m.loss, m.lr
+                ));
+            } else if m.step == first + 1
+                || m.step % every == 0
+                || m.step == total
+                || (timed && last_line.elapsed() >= LOG_INTERVAL)
+            {
+                last_line = Instant::now();
+                elog!("{}", progress_line(m, total, first, elapsed, tps));
             }
         }
         Event::Eval { step, loss } => {
-            bar.suspend(|| eprintln!("step {step}: eval loss {loss:.4}"));
+            bar.suspend(|| elog!("step {step}: eval loss {loss:.4}"));
         }
         Event::Checkpoint { step, dir } => {
-            bar.suspend(|| eprintln!("step {step}: checkpoint {}", dir.display()));
+            bar.suspend(|| elog!("step {step}: checkpoint {}", dir.display()));
         }
         Event::Done { .. } => bar.finish(),
     })?;
@@ -236,7 +525,7 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
     let cfg = build_config(a)?;
     let device = cfg.device.parse::<DeviceSpec>()?.open()?;
     if cfg.lora_dropout > 0.0 {
-        eprintln!(
+        elog!(
             "note: lora_dropout > 0 draws from an unseeded RNG: runs (and resumes) are not \
              bit-reproducible"
         );
@@ -251,11 +540,11 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
             } else {
                 dir.clone()
             };
-            eprintln!("resuming from {}", dir.display());
+            elog!("resuming from {}", dir.display());
             Trainer::resume_from_config(cfg.clone(), &device, &dir)?
         }
     };
-    eprintln!(
+    elog!(
         "training {} ({} adapted modules, dtype {}) on {}: {} steps",
         cfg.model.display(),
         t.modules().len(),
@@ -263,8 +552,8 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
         crate::bench::hardware_name(&device),
         t.state().total_steps
     );
-    let dir = run_with_progress(&mut t, !a.no_progress)?;
-    eprintln!(
+    let dir = run_with_progress(&mut t, Progress::of(a))?;
+    elog!(
         "adapter written to {} (metrics.jsonl, loss.png beside it)",
         dir.display()
     );
@@ -299,7 +588,7 @@ pub fn run_merge(a: &MergeArgs) -> Result<()> {
     };
     flare::train::merge_adapter_to_dir(&a.model, &a.adapter, &a.out, dtype)
         .with_context(|| format!("merging {} into {}", a.adapter.display(), a.model.display()))?;
-    eprintln!("merged model written to {}", a.out.display());
+    elog!("merged model written to {}", a.out.display());
     Ok(())
 }
 

@@ -359,3 +359,238 @@ fn info_and_generate_on_a_sharded_model() {
         );
     }
 }
+
+// ---- flare train: output, progress, help, errors ----------------------------------------------
+
+fn demo_assets() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/demo")
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("flare-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `flare train` arguments for a short run on the demo assets into `out`.
+fn short_run(out: &Path, steps: u64) -> Vec<String> {
+    let a = demo_assets();
+    [
+        "train",
+        "--model",
+        a.join("model").to_str().unwrap(),
+        "--data",
+        a.join("data/train.jsonl").to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        &steps.to_string(),
+        "--batch-size",
+        "2",
+        "--max-seq-len",
+        "32",
+        "--lora-r",
+        "2",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn adapter_written(out: &Path) -> bool {
+    out.join("adapter_model.safetensors").is_file() && out.join("adapter_config.json").is_file()
+}
+
+#[test]
+fn train_survives_a_closed_or_full_stderr() {
+    use std::process::Stdio;
+    let dir = TempDir::new("closed-stderr");
+    // stderr into a pipe whose reader is gone at once: every write gets EPIPE.
+    let out = dir.0.join("pipe");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flare"))
+        .args(short_run(&out, 4))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(adapter_written(&out));
+    // stderr on a full disk: every write gets ENOSPC.
+    if Path::new("/dev/full").exists() {
+        let out = dir.0.join("full");
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let status = Command::new(env!("CARGO_BIN_EXE_flare"))
+            .args(short_run(&out, 4))
+            .stderr(full)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        assert!(adapter_written(&out));
+        // An error with nowhere to print it still exits 1 (not a panic's 101).
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let status = Command::new(env!("CARGO_BIN_EXE_flare"))
+            .args(["train", "--config", "/no/such/run.toml"])
+            .stderr(full)
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(1));
+    }
+    // generate: a reader that goes away ends the generation quietly.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flare"))
+        .args([
+            "generate",
+            "--model",
+            fixture("qwen2").to_str().unwrap(),
+            "--prompt",
+            "The quick brown fox",
+            "-n",
+            "64",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
+
+#[test]
+fn train_prints_progress_lines_without_a_terminal() {
+    let dir = TempDir::new("progress");
+    // stderr is a pipe here: no bar, a line every 5% of the run (every 2 of 40 steps).
+    let out = dir.0.join("auto");
+    let o = Command::new(env!("CARGO_BIN_EXE_flare"))
+        .args(short_run(&out, 40))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("step ")).collect();
+    for step in [1, 2, 4, 20, 38, 40] {
+        let prefix = format!("step {step}/40 (");
+        assert!(
+            lines.iter().any(|l| l.starts_with(&prefix)),
+            "{prefix:?} not in\n{err}"
+        );
+    }
+    assert!(!lines.iter().any(|l| l.starts_with("step 3/40")), "{err}");
+    let last = lines.iter().find(|l| l.starts_with("step 40/40")).unwrap();
+    for part in ["(100%): loss ", ", lr ", " tok/s, elapsed ", ", ETA 0:00"] {
+        assert!(last.contains(part), "{part:?} not in {last}");
+    }
+    // --log-every 10: steps 1, 10, 20, 30, 40 only.
+    let out = dir.0.join("every");
+    let mut args = short_run(&out, 40);
+    args.extend(["--log-every".into(), "10".into()]);
+    let o = Command::new(env!("CARGO_BIN_EXE_flare"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let steps: Vec<String> = stderr(&o)
+        .lines()
+        .filter_map(|l| l.strip_prefix("step "))
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(steps, ["1/40", "10/40", "20/40", "30/40", "40/40"]);
+    // --help lists the flag.
+    let o = flare(&["train", "--help"]);
+    assert!(stdout(&o).contains("--log-every <N>"), "{}", stdout(&o));
+}
+
+#[test]
+fn train_help_shows_defaults_and_the_readme_recipe_parses() {
+    let o = flare(&["train", "--help"]);
+    assert!(o.status.success());
+    let help = stdout(&o);
+    for needle in [
+        "Peak learning rate [default: 0.0002]",
+        "[default: flare-out]",
+        "[default: 4]",
+        "[default: cosine]",
+        "[default: 1.0]",
+    ] {
+        assert!(help.contains(needle), "{needle:?} not in\n{help}");
+    }
+    // The README's fine-tuning example on the demo data: every flag exists and validates.
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+        .unwrap();
+    let start = readme
+        .find("flare train --model assets/demo/model")
+        .expect("the README's demo-data example");
+    let cmd: String = readme[start..]
+        .lines()
+        .take_while(|l| !l.trim().is_empty() && !l.starts_with("```"))
+        .map(|l| l.trim_end_matches('\\'))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut args: Vec<String> = cmd.split_whitespace().skip(1).map(String::from).collect();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = TempDir::new("readme");
+    for w in args.iter_mut() {
+        if w.starts_with("assets/") {
+            *w = root.join(&*w).to_str().unwrap().to_string();
+        }
+    }
+    let i = args.iter().position(|w| w == "--output-dir").unwrap();
+    args[i + 1] = dir.0.join("out").to_str().unwrap().to_string();
+    // Validation only: --max-steps 0 is refused after every other flag has parsed.
+    args.extend(["--max-steps".into(), "0".into()]);
+    let o = Command::new(env!("CARGO_BIN_EXE_flare"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&o).contains("nothing to train"),
+        "{args:?}: {}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn train_errors_are_clear_and_printed_once() {
+    // Negative values reach the real check instead of "unexpected argument '-1'".
+    for (flag, needle) in [
+        ("--lr", "lr must be > 0"),
+        ("--lora-alpha", "alpha must be finite and > 0"),
+        ("--weight-decay", "weight_decay must be >= 0"),
+        ("--max-grad-norm", "--max-grad-norm must be a finite number >= 0"),
+    ] {
+        let o = flare(&["train", "--model", "m", "--data", "d.jsonl", flag, "-1"]);
+        assert_eq!(o.status.code(), Some(1), "{flag}");
+        assert!(stderr(&o).contains(needle), "{flag}: {}", stderr(&o));
+    }
+    // Each message of an error chain once.
+    let o = flare(&["train", "--config", "/no/such/run.toml"]);
+    let err = stderr(&o);
+    assert!(err.starts_with("error: reading config /no/such/run.toml"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
