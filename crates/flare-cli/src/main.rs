@@ -411,17 +411,32 @@ mod tests {
                 let e = train::build_config(&a).err().map(|e| format!("{e:#}"));
                 // It may fail for lack of --model/--data, never for the key.
                 if let Some(e) = e {
-                    assert!(e.starts_with("no model") || e.starts_with("no data"), "{key}: {e}");
+                    assert!(
+                        e.starts_with("no model") || e.starts_with("no data"),
+                        "{key}: {e}"
+                    );
                 }
             }
         }
 
         // An unknown key, a key set twice, a bad value, a table: the file, line and key.
         for (text, needles) in [
-            ("lr = 0.1\nbad_lines = \"skip\"\n", vec!["run.toml:2", "`bad_lines`"]),
-            ("lr = 0.1\n\nlearning_rate = 1\n", vec!["run.toml:3", "`learning_rate`"]),
-            ("lora_r = 2\nlora-r = 3\n", vec!["run.toml:2", "`lora-r`", "`lora_r`"]),
-            ("model = \"m\"\nlora_r = \"big\"\n", vec!["run.toml:2", "`lora_r`", "big"]),
+            (
+                "lr = 0.1\nbad_lines = \"skip\"\n",
+                vec!["run.toml:2", "`bad_lines`"],
+            ),
+            (
+                "lr = 0.1\n\nlearning_rate = 1\n",
+                vec!["run.toml:3", "`learning_rate`"],
+            ),
+            (
+                "lora_r = 2\nlora-r = 3\n",
+                vec!["run.toml:2", "`lora-r`", "`lora_r`"],
+            ),
+            (
+                "model = \"m\"\nlora_r = \"big\"\n",
+                vec!["run.toml:2", "`lora_r`", "big"],
+            ),
             ("config = \"other.toml\"\n", vec!["run.toml:1", "`config`"]),
             ("[train]\nlr = 1\n", vec!["run.toml:1", "`train`", "table"]),
             ("lr = \n", vec!["run.toml"]),
@@ -443,7 +458,11 @@ mod tests {
             ("--weight-decay", "-1", "weight_decay must be >= 0"),
             ("--lora-dropout", "-0.5", "dropout must be in [0, 1)"),
             ("--eval-fraction", "-0.1", "eval_fraction must be in [0, 1)"),
-            ("--max-grad-norm", "-1", "--max-grad-norm must be a finite number >= 0"),
+            (
+                "--max-grad-norm",
+                "-1",
+                "--max-grad-norm must be a finite number >= 0",
+            ),
         ] {
             let joined = format!("{flag}={value}");
             for args in [
@@ -474,7 +493,10 @@ mod tests {
         let lines = error_lines(&e);
         let all = lines.join("\n");
         assert_eq!(all.matches("No such file").count(), 1, "{all}");
-        assert!(lines[0].starts_with("error: reading config /no/such/run.toml"), "{all}");
+        assert!(
+            lines[0].starts_with("error: reading config /no/such/run.toml"),
+            "{all}"
+        );
         // A cause not contained in the message above it is still printed.
         let e = anyhow::anyhow!("disk on fire").context("saving the adapter");
         assert_eq!(
@@ -505,6 +527,36 @@ mod tests {
         ] {
             assert!(help.contains(&needle), "{needle:?} not in\n{help}");
         }
+    }
+
+    #[test]
+    fn the_readme_train_example_is_the_demo_recipe() {
+        let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+        let readme = std::fs::read_to_string(readme).unwrap();
+        let start = readme
+            .find("flare train --model assets/demo/model")
+            .expect("the README's example on the demo data");
+        let mut words = Vec::new();
+        for line in readme[start..].lines() {
+            let line = line.trim();
+            words.extend(line.trim_end_matches('\\').split_whitespace());
+            if !line.ends_with('\\') {
+                break;
+            }
+        }
+        let cli = Cli::try_parse_from(&words).unwrap();
+        let Command::Train(a) = cli.command else {
+            panic!("expected train: {words:?}");
+        };
+        // The run `flare demo` checks (eval loss < 0.5 after 200 steps), plus checkpoints.
+        let mut want = demo::recipe(
+            std::path::Path::new("assets/demo"),
+            "out".into(),
+            200,
+            "cpu",
+        );
+        want.save_every = 100;
+        assert_eq!(train::build_config(&a).unwrap(), want);
     }
 
     #[test]

@@ -205,8 +205,7 @@ fn toml_tokens(arg: &Arg, long: &str, v: &toml::Value, base: &Path) -> Result<Ve
     Ok(match v {
         // A flag (`skip_bad_lines = true`), or `resume = true` for a bare --resume.
         toml::Value::Boolean(b)
-            if matches!(arg.get_action(), ArgAction::SetTrue)
-                || long == "resume" =>
+            if matches!(arg.get_action(), ArgAction::SetTrue) || long == "resume" =>
         {
             if *b {
                 vec![flag.into()]
@@ -251,8 +250,8 @@ fn toml_tokens(arg: &Arg, long: &str, v: &toml::Value, base: &Path) -> Result<Ve
 fn args_from_toml(path: &Path) -> Result<TrainArgs> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
-    let table: BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>> =
-        toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+    let table: BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>> = toml::from_str(&text)
+        .map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
     let base = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -496,10 +495,7 @@ pub fn run_with_progress(t: &mut Trainer, progress: Progress) -> Result<PathBuf>
             let tps = tokens as f64 / elapsed.as_secs_f64().max(1e-9);
             if bar_shown {
                 bar.set_position(m.step);
-                bar.set_message(format!(
-                    "loss {:.4} lr {:.2e} {tps:.0} tok/s",
-                    m.loss, m.lr
-                ));
+                bar.set_message(format!("loss {:.4} lr {:.2e} {tps:.0} tok/s", m.loss, m.lr));
             } else if m.step == first + 1
                 || m.step % every == 0
                 || m.step == total

@@ -527,52 +527,23 @@ fn train_prints_progress_lines_without_a_terminal() {
 }
 
 #[test]
-fn train_help_shows_defaults_and_the_readme_recipe_parses() {
+fn train_help_shows_the_defaults() {
     let o = flare(&["train", "--help"]);
     assert!(o.status.success());
     let help = stdout(&o);
     for needle in [
         "Peak learning rate [default: 0.0002]",
-        "[default: flare-out]",
-        "[default: 4]",
-        "[default: cosine]",
-        "[default: 1.0]",
+        "the final adapter) [default: flare-out]",
+        "Examples per micro-batch [default: 4]",
+        "(when --max-steps is not given) [default: 1]",
+        "Eval every N steps (0: at the end only) [default: 0]",
+        "Checkpoint every N steps (0: none) [default: 0]",
+        "LoRA rank [default: 16]",
+        "or cosine [default: cosine]",
+        "0 turns clipping off [default: 1.0]",
     ] {
         assert!(help.contains(needle), "{needle:?} not in\n{help}");
     }
-    // The README's fine-tuning example on the demo data: every flag exists and validates.
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
-        .unwrap();
-    let start = readme
-        .find("flare train --model assets/demo/model")
-        .expect("the README's demo-data example");
-    let cmd: String = readme[start..]
-        .lines()
-        .take_while(|l| !l.trim().is_empty() && !l.starts_with("```"))
-        .map(|l| l.trim_end_matches('\\'))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let mut args: Vec<String> = cmd.split_whitespace().skip(1).map(String::from).collect();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let dir = TempDir::new("readme");
-    for w in args.iter_mut() {
-        if w.starts_with("assets/") {
-            *w = root.join(&*w).to_str().unwrap().to_string();
-        }
-    }
-    let i = args.iter().position(|w| w == "--output-dir").unwrap();
-    args[i + 1] = dir.0.join("out").to_str().unwrap().to_string();
-    // Validation only: --max-steps 0 is refused after every other flag has parsed.
-    args.extend(["--max-steps".into(), "0".into()]);
-    let o = Command::new(env!("CARGO_BIN_EXE_flare"))
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        stderr(&o).contains("nothing to train"),
-        "{args:?}: {}",
-        stderr(&o)
-    );
 }
 
 #[test]
@@ -582,7 +553,10 @@ fn train_errors_are_clear_and_printed_once() {
         ("--lr", "lr must be > 0"),
         ("--lora-alpha", "alpha must be finite and > 0"),
         ("--weight-decay", "weight_decay must be >= 0"),
-        ("--max-grad-norm", "--max-grad-norm must be a finite number >= 0"),
+        (
+            "--max-grad-norm",
+            "--max-grad-norm must be a finite number >= 0",
+        ),
     ] {
         let o = flare(&["train", "--model", "m", "--data", "d.jsonl", flag, "-1"]);
         assert_eq!(o.status.code(), Some(1), "{flag}");
@@ -591,6 +565,51 @@ fn train_errors_are_clear_and_printed_once() {
     // Each message of an error chain once.
     let o = flare(&["train", "--config", "/no/such/run.toml"]);
     let err = stderr(&o);
-    assert!(err.starts_with("error: reading config /no/such/run.toml"), "{err}");
+    assert!(
+        err.starts_with("error: reading config /no/such/run.toml"),
+        "{err}"
+    );
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
+#[test]
+fn train_config_file_keys_are_the_flags_and_paths_are_the_files() {
+    let dir = TempDir::new("toml-run");
+    let runs = dir.0.join("runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    // The demo data beside the TOML file, plus one malformed line to skip.
+    let mut data = std::fs::read_to_string(demo_assets().join("data/train.jsonl")).unwrap();
+    data.push_str("{not json\n");
+    std::fs::write(runs.join("train.jsonl"), data).unwrap();
+    let toml = runs.join("run.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "model = {:?}\ndata = \"train.jsonl\"\noutput-dir = \"out\"\nmax_steps = 2\n\
+             batch_size = 2\nmax_seq_len = 32\nlora_r = 2\ntarget_modules = [\"q_proj\"]\n\
+             skip_bad_lines = true\ndevice = \"cpu\"\n",
+            demo_assets().join("model").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    // Run from another directory: the paths are the file's, not the working directory's.
+    let o = Command::new(env!("CARGO_BIN_EXE_flare"))
+        .args(["train", "--config", toml.to_str().unwrap()])
+        .current_dir(&dir.0)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(adapter_written(&runs.join("out")), "{}", stderr(&o));
+    assert!(!dir.0.join("out").exists());
+    assert!(
+        stderr(&o).contains("skipped 1 malformed line"),
+        "{}",
+        stderr(&o)
+    );
+    // A key that is no flag: the file, the line and the key.
+    std::fs::write(&toml, "lr = 1e-3\nbad_lines = \"skip\"\n").unwrap();
+    let o = flare(&["train", "--config", toml.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let want = format!("{}:2: unknown key `bad_lines`", toml.display());
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
 }
