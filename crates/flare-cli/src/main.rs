@@ -382,6 +382,29 @@ mod tests {
         assert!(!c.append_eos);
         assert_eq!(c.target_modules, vec!["q_proj", "v_proj"]);
         assert_eq!((c.max_steps, c.max_grad_norm), (Some(7), Some(0.5)));
+        // The run's own switches come from the file too; `latest` is no path; flags win.
+        let e = train::effective_args(&a).unwrap();
+        assert_eq!(e.resume.as_deref(), Some(std::path::Path::new("latest")));
+        assert_eq!(e.log_every, Some(3));
+        let a = train_args(&[
+            "--config",
+            toml.to_str().unwrap(),
+            "--log-every",
+            "5",
+            "--resume",
+            "ckpt",
+            "--data",
+            "d.jsonl",
+        ]);
+        let e = train::effective_args(&a).unwrap();
+        assert_eq!(e.log_every, Some(5));
+        assert_eq!(e.resume.as_deref(), Some(std::path::Path::new("ckpt")));
+        assert_eq!(e.data.as_deref(), Some(std::path::Path::new("d.jsonl")));
+        assert!(e.skip_bad_lines);
+        std::fs::write(&toml, "resume = \"checkpoint-4\"\n").unwrap();
+        let a = train_args(&["--config", toml.to_str().unwrap()]);
+        let e = train::effective_args(&a).unwrap();
+        assert_eq!(e.resume, Some(sub.join("checkpoint-4")));
 
         // Every long flag but --config is a key, in either spelling.
         use clap::CommandFactory;

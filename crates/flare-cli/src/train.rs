@@ -314,12 +314,20 @@ fn merge_over(cli: &TrainArgs, file: TrainArgs) -> Result<TrainArgs> {
     Ok(serde_json::from_value(serde_json::Value::Object(merged))?)
 }
 
-/// The config: the defaults, then the `--config` file, then the flags; validated.
-pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
-    let a = match &a.config {
+/// The arguments of the run: those of the `--config` file with the command line's over them
+/// (`config` is then `None`: the file is applied).
+pub fn effective_args(a: &TrainArgs) -> Result<TrainArgs> {
+    let mut merged = match &a.config {
         Some(p) => merge_over(a, args_from_toml(p)?)?,
         None => a.clone(),
     };
+    merged.config = None;
+    Ok(merged)
+}
+
+/// The config: the defaults, then the `--config` file, then the flags; validated.
+pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let a = effective_args(a)?;
     let mut c = TrainConfig::default();
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = &a.$f { c.$f = v.clone(); } )* };
@@ -518,6 +526,8 @@ pub fn run_with_progress(t: &mut Trainer, progress: Progress) -> Result<PathBuf>
 
 /// `flare train`.
 pub fn run_train(a: &TrainArgs) -> Result<()> {
+    // The file's --resume, --no-progress and --log-every count too.
+    let a = &effective_args(a)?;
     let cfg = build_config(a)?;
     let device = cfg.device.parse::<DeviceSpec>()?.open()?;
     if cfg.lora_dropout > 0.0 {
@@ -591,4 +601,30 @@ pub fn run_merge(a: &MergeArgs) -> Result<()> {
 /// Opens a device named like `--device`.
 pub fn open_device(s: &str) -> Result<Device> {
     s.parse::<DeviceSpec>()?.open()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_line_reads_well_and_its_eta_counts_from_the_resume() {
+        assert_eq!(clock(Duration::from_secs(59)), "0:59");
+        assert_eq!(clock(Duration::from_secs(3 * 3600 + 62)), "3:01:02");
+        let m = StepMetrics {
+            step: 150,
+            loss: 0.123456,
+            lr: 2.5e-4,
+            grad_norm: 1.0,
+            tokens: 64,
+            epoch: 1.5,
+            seconds: 0.1,
+        };
+        // Resumed at step 100: 50 steps in 100 s, 50 left.
+        let line = progress_line(&m, 200, 100, Duration::from_secs(100), 1234.4);
+        assert_eq!(
+            line,
+            "step 150/200 (75%): loss 0.1235, lr 2.50e-4, 1234 tok/s, elapsed 1:40, ETA 1:40"
+        );
+    }
 }
