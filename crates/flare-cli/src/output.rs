@@ -8,7 +8,8 @@
 //! error would be reported, so there is nowhere left to report it, and the run's real products
 //! (the adapter, checkpoints, metrics.jsonl) are files that do not depend on it. Text that *is*
 //! the product on stdout (generated text) is written with `write_all` and its errors handled by
-//! the command (see `generate_cmd`).
+//! the command (see `generate_cmd`). indicatif's progress bar draws only on a terminal and
+//! drops its own write errors, and clap's `Error::exit` swallows a broken pipe.
 
 use std::fmt;
 use std::io::Write;

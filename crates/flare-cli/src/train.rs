@@ -217,10 +217,7 @@ fn toml_tokens(arg: &Arg, long: &str, v: &toml::Value, base: &Path) -> Result<Ve
         toml::Value::Integer(i) => with(&i.to_string()),
         toml::Value::Float(f) => with(&f.to_string()),
         toml::Value::String(s) => {
-            let is_path = matches!(
-                arg.get_value_hint(),
-                ValueHint::AnyPath | ValueHint::FilePath | ValueHint::DirPath
-            );
+            let is_path = arg.get_value_parser().type_id() == std::any::TypeId::of::<PathBuf>();
             // `resume = "latest"` names the newest checkpoint, not a path.
             let keyword = long == "resume" && s == "latest";
             if is_path && !keyword && Path::new(s).is_relative() {
