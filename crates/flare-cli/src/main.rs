@@ -583,6 +583,24 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_toml_example_is_valid() {
+        let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+        let readme = std::fs::read_to_string(readme).unwrap();
+        let start = readme.find("```toml\n").expect("the README's TOML example") + 8;
+        let toml_text = &readme[start..start + readme[start..].find("```").unwrap()];
+        let dir = TempDir::new("readme-toml");
+        let runs = dir.0.join("runs");
+        std::fs::create_dir_all(&runs).unwrap();
+        let file = runs.join("veloria.toml");
+        std::fs::write(&file, toml_text).unwrap();
+        let c = train::build_config(&train_args(&["--config", file.to_str().unwrap()])).unwrap();
+        assert_eq!(c.model, runs.join("../assets/demo/model"));
+        assert_eq!(c.data, runs.join("train.jsonl"));
+        assert_eq!(c.output_dir, runs.join("out"));
+        assert_eq!(c.bad_lines, flare::train::BadLines::Skip);
+    }
+
+    #[test]
     fn rejects_zero_repeats() {
         assert!(Cli::try_parse_from(["flare", "bench", "ops", "--repeats", "0"]).is_err());
     }
