@@ -315,7 +315,8 @@ fn merge_over(cli: &TrainArgs, file: TrainArgs) -> Result<TrainArgs> {
 /// (`config` is then `None`: the file is applied).
 pub fn effective_args(a: &TrainArgs) -> Result<TrainArgs> {
     let mut merged = match &a.config {
-        Some(p) => merge_over(a, args_from_toml(p)?)?,
+        Some(p) => merge_over(a, args_from_toml(p)?)
+            .with_context(|| format!("applying the flags over {}", p.display()))?,
         None => a.clone(),
     };
     merged.config = None;
