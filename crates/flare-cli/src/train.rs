@@ -95,9 +95,21 @@ pub struct TrainArgs {
     #[arg(long)]
     pub skip_bad_lines: bool,
     /// Resume from a checkpoint directory, or (no value, or `latest`) the newest one in the
-    /// output dir.
+    /// output dir. The checkpoint must be of this run: same model, tokenizer and data (by
+    /// content) and same settings wherever they change the result (lr, schedule, warmup,
+    /// max-steps/epochs, batch size, grad-accum, LoRA r/alpha/dropout/targets, seed, dtype,
+    /// ...); else the run is refused, naming each field that differs. The length
+    /// (--max-steps, --epochs) can change only with --schedule constant: a decaying schedule
+    /// spans the whole run, so extending a finished run would make the lr jump back up.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
     pub resume: Option<PathBuf>,
+    /// Resume from this checkpoint directory (the same checks as --resume).
+    #[arg(long, value_name = "CHECKPOINT", conflicts_with = "resume")]
+    pub resume_from: Option<PathBuf>,
+    /// Checkpoints kept in the output dir: after each save, all but the newest N are deleted
+    /// (0: keep all) [default: 3].
+    #[arg(long, value_name = "N")]
+    pub save_total_limit: Option<usize>,
     /// No progress bar (one line per step instead).
     #[arg(long)]
     pub no_progress: bool,
@@ -130,6 +142,7 @@ pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         eval_every,
         eval_fraction,
         save_every,
+        save_total_limit,
         seed,
         dtype,
         device
@@ -162,6 +175,9 @@ pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
 /// Drives a trainer to the end with a progress bar (or plain lines), printing evals and
 /// checkpoints; returns the final adapter's directory.
 pub fn run_with_progress(t: &mut Trainer, progress: bool) -> Result<PathBuf> {
+    for l in t.leftovers() {
+        eprintln!("cleanup: {l} (left by an interrupted run)");
+    }
     let stats = t.data_stats().clone();
     eprintln!(
         "data: {} train / {} eval examples{}{}{}",
@@ -241,10 +257,11 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
              bit-reproducible"
         );
     }
-    let mut t = match &a.resume {
+    let resume = a.resume_from.as_ref().or(a.resume.as_ref());
+    let mut t = match resume {
         None => Trainer::from_config(cfg.clone(), &device)?,
         Some(dir) => {
-            let dir = if dir.as_os_str() == "latest" {
+            let dir = if a.resume_from.is_none() && dir.as_os_str() == "latest" {
                 Trainer::latest_checkpoint(&cfg.output_dir).with_context(|| {
                     format!("--resume: no checkpoint in {}", cfg.output_dir.display())
                 })?
@@ -265,7 +282,7 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
     );
     let dir = run_with_progress(&mut t, !a.no_progress)?;
     eprintln!(
-        "adapter written to {} (metrics.jsonl, loss.png beside it)",
+        "adapter written to {} (metrics.jsonl, loss.png in the output dir)",
         dir.display()
     );
     Ok(())
@@ -286,6 +303,9 @@ pub struct MergeArgs {
     /// Output dtype (f32, bf16, f16); default: each tensor's stored dtype.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Replace a non-empty --out directory whole (never the model's or the adapter's own).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `flare merge`.
@@ -297,7 +317,7 @@ pub fn run_merge(a: &MergeArgs) -> Result<()> {
         Some("f16") => Some(DType::F16),
         Some(other) => bail!("--dtype: expected f32, bf16 or f16, got {other:?}"),
     };
-    flare::train::merge_adapter_to_dir(&a.model, &a.adapter, &a.out, dtype)
+    flare::train::merge_adapter_to_dir(&a.model, &a.adapter, &a.out, dtype, a.force)
         .with_context(|| format!("merging {} into {}", a.adapter.display(), a.model.display()))?;
     eprintln!("merged model written to {}", a.out.display());
     Ok(())
