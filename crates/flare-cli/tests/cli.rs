@@ -382,7 +382,10 @@ fn qwen2_copy(dir: &Path) -> PathBuf {
     ] {
         std::fs::copy(src.join(f), m.join(f)).unwrap();
     }
-    for f in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"] {
+    for f in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
         std::fs::copy(src.join(f), m.join(f)).unwrap();
     }
     m
@@ -435,7 +438,10 @@ fn merge_refuses_the_model_dir_and_mixing_with_other_files() {
     let o = merge(&["--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(busy.join("model.safetensors").is_file());
-    assert!(!busy.join("notes.txt").exists(), "the old directory was not replaced whole");
+    assert!(
+        !busy.join("notes.txt").exists(),
+        "the old directory was not replaced whole"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -488,11 +494,19 @@ fn train_rotates_checkpoints_and_resume_from_checks_the_run() {
     // Another length under the cosine schedule: refused, naming the field.
     let o = train(&["--max-steps", "5", "--resume-from", ckpt]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("`max_steps`: 5 steps here, 3 steps"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("`max_steps`: 5 steps here, 3 steps"),
+        "{}",
+        stderr(&o)
+    );
     // The same command without a resume: refused, the directory holds this run.
     let o = train(&["--max-steps", "3"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("already holds a training run"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("already holds a training run"),
+        "{}",
+        stderr(&o)
+    );
     // The explicit checkpoint of this run resumes.
     let o = train(&["--max-steps", "3", "--resume-from", ckpt]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -279,7 +279,10 @@ pub fn remove_stale_of(target: impl AsRef<Path>) -> Result<Vec<Leftover>> {
 
 fn clean(dir: &Path, only: Option<&str>) -> Result<Vec<Leftover>> {
     let listing_err = |source| Error::Io {
-        context: format!("listing {} for leftovers of an interrupted run", dir.display()),
+        context: format!(
+            "listing {} for leftovers of an interrupted run",
+            dir.display()
+        ),
         source,
     };
     let entries = match std::fs::read_dir(dir) {
@@ -289,7 +292,12 @@ fn clean(dir: &Path, only: Option<&str>) -> Result<Vec<Leftover>> {
     };
     let mut names: Vec<String> = Vec::new();
     for e in entries {
-        names.push(e.map_err(listing_err)?.file_name().to_string_lossy().into_owned());
+        names.push(
+            e.map_err(listing_err)?
+                .file_name()
+                .to_string_lossy()
+                .into_owned(),
+        );
     }
     names.sort();
     let mut done = Vec::new();
@@ -634,7 +642,11 @@ mod tests {
         write_dir_atomic(&target, |tmp| write_atomic(tmp.join("a.json"), b"new a")).unwrap();
         assert_eq!(names_in(&target), ["a.json"]);
         assert_eq!(std::fs::read(target.join("a.json")).unwrap(), b"new a");
-        assert_eq!(d.entries(), ["adapter"], "no temporary or old directory left");
+        assert_eq!(
+            d.entries(),
+            ["adapter"],
+            "no temporary or old directory left"
+        );
     }
 
     #[test]
@@ -702,7 +714,7 @@ mod tests {
         }));
         assert_eq!(
             d.entries(),
-            [live.as_str(), ".hidden", "a.tmp.1.2", "ckpt", "merged"]
+            [".hidden", live.as_str(), "a.tmp.1.2", "ckpt", "merged"]
         );
         assert_eq!(std::fs::read(d.0.join("merged/model")).unwrap(), b"old");
         assert!(remove_stale(&d.0).unwrap().is_empty(), "nothing left to do");

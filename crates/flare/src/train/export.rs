@@ -98,7 +98,12 @@ fn resolved(path: &Path) -> Result<PathBuf> {
 }
 
 /// Refuses an output directory that would destroy an input, or mix with other files.
-fn check_out_dir(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, overwrite: bool) -> Result<()> {
+fn check_out_dir(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    overwrite: bool,
+) -> Result<()> {
     let refuse = |msg: String| Err(Error::InvalidArgument { op: OP, msg });
     let out = resolved(out_dir)?;
     for (what, dir) in [("base model", model_dir), ("adapter", adapter_dir)] {

@@ -445,8 +445,7 @@ fn run_traces(dir: &Path) -> Vec<String> {
     if dir.join(ADAPTER_DIR).exists() {
         found.push(format!("a final adapter in {ADAPTER_DIR}/"));
     }
-    if dir.join("adapter_config.json").exists() || dir.join("adapter_model.safetensors").exists()
-    {
+    if dir.join("adapter_config.json").exists() || dir.join("adapter_model.safetensors").exists() {
         found.push("an adapter (adapter_config.json, adapter_model.safetensors)".into());
     }
     if std::fs::metadata(dir.join(METRICS_FILE)).is_ok_and(|m| m.len() > 0) {

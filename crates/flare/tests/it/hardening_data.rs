@@ -177,7 +177,10 @@ fn resume_refuses_a_checkpoint_of_another_run_naming_each_field() -> Result<()> 
     let e = Trainer::from_config(other, &Device::Cpu).unwrap_err();
     assert!(matches!(e, Error::OutputDirInUse { .. }), "{e}");
     let e = e.to_string();
-    assert!(e.contains("2 checkpoints, checkpoint-2 to checkpoint-4"), "{e}");
+    assert!(
+        e.contains("2 checkpoints, checkpoint-2 to checkpoint-4"),
+        "{e}"
+    );
     assert!(e.contains("of another run (`lr`"), "{e}");
     let e = Trainer::from_config(same, &Device::Cpu)
         .unwrap_err()
@@ -216,11 +219,18 @@ fn final_adapter_is_written_and_replaced_as_one_directory() -> Result<()> {
         names(&a),
         ["adapter_config.json", "adapter_model.safetensors"]
     );
-    assert_ne!(std::fs::read(a.join("adapter_model.safetensors")).unwrap(), first);
+    assert_ne!(
+        std::fs::read(a.join("adapter_model.safetensors")).unwrap(),
+        first
+    );
     // The training output directory loads as its adapter.
     let loaded = flare::lora::load_adapter(&out, &Device::Cpu)?;
     assert_eq!(loaded.config.r, 4);
-    assert!(names(&out).iter().all(|n| !n.starts_with('.')), "{:?}", names(&out));
+    assert!(
+        names(&out).iter().all(|n| !n.starts_with('.')),
+        "{:?}",
+        names(&out)
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -302,7 +312,13 @@ fn a_non_finite_step_stops_the_run_and_nothing_non_finite_is_saved() -> Result<(
         ),
         saved
     );
-    assert_eq!(names(&out).iter().filter(|n| n.starts_with("checkpoint-")).count(), 1);
+    assert_eq!(
+        names(&out)
+            .iter()
+            .filter(|n| n.starts_with("checkpoint-"))
+            .count(),
+        1
+    );
     // run() stops with the same error.
     let e = t.run(|_| {}).unwrap_err();
     assert!(matches!(e, Error::NonFinite { .. }), "{e}");
@@ -446,7 +462,10 @@ fn resuming_a_finished_run_logs_no_second_eval() -> Result<()> {
         [Event::Eval { step: 4, loss }, Event::Done { .. }] if *loss == logged
     ));
     assert_eq!(evals_at_4(&cfg.output_dir), 1);
-    assert!(cfg.output_dir.join("adapter/adapter_model.safetensors").is_file());
+    assert!(cfg
+        .output_dir
+        .join("adapter/adapter_model.safetensors")
+        .is_file());
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
