@@ -581,6 +581,37 @@ impl Trainer {
                 differences: diffs.iter().map(|d| d.to_string()).collect(),
             });
         }
+        // The run goes on in `output_dir`, whose old checkpoints it rotates away: they must be
+        // this run's too.
+        let own = dir.canonicalize().ok();
+        for (_, c) in Self::checkpoints(&config.output_dir) {
+            if c.canonicalize().ok() == own {
+                continue;
+            }
+            let why = match read_state(&c) {
+                Ok(TrainState {
+                    config: sc,
+                    identity: Some(si),
+                    ..
+                }) => {
+                    let d = differences(&config, &identity, &sc, &si);
+                    if d.is_empty() {
+                        continue;
+                    }
+                    d.iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                }
+                _ => "it records no run identity".into(),
+            };
+            return Err(invalid(format!(
+                "cannot resume into {}: it holds {}, a checkpoint of another run ({why}), which \
+                 this run's checkpoints would rotate away; use another output directory",
+                config.output_dir.display(),
+                c.display()
+            )));
+        }
         let mut t = Self::build(config, device, encoder, identity)?;
         if t.state.total_steps < saved.step {
             return Err(invalid(format!(

@@ -174,7 +174,7 @@ fn resume_refuses_a_checkpoint_of_another_run_naming_each_field() -> Result<()> 
     drop(t);
 
     // A fresh run into the directory is refused, saying whose checkpoints it holds.
-    let e = Trainer::from_config(other, &Device::Cpu).unwrap_err();
+    let e = Trainer::from_config(other.clone(), &Device::Cpu).unwrap_err();
     assert!(matches!(e, Error::OutputDirInUse { .. }), "{e}");
     let e = e.to_string();
     assert!(
@@ -187,6 +187,22 @@ fn resume_refuses_a_checkpoint_of_another_run_naming_each_field() -> Result<()> 
         .to_string();
     assert!(e.contains("is of this very run"), "{e}");
     assert!(e.contains("--resume"), "{e}");
+
+    // Resuming this run into a directory that holds another run's checkpoints is refused
+    // too: its checkpoints would be rotated away.
+    let mut elsewhere = other.clone();
+    elsewhere.output_dir = dir.join("other-run");
+    Trainer::from_config(elsewhere, &Device::Cpu)?.run(|_| {})?;
+    let mut into_other = cfg.clone();
+    into_other.output_dir = dir.join("other-run");
+    let e = Trainer::resume_from_config(into_other, &Device::Cpu, &ckpt)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a checkpoint of another run (`lr`"), "{e}");
+    assert_eq!(
+        Trainer::latest_checkpoint(dir.join("other-run")),
+        Some(dir.join("other-run/checkpoint-6"))
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
