@@ -297,7 +297,8 @@ pub struct MergeArgs {
     /// The PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// Where to write the merged model directory.
+    /// Where to write the merged model directory: a new or empty directory (see --force),
+    /// never the model's or the adapter's; written whole or not at all.
     #[arg(long)]
     pub out: PathBuf,
     /// Output dtype (f32, bf16, f16); default: each tensor's stored dtype.
