@@ -169,6 +169,12 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
         Some(d) => (d.clone(), None),
         None => {
             let d = std::env::temp_dir().join(format!("flare-demo-{}", std::process::id()));
+            // Named by our pid, so no running process owns a directory already there: it is
+            // what a killed demo with the same pid left.
+            if d.exists() {
+                std::fs::remove_dir_all(&d)
+                    .with_context(|| format!("removing a stale {}", d.display()))?;
+            }
             (d.clone(), Some(TempOutput(d)))
         }
     };
