@@ -136,6 +136,7 @@ fn resume_refuses_a_checkpoint_of_another_run_naming_each_field() -> Result<()> 
     cfg.save_every = 2;
     let out = Trainer::from_config(cfg.clone(), &Device::Cpu)?.run(|_| {})?;
     let adapter_bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let metrics = std::fs::read(cfg.output_dir.join("metrics.jsonl")).unwrap();
     let ckpt = Trainer::latest_checkpoint(&cfg.output_dir).unwrap();
     assert!(ckpt.ends_with("checkpoint-4"));
 
@@ -154,6 +155,11 @@ fn resume_refuses_a_checkpoint_of_another_run_naming_each_field() -> Result<()> 
         std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
         adapter_bytes,
         "the adapter was rewritten"
+    );
+    assert_eq!(
+        std::fs::read(cfg.output_dir.join("metrics.jsonl")).unwrap(),
+        metrics,
+        "a refused resume touched metrics.jsonl"
     );
 
     // The data is compared by content: edited in place is another run ...
