@@ -196,9 +196,9 @@ run_merge_check() {
   "$PY" -c "import peft, transformers" 2>/dev/null || { echo "no peft/transformers: skipped"; return 0; }
   local d=/tmp/flare-merge-check
   rm -rf "$d"
-  timeout 120 "$BIN/flare" demo --steps 20 --output-dir "$d/adapter" >/dev/null &&
-    "$BIN/flare" merge --model assets/demo/model --adapter "$d/adapter" --out "$d/merged" &&
-    timeout 120 "$PY" bench/check_merge.py --model assets/demo/model --adapter "$d/adapter" \
+  timeout 120 "$BIN/flare" demo --steps 20 --output-dir "$d/out" >/dev/null &&
+    "$BIN/flare" merge --model assets/demo/model --adapter "$d/out/adapter" --out "$d/merged" &&
+    timeout 120 "$PY" bench/check_merge.py --model assets/demo/model --adapter "$d/out/adapter" \
       --merged "$d/merged" 2>&1 | grep -v -i warn | tee "$OUT/merge_check.log"
 }
 if want train; then

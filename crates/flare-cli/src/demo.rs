@@ -5,7 +5,8 @@
 //! (Veloria) mixed with facts about real ones. The demo prints greedy answers to the held-out
 //! eval questions, LoRA fine-tunes on the training set with the progress bar, saves the adapter,
 //! and prints the answers again: before training the model does not know Veloria, after it
-//! does.
+//! does. Without `--output-dir` the run's files go to a temporary directory that is deleted
+//! when the demo ends (also on error).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -26,7 +27,8 @@ pub struct DemoArgs {
     /// The demo assets directory (default: ./assets/demo, else the repository's).
     #[arg(long)]
     pub assets: Option<PathBuf>,
-    /// Where to write the adapter, metrics and loss plot (default: a temporary directory).
+    /// Where to write the adapter, metrics and loss plot, to keep them (default: a temporary
+    /// directory, deleted when the demo ends).
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
     /// Device: cpu (default), auto, cuda, cuda:N.
@@ -40,19 +42,38 @@ pub struct DemoArgs {
 /// The demo's number of optimizer steps (the recipe checked in assets/demo/README.md).
 const DEFAULT_STEPS: u64 = 200;
 
+/// The assets directory, canonical (no `..` in what the demo prints).
 fn assets_dir(a: &DemoArgs) -> Result<PathBuf> {
-    if let Some(p) = &a.assets {
-        return Ok(p.clone());
+    let found = if let Some(p) = &a.assets {
+        p.clone()
+    } else if Path::new("assets/demo").is_dir() {
+        PathBuf::from("assets/demo")
+    } else {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/demo");
+        if !repo.is_dir() {
+            bail!("demo assets not found: run from the repository root or pass --assets DIR");
+        }
+        repo
+    };
+    found
+        .canonicalize()
+        .with_context(|| format!("demo assets {}", found.display()))
+}
+
+/// A directory deleted when dropped: the demo's output when no `--output-dir` is given.
+struct TempOutput(PathBuf);
+
+impl Drop for TempOutput {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!(
+                    "warning: could not delete the demo's temporary directory {}: {e}",
+                    self.0.display()
+                );
+            }
+        }
     }
-    let local = PathBuf::from("assets/demo");
-    if local.is_dir() {
-        return Ok(local);
-    }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/demo");
-    if repo.is_dir() {
-        return Ok(repo);
-    }
-    bail!("demo assets not found: run from the repository root or pass --assets DIR")
 }
 
 /// The first user message of each example of a chat JSONL file.
@@ -172,10 +193,20 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
     print_answers("before fine-tuning", &base, &tok, &gen, &qs)?;
     drop(base);
 
-    // The output stays after the run (its path is printed) so the adapter can be used.
-    let out = match &a.output_dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("flare-demo-{}", std::process::id())),
+    // Kept only when asked for: a temporary output is deleted when `_temp` drops, on every
+    // return (and on error).
+    let (out, _temp) = match &a.output_dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let d = std::env::temp_dir().join(format!("flare-demo-{}", std::process::id()));
+            // Named by our pid, so no running process owns a directory already there: it is
+            // what a killed demo with the same pid left.
+            if d.exists() {
+                std::fs::remove_dir_all(&d)
+                    .with_context(|| format!("removing a stale {}", d.display()))?;
+            }
+            (d.clone(), Some(TempOutput(d)))
+        }
     };
     let cfg = recipe(&assets, out.clone(), a.steps, &a.device);
     olog!(
@@ -184,10 +215,19 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
     );
     let mut t = Trainer::from_config(cfg, &device)?;
     let dir = crate::train::run_with_progress(&mut t, crate::train::Progress::default())?;
-    olog!(
-        "adapter saved to {} (with metrics.jsonl and loss.png)",
-        dir.display()
-    );
+    if a.output_dir.is_some() {
+        olog!(
+            "adapter saved to {} (metrics.jsonl and loss.png in {})",
+            dir.display(),
+            out.display()
+        );
+    } else {
+        olog!(
+            "adapter saved to {} (a temporary directory, deleted when the demo ends: pass \
+             --output-dir DIR to keep it)",
+            dir.display()
+        );
+    }
     for (_, l) in t.model_mut().lora_modules_mut() {
         l.set_training(false);
     }

@@ -126,9 +126,21 @@ pub struct TrainArgs {
     #[arg(long)]
     pub skip_bad_lines: bool,
     /// Resume from a checkpoint directory, or (no value, or `latest`) the newest one in the
-    /// output dir.
+    /// output dir. The checkpoint must be of this run: same model, tokenizer and data (by
+    /// content) and same settings wherever they change the result (lr, schedule, warmup,
+    /// max-steps/epochs, batch size, grad-accum, LoRA r/alpha/dropout/targets, seed, dtype,
+    /// ...); else the run is refused, naming each field that differs. The length
+    /// (--max-steps, --epochs) can change only with --schedule constant: a decaying schedule
+    /// spans the whole run, so extending a finished run would make the lr jump back up.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_hint = ValueHint::DirPath)]
     pub resume: Option<PathBuf>,
+    /// Resume from this checkpoint directory (the same checks as --resume).
+    #[arg(long, value_name = "CHECKPOINT", conflicts_with = "resume")]
+    pub resume_from: Option<PathBuf>,
+    /// Checkpoints kept in the output dir: after each save, all but the newest N are deleted
+    /// (0: keep all).
+    #[arg(long, value_name = "N")]
+    pub save_total_limit: Option<usize>,
     /// No progress bar: a progress line per step (or per --log-every steps) instead.
     #[arg(long)]
     pub no_progress: bool,
@@ -352,6 +364,7 @@ pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         eval_every,
         eval_fraction,
         save_every,
+        save_total_limit,
         seed,
         dtype,
         device
@@ -438,6 +451,9 @@ fn progress_line(m: &StepMetrics, total: u64, first: u64, elapsed: Duration, tps
 /// steps, or by default every 5% of the run and at least every 10 s), the evals and the
 /// checkpoints. Returns the final adapter's directory.
 pub fn run_with_progress(t: &mut Trainer, progress: Progress) -> Result<PathBuf> {
+    for l in t.leftovers() {
+        elog!("cleanup: {l} (left by an interrupted run)");
+    }
     let stats = t.data_stats().clone();
     elog!(
         "data: {} train / {} eval examples{}{}{}",
@@ -534,10 +550,11 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
              bit-reproducible"
         );
     }
-    let mut t = match &a.resume {
+    let resume = a.resume_from.as_ref().or(a.resume.as_ref());
+    let mut t = match resume {
         None => Trainer::from_config(cfg.clone(), &device)?,
         Some(dir) => {
-            let dir = if dir.as_os_str() == "latest" {
+            let dir = if a.resume_from.is_none() && dir.as_os_str() == "latest" {
                 Trainer::latest_checkpoint(&cfg.output_dir).with_context(|| {
                     format!("--resume: no checkpoint in {}", cfg.output_dir.display())
                 })?
@@ -558,7 +575,7 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
     );
     let dir = run_with_progress(&mut t, Progress::of(a))?;
     elog!(
-        "adapter written to {} (metrics.jsonl, loss.png beside it)",
+        "adapter written to {} (metrics.jsonl, loss.png in the output dir)",
         dir.display()
     );
     Ok(())
@@ -573,12 +590,16 @@ pub struct MergeArgs {
     /// The PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// Where to write the merged model directory.
+    /// Where to write the merged model directory: a new or empty directory (see --force),
+    /// never the model's or the adapter's; written whole or not at all.
     #[arg(long)]
     pub out: PathBuf,
     /// Output dtype (f32, bf16, f16); default: each tensor's stored dtype.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Replace a non-empty --out directory whole (never the model's or the adapter's own).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `flare merge`.
@@ -590,7 +611,7 @@ pub fn run_merge(a: &MergeArgs) -> Result<()> {
         Some("f16") => Some(DType::F16),
         Some(other) => bail!("--dtype: expected f32, bf16 or f16, got {other:?}"),
     };
-    flare::train::merge_adapter_to_dir(&a.model, &a.adapter, &a.out, dtype)
+    flare::train::merge_adapter_to_dir(&a.model, &a.adapter, &a.out, dtype, a.force)
         .with_context(|| format!("merging {} into {}", a.adapter.display(), a.model.display()))?;
     elog!("merged model written to {}", a.out.display());
     Ok(())

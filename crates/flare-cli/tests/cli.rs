@@ -416,7 +416,8 @@ fn short_run(out: &Path, steps: u64) -> Vec<String> {
 }
 
 fn adapter_written(out: &Path) -> bool {
-    out.join("adapter_model.safetensors").is_file() && out.join("adapter_config.json").is_file()
+    let a = out.join("adapter");
+    a.join("adapter_model.safetensors").is_file() && a.join("adapter_config.json").is_file()
 }
 
 #[test]
@@ -612,4 +613,181 @@ fn train_config_file_keys_are_the_flags_and_paths_are_the_files() {
     assert_eq!(o.status.code(), Some(1));
     let want = format!("{}:2: unknown key `bad_lines`", toml.display());
     assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+// ---- issue 10: merge safety, checkpoint rotation and resume checks, the demo's cleanup -------
+
+/// A fresh scratch directory for one of the tests below.
+fn scratch_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flare-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A copy of the qwen2 fixture (with its adapter in `adapter/`) under `dir`.
+fn qwen2_copy(dir: &Path) -> PathBuf {
+    let (src, m) = (fixture("qwen2"), dir.join("model"));
+    std::fs::create_dir_all(m.join("adapter")).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), m.join(f)).unwrap();
+    }
+    for f in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
+        std::fs::copy(src.join(f), m.join(f)).unwrap();
+    }
+    m
+}
+
+#[test]
+fn merge_refuses_the_model_dir_and_mixing_with_other_files() {
+    let dir = scratch_dir("merge-guard");
+    let m = qwen2_copy(&dir);
+    let (ms, adapter) = (m.to_str().unwrap(), m.join("adapter"));
+    let before = std::fs::read(m.join("model.safetensors")).unwrap();
+    for force in [false, true] {
+        let mut args = vec![
+            "merge",
+            "--model",
+            ms,
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            ms,
+        ];
+        if force {
+            args.push("--force");
+        }
+        let o = flare(&args);
+        assert!(!o.status.success(), "merge into the model dir succeeded");
+        assert!(stderr(&o).contains("is the base model"), "{}", stderr(&o));
+    }
+    assert_eq!(std::fs::read(m.join("model.safetensors")).unwrap(), before);
+    let busy = dir.join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("notes.txt"), b"mine").unwrap();
+    let merge = |extra: &[&str]| {
+        let mut args = vec![
+            "merge",
+            "--model",
+            ms,
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            busy.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        flare(&args)
+    };
+    let o = merge(&[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert!(busy.join("notes.txt").is_file());
+    let o = merge(&["--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(busy.join("model.safetensors").is_file());
+    assert!(
+        !busy.join("notes.txt").exists(),
+        "the old directory was not replaced whole"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn train_rotates_checkpoints_and_resume_from_checks_the_run() {
+    let dir = scratch_dir("train-rotate");
+    let data = dir.join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"The sky is\", \"completion\": \" blue.\"}\n\
+         {\"prompt\": \"Cats say\", \"completion\": \" meow.\"}\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let q = fixture("qwen2");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            q.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--lora-r",
+            "4",
+            "--batch-size",
+            "1",
+            "--save-every",
+            "1",
+            "--save-total-limit",
+            "2",
+            "--no-progress",
+        ];
+        args.extend(extra);
+        flare(&args)
+    };
+    let o = train(&["--max-steps", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["checkpoint-2", "checkpoint-3"]);
+    assert!(out.join("adapter/adapter_model.safetensors").is_file());
+    let ckpt = out.join("checkpoint-2");
+    let ckpt = ckpt.to_str().unwrap();
+    // Another length under the cosine schedule: refused, naming the field.
+    let o = train(&["--max-steps", "5", "--resume-from", ckpt]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("`max_steps`: 5 steps here, 3 steps"),
+        "{}",
+        stderr(&o)
+    );
+    // The same command without a resume: refused, the directory holds this run.
+    let o = train(&["--max-steps", "3"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("already holds a training run"),
+        "{}",
+        stderr(&o)
+    );
+    // The explicit checkpoint of this run resumes.
+    let o = train(&["--max-steps", "3", "--resume-from", ckpt]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("step 3/3"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn demo_leaves_no_temporary_directory_and_prints_a_clean_model_path() {
+    let tmp = scratch_dir("demo-tmp");
+    let o = Command::new(env!("CARGO_BIN_EXE_flare"))
+        .args(["demo", "--steps", "2"])
+        .env("TMPDIR", &tmp)
+        .output()
+        .expect("running flare demo");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../assets/demo/model")
+        .canonicalize()
+        .unwrap();
+    assert!(
+        out.contains(&format!("({})", model.display())),
+        "no canonical model path in\n{out}"
+    );
+    assert!(!out.contains("/../"), "{out}");
+    assert!(out.contains("deleted when the demo ends"), "{out}");
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert!(left.is_empty(), "the demo left {left:?}");
+    let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -85,6 +85,45 @@ pub enum Error {
         msg: String,
     },
 
+    // ---- training runs ----------------------------------------------------------------------
+    /// A checkpoint belongs to another run than the one being resumed.
+    #[error(
+        "cannot resume from {checkpoint}: it belongs to another run: {}. Resume with the \
+         checkpoint's settings and inputs, or start a new run in another output directory",
+        differences.join("; ")
+    )]
+    RunMismatch {
+        /// The checkpoint directory.
+        checkpoint: String,
+        /// Each field that differs, with both values.
+        differences: Vec<String>,
+    },
+    /// A fresh run was pointed at an output directory that holds another run.
+    #[error(
+        "output directory {dir} already holds a training run ({holds}): resume it (flare train \
+         --resume), or use another output directory (or delete this one)"
+    )]
+    OutputDirInUse {
+        /// The output directory.
+        dir: String,
+        /// What it holds.
+        holds: String,
+    },
+    /// A training step produced a non-finite loss or gradient norm.
+    #[error(
+        "step {step}: the loss is {loss} and the gradient norm {grad_norm}: training stopped \
+         before this step's update, so the adapter and the last checkpoint keep finite \
+         weights (lower the learning rate, or check the model's weights and the data)"
+    )]
+    NonFinite {
+        /// The step that failed (1-based).
+        step: u64,
+        /// Its loss.
+        loss: f64,
+        /// Its global gradient norm.
+        grad_norm: f64,
+    },
+
     // ---- runtime ----------------------------------------------------------------------------
     /// A CUDA driver, cuBLASLt or kernel-launch call failed.
     #[error("CUDA: {context}: {msg}")]

@@ -725,8 +725,17 @@ fn parse_key(key: &str) -> Option<(&str, Which)> {
 /// config's `target_modules` does not cover, a dtype other than f32/f16/bf16, and ranks that
 /// differ between `A` and `B` or from the config's `r`. File-content errors are
 /// [`Error::Io`] of kind `InvalidData`; a missing file keeps its `NotFound` kind.
+///
+/// A training output directory (`flare train --output-dir`) may be given for its final
+/// adapter: when `dir` has no `adapter_config.json` but `dir/adapter/` has one, that is read.
 pub fn load_adapter(dir: impl AsRef<Path>, device: &Device) -> Result<Adapter> {
     let dir = dir.as_ref();
+    let nested = dir.join("adapter");
+    let dir = if !dir.join(CONFIG_FILE).exists() && nested.join(CONFIG_FILE).is_file() {
+        nested.as_path()
+    } else {
+        dir
+    };
     let config = read_config(&dir.join(CONFIG_FILE))?;
     let weights_path = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&weights_path).map_err(|e| {

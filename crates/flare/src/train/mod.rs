@@ -1,5 +1,6 @@
 //! LoRA fine-tuning: data ([`data`]), the optimizer and schedule ([`optim`]), the loss plot
-//! ([`plot`]) and the [`Trainer`] that ties them to a [`crate::models::Transformer`].
+//! ([`plot`]), the identity of a run that checkpoints record ([`identity`]) and the
+//! [`Trainer`] that ties them to a [`crate::models::Transformer`].
 //!
 //! ```no_run
 //! use candle_core::Device;
@@ -18,11 +19,13 @@
 
 pub mod data;
 pub mod export;
+pub mod identity;
 pub mod optim;
 pub mod plot;
 pub mod trainer;
 
 pub use data::{BadLines, Batch, DataConfig, Encoder, Example, Message, Tokenized};
 pub use export::merge_adapter_to_dir;
+pub use identity::{Difference, RunIdentity};
 pub use optim::{clip_scale, global_grad_norm, AdamW, AdamWConfig, Schedule};
 pub use trainer::{DataStats, Event, StepMetrics, TrainConfig, TrainState, Trainer};

@@ -12,12 +12,37 @@
 //!
 //! - `checkpoint-<step>/`: `adapter_config.json` + `adapter_model.safetensors` (PEFT),
 //!   `optimizer.safetensors` (AdamW moments), `trainer_state.json` ([`TrainState`]: step,
-//!   epoch, position in the epoch's batch order, schedule, config) and `loss.png`. A checkpoint
-//!   is written into a temporary directory and renamed into place, so a checkpoint directory
-//!   that exists is complete, and a kill during a write leaves the previous one untouched.
-//! - `adapter_config.json` + `adapter_model.safetensors`: the final adapter.
-//! - `metrics.jsonl`: one JSON object per step (and per eval).
+//!   epoch, position in the epoch's batch order, the run's config and the fingerprints of its
+//!   model, tokenizer and data) and `loss.png`. Only the newest `save_total_limit` are kept.
+//! - `adapter/`: the final adapter (`adapter_config.json` + `adapter_model.safetensors`).
+//! - `metrics.jsonl`: one JSON object per step (and per eval); only ever appended to.
 //! - `loss.png`: the loss curve, rewritten at each checkpoint and at the end.
+//! - `token-cache/`: the tokenised data ([`super::data::tokenize_cached`]).
+//!
+//! What the trainer guarantees:
+//!
+//! - Checkpoint and adapter directories are written as units ([`crate::io::write_dir_atomic`]):
+//!   a kill at any point leaves the complete previous directory or the complete new one, never
+//!   new weights beside an old `adapter_config.json`. What a kill leaves behind (temporary
+//!   files and directories) is removed when the next run starts ([`Trainer::leftovers`]).
+//! - Nothing in `output_dir` is touched before the whole run is validated: the config, the
+//!   model (loaded, and run once on one token: a config the ops refuse or non-finite weights
+//!   fail here) and the data.
+//! - A fresh run ([`Trainer::new`]) refuses an `output_dir` that already holds a run
+//!   (checkpoints, a final adapter or metrics): resume it or use another directory.
+//! - A checkpoint records the run it belongs to (the fingerprints of [`RunIdentity`] and every
+//!   setting that changes the result); [`Trainer::resume`] refuses a checkpoint of another run,
+//!   naming each field that differs ([`super::identity::differences`]). The run's length is
+//!   one of them: a decaying schedule spans the whole run, so `max_steps` can change on resume
+//!   only under the constant schedule.
+//! - A non-finite loss or gradient norm stops the run before the step's update
+//!   ([`Error::NonFinite`]), and no adapter or checkpoint with a non-finite value is ever
+//!   written: the last checkpoint and adapter stay as they were.
+//! - `metrics.jsonl` is appended to, never truncated: a resume appends
+//!   `{"step": N, "resumed_from": "<checkpoint>"}` and continues with step N + 1, so lines of
+//!   an interrupted tail (steps after N, before that line) stay; the last line of a step is
+//!   the one that counts. An eval is logged once per step: resuming a finished run does not
+//!   evaluate it again.
 //!
 //! Determinism: on the CPU a run is a function of its config and data. The order of an epoch
 //! derives from `(seed, epoch)` ([`super::data::epoch_batches`]) and the adapters' initial
@@ -37,8 +62,10 @@ use serde::{Deserialize, Serialize};
 use super::data::{
     epoch_batches, make_batch, split_eval, tokenize_cached, BadLines, DataConfig, Encoder, Example,
 };
+use super::identity::{differences, RunIdentity};
 use super::optim::{clip_scale, global_grad_norm, AdamW, AdamWConfig, Schedule};
 use super::plot::write_loss_png;
+use crate::io::{write_dir_atomic, Leftover};
 use crate::lora::{load_adapter, save_adapter, Adapter, AdapterConfig, LoraConfig};
 use crate::models::Transformer;
 use crate::ops::cross_entropy::IGNORE_INDEX;
@@ -52,6 +79,10 @@ const STATE_FILE: &str = "trainer_state.json";
 const OPTIM_FILE: &str = "optimizer.safetensors";
 const METRICS_FILE: &str = "metrics.jsonl";
 const PLOT_FILE: &str = "loss.png";
+/// The directory of the final adapter in `output_dir`.
+pub const ADAPTER_DIR: &str = "adapter";
+/// The token cache's directory in `output_dir`.
+const CACHE_DIR: &str = "token-cache";
 
 fn invalid(msg: String) -> Error {
     Error::InvalidArgument { op: OP, msg }
@@ -128,6 +159,9 @@ pub struct TrainConfig {
     pub eval_fraction: f64,
     /// Checkpoint every this many steps (0: none but the final adapter).
     pub save_every: u64,
+    /// Checkpoints kept: after each save, all but the newest this many are deleted (0: keep
+    /// every one).
+    pub save_total_limit: usize,
     /// Seed of the adapters' initialisation, the eval split and the batch order.
     pub seed: u64,
     /// Compute dtype of the base model: `f32`, `bf16` or `f16` (the adapters are f32).
@@ -170,6 +204,7 @@ impl Default for TrainConfig {
             eval_every: 0,
             eval_fraction: 0.0,
             save_every: 0,
+            save_total_limit: 3,
             seed: 42,
             dtype: "f32".into(),
             device: "auto".into(),
@@ -286,6 +321,10 @@ pub struct TrainState {
     pub next_lr: f64,
     /// The config the run was started with.
     pub config: TrainConfig,
+    /// The fingerprints of the run's model, tokenizer and data (absent in checkpoints of
+    /// flare versions before run identities, which cannot be resumed).
+    #[serde(default)]
+    pub identity: Option<RunIdentity>,
 }
 
 /// What one optimizer step did.
@@ -369,6 +408,7 @@ pub struct Trainer {
     stats: DataStats,
     train_curve: Vec<(u64, f64)>,
     eval_curve: Vec<(u64, f64)>,
+    leftovers: Vec<Leftover>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -380,17 +420,111 @@ impl std::fmt::Debug for Trainer {
     }
 }
 
+/// What in `dir` shows that a run already wrote there (empty: nothing).
+fn run_traces(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut steps: Vec<u64> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().is_dir().then_some(step)
+        })
+        .collect();
+    steps.sort_unstable();
+    match steps.as_slice() {
+        [] => {}
+        [one] => found.push(format!("checkpoint-{one}")),
+        [first, .., last] => found.push(format!(
+            "{} checkpoints, checkpoint-{first} to checkpoint-{last}",
+            steps.len()
+        )),
+    }
+    if dir.join(ADAPTER_DIR).exists() {
+        found.push(format!("a final adapter in {ADAPTER_DIR}/"));
+    }
+    if dir.join("adapter_config.json").exists() || dir.join("adapter_model.safetensors").exists() {
+        found.push("an adapter (adapter_config.json, adapter_model.safetensors)".into());
+    }
+    if std::fs::metadata(dir.join(METRICS_FILE)).is_ok_and(|m| m.len() > 0) {
+        found.push(METRICS_FILE.into());
+    }
+    found
+}
+
+/// Reads a checkpoint's `trainer_state.json`; errors name the file.
+fn read_state(checkpoint: &Path) -> Result<TrainState> {
+    let state_path = checkpoint.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(io_err(format!("reading {}", state_path.display())))?;
+    serde_json::from_str(&text).map_err(|e| Error::Io {
+        context: state_path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    })
+}
+
+/// `Err` naming `what` unless every value of `t` is finite.
+fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    let sum = t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    if sum.is_finite() {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{what} holds non-finite values (sum {sum}): refusing to write it"
+        )))
+    }
+}
+
 impl Trainer {
-    /// Loads the model onto `device`, tokenises the data (through the cache in
-    /// `<output_dir>/token-cache`), injects fresh adapters (seeded) and builds the optimizer.
-    /// `metrics.jsonl` in `output_dir` is started afresh.
+    /// Starts a run: validates the config, loads the model onto `device` (and runs it once on
+    /// one token), tokenises the data (through the cache in `<output_dir>/token-cache`),
+    /// injects fresh adapters (seeded) and builds the optimizer. Only then is `output_dir`
+    /// touched: created if needed, and cleaned of what a killed run left behind
+    /// ([`Self::leftovers`]).
+    ///
+    /// An `output_dir` that already holds a run (checkpoints, a final adapter, or a non-empty
+    /// `metrics.jsonl`) is refused, with what it holds and whether its newest checkpoint is of
+    /// this run: resume it ([`Self::resume`]), or choose another directory.
     pub fn new(config: TrainConfig, device: &Device, encoder: Box<dyn Encoder>) -> Result<Self> {
-        let t = Self::build(config, device, encoder)?;
-        std::fs::create_dir_all(&t.config.output_dir).map_err(io_err(format!(
-            "creating output directory {}",
-            t.config.output_dir.display()
-        )))?;
-        crate::io::write_atomic(t.config.output_dir.join(METRICS_FILE), b"")?;
+        config.validate()?;
+        let identity = RunIdentity::compute(&config, encoder.fingerprint()?)?;
+        let out = &config.output_dir;
+        let traces = run_traces(out);
+        if !traces.is_empty() {
+            let newest = match Self::latest_checkpoint(out) {
+                None => String::new(),
+                Some(c) => {
+                    let name = c.file_name().unwrap_or_default().to_string_lossy();
+                    match read_state(&c) {
+                        Ok(TrainState {
+                            config: saved,
+                            identity: Some(id),
+                            ..
+                        }) => {
+                            let d = differences(&config, &identity, &saved, &id);
+                            if d.is_empty() {
+                                format!("; its newest checkpoint, {name}, is of this very run")
+                            } else {
+                                let list: Vec<String> = d.iter().map(|d| d.to_string()).collect();
+                                format!(
+                                    "; its newest checkpoint, {name}, is of another run ({})",
+                                    list.join("; ")
+                                )
+                            }
+                        }
+                        _ => format!("; its newest checkpoint, {name}, records no run identity"),
+                    }
+                }
+            };
+            return Err(Error::OutputDirInUse {
+                dir: out.display().to_string(),
+                holds: format!("{}{newest}", traces.join(", ")),
+            });
+        }
+        let mut t = Self::build(config, device, encoder, identity)?;
+        t.prepare_output_dir()?;
         Ok(t)
     }
 
@@ -412,12 +546,16 @@ impl Trainer {
     }
 
     /// Continues the run saved in checkpoint directory `checkpoint` (see [`Self::save_checkpoint`]):
-    /// the adapter weights, optimizer moments, step, epoch and batch position are restored, and
-    /// `metrics.jsonl` is cut back to the checkpoint's step. `config` should be the run's
-    /// (the one stored in the checkpoint, possibly with `max_steps` or output settings changed);
-    /// settings that would change the data order or the model (data, seed, batch size,
-    /// accumulation, sequence length, LoRA shape) must match the checkpoint's, else an error
-    /// names the first that differs.
+    /// the adapter weights, optimizer moments, step, epoch and batch position are restored.
+    ///
+    /// `config` must describe the checkpoint's run: the same model, tokenizer and data (by
+    /// fingerprint, not path) and the same settings wherever they change the result (see
+    /// [`super::identity`]); otherwise [`Error::RunMismatch`] lists every field that differs,
+    /// before anything is loaded or written. The output settings, device, eval and checkpoint
+    /// frequency may change, and so may `max_steps` under the constant schedule.
+    ///
+    /// `metrics.jsonl` is appended to: a line `{"step": N, "resumed_from": "<checkpoint>"}`
+    /// marks the resume; the loss curve keeps the steps up to N.
     pub fn resume(
         config: TrainConfig,
         device: &Device,
@@ -425,32 +563,64 @@ impl Trainer {
         checkpoint: impl AsRef<Path>,
     ) -> Result<Self> {
         let dir = checkpoint.as_ref();
-        let state_path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&state_path)
-            .map_err(io_err(format!("reading {}", state_path.display())))?;
-        let saved: TrainState = serde_json::from_str(&text).map_err(|e| Error::Io {
-            context: state_path.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-        })?;
-        let (a, b) = (&saved.config, &config);
-        let checks: [(&str, bool); 9] = [
-            ("data", a.data == b.data),
-            ("seed", a.seed == b.seed),
-            ("batch_size", a.batch_size == b.batch_size),
-            ("grad_accum", a.grad_accum == b.grad_accum),
-            ("max_seq_len", a.max_seq_len == b.max_seq_len),
-            ("lora_r", a.lora_r == b.lora_r),
-            ("target_modules", a.target_modules == b.target_modules),
-            ("eval_fraction", a.eval_fraction == b.eval_fraction),
-            ("append_eos", a.append_eos == b.append_eos),
-        ];
-        if let Some((name, _)) = checks.iter().find(|(_, same)| !same) {
+        config.validate()?;
+        let saved = read_state(dir)?;
+        let Some(saved_identity) = &saved.identity else {
             return Err(invalid(format!(
-                "cannot resume from {}: `{name}` differs from the checkpoint's config",
+                "cannot resume from {}: its {STATE_FILE} records no run identity (written by \
+                 an older flare), so it cannot be checked to belong to this run; start a new \
+                 run in another output directory",
                 dir.display()
             )));
+        };
+        let identity = RunIdentity::compute(&config, encoder.fingerprint()?)?;
+        let diffs = differences(&config, &identity, &saved.config, saved_identity);
+        if !diffs.is_empty() {
+            return Err(Error::RunMismatch {
+                checkpoint: dir.display().to_string(),
+                differences: diffs.iter().map(|d| d.to_string()).collect(),
+            });
         }
-        let mut t = Self::build(config, device, encoder)?;
+        // The run goes on in `output_dir`, whose old checkpoints it rotates away: they must be
+        // this run's too.
+        let own = dir.canonicalize().ok();
+        for (_, c) in Self::checkpoints(&config.output_dir) {
+            if c.canonicalize().ok() == own {
+                continue;
+            }
+            let why = match read_state(&c) {
+                Ok(TrainState {
+                    config: sc,
+                    identity: Some(si),
+                    ..
+                }) => {
+                    let d = differences(&config, &identity, &sc, &si);
+                    if d.is_empty() {
+                        continue;
+                    }
+                    d.iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                }
+                _ => "it records no run identity".into(),
+            };
+            return Err(invalid(format!(
+                "cannot resume into {}: it holds {}, a checkpoint of another run ({why}), which \
+                 this run's checkpoints would rotate away; use another output directory",
+                config.output_dir.display(),
+                c.display()
+            )));
+        }
+        let mut t = Self::build(config, device, encoder, identity)?;
+        if t.state.total_steps < saved.step {
+            return Err(invalid(format!(
+                "cannot resume from {}: it is at step {}, past this run's {} steps",
+                dir.display(),
+                saved.step,
+                t.state.total_steps
+            )));
+        }
         let adapter = load_adapter(dir, device)?;
         for (path, (a, b)) in &adapter.tensors {
             let layer = t.model.lora_module_mut(path).ok_or_else(|| {
@@ -468,47 +638,83 @@ impl Trainer {
         t.state.epoch = saved.epoch;
         t.state.batch_in_epoch = saved.batch_in_epoch;
         t.state.tokens_seen = saved.tokens_seen;
-        t.state.next_lr = saved.next_lr;
-        // Metrics up to the checkpoint are kept; later lines belonged to the interrupted tail.
-        let metrics_path = t.config.output_dir.join(METRICS_FILE);
-        let kept: Vec<String> = std::fs::read_to_string(&metrics_path)
-            .unwrap_or_default()
+        t.state.next_lr = t.config.schedule.lr(
+            t.config.lr,
+            saved.step,
+            t.state.total_steps,
+            t.config.warmup_steps,
+        );
+        t.load_curves(saved.step);
+        t.prepare_output_dir()?;
+        t.append_metric(&serde_json::json!({
+            "step": saved.step,
+            "resumed_from": dir.display().to_string(),
+        }))?;
+        Ok(t)
+    }
+
+    /// Rebuilds the loss curves from `metrics.jsonl`, up to step `upto`: a resume line drops
+    /// the points after its step (they belonged to an interrupted tail), the last line of a
+    /// step wins.
+    fn load_curves(&mut self, upto: u64) {
+        let text =
+            std::fs::read_to_string(self.config.output_dir.join(METRICS_FILE)).unwrap_or_default();
+        let (mut train, mut eval) = (BTreeMap::new(), BTreeMap::new());
+        // A line cut short by a kill does not parse, and is skipped.
+        for v in text
             .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                    .is_some_and(|s| s <= saved.step)
-            })
-            .map(str::to_string)
-            .collect();
-        for l in &kept {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
-                let step = v.get("step").and_then(|s| s.as_u64()).unwrap_or(0);
-                if let Some(x) = v.get("loss").and_then(|x| x.as_f64()) {
-                    t.train_curve.push((step, x));
-                }
-                if let Some(x) = v.get("eval_loss").and_then(|x| x.as_f64()) {
-                    t.eval_curve.push((step, x));
-                }
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        {
+            let Some(step) = v.get("step").and_then(|s| s.as_u64()) else {
+                continue;
+            };
+            if v.get("resumed_from").is_some() {
+                train.retain(|&s, _| s <= step);
+                eval.retain(|&s, _| s <= step);
+            } else if let Some(x) = v.get("loss").and_then(|x| x.as_f64()) {
+                train.insert(step, x);
+            } else if let Some(x) = v.get("eval_loss").and_then(|x| x.as_f64()) {
+                eval.insert(step, x);
             }
         }
-        std::fs::create_dir_all(&t.config.output_dir).map_err(io_err(format!(
+        self.train_curve = train.into_iter().filter(|&(s, _)| s <= upto).collect();
+        self.eval_curve = eval.into_iter().filter(|&(s, _)| s <= upto).collect();
+    }
+
+    /// Creates `output_dir` and removes what a killed run left in it and in its token cache.
+    fn prepare_output_dir(&mut self) -> Result<()> {
+        let out = &self.config.output_dir;
+        std::fs::create_dir_all(out).map_err(io_err(format!(
             "creating output directory {}",
-            t.config.output_dir.display()
+            out.display()
         )))?;
-        let mut body = kept.join("\n");
-        if !body.is_empty() {
-            body.push('\n');
-        }
-        crate::io::write_atomic(&metrics_path, body.as_bytes())?;
-        Ok(t)
+        self.leftovers = crate::io::remove_stale(out)?;
+        self.leftovers
+            .extend(crate::io::remove_stale(out.join(CACHE_DIR))?);
+        Ok(())
+    }
+
+    /// What was cleaned up in `output_dir` when the run started: temporary files and
+    /// directories a killed run left, and directories whose replacement a kill interrupted.
+    pub fn leftovers(&self) -> &[Leftover] {
+        &self.leftovers
+    }
+
+    /// The fingerprints of this run's model, tokenizer and data.
+    pub fn identity(&self) -> Option<&RunIdentity> {
+        self.state.identity.as_ref()
     }
 
     /// The newest `checkpoint-<step>` directory in `output_dir`, if any.
     pub fn latest_checkpoint(output_dir: impl AsRef<Path>) -> Option<PathBuf> {
-        std::fs::read_dir(output_dir.as_ref())
-            .ok()?
+        Self::checkpoints(output_dir.as_ref()).pop().map(|(_, p)| p)
+    }
+
+    /// The complete `checkpoint-<step>` directories of `dir`, oldest first.
+    fn checkpoints(dir: &Path) -> Vec<(u64, PathBuf)> {
+        let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -518,14 +724,31 @@ impl Trainer {
                     .is_file()
                     .then_some((step, e.path()))
             })
-            .max_by_key(|(s, _)| *s)
-            .map(|(_, p)| p)
+            .collect();
+        v.sort();
+        v
     }
 
-    fn build(config: TrainConfig, device: &Device, encoder: Box<dyn Encoder>) -> Result<Self> {
+    fn build(
+        config: TrainConfig,
+        device: &Device,
+        encoder: Box<dyn Encoder>,
+        identity: RunIdentity,
+    ) -> Result<Self> {
         config.validate()?;
         let dtype = config.parsed_dtype()?;
         let mut model = Transformer::from_dir(&config.model, dtype, device)?;
+        // Run the model once, on one token, before anything is written: what its config makes
+        // the ops refuse (a negative `rms_norm_eps`, say) fails here, not at the first step,
+        // and so do weights that hold NaN or Inf.
+        let probe = model.forward(&Tensor::zeros((1, 1), DType::U32, device)?)?;
+        if check_finite(&probe, "").is_err() {
+            return Err(invalid(format!(
+                "the model in {} gives non-finite logits for a one-token input: its weights \
+                 hold NaN or Inf values",
+                config.model.display()
+            )));
+        }
         let lora = config.lora();
         let mut modules = Vec::new();
         let mut params: Vec<(String, Var)> = Vec::new();
@@ -598,6 +821,7 @@ impl Trainer {
                 .schedule
                 .lr(config.lr, 0, total_steps, config.warmup_steps),
             config: config.clone(),
+            identity: Some(identity),
         };
         let order = epoch_batches(&lengths, config.batch_size, config.seed, 0);
         Ok(Trainer {
@@ -617,6 +841,7 @@ impl Trainer {
             stats,
             train_curve: Vec::new(),
             eval_curve: Vec::new(),
+            leftovers: Vec::new(),
         })
     }
 
@@ -695,6 +920,8 @@ impl Trainer {
             return Ok(None);
         }
         let t0 = Instant::now();
+        // Where the data stream was, to rewind to if the step is refused.
+        let position = (self.state.epoch, self.state.batch_in_epoch);
         let batches: Vec<_> = (0..self.config.grad_accum)
             .map(|_| self.next_batch())
             .collect();
@@ -724,6 +951,16 @@ impl Trainer {
             }
         }
         let norm = global_grad_norm(&acc)?;
+        if !(loss.is_finite() && norm.is_finite()) {
+            // The update would write non-finite values into the adapter: stop before it, with
+            // the weights, moments and data position of the last good step.
+            (self.state.epoch, self.state.batch_in_epoch) = position;
+            return Err(Error::NonFinite {
+                step: self.state.step + 1,
+                loss,
+                grad_norm: norm,
+            });
+        }
         let scale = clip_scale(norm, self.config.max_grad_norm);
         let lr = self.config.schedule.lr(
             self.config.lr,
@@ -756,7 +993,8 @@ impl Trainer {
     }
 
     /// Mean loss over the eval examples (no gradient; dropout off), or `None` without eval
-    /// data. Also logged to `metrics.jsonl` as `{"step", "eval_loss"}`.
+    /// data. Logged to `metrics.jsonl` as `{"step", "eval_loss"}` once per step: a second
+    /// eval at the same step (or one already logged before a resume) is not logged again.
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
         if self.eval.is_empty() {
             return Ok(None);
@@ -765,9 +1003,20 @@ impl Trainer {
         let r = self.eval_loss();
         self.set_training(true);
         let loss = r?;
-        self.eval_curve.push((self.state.step, loss));
-        self.append_metric(&serde_json::json!({"step": self.state.step, "eval_loss": loss}))?;
+        if self.logged_eval().is_none() {
+            self.eval_curve.push((self.state.step, loss));
+            self.append_metric(&serde_json::json!({"step": self.state.step, "eval_loss": loss}))?;
+        }
         Ok(Some(loss))
+    }
+
+    /// The eval loss logged at the current step, if any.
+    fn logged_eval(&self) -> Option<f64> {
+        self.eval_curve
+            .iter()
+            .rev()
+            .find(|(s, _)| *s == self.state.step)
+            .map(|&(_, l)| l)
     }
 
     fn eval_loss(&self) -> Result<f64> {
@@ -795,10 +1044,19 @@ impl Trainer {
         let path = self.config.output_dir.join(METRICS_FILE);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&path)
             .map_err(io_err(format!("opening {}", path.display())))?;
-        writeln!(f, "{v}").map_err(io_err(format!("appending to {}", path.display())))
+        // A line cut short by a kill gets its newline, so the next line stands on its own.
+        let mut line = String::new();
+        if ends_mid_line(&mut f).map_err(io_err(format!("reading {}", path.display())))? {
+            line.push('\n');
+        }
+        line.push_str(&v.to_string());
+        line.push('\n');
+        f.write_all(line.as_bytes())
+            .map_err(io_err(format!("appending to {}", path.display())))
     }
 
     /// The trained adapter (copies of the current weights), in PEFT form.
@@ -816,60 +1074,55 @@ impl Trainer {
     }
 
     /// Writes `output_dir/checkpoint-<step>/` (adapter, optimizer state, trainer state, loss
-    /// plot) through a temporary directory renamed into place; returns its path.
+    /// plot) as one unit ([`write_dir_atomic`]), then deletes all but the newest
+    /// `save_total_limit` checkpoints; returns its path. Adapter weights or optimizer moments
+    /// that are not finite are refused before anything is written.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let adapter = self.finite_adapter()?;
+        let moments = self.opt.state_tensors();
+        for (name, t) in &moments {
+            check_finite(t, &format!("optimizer state `{name}`"))?;
+        }
         let out = &self.config.output_dir;
         let final_dir = out.join(format!("checkpoint-{}", self.state.step));
-        let tmp = out.join(format!(
-            ".tmp-checkpoint-{}-{}",
-            self.state.step,
-            std::process::id()
-        ));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)
-                .map_err(io_err(format!("removing stale {}", tmp.display())))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
-        let write = || -> Result<()> {
-            save_adapter(&tmp, &self.adapter()?)?;
-            let st: std::collections::HashMap<String, Tensor> =
-                self.opt.state_tensors().into_iter().collect();
+        write_dir_atomic(&final_dir, |tmp| {
+            save_adapter(tmp, &adapter)?;
+            let st: std::collections::HashMap<String, Tensor> = moments.into_iter().collect();
             candle_core::safetensors::save(&st, tmp.join(OPTIM_FILE))?;
             let json = serde_json::to_vec_pretty(&self.state)
                 .map_err(|e| invalid(format!("serialising the trainer state: {e}")))?;
             crate::io::write_atomic(tmp.join(STATE_FILE), &json)?;
-            self.write_plot(&tmp.join(PLOT_FILE))?;
-            // Make the files durable before the rename publishes the directory.
-            for e in
-                std::fs::read_dir(&tmp).map_err(io_err(format!("listing {}", tmp.display())))?
-            {
-                let p = e
-                    .map_err(io_err(format!("listing {}", tmp.display())))?
-                    .path();
-                std::fs::File::open(&p)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io_err(format!("syncing {}", p.display())))?;
-            }
-            Ok(())
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir)
-                .map_err(io_err(format!("replacing {}", final_dir.display())))?;
-        }
-        std::fs::rename(&tmp, &final_dir).map_err(io_err(format!(
-            "renaming {} to {}",
-            tmp.display(),
-            final_dir.display()
-        )))?;
-        if let Ok(d) = std::fs::File::open(out) {
-            let _ = d.sync_all();
-        }
+            self.write_plot(&tmp.join(PLOT_FILE))
+        })?;
         self.write_plot(&out.join(PLOT_FILE))?;
+        self.rotate_checkpoints(&final_dir)?;
         Ok(final_dir)
+    }
+
+    /// Deletes all but the newest `save_total_limit` checkpoints (never `keep`, the one just
+    /// written), oldest first.
+    fn rotate_checkpoints(&self, keep: &Path) -> Result<()> {
+        let limit = self.config.save_total_limit;
+        if limit == 0 {
+            return Ok(());
+        }
+        let all = Self::checkpoints(&self.config.output_dir);
+        let excess = all.len().saturating_sub(limit);
+        for (_, dir) in all.iter().filter(|(_, d)| d != keep).take(excess) {
+            std::fs::remove_dir_all(dir)
+                .map_err(io_err(format!("removing old checkpoint {}", dir.display())))?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::adapter`], refused if a value is not finite.
+    fn finite_adapter(&self) -> Result<Adapter> {
+        let adapter = self.adapter()?;
+        for (path, (a, b)) in &adapter.tensors {
+            check_finite(a, &format!("adapter `{path}.lora_A`"))?;
+            check_finite(b, &format!("adapter `{path}.lora_B`"))?;
+        }
+        Ok(adapter)
     }
 
     fn write_plot(&self, path: &Path) -> Result<()> {
@@ -880,16 +1133,22 @@ impl Trainer {
         write_loss_png(path, &title, &self.train_curve, &self.eval_curve)
     }
 
-    /// Writes the final adapter and the loss plot into `output_dir`.
+    /// Writes the final adapter as one unit into `output_dir/adapter/` (replacing an earlier
+    /// one whole) and the loss plot into `output_dir`; returns the adapter's directory. An
+    /// adapter with a non-finite value is refused before anything is written.
     pub fn save_final(&self) -> Result<PathBuf> {
-        let out = self.config.output_dir.clone();
-        save_adapter(&out, &self.adapter()?)?;
+        let adapter = self.finite_adapter()?;
+        let out = &self.config.output_dir;
+        let dir = out.join(ADAPTER_DIR);
+        write_dir_atomic(&dir, |tmp| save_adapter(tmp, &adapter))?;
         self.write_plot(&out.join(PLOT_FILE))?;
-        Ok(out)
+        Ok(dir)
     }
 
     /// Runs to the end: steps, evals every `eval_every` steps, checkpoints every `save_every`
-    /// steps, a final eval, the final adapter and plot. Every event goes to `on_event`.
+    /// steps, a final eval (unless one is logged at the last step already: a resumed finished
+    /// run reports the logged one), the final adapter and plot. Every event goes to
+    /// `on_event`. A non-finite loss stops the run with [`Error::NonFinite`].
     pub fn run(&mut self, mut on_event: impl FnMut(&Event)) -> Result<PathBuf> {
         while let Some(m) = self.step()? {
             on_event(&Event::Step(m.clone()));
@@ -905,7 +1164,11 @@ impl Trainer {
                 on_event(&Event::Checkpoint { step, dir });
             }
         }
-        if let Some(loss) = self.evaluate()? {
+        let last_eval = match self.logged_eval() {
+            Some(loss) => Some(loss),
+            None => self.evaluate()?,
+        };
+        if let Some(loss) = last_eval {
             on_event(&Event::Eval {
                 step: self.state.step,
                 loss,
@@ -920,4 +1183,17 @@ impl Trainer {
     pub fn modules(&self) -> &[String] {
         &self.modules
     }
+}
+
+/// Whether the file is non-empty and its last byte is not a newline.
+fn ends_mid_line(f: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
 }

@@ -9,6 +9,7 @@ mod decode_graph;
 mod decode_ops;
 mod generate;
 mod generate_text;
+mod hardening_data;
 mod lora;
 mod matmul;
 mod models;

@@ -18,12 +18,12 @@ use flare::train::{
 
 use crate::common::{device_test, dtypes, randn_scaled, rel_err, seed, to_f64_vec, tol, Result};
 
-fn fixture() -> PathBuf {
+pub(crate) fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2")
 }
 
 /// A fresh directory under the target's temp dir, removed first if it exists.
-fn scratch(name: &str) -> PathBuf {
+pub(crate) fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("flare-train-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
@@ -376,7 +376,7 @@ const MEMORISE: &[(&str, &str)] = &[
     ("Cats say", " meow."),
 ];
 
-fn memorise_data(dir: &Path) -> PathBuf {
+pub(crate) fn memorise_data(dir: &Path) -> PathBuf {
     let f = dir.join("mem.jsonl");
     let body: String = MEMORISE
         .iter()
@@ -386,7 +386,7 @@ fn memorise_data(dir: &Path) -> PathBuf {
     f
 }
 
-fn small_config(dir: &Path, data: PathBuf, steps: u64) -> TrainConfig {
+pub(crate) fn small_config(dir: &Path, data: PathBuf, steps: u64) -> TrainConfig {
     TrainConfig {
         model: fixture(),
         data,
@@ -407,7 +407,7 @@ fn small_config(dir: &Path, data: PathBuf, steps: u64) -> TrainConfig {
     }
 }
 
-fn losses(t: &mut Trainer, n: usize) -> Result<Vec<f64>> {
+pub(crate) fn losses(t: &mut Trainer, n: usize) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     for _ in 0..n {
         match t.step()? {
@@ -464,17 +464,24 @@ fn resumed_run_reproduces_the_uninterrupted_losses_exactly() -> Result<()> {
     assert_eq!(rest.len(), 5);
     assert_eq!(&first[..3], &full[..3]);
     assert_eq!(rest, full[3..].to_vec(), "resumed losses differ");
-    // metrics.jsonl holds each step once.
+    // metrics.jsonl is appended to: the interrupted run's steps 1-5, the resume line at step
+    // 3, then steps 4-8 of the resumed run, whose losses are the uninterrupted run's.
     let metrics = std::fs::read_to_string(cfg.output_dir.join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics
+    let lines: Vec<serde_json::Value> = metrics
         .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
+        .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    let steps: Vec<u64> = lines.iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8]);
+    assert!(lines[5]["resumed_from"]
+        .as_str()
+        .unwrap()
+        .ends_with("checkpoint-3"));
+    let logged: Vec<f64> = lines[6..]
+        .iter()
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(logged, full[3..].to_vec());
     // A checkpoint of another configuration is refused by name.
     let mut other = cfg.clone();
     other.seed = 8;
@@ -498,8 +505,8 @@ fn trained_adapter_loads_and_changes_generation() -> Result<()> {
         }
     })?;
     assert!(evals >= 3, "{evals} evals");
-    assert!(out.join("loss.png").is_file());
-    let png = std::fs::read(out.join("loss.png")).unwrap();
+    assert_eq!(out, cfg.output_dir.join("adapter"));
+    let png = std::fs::read(cfg.output_dir.join("loss.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 
     let adapter = flare::lora::load_adapter(&out, &Device::Cpu)?;
@@ -563,14 +570,11 @@ fn checkpoints_are_atomic_and_complete() -> Result<()> {
     t.step()?;
     let c2 = t.save_checkpoint()?;
     assert_eq!(Trainer::latest_checkpoint(&out), Some(c2));
-    // No temp dir of ours is left behind.
-    let ours = format!("-{}", std::process::id());
+    // No temporary directory of ours is left behind.
+    let ours = format!(".tmp.{}.", std::process::id());
     for e in std::fs::read_dir(&out).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
-        assert!(
-            !(name.starts_with(".tmp-") && name.ends_with(&ours)),
-            "{name}"
-        );
+        assert!(!name.contains(&ours), "{name}");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -583,7 +587,13 @@ fn merged_model_gives_the_base_plus_adapter_logits() -> Result<()> {
     let mut t = Trainer::from_config(cfg.clone(), &Device::Cpu)?;
     let adapter_dir = t.run(|_| {})?;
     let merged_dir = dir.join("merged");
-    flare::train::merge_adapter_to_dir(fixture(), &adapter_dir, &merged_dir, Some(DType::F32))?;
+    flare::train::merge_adapter_to_dir(
+        fixture(),
+        &adapter_dir,
+        &merged_dir,
+        Some(DType::F32),
+        false,
+    )?;
     for f in [
         "config.json",
         "model.safetensors",
@@ -614,6 +624,7 @@ fn merged_model_gives_the_base_plus_adapter_logits() -> Result<()> {
         &adapter_dir,
         dir.join("bad"),
         None,
+        false,
     )
     .unwrap_err();
     assert!(e.to_string().contains("lora_A"), "{e}");
