@@ -1,5 +1,5 @@
 //! LoRA fine-tuning: data ([`data`]), the optimizer and schedule ([`optim`]), the loss plot
-//! ([`plot`]) and the [`Trainer`] that ties them to a [`crate::models::Transformer`].
+//! ([`plot`]), the memory estimate checked before a run starts ([`memory`]) and the [`Trainer`] that ties them to a [`crate::models::Transformer`].
 //!
 //! ```no_run
 //! use candle_core::Device;
@@ -18,6 +18,7 @@
 
 pub mod data;
 pub mod export;
+pub mod memory;
 pub mod optim;
 pub mod plot;
 pub mod trainer;

@@ -525,6 +525,7 @@ impl Trainer {
     fn build(config: TrainConfig, device: &Device, encoder: Box<dyn Encoder>) -> Result<Self> {
         config.validate()?;
         let dtype = config.parsed_dtype()?;
+        super::memory::check_memory(&config, device)?;
         let mut model = Transformer::from_dir(&config.model, dtype, device)?;
         let lora = config.lora();
         let mut modules = Vec::new();
