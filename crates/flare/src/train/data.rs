@@ -177,9 +177,18 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Tokenises one parsed line into an example (before truncation). `Err(msg)` is a malformed
-/// line; other errors (tokenizer failures) are returned as they are.
+/// Tokenises one line into an example (before truncation). `Err(msg)` is a malformed line,
+/// and so is a conversation the chat template cannot render or text the tokenizer refuses
+/// (the error names the line rather than nothing).
 fn tokenize_line(
+    line: &str,
+    enc: &dyn Encoder,
+    cfg: &DataConfig,
+) -> std::result::Result<Example, String> {
+    tokenize_line_inner(line, enc, cfg).unwrap_or_else(|e| Err(e.to_string()))
+}
+
+fn tokenize_line_inner(
     line: &str,
     enc: &dyn Encoder,
     cfg: &DataConfig,
@@ -285,7 +294,7 @@ pub fn tokenize_file(path: &Path, enc: &dyn Encoder, cfg: &DataConfig) -> Result
         let n = i + 1;
         let parsed = match line_text(raw) {
             Ok(line) if line.trim().is_empty() => continue,
-            Ok(line) => tokenize_line(line, enc, cfg)?,
+            Ok(line) => tokenize_line(line, enc, cfg),
             Err(msg) => Err(msg),
         };
         match parsed {
