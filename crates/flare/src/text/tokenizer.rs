@@ -302,12 +302,13 @@ impl Tokenizer {
     }
 }
 
-/// Builds the `tokenizers` tokenizer from the bytes of `tokenizer.json`. The JSON syntax is
-/// checked first, with serde's line and column: `tokenizers` panics on some syntax errors
-/// (inside the `decoder` section) instead of returning them. A panic that still escapes it is
+/// Builds the `tokenizers` tokenizer from the bytes of `tokenizer.json`. The JSON is parsed
+/// first (strings and escapes included), with serde's line and column: `tokenizers` panics on
+/// some malformed JSON inside the `decoder` section (a lone surrogate escape, say) instead of
+/// returning an error. A panic that still escapes it is
 /// caught and reported as an error naming the file.
 fn parse_tokenizer(bytes: &[u8], path: &Path) -> Result<tokenizers::Tokenizer> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+    serde_json::from_slice::<Value>(bytes)
         .map_err(|e| bad_file(path, format!("malformed JSON: {e}")))?;
     let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes));
     match parsed {

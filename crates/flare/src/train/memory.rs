@@ -10,12 +10,12 @@
 //!   `lm_head`, per layer q/k/v/o, gate/up/down, biases, norms);
 //! - adapters: `P = Σ r × (in + out)` over the targeted modules, f32: `4P`;
 //! - gradients: `4P`; AdamW's two moments: `8P`;
-//! - activations kept for the backward pass:
-//!   `L × (T × (d × (4h + 4q + 2kv + 4i) + 4 × r × m) + 2 × batch × heads × max_seq_len² × d)
-//!   + T × V × (d + 4)`, where `m` is the number of targeted modules per layer: per token and
-//!   layer the two norms' inputs and outputs, q, k and v expanded to the query heads and the
-//!   attention output, k and v before expansion, gate, up, `silu(gate)` and their product, and
-//!   each adapter's `x·A` (f32); per layer the attention scores and probabilities; and the
+//! - activations kept for the backward pass,
+//!   `L × (T × (d × (4h + 4q + 2kv + 4i) + 4 × r × m) + 2 × batch × heads × max_seq_len² × d)`
+//!   plus `T × V × (d + 4)`, where `m` is the number of targeted modules per layer: per token
+//!   and layer the two norms' inputs and outputs, q, k and v expanded to the query heads and
+//!   the attention output, k and v before expansion, gate, up, `silu(gate)` and their product,
+//!   and each adapter's `x·A` (f32); per layer the attention scores and probabilities; and the
 //!   logits with their f32 gradient.
 //!
 //! It leaves out allocator slack, the tokeniser and the transient buffers of the backward pass,

@@ -111,9 +111,8 @@ fn malformed_safetensors_headers_name_the_file_and_the_tensor() {
             vec!["w.F33", "unknown dtype \"F33\""],
         ),
         (
-            format!(
-                r#"{{"a": {{"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, "b": {{"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}}}"#
-            ),
+            r#"{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}"#
+                .to_string(),
             16,
             vec!["`b`", "overlaps", "`a`"],
         ),
