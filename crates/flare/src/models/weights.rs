@@ -90,7 +90,9 @@ pub fn read_safetensors_header(path: &Path) -> Result<Vec<HeaderEntry>> {
     if file_len < 8 {
         return Err(bad_file(
             path,
-            format!("malformed safetensors file: {file_len} bytes, too short for a header"),
+            format!(
+                "malformed or truncated safetensors file: {file_len} bytes, too short for a header"
+            ),
         ));
     }
     f.read_exact(&mut len).map_err(io)?;
@@ -117,7 +119,12 @@ pub fn parse_safetensors_header(
     file_len: u64,
     file: &Path,
 ) -> Result<Vec<HeaderEntry>> {
-    let bad = |msg: String| bad_file(file, format!("malformed safetensors file: {msg}"));
+    let bad = |msg: String| {
+        bad_file(
+            file,
+            format!("malformed or truncated safetensors file: {msg}"),
+        )
+    };
     let Some(len_bytes) = prefix.get(..8) else {
         return Err(bad(format!("{file_len} bytes, too short for a header")));
     };
