@@ -1,5 +1,6 @@
 //! LoRA fine-tuning: data ([`data`]), the optimizer and schedule ([`optim`]), the loss plot
-//! ([`plot`]), the memory estimate checked before a run starts ([`memory`]) and the [`Trainer`] that ties them to a [`crate::models::Transformer`].
+//! ([`plot`]), the memory estimate checked before a run starts ([`memory`]) and the
+//! [`Trainer`] that ties them to a [`crate::models::Transformer`].
 //!
 //! ```no_run
 //! use candle_core::Device;
