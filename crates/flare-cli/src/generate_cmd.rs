@@ -219,6 +219,36 @@ pub fn prompt(args: &GenerateArgs, text: String) -> Prompt {
     }
 }
 
+/// Warns (on stderr) when the prompt plus `max_new_tokens` go past the model's
+/// `max_position_embeddings`, and refuses a request whose KV cache cannot fit in the memory
+/// the device has available.
+fn check_context(
+    model: &Transformer,
+    device: &candle_core::Device,
+    prompt_len: usize,
+    max_new_tokens: usize,
+) -> Result<()> {
+    let c = model.config();
+    let positions = prompt_len.saturating_add(max_new_tokens);
+    if let Some(w) = c.context_warning(positions) {
+        eprintln!("warning: {w}");
+    }
+    let cache_bytes = (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim) as u128
+        * positions as u128
+        * model.dtype().size_in_bytes() as u128;
+    if let Some(available) = flare::train::memory::available_memory(device)? {
+        if cache_bytes > available as u128 {
+            bail!(
+                "the KV cache for {positions} positions (prompt {prompt_len} + max_new_tokens \
+                 {max_new_tokens}) needs {} but {} is available: lower --max-new-tokens",
+                flare::train::memory::human_bytes(u64::try_from(cache_bytes).unwrap_or(u64::MAX)),
+                flare::train::memory::human_bytes(available)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs `flare generate`.
 pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     let text = match &args.prompt {
@@ -264,6 +294,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     }
     let cfg = generation_config(args, file.as_ref(), tokenizer.eos_token_id(), ids.len())?;
     let load_s = t_load.elapsed().as_secs_f64();
+    check_context(&model, &device, ids.len(), cfg.max_new_tokens)?;
 
     let t0 = Instant::now();
     let mut stream = TextStream::new(&model, &tokenizer, &ids, &cfg)?;

@@ -2,25 +2,26 @@
 //! architecture and sizes from `config.json`, the weights' files, dtypes on disk and parameter
 //! count (from the safetensors headers, without reading the tensors), the tokenizer (vocabulary,
 //! special tokens, chat template), `generation_config.json`, and PEFT adapters found in the
-//! directory itself or its immediate subdirectories.
+//! directory itself or its immediate subdirectories. On a PEFT adapter directory (an
+//! `adapter_config.json` and no `config.json`) it describes the adapter instead.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use flare::generate::HfGenerationConfig;
 use flare::lora::peft::load_adapter;
+use flare::models::weights::read_safetensors_header;
 use flare::models::ModelConfig;
 use flare::text::Tokenizer;
 
 /// The arguments of `flare info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// The model directory.
+    /// The model directory, or a PEFT adapter directory (adapter_config.json +
+    /// adapter_model.safetensors).
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
 }
@@ -79,44 +80,16 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Reads the header of one safetensors file: `name -> (dtype, shape)`.
+/// Reads and checks the header of one safetensors file: `name -> (dtype, shape)`. Errors name
+/// the file and the tensor ([`flare::models::weights::read_safetensors_header`]).
 fn read_header(path: &Path) -> Result<Vec<(String, String, Vec<u64>)>> {
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .with_context(|| format!("{}: too short for a safetensors file", path.display()))?;
-    let n = u64::from_le_bytes(len);
-    let size = f.metadata()?.len();
-    if n > size.saturating_sub(8) || n > 100 << 20 {
-        bail!(
-            "{}: malformed safetensors header (length {n})",
-            path.display()
-        );
-    }
-    let mut buf = vec![0u8; n as usize];
-    f.read_exact(&mut buf)
-        .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
-    let v: serde_json::Value = serde_json::from_slice(&buf)
-        .with_context(|| format!("{}: malformed safetensors header", path.display()))?;
-    let Some(obj) = v.as_object() else {
-        bail!("{}: malformed safetensors header", path.display());
-    };
-    let mut out = Vec::new();
-    for (name, t) in obj {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dtype = t.get("dtype").and_then(|d| d.as_str());
-        let shape: Option<Vec<u64>> = t
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|s| s.iter().map(|x| x.as_u64()).collect());
-        match (dtype, shape) {
-            (Some(d), Some(s)) => out.push((name.clone(), d.to_string(), s)),
-            _ => bail!("{}: tensor `{name}` has no dtype or shape", path.display()),
-        }
-    }
-    Ok(out)
+    Ok(read_safetensors_header(path)?
+        .into_iter()
+        .map(|e| {
+            let shape = e.shape.iter().map(|&d| d as u64).collect();
+            (e.name, e.dtype, shape)
+        })
+        .collect())
 }
 
 /// Summarises the weights of `dir` from the safetensors headers.
@@ -167,6 +140,9 @@ pub fn human_bytes(n: u64) -> String {
 pub fn report(dir: &Path) -> Result<String> {
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
+    }
+    if !dir.join("config.json").is_file() && dir.join(ADAPTER_CONFIG).is_file() {
+        return adapter_report(dir);
     }
     let mut r = String::new();
     writeln!(r, "model directory {}", dir.display())?;
@@ -334,6 +310,69 @@ pub fn report(dir: &Path) -> Result<String> {
             writeln!(r, "{label:<16}{a}")?;
         }
     }
+    Ok(r)
+}
+
+/// The config file of a PEFT adapter directory.
+const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// The weights file of a PEFT adapter directory.
+const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// The report of `flare info` on a PEFT adapter directory (`adapter_config.json` and
+/// `adapter_model.safetensors`, no `config.json`): the LoRA settings, the base model it was
+/// trained on, and the weights as stored. The adapter is loaded in full, so a malformed one is
+/// an error naming its file.
+pub fn adapter_report(dir: &Path) -> Result<String> {
+    let a = load_adapter(dir, &candle_core::Device::Cpu)?;
+    let c = &a.config;
+    let weights = dir.join(ADAPTER_WEIGHTS);
+    let size = std::fs::metadata(&weights)
+        .with_context(|| format!("opening {}", weights.display()))?
+        .len();
+    let mut by_dtype: BTreeMap<String, u64> = BTreeMap::new();
+    let header = read_header(&weights)?;
+    for (_, dtype, shape) in &header {
+        *by_dtype.entry(dtype.clone()).or_default() += shape.iter().product::<u64>();
+    }
+    let params: u64 = by_dtype.values().sum();
+    let mut targets = c.target_modules.clone();
+    targets.sort();
+    let mut r = String::new();
+    writeln!(r, "adapter directory {}", dir.display())?;
+    writeln!(
+        r,
+        "type            {} (PEFT), r {}, alpha {}, scaling {}{}, dropout {}",
+        c.peft_type,
+        c.r,
+        c.lora_alpha,
+        a.scaling(),
+        if c.use_rslora { " (rsLoRA)" } else { "" },
+        c.lora_dropout
+    )?;
+    writeln!(r, "targets         {}", targets.join(", "))?;
+    writeln!(
+        r,
+        "base model      {}",
+        c.base_model_name_or_path
+            .as_deref()
+            .unwrap_or("(not recorded)")
+    )?;
+    if let Some(t) = &c.task_type {
+        writeln!(r, "task type       {t}")?;
+    }
+    writeln!(
+        r,
+        "weights         {ADAPTER_WEIGHTS}, {}, {} tensors ({} modules)",
+        human_bytes(size),
+        header.len(),
+        a.tensors.len()
+    )?;
+    let dtypes: Vec<String> = by_dtype
+        .iter()
+        .map(|(d, n)| format!("{d} ({})", human_count(*n)))
+        .collect();
+    writeln!(r, "dtype on disk   {}", dtypes.join(", "))?;
+    writeln!(r, "parameters      {} ({params})", human_count(params))?;
     Ok(r)
 }
 

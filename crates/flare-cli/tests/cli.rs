@@ -613,6 +613,8 @@ fn train_config_file_keys_are_the_flags_and_paths_are_the_files() {
     assert_eq!(o.status.code(), Some(1));
     let want = format!("{}:2: unknown key `bad_lines`", toml.display());
     assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+}
+
 // ---- issue 10: merge safety, checkpoint rotation and resume checks, the demo's cleanup -------
 
 /// A fresh scratch directory for one of the tests below.
@@ -790,4 +792,251 @@ fn demo_leaves_no_temporary_directory_and_prints_a_clean_model_path() {
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
     assert!(left.is_empty(), "the demo left {left:?}");
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+// ---- hardening: adapters in `flare info`, context warnings, memory, TOML fuzz --------------------
+
+#[test]
+fn info_describes_an_adapter_directory() {
+    let dir = fixture("qwen2").join("adapter");
+    let o = flare(&["info", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    // r 4, alpha 8, 7 target modules on 2 layers: 14 modules, 28 tensors, each pair
+    // r·(in + out) parameters.
+    for want in [
+        "adapter directory",
+        "LORA (PEFT), r 4, alpha 8, scaling 2",
+        "targets         down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
+        "base model      ..",
+        "task type       CAUSAL_LM",
+        "28 tensors (14 modules)",
+    ] {
+        assert!(out.contains(want), "{want:?} not in:\n{out}");
+    }
+    let c = ModelConfig::from_dir(fixture("qwen2")).unwrap();
+    let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+    let (q, kv) = (
+        (c.num_attention_heads * c.head_dim) as u64,
+        (c.num_key_value_heads * c.head_dim) as u64,
+    );
+    let per_layer = 4 * ((h + q) + 2 * (h + kv) + (q + h) + 3 * (h + i));
+    let want = c.num_hidden_layers as u64 * per_layer;
+    assert!(out.contains(&format!("({want})")), "{want} not in:\n{out}");
+}
+
+#[test]
+fn info_on_a_broken_adapter_names_the_file() {
+    let dir = std::env::temp_dir().join(format!("flare-cli-bad-adapter-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixture("qwen2").join("adapter");
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    bytes.truncate(bytes.len() - 10);
+    std::fs::write(dir.join("adapter_model.safetensors"), bytes).unwrap();
+    let o = flare(&["info", dir.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("adapter_model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn generating_past_max_position_embeddings_warns_on_stderr() {
+    let q = fixture("qwen2");
+    let q = q.to_str().unwrap();
+    // The fixture's max_position_embeddings is 128.
+    let o = flare(&[
+        "generate",
+        "--model",
+        q,
+        "--prompt",
+        "hello",
+        "--greedy",
+        "--max-new-tokens",
+        "200",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning:") && err.contains("max_position_embeddings (128)"),
+        "{err}"
+    );
+    let o = flare(&[
+        "generate",
+        "--model",
+        q,
+        "--prompt",
+        "hello",
+        "--greedy",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("warning:"), "{}", stderr(&o));
+    // A KV cache no machine can hold is refused before it is allocated.
+    let o = flare(&[
+        "generate",
+        "--model",
+        q,
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "1000000000000000",
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("KV cache") && err.contains("--max-new-tokens"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_run_too_large_for_memory_is_refused_with_the_estimate() {
+    let dir = std::env::temp_dir().join(format!("flare-cli-oom-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"hello\"}\n{\"text\": \"world\"}\n").unwrap();
+    let out = dir.join("out");
+    let o = flare(&[
+        "train",
+        "--model",
+        fixture("qwen2").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--lora-r",
+        "100000000000",
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("not enough memory on cpu")
+            && err.contains("GiB")
+            && err.contains("available")
+            && err.contains("lower lora_r"),
+        "{err}"
+    );
+    assert!(!out.exists(), "the output directory was created");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Mutated TOML train configs through the binary: never a panic, a parse error names the file,
+/// and a refused config leaves the output directory as it was. (The library's TOML loader gets
+/// many more inputs in flare's `it::fuzz`.)
+#[test]
+fn fuzz_train_toml_through_the_cli() {
+    use rand::{Rng, SeedableRng};
+    let dir = std::env::temp_dir().join(format!("flare-cli-fuzz-toml-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"hello there\"}\n{\"text\": \"general kenobi\"}\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "an earlier file").unwrap();
+    let model = fixture("qwen2");
+    let base = format!(
+        "model = {:?}\ndata = {:?}\noutput_dir = {:?}\nlora_r = 2\nlora_alpha = 4.0\n\
+         lr = 1e-3\nmax_steps = 1\nbatch_size = 2\nmax_seq_len = 16\ndevice = \"cpu\"\n\
+         target_modules = [\"q_proj\"]\nseed = 1\n",
+        model.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.join("run").to_str().unwrap()
+    );
+    let toml = dir.join("train.toml");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7011);
+    const ODD: &[&str] = &[
+        "-1", "0", "1e400", "\"\"", "[]", "{}", "true", "nan", "\"x\"",
+    ];
+    let n = 24;
+    for i in 0..n {
+        let mut text = base.clone().into_bytes();
+        match rng.random_range(0..3) {
+            0 => {
+                // An odd value for one key.
+                let lines: Vec<&str> = base.lines().collect();
+                let k = rng.random_range(0..lines.len());
+                let key = lines[k].split(" = ").next().unwrap();
+                let odd = ODD[rng.random_range(0..ODD.len())];
+                text = lines
+                    .iter()
+                    .enumerate()
+                    .map(|(j, l)| {
+                        if j == k {
+                            format!("{key} = {odd}")
+                        } else {
+                            l.to_string()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    .into_bytes();
+            }
+            1 => {
+                let at = rng.random_range(0..text.len());
+                text[at] = b"{}[]=\"#\x00\xff"[rng.random_range(0..9)];
+            }
+            _ => {
+                let at = rng.random_range(0..text.len());
+                text.truncate(at);
+            }
+        }
+        std::fs::write(&toml, &text).unwrap();
+        let before: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        let o = flare(&["train", "--config", toml.to_str().unwrap(), "--no-progress"]);
+        let err = stderr(&o);
+        let input = String::from_utf8_lossy(&text);
+        assert!(
+            !err.contains("panicked"),
+            "case {i}: {err}\ninput:\n{input}"
+        );
+        assert_ne!(o.status.code(), Some(101), "case {i}: {err}");
+        if !o.status.success() {
+            assert!(!err.trim().is_empty(), "case {i}: no message");
+            if err.contains("TOML") || err.contains("parse") || err.contains("expected") {
+                assert!(
+                    err.contains("train.toml"),
+                    "case {i}: {err}\ninput:\n{input}"
+                );
+            }
+            let after: Vec<_> = std::fs::read_dir(&out)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            assert_eq!(before, after, "case {i}: {err}\ninput:\n{input}");
+        }
+        let _ = std::fs::remove_dir_all(out.join("run"));
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "an earlier file"
+    );
+    println!("fuzz train.toml through the CLI: {n} inputs");
+    let _ = std::fs::remove_dir_all(&dir);
 }

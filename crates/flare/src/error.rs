@@ -134,6 +134,24 @@ pub enum Error {
         msg: String,
     },
 
+    /// A training run would need more memory than the device has available (the rough
+    /// estimate of [`crate::train::memory`]).
+    #[error(
+        "not enough memory on {device}: the run needs about {needed} ({detail}), {available} is \
+         available; lower lora_r, batch_size or max_seq_len, train fewer target_modules, or use \
+         dtype bf16"
+    )]
+    OutOfMemory {
+        /// The device, as text.
+        device: String,
+        /// The estimate, as text (`21.70 GiB`).
+        needed: String,
+        /// The memory available, as text.
+        available: String,
+        /// The estimate by part.
+        detail: String,
+    },
+
     // ---- wrapped ----------------------------------------------------------------------------
     /// An error from Candle.
     #[error(transparent)]

@@ -751,6 +751,8 @@ pub fn load_adapter(dir: impl AsRef<Path>, device: &Device) -> Result<Adapter> {
             source: e,
         }
     })?;
+    // Our own check first: its errors name the tensor at fault, the crate's do not.
+    crate::models::weights::parse_safetensors_header(&bytes, bytes.len() as u64, &weights_path)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
         bad_file(
             &weights_path,

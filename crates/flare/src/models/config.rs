@@ -100,7 +100,8 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// `vocab_size`.
     pub vocab_size: usize,
-    /// `max_position_embeddings`.
+    /// `max_position_embeddings`: the context length the model was trained for. Generating
+    /// past it runs but warns; see [`context_warning`](Self::context_warning).
     pub max_position_embeddings: usize,
     /// Whether q/k/v projections have a bias (always for Qwen2; `attention_bias` for Llama).
     pub qkv_bias: bool,
@@ -197,7 +198,10 @@ impl ModelConfig {
     /// Errors name the file: a missing or unreadable file ([`Error::Io`] with its own kind),
     /// malformed JSON, a missing or mistyped field, an architecture flare does not build, or
     /// settings it does not implement (an activation other than SiLU, RoPE scaling other than
-    /// `llama3`, Qwen2's per-layer sliding window), all [`Error::Io`] of kind `InvalidData`.
+    /// `llama3`, Qwen2's per-layer sliding window), values no model can have (zero layers,
+    /// heads, sizes or positions, a hidden size not divisible by the heads, query heads not a
+    /// multiple of the KV heads, a non-positive `rms_norm_eps`), all [`Error::Io`] of kind
+    /// `InvalidData`.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         Self::from_file(dir.as_ref().join(CONFIG_FILE))
     }
@@ -253,7 +257,8 @@ impl ModelConfig {
         };
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(f.err(format!(
-                "the head dimension must be even and positive (RoPE), got {head_dim}"
+                "the head dimension (`head_dim`, else `hidden_size` / `num_attention_heads`) \
+                 must be even and positive (RoPE), got {head_dim}"
             )));
         }
         if let Some(act) = f.str_opt("hidden_act")?.or(f.str_opt("hidden_activation")?) {
@@ -294,7 +299,7 @@ impl ModelConfig {
             return Err(f.err("field `sliding_window` must be positive".to_string()));
         }
 
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architecture,
             hidden_size,
             intermediate_size: f.usize("intermediate_size")?,
@@ -312,7 +317,113 @@ impl ModelConfig {
             o_bias,
             mlp_bias,
             sliding_window,
+        };
+        config.check_values(file)?;
+        Ok(config)
+    }
+
+    /// The positions a model of this config was trained for (`max_position_embeddings`), and
+    /// what flare does past them: RoPE is computed for any position and the KV cache is sized
+    /// for the whole request, so generation goes on, but the model has never seen such
+    /// positions and its output usually degrades. Returns a warning for a request of
+    /// `positions` positions (prompt plus new tokens) that goes past them, `None` otherwise.
+    /// The CLI prints it; library callers decide.
+    ///
+    /// ```
+    /// # let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+    /// #     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    /// #     "rms_norm_eps": 1e-6, "vocab_size": 256, "max_position_embeddings": 128}"#;
+    /// let c = flare::models::ModelConfig::from_json_str(json, "config.json")?;
+    /// assert!(c.context_warning(128).is_none());
+    /// assert!(c.context_warning(129).unwrap().contains("max_position_embeddings"));
+    /// # Ok::<(), flare::Error>(())
+    /// ```
+    pub fn context_warning(&self, positions: usize) -> Option<String> {
+        (positions > self.max_position_embeddings).then(|| {
+            format!(
+                "up to {positions} positions (prompt + max new tokens) exceed the model's \
+                 max_position_embeddings ({}): positions past it were never trained and the \
+                 output will likely degrade",
+                self.max_position_embeddings
+            )
         })
+    }
+
+    /// Refuses values no model can have, naming the field and `file`: zero sizes (layers,
+    /// hidden, intermediate, vocabulary, positions), sizes beyond what flare can address, a
+    /// non-positive or non-finite `rms_norm_eps` or `rope_theta`. (Head counts, GQA grouping
+    /// and the head dimension are checked while parsing.)
+    fn check_values(&self, file: &Path) -> Result<()> {
+        /// The largest width, vocabulary or head count accepted: far above any real model, small
+        /// enough that products of two sizes cannot overflow.
+        const MAX_DIM: usize = 1 << 26;
+        /// The largest `max_position_embeddings` accepted.
+        const MAX_POSITIONS: usize = 1 << 32;
+        let dims = [
+            ("hidden_size", self.hidden_size, MAX_DIM),
+            ("intermediate_size", self.intermediate_size, MAX_DIM),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 16),
+            ("num_attention_heads", self.num_attention_heads, MAX_DIM),
+            ("num_key_value_heads", self.num_key_value_heads, MAX_DIM),
+            ("head_dim", self.head_dim, MAX_DIM),
+            ("vocab_size", self.vocab_size, MAX_DIM),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+        ];
+        for (field, v, max) in dims {
+            if v == 0 {
+                return Err(bad_file(
+                    file,
+                    format!("field `{field}` must be positive, got 0"),
+                ));
+            }
+            if v > max {
+                return Err(bad_file(
+                    file,
+                    format!("field `{field}` = {v} is larger than flare accepts ({max})"),
+                ));
+            }
+        }
+        if self.num_attention_heads * self.head_dim > MAX_DIM {
+            return Err(bad_file(
+                file,
+                format!(
+                    "fields `num_attention_heads` × `head_dim` = {} × {} is larger than flare \
+                     accepts ({MAX_DIM})",
+                    self.num_attention_heads, self.head_dim
+                ),
+            ));
+        }
+        for (field, v) in [
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("rope_theta", self.rope_theta),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(bad_file(
+                    file,
+                    format!("field `{field}` must be a positive finite number, got {v}"),
+                ));
+            }
+        }
+        if let Some(s) = &self.rope_scaling {
+            let ok = [s.factor, s.low_freq_factor, s.high_freq_factor]
+                .iter()
+                .all(|x| x.is_finite() && *x > 0.0)
+                && s.original_max_position_embeddings > 0;
+            if !ok {
+                return Err(bad_file(
+                    file,
+                    format!(
+                        "field `rope_scaling`: llama3 scaling needs positive finite factors and \
+                         a positive original_max_position_embeddings, got {s:?}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

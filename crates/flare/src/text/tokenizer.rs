@@ -109,8 +109,7 @@ impl Tokenizer {
             context: format!("reading tokenizer {}", path.display()),
             source: e,
         })?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| bad_file(path, format!("not a valid tokenizer: {e}")))?;
+        let inner = parse_tokenizer(&bytes, path)?;
         Ok(Tokenizer {
             inner,
             file: path.to_path_buf(),
@@ -299,6 +298,32 @@ impl Tokenizer {
         Error::InvalidArgument {
             op: OP,
             msg: format!("{}: {msg}", self.file.display()),
+        }
+    }
+}
+
+/// Builds the `tokenizers` tokenizer from the bytes of `tokenizer.json`. The JSON is parsed
+/// first (strings and escapes included), with serde's line and column: `tokenizers` panics on
+/// some malformed JSON inside the `decoder` section (a lone surrogate escape, say) instead of
+/// returning an error. A panic that still escapes it is
+/// caught and reported as an error naming the file.
+fn parse_tokenizer(bytes: &[u8], path: &Path) -> Result<tokenizers::Tokenizer> {
+    serde_json::from_slice::<Value>(bytes)
+        .map_err(|e| bad_file(path, format!("malformed JSON: {e}")))?;
+    let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes));
+    match parsed {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(bad_file(path, format!("not a valid tokenizer: {e}"))),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(bad_file(
+                path,
+                format!("not a valid tokenizer (the tokenizers crate failed: {what})"),
+            ))
         }
     }
 }

@@ -12,8 +12,8 @@
 //!
 //! With `append_eos`, the EOS token is appended to `text` and `completion` examples (chat
 //! templates end assistant turns themselves). Examples longer than `max_seq_len` are truncated;
-//! examples left with no loss token are dropped and counted. A malformed line (bad JSON, a
-//! missing or mistyped field) is an [`Error::Data`] naming the file and line: with
+//! examples left with no loss token are dropped and counted. A malformed line (not UTF-8, bad
+//! JSON, a missing or mistyped field) is an [`Error::Data`] naming the file and line: with
 //! [`BadLines::Error`] the load fails on it, with [`BadLines::Skip`] it is skipped and reported
 //! in [`Tokenized::bad_lines`] (the trainer prints a warning and the count). Blank lines are
 //! not examples and are ignored.
@@ -177,9 +177,18 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Tokenises one parsed line into an example (before truncation). `Err(msg)` is a malformed
-/// line; other errors (tokenizer failures) are returned as they are.
+/// Tokenises one line into an example (before truncation). `Err(msg)` is a malformed line,
+/// and so is a conversation the chat template cannot render or text the tokenizer refuses
+/// (the error names the line rather than nothing).
 fn tokenize_line(
+    line: &str,
+    enc: &dyn Encoder,
+    cfg: &DataConfig,
+) -> std::result::Result<Example, String> {
+    tokenize_line_inner(line, enc, cfg).unwrap_or_else(|e| Err(e.to_string()))
+}
+
+fn tokenize_line_inner(
     line: &str,
     enc: &dyn Encoder,
     cfg: &DataConfig,
@@ -250,6 +259,18 @@ fn tokenize_line(
     }
 }
 
+/// The text of one line (its bytes up to the `\n`), without a trailing `\r`; `Err(msg)` when it
+/// is not UTF-8 (a malformed line, which `--skip-bad-lines` can skip like any other).
+fn line_text(raw: &[u8]) -> std::result::Result<&str, String> {
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    std::str::from_utf8(raw).map_err(|e| {
+        format!(
+            "not valid UTF-8 (byte {} of the line); JSONL must be UTF-8",
+            e.valid_up_to() + 1
+        )
+    })
+}
+
 /// Tokenises a JSONL file without the cache. See the module docs for the formats and the
 /// handling of malformed lines.
 pub fn tokenize_file(path: &Path, enc: &dyn Encoder, cfg: &DataConfig) -> Result<Tokenized> {
@@ -259,7 +280,7 @@ pub fn tokenize_file(path: &Path, enc: &dyn Encoder, cfg: &DataConfig) -> Result
             msg: format!("max_seq_len must be >= 2, got {}", cfg.max_seq_len),
         });
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+    let bytes = std::fs::read(path).map_err(|e| Error::Io {
         context: format!("reading data file {}", path.display()),
         source: e,
     })?;
@@ -269,12 +290,14 @@ pub fn tokenize_file(path: &Path, enc: &dyn Encoder, cfg: &DataConfig) -> Result
         dropped_empty: 0,
         truncated: 0,
     };
-    for (i, line) in text.lines().enumerate() {
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let n = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        match tokenize_line(line, enc, cfg)? {
+        let parsed = match line_text(raw) {
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => tokenize_line(line, enc, cfg),
+            Err(msg) => Err(msg),
+        };
+        match parsed {
             Ok(mut ex) => {
                 if ex.ids.len() > cfg.max_seq_len {
                     ex.ids.truncate(cfg.max_seq_len);

@@ -1,5 +1,6 @@
 //! LoRA fine-tuning: data ([`data`]), the optimizer and schedule ([`optim`]), the loss plot
-//! ([`plot`]), the identity of a run that checkpoints record ([`identity`]) and the
+//! ([`plot`]), the identity of a run that checkpoints record ([`identity`]), the memory
+//! estimate checked before a run starts ([`memory`]) and the
 //! [`Trainer`] that ties them to a [`crate::models::Transformer`].
 //!
 //! ```no_run
@@ -20,6 +21,7 @@
 pub mod data;
 pub mod export;
 pub mod identity;
+pub mod memory;
 pub mod optim;
 pub mod plot;
 pub mod trainer;

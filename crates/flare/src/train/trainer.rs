@@ -631,9 +631,11 @@ impl Trainer {
             layer.set_adapter_weights(ADAPTER_NAME, a, b)?;
         }
         let optim_path = dir.join(OPTIM_FILE);
+        crate::models::weights::read_safetensors_header(&optim_path)?;
         let tensors = candle_core::safetensors::load(&optim_path, device)?;
         t.opt
-            .load_state(&tensors.into_iter().collect(), saved.step)?;
+            .load_state(&tensors.into_iter().collect(), saved.step)
+            .map_err(|e| crate::models::bad_file(&optim_path, e.to_string()))?;
         t.state.step = saved.step;
         t.state.epoch = saved.epoch;
         t.state.batch_in_epoch = saved.batch_in_epoch;
@@ -737,6 +739,7 @@ impl Trainer {
     ) -> Result<Self> {
         config.validate()?;
         let dtype = config.parsed_dtype()?;
+        super::memory::check_memory(&config, device)?;
         let mut model = Transformer::from_dir(&config.model, dtype, device)?;
         // Run the model once, on one token, before anything is written: what its config makes
         // the ops refuse (a negative `rms_norm_eps`, say) fails here, not at the first step,

@@ -1,0 +1,304 @@
+//! A rough estimate of the memory a LoRA training run needs, checked against what the device
+//! has free before anything is allocated, so that a run that cannot fit (`--lora-r 100000`)
+//! stops with the estimate and a hint instead of being killed by the OOM killer half-way.
+//!
+//! The formula ([`MemoryEstimate::for_run`]), in bytes, with `d` the bytes of the compute dtype,
+//! `T = batch_size × max_seq_len` the tokens of the largest batch the settings allow, `L` layers,
+//! `h` hidden, `i` intermediate, `q = heads × head_dim`, `kv = kv_heads × head_dim`, `V` vocab:
+//!
+//! - frozen weights: every parameter of the base model × `d` (embeddings, the untied
+//!   `lm_head`, per layer q/k/v/o, gate/up/down, biases, norms);
+//! - adapters: `P = Σ r × (in + out)` over the targeted modules, f32: `4P`;
+//! - gradients: `4P`; AdamW's two moments: `8P`;
+//! - activations kept for the backward pass,
+//!   `L × (T × (d × (4h + 4q + 2kv + 4i) + 4 × r × m) + 2 × batch × heads × max_seq_len² × d)`
+//!   plus `T × V × (d + 4)`, where `m` is the number of targeted modules per layer: per token
+//!   and layer the two norms' inputs and outputs, q, k and v expanded to the query heads and
+//!   the attention output, k and v before expansion, gate, up, `silu(gate)` and their product,
+//!   and each adapter's `x·A` (f32); per layer the attention scores and probabilities; and the
+//!   logits with their f32 gradient.
+//!
+//! It leaves out allocator slack, the tokeniser and the transient buffers of the backward pass,
+//! and assumes every batch may be as long as `max_seq_len` (short data uses less), so it is a
+//! guide within a factor of about two, not a promise: the check refuses only when the estimate
+//! exceeds what is available. Available memory is `MemAvailable` of `/proc/meminfo` on the CPU
+//! and the free device memory the CUDA driver reports on a GPU; where it cannot be read (a CPU
+//! without `/proc/meminfo`), [`check_memory`] cannot check and returns `Ok`.
+
+use std::path::Path;
+
+use candle_core::Device;
+
+use crate::models::ModelConfig;
+use crate::train::TrainConfig;
+use crate::{Error, Result};
+
+/// The memory a training run needs, by part, in bytes (see the module docs for the formula).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// The frozen base model at the compute dtype.
+    pub weights: u64,
+    /// The LoRA adapters (f32).
+    pub adapters: u64,
+    /// The adapters' gradients (f32).
+    pub gradients: u64,
+    /// AdamW's first and second moments (f32).
+    pub optimizer: u64,
+    /// Activations kept for the backward pass of the largest batch.
+    pub activations: u64,
+    /// The number of trainable (adapter) parameters.
+    pub trainable_params: u64,
+}
+
+impl MemoryEstimate {
+    /// The whole estimate.
+    pub fn total(&self) -> u64 {
+        self.weights + self.adapters + self.gradients + self.optimizer + self.activations
+    }
+
+    /// The estimate of a run of `train` on a model of `model`, the dtype parsed from
+    /// `train.dtype`. Saturates instead of overflowing on absurd settings.
+    ///
+    /// ```
+    /// # let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+    /// #     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    /// #     "rms_norm_eps": 1e-6, "vocab_size": 256, "max_position_embeddings": 128}"#;
+    /// let model = flare::models::ModelConfig::from_json_str(json, "config.json")?;
+    /// let mut train = flare::train::TrainConfig { lora_r: 8, ..Default::default() };
+    /// let small = flare::train::memory::MemoryEstimate::for_run(&model, &train)?;
+    /// train.lora_r = 100_000;
+    /// let big = flare::train::memory::MemoryEstimate::for_run(&model, &train)?;
+    /// assert_eq!(big.trainable_params, 12_500 * small.trainable_params);
+    /// assert!(big.total() > 50 * small.total());
+    /// # Ok::<(), flare::Error>(())
+    /// ```
+    pub fn for_run(model: &ModelConfig, train: &TrainConfig) -> Result<Self> {
+        let d = train.parsed_dtype()?.size_in_bytes() as u64;
+        let c = model;
+        let (h, i, v) = (
+            c.hidden_size as u64,
+            c.intermediate_size as u64,
+            c.vocab_size as u64,
+        );
+        let (heads, l) = (c.num_attention_heads as u64, c.num_hidden_layers as u64);
+        let q = heads.saturating_mul(c.head_dim as u64);
+        let kv = (c.num_key_value_heads as u64).saturating_mul(c.head_dim as u64);
+        let r = train.lora_r as u64;
+        let lora = train.lora();
+        // (name, in, out, bias) of the projections of one layer.
+        let projections = [
+            ("self_attn.q_proj", h, q, c.qkv_bias),
+            ("self_attn.k_proj", h, kv, c.qkv_bias),
+            ("self_attn.v_proj", h, kv, c.qkv_bias),
+            ("self_attn.o_proj", q, h, c.o_bias),
+            ("mlp.gate_proj", h, i, c.mlp_bias),
+            ("mlp.up_proj", h, i, c.mlp_bias),
+            ("mlp.down_proj", i, h, c.mlp_bias),
+        ];
+        let mut layer_params = 2 * h; // the two norms
+        let mut lora_params = 0u64;
+        let mut targeted = 0u64;
+        for (name, fan_in, fan_out, bias) in projections {
+            layer_params = layer_params
+                .saturating_add(fan_in.saturating_mul(fan_out))
+                .saturating_add(if bias { fan_out } else { 0 });
+            if lora.targets(&format!("model.layers.0.{name}")) {
+                lora_params = lora_params.saturating_add(r.saturating_mul(fan_in + fan_out));
+                targeted += 1;
+            }
+        }
+        let embeddings = v.saturating_mul(h);
+        let head = if c.tie_word_embeddings { 0 } else { embeddings };
+        let frozen = l
+            .saturating_mul(layer_params)
+            .saturating_add(embeddings)
+            .saturating_add(head)
+            .saturating_add(h);
+        let p = l.saturating_mul(lora_params);
+
+        let (batch, seq) = (train.batch_size as u64, train.max_seq_len as u64);
+        let tokens = batch.saturating_mul(seq);
+        let per_token = d
+            .saturating_mul(4 * h + 4 * q + 2 * kv + 4 * i)
+            .saturating_add(4u64.saturating_mul(r).saturating_mul(targeted));
+        let scores = 2u64
+            .saturating_mul(batch)
+            .saturating_mul(heads)
+            .saturating_mul(seq.saturating_mul(seq))
+            .saturating_mul(d);
+        let per_layer = tokens.saturating_mul(per_token).saturating_add(scores);
+        let logits = tokens.saturating_mul(v).saturating_mul(d + 4);
+        Ok(MemoryEstimate {
+            weights: frozen.saturating_mul(d),
+            adapters: p.saturating_mul(4),
+            gradients: p.saturating_mul(4),
+            optimizer: p.saturating_mul(8),
+            activations: l.saturating_mul(per_layer).saturating_add(logits),
+            trainable_params: p,
+        })
+    }
+
+    /// The parts, for messages: `weights 1.9 GiB, adapters 35.2 MiB, ...`.
+    pub fn breakdown(&self) -> String {
+        format!(
+            "frozen weights {}, adapters {}, gradients {}, AdamW state {}, activations {}",
+            human_bytes(self.weights),
+            human_bytes(self.adapters),
+            human_bytes(self.gradients),
+            human_bytes(self.optimizer),
+            human_bytes(self.activations)
+        )
+    }
+}
+
+/// A size in bytes for messages: `1.23 GiB`, `180.0 MiB`, `512 B`.
+pub fn human_bytes(n: u64) -> String {
+    const KIB: f64 = 1024.0;
+    let x = n as f64;
+    if x >= KIB * KIB * KIB {
+        format!("{:.2} GiB", x / (KIB * KIB * KIB))
+    } else if x >= KIB * KIB {
+        format!("{:.1} MiB", x / (KIB * KIB))
+    } else if x >= KIB {
+        format!("{:.1} KiB", x / KIB)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+pub fn parse_meminfo_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let n: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => n.checked_mul(1024),
+        None => Some(n),
+        Some(_) => None,
+    }
+}
+
+/// The memory a new allocation on `device` can use, in bytes: `MemAvailable` on the CPU, the
+/// driver's free memory on a CUDA device. `None` where it cannot be known (no
+/// `/proc/meminfo`, another backend).
+pub fn available_memory(device: &Device) -> Result<Option<u64>> {
+    match device {
+        Device::Cpu => Ok(std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .as_deref()
+            .and_then(parse_meminfo_available)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => {
+            use crate::runtime::cuda::CudaResultExt;
+            use candle_core::cuda_backend::cudarc::driver::result;
+            let ctx = dev.cuda_stream().context().clone();
+            ctx.bind_to_thread()
+                .cuda_ctx("binding the CUDA context to query free memory")?;
+            let (free, _total) = result::mem_get_info().cuda_ctx("querying free device memory")?;
+            Ok(Some(free as u64))
+        }
+        #[allow(unreachable_patterns)]
+        _ => Ok(None),
+    }
+}
+
+/// Refuses `estimate` when it exceeds `available` on `device` (named in the message), with
+/// the breakdown and a hint.
+pub fn check_fits(estimate: &MemoryEstimate, available: u64, device: &str) -> Result<()> {
+    if estimate.total() <= available {
+        return Ok(());
+    }
+    Err(Error::OutOfMemory {
+        device: device.to_string(),
+        needed: human_bytes(estimate.total()),
+        available: human_bytes(available),
+        detail: format!(
+            "{}; {} trainable parameters",
+            estimate.breakdown(),
+            estimate.trainable_params
+        ),
+    })
+}
+
+/// Estimates the memory of a run of `train` (reading the model's `config.json`) and refuses it
+/// when it exceeds what `device` has available ([`Error::OutOfMemory`], with the estimate, the
+/// available memory and a hint). Call before loading anything. Returns the estimate; where the
+/// available memory cannot be read it is not checked.
+pub fn check_memory(train: &TrainConfig, device: &Device) -> Result<MemoryEstimate> {
+    let model = ModelConfig::from_dir(Path::new(&train.model))?;
+    let estimate = MemoryEstimate::for_run(&model, train)?;
+    if let Some(available) = available_memory(device)? {
+        check_fits(&estimate, available, &crate::error::device_name(device))?;
+    }
+    Ok(estimate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> ModelConfig {
+        // The bundled demo model's shape (Qwen2: q/k/v biases, tied embeddings).
+        ModelConfig::from_json_str(
+            r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 128,
+                "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 1024,
+                "max_position_embeddings": 512, "tie_word_embeddings": true}"#,
+            "config.json",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn formula_on_a_known_config() {
+        let train = TrainConfig {
+            lora_r: 8,
+            batch_size: 2,
+            max_seq_len: 64,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            ..Default::default()
+        };
+        let e = MemoryEstimate::for_run(&model(), &train).unwrap();
+        // h 128, i 512, q 128, kv 64, V 1024, L 4, f32.
+        // Per layer: norms 256, q 128·128+128, k 128·64+64, v 128·64+64, o 128·128,
+        // gate/up/down 3·128·512: 256 + 16512 + 8256 + 8256 + 16384 + 196608 = 246272.
+        let frozen = 4 * 246_272 + 1024 * 128 + 128;
+        assert_eq!(e.weights, frozen * 4);
+        // q: 8·(128+128), v: 8·(128+64), per layer 3584, 4 layers.
+        assert_eq!(e.trainable_params, 4 * 3584);
+        assert_eq!(
+            (e.adapters, e.gradients, e.optimizer),
+            (4 * 14_336, 4 * 14_336, 8 * 14_336)
+        );
+        // T = 128; per token 4·(512 + 512 + 128 + 2048) + 4·8·2 = 12864; scores
+        // 2·2·4·64²·4 = 262144; logits 128·1024·8.
+        let act = 4 * (128 * 12_864 + 262_144) + 128 * 1024 * 8;
+        assert_eq!(e.activations, act);
+        assert_eq!(e.total(), frozen * 4 + 16 * 14_336 + act);
+    }
+
+    #[test]
+    fn huge_rank_is_refused_and_the_demo_is_not() {
+        let demo = TrainConfig::default();
+        let e = MemoryEstimate::for_run(&model(), &demo).unwrap();
+        // The demo's default settings need well under a GiB.
+        assert!(e.total() < 1 << 30, "{}", e.breakdown());
+        check_fits(&e, 2 << 30, "cpu").unwrap();
+        let huge = TrainConfig {
+            lora_r: 100_000,
+            ..Default::default()
+        };
+        let e = MemoryEstimate::for_run(&model(), &huge).unwrap();
+        // 1.13e9 adapter parameters at 16 bytes each alone: ~16.8 GiB.
+        assert!(e.total() > 40 << 30, "{}", e.breakdown());
+        let err = check_fits(&e, 16 << 30, "cpu").unwrap_err().to_string();
+        assert!(err.contains("16.00 GiB") && err.contains("lora_r"), "{err}");
+    }
+
+    #[test]
+    fn meminfo_is_parsed() {
+        let text = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   22000000 kB\n";
+        assert_eq!(parse_meminfo_available(text), Some(22_000_000 * 1024));
+        assert_eq!(parse_meminfo_available("MemFree: 1 kB\n"), None);
+    }
+}
