@@ -540,10 +540,16 @@ pub fn run_with_progress(t: &mut Trainer, progress: Progress) -> Result<PathBuf>
 
 /// `flare train`.
 pub fn run_train(a: &TrainArgs) -> Result<()> {
+    // A value from the --config file is checked with the flags': an error names the file.
+    let file = a.config.clone();
+    let in_file = |e: anyhow::Error| match &file {
+        Some(p) => e.context(format!("in the settings of {} and the flags", p.display())),
+        None => e,
+    };
     // The file's --resume, --no-progress and --log-every count too.
     let a = &effective_args(a)?;
-    let cfg = build_config(a)?;
-    let device = cfg.device.parse::<DeviceSpec>()?.open()?;
+    let cfg = build_config(a).map_err(in_file)?;
+    let device = cfg.device.parse::<DeviceSpec>().map_err(in_file)?.open()?;
     if cfg.lora_dropout > 0.0 {
         elog!(
             "note: lora_dropout > 0 draws from an unseeded RNG: runs (and resumes) are not \
