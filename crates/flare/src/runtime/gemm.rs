@@ -112,7 +112,7 @@ extern "C" fn hold_stream(_: *mut c_void) {
 /// The strides are ignored when `batch == 1`.
 ///
 /// A row-major product `C = A · B` is the column-major product `Cᵀ = Bᵀ · Aᵀ`: pass the
-/// operands swapped, with `m` and `n` swapped (see `ops::cuda::matmul` for an example).
+/// operands swapped, with `m` and `n` swapped (see `ops::matmul::cuda` for an example).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GemmParams {
     /// Element type of `A`, `B` and `C`: f32, f16 or bf16.

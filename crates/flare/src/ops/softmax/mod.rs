@@ -15,6 +15,9 @@ use super::cpu::{dispatch_float, dispatch_float2, lane_sum, row_max, rows_per_ta
 use super::{check_dtype, check_rank, contiguous_range, native};
 use crate::{Error, Result};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 const OP: &str = "softmax_last_dim";
 const OP_BWD: &str = "softmax_last_dim_bwd";
 const OP_MASKED: &str = "softmax_masked";
@@ -92,7 +95,7 @@ impl CustomOp1 for SoftmaxLastDim {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::softmax::fwd(s, l)
+        cuda::fwd(s, l)
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -138,7 +141,7 @@ impl CustomOp2 for SoftmaxBwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::softmax::bwd(s1, l1, s2, l2)
+        cuda::bwd(s1, l1, s2, l2)
     }
 }
 
@@ -314,7 +317,7 @@ impl CustomOp2 for SoftmaxMasked {
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let mi = MaskIndex::new(l1, l2)?;
-        super::cuda::softmax::fwd_masked(s1, l1, s2, l2, mi)
+        cuda::fwd_masked(s1, l1, s2, l2, mi)
     }
 
     fn bwd(

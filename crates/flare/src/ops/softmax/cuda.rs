@@ -11,7 +11,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Shape};
 use half::{bf16, f16};
 
-use super::rows::{check_same_len, input, rows_cols, unsupported, RowKernel, RowPlan};
+use crate::ops::cuda::rows::{check_same_len, input, rows_cols, unsupported, RowKernel, RowPlan};
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 
 const OP_FWD: &str = "softmax_last_dim (cuda)";

@@ -9,7 +9,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
 use half::{bf16, f16};
 
-use super::rows::{input, rows_cols, unsupported};
+use crate::ops::cuda::rows::{input, rows_cols, unsupported};
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 
 const OP: &str = "argmax_last_dim (cuda)";

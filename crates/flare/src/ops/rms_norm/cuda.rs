@@ -14,7 +14,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Shape};
 use half::{bf16, f16};
 
-use super::rows::{
+use crate::ops::cuda::rows::{
     check_same_len, check_weight, input, rows_cols, unsupported, RowKernel, RowPlan,
     DEFAULT_SMEM_LIMIT,
 };

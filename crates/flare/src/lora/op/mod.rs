@@ -57,6 +57,9 @@ use crate::error::device_name;
 use crate::ops::{check_dtype, check_rank, contiguous_range, matmul, native};
 use crate::{Error, Result};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 pub(crate) const OP: &str = "lora_linear";
 const OP_BWD: &str = "lora_linear_bwd";
 
@@ -307,7 +310,7 @@ impl CustomOp3 for LoraFwd {
         };
         let shape = out_shape(lx, lb.dims()[0]);
         let lx2 = as_matrix(OP, lx)?;
-        let (y, h) = super::cuda::fwd(super::cuda::FwdArgs {
+        let (y, h) = cuda::fwd(cuda::FwdArgs {
             x: (sx, &lx2),
             a: (sa, la),
             b: (sb, lb),
@@ -484,7 +487,7 @@ impl CustomOp3 for LoraBwd {
         let (t, inf) = (lx.dims()[0], lx.dims()[1]);
         let (out, r) = (ldy.dims()[1], la.dims()[0]);
         let p = Packed::new(t, inf, out, r, self.need);
-        let packed = super::cuda::bwd(super::cuda::BwdArgs {
+        let packed = cuda::bwd(cuda::BwdArgs {
             x: (sx, lx),
             dy: (sdy, ldy),
             a: (sa, la),

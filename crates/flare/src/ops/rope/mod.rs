@@ -21,6 +21,9 @@ use super::cpu::{dispatch_float3, Elem};
 use super::{check_dtype, check_same, native};
 use crate::{Error, Result};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 const OP: &str = "rope_heads";
 
 /// The geometry of one RoPE pass, shared by the CPU and CUDA paths.
@@ -171,7 +174,7 @@ impl CustomOp3 for Rope {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let p = RopePlan::new(l1, l2.dims()[0], self.scale, self.inverse)?;
-        let out = super::cuda::rope::fwd(s1, s2, l2, s3, l3, &p)?;
+        let out = cuda::fwd(s1, s2, l2, s3, l3, &p)?;
         Ok((out, Shape::from(p.out_dims.to_vec())))
     }
 

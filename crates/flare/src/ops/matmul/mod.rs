@@ -18,6 +18,9 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use super::{check_dtype, check_rank, check_same, native};
 use crate::{Error, Result};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 const OP: &str = "matmul";
 
 /// How one operand of a GEMM sits in memory: which transpose flag it needs, its leading
@@ -156,7 +159,7 @@ impl CustomOp2 for MatMul {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::matmul::fwd(s1, l1, s2, l2)
+        cuda::fwd(s1, l1, s2, l2)
     }
 
     fn bwd(

@@ -8,8 +8,8 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
 use half::{bf16, f16};
 
-use super::elementwise::{from_offset, items_config};
-use super::rows::{input, unsupported};
+use crate::ops::cuda::elementwise::{from_offset, items_config};
+use crate::ops::cuda::rows::{input, unsupported};
 use crate::ops::swiglu::SwiGluPlan;
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 

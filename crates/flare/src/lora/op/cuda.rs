@@ -1,4 +1,4 @@
-//! CUDA launchers of the fused LoRA linear ([`super::op`]): cuBLASLt GEMMs through the
+//! CUDA launchers of the fused LoRA linear ([`super`]): cuBLASLt GEMMs through the
 //! runtime's one entry point, [`crate::runtime::gemm::Gemm::matmul`].
 //!
 //! Candle's tensors are row-major and cuBLASLt is column-major: a row-major `[rows, cols]`
@@ -15,7 +15,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrM
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
 
-use super::op::{Needs, Packed, OP};
+use super::{Needs, Packed, OP};
 use crate::ops::contiguous_range;
 use crate::runtime::cuda::CudaRuntime;
 use crate::runtime::gemm::GemmParams;

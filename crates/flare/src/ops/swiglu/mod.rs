@@ -18,6 +18,9 @@ use super::cpu::{dispatch_float, dispatch_float2, dispatch_float3, Elem};
 use super::{check_dtype, check_rank, check_same, contiguous_range, native};
 use crate::{Error, Result};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 const OP: &str = "swiglu";
 const OP_BWD: &str = "swiglu_bwd";
 
@@ -149,7 +152,7 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let p = SwiGluPlan::separate(l1, l2)?;
-        Ok((super::cuda::swiglu::fwd(s1, s2, &p)?, l1.shape().clone()))
+        Ok((cuda::fwd(s1, s2, &p)?, l1.shape().clone()))
     }
 
     fn bwd(
@@ -208,7 +211,7 @@ impl CustomOp3 for SwiGluBwd {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let p = SwiGluPlan::separate(l1, l2)?;
-        let out = super::cuda::swiglu::bwd(s1, s2, s3, l3, &p)?;
+        let out = cuda::bwd(s1, s2, s3, l3, &p)?;
         Ok((out, Shape::from(p.grad_len)))
     }
 }
@@ -242,7 +245,7 @@ impl CustomOp1 for SwiGluPacked {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let p = SwiGluPlan::packed(l)?;
-        Ok((super::cuda::swiglu::fwd(s, s, &p)?, half_shape(l)))
+        Ok((cuda::fwd(s, s, &p)?, half_shape(l)))
     }
 
     fn bwd(&self, gu: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -284,10 +287,7 @@ impl CustomOp2 for SwiGluPackedBwd {
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let p = SwiGluPlan::packed(l1)?;
-        Ok((
-            super::cuda::swiglu::bwd(s1, s1, s2, l2, &p)?,
-            l1.shape().clone(),
-        ))
+        Ok((cuda::bwd(s1, s1, s2, l2, &p)?, l1.shape().clone()))
     }
 }
 

@@ -13,6 +13,9 @@ use super::cpu::Elem;
 use super::{check_dtype, check_rank, contiguous_range, native};
 use crate::Result;
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 const OP: &str = "argmax_last_dim";
 
 /// The index of the first maximum of `row` (NaN skipped), `u32::MAX` if none.
@@ -75,7 +78,7 @@ impl CustomOp1 for ArgmaxLastDim {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((super::cuda::argmax::fwd(s, l)?, out_shape(l)))
+        Ok((cuda::fwd(s, l)?, out_shape(l)))
     }
 }
 

@@ -18,6 +18,9 @@ use super::cpu::{dispatch_float3, Elem};
 use super::{check_dtype, check_same, matmul, native, softmax_last_dim};
 use crate::{Error, Result};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 const OP: &str = "attention_decode";
 /// Keys the CUDA kernel keeps in shared memory at most (with the warps' partial output rows,
 /// `8 * d <= 2048` floats): 48 KiB of f32 in all.
@@ -141,10 +144,7 @@ impl CustomOp3 for AttentionDecode {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let p = AttnPlan::new(l1, l2, l3)?;
-        Ok((
-            super::cuda::attention::fwd(s1, s2, s3, &p)?,
-            l1.shape().clone(),
-        ))
+        Ok((cuda::fwd(s1, s2, s3, &p)?, l1.shape().clone()))
     }
 }
 
@@ -208,8 +208,7 @@ pub fn attention_decode(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let t = k.dim(1)?;
     let tracked = q.track_op() || k.track_op() || v.track_op();
     #[cfg(feature = "cuda")]
-    let off_on_cuda =
-        q.device().is_cuda() && (!fused_enabled() || !super::cuda::attention::fits(q.dim(1)?, d));
+    let off_on_cuda = q.device().is_cuda() && (!fused_enabled() || !cuda::fits(q.dim(1)?, d));
     #[cfg(not(feature = "cuda"))]
     let off_on_cuda = q.device().is_cuda();
     if !native(q.device()) || tracked || t == 0 || t > MAX_KEYS || d > 256 || off_on_cuda {

@@ -8,7 +8,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Shape};
 use half::{bf16, f16};
 
-use super::rows::{input, unsupported};
+use crate::ops::cuda::rows::{input, unsupported};
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 
 const OP_FWD: &str = "cross_entropy (cuda)";

@@ -21,6 +21,9 @@ use super::cpu::{dispatch_float2, dispatch_float3, rows_per_task, Elem};
 use super::{check_dtype, check_rank, check_same, contiguous_range, native};
 use crate::{Error, Result};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 const OP: &str = "rms_norm";
 const OP_ADD: &str = "add_rms_norm";
 const OP_BWD: &str = "rms_norm_bwd";
@@ -195,7 +198,7 @@ impl CustomOp2 for RmsNorm {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::rms_norm::fwd(s1, l1, s2, l2, self.eps)
+        cuda::fwd(s1, l1, s2, l2, self.eps)
     }
 
     fn bwd(
@@ -288,7 +291,7 @@ impl CustomOp3 for RmsNormBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::rms_norm::bwd(s1, l1, s2, l2, s3, l3, self.eps, self.need_dw)
+        cuda::bwd(s1, l1, s2, l2, s3, l3, self.eps, self.need_dw)
     }
 }
 
@@ -374,7 +377,7 @@ impl CustomOp3 for AddRmsNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (y, h) = super::cuda::rms_norm::add_fwd(s1, l1, s2, l2, s3, l3, self.eps)?;
+        let (y, h) = cuda::add_fwd(s1, l1, s2, l2, s3, l3, self.eps)?;
         self.stash.put(Stashed::Cuda(h));
         Ok((y, l1.shape().clone()))
     }

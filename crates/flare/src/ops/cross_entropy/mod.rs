@@ -26,6 +26,9 @@ use super::{check_dtype, contiguous_range, native};
 use crate::error::device_name;
 use crate::{Error, Result};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 const OP: &str = "cross_entropy";
 const OP_BWD: &str = "cross_entropy_bwd";
 
@@ -163,7 +166,7 @@ impl CustomOp2 for CrossEntropy {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::cross_entropy::fwd(s1, l1, s2, l2, self.ignore)
+        cuda::fwd(s1, l1, s2, l2, self.ignore)
     }
 
     fn bwd(
@@ -242,7 +245,7 @@ impl CustomOp3 for CrossEntropyBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::cross_entropy::bwd(s1, l1, s2, l2, s3, l3, self.ignore)
+        cuda::bwd(s1, l1, s2, l2, s3, l3, self.ignore)
     }
 }
 

@@ -8,9 +8,9 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType};
 use half::{bf16, f16};
 
-use super::elementwise::from_offset;
-use super::rows::unsupported;
 use crate::ops::attention::AttnPlan;
+use crate::ops::cuda::elementwise::from_offset;
+use crate::ops::cuda::rows::unsupported;
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 
 const OP: &str = "attention_decode (cuda)";
