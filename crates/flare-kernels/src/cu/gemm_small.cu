@@ -1,6 +1,6 @@
 // Small GEMM: C_z[m, n] = sum_k A_z[m, k] * B_z[k, n] for every batch index z, for products too
 // small for cuBLASLt's host overhead to pay off (the host picks this kernel; see
-// crates/flare/src/ops/cuda/matmul.rs).
+// crates/flare/src/ops/matmul/cuda.rs).
 //
 // Operands
 // --------

@@ -8,6 +8,21 @@
 //!
 //! Backward kernels are ops too; they have no backward of their own (a second derivative
 //! through them returns Candle's `BackwardNotSupported`, never a silently cut gradient).
+//!
+//! # Layout: one op, one folder
+//! Everything of an op is in `ops/<op>/`, its kernel in `crates/flare-kernels/src/cu/<op>.cu`
+//! and its tests in `crates/flare/tests/it/<op>.rs`:
+//! - `mod.rs`: the math (module doc), the custom op structs (forward dispatch and backward), the
+//!   public function with its input checks, and the composed `*_reference`;
+//! - `cpu.rs`: the CPU forward and backward loops;
+//! - `cuda.rs` (with the `cuda` feature): the launcher, which reads the kernel's launch
+//!   constants from [`flare_kernels::launch`];
+//! - `plan.rs` (where both sides need it): the op's names and the geometry derived from the
+//!   layouts, shared by `mod.rs`, `cpu.rs` and `cuda.rs`.
+//!
+//! Imports inside an op folder run one way, `mod.rs -> cpu.rs / cuda.rs -> plan.rs`; nothing
+//! imports `mod.rs` back. Helpers shared by several ops are in `ops/cpu.rs` (dtype dispatch and
+//! accumulation) and `ops/cuda/` (row-kernel launch planning, element-wise grids).
 
 pub mod argmax;
 pub mod attention;

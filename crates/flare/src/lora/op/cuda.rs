@@ -15,7 +15,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrM
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
 
-use super::{Needs, Packed, OP};
+use super::plan::{Needs, Packed, OP};
 use crate::ops::contiguous_range;
 use crate::runtime::cuda::CudaRuntime;
 use crate::runtime::gemm::GemmParams;

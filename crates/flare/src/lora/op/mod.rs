@@ -57,62 +57,13 @@ use crate::error::device_name;
 use crate::ops::{check_dtype, check_rank, contiguous_range, matmul, native};
 use crate::{Error, Result};
 
+mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod plan;
 
-pub(crate) const OP: &str = "lora_linear";
-const OP_BWD: &str = "lora_linear_bwd";
-
-/// Each piece of the packed backward output starts on a multiple of this many elements, so that
-/// the GEMMs writing it see aligned pointers (16 elements: 32 bytes at half precision).
-const PACK_ALIGN: usize = 16;
-
-/// Which gradients the backward computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Needs {
-    /// The input's.
-    pub dx: bool,
-    /// `A`'s.
-    pub da: bool,
-    /// `B`'s.
-    pub db: bool,
-}
-
-/// Where each gradient sits in the backward op's flat packed output (element offsets), and its
-/// total length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Packed {
-    /// `dx: [T, in]`.
-    pub dx: Option<usize>,
-    /// `dA: [r, in]`.
-    pub da: Option<usize>,
-    /// `dB: [out, r]`.
-    pub db: Option<usize>,
-    /// Elements of the packed buffer.
-    pub total: usize,
-}
-
-impl Packed {
-    pub(crate) fn new(t: usize, inf: usize, out: usize, r: usize, need: Needs) -> Packed {
-        let mut off = 0;
-        let mut take = |needed: bool, len: usize| {
-            needed.then(|| {
-                let o = off;
-                off = (off + len).div_ceil(PACK_ALIGN) * PACK_ALIGN;
-                o
-            })
-        };
-        let dx = take(need.dx, t * inf);
-        let da = take(need.da, r * inf);
-        let db = take(need.db, out * r);
-        Packed {
-            dx,
-            da,
-            db,
-            total: off,
-        }
-    }
-}
+use cpu::{combine_fwd, scaled};
+use plan::{Needs, Packed, OP, OP_BWD};
 
 fn internal(op: &str, msg: String) -> candle_core::Error {
     candle_core::Error::Msg(format!("{op}: internal error: {msg}"))
@@ -152,38 +103,6 @@ macro_rules! by_dtype {
             ))),
         }
     };
-}
-
-/// `y[i, j] = base[i, j] + s · low[i, j] + bias[j]` over rows of `out`, in f64, rounded once.
-fn combine_fwd<T: WithDType>(
-    base: &[T],
-    low: &[T],
-    bias: Option<&[T]>,
-    s: f64,
-    out: usize,
-) -> Vec<T> {
-    let mut y = Vec::with_capacity(base.len());
-    for (brow, lrow) in base.chunks(out).zip(low.chunks(out)) {
-        match bias {
-            Some(bias) => y.extend(
-                brow.iter()
-                    .zip(lrow)
-                    .zip(bias)
-                    .map(|((&b, &l), &c)| T::from_f64(b.to_f64() + s * l.to_f64() + c.to_f64())),
-            ),
-            None => y.extend(
-                brow.iter()
-                    .zip(lrow)
-                    .map(|(&b, &l)| T::from_f64(b.to_f64() + s * l.to_f64())),
-            ),
-        }
-    }
-    y
-}
-
-/// `s · v`, rounded to `T`.
-fn scaled<T: WithDType>(v: &[T], s: f64) -> Vec<T> {
-    v.iter().map(|&x| T::from_f64(s * x.to_f64())).collect()
 }
 
 /// The forward's `H = x Aᵀ` as kept for the backward: a CUDA `[T, r]` storage. Nothing is kept

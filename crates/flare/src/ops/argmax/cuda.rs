@@ -14,11 +14,11 @@ use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 
 const OP: &str = "argmax_last_dim (cuda)";
 /// `ARGMAX_THREADS` of argmax.cu.
-const THREADS: u32 = 1024;
+const THREADS: u32 = flare_kernels::launch::ARGMAX_THREADS;
 /// Blocks at most (the kernel loops over rows with a grid stride).
 const MAX_BLOCKS: usize = 1 << 16;
 /// `ARGMAX_PART_THREADS` of argmax.cu.
-const PART_THREADS: u32 = 256;
+const PART_THREADS: u32 = flare_kernels::launch::ARGMAX_PART_THREADS;
 /// Columns per `argmax_part_*` block.
 const PART_CHUNK: usize = 2048;
 /// Rows at most, and columns at least, for the two-stage form (with more rows the one-block

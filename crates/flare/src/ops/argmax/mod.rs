@@ -7,38 +7,16 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use num_traits::Float;
-
-use super::cpu::Elem;
 use super::{check_dtype, check_rank, contiguous_range, native};
 use crate::Result;
 
+mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+use cpu::argmax_cpu;
+
 const OP: &str = "argmax_last_dim";
-
-/// The index of the first maximum of `row` (NaN skipped), `u32::MAX` if none.
-fn argmax_row<T: Elem>(row: &[T]) -> u32 {
-    let mut best: Option<(usize, T::A)> = None;
-    for (i, v) in row.iter().enumerate() {
-        let v = v.up();
-        if v.is_nan() {
-            continue;
-        }
-        if best.is_none_or(|(_, b)| v > b) {
-            best = Some((i, v));
-        }
-    }
-    best.map_or(u32::MAX, |(i, _)| i as u32)
-}
-
-fn argmax_cpu<T: Elem>(x: &[T], cols: usize) -> Vec<u32> {
-    if cols == 0 {
-        return Vec::new();
-    }
-    x.chunks(cols).map(argmax_row).collect()
-}
 
 /// The op `x -> indices` (u32, `x`'s shape without its last dim).
 struct ArgmaxLastDim;

@@ -8,14 +8,14 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType};
 use half::{bf16, f16};
 
-use crate::ops::attention::AttnPlan;
+use super::plan::AttnPlan;
 use crate::ops::cuda::elementwise::from_offset;
 use crate::ops::cuda::rows::unsupported;
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 
 const OP: &str = "attention_decode (cuda)";
 /// `ATTN_THREADS` of attention.cu.
-const THREADS: u32 = 128;
+const THREADS: u32 = flare_kernels::launch::ATTN_THREADS;
 /// Dynamic shared memory the split kernel may use (the default limit, no opt-in).
 const SMEM_LIMIT: usize = 48 * 1024;
 /// Blocks the split aims for (a couple per SM of an H100) and the chunk bounds.

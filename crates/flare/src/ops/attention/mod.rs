@@ -14,103 +14,21 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::cpu::{dispatch_float3, Elem};
+use super::cpu::dispatch_float3;
 use super::{check_dtype, check_same, matmul, native, softmax_last_dim};
 use crate::{Error, Result};
 
+mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod plan;
 
-const OP: &str = "attention_decode";
+use cpu::attn_cpu;
+use plan::{AttnPlan, OP};
+
 /// Keys the CUDA kernel keeps in shared memory at most (with the warps' partial output rows,
 /// `8 * d <= 2048` floats): 48 KiB of f32 in all.
 const MAX_KEYS: usize = 10 * 1024 - 64;
-
-/// Geometry of one call.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AttnPlan {
-    /// Batches.
-    pub b: usize,
-    /// Query rows per batch.
-    pub g: usize,
-    /// Keys per batch.
-    pub t: usize,
-    /// Head dim.
-    pub d: usize,
-    /// Offsets, batch strides and row strides of `k` and `v`.
-    pub k: (usize, usize, usize),
-    /// Same for `v`.
-    pub v: (usize, usize, usize),
-    /// Offset of the contiguous `q`.
-    pub q_off: usize,
-}
-
-impl AttnPlan {
-    fn new(lq: &Layout, lk: &Layout, lv: &Layout) -> candle_core::Result<Self> {
-        let (q, k, v) = (lq.dims(), lk.dims(), lv.dims());
-        let bad = || {
-            candle_core::Error::Msg(format!(
-                "{OP}: internal error: shapes q {q:?}, k {k:?}, v {v:?}"
-            ))
-        };
-        if q.len() != 3 || k.len() != 3 || v.len() != 3 || k != v || q[0] != k[0] || q[2] != k[2] {
-            return Err(bad());
-        }
-        let strides = |l: &Layout| -> candle_core::Result<(usize, usize, usize)> {
-            let s = l.stride();
-            if s[2] != 1 && l.dims()[2] > 1 {
-                return Err(bad());
-            }
-            Ok((l.start_offset(), s[0], s[1]))
-        };
-        Ok(AttnPlan {
-            b: q[0],
-            g: q[1],
-            t: k[1],
-            d: q[2],
-            k: strides(lk)?,
-            v: strides(lv)?,
-            q_off: super::contiguous_range(OP, lq)?.0,
-        })
-    }
-}
-
-fn attn_cpu<T: Elem>(q: &[T], k: &[T], v: &[T], p: &AttnPlan) -> Vec<T> {
-    let mut out = Vec::with_capacity(p.b * p.g * p.d);
-    let mut scores = vec![T::acc(0.0); p.t];
-    let mut acc = vec![T::acc(0.0); p.d];
-    for z in 0..p.b {
-        for g in 0..p.g {
-            let qo = p.q_off + (z * p.g + g) * p.d;
-            let mut mx = T::acc(f64::NEG_INFINITY);
-            for (j, sc) in scores.iter_mut().enumerate() {
-                let ko = p.k.0 + z * p.k.1 + j * p.k.2;
-                let mut s = T::acc(0.0);
-                for c in 0..p.d {
-                    s += q[qo + c].up() * k[ko + c].up();
-                }
-                *sc = s;
-                if s > mx {
-                    mx = s;
-                }
-            }
-            let mut sum = T::acc(0.0);
-            for sc in scores.iter_mut() {
-                *sc = T::exp(*sc - mx);
-                sum += *sc;
-            }
-            acc.iter_mut().for_each(|a| *a = T::acc(0.0));
-            for (j, &pj) in scores.iter().enumerate() {
-                let vo = p.v.0 + z * p.v.1 + j * p.v.2;
-                for (c, a) in acc.iter_mut().enumerate() {
-                    *a += pj * v[vo + c].up();
-                }
-            }
-            out.extend(acc.iter().map(|&a| T::down(a / sum)));
-        }
-    }
-    out
-}
 
 struct AttentionDecode;
 

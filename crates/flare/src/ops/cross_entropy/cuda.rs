@@ -14,7 +14,7 @@ use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 const OP_FWD: &str = "cross_entropy (cuda)";
 const OP_BWD: &str = "cross_entropy backward (cuda)";
 /// `CE_THREADS` of cross_entropy.cu.
-const THREADS: u32 = 512;
+const THREADS: u32 = flare_kernels::launch::CE_THREADS;
 /// Grid cap: blocks loop over rows beyond it.
 const MAX_GRID: usize = 1 << 20;
 

@@ -42,7 +42,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorageSlice};
 use candle_core::{CudaStorage, DType, Layout, Shape};
 
-use crate::ops::matmul::MatLayout;
+use super::plan::MatLayout;
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 use crate::runtime::gemm::GemmParams;
 
@@ -70,10 +70,10 @@ const SMALL_GEMM_TILE: usize = 32;
 const MAX_GRID_Z: usize = 65535;
 
 /// Rows of `x` that `gemv_*` takes at most (`GEMV_MAX_M` of gemv.cu).
-pub(crate) const GEMV_MAX_M: usize = 8;
+pub(crate) const GEMV_MAX_M: usize = flare_kernels::launch::GEMV_MAX_M as usize;
 /// Output columns per `gemv_*` block (`GEMV_WARPS`) and its threads (`GEMV_THREADS`).
-const GEMV_WARPS: usize = 4;
-const GEMV_THREADS: u32 = 128;
+const GEMV_WARPS: usize = flare_kernels::launch::GEMV_WARPS as usize;
+const GEMV_THREADS: u32 = flare_kernels::launch::GEMV_THREADS;
 
 /// Whether skinny products use `gemv_*`: `FLARE_GEMV=1` on, `=0` off, unset
 /// [`GEMV_DEFAULT`] (see the module doc). Read once.

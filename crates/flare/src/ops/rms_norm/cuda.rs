@@ -19,28 +19,20 @@ use crate::ops::cuda::rows::{
     DEFAULT_SMEM_LIMIT,
 };
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
+use flare_kernels::launch;
 
 const OP_FWD: &str = "rms_norm (cuda)";
 const OP_ADD: &str = "add_rms_norm (cuda)";
 const OP_BWD: &str = "rms_norm backward (cuda)";
 
 /// `RMS_FWD_ELEMS` / `RMS_FWD_THREADS` of rms_norm.cu.
-const FWD: RowKernel = RowKernel {
-    elems: 32,
-    max_threads: 1024,
-};
+const FWD: RowKernel = RowKernel::new(launch::RMS_FWD_ELEMS, launch::RMS_FWD_THREADS);
 /// `ADD_RMS_ELEMS` / `ADD_RMS_THREADS` of rms_norm.cu.
-const ADD: RowKernel = RowKernel {
-    elems: 32,
-    max_threads: 512,
-};
+const ADD: RowKernel = RowKernel::new(launch::ADD_RMS_ELEMS, launch::ADD_RMS_THREADS);
 /// `RMS_BWD_ELEMS` / `RMS_BWD_THREADS` of rms_norm.cu.
-const BWD: RowKernel = RowKernel {
-    elems: 32,
-    max_threads: 512,
-};
+const BWD: RowKernel = RowKernel::new(launch::RMS_BWD_ELEMS, launch::RMS_BWD_THREADS);
 /// `RMS_DW_THREADS` of rms_norm.cu; each block reduces 32 columns.
-const DW_THREADS: u32 = 256;
+const DW_THREADS: u32 = launch::RMS_DW_THREADS;
 
 /// `y = x * rsqrt(mean(x^2) + eps) * w` over the last dimension; the output has `x`'s shape.
 pub(crate) fn fwd(

@@ -7,9 +7,9 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
 use half::{bf16, f16};
 
+use super::plan::RopePlan;
 use crate::ops::cuda::elementwise::{from_offset, items_config};
 use crate::ops::cuda::rows::{input, unsupported};
-use crate::ops::rope::RopePlan;
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 
 const OP: &str = "rope_heads (cuda)";

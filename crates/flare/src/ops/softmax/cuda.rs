@@ -13,27 +13,20 @@ use half::{bf16, f16};
 
 use crate::ops::cuda::rows::{check_same_len, input, rows_cols, unsupported, RowKernel, RowPlan};
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
+use flare_kernels::launch;
 
 const OP_FWD: &str = "softmax_last_dim (cuda)";
 const OP_BWD: &str = "softmax_last_dim backward (cuda)";
 const OP_MASKED: &str = "softmax_masked (cuda)";
 
 /// `SOFTMAX_FWD_ELEMS_F32` / `SOFTMAX_FWD_THREADS` of softmax.cu.
-const FWD_F32: RowKernel = RowKernel {
-    elems: 32,
-    max_threads: 1024,
-};
+const FWD_F32: RowKernel =
+    RowKernel::new(launch::SOFTMAX_FWD_ELEMS_F32, launch::SOFTMAX_FWD_THREADS);
 /// `SOFTMAX_FWD_ELEMS_16` / `SOFTMAX_FWD_THREADS` of softmax.cu (f16 and bf16: the same 128
 /// bytes of input per thread as f32).
-const FWD_16: RowKernel = RowKernel {
-    elems: 64,
-    max_threads: 1024,
-};
+const FWD_16: RowKernel = RowKernel::new(launch::SOFTMAX_FWD_ELEMS_16, launch::SOFTMAX_FWD_THREADS);
 /// `SOFTMAX_BWD_ELEMS` / `SOFTMAX_BWD_THREADS` of softmax.cu.
-const BWD: RowKernel = RowKernel {
-    elems: 32,
-    max_threads: 512,
-};
+const BWD: RowKernel = RowKernel::new(launch::SOFTMAX_BWD_ELEMS, launch::SOFTMAX_BWD_THREADS);
 
 /// Softmax over the last dimension of a contiguous `x`; the output has `x`'s shape.
 pub(crate) fn fwd(x: &CudaStorage, lx: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
@@ -71,7 +64,7 @@ pub(crate) fn fwd_masked(
     lx: &Layout,
     keep: &CudaStorage,
     lk: &Layout,
-    mi: crate::ops::softmax::MaskIndex,
+    mi: super::plan::MaskIndex,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     if keep.dtype() != DType::U8 {
         return Err(candle_core::Error::Msg(format!(
@@ -99,7 +92,7 @@ fn fwd_masked_t<T: CudaDType + DeviceRepr>(
     lx: &Layout,
     keep: &CudaStorage,
     lk: &Layout,
-    mi: crate::ops::softmax::MaskIndex,
+    mi: super::plan::MaskIndex,
 ) -> candle_core::Result<CudaStorage> {
     let dev = &x.device;
     let (rows, cols) = rows_cols(OP_MASKED, lx)?;

@@ -8,71 +8,18 @@
 //! backward needs no recomputation; it is itself a fused op (one pass over `y` and `dy`).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
-use num_traits::Float;
-use rayon::prelude::*;
 
-use super::cpu::{dispatch_float, dispatch_float2, lane_sum, row_max, rows_per_task, Elem};
+use super::cpu::{dispatch_float, dispatch_float2};
 use super::{check_dtype, check_rank, contiguous_range, native};
 use crate::{Error, Result};
 
+mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod plan;
 
-const OP: &str = "softmax_last_dim";
-const OP_BWD: &str = "softmax_last_dim_bwd";
-const OP_MASKED: &str = "softmax_masked";
-
-fn softmax_rows<T: Elem>(x: &[T], cols: usize) -> Vec<T> {
-    let mut y = vec![T::down(T::acc(0.0)); x.len()];
-    if cols == 0 {
-        return y;
-    }
-    let chunk = rows_per_task(cols) * cols;
-    y.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .for_each(|(yc, xc)| {
-            // The exponentials are kept in the accumulation type so half types round once.
-            let mut e = vec![T::acc(0.0); cols];
-            for (yr, xr) in yc.chunks_mut(cols).zip(xc.chunks(cols)) {
-                let max = row_max(xr);
-                let e = &mut e[..xr.len()];
-                for (ei, &v) in e.iter_mut().zip(xr) {
-                    *ei = T::exp(v.up() - max);
-                }
-                let inv = lane_sum(e).recip();
-                for (o, &ei) in yr.iter_mut().zip(e.iter()) {
-                    *o = T::down(ei * inv);
-                }
-            }
-        });
-    y
-}
-
-fn softmax_bwd_rows<T: Elem>(y: &[T], dy: &[T], cols: usize) -> Vec<T> {
-    let mut dx = vec![T::down(T::acc(0.0)); y.len()];
-    if cols == 0 {
-        return dx;
-    }
-    let chunk = rows_per_task(cols) * cols;
-    dx.par_chunks_mut(chunk)
-        .zip(y.par_chunks(chunk).zip(dy.par_chunks(chunk)))
-        .for_each(|(dxc, (yc, dyc))| {
-            for ((o, yr), gr) in dxc
-                .chunks_mut(cols)
-                .zip(yc.chunks(cols))
-                .zip(dyc.chunks(cols))
-            {
-                let mut dot = T::acc(0.0);
-                for (&a, &b) in yr.iter().zip(gr) {
-                    dot += a.up() * b.up();
-                }
-                for ((o, &a), &b) in o.iter_mut().zip(yr).zip(gr) {
-                    *o = T::down(a.up() * (b.up() - dot));
-                }
-            }
-        });
-    dx
-}
+use cpu::{softmax_bwd_rows, softmax_masked_rows, softmax_rows};
+use plan::{MaskIndex, OP, OP_BWD, OP_MASKED};
 
 /// The forward op.
 struct SoftmaxLastDim;
@@ -180,96 +127,6 @@ pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
     let e = xf.broadcast_sub(&max)?.exp()?;
     let y = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
     Ok(y.to_dtype(dt)?)
-}
-
-/// Where a masked softmax's rows find their mask rows: `x`'s rows (every dim but the last,
-/// flattened) are `mb` equal blocks of `heads_s` rows, each block a whole number of `s`-row
-/// groups (`x` viewed as `[mb, n, s, t]`); the mask is `[mb, s, t]`. Row `r` of `x` reads mask
-/// row `(r / heads_s) * s + r % s`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct MaskIndex {
-    /// Rows of `x` per mask batch item.
-    pub heads_s: usize,
-    /// Mask rows per batch item (the mask's second dim).
-    pub s: usize,
-}
-
-impl MaskIndex {
-    /// Checks `x`'s and the mask's dims against each other (see [`softmax_masked`]).
-    pub(crate) fn from_dims(xd: &[usize], kd: &[usize]) -> std::result::Result<Self, ()> {
-        if xd.len() < 2 || kd.len() != 3 {
-            return Err(());
-        }
-        let (mb, s, t) = (kd[0], kd[1], kd[2]);
-        let rows: usize = xd[..xd.len() - 1].iter().product();
-        if t != xd[xd.len() - 1] || mb == 0 || s == 0 || rows % (mb * s) != 0 {
-            return Err(());
-        }
-        Ok(MaskIndex {
-            heads_s: (rows / mb).max(1),
-            s,
-        })
-    }
-
-    /// As [`from_dims`](Self::from_dims), on layouts, with a Candle error.
-    pub(crate) fn new(lx: &Layout, lk: &Layout) -> candle_core::Result<Self> {
-        Self::from_dims(lx.dims(), lk.dims()).map_err(|()| {
-            candle_core::Error::Msg(format!(
-                "{OP_MASKED}: mask of shape {:?} does not fit scores of shape {:?}",
-                lk.dims(),
-                lx.dims()
-            ))
-        })
-    }
-
-    /// The mask row of row `r` of `x`.
-    #[inline]
-    pub(crate) fn row(&self, r: usize) -> usize {
-        (r / self.heads_s) * self.s + r % self.s
-    }
-}
-
-fn softmax_masked_rows<T: Elem>(x: &[T], keep: &[u8], cols: usize, mi: MaskIndex) -> Vec<T> {
-    let zero = T::down(T::acc(0.0));
-    let mut y = vec![zero; x.len()];
-    if cols == 0 {
-        return y;
-    }
-    let rows_per = rows_per_task(cols);
-    let chunk = rows_per * cols;
-    y.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .enumerate()
-        .for_each(|(ci, (yc, xc))| {
-            let mut e = vec![T::acc(0.0); cols];
-            for (ri, (yr, xr)) in yc.chunks_mut(cols).zip(xc.chunks(cols)).enumerate() {
-                let m0 = mi.row(ci * rows_per + ri) * cols;
-                let kr = &keep[m0..m0 + cols];
-                let mut max = T::A::neg_infinity();
-                for (&v, &k) in xr.iter().zip(kr) {
-                    let v = v.up();
-                    if k != 0 && v > max {
-                        max = v;
-                    }
-                }
-                if max == T::A::neg_infinity() {
-                    // Nothing kept (or only -inf kept): the row is all zeros.
-                    continue;
-                }
-                for ((ei, &v), &k) in e.iter_mut().zip(xr).zip(kr) {
-                    *ei = if k != 0 {
-                        T::exp(v.up() - max)
-                    } else {
-                        T::acc(0.0)
-                    };
-                }
-                let inv = lane_sum(&e).recip();
-                for (o, &ei) in yr.iter_mut().zip(e.iter()) {
-                    *o = T::down(ei * inv);
-                }
-            }
-        });
-    y
 }
 
 /// The masked forward op: `(x, keep) -> y`.

@@ -14,114 +14,17 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use super::cpu::{dispatch_float, dispatch_float2, dispatch_float3, Elem};
+use super::cpu::{dispatch_float, dispatch_float2, dispatch_float3};
 use super::{check_dtype, check_rank, check_same, contiguous_range, native};
 use crate::{Error, Result};
 
+mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod plan;
 
-const OP: &str = "swiglu";
-const OP_BWD: &str = "swiglu_bwd";
-
-/// Where the operands of one SwiGLU pass sit, in elements of their storages.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SwiGluPlan {
-    /// Rows.
-    pub rows: usize,
-    /// Columns of the output (the width of one half).
-    pub cols: usize,
-    /// First element and row stride of the gate.
-    pub g_off: usize,
-    /// Row stride of the gate.
-    pub ldg: usize,
-    /// First element of the up half.
-    pub u_off: usize,
-    /// Row stride of the up half.
-    pub ldu: usize,
-    /// Row stride of the gradient buffer (backward).
-    pub ldo: usize,
-    /// Offset of `du` in the gradient buffer (backward).
-    pub du_off: usize,
-    /// Elements of the gradient buffer (backward).
-    pub grad_len: usize,
-}
-
-impl SwiGluPlan {
-    /// Separate contiguous `g` and `u` of layouts `lg`, `lu` (same element count).
-    fn separate(lg: &Layout, lu: &Layout) -> candle_core::Result<Self> {
-        let (g0, g1) = contiguous_range(OP, lg)?;
-        let (u0, _) = contiguous_range(OP, lu)?;
-        let n = g1 - g0;
-        let cols = lg.dims().last().copied().unwrap_or(1).max(1);
-        Ok(SwiGluPlan {
-            rows: n / cols,
-            cols,
-            g_off: g0,
-            ldg: cols,
-            u_off: u0,
-            ldu: cols,
-            ldo: cols,
-            du_off: n,
-            grad_len: 2 * n,
-        })
-    }
-
-    /// A contiguous packed `gu` `[..., 2 · cols]`.
-    fn packed(l: &Layout) -> candle_core::Result<Self> {
-        let (a, b) = contiguous_range(OP, l)?;
-        let width = l.dims().last().copied().unwrap_or(0);
-        if width % 2 != 0 || width == 0 {
-            return Err(candle_core::Error::Msg(format!(
-                "{OP}: internal error: packed rows of odd width {width}"
-            )));
-        }
-        let cols = width / 2;
-        Ok(SwiGluPlan {
-            rows: (b - a) / width,
-            cols,
-            g_off: a,
-            ldg: width,
-            u_off: a + cols,
-            ldu: width,
-            ldo: width,
-            du_off: cols,
-            grad_len: b - a,
-        })
-    }
-}
-
-fn sig<A: num_traits::Float>(g: A) -> A {
-    A::one() / (A::one() + (-g).exp())
-}
-
-fn fwd_cpu<T: Elem>(g: &[T], u: &[T], p: &SwiGluPlan) -> Vec<T> {
-    let mut y = Vec::with_capacity(p.rows * p.cols);
-    for r in 0..p.rows {
-        for c in 0..p.cols {
-            let gv = g[p.g_off + r * p.ldg + c].up();
-            let uv = u[p.u_off + r * p.ldu + c].up();
-            y.push(T::down(gv * sig(gv) * uv));
-        }
-    }
-    y
-}
-
-fn bwd_cpu<T: Elem>(g: &[T], u: &[T], dy: &[T], p: &SwiGluPlan) -> Vec<T> {
-    let one = T::acc(1.0);
-    let mut out = vec![T::down(T::acc(0.0)); p.grad_len];
-    for r in 0..p.rows {
-        for c in 0..p.cols {
-            let gv = g[p.g_off + r * p.ldg + c].up();
-            let uv = u[p.u_off + r * p.ldu + c].up();
-            let d = dy[r * p.cols + c].up();
-            let sg = sig(gv);
-            out[r * p.ldo + c] = T::down(d * uv * sg * (one + gv * (one - sg)));
-            out[p.du_off + r * p.ldo + c] = T::down(d * gv * sg);
-        }
-    }
-    out
-}
+use cpu::{bwd_cpu, fwd_cpu};
+use plan::{SwiGluPlan, OP, OP_BWD};
 
 /// The forward of separate `(g, u) -> y`.
 struct SwiGlu;
