@@ -11,7 +11,7 @@
 //!
 //! # Layout: one op, one folder
 //! Everything of an op is in `ops/<op>/`, its kernel in `crates/flare-kernels/src/cu/<op>.cu`
-//! and its tests in `crates/flare/tests/it/<op>.rs`:
+//! and its tests in `crates/flare/tests/it/` (`<op>.rs` where it has a file of its own):
 //! - `mod.rs`: the math (module doc), the custom op structs (forward dispatch and backward), the
 //!   public function with its input checks, and the composed `*_reference`;
 //! - `cpu.rs`: the CPU forward and backward loops;
