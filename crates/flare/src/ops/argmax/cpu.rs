@@ -5,7 +5,7 @@ use num_traits::Float;
 use crate::ops::cpu::Elem;
 
 /// The index of the first maximum of `row` (NaN skipped), `u32::MAX` if none.
-pub(super) fn argmax_row<T: Elem>(row: &[T]) -> u32 {
+fn argmax_row<T: Elem>(row: &[T]) -> u32 {
     let mut best: Option<(usize, T::A)> = None;
     for (i, v) in row.iter().enumerate() {
         let v = v.up();

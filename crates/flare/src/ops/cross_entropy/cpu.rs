@@ -7,7 +7,7 @@ use super::plan::OP;
 use crate::ops::contiguous_range;
 use crate::ops::cpu::Elem;
 
-pub(super) fn bad_target(i: usize, t: u32, vocab: usize) -> candle_core::Error {
+fn bad_target(i: usize, t: u32, vocab: usize) -> candle_core::Error {
     candle_core::Error::Msg(format!(
         "{OP}: target {t} of row {i} is outside the vocabulary (0..{vocab}) and is not the ignore \
          index"
@@ -15,7 +15,7 @@ pub(super) fn bad_target(i: usize, t: u32, vocab: usize) -> candle_core::Error {
 }
 
 /// `(max, lse)` of one row, in the accumulation type.
-pub(super) fn row_lse<T: Elem>(row: &[T]) -> T::A {
+fn row_lse<T: Elem>(row: &[T]) -> T::A {
     let mut max = T::acc(f64::NEG_INFINITY);
     for &v in row {
         let v = v.up();

@@ -3,7 +3,7 @@
 use super::plan::SwiGluPlan;
 use crate::ops::cpu::Elem;
 
-pub(super) fn sig<A: num_traits::Float>(g: A) -> A {
+fn sig<A: num_traits::Float>(g: A) -> A {
     A::one() / (A::one() + (-g).exp())
 }
 
