@@ -1,13 +1,14 @@
-//! The batch-1 decode engine (`flare::models::DecodeGraph`) against the per-op path
+//! The batch-1 decode engine (`flare::generate::DecodeGraph`) against the per-op path
 //! (`Transformer::decode_step`) on small random models of odd sizes (no fixture files): greedy
 //! tokens, logits, the KV cache after the steps, graph replay against direct launches, and the
 //! refusals. CUDA only: each test prints `skipped: no CUDA device` without one, except the
 //! refusal on the CPU, which runs everywhere.
 
 use candle_core::{DType, Device, Tensor};
+use flare::generate::DecodeGraph;
 use flare::generate::{greedy_on_device, ids_to_host};
 use flare::lora::LoraConfig;
-use flare::models::{DecodeGraph, KvCache, ModelConfig, Transformer};
+use flare::models::{KvCache, ModelConfig, Transformer};
 
 use crate::common::{cuda_device, exclusive_lock, shared_lock, Result};
 
