@@ -25,7 +25,8 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::bench::{hardware_name, median, DeviceSpec};
+use crate::device::{hardware_name, DeviceSpec};
+use crate::report::{median, write_json};
 use flare::generate::{generate, GenerationConfig};
 use flare::generate::{DecodeGraph, LaunchTime, EMPTY_KERNEL};
 use flare::models::{KvCache, ModelConfig, Transformer};
@@ -487,7 +488,7 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
 
     print!("{}", format_rows(&rows, args.bandwidth_gbs));
     if let Some(path) = &args.json {
-        crate::bench_lora::write_json_atomic(path, &rows)?;
+        write_json(path, &rows)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
