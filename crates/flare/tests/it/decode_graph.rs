@@ -305,7 +305,8 @@ fn graph_refusals() -> Result<()> {
 }
 
 /// Generation (`TokenStream`, hence `generate`) takes the engine for plain greedy decoding on
-/// CUDA and gives the per-op path's tokens (`FLARE_DECODE_ENGINE=0`).
+/// CUDA and gives the per-op path's tokens (`FLARE_DECODE_ENGINE=0`, here through
+/// `Settings::apply`).
 #[test]
 fn graph_in_generate() -> Result<()> {
     let _g = exclusive_lock();
@@ -320,10 +321,13 @@ fn graph_in_generate() -> Result<()> {
     let stream = flare::generate::TokenStream::new(&model, &PROMPT, &gen)?;
     assert!(stream.uses_decode_engine());
     let with: Vec<u32> = stream.collect::<Result<_>>()?;
-    std::env::set_var("FLARE_DECODE_ENGINE", "0");
-    let stream = flare::generate::TokenStream::new(&model, &PROMPT, &gen);
-    std::env::remove_var("FLARE_DECODE_ENGINE");
-    let stream = stream?;
+    let off = flare::runtime::Settings {
+        decode_engine: false,
+        ..flare::runtime::settings()
+    };
+    let guard = off.apply();
+    let stream = flare::generate::TokenStream::new(&model, &PROMPT, &gen)?;
+    drop(guard);
     assert!(!stream.uses_decode_engine());
     let without: Vec<u32> = stream.collect::<Result<_>>()?;
     assert_eq!(with, without);

@@ -33,8 +33,6 @@ pub(super) struct Engine {
     max_len: usize,
     table_len: usize,
     vocab: usize,
-    /// Launches use programmatic dependent launch ([`super::pdl_enabled`]).
-    pdl: bool,
     /// Bytes per element of the model's dtype.
     elem: usize,
     started: bool,
@@ -92,7 +90,6 @@ impl Engine {
             max_len: geo.max_len,
             table_len: parts.rope_cos.dims().first().copied().unwrap_or(0),
             vocab: geo.vocab,
-            pdl: super::pdl_enabled(),
             elem: model.dtype().size_in_bytes(),
             started: false,
         };
@@ -125,7 +122,7 @@ impl Engine {
     /// Launches the step's kernels on the engine's stream.
     fn launch_all(&self) -> Result<()> {
         for l in &self.launches {
-            self.launch_one(l, self.pdl)?;
+            self.launch_one(l, true)?;
         }
         Ok(())
     }

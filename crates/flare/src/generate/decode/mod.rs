@@ -28,11 +28,15 @@
 //! table (and its sliding window, if any), no active LoRA adapter and no replaced projection
 //! weight, projection widths that are multiples of 16 bytes and fit the kernels' shared memory.
 //! [`crate::generate::TokenStream`] (hence `generate` and `generate_text`) uses it for plain
-//! greedy decoding whenever it applies (`FLARE_DECODE_ENGINE=0` turns that off), else the
-//! per-op path. `FLARE_DECODE_GRAPH=0` launches the same kernels one by one instead of replaying
-//! the graph (for debugging and comparison). `FLARE_DECODE_PDL=0` launches without programmatic
-//! dependent launch (see [`pdl_enabled`]). [`DecodeGraph::profile_step`] times each launch of a
-//! step (`flare bench decode --profile` prints the table).
+//! greedy decoding whenever it applies (`FLARE_DECODE_ENGINE=0`, i.e.
+//! [`Settings::decode_engine`](crate::runtime::Settings::decode_engine), turns that off), else
+//! the per-op path. [`DecodeGraph::with_graph`] with `graph: false` launches the same kernels one
+//! by one instead of replaying the graph (for debugging and comparison; `flare bench decode`
+//! times both). Every kernel of a step after the first is launched with programmatic dependent
+//! launch: it may start while the one before finishes, and waits for it
+//! (`griddepcontrol.wait`) before reading its results; the gemvs issue their first weight loads
+//! before that wait. [`DecodeGraph::profile_step`] times each launch of a step
+//! (`flare bench decode --profile` prints the table).
 //!
 //! Streams: the engine launches on a stream of its own. Before each step it waits (an event)
 //! for the work queued on Candle's stream (the prefill's cache writes), and each step ends with
@@ -50,24 +54,6 @@ use crate::Result;
 
 /// The op name of the engine's errors.
 const OP: &str = "DecodeGraph";
-
-/// Whether `FLARE_DECODE_GRAPH` asks for graph replay (anything but `0`; the default).
-pub fn graph_enabled() -> bool {
-    std::env::var("FLARE_DECODE_GRAPH").map_or(true, |v| v.trim() != "0")
-}
-
-/// Whether `FLARE_DECODE_PDL` asks for programmatic dependent launch (anything but `0`; the
-/// default): each kernel of a step after the first may start while the one before finishes,
-/// and waits for it (`griddepcontrol.wait`) before reading its results; the gemvs issue their
-/// first weight loads before that wait.
-pub fn pdl_enabled() -> bool {
-    std::env::var("FLARE_DECODE_PDL").map_or(true, |v| v.trim() != "0")
-}
-
-/// Whether generation may use the engine (`FLARE_DECODE_ENGINE` is not `0`; the default).
-pub fn engine_enabled() -> bool {
-    std::env::var("FLARE_DECODE_ENGINE").map_or(true, |v| v.trim() != "0")
-}
 
 /// The [`LaunchTime::name`] of the empty kernel that ends a profiled step: the cost of a launch
 /// between two events by itself, included in every other launch's time.
@@ -132,11 +118,11 @@ impl DecodeGraph {
     }
 
     /// Builds the engine for `model` and `cache` (batch 1, normally filled by
-    /// [`Transformer::prefill`]), replaying a CUDA graph unless `FLARE_DECODE_GRAPH=0`.
+    /// [`Transformer::prefill`]), replaying a CUDA graph.
     /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) with the reason when the engine
     /// does not apply ([`unsupported`](Self::unsupported)).
     pub fn new(model: &Transformer, cache: &KvCache) -> Result<Self> {
-        Self::with_graph(model, cache, graph_enabled())
+        Self::with_graph(model, cache, true)
     }
 
     /// [`new`](Self::new) with the mode given: `graph` replays one CUDA graph per step, else the
