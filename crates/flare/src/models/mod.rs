@@ -24,16 +24,3 @@ pub use cache::{KvCache, LayerKv};
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
 pub use transformer::{apply_rope, rope_inv_freq, Transformer};
 pub use weights::Weights;
-
-use std::path::Path;
-
-use crate::Error;
-
-/// An error about the contents of `file`: [`Error::Io`] of kind `InvalidData` whose context is
-/// the file's path.
-pub(crate) fn bad_file(file: &Path, msg: impl Into<String>) -> Error {
-    Error::Io {
-        context: file.display().to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into()),
-    }
-}

@@ -549,11 +549,6 @@ impl Gemm {
         self.workspace_bytes
     }
 
-    /// Number of GEMM plans cached on this device.
-    pub fn plans_cached(&self) -> usize {
-        self.plans.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
     /// Number of GEMM plans autotuned on this device (their candidates timed on the GPU; see
     /// the module docs). A plan whose tuning was skipped (autotuning off, a small problem, a
     /// capturing stream, no scratch `C`) is not counted.
