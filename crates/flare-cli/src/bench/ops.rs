@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use super::{input_sets, matches_filter, Budget, Call, Config, Pass};
 use crate::device::{hardware_name, DeviceSpec};
-use crate::report::{fmt_num, median, write_json};
+use crate::report::{fmt_num, json_dir, median, write_json};
 
 /// The long help of `flare bench ops`.
 pub const OPS_LONG_ABOUT: &str = "\
@@ -1162,6 +1162,8 @@ pub fn run_ops(args: &OpsArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn row(op: &str, unit: &str, flare_us: f64, candle_us: f64, rate: f64) -> Row {

@@ -134,7 +134,7 @@ fn rope_fd_gradient() -> Result<()> {
     assert!(rope_heads(&x.narrow(3, 0, 5)?, &c, &s, 1.0).is_err());
     assert!(rope_heads(&x.flatten_all()?, &c, &s, 1.0).is_err());
     // A table that takes part in autograd is refused by the backward.
-    let cv = var(&c)?;
+    let (xv, cv) = (var(&x)?, var(&c)?);
     let y = rope_heads(xv.as_tensor(), cv.as_tensor(), &s, 1.0)?;
     assert!(y.sum_all()?.backward().is_err());
     Ok(())

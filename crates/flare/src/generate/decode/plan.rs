@@ -189,7 +189,7 @@ impl Geometry {
 }
 
 #[cfg(feature = "cuda")]
-pub(super) use launch::{Arg, Launch, Plan};
+pub(super) use launch::{cache_ptr, Arg, Launch, Plan};
 
 #[cfg(feature = "cuda")]
 mod launch {
