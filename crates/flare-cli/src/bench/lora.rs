@@ -532,7 +532,7 @@ pub fn format_w_grad_note(rows: &[TableRow], w_mib: f64) -> String {
 /// `None` where there is no pool to read (CPU).
 struct Meter {
     #[cfg(feature = "cuda")]
-    pool: Option<pool::PoolMeter>,
+    pool: Option<super::pool::PoolMeter>,
 }
 
 impl Meter {
@@ -540,7 +540,7 @@ impl Meter {
         #[cfg(feature = "cuda")]
         {
             let pool = match dev {
-                Device::Cuda(c) => Some(pool::PoolMeter::new(c)?),
+                Device::Cuda(c) => Some(super::pool::PoolMeter::new(c)?),
                 _ => None,
             };
             Ok(Meter { pool })
