@@ -137,7 +137,7 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
         base.config().num_hidden_layers,
         base.config().hidden_size,
         model_dir.display(),
-        crate::bench::hardware_name(&device)
+        crate::device::hardware_name(&device)
     );
     print_answers("before fine-tuning", &base, &tok, &gen, &qs)?;
     drop(base);

@@ -18,7 +18,7 @@ use flare::generate::{GenerationConfig, HfGenerationConfig, Prompt, StopReason, 
 use flare::models::{load_peft_adapter, Transformer};
 use flare::text::{ChatMessage, Tokenizer};
 
-use crate::bench::DeviceSpec;
+use crate::device::DeviceSpec;
 
 /// The long help of `flare generate`.
 pub const GENERATE_LONG_ABOUT: &str = "\

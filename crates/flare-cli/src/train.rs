@@ -11,7 +11,7 @@ use clap::Args;
 use flare::train::{BadLines, Event, Schedule, TrainConfig, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::bench::DeviceSpec;
+use crate::device::DeviceSpec;
 
 /// `flare train`: every field of the TOML config as a flag; flags override the file.
 #[derive(Debug, Args)]
@@ -260,7 +260,7 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
         cfg.model.display(),
         t.modules().len(),
         cfg.dtype,
-        crate::bench::hardware_name(&device),
+        crate::device::hardware_name(&device),
         t.state().total_steps
     );
     let dir = run_with_progress(&mut t, !a.no_progress)?;

@@ -1,10 +1,13 @@
 //! flare's ops on Candle tensors.
 //!
-//! Each op is a Candle custom op with a CPU forward, a CUDA forward and a backward, so
-//! `Tensor::backward` flows through it; a public function checks shapes, dtypes and devices and
-//! returns a clear [`Error`](crate::Error) before anything runs. On devices other than CPU and
-//! CUDA each op falls back to Candle's own composite ops. Each op's module also holds a composed
-//! reference (`*_reference`) built from plain Candle ops, used by the tests and benchmarks.
+//! Each op is a Candle custom op with a CPU forward and a CUDA forward; a public function checks
+//! shapes, dtypes and devices and returns a clear [`Error`](crate::Error) before anything runs.
+//! On devices other than CPU and CUDA each op falls back to Candle's own composite ops. Every
+//! differentiable op has a backward, so `Tensor::backward` flows through it, and a composed
+//! reference (`*_reference`) built from plain Candle ops, used by the tests and benchmarks. Two
+//! ops are inference-only: [`argmax_last_dim`] (its output is an index: no backward, and no
+//! reference beyond Candle's own `argmax`) and the fused [`attention_decode`] (no backward: when
+//! an input takes part in autograd it computes the same maths from differentiable ops instead).
 //!
 //! Backward kernels are ops too; they have no backward of their own (a second derivative
 //! through them returns Candle's `BackwardNotSupported`, never a silently cut gradient).

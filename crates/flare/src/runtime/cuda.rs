@@ -151,13 +151,13 @@ impl CudaRuntime {
         // per-allocation event tracking (an event record and wait around every kernel argument)
         // buys nothing. Set FLARE_CUDA_EVENT_TRACKING=1 to keep it, e.g. when the same buffers
         // are also used from streams of your own.
-        if std::env::var("FLARE_CUDA_EVENT_TRACKING").map_or(true, |v| v != "1") {
+        if !super::settings().cuda_event_tracking {
             // SAFETY: flare and Candle use one stream per device; nothing flare creates is
             // shared with another stream, so the cross-stream ordering the events provide is
             // never needed. Only allocations made after this call are affected.
             unsafe { ctx.disable_event_tracking() };
         }
-        if std::env::var("FLARE_CUDA_KEEP_POOL").map_or(true, |v| v != "0") {
+        if super::settings().cuda_keep_pool {
             keep_pool_memory(&ctx)?;
         }
         let mut modules = Vec::with_capacity(Module::ALL.len());

@@ -36,10 +36,10 @@ pub(crate) fn fwd(x: &CudaStorage, lx: &Layout) -> candle_core::Result<CudaStora
     }
 }
 
-/// Whether few long rows take the two-stage form: not when `FLARE_ARGMAX_SPLIT=0`. Read once.
+/// Whether few long rows take the two-stage form: only with `FLARE_ARGMAX_SPLIT=1`
+/// ([`crate::runtime::Settings::argmax_split`]; off by default: no whole-decode gain measured).
 fn split_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("FLARE_ARGMAX_SPLIT").map_or(true, |v| v.trim() != "0"))
+    crate::runtime::settings().argmax_split
 }
 
 fn run<T: CudaDType + DeviceRepr>(

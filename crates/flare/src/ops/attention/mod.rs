@@ -66,8 +66,8 @@ impl CustomOp3 for AttentionDecode {
     }
 }
 
-/// Whether the fused op runs on CUDA: `FLARE_ATTENTION_DECODE=1` turns it on, `=0` off,
-/// unset means [`FUSED_DEFAULT`] (read once). History: the first kernel (one block per query
+/// Whether the fused op runs on CUDA: not when `FLARE_ATTENTION_DECODE=0`
+/// ([`crate::runtime::Settings::attention_decode`]). History: the first kernel (one block per query
 /// row, 14 blocks at batch 1) lost to the composite path on the H100 (2026-11-24, Qwen2-0.5B
 /// shape, bf16: 250-261 against 297-320 tokens/s at batch 1); the flash-decoding split
 /// (keys in chunks over many blocks, all query heads of a kv head per block) replaced it and is
@@ -75,17 +75,8 @@ impl CustomOp3 for AttentionDecode {
 /// alone, 272 -> 294 and 1730 -> 1939 on top of `gemv_*`.
 #[cfg(feature = "cuda")]
 fn fused_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| match std::env::var("FLARE_ATTENTION_DECODE") {
-        Ok(v) if v.trim() == "1" => true,
-        Ok(v) if v.trim() == "0" => false,
-        _ => FUSED_DEFAULT,
-    })
+    crate::runtime::settings().attention_decode
 }
-
-/// Whether the fused op runs on CUDA when `FLARE_ATTENTION_DECODE` is unset.
-#[cfg(feature = "cuda")]
-const FUSED_DEFAULT: bool = true;
 
 /// `softmax(q kᵀ) v` over every key, batched: `q: [B, G, d]`, `k, v: [B, t, d]` (strided views
 /// such as the KV cache's are read in place when their last dim is unit-stride) → `[B, G, d]`.

@@ -8,7 +8,8 @@
 //! (plan lookup, descriptor checks, `cublasLtMatmul`'s own dispatch), which dominates at these
 //! sizes. That kernel computes in exact f32 (one FMA per k, in increasing k order, no TF32
 //! whatever [`crate::runtime::set_allow_tf32`] says) and reads operands through element strides.
-//! Set the environment variable `FLARE_SMALL_GEMM=0` (read once, at the first matmul) to send
+//! Set the environment variable `FLARE_SMALL_GEMM=0` (read once, with every other switch:
+//! [`crate::runtime::Settings`]) to send
 //! every product to cuBLASLt instead, e.g. to measure the difference.
 //!
 //! Skinny products `x @ w.T` of at most [`GEMV_MAX_M`] rows against a weight stored row-major
@@ -31,8 +32,6 @@
 //! transpose, so the GEMM is called with the operands swapped (`B` first), `m` and `n`
 //! swapped, and no transpose flag at all for row-major operands; an operand stored
 //! column-major (a transposed view, `MatLayout::transposed`) gets the flag instead.
-
-use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -75,24 +74,16 @@ pub(crate) const GEMV_MAX_M: usize = flare_kernels::launch::GEMV_MAX_M as usize;
 const GEMV_WARPS: usize = flare_kernels::launch::GEMV_WARPS as usize;
 const GEMV_THREADS: u32 = flare_kernels::launch::GEMV_THREADS;
 
-/// Whether skinny products use `gemv_*`: `FLARE_GEMV=1` on, `=0` off, unset
-/// [`GEMV_DEFAULT`] (see the module doc). Read once.
+/// Whether skinny products use `gemv_*`: not when `FLARE_GEMV=0` (see the module doc and
+/// [`crate::runtime::Settings::gemv`]).
 fn gemv_enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| match std::env::var("FLARE_GEMV") {
-        Ok(v) if v.trim() == "1" => true,
-        Ok(v) if v.trim() == "0" => false,
-        _ => GEMV_DEFAULT,
-    })
+    crate::runtime::settings().gemv
 }
 
-/// Whether skinny products use `gemv_*` when `FLARE_GEMV` is unset.
-const GEMV_DEFAULT: bool = true;
-
-/// Whether small products may skip cuBLASLt: not when `FLARE_SMALL_GEMM=0`. Read once.
+/// Whether small products may skip cuBLASLt: not when `FLARE_SMALL_GEMM=0`
+/// ([`crate::runtime::Settings::small_gemm`]).
 fn small_gemm_enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("FLARE_SMALL_GEMM").map_or(true, |v| v.trim() != "0"))
+    crate::runtime::settings().small_gemm
 }
 
 fn internal(msg: String) -> candle_core::Error {

@@ -1,7 +1,7 @@
 //! `flare bench lora`: the fused LoRA linear against the plain linear it extends and against
 //! the unfused composite of Candle ops, in time and in peak device memory.
 //!
-//! Timing follows `flare bench ops` (see [`crate::bench`]): warm-up, then per repeat a device
+//! Timing follows `flare bench ops` (see [`super::ops`]): warm-up, then per repeat a device
 //! synchronisation, the clock, a burst of back-to-back calls, a second synchronisation; the
 //! per-call time is the burst time over its length, and a row's figure is the median over
 //! repeats. All cases share the same random input sets and are timed in turn within each repeat
@@ -14,7 +14,6 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Instant;
@@ -24,9 +23,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::bench::{
-    fmt_num, hardware_name, input_sets, median, Budget, Call, Config, DeviceSpec, Pass,
-};
+use super::{input_sets, Budget, Call, Config, Pass};
+use crate::device::{hardware_name, DeviceSpec};
+use crate::report::{fmt_num, json_dir, median, write_json};
 
 /// The LoRA scale `s = alpha / r` of every case (alpha 32 at r 16).
 pub const SCALE: f64 = 2.0;
@@ -529,124 +528,11 @@ pub fn format_w_grad_note(rows: &[TableRow], w_mib: f64) -> String {
     out
 }
 
-/// Writes `rows` as a pretty JSON list to `path` atomically (temporary file in the same
-/// directory, fsync, rename), as `flare bench ops` does for its own rows.
-pub fn write_json_atomic<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let dir = json_dir(path);
-    let name = path
-        .file_name()
-        .with_context(|| format!("--json {}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let mut bytes = serde_json::to_vec_pretty(rows).context("serialising the results")?;
-    bytes.push(b'\n');
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-fn json_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-// ---- peak memory (CUDA) -------------------------------------------------------------------------
-
-#[cfg(feature = "cuda")]
-pub(crate) mod pool {
-    //! The device memory pool's usage counters, read through the driver.
-    use std::sync::Arc;
-
-    use anyhow::{anyhow, Result};
-    use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaContext};
-    use candle_core::cuda_backend::CudaDevice;
-
-    /// Reads and resets the memory counters of a device's current memory pool, the pool cudarc
-    /// allocates from with `cuMemAllocAsync`.
-    pub struct PoolMeter {
-        ctx: Arc<CudaContext>,
-        pool: sys::CUmemoryPool,
-    }
-
-    impl PoolMeter {
-        /// The meter of `dev`'s current pool.
-        pub fn new(dev: &CudaDevice) -> Result<PoolMeter> {
-            let ctx = dev.cuda_stream().context().clone();
-            ctx.bind_to_thread()
-                .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
-            // SAFETY: `cu_device` comes from a live context; the returned pool handle is owned
-            // by the driver and lives as long as the device (we never destroy it).
-            let pool = unsafe { result::device::get_mem_pool(ctx.cu_device()) }
-                .map_err(|e| anyhow!("querying the device memory pool: {e:?}"))?;
-            Ok(PoolMeter { ctx, pool })
-        }
-
-        fn get(&self, attr: sys::CUmemPool_attribute) -> Result<u64> {
-            self.ctx
-                .bind_to_thread()
-                .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
-            let mut v: u64 = 0;
-            // SAFETY: `pool` is the live device pool; the USED_MEM_* attributes are cuuint64_t,
-            // and `v` is a u64 that outlives the call.
-            unsafe {
-                result::mem_pool::get_attribute(self.pool, attr, (&mut v as *mut u64).cast())
-            }
-            .map_err(|e| anyhow!("reading the memory pool's {attr:?}: {e:?}"))?;
-            Ok(v)
-        }
-
-        /// Bytes of the pool currently allocated to the program.
-        pub fn used(&self) -> Result<u64> {
-            self.get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
-        }
-
-        /// The high-water mark of [`Self::used`] since the last [`Self::reset_high`].
-        pub fn high(&self) -> Result<u64> {
-            self.get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
-        }
-
-        /// Resets the high-water mark (the driver accepts only 0, which restarts the mark from
-        /// the current usage).
-        pub fn reset_high(&self) -> Result<()> {
-            self.ctx
-                .bind_to_thread()
-                .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
-            let mut zero: u64 = 0;
-            // SAFETY: `pool` is the live device pool; USED_MEM_HIGH takes a cuuint64_t that
-            // must be 0, and `zero` is a u64 that outlives the call.
-            unsafe {
-                result::mem_pool::set_attribute(
-                    self.pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                    (&mut zero as *mut u64).cast(),
-                )
-            }
-            .map_err(|e| anyhow!("resetting the memory pool's high-water mark: {e:?}"))
-        }
-    }
-}
-
 /// Measures the peak device memory of one call of `f` above what was in use before it, in MiB;
 /// `None` where there is no pool to read (CPU).
 struct Meter {
     #[cfg(feature = "cuda")]
-    pool: Option<pool::PoolMeter>,
+    pool: Option<super::pool::PoolMeter>,
 }
 
 impl Meter {
@@ -654,7 +540,7 @@ impl Meter {
         #[cfg(feature = "cuda")]
         {
             let pool = match dev {
-                Device::Cuda(c) => Some(pool::PoolMeter::new(c)?),
+                Device::Cuda(c) => Some(super::pool::PoolMeter::new(c)?),
                 _ => None,
             };
             Ok(Meter { pool })
@@ -1094,7 +980,7 @@ pub fn run_lora(args: &LoraArgs) -> Result<()> {
     }
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
     if let Some(path) = &args.json {
-        write_json_atomic(path, &rows)?;
+        write_json(path, &rows)?;
         eprintln!("wrote {}", path.display());
     }
     let title = format!(
@@ -1248,7 +1134,7 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("lora.json");
         let rows = vec![lrow(BASE, "fwd", 184.0), lrow(FLARE, "fwd+bwd", 400.0)];
-        write_json_atomic(&path, &rows).unwrap();
+        write_json(&path, &rows).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         let o = v[0].as_object().unwrap();
         for k in [

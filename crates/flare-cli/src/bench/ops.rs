@@ -15,16 +15,17 @@
 //! below; the rest needs a device.
 
 use std::fmt::Write as _;
-use std::fs;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use clap::Args;
 use serde::Serialize;
+
+use super::{input_sets, matches_filter, Budget, Call, Config, Pass};
+use crate::device::{hardware_name, DeviceSpec};
+use crate::report::{fmt_num, json_dir, median, write_json};
 
 /// The long help of `flare bench ops`.
 pub const OPS_LONG_ABOUT: &str = "\
@@ -108,106 +109,7 @@ pub struct OpsArgs {
     pub list: bool,
 }
 
-// ---- devices ------------------------------------------------------------------------------------
-
-/// A parsed `--device` argument.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    /// The host CPU.
-    Cpu,
-    /// The CUDA device of this ordinal.
-    Cuda(usize),
-}
-
-impl FromStr for DeviceSpec {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let t = s.trim().to_ascii_lowercase();
-        match t.as_str() {
-            "cpu" => Ok(DeviceSpec::Cpu),
-            "auto" => Ok(DeviceSpec::auto()),
-            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
-            _ => match t.strip_prefix("cuda:") {
-                Some(n) => n.parse().map(DeviceSpec::Cuda).map_err(|_| {
-                    anyhow::anyhow!("invalid CUDA ordinal in device '{s}': expected cuda:N")
-                }),
-                None => bail!("unknown device '{s}': expected auto, cpu, cuda or cuda:N"),
-            },
-        }
-    }
-}
-
-impl DeviceSpec {
-    /// `auto`: CUDA device 0 when this build has CUDA and a GPU is there, else the CPU.
-    pub fn auto() -> Self {
-        if cfg!(feature = "cuda")
-            && candle_core::utils::cuda_is_available()
-            && Device::new_cuda(0).is_ok()
-        {
-            DeviceSpec::Cuda(0)
-        } else {
-            DeviceSpec::Cpu
-        }
-    }
-
-    /// Opens the device, with a clear error when this build has no CUDA.
-    pub fn open(self) -> Result<Device> {
-        match self {
-            DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Cuda(n) => {
-                if !cfg!(feature = "cuda") {
-                    bail!("flare was built without CUDA; rebuild with --features cuda");
-                }
-                Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}"))
-            }
-        }
-    }
-
-    /// The name rows carry in their `device` field: `cpu` or `cuda:N`.
-    pub fn name(self) -> String {
-        match self {
-            DeviceSpec::Cpu => "cpu".into(),
-            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
-        }
-    }
-}
-
-/// A human-readable description of the hardware behind `dev` (the GPU's name on CUDA).
-pub(crate) fn hardware_name(dev: &Device) -> String {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(c) = dev {
-        return c
-            .cuda_stream()
-            .context()
-            .name()
-            .unwrap_or_else(|_| "CUDA device".into());
-    }
-    let _ = dev;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("CPU ({cores} threads)")
-}
-
 // ---- cases --------------------------------------------------------------------------------------
-
-/// Which pass a row times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pass {
-    /// The forward only.
-    Fwd,
-    /// Forward then `.backward()` from the output.
-    FwdBwd,
-}
-
-impl Pass {
-    /// The label in tables and JSON.
-    pub fn label(self) -> &'static str {
-        match self {
-            Pass::Fwd => "fwd",
-            Pass::FwdBwd => "fwd+bwd",
-        }
-    }
-}
 
 /// Element type of a case. `Tf32` is f32 data with TF32 tensor cores allowed on both sides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,18 +339,6 @@ impl Case {
     }
 }
 
-/// How many input sets to rotate through so that the sets together exceed the cache twice
-/// over, capped at `max_sets`; one when a single set is already larger than the cache.
-pub fn input_sets(footprint: usize, cache_bytes: usize, max_sets: usize) -> usize {
-    if footprint == 0 || footprint >= cache_bytes {
-        1
-    } else {
-        (2 * cache_bytes)
-            .div_ceil(footprint)
-            .clamp(1, max_sets.max(1))
-    }
-}
-
 /// The cases for a device; `cuda` picks the GPU shapes, `quick` the smoke-test ones.
 pub fn cases(cuda: bool, quick: bool) -> Vec<Case> {
     use Op::*;
@@ -527,33 +417,7 @@ pub fn cases(cuda: bool, quick: bool) -> Vec<Case> {
     }
 }
 
-/// Whether `label` matches `--filter` (case-insensitive substring; commas separate
-/// alternatives).
-pub fn matches_filter(label: &str, filter: Option<&str>) -> bool {
-    let Some(f) = filter else { return true };
-    let label = label.to_ascii_lowercase();
-    f.split(',')
-        .map(|p| p.trim().to_ascii_lowercase())
-        .filter(|p| !p.is_empty())
-        .any(|p| label.contains(&p))
-}
-
 // ---- statistics, rows, table, JSON --------------------------------------------------------------
-
-/// The median of `xs` (mean of the middle two for an even count); NaN for an empty slice.
-pub fn median(xs: &[f64]) -> f64 {
-    let mut v: Vec<f64> = xs.to_vec();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
-}
 
 /// One result row, as printed and as written to JSON.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -621,23 +485,6 @@ pub fn fill_pct_copy(rows: &mut [Row]) {
     for r in rows.iter_mut().filter(|r| r.rate_unit == "GB/s") {
         r.flare_pct_copy = Some(100.0 * r.flare_rate / copy);
         r.candle_pct_copy = Some(100.0 * r.candle_rate / copy);
-    }
-}
-
-/// Formats a number with about four significant digits and no exponent.
-pub fn fmt_num(x: f64) -> String {
-    if !x.is_finite() {
-        return "-".into();
-    }
-    let a = x.abs();
-    if a >= 1000.0 {
-        format!("{x:.0}")
-    } else if a >= 100.0 {
-        format!("{x:.1}")
-    } else if a >= 10.0 {
-        format!("{x:.2}")
-    } else {
-        format!("{x:.3}")
     }
 }
 
@@ -730,96 +577,10 @@ pub fn format_table(rows: &[Row]) -> String {
     out
 }
 
-/// Writes `rows` as a pretty JSON list to `path` atomically: a temporary file in the same
-/// directory, flushed to disk, then renamed over `path`.
-pub fn write_json_atomic(path: &Path, rows: &[Row]) -> Result<()> {
-    let dir = json_dir(path);
-    let name = path
-        .file_name()
-        .with_context(|| format!("--json {}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let mut bytes = serde_json::to_vec_pretty(rows).context("serialising the results")?;
-    bytes.push(b'\n');
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
-    // Make the rename itself durable (best effort: not every platform can open a directory).
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// The directory a `--json` path lands in (`.` for a bare file name).
-fn json_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
 // ---- the harness --------------------------------------------------------------------------------
-
-/// Timing parameters that depend on the device and `--quick`; shared by `bench ops` and
-/// `bench lora`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Config {
-    pub(crate) repeats: usize,
-    pub(crate) warmup_bursts: usize,
-    /// Target length of one timed region, in microseconds.
-    pub(crate) target_region_us: f64,
-    pub(crate) max_burst: usize,
-    /// Rough cap on the timed seconds that the caller's `budget` covers (one case for
-    /// `bench ops`, the whole run for `bench lora`); repeats are cut (to no fewer than 3) above
-    /// it.
-    pub(crate) budget_s: f64,
-    pub(crate) cache_bytes: usize,
-    pub(crate) max_sets: usize,
-}
-
-/// Seconds of timed work allowed, by (cuda, quick): `[quick, cuda, cpu]`.
-pub(crate) type Budget = [f64; 3];
-
-impl Config {
-    pub(crate) fn new(cuda: bool, quick: bool, repeats: Option<u32>, budget: Budget) -> Config {
-        let default_repeats = match (cuda, quick) {
-            (_, true) => 5,
-            (true, false) => 25,
-            (false, false) => 10,
-        };
-        Config {
-            repeats: repeats.map_or(default_repeats, |r| r as usize),
-            warmup_bursts: if quick { 1 } else { 2 },
-            target_region_us: if cuda { 2_000.0 } else { 5_000.0 },
-            max_burst: if cuda { 2_000 } else { 1_000 },
-            budget_s: match (cuda, quick) {
-                (_, true) => budget[0],
-                (true, false) => budget[1],
-                (false, false) => budget[2],
-            },
-            // H100's L2 is 50 MB; on the CPU, a generous last-level cache.
-            cache_bytes: if cuda { 50_000_000 } else { 32 << 20 },
-            max_sets: if cuda { 16 } else { 8 },
-        }
-    }
-}
 
 /// Per-case budget of `bench ops`.
 const OPS_CASE_BUDGET: Budget = [0.5, 5.0, 4.0];
-
-/// A timed call: runs the op on input set `i` and drops the result.
-pub(crate) type Call = Box<dyn FnMut(usize) -> Result<()>>;
 
 /// A case ready to time: both sides' calls over their input sets, and the check result.
 struct Prepared {
@@ -1364,7 +1125,7 @@ pub fn run_ops(args: &OpsArgs) -> Result<()> {
                 rows.push(row);
                 // Written after every case, so a run cut short keeps what it measured.
                 if let Some(path) = &args.json {
-                    write_json_atomic(path, &rows)?;
+                    write_json(path, &rows)?;
                 }
             }
             Err(e) => {
@@ -1389,7 +1150,7 @@ pub fn run_ops(args: &OpsArgs) -> Result<()> {
     );
     if let Some(path) = &args.json {
         // Again with the % copy fields, which need the whole run.
-        write_json_atomic(path, &rows)?;
+        write_json(path, &rows)?;
         eprintln!("wrote {}", path.display());
     }
     println!("{}", format_table(&rows));
@@ -1401,6 +1162,8 @@ pub fn run_ops(args: &OpsArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn row(op: &str, unit: &str, flare_us: f64, candle_us: f64, rate: f64) -> Row {
@@ -1429,38 +1192,6 @@ mod tests {
             flare_impl: "a".into(),
             candle_impl: "b".into(),
         }
-    }
-
-    #[test]
-    fn median_odd_even_unsorted() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert_eq!(median(&[7.0]), 7.0);
-        assert!(median(&[]).is_nan());
-        // An outlier does not move the median.
-        assert_eq!(median(&[1.0, 1.0, 1000.0]), 1.0);
-    }
-
-    #[test]
-    fn device_specs() {
-        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
-        assert_eq!("CUDA".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
-        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
-        assert!("cuda:x".parse::<DeviceSpec>().is_err());
-        assert!("metal".parse::<DeviceSpec>().is_err());
-        #[cfg(not(feature = "cuda"))]
-        assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
-        assert_eq!(DeviceSpec::Cuda(2).name(), "cuda:2");
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    #[test]
-    fn cuda_without_feature_is_a_clear_error() {
-        let e = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
-        assert_eq!(
-            e,
-            "flare was built without CUDA; rebuild with --features cuda"
-        );
     }
 
     #[test]
@@ -1504,14 +1235,6 @@ mod tests {
     }
 
     #[test]
-    fn rotation() {
-        assert_eq!(input_sets(100 << 20, 50_000_000, 16), 1);
-        assert_eq!(input_sets(6 << 20, 50_000_000, 16), 16);
-        assert_eq!(input_sets(40_000_000, 50_000_000, 16), 3);
-        assert_eq!(input_sets(16 << 10, 50_000_000, 16), 16);
-    }
-
-    #[test]
     fn case_lists_are_sane() {
         for (cuda, quick) in [(true, false), (true, true), (false, false), (false, true)] {
             let cs = cases(cuda, quick);
@@ -1543,21 +1266,6 @@ mod tests {
         ] {
             assert!(gpu.iter().any(|l| l == want), "missing {want}");
         }
-    }
-
-    #[test]
-    fn filters() {
-        assert!(matches_filter("softmax 64x64 f32 fwd", None));
-        assert!(matches_filter("softmax 64x64 f32 fwd", Some("SOFTMAX")));
-        assert!(matches_filter(
-            "rms_norm 64x64 f32 fwd",
-            Some("softmax, rms")
-        ));
-        assert!(!matches_filter(
-            "matmul 64x64x64 f32 fwd",
-            Some("softmax,rms")
-        ));
-        assert!(matches_filter("softmax 64x64 f32 fwd+bwd", Some("fwd+bwd")));
     }
 
     #[test]
@@ -1614,12 +1322,7 @@ mod tests {
     }
 
     #[test]
-    fn number_format() {
-        assert_eq!(fmt_num(1234.56), "1235");
-        assert_eq!(fmt_num(123.456), "123.5");
-        assert_eq!(fmt_num(12.3456), "12.35");
-        assert_eq!(fmt_num(1.23456), "1.235");
-        assert_eq!(fmt_num(f64::NAN), "-");
+    fn byte_format() {
         assert_eq!(fmt_bytes(16 << 20), "16MiB");
         assert_eq!(fmt_bytes(3 << 30), "3GiB");
         assert_eq!(fmt_bytes(1000), "1000B");
@@ -1631,9 +1334,9 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ops.json");
         let mut rows = vec![row("softmax", "GB/s", 1.0, 2.0, 10.0)];
-        write_json_atomic(&path, &rows).unwrap();
+        write_json(&path, &rows).unwrap();
         rows[0].flare_us = 3.0;
-        write_json_atomic(&path, &rows).unwrap(); // overwrites in place
+        write_json(&path, &rows).unwrap(); // overwrites in place
         let v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         let list = v.as_array().unwrap();
         assert_eq!(list.len(), 1);

@@ -6,7 +6,7 @@
 //! path `per-op`: each step is a `decode_step`, the device argmax and the copy of the token ids
 //! to the host, as before the decode engine), and `generate` (batch 1, the library's
 //! `generate`, prefill included; it runs on the decode engine where that applies). At batch 1,
-//! where the decode engine ([`flare::models::DecodeGraph`]) applies, two more `decode` rows: path
+//! where the decode engine ([`flare::generate::DecodeGraph`]) applies, two more `decode` rows: path
 //! `graph` (one CUDA graph replay, one 4-byte copy and one synchronisation per step) and path
 //! `kernels` (the same kernels launched one by one); before they are timed, the engine's greedy
 //! tokens over `--new-tokens` steps are checked against the per-op path's (`check: ... ok` or
@@ -25,9 +25,11 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::bench::{hardware_name, median, DeviceSpec};
+use crate::device::{hardware_name, DeviceSpec};
+use crate::report::{median, write_json};
 use flare::generate::{generate, GenerationConfig};
-use flare::models::{DecodeGraph, KvCache, LaunchTime, ModelConfig, Transformer, EMPTY_KERNEL};
+use flare::generate::{DecodeGraph, LaunchTime, EMPTY_KERNEL};
+use flare::models::{KvCache, ModelConfig, Transformer};
 
 /// The long help of `flare bench decode`.
 pub const DECODE_LONG_ABOUT: &str = "\
@@ -486,7 +488,7 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
 
     print!("{}", format_rows(&rows, args.bandwidth_gbs));
     if let Some(path) = &args.json {
-        crate::bench_lora::write_json_atomic(path, &rows)?;
+        write_json(path, &rows)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())

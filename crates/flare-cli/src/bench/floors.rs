@@ -36,7 +36,7 @@ pub fn run_floors(args: &FloorsArgs) -> Result<()> {
     use flare::runtime::cuda::{CudaRuntime, Kernel};
     use flare::runtime::gemm::GemmParams;
 
-    let dev = args.device.parse::<crate::bench::DeviceSpec>()?.open()?;
+    let dev = args.device.parse::<crate::device::DeviceSpec>()?.open()?;
     let Device::Cuda(cdev) = &dev else {
         anyhow::bail!("bench floors needs a CUDA device, got {}", args.device);
     };
@@ -57,7 +57,10 @@ pub fn run_floors(args: &FloorsArgs) -> Result<()> {
             dev.synchronize()?;
             samples.push(t0.elapsed().as_secs_f64() * 1e6 / n as f64);
         }
-        println!("{name:<58} {:>8.3} us/call", crate::bench::median(&samples));
+        println!(
+            "{name:<58} {:>8.3} us/call",
+            crate::report::median(&samples)
+        );
         Ok(())
     };
 

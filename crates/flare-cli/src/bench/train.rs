@@ -26,7 +26,8 @@ use flare::train::{clip_scale, global_grad_norm, AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::bench::{hardware_name, median, DeviceSpec};
+use crate::device::{hardware_name, DeviceSpec};
+use crate::report::{median, write_json};
 
 /// `flare bench train`.
 #[derive(Debug, Args)]
@@ -95,9 +96,9 @@ fn qwen2_config(layers: usize) -> serde_json::Value {
 }
 
 #[cfg(feature = "cuda")]
-fn meter(dev: &Device) -> Result<Option<crate::bench_lora::pool::PoolMeter>> {
+fn meter(dev: &Device) -> Result<Option<super::pool::PoolMeter>> {
     Ok(match dev {
-        Device::Cuda(c) => Some(crate::bench_lora::pool::PoolMeter::new(c)?),
+        Device::Cuda(c) => Some(super::pool::PoolMeter::new(c)?),
         _ => None,
     })
 }
@@ -267,8 +268,7 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
     })();
     let rows = result?;
     if let Some(p) = &a.json {
-        let bytes = serde_json::to_vec_pretty(&rows)?;
-        flare::io::write_atomic(p, &bytes)?;
+        write_json(p, &rows)?;
     }
     Ok(())
 }
