@@ -90,20 +90,9 @@ pub fn empty_cache(device: &CudaDevice) -> Result<()> {
     Ok(())
 }
 
-/// Shorthand: maps any `Debug` error into [`Error::Cuda`] with a context.
-pub(crate) trait CudaResultExt<T> {
-    /// Attaches `context` to a CUDA-layer error.
-    fn cuda_ctx(self, context: &'static str) -> Result<T>;
-}
-
-impl<T, E: std::fmt::Debug> CudaResultExt<T> for std::result::Result<T, E> {
-    fn cuda_ctx(self, context: &'static str) -> Result<T> {
-        self.map_err(|e| Error::Cuda {
-            context,
-            msg: format!("{e:?}"),
-        })
-    }
-}
+// The context trait lives with the error type (so `gemm.rs` takes it from there, not from this
+// file, which holds a `Gemm` per device); re-exported here for the CUDA launchers.
+pub(crate) use crate::error::CudaResultExt;
 
 fn registry() -> &'static Mutex<HashMap<candle_core::cuda_backend::DeviceId, Arc<CudaRuntime>>> {
     static REGISTRY: OnceLock<

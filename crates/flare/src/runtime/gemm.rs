@@ -47,7 +47,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::DType;
 
-use super::cuda::CudaResultExt;
+use crate::error::CudaResultExt;
 use super::{BLAS_HANDLES_CREATED, GEMM_PLANS_CREATED};
 use crate::{Error, Result};
 

@@ -207,17 +207,17 @@ mod launch {
 
     const OP: &str = super::super::OP;
 
-    /// Gemv threads per block (`DG_GEMV_THREADS`), output rows per block (`DG_GEMV_WARPS *
-    /// DG_GEMV_ROWS`) of decode.cu.
-    const GEMV_THREADS: u32 = 128;
-    const GEMV_ROWS_PER_BLOCK: usize = 8;
-    /// Warps per gemv block (`DG_GEMV_WARPS`): the k split of long rows.
-    const GEMV_WARPS: usize = 4;
-    /// Threads of the small kernels (`DG_THREADS`), of the attention (`DG_ATTN_THREADS`) and of
-    /// argmax.cu's `argmax_part_*` (`ARGMAX_PART_THREADS`).
-    const THREADS: u32 = 256;
-    const ATTN_THREADS: u32 = 128;
-    const ARGMAX_THREADS: u32 = 256;
+    use flare_kernels::launch;
+
+    /// decode.cu's launch constants (its `#define`s, read by flare-kernels' build script): gemv
+    /// threads per block, output rows per block, warps per block (the k split of long rows);
+    /// threads of the small kernels and of the attention; argmax.cu's `argmax_part_*` threads.
+    const GEMV_THREADS: u32 = launch::DG_GEMV_THREADS;
+    const GEMV_ROWS_PER_BLOCK: usize = (launch::DG_GEMV_WARPS * launch::DG_GEMV_ROWS) as usize;
+    const GEMV_WARPS: usize = launch::DG_GEMV_WARPS as usize;
+    const THREADS: u32 = launch::DG_THREADS;
+    const ATTN_THREADS: u32 = launch::DG_ATTN_THREADS;
+    const ARGMAX_THREADS: u32 = launch::ARGMAX_PART_THREADS;
 
     /// decode.cu's gemv `in_mode`: how the input is staged.
     const IN_PLAIN: i32 = 0;

@@ -61,10 +61,10 @@ pub(crate) const SMALL_GEMM_MAX: usize = 1 << 21;
 /// cuBLASLt would split `k` across SMs.
 pub(crate) const SMALL_GEMM_MAX_K: usize = 512;
 
-/// Threads per block of `gemm_small_*` (`gemm_small::THREADS`).
-const SMALL_GEMM_THREADS: u32 = 256;
-/// Rows and columns of the output tile of one `gemm_small_*` block (`gemm_small::BM`, `BN`).
-const SMALL_GEMM_TILE: usize = 32;
+/// Threads per block of `gemm_small_*` (gemm_small.cu's `SMALL_GEMM_THREADS`).
+const SMALL_GEMM_THREADS: u32 = flare_kernels::launch::SMALL_GEMM_THREADS;
+/// Rows and columns of the output tile of one `gemm_small_*` block (`SMALL_GEMM_TILE`).
+const SMALL_GEMM_TILE: usize = flare_kernels::launch::SMALL_GEMM_TILE as usize;
 /// The grid's z dimension limit (the kernel loops over the batch beyond it).
 const MAX_GRID_Z: usize = 65535;
 
