@@ -67,7 +67,7 @@ impl Drop for TempOutput {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_dir_all(&self.0) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!(
+                crate::output::elog!(
                     "warning: could not delete the demo's temporary directory {}: {e}",
                     self.0.display()
                 );
@@ -188,7 +188,7 @@ pub fn run_demo(a: &DemoArgs) -> Result<()> {
         base.config().num_hidden_layers,
         base.config().hidden_size,
         model_dir.display(),
-        crate::bench::hardware_name(&device)
+        crate::device::hardware_name(&device)
     );
     print_answers("before fine-tuning", &base, &tok, &gen, &qs)?;
     drop(base);

@@ -18,7 +18,7 @@ use flare::generate::{GenerationConfig, HfGenerationConfig, Prompt, StopReason, 
 use flare::models::{load_peft_adapter, Transformer};
 use flare::text::{ChatMessage, Tokenizer};
 
-use crate::bench::DeviceSpec;
+use crate::device::DeviceSpec;
 use crate::output::elog;
 
 /// The long help of `flare generate`.
@@ -231,7 +231,7 @@ fn check_context(
     let c = model.config();
     let positions = prompt_len.saturating_add(max_new_tokens);
     if let Some(w) = c.context_warning(positions) {
-        eprintln!("warning: {w}");
+        elog!("warning: {w}");
     }
     let cache_bytes = (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim) as u128
         * positions as u128

@@ -13,14 +13,12 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod bench;
-mod bench_decode;
-mod bench_lora;
-mod bench_train;
 mod demo;
-mod floors;
+mod device;
 mod generate_cmd;
 mod info;
 mod output;
+mod report;
 mod train;
 
 use output::elog;
@@ -62,33 +60,33 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Time flare's ops against Candle's equivalents (forward, and forward+backward).
-    #[command(long_about = bench::OPS_LONG_ABOUT)]
-    Ops(bench::OpsArgs),
+    #[command(long_about = bench::ops::OPS_LONG_ABOUT)]
+    Ops(bench::ops::OpsArgs),
     /// Time the pieces of one dispatch (kernel launch, allocation, cuBLASLt call, whole ops)
     /// on a CUDA device, to explain the dispatch-bound rows of `bench ops`.
-    Floors(floors::FloorsArgs),
+    Floors(bench::floors::FloorsArgs),
     /// Time the fused LoRA linear against the plain linear and the unfused Candle composite,
     /// with each case's peak device memory.
-    #[command(long_about = bench_lora::LORA_LONG_ABOUT)]
-    Lora(bench_lora::LoraArgs),
+    #[command(long_about = bench::lora::LORA_LONG_ABOUT)]
+    Lora(bench::lora::LoraArgs),
     /// Time prefill and greedy decoding of a model with random weights (Qwen2-0.5B shape by
     /// default) against the weight-read floor.
-    #[command(long_about = bench_decode::DECODE_LONG_ABOUT)]
-    Decode(bench_decode::DecodeArgs),
+    #[command(long_about = bench::decode::DECODE_LONG_ABOUT)]
+    Decode(bench::decode::DecodeArgs),
     /// LoRA training throughput (Qwen2-0.5B shape, random weights): tokens/s, peak memory and
     /// a per-phase breakdown, in bench/anchor_train.py's rows.
-    Train(bench_train::TrainBenchArgs),
+    Train(bench::train::TrainBenchArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Bench(BenchCommand::Ops(args)) => bench::run_ops(&args),
-        Command::Bench(BenchCommand::Floors(args)) => floors::run_floors(&args),
-        Command::Bench(BenchCommand::Lora(args)) => bench_lora::run_lora(&args),
-        Command::Bench(BenchCommand::Decode(args)) => bench_decode::run_decode(&args),
+        Command::Bench(BenchCommand::Ops(args)) => bench::ops::run_ops(&args),
+        Command::Bench(BenchCommand::Floors(args)) => bench::floors::run_floors(&args),
+        Command::Bench(BenchCommand::Lora(args)) => bench::lora::run_lora(&args),
+        Command::Bench(BenchCommand::Decode(args)) => bench::decode::run_decode(&args),
         Command::Generate(args) => generate_cmd::run_generate(&args),
         Command::Info(args) => info::run_info(&args),
-        Command::Bench(BenchCommand::Train(args)) => bench_train::run_train_bench(&args),
+        Command::Bench(BenchCommand::Train(args)) => bench::train::run_train_bench(&args),
         Command::Train(args) => train::run_train(&args),
         Command::Merge(args) => train::run_merge(&args),
         Command::Demo(args) => demo::run_demo(&args),

@@ -22,7 +22,7 @@ use flare::train::{BadLines, Event, Schedule, StepMetrics, TrainConfig, Trainer}
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::bench::DeviceSpec;
+use crate::device::DeviceSpec;
 use crate::output::elog;
 
 /// `flare train`: every setting of a run as a flag; `--config FILE.toml` sets them from a file
@@ -576,7 +576,7 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
         cfg.model.display(),
         t.modules().len(),
         cfg.dtype,
-        crate::bench::hardware_name(&device),
+        crate::device::hardware_name(&device),
         t.state().total_steps
     );
     let dir = run_with_progress(&mut t, Progress::of(a))?;

@@ -186,3 +186,20 @@ pub(crate) fn device_name(device: &candle_core::Device) -> String {
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
+
+/// Shorthand of the CUDA layer: maps any `Debug` error into [`Error::Cuda`] with a context.
+#[cfg(feature = "cuda")]
+pub(crate) trait CudaResultExt<T> {
+    /// Attaches `context` to a CUDA-layer error.
+    fn cuda_ctx(self, context: &'static str) -> Result<T>;
+}
+
+#[cfg(feature = "cuda")]
+impl<T, E: std::fmt::Debug> CudaResultExt<T> for std::result::Result<T, E> {
+    fn cuda_ctx(self, context: &'static str) -> Result<T> {
+        self.map_err(|e| Error::Cuda {
+            context,
+            msg: format!("{e:?}"),
+        })
+    }
+}

@@ -3,9 +3,10 @@
 //! flare routes the hot operations of a transformer to the vendor's GEMM library (cuBLASLt on
 //! CUDA) and to its own fused kernels, with every per-device resource (stream, library handle,
 //! kernel module, function handle, GEMM algorithm choice) created once and reused. Every op is a
-//! Candle custom op with a CPU forward, a CUDA forward and a backward, so `Tensor::backward`
-//! flows through it. CPU is the default and does everything; on other devices (Metal) the ops
-//! fall back to Candle's own composite ops.
+//! Candle custom op with a CPU forward and a CUDA forward, and every differentiable op has a
+//! backward, so `Tensor::backward` flows through it (the inference-only ops, argmax and the
+//! fused decode attention, are listed in [`ops`]). CPU is the default and does everything; on
+//! other devices (Metal) the ops fall back to Candle's own composite ops.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -17,9 +18,9 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod autograd;
 pub mod error;
 pub mod generate;
+mod hf_json;
 pub mod io;
 pub mod lora;
 pub mod models;

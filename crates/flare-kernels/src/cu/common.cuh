@@ -1,5 +1,6 @@
 // Shared helpers of flare's row kernels (softmax, RMSNorm): dtype conversion, packed 16-byte
-// loads and stores, and reductions over a thread group that owns one row.
+// loads and stores, reductions over a thread group that owns one row, and the row skeletons
+// (the loops over rows and packs of the register and streaming paths, see "row skeletons").
 //
 // Execution model shared by every row kernel
 // ------------------------------------------
@@ -250,6 +251,15 @@ __device__ __forceinline__ float2 group_sum2(float2 v, int G, float2 *sh) {
   return v;
 }
 
+// This thread's row at one step of the loop over rows: `valid` is false for a group past the
+// last row (it still takes part in the group's reductions), `off` is the row's first element
+// (0 when not valid).
+struct RowAt {
+  long long row;
+  bool valid;
+  long long off;
+};
+
 // Row indexing: which row of the block's step and which lane of its group this thread is, and
 // how rows advance (a grid stride of whole steps, uniform across the block).
 struct RowGroups {
@@ -272,7 +282,64 @@ struct RowGroups {
     return (long long)blockIdx.x * per_block;
   }
   __device__ __forceinline__ long long step() const { return (long long)gridDim.x * per_block; }
+  // This thread's row at step r0 of the loop over rows.
+  __device__ __forceinline__ RowAt at(long long r0, long long rows, int cols) const {
+    const long long row = r0 + slot;
+    const bool valid = row < rows;
+    return RowAt{row, valid, (valid ? row : 0) * (long long)cols};
+  }
 };
+
+// ---- row skeletons --------------------------------------------------------------------------
+// The loops every row kernel is made of, written once. A row kernel is
+//
+//   const RowGroups rg(G);
+//   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
+//     const RowAt rs = rg.at(r0, rows, cols);
+//     ... load the row's packs, reduce over the group, write the row's packs ...
+//   }
+//
+// with the pack loops below, to which the kernel passes what it does per pack as a lambda. They
+// are inlined, so the code is what the loops would be if written out (the same loads, vector
+// widths, unrolling and registers: the SASS of the softmax and RMSNorm kernels has the same
+// instructions and register counts as the hand-written loops had).
+//   Register path (the row held in registers, NV = E / V packs per thread, pack i of a thread is
+//   pack c = lane + i * G of the row, nvr = cols / V packs in the row):
+//     for_reg_packs<NV>(rg, nvr, valid, f):      f(i, c) for the packs that hold row data;
+//     for_reg_packs<NV>(rg, nvr, valid, f, pad): and pad(i) for the others (register padding
+//                                                that must not change the reduction).
+//   Streaming path (the row read once per pass, nvr = ceil(cols / V) packs, the last one partial
+//   without VEC):
+//     for_stream_packs<VEC>(rg, nvr, f): f(c, i) for packs c = lane, lane + G, ... (the i-th of
+//                                        this thread), unrolled by stream_unroll<VEC>().
+
+template <int NV, typename F, typename Pad>
+__device__ __forceinline__ void for_reg_packs(const RowGroups &rg, int nvr, bool valid, F f,
+                                              Pad pad) {
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int c = rg.lane + i * rg.G;
+    if (valid && c < nvr)
+      f(i, c);
+    else
+      pad(i);
+  }
+}
+
+template <int NV, typename F>
+__device__ __forceinline__ void for_reg_packs(const RowGroups &rg, int nvr, bool valid, F f) {
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int c = rg.lane + i * rg.G;
+    if (valid && c < nvr) f(i, c);
+  }
+}
+
+template <bool VEC, typename F>
+__device__ __forceinline__ void for_stream_packs(const RowGroups &rg, int nvr, F f) {
+#pragma unroll stream_unroll<VEC>()
+  for (int c = rg.lane, i = 0; c < nvr; c += rg.G, ++i) f(c, i);
+}
 
 // ---- argmax pairs ---------------------------------------------------------------------------
 // (value, index) pairs ordered by larger value, then smaller index (the first maximum, as

@@ -39,7 +39,7 @@ using namespace flare;
 // ---- programmatic dependent launch ---------------------------------------------------------
 
 // The host launches every kernel after the first of a step with programmatic stream
-// serialisation (FLARE_DECODE_PDL, default on; sm_90+): a kernel may start once every block of
+// serialisation (always; sm_90+): a kernel may start once every block of
 // the one before has run dg_launch_next (each kernel runs it first thing), and reads or writes
 // nothing that another kernel of the step writes or reads before dg_wait_prior returns (the
 // kernel before has completed and its writes are visible; by induction, so have all before it).

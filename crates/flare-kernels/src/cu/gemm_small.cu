@@ -1,6 +1,6 @@
 // Small GEMM: C_z[m, n] = sum_k A_z[m, k] * B_z[k, n] for every batch index z, for products too
 // small for cuBLASLt's host overhead to pay off (the host picks this kernel; see
-// crates/flare/src/ops/cuda/matmul.rs).
+// crates/flare/src/ops/matmul/cuda.rs).
 //
 // Operands
 // --------
@@ -31,17 +31,21 @@
 // z at 65535). Every loop bound is uniform across a block, so the barriers are too.
 #include "common.cuh"
 
+// Launch constants, read by the host through flare_kernels::launch (build.rs parses them).
+#define SMALL_GEMM_THREADS 256
+#define SMALL_GEMM_TILE 32
+
 namespace flare {
 namespace gemm_small {
 
-constexpr int THREADS = 256;
+constexpr int THREADS = SMALL_GEMM_THREADS;
 // Blocks per SM promised to ptxas. With the default it aims at 64-80 registers and sinks the
 // next slab's loads into (or behind) the FMA loop; with 2 it keeps them all ahead of it (about
 // 120 registers, 2 blocks = 16 warps per SM, plenty for problems this small).
 constexpr int MIN_BLOCKS = 2;
-constexpr int BM = 32;  // rows of C per block
-constexpr int BN = 32;  // columns of C per block
-constexpr int BK = 32;  // k per shared-memory slab
+constexpr int BM = SMALL_GEMM_TILE;  // rows of C per block
+constexpr int BN = SMALL_GEMM_TILE;  // columns of C per block
+constexpr int BK = SMALL_GEMM_TILE;  // k per shared-memory slab
 // Shared rows of 34 floats: pairs stay 8-byte aligned, and a warp storing one column of a slab
 // (32 consecutive k, the mapping of a k-contiguous operand) hits each bank at most twice.
 constexpr int PAD = 2;

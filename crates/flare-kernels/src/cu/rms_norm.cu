@@ -14,8 +14,9 @@
 //
 // `group` is the number of threads per row chosen by the host (see common.cuh for the paths):
 // the register path when the row fits (group * ELEMS >= cols) and 16-byte accesses apply, the
-// streaming path otherwise. The host launcher (crates/flare/src/ops/cuda/rms_norm.rs) mirrors
-// the constants below.
+// streaming path otherwise; the loops are common.cuh's row skeletons. The host launcher
+// (crates/flare/src/ops/rms_norm/cuda.rs) reads the constants below through
+// flare_kernels::launch (generated from these #defines by build.rs).
 #include "common.cuh"
 
 using namespace flare;
@@ -46,22 +47,19 @@ __device__ __forceinline__ void rms_fwd_regs(const T *__restrict__ x, const T *_
   const RowGroups rg(G);
   const int nvr = cols / V;
   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
-    const long long row = r0 + rg.slot;
-    const bool valid = row < rows;
-    const long long off = (valid ? row : 0) * (long long)cols;
+    const RowAt rs = rg.at(r0, rows, cols);
     float v[NV][V];
+    for_reg_packs<NV>(
+        rg, nvr, rs.valid,
+        [&](int i, int c) {
+          const Pack<T, V> p = load_pack<T, V>(x + rs.off + c * V);
 #pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        const Pack<T, V> p = load_pack<T, V>(x + off + c * V);
+          for (int j = 0; j < V; ++j) v[i][j] = to_f(p.v[j]);
+        },
+        [&](int i) {
 #pragma unroll
-        for (int j = 0; j < V; ++j) v[i][j] = to_f(p.v[j]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) v[i][j] = 0.f;
-      }
-    }
+          for (int j = 0; j < V; ++j) v[i][j] = 0.f;
+        });
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < NV; ++i)
@@ -70,17 +68,13 @@ __device__ __forceinline__ void rms_fwd_regs(const T *__restrict__ x, const T *_
     ss = group_reduce<SumOp>(ss, G, sh[buf]);
     buf ^= 1;
     const float rinv = inv_rms(ss, cols, eps);
+    for_reg_packs<NV>(rg, nvr, rs.valid, [&](int i, int c) {
+      const Pack<T, V> pw = load_pack_fresh<T, V>(w + c * V);
+      Pack<T, V> p;
 #pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        const Pack<T, V> pw = load_pack_fresh<T, V>(w + c * V);
-        Pack<T, V> p;
-#pragma unroll
-        for (int j = 0; j < V; ++j) p.v[j] = from_f<T>(v[i][j] * rinv * to_f(pw.v[j]));
-        store_pack<T, V>(y + off + c * V, p);
-      }
-    }
+      for (int j = 0; j < V; ++j) p.v[j] = from_f<T>(v[i][j] * rinv * to_f(pw.v[j]));
+      store_pack<T, V>(y + rs.off + c * V, p);
+    });
   }
 }
 
@@ -94,31 +88,27 @@ __device__ __forceinline__ void rms_fwd_stream(const T *__restrict__ x, const T 
   const RowGroups rg(G);
   const int nvr = (cols + V - 1) / V;
   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
-    const long long row = r0 + rg.slot;
-    const bool valid = row < rows;
-    const long long off = (valid ? row : 0) * (long long)cols;
+    const RowAt rs = rg.at(r0, rows, cols);
     float ss = 0.f;
-    if (valid) {
-#pragma unroll stream_unroll<VEC>()
-      for (int c = rg.lane; c < nvr; c += G) {
-        const Pack<T, V> p = load_row_pack<T, V, VEC>(x + off, c, cols, 0.f);
+    if (rs.valid) {
+      for_stream_packs<VEC>(rg, nvr, [&](int c, int) {
+        const Pack<T, V> p = load_row_pack<T, V, VEC>(x + rs.off, c, cols, 0.f);
 #pragma unroll
         for (int j = 0; j < V; ++j) ss += to_f(p.v[j]) * to_f(p.v[j]);
-      }
+      });
     }
     ss = group_reduce<SumOp>(ss, G, sh[buf]);
     buf ^= 1;
     const float rinv = inv_rms(ss, cols, eps);
-    if (valid) {
-#pragma unroll stream_unroll<VEC>()
-      for (int c = rg.lane; c < nvr; c += G) {
-        const Pack<T, V> p = load_row_pack<T, V, VEC>(x + off, c, cols, 0.f);
+    if (rs.valid) {
+      for_stream_packs<VEC>(rg, nvr, [&](int c, int) {
+        const Pack<T, V> p = load_row_pack<T, V, VEC>(x + rs.off, c, cols, 0.f);
         const Pack<T, V> pw = load_row_pack_fresh<T, V, VEC>(w, c, cols);
         Pack<T, V> o;
 #pragma unroll
         for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(to_f(p.v[j]) * rinv * to_f(pw.v[j]));
-        store_row_pack<T, V, VEC>(y + off, c, cols, o);
-      }
+        store_row_pack<T, V, VEC>(y + rs.off, c, cols, o);
+      });
     }
   }
 }
@@ -137,21 +127,18 @@ __device__ __forceinline__ void add_rms_fwd_regs(const T *__restrict__ x, const 
   const RowGroups rg(G);
   const int nvr = cols / V;
   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
-    const long long row = r0 + rg.slot;
-    const bool valid = row < rows;
-    const long long off = (valid ? row : 0) * (long long)cols;
+    const RowAt rs = rg.at(r0, rows, cols);
     Pack<T, V> px[NV], pr[NV];
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        px[i] = load_pack<T, V>(x + off + c * V);
-        pr[i] = load_pack<T, V>(r + off + c * V);
-      } else {
-        px[i] = zero_pack<T, V>();
-        pr[i] = zero_pack<T, V>();
-      }
-    }
+    for_reg_packs<NV>(
+        rg, nvr, rs.valid,
+        [&](int i, int c) {
+          px[i] = load_pack<T, V>(x + rs.off + c * V);
+          pr[i] = load_pack<T, V>(r + rs.off + c * V);
+        },
+        [&](int i) {
+          px[i] = zero_pack<T, V>();
+          pr[i] = zero_pack<T, V>();
+        });
     // h rounded to T (and kept as T, which is exact); the norm is computed from the rounded
     // values.
     Pack<T, V> ph[NV];
@@ -165,22 +152,18 @@ __device__ __forceinline__ void add_rms_fwd_regs(const T *__restrict__ x, const 
         ss += hv * hv;
       }
       const int c = rg.lane + i * G;
-      if (valid && c < nvr) store_pack<T, V>(h + off + c * V, ph[i]);
+      if (rs.valid && c < nvr) store_pack<T, V>(h + rs.off + c * V, ph[i]);
     }
     ss = group_reduce<SumOp>(ss, G, sh[buf]);
     buf ^= 1;
     const float rinv = inv_rms(ss, cols, eps);
+    for_reg_packs<NV>(rg, nvr, rs.valid, [&](int i, int c) {
+      const Pack<T, V> pw = load_pack_fresh<T, V>(w + c * V);
+      Pack<T, V> p;
 #pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        const Pack<T, V> pw = load_pack_fresh<T, V>(w + c * V);
-        Pack<T, V> p;
-#pragma unroll
-        for (int j = 0; j < V; ++j) p.v[j] = from_f<T>(to_f(ph[i].v[j]) * rinv * to_f(pw.v[j]));
-        store_pack<T, V>(y + off + c * V, p);
-      }
-    }
+      for (int j = 0; j < V; ++j) p.v[j] = from_f<T>(to_f(ph[i].v[j]) * rinv * to_f(pw.v[j]));
+      store_pack<T, V>(y + rs.off + c * V, p);
+    });
   }
 }
 
@@ -198,15 +181,12 @@ __device__ __forceinline__ void add_rms_fwd_stream(const T *__restrict__ x,
   const RowGroups rg(G);
   const int nvr = (cols + V - 1) / V;
   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
-    const long long row = r0 + rg.slot;
-    const bool valid = row < rows;
-    const long long off = (valid ? row : 0) * (long long)cols;
+    const RowAt rs = rg.at(r0, rows, cols);
     float ss = 0.f;
-    if (valid) {
-#pragma unroll stream_unroll<VEC>()
-      for (int c = rg.lane; c < nvr; c += G) {
-        const Pack<T, V> a = load_row_pack<T, V, VEC>(x + off, c, cols, 0.f);
-        const Pack<T, V> b = load_row_pack<T, V, VEC>(r + off, c, cols, 0.f);
+    if (rs.valid) {
+      for_stream_packs<VEC>(rg, nvr, [&](int c, int) {
+        const Pack<T, V> a = load_row_pack<T, V, VEC>(x + rs.off, c, cols, 0.f);
+        const Pack<T, V> b = load_row_pack<T, V, VEC>(r + rs.off, c, cols, 0.f);
         Pack<T, V> ph;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
@@ -214,22 +194,21 @@ __device__ __forceinline__ void add_rms_fwd_stream(const T *__restrict__ x,
           const float hv = to_f(ph.v[j]);
           ss += hv * hv;
         }
-        store_row_pack<T, V, VEC>(h + off, c, cols, ph);
-      }
+        store_row_pack<T, V, VEC>(h + rs.off, c, cols, ph);
+      });
     }
     ss = group_reduce<SumOp>(ss, G, sh[buf]);
     buf ^= 1;
     const float rinv = inv_rms(ss, cols, eps);
-    if (valid) {
-#pragma unroll stream_unroll<VEC>()
-      for (int c = rg.lane; c < nvr; c += G) {
-        const Pack<T, V> ph = load_row_pack_rw<T, V, VEC>(h + off, c, cols);
+    if (rs.valid) {
+      for_stream_packs<VEC>(rg, nvr, [&](int c, int) {
+        const Pack<T, V> ph = load_row_pack_rw<T, V, VEC>(h + rs.off, c, cols);
         const Pack<T, V> pw = load_row_pack_fresh<T, V, VEC>(w, c, cols);
         Pack<T, V> o;
 #pragma unroll
         for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(to_f(ph.v[j]) * rinv * to_f(pw.v[j]));
-        store_row_pack<T, V, VEC>(y + off, c, cols, o);
-      }
+        store_row_pack<T, V, VEC>(y + rs.off, c, cols, o);
+      });
     }
   }
 }
@@ -321,57 +300,46 @@ __device__ __forceinline__ void rms_bwd_regs(const T *__restrict__ x, const T *_
   const int nvr = cols / V;
   if (need_dw) acc.zero(NV);
   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
-    const long long row = r0 + rg.slot;
-    const bool valid = row < rows;
-    const long long off = (valid ? row : 0) * (long long)cols;
+    const RowAt rs = rg.at(r0, rows, cols);
     Pack<T, V> px[NV], pd[NV];
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        px[i] = load_pack<T, V>(x + off + c * V);
-        pd[i] = load_pack<T, V>(dy + off + c * V);
-      } else {
-        px[i] = zero_pack<T, V>();
-        pd[i] = zero_pack<T, V>();
-      }
-    }
+    for_reg_packs<NV>(
+        rg, nvr, rs.valid,
+        [&](int i, int c) {
+          px[i] = load_pack<T, V>(x + rs.off + c * V);
+          pd[i] = load_pack<T, V>(dy + rs.off + c * V);
+        },
+        [&](int i) {
+          px[i] = zero_pack<T, V>();
+          pd[i] = zero_pack<T, V>();
+        });
     float2 s = make_float2(0.f, 0.f);  // (sum x^2, sum dy*w*x)
+    for_reg_packs<NV>(rg, nvr, rs.valid, [&](int i, int c) {
+      const Pack<T, V> pw = load_pack_fresh<T, V>(w + c * V);
 #pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        const Pack<T, V> pw = load_pack_fresh<T, V>(w + c * V);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float xv = to_f(px[i].v[j]);
-          s.x += xv * xv;
-          s.y += to_f(pd[i].v[j]) * to_f(pw.v[j]) * xv;
-        }
+      for (int j = 0; j < V; ++j) {
+        const float xv = to_f(px[i].v[j]);
+        s.x += xv * xv;
+        s.y += to_f(pd[i].v[j]) * to_f(pw.v[j]) * xv;
       }
-    }
+    });
     s = group_sum2(s, G, sh[buf]);
     buf ^= 1;
     const float rinv = inv_rms(s.x, cols, eps);
     const float k = rinv * rinv * rinv * s.y / (float)cols;
+    for_reg_packs<NV>(rg, nvr, rs.valid, [&](int i, int c) {
+      const Pack<T, V> pw = load_pack_fresh<T, V>(w + c * V);
+      Pack<T, V> o;
+      float d[V];
 #pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        const Pack<T, V> pw = load_pack_fresh<T, V>(w + c * V);
-        Pack<T, V> o;
-        float d[V];
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float xv = to_f(px[i].v[j]);
-          const float dv = to_f(pd[i].v[j]);
-          o.v[j] = from_f<T>(rinv * dv * to_f(pw.v[j]) - xv * k);
-          d[j] = dv * xv * rinv;
-        }
-        store_pack<T, V>(dx + off + c * V, o);
-        if (need_dw) acc.add(i, d);
+      for (int j = 0; j < V; ++j) {
+        const float xv = to_f(px[i].v[j]);
+        const float dv = to_f(pd[i].v[j]);
+        o.v[j] = from_f<T>(rinv * dv * to_f(pw.v[j]) - xv * k);
+        d[j] = dv * xv * rinv;
       }
-    }
+      store_pack<T, V>(dx + rs.off + c * V, o);
+      if (need_dw) acc.add(i, d);
+    });
   }
   if (need_dw) write_dw_partial<V>(acc, NV, partial, G, rg.lane, cols);
 }
@@ -395,15 +363,12 @@ __device__ __forceinline__ void rms_bwd_stream(const T *__restrict__ x, const T 
   const int nvr = (cols + V - 1) / V;
   if (FITS && need_dw) acc.zero(NV);
   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
-    const long long row = r0 + rg.slot;
-    const bool valid = row < rows;
-    const long long off = (valid ? row : 0) * (long long)cols;
+    const RowAt rs = rg.at(r0, rows, cols);
     float2 s = make_float2(0.f, 0.f);  // (sum x^2, sum dy*w*x)
-    if (valid) {
-#pragma unroll stream_unroll<VEC>()
-      for (int c = rg.lane; c < nvr; c += G) {
-        const Pack<T, V> px = load_row_pack<T, V, VEC>(x + off, c, cols, 0.f);
-        const Pack<T, V> pd = load_row_pack<T, V, VEC>(dy + off, c, cols, 0.f);
+    if (rs.valid) {
+      for_stream_packs<VEC>(rg, nvr, [&](int c, int) {
+        const Pack<T, V> px = load_row_pack<T, V, VEC>(x + rs.off, c, cols, 0.f);
+        const Pack<T, V> pd = load_row_pack<T, V, VEC>(dy + rs.off, c, cols, 0.f);
         const Pack<T, V> pw = load_row_pack_fresh<T, V, VEC>(w, c, cols);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
@@ -411,19 +376,18 @@ __device__ __forceinline__ void rms_bwd_stream(const T *__restrict__ x, const T 
           s.x += xv * xv;
           s.y += to_f(pd.v[j]) * to_f(pw.v[j]) * xv;
         }
-      }
+      });
     }
     s = group_sum2(s, G, sh[buf]);
     buf ^= 1;
     const float rinv = inv_rms(s.x, cols, eps);
     const float k = rinv * rinv * rinv * s.y / (float)cols;
-    if (!valid) continue;
-    const bool first = row == (long long)blockIdx.x;  // !FITS: one row per block per step
+    if (!rs.valid) continue;
+    const bool first = rs.row == (long long)blockIdx.x;  // !FITS: one rs.row per block per step
     float *pr = partial + (long long)blockIdx.x * cols;
-#pragma unroll stream_unroll<VEC>()
-    for (int c = rg.lane, i = 0; c < nvr; c += G, ++i) {
-      const Pack<T, V> px = load_row_pack_fresh<T, V, VEC>(x + off, c, cols);
-      const Pack<T, V> pd = load_row_pack_fresh<T, V, VEC>(dy + off, c, cols);
+    for_stream_packs<VEC>(rg, nvr, [&](int c, int i) {
+      const Pack<T, V> px = load_row_pack_fresh<T, V, VEC>(x + rs.off, c, cols);
+      const Pack<T, V> pd = load_row_pack_fresh<T, V, VEC>(dy + rs.off, c, cols);
       const Pack<T, V> pw = load_row_pack_fresh<T, V, VEC>(w, c, cols);
       Pack<T, V> o;
       float d[V];
@@ -434,7 +398,7 @@ __device__ __forceinline__ void rms_bwd_stream(const T *__restrict__ x, const T 
         o.v[j] = from_f<T>(rinv * dv * to_f(pw.v[j]) - xv * k);
         d[j] = dv * xv * rinv;
       }
-      store_row_pack<T, V, VEC>(dx + off, c, cols, o);
+      store_row_pack<T, V, VEC>(dx + rs.off, c, cols, o);
       if (need_dw) {
         if constexpr (FITS) {
           acc.add(i, d);
@@ -446,7 +410,7 @@ __device__ __forceinline__ void rms_bwd_stream(const T *__restrict__ x, const T 
           }
         }
       }
-    }
+    });
   }
   if constexpr (FITS) {
     if (need_dw) write_dw_partial<V>(acc, NV, partial, G, rg.lane, cols);

@@ -12,8 +12,9 @@
 //
 // `group` is the number of threads per row chosen by the host (see common.cuh for the paths):
 // the register path when the row fits (group * ELEMS >= cols) and 16-byte accesses apply, the
-// streaming path otherwise. The host launcher (crates/flare/src/ops/cuda/softmax.rs) mirrors the
-// constants below.
+// streaming path otherwise; the loops are common.cuh's row skeletons. The host launcher
+// (crates/flare/src/ops/softmax/cuda.rs) reads the constants below through flare_kernels::launch
+// (generated from these #defines by build.rs).
 //
 // The forward's register path takes one group reduction per row, of (max, sum) pairs: each
 // thread first reduces its own elements (its max m and the sum of exp(x - m)), so every warp
@@ -144,29 +145,26 @@ __device__ __forceinline__ void softmax_fwd_regs_f32(const float *__restrict__ x
   const RowGroups rg(G);
   const int nvr = cols / V;
   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
-    const long long row = r0 + rg.slot;
-    const bool valid = row < rows;
-    const long long off = (valid ? row : 0) * (long long)cols;
-    const uint8_t *kr = MASK && valid ? mk.row(row, cols) : nullptr;
+    const RowAt rs = rg.at(r0, rows, cols);
+    const uint8_t *kr = MASK && rs.valid ? mk.row(rs.row, cols) : nullptr;
     float v[NV][V];
+    for_reg_packs<NV>(
+        rg, nvr, rs.valid,
+        [&](int i, int c) {
+          Pack<float, V> p = load_pack<float, V>(x + rs.off + c * V);
+          if constexpr (MASK) {
+            const unsigned long long w = load_mask_word<V>(kr, c);
 #pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        Pack<float, V> p = load_pack<float, V>(x + off + c * V);
-        if constexpr (MASK) {
-          const unsigned long long w = load_mask_word<V>(kr, c);
+            for (int j = 0; j < V; ++j)
+              if (((w >> (8 * j)) & 0xffu) == 0) p.v[j] = -INFINITY;
+          }
 #pragma unroll
-          for (int j = 0; j < V; ++j)
-            if (((w >> (8 * j)) & 0xffu) == 0) p.v[j] = -INFINITY;
-        }
+          for (int j = 0; j < V; ++j) v[i][j] = p.v[j];
+        },
+        [&](int i) {
 #pragma unroll
-        for (int j = 0; j < V; ++j) v[i][j] = p.v[j];
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) v[i][j] = -INFINITY;  // exp(-inf - m) = 0
-      }
-    }
+          for (int j = 0; j < V; ++j) v[i][j] = -INFINITY;  // exp(-inf - m) = 0
+        });
     float m = -INFINITY;
 #pragma unroll
     for (int i = 0; i < NV; ++i)
@@ -187,16 +185,12 @@ __device__ __forceinline__ void softmax_fwd_regs_f32(const float *__restrict__ x
     // All -inf: 0 / 0 = NaN, as exp(x - M) / S would give; masked: zeros.
     float scale = fwd_rescale<float>(m, ms.x) / ms.y;
     if (MASK && ms.x == -INFINITY) scale = 0.f;
+    for_reg_packs<NV>(rg, nvr, rs.valid, [&](int i, int c) {
+      Pack<float, V> p;
 #pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        Pack<float, V> p;
-#pragma unroll
-        for (int j = 0; j < V; ++j) p.v[j] = v[i][j] * scale;
-        store_pack<float, V>(y + off + c * V, p);
-      }
-    }
+      for (int j = 0; j < V; ++j) p.v[j] = v[i][j] * scale;
+      store_pack<float, V>(y + rs.off + c * V, p);
+    });
   }
 }
 
@@ -257,37 +251,34 @@ __device__ __forceinline__ void softmax_fwd_regs_packed(const T *__restrict__ x,
   const RowGroups rg(G);
   const int nvr = cols / V;
   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
-    const long long row = r0 + rg.slot;
-    const bool valid = row < rows;
-    const long long off = (valid ? row : 0) * (long long)cols;
-    const uint8_t *kr = MASK && valid ? mk.row(row, cols) : nullptr;
+    const RowAt rs = rg.at(r0, rows, cols);
+    const uint8_t *kr = MASK && rs.valid ? mk.row(rs.row, cols) : nullptr;
     uint32_t h[NV][H];
+    for_reg_packs<NV>(
+        rg, nvr, rs.valid,
+        [&](int i, int c) {
+          const uint4 u = __ldg(reinterpret_cast<const uint4 *>(x + rs.off + c * V));
+          h[i][0] = u.x;
+          h[i][1] = u.y;
+          h[i][2] = u.z;
+          h[i][3] = u.w;
+          if constexpr (MASK) {
+            // Masked halves become -inf: byte 2k of the mask word keeps the low half of
+            // h[i][k], byte 2k + 1 the high half.
+            const unsigned long long w = load_mask_word<V>(kr, c);
 #pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        const uint4 u = __ldg(reinterpret_cast<const uint4 *>(x + off + c * V));
-        h[i][0] = u.x;
-        h[i][1] = u.y;
-        h[i][2] = u.z;
-        h[i][3] = u.w;
-        if constexpr (MASK) {
-          // Masked halves become -inf: byte 2k of the mask word keeps the low half of h[i][k],
-          // byte 2k + 1 the high half.
-          const unsigned long long w = load_mask_word<V>(kr, c);
-#pragma unroll
-          for (int k = 0; k < H; ++k) {
-            const uint32_t lo = ((w >> (16 * k)) & 0xffu) ? 0x0000ffffu : 0u;
-            const uint32_t hi = ((w >> (16 * k + 8)) & 0xffu) ? 0xffff0000u : 0u;
-            const uint32_t km = lo | hi;
-            h[i][k] = (h[i][k] & km) | (P::NEG_INF2 & ~km);
+            for (int k = 0; k < H; ++k) {
+              const uint32_t lo = ((w >> (16 * k)) & 0xffu) ? 0x0000ffffu : 0u;
+              const uint32_t hi = ((w >> (16 * k + 8)) & 0xffu) ? 0xffff0000u : 0u;
+              const uint32_t km = lo | hi;
+              h[i][k] = (h[i][k] & km) | (P::NEG_INF2 & ~km);
+            }
           }
-        }
-      } else {
+        },
+        [&](int i) {
 #pragma unroll
-        for (int k = 0; k < H; ++k) h[i][k] = P::NEG_INF2;  // exp(-inf - m) = 0
-      }
-    }
+          for (int k = 0; k < H; ++k) h[i][k] = P::NEG_INF2;  // exp(-inf - m) = 0
+        });
     // Max over the pairs (NaN is skipped, as fmaxf does), H independent chains.
     uint32_t hm[H];
 #pragma unroll
@@ -320,20 +311,16 @@ __device__ __forceinline__ void softmax_fwd_regs_packed(const T *__restrict__ x,
     buf ^= 1;
     float M = ms.x, inv = 1.f / ms.y;
     if (MASK && M == -INFINITY) M = 0.f, inv = 0.f;  // nothing kept: exp(-inf) * 0 = 0
+    for_reg_packs<NV>(rg, nvr, rs.valid, [&](int i, int c) {
+      uint4 u;
+      uint32_t *o = reinterpret_cast<uint32_t *>(&u);
 #pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        uint4 u;
-        uint32_t *o = reinterpret_cast<uint32_t *>(&u);
-#pragma unroll
-        for (int k = 0; k < H; ++k) {
-          const float2 f = P::to_f2(h[i][k]);
-          o[k] = P::from_f2(fwd_exp<T>(f.x - M) * inv, fwd_exp<T>(f.y - M) * inv);
-        }
-        *reinterpret_cast<uint4 *>(y + off + c * V) = u;
+      for (int k = 0; k < H; ++k) {
+        const float2 f = P::to_f2(h[i][k]);
+        o[k] = P::from_f2(fwd_exp<T>(f.x - M) * inv, fwd_exp<T>(f.y - M) * inv);
       }
-    }
+      *reinterpret_cast<uint4 *>(y + rs.off + c * V) = u;
+    });
   }
 }
 
@@ -347,19 +334,17 @@ __device__ __forceinline__ void softmax_fwd_stream(const T *__restrict__ x, T *_
   const RowGroups rg(G);
   const int nvr = (cols + V - 1) / V;
   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
-    const long long row = r0 + rg.slot;
-    const bool valid = row < rows;
-    const long long off = (valid ? row : 0) * (long long)cols;
-    const uint8_t *kr = MASK && valid ? mk.row(row, cols) : nullptr;
+    const RowAt rs = rg.at(r0, rows, cols);
+    const uint8_t *kr = MASK && rs.valid ? mk.row(rs.row, cols) : nullptr;
     float m = -INFINITY, s = 0.f;
-    if (valid) {
+    if (rs.valid) {
       for (int c0 = rg.lane; c0 < nvr; c0 += LONG_UNROLL * G) {
         float f[LONG_UNROLL][V];
 #pragma unroll
         for (int u = 0; u < LONG_UNROLL; ++u) {
           const int c = c0 + u * G;
           if (c < nvr) {
-            Pack<T, V> p = load_row_pack<T, V, VEC>(x + off, c, cols, -INFINITY);
+            Pack<T, V> p = load_row_pack<T, V, VEC>(x + rs.off, c, cols, -INFINITY);
             mask_pack<MASK>(p, kr, c, cols);
 #pragma unroll
             for (int j = 0; j < V; ++j) f[u][j] = to_f(p.v[j]);
@@ -389,16 +374,15 @@ __device__ __forceinline__ void softmax_fwd_stream(const T *__restrict__ x, T *_
     const float S = group_reduce<SumOp>(scaled, G, sh[1]);
     float Mo = M, inv = 1.f / S;
     if (MASK && M == -INFINITY) Mo = 0.f, inv = 0.f;  // nothing kept: exp(-inf) * 0 = 0
-    if (valid) {
-#pragma unroll stream_unroll<VEC>()
-      for (int c = rg.lane; c < nvr; c += G) {
-        Pack<T, V> p = load_row_pack<T, V, VEC>(x + off, c, cols, 0.f);
+    if (rs.valid) {
+      for_stream_packs<VEC>(rg, nvr, [&](int c, int) {
+        Pack<T, V> p = load_row_pack<T, V, VEC>(x + rs.off, c, cols, 0.f);
         mask_pack<MASK>(p, kr, c, cols);
         Pack<T, V> o;
 #pragma unroll
         for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(expf(to_f(p.v[j]) - Mo) * inv);
-        store_row_pack<T, V, VEC>(y + off, c, cols, o);
-      }
+        store_row_pack<T, V, VEC>(y + rs.off, c, cols, o);
+      });
     }
   }
 }
@@ -417,21 +401,18 @@ __device__ __forceinline__ void softmax_bwd_regs(const T *__restrict__ y, const 
   const RowGroups rg(G);
   const int nvr = cols / V;
   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
-    const long long row = r0 + rg.slot;
-    const bool valid = row < rows;
-    const long long off = (valid ? row : 0) * (long long)cols;
+    const RowAt rs = rg.at(r0, rows, cols);
     Pack<T, V> py[NV], pg[NV];
-#pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        py[i] = load_pack<T, V>(y + off + c * V);
-        pg[i] = load_pack<T, V>(dy + off + c * V);
-      } else {
-        py[i] = zero_pack<T, V>();
-        pg[i] = zero_pack<T, V>();
-      }
-    }
+    for_reg_packs<NV>(
+        rg, nvr, rs.valid,
+        [&](int i, int c) {
+          py[i] = load_pack<T, V>(y + rs.off + c * V);
+          pg[i] = load_pack<T, V>(dy + rs.off + c * V);
+        },
+        [&](int i) {
+          py[i] = zero_pack<T, V>();
+          pg[i] = zero_pack<T, V>();
+        });
     float s = 0.f;
 #pragma unroll
     for (int i = 0; i < NV; ++i)
@@ -439,17 +420,12 @@ __device__ __forceinline__ void softmax_bwd_regs(const T *__restrict__ y, const 
       for (int j = 0; j < V; ++j) s += to_f(py[i].v[j]) * to_f(pg[i].v[j]);
     s = group_reduce<SumOp>(s, G, sh[buf]);
     buf ^= 1;
+    for_reg_packs<NV>(rg, nvr, rs.valid, [&](int i, int c) {
+      Pack<T, V> p;
 #pragma unroll
-    for (int i = 0; i < NV; ++i) {
-      const int c = rg.lane + i * G;
-      if (valid && c < nvr) {
-        Pack<T, V> p;
-#pragma unroll
-        for (int j = 0; j < V; ++j)
-          p.v[j] = from_f<T>(to_f(py[i].v[j]) * (to_f(pg[i].v[j]) - s));
-        store_pack<T, V>(dx + off + c * V, p);
-      }
-    }
+      for (int j = 0; j < V; ++j) p.v[j] = from_f<T>(to_f(py[i].v[j]) * (to_f(pg[i].v[j]) - s));
+      store_pack<T, V>(dx + rs.off + c * V, p);
+    });
   }
 }
 
@@ -464,31 +440,27 @@ __device__ __forceinline__ void softmax_bwd_stream(const T *__restrict__ y,
   const RowGroups rg(G);
   const int nvr = (cols + V - 1) / V;
   for (long long r0 = rg.first(); r0 < rows; r0 += rg.step()) {
-    const long long row = r0 + rg.slot;
-    const bool valid = row < rows;
-    const long long off = (valid ? row : 0) * (long long)cols;
+    const RowAt rs = rg.at(r0, rows, cols);
     float s = 0.f;
-    if (valid) {
-#pragma unroll stream_unroll<VEC>()
-      for (int c = rg.lane; c < nvr; c += G) {
-        const Pack<T, V> a = load_row_pack<T, V, VEC>(y + off, c, cols, 0.f);
-        const Pack<T, V> b = load_row_pack<T, V, VEC>(dy + off, c, cols, 0.f);
+    if (rs.valid) {
+      for_stream_packs<VEC>(rg, nvr, [&](int c, int) {
+        const Pack<T, V> a = load_row_pack<T, V, VEC>(y + rs.off, c, cols, 0.f);
+        const Pack<T, V> b = load_row_pack<T, V, VEC>(dy + rs.off, c, cols, 0.f);
 #pragma unroll
         for (int j = 0; j < V; ++j) s += to_f(a.v[j]) * to_f(b.v[j]);
-      }
+      });
     }
     s = group_reduce<SumOp>(s, G, sh[buf]);
     buf ^= 1;
-    if (valid) {
-#pragma unroll stream_unroll<VEC>()
-      for (int c = rg.lane; c < nvr; c += G) {
-        const Pack<T, V> a = load_row_pack<T, V, VEC>(y + off, c, cols, 0.f);
-        const Pack<T, V> b = load_row_pack<T, V, VEC>(dy + off, c, cols, 0.f);
+    if (rs.valid) {
+      for_stream_packs<VEC>(rg, nvr, [&](int c, int) {
+        const Pack<T, V> a = load_row_pack<T, V, VEC>(y + rs.off, c, cols, 0.f);
+        const Pack<T, V> b = load_row_pack<T, V, VEC>(dy + rs.off, c, cols, 0.f);
         Pack<T, V> o;
 #pragma unroll
         for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(to_f(a.v[j]) * (to_f(b.v[j]) - s));
-        store_row_pack<T, V, VEC>(dx + off, c, cols, o);
-      }
+        store_row_pack<T, V, VEC>(dx + rs.off, c, cols, o);
+      });
     }
   }
 }

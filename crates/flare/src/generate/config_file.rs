@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::GenerationConfig;
-use crate::models::bad_file;
+use crate::hf_json::{bad_file, Fields};
 use crate::{Error, Result};
 
 const FILE: &str = "generation_config.json";
@@ -78,36 +78,36 @@ impl HfGenerationConfig {
         let f = Fields { obj, file };
         let cfg = HfGenerationConfig {
             eos_token_ids: f.ids("eos_token_id")?,
-            bos_token_id: f.id("bos_token_id")?,
-            pad_token_id: f.id("pad_token_id")?,
-            do_sample: f.bool("do_sample")?,
-            temperature: f.f32("temperature")?,
-            top_k: f.usize("top_k")?,
-            top_p: f.f32("top_p")?,
-            min_p: f.f32("min_p")?,
-            repetition_penalty: f.f32("repetition_penalty")?,
-            max_new_tokens: f.usize("max_new_tokens")?,
-            max_length: f.usize("max_length")?,
+            bos_token_id: f.id_opt("bos_token_id")?,
+            pad_token_id: f.id_opt("pad_token_id")?,
+            do_sample: f.bool_opt("do_sample")?,
+            temperature: f.f32_opt("temperature")?,
+            top_k: f.usize_opt("top_k")?,
+            top_p: f.f32_opt("top_p")?,
+            min_p: f.f32_opt("min_p")?,
+            repetition_penalty: f.f32_opt("repetition_penalty")?,
+            max_new_tokens: f.usize_opt("max_new_tokens")?,
+            max_length: f.usize_opt("max_length")?,
             stop_strings: f.strings("stop_strings")?,
         };
         if let Some(t) = cfg.temperature {
             if t <= 0.0 {
-                return Err(f.err("temperature", format!("must be > 0, got {t}")));
+                return Err(f.field_err("temperature", format!("must be > 0, got {t}")));
             }
         }
         if let Some(p) = cfg.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(f.err("top_p", format!("must be in (0, 1], got {p}")));
+                return Err(f.field_err("top_p", format!("must be in (0, 1], got {p}")));
             }
         }
         if let Some(p) = cfg.min_p {
             if !(0.0..=1.0).contains(&p) {
-                return Err(f.err("min_p", format!("must be in [0, 1], got {p}")));
+                return Err(f.field_err("min_p", format!("must be in [0, 1], got {p}")));
             }
         }
         if let Some(p) = cfg.repetition_penalty {
             if p <= 0.0 {
-                return Err(f.err("repetition_penalty", format!("must be > 0, got {p}")));
+                return Err(f.field_err("repetition_penalty", format!("must be > 0, got {p}")));
             }
         }
         Ok(cfg)
@@ -144,83 +144,5 @@ impl HfGenerationConfig {
         s.top_p = self.top_p.unwrap_or(1.0);
         s.min_p = self.min_p.unwrap_or(0.0);
         s.repetition_penalty = self.repetition_penalty.unwrap_or(1.0);
-    }
-}
-
-/// Typed, optional field access with errors naming the file and the field.
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
-    file: &'a Path,
-}
-
-impl Fields<'_> {
-    fn err(&self, field: &str, msg: String) -> Error {
-        bad_file(self.file, format!("field `{field}`: {msg}"))
-    }
-
-    fn get(&self, field: &str) -> Option<&Value> {
-        self.obj.get(field).filter(|v| !v.is_null())
-    }
-
-    fn bool(&self, field: &str) -> Result<Option<bool>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(self.err(field, format!("expected true or false, got {v}"))),
-        }
-    }
-
-    fn f32(&self, field: &str) -> Result<Option<f32>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(Value::Number(n)) => match n.as_f64() {
-                Some(x) if x.is_finite() => Ok(Some(x as f32)),
-                _ => Err(self.err(field, format!("expected a finite number, got {n}"))),
-            },
-            Some(v) => Err(self.err(field, format!("expected a number, got {v}"))),
-        }
-    }
-
-    fn usize(&self, field: &str) -> Result<Option<usize>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(n) => Ok(Some(n as usize)),
-                None => Err(self.err(field, format!("expected a non-negative integer, got {v}"))),
-            },
-        }
-    }
-
-    fn id(&self, field: &str) -> Result<Option<u32>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => self.one_id(field, v).map(Some),
-        }
-    }
-
-    fn one_id(&self, field: &str, v: &Value) -> Result<u32> {
-        v.as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| self.err(field, format!("expected a token id, got {v}")))
-    }
-
-    fn ids(&self, field: &str) -> Result<Vec<u32>> {
-        match self.get(field) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(list)) => list.iter().map(|v| self.one_id(field, v)).collect(),
-            Some(v) => Ok(vec![self.one_id(field, v)?]),
-        }
-    }
-
-    fn strings(&self, field: &str) -> Result<Vec<String>> {
-        let one = |v: &Value| match v {
-            Value::String(s) if !s.is_empty() => Ok(s.clone()),
-            _ => Err(self.err(field, format!("expected a non-empty string, got {v}"))),
-        };
-        match self.get(field) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(list)) => list.iter().map(one).collect(),
-            Some(v) => Ok(vec![one(v)?]),
-        }
     }
 }

@@ -5,14 +5,17 @@
 //! [`TextStream`] and [`generate_text`] work in text: a prompt string or a chat conversation in,
 //! decoded text out piece by piece, with stop strings. [`HfGenerationConfig`] reads a model's
 //! `generation_config.json`. [`generate_batch`] decodes several prompts at once (left-padded
-//! when their lengths differ).
+//! when their lengths differ). [`DecodeGraph`] (module [`decode`]) is the batch-1 greedy decode
+//! engine that [`TokenStream`] uses on CUDA where it applies.
 
 mod config_file;
+pub mod decode;
 pub mod sampling;
 mod stream;
 mod text;
 
 pub use config_file::HfGenerationConfig;
+pub use decode::{DecodeGraph, LaunchTime, EMPTY_KERNEL};
 pub use sampling::{sample, SamplingParams};
 pub use stream::{StopReason, TokenStream};
 pub use text::{generate_text, Generated, Prompt, TextStream};

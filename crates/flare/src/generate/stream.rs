@@ -8,8 +8,9 @@ use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use super::decode::DecodeGraph;
 use super::{next_token, GenerationConfig};
-use crate::models::{DecodeGraph, KvCache, Transformer};
+use crate::models::{KvCache, Transformer};
 use crate::{Error, Result};
 
 const OP: &str = "generate";
@@ -95,7 +96,7 @@ impl<'a> TokenStream<'a> {
         // applies (see `DecodeGraph::unsupported`); building it where it applies must succeed.
         let engine = if config.max_new_tokens > 1
             && super::is_plain_greedy(&config.sampling)
-            && crate::models::decode_graph::engine_enabled()
+            && crate::runtime::settings().decode_engine
             && DecodeGraph::unsupported(model, &cache).is_none()
         {
             Some(DecodeGraph::new(model, &cache)?)

@@ -24,6 +24,17 @@ fn invalid(msg: String) -> Error {
     Error::InvalidArgument { op: OP, msg }
 }
 
+/// A copy of `t` in `dtype` on `device` that shares no storage with `t` (a conversion already
+/// is one): `Var::set` refuses a tensor sharing the variable's own storage, and a new adapter
+/// must not alias its source.
+fn fresh_copy(t: &Tensor, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    Ok(if t.dtype() == dtype && t.device().same_device(device) {
+        t.copy()?
+    } else {
+        t.to_dtype(dtype)?.to_device(device)?
+    })
+}
+
 /// One named adapter of a [`LoraLinear`]: trainable `A: [r, in]` and `B: [out, r]`, its scaling
 /// `s` and its dropout probability.
 ///
@@ -300,12 +311,86 @@ impl LoraLinear {
     /// # Ok::<(), flare::Error>(())
     /// ```
     pub fn add_adapter(&mut self, name: &str, config: &LoraConfig, seed: u64) -> Result<()> {
-        let dtype = if self.weight.dtype() == DType::F64 {
+        self.add_adapter_with_dtype(name, config, seed, self.default_adapter_dtype())
+    }
+
+    /// The dtype [`add_adapter`](Self::add_adapter) gives an adapter: f64 on an f64 base, else
+    /// f32.
+    fn default_adapter_dtype(&self) -> DType {
+        if self.weight.dtype() == DType::F64 {
             DType::F64
         } else {
             DType::F32
-        };
-        self.add_adapter_with_dtype(name, config, seed, dtype)
+        }
+    }
+
+    /// Adds adapter `name` with the factors given (`a: [r, in]`, `b: [out, r]` with the
+    /// config's rank), copied in the dtype [`add_adapter`](Self::add_adapter) uses and on the
+    /// weight's device: what loading a saved adapter does, without drawing random factors
+    /// first. The active adapter does not change. Errors if the config is invalid, the name is
+    /// taken or a shape is wrong.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use flare::lora::{LoraConfig, LoraLinear};
+    /// let mut layer = LoraLinear::new(Tensor::ones((2, 3), DType::BF16, &Device::Cpu)?, None)?;
+    /// let cfg = LoraConfig { r: 1, ..Default::default() };
+    /// let (a, b) = (Tensor::ones((1, 3), DType::F64, &Device::Cpu)?, Tensor::ones((2, 1), DType::F64, &Device::Cpu)?);
+    /// layer.add_adapter_with_weights("a", &cfg, &a, &b)?;
+    /// assert_eq!(layer.adapter("a").unwrap().b().to_vec2::<f32>()?, vec![vec![1.0], vec![1.0]]);
+    /// assert!(layer.add_adapter_with_weights("b", &cfg, &b, &a).is_err()); // shapes swapped
+    /// # Ok::<(), flare::Error>(())
+    /// ```
+    pub fn add_adapter_with_weights(
+        &mut self,
+        name: &str,
+        config: &LoraConfig,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> Result<()> {
+        config.validate()?;
+        if self.adapters.contains_key(name) {
+            return Err(invalid(format!("an adapter named {name:?} already exists")));
+        }
+        self.check_factors(config.r, a, b)?;
+        let (dtype, device) = (self.default_adapter_dtype(), self.weight.device().clone());
+        let (a, b) = (
+            fresh_copy(a, dtype, &device)?,
+            fresh_copy(b, dtype, &device)?,
+        );
+        self.adapters.insert(
+            name.to_string(),
+            LoraAdapter {
+                a: Var::from_tensor(&a)?,
+                b: Var::from_tensor(&b)?,
+                r: config.r,
+                scale: config.scaling(),
+                dropout: config.dropout,
+            },
+        );
+        Ok(())
+    }
+
+    /// Checks that `a` is `[r, in]` and `b` `[out, r]`.
+    fn check_factors(&self, r: usize, a: &Tensor, b: &Tensor) -> Result<()> {
+        let (inf, out) = (self.in_features(), self.out_features());
+        if a.dims() != [r, inf] {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                msg: "lora_a must be [r, in] (given, expected)",
+                lhs: a.dims().to_vec(),
+                rhs: vec![r, inf],
+            });
+        }
+        if b.dims() != [out, r] {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                msg: "lora_b must be [out, r] (given, expected)",
+                lhs: b.dims().to_vec(),
+                rhs: vec![out, r],
+            });
+        }
+        Ok(())
     }
 
     /// [`add_adapter`](Self::add_adapter) with the adapter's dtype chosen: the base dtype, or
@@ -412,39 +497,16 @@ impl LoraLinear {
                 "adapter {name:?} is merged into the weight: unmerge it before loading"
             )));
         }
-        let (inf, out) = (self.in_features(), self.out_features());
         let ad = self
             .adapters
             .get(name)
             .ok_or_else(|| invalid(format!("no adapter named {name:?}")))?;
-        let r = ad.r;
-        if a.dims() != [r, inf] {
-            return Err(Error::ShapeMismatch {
-                op: OP,
-                msg: "lora_a must be [r, in] (given, expected)",
-                lhs: a.dims().to_vec(),
-                rhs: vec![r, inf],
-            });
-        }
-        if b.dims() != [out, r] {
-            return Err(Error::ShapeMismatch {
-                op: OP,
-                msg: "lora_b must be [out, r] (given, expected)",
-                lhs: b.dims().to_vec(),
-                rhs: vec![out, r],
-            });
-        }
+        self.check_factors(ad.r, a, b)?;
         let (dtype, device) = (ad.a().dtype(), ad.a().device().clone());
-        // A fresh copy (a conversion already is one): `Var::set` refuses a tensor sharing the
-        // variable's own storage.
-        let fresh = |t: &Tensor| -> Result<Tensor> {
-            Ok(if t.dtype() == dtype && t.device().same_device(&device) {
-                t.copy()?
-            } else {
-                t.to_dtype(dtype)?.to_device(&device)?
-            })
-        };
-        let (a, b) = (fresh(a)?, fresh(b)?);
+        let (a, b) = (
+            fresh_copy(a, dtype, &device)?,
+            fresh_copy(b, dtype, &device)?,
+        );
         ad.a.set(&a)?;
         ad.b.set(&b)?;
         Ok(())

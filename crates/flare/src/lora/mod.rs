@@ -1,8 +1,6 @@
 //! LoRA: low-rank adapters on frozen linear layers, PEFT-compatible.
 
 pub mod config;
-#[cfg(feature = "cuda")]
-mod cuda;
 pub mod init;
 pub mod linear;
 pub mod op;

@@ -52,6 +52,7 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use super::LoraConfig;
+use crate::hf_json::bad_file;
 use crate::{Error, Result};
 
 /// The name of the config file in an adapter directory.
@@ -682,15 +683,6 @@ fn tensor_bytes(t: &Tensor) -> Result<(StDtype, Vec<u8>)> {
 }
 
 // ---- loading ----------------------------------------------------------------------------------
-
-/// An error about the contents of `file`: [`Error::Io`] of kind `InvalidData` whose context is
-/// the file's path.
-fn bad_file(file: &Path, msg: impl Into<String>) -> Error {
-    Error::Io {
-        context: file.display().to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into()),
-    }
-}
 
 /// Which matrix of the pair a key holds.
 #[derive(Clone, Copy, PartialEq, Debug)]

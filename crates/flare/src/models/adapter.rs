@@ -45,8 +45,7 @@ pub fn apply_adapter(model: &mut Transformer, adapter: &Adapter, name: &str) -> 
         let Some((a, b)) = adapter.tensors.get(&path) else {
             continue;
         };
-        layer.add_adapter(name, &config, n as u64)?;
-        layer.set_adapter_weights(name, a, b)?;
+        layer.add_adapter_with_weights(name, &config, a, b)?;
         layer.set_active(Some(name))?;
         n += 1;
     }

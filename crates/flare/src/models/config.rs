@@ -7,9 +7,9 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::bad_file;
+use crate::hf_json::{bad_file, Fields};
 use crate::{Error, Result};
 
 /// The name of the config file in a model directory.
@@ -112,84 +112,6 @@ pub struct ModelConfig {
     /// The attention window of Mistral's `sliding_window` (a query sees the last `w` keys,
     /// itself included); `None` for full causal attention.
     pub sliding_window: Option<usize>,
-}
-
-/// Field access on the JSON object, with errors naming the file and the field.
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
-    file: &'a Path,
-}
-
-impl Fields<'_> {
-    fn err(&self, msg: String) -> Error {
-        bad_file(self.file, msg)
-    }
-
-    /// A field that is present and not `null`.
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.obj.get(key).filter(|v| !v.is_null())
-    }
-
-    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-                self.err(format!(
-                    "field `{key}` must be a non-negative integer, got {v}"
-                ))
-            }),
-        }
-    }
-
-    fn usize(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?
-            .ok_or_else(|| self.err(format!("missing field `{key}`")))
-    }
-
-    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(format!("field `{key}` must be a number, got {v}"))),
-        }
-    }
-
-    fn f64(&self, key: &str) -> Result<f64> {
-        self.f64_opt(key)?
-            .ok_or_else(|| self.err(format!("missing field `{key}`")))
-    }
-
-    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.err(format!("field `{key}` must be a boolean, got {v}"))),
-        }
-    }
-
-    fn str_opt(&self, key: &str) -> Result<Option<&str>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.err(format!("field `{key}` must be a string, got {v}"))),
-        }
-    }
-
-    fn object(&self, key: &str) -> Result<Option<Fields<'_>>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Object(obj)) => Ok(Some(Fields {
-                obj,
-                file: self.file,
-            })),
-            Some(v) => Err(self.err(format!("field `{key}` must be an object, got {v}"))),
-        }
-    }
 }
 
 impl ModelConfig {

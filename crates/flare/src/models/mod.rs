@@ -7,7 +7,6 @@
 //!   `model.safetensors.index.json`.
 //! - [`Transformer`] is the model and its forward.
 //! - [`load_peft_adapter`] / [`apply_adapter`] put a PEFT LoRA adapter into it.
-//! - [`DecodeGraph`] runs batch-1 greedy decode steps as one replayed CUDA graph.
 //! - [`KvCache`] is its preallocated key/value cache for incremental decoding
 //!   ([`Transformer::prefill`], [`Transformer::decode_step`]).
 //!
@@ -17,26 +16,11 @@
 pub mod adapter;
 pub mod cache;
 pub mod config;
-pub mod decode_graph;
 pub mod transformer;
 pub mod weights;
 
 pub use adapter::{apply_adapter, load_peft_adapter};
 pub use cache::{KvCache, LayerKv};
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
-pub use decode_graph::{DecodeGraph, LaunchTime, EMPTY_KERNEL};
 pub use transformer::{apply_rope, rope_inv_freq, Transformer};
 pub use weights::Weights;
-
-use std::path::Path;
-
-use crate::Error;
-
-/// An error about the contents of `file`: [`Error::Io`] of kind `InvalidData` whose context is
-/// the file's path.
-pub(crate) fn bad_file(file: &Path, msg: impl Into<String>) -> Error {
-    Error::Io {
-        context: file.display().to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into()),
-    }
-}

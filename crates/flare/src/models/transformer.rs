@@ -259,7 +259,7 @@ pub struct Transformer {
 }
 
 /// The tensors one batch-1 decode step reads, for the decode engine
-/// ([`super::decode_graph::DecodeGraph`]): clones (the same device buffers) of the weights as the
+/// ([`crate::generate::DecodeGraph`]): clones (the same device buffers) of the weights as the
 /// per-op path uses them with no adapter active.
 #[derive(Debug, Clone)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]

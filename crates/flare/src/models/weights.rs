@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
 
-use super::bad_file;
+use crate::hf_json::bad_file;
 use crate::{Error, Result};
 
 /// The weights file of an unsharded model directory.
@@ -403,11 +403,6 @@ impl Weights {
     /// Whether a tensor of this name exists.
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
-    }
-
-    /// The file a tensor lives in.
-    pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.index.get(name).map(|&i| self.files[i].0.as_path())
     }
 
     /// Reads tensor `name`, checks that its shape is `shape`, and returns it on `device` in

@@ -1,13 +1,31 @@
 //! flare's ops on Candle tensors.
 //!
-//! Each op is a Candle custom op with a CPU forward, a CUDA forward and a backward, so
-//! `Tensor::backward` flows through it; a public function checks shapes, dtypes and devices and
-//! returns a clear [`Error`](crate::Error) before anything runs. On devices other than CPU and
-//! CUDA each op falls back to Candle's own composite ops. Each op's module also holds a composed
-//! reference (`*_reference`) built from plain Candle ops, used by the tests and benchmarks.
+//! Each op is a Candle custom op with a CPU forward and a CUDA forward; a public function checks
+//! shapes, dtypes and devices and returns a clear [`Error`](crate::Error) before anything runs.
+//! On devices other than CPU and CUDA each op falls back to Candle's own composite ops. Every
+//! differentiable op has a backward, so `Tensor::backward` flows through it, and a composed
+//! reference (`*_reference`) built from plain Candle ops, used by the tests and benchmarks. Two
+//! ops are inference-only: [`argmax_last_dim`] (its output is an index: no backward, and no
+//! reference beyond Candle's own `argmax`) and the fused [`attention_decode`] (no backward: when
+//! an input takes part in autograd it computes the same maths from differentiable ops instead).
 //!
 //! Backward kernels are ops too; they have no backward of their own (a second derivative
 //! through them returns Candle's `BackwardNotSupported`, never a silently cut gradient).
+//!
+//! # Layout: one op, one folder
+//! Everything of an op is in `ops/<op>/`, its kernel in `crates/flare-kernels/src/cu/<op>.cu`
+//! and its tests in `crates/flare/tests/it/` (`<op>.rs` where it has a file of its own):
+//! - `mod.rs`: the math (module doc), the custom op structs (forward dispatch and backward), the
+//!   public function with its input checks, and the composed `*_reference`;
+//! - `cpu.rs`: the CPU forward and backward loops;
+//! - `cuda.rs` (with the `cuda` feature): the launcher, which reads the kernel's launch
+//!   constants from [`flare_kernels::launch`];
+//! - `plan.rs` (where both sides need it): the op's names and the geometry derived from the
+//!   layouts, shared by `mod.rs`, `cpu.rs` and `cuda.rs`.
+//!
+//! Imports inside an op folder run one way, `mod.rs -> cpu.rs / cuda.rs -> plan.rs`; nothing
+//! imports `mod.rs` back. Helpers shared by several ops are in `ops/cpu.rs` (dtype dispatch and
+//! accumulation) and `ops/cuda/` (row-kernel launch planning, element-wise grids).
 
 pub mod argmax;
 pub mod attention;

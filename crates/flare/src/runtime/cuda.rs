@@ -3,8 +3,9 @@
 //! It holds Candle's stream for the device (flare launches on the same stream as Candle, so no
 //! cross-stream synchronisation is ever needed), the cuBLASLt handle and workspace with the GEMM
 //! plan cache ([`super::gemm`]), and every flare kernel: each PTX module is loaded once and each
-//! function handle is resolved once, at creation, into a table indexed by [`Kernel`]. Launching a
-//! kernel is then an array index, never a lookup by name.
+//! function handle is resolved once, at creation, into a table indexed by [`Kernel`] (generated,
+//! with the modules, from the one kernel list `crates/flare-kernels/src/registry.rs`). Launching
+//! a kernel is then an array index, never a lookup by name.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -17,137 +18,11 @@ use super::gemm::Gemm;
 use super::{FUNCTIONS_LOADED, MODULES_LOADED, RUNTIMES_CREATED};
 use crate::{Error, Result};
 
-/// The kernel modules flare ships, one per op family (one `.cu` file each).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Module {
-    Softmax,
-    RmsNorm,
-    GemmSmall,
-    Rope,
-    SwiGlu,
-    Argmax,
-    Gemv,
-    CrossEntropy,
-    AdamW,
-    Attention,
-    Decode,
-}
-
-impl Module {
-    const ALL: [Module; 11] = [
-        Module::Softmax,
-        Module::RmsNorm,
-        Module::GemmSmall,
-        Module::Rope,
-        Module::SwiGlu,
-        Module::Argmax,
-        Module::Gemv,
-        Module::CrossEntropy,
-        Module::AdamW,
-        Module::Attention,
-        Module::Decode,
-    ];
-
-    fn ptx(self) -> &'static str {
-        match self {
-            Module::Softmax => flare_kernels::SOFTMAX,
-            Module::RmsNorm => flare_kernels::RMS_NORM,
-            Module::GemmSmall => flare_kernels::GEMM_SMALL,
-            Module::Rope => flare_kernels::ROPE,
-            Module::SwiGlu => flare_kernels::SWIGLU,
-            Module::Argmax => flare_kernels::ARGMAX,
-            Module::Gemv => flare_kernels::GEMV,
-            Module::CrossEntropy => flare_kernels::CROSS_ENTROPY,
-            Module::AdamW => flare_kernels::ADAMW,
-            Module::Attention => flare_kernels::ATTENTION,
-            Module::Decode => flare_kernels::DECODE,
-        }
-    }
-}
-
-macro_rules! kernels {
-    ($($variant:ident => ($module:ident, $name:literal),)*) => {
-        /// Every flare kernel, by op and dtype. The discriminant indexes the function table.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        #[allow(missing_docs)]
-        pub enum Kernel { $($variant,)* }
-
-        const KERNELS: &[(Module, &str)] = &[$((Module::$module, $name),)*];
-    };
-}
-
-kernels! {
-    SoftmaxFwdF32 => (Softmax, "softmax_fwd_f32"),
-    SoftmaxFwdF16 => (Softmax, "softmax_fwd_f16"),
-    SoftmaxFwdBF16 => (Softmax, "softmax_fwd_bf16"),
-    SoftmaxBwdF32 => (Softmax, "softmax_bwd_f32"),
-    SoftmaxBwdF16 => (Softmax, "softmax_bwd_f16"),
-    SoftmaxBwdBF16 => (Softmax, "softmax_bwd_bf16"),
-    SoftmaxMaskedFwdF32 => (Softmax, "softmax_masked_fwd_f32"),
-    SoftmaxMaskedFwdF16 => (Softmax, "softmax_masked_fwd_f16"),
-    SoftmaxMaskedFwdBF16 => (Softmax, "softmax_masked_fwd_bf16"),
-    RmsNormFwdF32 => (RmsNorm, "rms_norm_fwd_f32"),
-    RmsNormFwdF16 => (RmsNorm, "rms_norm_fwd_f16"),
-    RmsNormFwdBF16 => (RmsNorm, "rms_norm_fwd_bf16"),
-    AddRmsNormFwdF32 => (RmsNorm, "add_rms_norm_fwd_f32"),
-    AddRmsNormFwdF16 => (RmsNorm, "add_rms_norm_fwd_f16"),
-    AddRmsNormFwdBF16 => (RmsNorm, "add_rms_norm_fwd_bf16"),
-    RmsNormBwdF32 => (RmsNorm, "rms_norm_bwd_f32"),
-    RmsNormBwdF16 => (RmsNorm, "rms_norm_bwd_f16"),
-    RmsNormBwdBF16 => (RmsNorm, "rms_norm_bwd_bf16"),
-    RmsNormDwF32 => (RmsNorm, "rms_norm_dw_f32"),
-    RmsNormDwF16 => (RmsNorm, "rms_norm_dw_f16"),
-    RmsNormDwBF16 => (RmsNorm, "rms_norm_dw_bf16"),
-    GemmSmallF32 => (GemmSmall, "gemm_small_f32"),
-    GemmSmallF16 => (GemmSmall, "gemm_small_f16"),
-    GemmSmallBF16 => (GemmSmall, "gemm_small_bf16"),
-    RopeF32 => (Rope, "rope_f32"),
-    RopeF16 => (Rope, "rope_f16"),
-    RopeBF16 => (Rope, "rope_bf16"),
-    SwiGluFwdF32 => (SwiGlu, "swiglu_fwd_f32"),
-    SwiGluFwdF16 => (SwiGlu, "swiglu_fwd_f16"),
-    SwiGluFwdBF16 => (SwiGlu, "swiglu_fwd_bf16"),
-    SwiGluBwdF32 => (SwiGlu, "swiglu_bwd_f32"),
-    SwiGluBwdF16 => (SwiGlu, "swiglu_bwd_f16"),
-    SwiGluBwdBF16 => (SwiGlu, "swiglu_bwd_bf16"),
-    ArgmaxF32 => (Argmax, "argmax_f32"),
-    ArgmaxF16 => (Argmax, "argmax_f16"),
-    ArgmaxBF16 => (Argmax, "argmax_bf16"),
-    ArgmaxPartF32 => (Argmax, "argmax_part_f32"),
-    ArgmaxPartF16 => (Argmax, "argmax_part_f16"),
-    ArgmaxPartBF16 => (Argmax, "argmax_part_bf16"),
-    ArgmaxFinal => (Argmax, "argmax_final"),
-    GemvF32 => (Gemv, "gemv_f32"),
-    GemvF16 => (Gemv, "gemv_f16"),
-    GemvBF16 => (Gemv, "gemv_bf16"),
-    CrossEntropyFwdF32 => (CrossEntropy, "cross_entropy_fwd_f32"),
-    CrossEntropyFwdF16 => (CrossEntropy, "cross_entropy_fwd_f16"),
-    CrossEntropyFwdBF16 => (CrossEntropy, "cross_entropy_fwd_bf16"),
-    CrossEntropyBwdF32 => (CrossEntropy, "cross_entropy_bwd_f32"),
-    CrossEntropyBwdF16 => (CrossEntropy, "cross_entropy_bwd_f16"),
-    CrossEntropyBwdBF16 => (CrossEntropy, "cross_entropy_bwd_bf16"),
-    AdamWMultiF32 => (AdamW, "adamw_multi_f32"),
-    AttentionSplitF32 => (Attention, "attention_split_f32"),
-    AttentionSplitF16 => (Attention, "attention_split_f16"),
-    AttentionSplitBF16 => (Attention, "attention_split_bf16"),
-    AttentionCombineF32 => (Attention, "attention_combine_f32"),
-    AttentionCombineF16 => (Attention, "attention_combine_f16"),
-    AttentionCombineBF16 => (Attention, "attention_combine_bf16"),
-    DecodeEmbedF32 => (Decode, "decode_embed_f32"),
-    DecodeGemvF32 => (Decode, "decode_gemv_f32"),
-    DecodeAttnSplitF32 => (Decode, "decode_attn_split_f32"),
-    DecodeAttnCombineF32 => (Decode, "decode_attn_combine_f32"),
-    DecodeEmbedF16 => (Decode, "decode_embed_f16"),
-    DecodeGemvF16 => (Decode, "decode_gemv_f16"),
-    DecodeAttnSplitF16 => (Decode, "decode_attn_split_f16"),
-    DecodeAttnCombineF16 => (Decode, "decode_attn_combine_f16"),
-    DecodeEmbedBF16 => (Decode, "decode_embed_bf16"),
-    DecodeGemvBF16 => (Decode, "decode_gemv_bf16"),
-    DecodeAttnSplitBF16 => (Decode, "decode_attn_split_bf16"),
-    DecodeAttnCombineBF16 => (Decode, "decode_attn_combine_bf16"),
-    DecodeArgmaxFinal => (Decode, "decode_argmax_final"),
-    DecodeSpin => (Decode, "decode_spin"),
-}
+/// Every flare kernel, by op and dtype; the discriminant indexes the runtime's function table.
+/// The one list of kernels is `crates/flare-kernels/src/registry.rs` (adding a kernel is a line
+/// there); this enum and the modules the runtime loads are generated from it.
+pub use flare_kernels::Kernel;
+use flare_kernels::Module;
 
 /// Everything flare needs on one CUDA device, created once.
 pub struct CudaRuntime {
@@ -215,20 +90,9 @@ pub fn empty_cache(device: &CudaDevice) -> Result<()> {
     Ok(())
 }
 
-/// Shorthand: maps any `Debug` error into [`Error::Cuda`] with a context.
-pub(crate) trait CudaResultExt<T> {
-    /// Attaches `context` to a CUDA-layer error.
-    fn cuda_ctx(self, context: &'static str) -> Result<T>;
-}
-
-impl<T, E: std::fmt::Debug> CudaResultExt<T> for std::result::Result<T, E> {
-    fn cuda_ctx(self, context: &'static str) -> Result<T> {
-        self.map_err(|e| Error::Cuda {
-            context,
-            msg: format!("{e:?}"),
-        })
-    }
-}
+// The context trait lives with the error type (so `gemm.rs` takes it from there, not from this
+// file, which holds a `Gemm` per device); re-exported here for the CUDA launchers.
+pub(crate) use crate::error::CudaResultExt;
 
 fn registry() -> &'static Mutex<HashMap<candle_core::cuda_backend::DeviceId, Arc<CudaRuntime>>> {
     static REGISTRY: OnceLock<
@@ -276,13 +140,13 @@ impl CudaRuntime {
         // per-allocation event tracking (an event record and wait around every kernel argument)
         // buys nothing. Set FLARE_CUDA_EVENT_TRACKING=1 to keep it, e.g. when the same buffers
         // are also used from streams of your own.
-        if std::env::var("FLARE_CUDA_EVENT_TRACKING").map_or(true, |v| v != "1") {
+        if !super::settings().cuda_event_tracking {
             // SAFETY: flare and Candle use one stream per device; nothing flare creates is
             // shared with another stream, so the cross-stream ordering the events provide is
             // never needed. Only allocations made after this call are affected.
             unsafe { ctx.disable_event_tracking() };
         }
-        if std::env::var("FLARE_CUDA_KEEP_POOL").map_or(true, |v| v != "0") {
+        if super::settings().cuda_keep_pool {
             keep_pool_memory(&ctx)?;
         }
         let mut modules = Vec::with_capacity(Module::ALL.len());
@@ -295,13 +159,17 @@ impl CudaRuntime {
             MODULES_LOADED.fetch_add(1, Ordering::Relaxed);
             modules.push(module);
         }
-        let mut functions = Vec::with_capacity(KERNELS.len());
-        for (m, name) in KERNELS {
-            let idx = Module::ALL.iter().position(|x| x == m).unwrap_or(0);
-            let f = modules[idx].load_function(name).map_err(|e| Error::Cuda {
-                context: "resolving a flare kernel",
-                msg: format!("{name}: {e:?}"),
-            })?;
+        // In `Kernel::ALL` order, so `functions[k as usize]` is `k`; a module's discriminant is
+        // its index in `Module::ALL` (both checked by flare-kernels' tests).
+        let mut functions = Vec::with_capacity(Kernel::ALL.len());
+        for k in Kernel::ALL {
+            let name = k.name();
+            let f = modules[k.module() as usize]
+                .load_function(name)
+                .map_err(|e| Error::Cuda {
+                    context: "resolving a flare kernel",
+                    msg: format!("{name}: {e:?}"),
+                })?;
             FUNCTIONS_LOADED.fetch_add(1, Ordering::Relaxed);
             functions.push(f);
         }

@@ -34,7 +34,7 @@ use std::ffi::c_void;
 use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
@@ -47,7 +47,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::DType;
 
-use super::cuda::CudaResultExt;
+use crate::error::CudaResultExt;
 use super::{BLAS_HANDLES_CREATED, GEMM_PLANS_CREATED};
 use crate::{Error, Result};
 
@@ -82,18 +82,6 @@ const AUTOTUNE_SCRATCH_MAX_BYTES: usize = 256 << 20;
 /// than the host's launch overhead (which exceeds a small GEMM's run time).
 const AUTOTUNE_HOLD: Duration = Duration::from_micros(2000);
 
-/// Whether large plans are autotuned: on unless `FLARE_GEMM_AUTOTUNE=0`. Read once.
-fn autotune_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FLARE_GEMM_AUTOTUNE").map_or(true, |v| v.trim() != "0"))
-}
-
-/// Whether tunes are printed to stderr: only with `FLARE_GEMM_DEBUG=1`. Read once.
-fn debug_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FLARE_GEMM_DEBUG").is_ok_and(|v| v.trim() == "1"))
-}
-
 /// Host function queued on the stream ahead of the timed launches: it blocks the stream for
 /// [`AUTOTUNE_HOLD`] while the host queues them. It makes no CUDA call (which a host function
 /// must not) and reads nothing through its argument (null).
@@ -112,7 +100,7 @@ extern "C" fn hold_stream(_: *mut c_void) {
 /// The strides are ignored when `batch == 1`.
 ///
 /// A row-major product `C = A · B` is the column-major product `Cᵀ = Bᵀ · Aᵀ`: pass the
-/// operands swapped, with `m` and `n` swapped (see `ops::cuda::matmul` for an example).
+/// operands swapped, with `m` and `n` swapped (see `ops::matmul::cuda` for an example).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GemmParams {
     /// Element type of `A`, `B` and `C`: f32, f16 or bf16.
@@ -561,11 +549,6 @@ impl Gemm {
         self.workspace_bytes
     }
 
-    /// Number of GEMM plans cached on this device.
-    pub fn plans_cached(&self) -> usize {
-        self.plans.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
     /// Number of GEMM plans autotuned on this device (their candidates timed on the GPU; see
     /// the module docs). A plan whose tuning was skipped (autotuning off, a small problem, a
     /// capturing stream, no scratch `C`) is not counted.
@@ -635,7 +618,8 @@ impl Gemm {
         let plan = match plans.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
-                let tune = autotune_enabled() && key.params.macs() >= AUTOTUNE_MIN_MACS;
+                let tune =
+                    super::settings().gemm_autotune && key.params.macs() >= AUTOTUNE_MIN_MACS;
                 let q = &key.params;
                 let skinny = q.m.min(q.n).min(q.k) <= SKINNY_DIM;
                 let requested = match (tune, skinny) {
@@ -893,7 +877,7 @@ impl Gemm {
         alpha: f32,
         beta: f32,
     ) -> Result<Option<usize>> {
-        let debug = debug_enabled();
+        let debug = super::settings().gemm_debug;
         let skip = |why: &str| {
             if debug {
                 eprintln!("flare gemm autotune: skipped ({why}) for {key:?}");

@@ -6,6 +6,9 @@
 //! shape and dtype. It is created lazily the first time an op runs on a device. The CPU needs no
 //! state. The counters in [`RuntimeStats`] let tests and benchmarks check that nothing is created
 //! per call.
+//!
+//! [`Settings`] (module [`settings`](mod@settings)) holds every `FLARE_*` environment switch,
+//! read once; its module docs have the table.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -13,6 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod gemm;
+pub mod settings;
+
+pub use settings::{settings, Settings, SettingsGuard};
 
 /// Counts of the expensive per-device objects flare has created since the process started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,7 +87,7 @@ pub fn init(device: &candle_core::Device) -> crate::Result<()> {
 /// Gives the unused device memory that flare keeps pooled back to the driver (CUDA; a no-op
 /// elsewhere). flare keeps freed memory in the device's pool rather than unmapping it at every
 /// synchronisation, as PyTorch's caching allocator does; set `FLARE_CUDA_KEEP_POOL=0` before
-/// the first op to turn that off.
+/// the first op to turn that off ([`Settings::cuda_keep_pool`]).
 pub fn empty_cache(device: &candle_core::Device) -> crate::Result<()> {
     match device {
         #[cfg(feature = "cuda")]
@@ -120,12 +126,9 @@ impl std::fmt::Debug for LaunchParamCache {
 /// number of distinct layouts (bounded for a fixed set of shapes).
 ///
 /// [`crate::train::Trainer`] holds it around each forward and backward pass.
-/// `FLARE_LAUNCH_PARAM_CACHE=0` (read once) makes it a no-op everywhere.
+/// `FLARE_LAUNCH_PARAM_CACHE=0` ([`Settings::launch_param_cache`]) makes it a no-op.
 pub fn cache_launch_params(device: &candle_core::Device) -> LaunchParamCache {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled = *ENABLED.get_or_init(|| {
-        std::env::var("FLARE_LAUNCH_PARAM_CACHE").map_or(true, |v| v.trim() != "0")
-    });
+    let enabled = settings().launch_param_cache;
     match device {
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(d) if enabled => LaunchParamCache {

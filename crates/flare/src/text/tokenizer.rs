@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::chat::{ChatMessage, ChatTemplate};
-use crate::models::bad_file;
+use crate::hf_json::bad_file;
 use crate::{Error, Result};
 
 const OP: &str = "tokenizer";

@@ -309,7 +309,8 @@ impl AdamW {
         let table_dev = stream
             .clone_htod(&table)
             .cuda_ctx("copying the AdamW tensor table")?;
-        const THREADS: usize = 256;
+        // adamw.cu's block size, from its `#define`.
+        const THREADS: usize = flare_kernels::launch::ADAMW_THREADS as usize;
         let blocks = max_len.div_ceil(THREADS).clamp(1, 1024) as u32;
         let cfg = LaunchConfig {
             grid_dim: (blocks, tensors as u32, 1),

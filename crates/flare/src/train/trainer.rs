@@ -635,7 +635,7 @@ impl Trainer {
         let tensors = candle_core::safetensors::load(&optim_path, device)?;
         t.opt
             .load_state(&tensors.into_iter().collect(), saved.step)
-            .map_err(|e| crate::models::bad_file(&optim_path, e.to_string()))?;
+            .map_err(|e| crate::hf_json::bad_file(&optim_path, e.to_string()))?;
         t.state.step = saved.step;
         t.state.epoch = saved.epoch;
         t.state.batch_in_epoch = saved.batch_in_epoch;

@@ -319,13 +319,139 @@ pub const FD_H: f64 = 1e-6;
 /// The relative error allowed between an f64 analytic gradient and finite differences.
 pub const FD_TOL: f64 = 1e-6;
 
-/// `sum(out * r)` as an f64 scalar: a loss in which every output element matters.
-pub fn weighted_sum(out: &Tensor, r: &Tensor) -> Result<f64> {
-    Ok(out
-        .to_dtype(DType::F64)?
-        .mul(&r.to_dtype(DType::F64)?)?
-        .sum_all()?
-        .to_scalar::<f64>()?)
+/// `sum(y * r)` as a scalar tensor (`r` on `y`'s device and dtype): the loss of the
+/// finite-difference checks, in which every output element matters.
+pub fn weighted_loss(y: &Tensor, r: &Tensor) -> Result<Tensor> {
+    Ok(y.mul(r)?.sum_all()?)
+}
+
+/// One finite-difference gradient check of an op on `dev`: the analytic gradients of a scalar
+/// loss with respect to some inputs against central finite differences ([`fd_grad`], step
+/// [`FD_H`]) of the same loss computed in f64 on the CPU. Inputs and constants are f64 CPU
+/// tensors; on the CPU the analytic gradients are f64 too, compared at [`FD_TOL`]; on CUDA they
+/// are f32 on the device, from f32 copies of the inputs (exact when the inputs come from
+/// [`FdCheck::input`]), compared at the f32 tolerance.
+pub struct FdCheck<'a> {
+    dev: &'a Device,
+    what: String,
+}
+
+/// A constant of an [`FdCheck`]'s loss (a weight that is not checked, the loss's `r`, a mask):
+/// the f64 CPU tensor the finite differences use and its copy on the device.
+pub struct FdConst {
+    cpu: Tensor,
+    dev: Tensor,
+}
+
+impl FdConst {
+    /// The copy that goes with `t`, one of the loss's inputs: the CPU one beside an f64 CPU
+    /// input (the finite differences, and the analytic side on the CPU), else the device's.
+    pub fn like(&self, t: &Tensor) -> &Tensor {
+        if t.device().is_cpu() && t.dtype() == DType::F64 {
+            &self.cpu
+        } else {
+            &self.dev
+        }
+    }
+}
+
+impl<'a> FdCheck<'a> {
+    /// A check on `dev`; `what` names it in failures and seeds its inputs.
+    pub fn new(dev: &'a Device, what: impl Into<String>) -> Self {
+        FdCheck {
+            dev,
+            what: what.into(),
+        }
+    }
+
+    /// The check's name.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+
+    /// A random f64 CPU tensor whose values f32 holds exactly, seeded by the check's name and
+    /// `tag` (an empty tag: the name alone).
+    pub fn input(&self, shape: &[usize], tag: &str) -> Result<Tensor> {
+        let s = if tag.is_empty() {
+            seed(&self.what)
+        } else {
+            seed(&format!("{} {tag}", self.what))
+        };
+        f32_exact(&randn(shape, DType::F64, &Device::Cpu, s)?)
+    }
+
+    /// The dtype of the analytic gradients: f64 on the CPU, f32 on CUDA.
+    pub fn dtype(&self) -> DType {
+        if self.dev.is_cpu() {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
+    /// The relative error allowed between the analytic gradients and finite differences.
+    pub fn bound(&self) -> f64 {
+        if self.dev.is_cpu() {
+            FD_TOL
+        } else {
+            tol(DType::F32)
+        }
+    }
+
+    /// The f64 CPU tensor `t` on the device, in [`dtype`](Self::dtype) when it is a float.
+    pub fn up(&self, t: &Tensor) -> Result<Tensor> {
+        let t = if t.dtype().is_float() {
+            t.to_dtype(self.dtype())?
+        } else {
+            t.clone()
+        };
+        Ok(t.to_device(self.dev)?)
+    }
+
+    /// `t` (f64 CPU, or an integer mask) as a constant of the loss.
+    pub fn constant(&self, t: &Tensor) -> Result<FdConst> {
+        Ok(FdConst {
+            cpu: t.clone(),
+            dev: self.up(t)?,
+        })
+    }
+
+    /// Checks the gradients of `loss(inputs)` with respect to each named input (f64 CPU
+    /// tensors) against finite differences; returns the analytic gradients (keyed by the `Var`s
+    /// made from the inputs' device copies) for further checks. `loss` gets the inputs in order,
+    /// all on the CPU in f64 or all on the device, and takes its constants with
+    /// [`FdConst::like`].
+    pub fn check(
+        &self,
+        inputs: &[(&str, &Tensor)],
+        loss: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<candle_core::backprop::GradStore> {
+        let vars = inputs
+            .iter()
+            .map(|(_, t)| var(&self.up(t)?))
+            .collect::<Result<Vec<_>>>()?;
+        let on_dev: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let grads = loss(&on_dev)?.backward()?;
+        for (i, (name, x)) in inputs.iter().enumerate() {
+            let fd = fd_grad(
+                |xi| {
+                    let mut all: Vec<Tensor> = inputs.iter().map(|(_, t)| (*t).clone()).collect();
+                    all[i] = xi.clone();
+                    Ok(loss(&all)?.to_scalar::<f64>()?)
+                },
+                x,
+                FD_H,
+            )?;
+            let what = format!("{} {name}", self.what);
+            assert_close(
+                &grad_of(&grads, vars[i].as_tensor(), &what),
+                &fd,
+                self.bound(),
+                &what,
+            )?;
+        }
+        Ok(grads)
+    }
 }
 
 /// Makes a `Var` holding a copy of `t` (same device and dtype).

@@ -1,13 +1,14 @@
-//! The batch-1 decode engine (`flare::models::DecodeGraph`) against the per-op path
+//! The batch-1 decode engine (`flare::generate::DecodeGraph`) against the per-op path
 //! (`Transformer::decode_step`) on small random models of odd sizes (no fixture files): greedy
 //! tokens, logits, the KV cache after the steps, graph replay against direct launches, and the
 //! refusals. CUDA only: each test prints `skipped: no CUDA device` without one, except the
 //! refusal on the CPU, which runs everywhere.
 
 use candle_core::{DType, Device, Tensor};
+use flare::generate::DecodeGraph;
 use flare::generate::{greedy_on_device, ids_to_host};
 use flare::lora::LoraConfig;
-use flare::models::{DecodeGraph, KvCache, ModelConfig, Transformer};
+use flare::models::{KvCache, ModelConfig, Transformer};
 
 use crate::common::{cuda_device, exclusive_lock, shared_lock, Result};
 
@@ -304,7 +305,8 @@ fn graph_refusals() -> Result<()> {
 }
 
 /// Generation (`TokenStream`, hence `generate`) takes the engine for plain greedy decoding on
-/// CUDA and gives the per-op path's tokens (`FLARE_DECODE_ENGINE=0`).
+/// CUDA and gives the per-op path's tokens (`FLARE_DECODE_ENGINE=0`, here through
+/// `Settings::apply`).
 #[test]
 fn graph_in_generate() -> Result<()> {
     let _g = exclusive_lock();
@@ -319,10 +321,13 @@ fn graph_in_generate() -> Result<()> {
     let stream = flare::generate::TokenStream::new(&model, &PROMPT, &gen)?;
     assert!(stream.uses_decode_engine());
     let with: Vec<u32> = stream.collect::<Result<_>>()?;
-    std::env::set_var("FLARE_DECODE_ENGINE", "0");
-    let stream = flare::generate::TokenStream::new(&model, &PROMPT, &gen);
-    std::env::remove_var("FLARE_DECODE_ENGINE");
-    let stream = stream?;
+    let off = flare::runtime::Settings {
+        decode_engine: false,
+        ..flare::runtime::settings()
+    };
+    let guard = off.apply();
+    let stream = flare::generate::TokenStream::new(&model, &PROMPT, &gen)?;
+    drop(guard);
     assert!(!stream.uses_decode_engine());
     let without: Vec<u32> = stream.collect::<Result<_>>()?;
     assert_eq!(with, without);

@@ -6,8 +6,8 @@ use candle_core::{DType, Device, Tensor, D};
 use flare::ops::{argmax_last_dim, rope_heads, swiglu};
 
 use crate::common::{
-    device_test, dtypes, f64_cpu, fd_grad, grad_of, randn, seed, shared_lock, to_f64_vec, tol, var,
-    weighted_sum, Failures, Result, FD_H, FD_TOL,
+    device_test, dtypes, f64_cpu, grad_of, randn, seed, shared_lock, to_f64_vec, tol, var,
+    weighted_loss, Failures, FdCheck, Result,
 };
 
 /// The f64 reference of `rope_heads`: `x` `[b, s, h, d]`, tables `[rows, d/2]` (rows `s` or
@@ -118,13 +118,9 @@ fn rope_fd_gradient() -> Result<()> {
     let x = randn(&[2, 3, 2, 6], DType::F64, &dev, 1)?;
     let (c, s) = tables(6, 3, DType::F64, &dev, 2)?;
     let r = randn(&[2, 2, 3, 6], DType::F64, &dev, 3)?;
-    let xv = var(&x)?;
-    let g = (rope_heads(xv.as_tensor(), &c, &s, 0.7)? * &r)?
-        .sum_all()?
-        .backward()?;
-    let got = grad_of(&g, xv.as_tensor(), "rope dx");
-    let want = fd_grad(|x| weighted_sum(&rope_heads(x, &c, &s, 0.7)?, &r), &x, FD_H)?;
-    crate::common::assert_close(&got, &want, FD_TOL, "rope dx vs finite differences")?;
+    FdCheck::new(&dev, "rope vs finite differences").check(&[("dx", &x)], |t| {
+        weighted_loss(&rope_heads(&t[0], &c, &s, 0.7)?, &r)
+    })?;
     // The composite reference agrees.
     let composite = flare::ops::rope::rope_heads_reference(&x, &c, &s, 0.7)?;
     crate::common::assert_close(
@@ -138,7 +134,7 @@ fn rope_fd_gradient() -> Result<()> {
     assert!(rope_heads(&x.narrow(3, 0, 5)?, &c, &s, 1.0).is_err());
     assert!(rope_heads(&x.flatten_all()?, &c, &s, 1.0).is_err());
     // A table that takes part in autograd is refused by the backward.
-    let cv = var(&c)?;
+    let (xv, cv) = (var(&x)?, var(&c)?);
     let y = rope_heads(xv.as_tensor(), cv.as_tensor(), &s, 1.0)?;
     assert!(y.sum_all()?.backward().is_err());
     Ok(())
@@ -204,24 +200,9 @@ fn swiglu_fd_gradient() -> Result<()> {
     let g = randn(&[3, 7], DType::F64, &dev, 11)?;
     let u = randn(&[3, 7], DType::F64, &dev, 12)?;
     let r = randn(&[3, 7], DType::F64, &dev, 13)?;
-    let (gv, uv) = (var(&g)?, var(&u)?);
-    let grads = (swiglu(gv.as_tensor(), uv.as_tensor())? * &r)?
-        .sum_all()?
-        .backward()?;
-    let want_g = fd_grad(|g| weighted_sum(&swiglu(g, &u)?, &r), &g, FD_H)?;
-    let want_u = fd_grad(|u| weighted_sum(&swiglu(&g, u)?, &r), &u, FD_H)?;
-    crate::common::assert_close(
-        &grad_of(&grads, gv.as_tensor(), "dg"),
-        &want_g,
-        FD_TOL,
-        "dg",
-    )?;
-    crate::common::assert_close(
-        &grad_of(&grads, uv.as_tensor(), "du"),
-        &want_u,
-        FD_TOL,
-        "du",
-    )?;
+    FdCheck::new(&dev, "swiglu vs finite differences").check(&[("dg", &g), ("du", &u)], |t| {
+        weighted_loss(&swiglu(&t[0], &t[1])?, &r)
+    })?;
     assert!(swiglu(&g, &u.narrow(1, 0, 6)?).is_err());
     Ok(())
 }
@@ -374,21 +355,10 @@ fn swiglu_packed_fd_gradient() -> Result<()> {
     let _g = shared_lock();
     let gu = randn(&[3, 10], DType::F64, &Device::Cpu, 21)?;
     let r = randn(&[3, 5], DType::F64, &Device::Cpu, 22)?;
-    let v = var(&gu)?;
-    let grads = (flare::ops::swiglu_packed(v.as_tensor())? * &r)?
-        .sum_all()?
-        .backward()?;
-    let want = fd_grad(
-        |x| weighted_sum(&flare::ops::swiglu_packed(x)?, &r),
-        &gu,
-        FD_H,
-    )?;
-    crate::common::assert_close(
-        &grad_of(&grads, v.as_tensor(), "d(gu)"),
-        &want,
-        FD_TOL,
-        "d(gu)",
-    )?;
+    FdCheck::new(&Device::Cpu, "swiglu_packed vs finite differences")
+        .check(&[("d(gu)", &gu)], |t| {
+            weighted_loss(&flare::ops::swiglu_packed(&t[0])?, &r)
+        })?;
     assert!(flare::ops::swiglu_packed(&gu.narrow(1, 0, 9)?).is_err());
     Ok(())
 }

@@ -211,19 +211,15 @@ fn grads_vs_reference(dev: &Device) -> Result<()> {
 /// analytic gradients are computed in f32 on the device from the same (f32-exact) inputs and
 /// compared at the f32 tolerance.
 fn grad_fd(dev: &Device) -> Result<()> {
-    let dtype = if dev.is_cpu() { DType::F64 } else { DType::F32 };
-    let bound = if dev.is_cpu() {
-        FD_TOL
-    } else {
-        tol(DType::F32)
-    };
-    let up = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(dev)?) };
     for (xsh, r, with_bias) in [
         (&[1usize, IN][..], 1usize, false),
         (&[7, IN], 4, true),
         (&[2, 3, IN], 4, false),
     ] {
-        let what = format!("lora_linear grad fd {xsh:?} r {r} bias {with_bias}");
+        let fd = FdCheck::new(
+            dev,
+            format!("lora_linear grad fd {xsh:?} r {r} bias {with_bias}"),
+        );
         let c = case(
             xsh,
             r,
@@ -231,45 +227,29 @@ fn grad_fd(dev: &Device) -> Result<()> {
             DType::F64,
             DType::F64,
             &Device::Cpu,
-            &what,
+            fd.what(),
         )?;
-        let (x, w, a, b) = (
-            f32_exact(&c.x)?,
-            f32_exact(&c.w)?,
-            f32_exact(&c.a)?,
-            f32_exact(&c.b)?,
-        );
-        let bias = c.bias.as_ref().map(f32_exact).transpose()?;
-        let rr = f32_exact(&randn(
-            &out_dims(xsh),
-            DType::F64,
-            &Device::Cpu,
-            seed(&format!("{what} r")),
-        )?)?;
-        let s = c.s;
-        let f = |x: &Tensor, a: &Tensor, b: &Tensor| -> Result<f64> {
-            weighted_sum(&lora_linear(x, &w, bias.as_ref(), a, b, s)?, &rr)
+        let (x, a, b) = (f32_exact(&c.x)?, f32_exact(&c.a)?, f32_exact(&c.b)?);
+        let w = fd.constant(&f32_exact(&c.w)?)?;
+        let bias = match &c.bias {
+            Some(t) => Some(fd.constant(&f32_exact(t)?)?),
+            None => None,
         };
-        let fd_x = fd_grad(|x| f(x, &a, &b), &x, FD_H)?;
-        let fd_a = fd_grad(|a| f(&x, a, &b), &a, FD_H)?;
-        let fd_b = fd_grad(|b| f(&x, &a, b), &b, FD_H)?;
-
-        let (xv, av, bv) = (var(&up(&x)?)?, var(&up(&a)?)?, var(&up(&b)?)?);
-        let (wd, biasd) = (up(&w)?, bias.as_ref().map(up).transpose()?);
-        let y = lora_linear(
-            xv.as_tensor(),
-            &wd,
-            biasd.as_ref(),
-            av.as_tensor(),
-            bv.as_tensor(),
-            s,
-        )?;
-        let grads = y.mul(&up(&rr)?)?.sum_all()?.backward()?;
-        assert!(grads.get(&wd).is_none(), "{what}: W got a gradient");
-        for (name, v, fd) in [("dx", &xv, &fd_x), ("dA", &av, &fd_a), ("dB", &bv, &fd_b)] {
-            let what = format!("{what} {name}");
-            assert_close(&grad_of(&grads, v.as_tensor(), &what), fd, bound, &what)?;
-        }
+        let rr = fd.constant(&fd.input(&out_dims(xsh), "r")?)?;
+        let s = c.s;
+        let grads = fd.check(&[("dx", &x), ("dA", &a), ("dB", &b)], |t| {
+            let y = lora_linear(
+                &t[0],
+                w.like(&t[0]),
+                bias.as_ref().map(|b| b.like(&t[0])),
+                &t[1],
+                &t[2],
+                s,
+            )?;
+            weighted_loss(&y, rr.like(&t[0]))
+        })?;
+        let wd = w.like(&fd.up(&x)?).clone();
+        assert!(grads.get(&wd).is_none(), "{}: W got a gradient", fd.what());
     }
     Ok(())
 }
@@ -896,7 +876,57 @@ fn errors(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// An adapter added with its factors (as loading a saved one does) equals one added with random
+/// factors and then loaded: same dtype, device, values, scale, and forward; a taken name, a bad
+/// config and wrong shapes are refused without touching the layer.
+fn add_with_weights(dev: &Device) -> Result<()> {
+    for dtype in dtypes(dev) {
+        let what = format!("add_adapter_with_weights {}", dt(dtype));
+        let cfg = LoraConfig {
+            r: 3,
+            alpha: 6.0,
+            ..Default::default()
+        };
+        let (mut two_step, _, _) = layer_with_bias(dtype, dev, &what)?;
+        let mut direct = two_step.clone();
+        two_step.add_adapter("a", &cfg, 7)?;
+        randomize(&mut two_step, "a", &what)?;
+        let (a, b) = {
+            let ad = two_step.adapter("a").unwrap();
+            (
+                ad.a().to_device(&Device::Cpu)?,
+                ad.b().to_device(&Device::Cpu)?,
+            )
+        };
+        direct.add_adapter_with_weights("a", &cfg, &a, &b)?;
+        let (x, y) = (two_step.adapter("a").unwrap(), direct.adapter("a").unwrap());
+        assert_eq!(x.a().dtype(), y.a().dtype(), "{what}");
+        assert!(y.a().device().same_device(dev), "{what}");
+        assert_eq!((x.rank(), x.scale()), (y.rank(), y.scale()), "{what}");
+        assert_eq!(to_f64_vec(x.a())?, to_f64_vec(y.a())?, "{what}: A");
+        assert_eq!(to_f64_vec(x.b())?, to_f64_vec(y.b())?, "{what}: B");
+        two_step.set_active(Some("a"))?;
+        direct.set_active(Some("a"))?;
+        let input = randn(&[2, IN], dtype, dev, seed(&format!("{what} x")))?;
+        assert_eq!(
+            to_f64_vec(&two_step.forward(&input)?)?,
+            to_f64_vec(&direct.forward(&input)?)?,
+            "{what}: forward"
+        );
+        assert!(direct.add_adapter_with_weights("a", &cfg, &a, &b).is_err());
+        let bad = LoraConfig {
+            r: 0,
+            ..cfg.clone()
+        };
+        assert!(direct.add_adapter_with_weights("b", &bad, &a, &b).is_err());
+        assert!(direct.add_adapter_with_weights("b", &cfg, &b, &a).is_err());
+        assert_eq!(direct.adapter_names(), vec!["a"], "{what}");
+    }
+    Ok(())
+}
+
 device_test!(
+    add_with_weights,
     forward,
     views_and_empty,
     grads_vs_reference,

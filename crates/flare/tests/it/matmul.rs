@@ -299,13 +299,6 @@ fn tf32(dev: &Device) -> Result<()> {
 /// Analytic gradients of both operands against central finite differences of the f64 CPU op.
 /// On CUDA they are computed in f32 on the device from the same (f32-exact) inputs.
 fn grad_fd(dev: &Device) -> Result<()> {
-    let dtype = if dev.is_cpu() { DType::F64 } else { DType::F32 };
-    let bound = if dev.is_cpu() {
-        FD_TOL
-    } else {
-        tol(DType::F32)
-    };
-    let up = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(dev)?) };
     // (a shape, b shape, transpose a, transpose b); transposed operands are stored [k, m]/[n, k].
     for (ash, bsh, ta, tb) in [
         (&[3usize, 7][..], &[7usize, 5][..], false, false),
@@ -317,16 +310,11 @@ fn grad_fd(dev: &Device) -> Result<()> {
         (&[3, 7], &[5, 7], false, true),
         (&[2, 4, 3], &[2, 5, 4], true, true),
     ] {
-        let what = format!("matmul grad fd {ash:?}{} @ {bsh:?}{}", t(ta), t(tb));
-        let rn = |s: &[usize], tag: &str| -> Result<Tensor> {
-            f32_exact(&randn(
-                s,
-                DType::F64,
-                &Device::Cpu,
-                seed(&format!("{what} {tag}")),
-            )?)
-        };
-        let (a, b) = (rn(ash, "a")?, rn(bsh, "b")?);
+        let fd = FdCheck::new(
+            dev,
+            format!("matmul grad fd {ash:?}{} @ {bsh:?}{}", t(ta), t(tb)),
+        );
+        let (a, b) = (fd.input(ash, "a")?, fd.input(bsh, "b")?);
         let view = |x: &Tensor, tr: bool| -> Result<Tensor> {
             Ok(if tr {
                 x.transpose(x.rank() - 2, x.rank() - 1)?
@@ -335,33 +323,11 @@ fn grad_fd(dev: &Device) -> Result<()> {
             })
         };
         let out_dims = matmul_f64(&view(&a, ta)?, &view(&b, tb)?)?.dims().to_vec();
-        let r = rn(&out_dims, "r")?;
-        let fd_a = fd_grad(
-            |a| weighted_sum(&matmul(&view(a, ta)?, &view(&b, tb)?)?, &r),
-            &a,
-            FD_H,
-        )?;
-        let fd_b = fd_grad(
-            |b| weighted_sum(&matmul(&view(&a, ta)?, &view(b, tb)?)?, &r),
-            &b,
-            FD_H,
-        )?;
-
-        let (av, bv) = (var(&up(&a)?)?, var(&up(&b)?)?);
-        let c = matmul(&view(av.as_tensor(), ta)?, &view(bv.as_tensor(), tb)?)?;
-        let grads = c.mul(&up(&r)?)?.sum_all()?.backward()?;
-        assert_close(
-            &grad_of(&grads, av.as_tensor(), &what),
-            &fd_a,
-            bound,
-            &format!("{what} da"),
-        )?;
-        assert_close(
-            &grad_of(&grads, bv.as_tensor(), &what),
-            &fd_b,
-            bound,
-            &format!("{what} db"),
-        )?;
+        let r = fd.constant(&fd.input(&out_dims, "r")?)?;
+        fd.check(&[("da", &a), ("db", &b)], |t| {
+            let c = matmul(&view(&t[0], ta)?, &view(&t[1], tb)?)?;
+            weighted_loss(&c, r.like(&t[0]))
+        })?;
     }
     Ok(())
 }

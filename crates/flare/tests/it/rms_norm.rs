@@ -153,46 +153,15 @@ fn non_contiguous(dev: &Device) -> Result<()> {
 /// Analytic gradients of x and weight against central finite differences of the f64 CPU op. On
 /// CUDA the gradients are computed in f32 on the device from the same (f32-exact) inputs.
 fn grad_fd(dev: &Device) -> Result<()> {
-    let dtype = if dev.is_cpu() { DType::F64 } else { DType::F32 };
-    let bound = if dev.is_cpu() {
-        FD_TOL
-    } else {
-        tol(DType::F32)
-    };
-    let up = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(dev)?) };
     for shape in [&[3usize, 7][..], &[2, 3, 5], &[4, 1]] {
-        let what = format!("rms_norm grad fd {shape:?}");
+        let fd = FdCheck::new(dev, format!("rms_norm grad fd {shape:?}"));
         let n = *shape.last().unwrap_or(&1);
-        let rn = |s: &[usize], tag: &str| -> Result<Tensor> {
-            f32_exact(&randn(
-                s,
-                DType::F64,
-                &Device::Cpu,
-                seed(&format!("{what} {tag}")),
-            )?)
-        };
-        let (x, w, r) = (rn(shape, "x")?, rn(&[n], "w")?, rn(shape, "r")?);
+        let (x, w) = (fd.input(shape, "x")?, fd.input(&[n], "w")?);
+        let r = fd.constant(&fd.input(shape, "r")?)?;
         let eps = 1e-3; // large enough that the [4,1] case is smooth at the FD step
-        let fd_x = fd_grad(|x| weighted_sum(&rms_norm(x, &w, eps)?, &r), &x, FD_H)?;
-        let fd_w = fd_grad(|w| weighted_sum(&rms_norm(&x, w, eps)?, &r), &w, FD_H)?;
-
-        let (xv, wv) = (var(&up(&x)?)?, var(&up(&w)?)?);
-        let loss = rms_norm(xv.as_tensor(), wv.as_tensor(), eps)?
-            .mul(&up(&r)?)?
-            .sum_all()?;
-        let grads = loss.backward()?;
-        assert_close(
-            &grad_of(&grads, xv.as_tensor(), &what),
-            &fd_x,
-            bound,
-            &format!("{what} dx"),
-        )?;
-        assert_close(
-            &grad_of(&grads, wv.as_tensor(), &what),
-            &fd_w,
-            bound,
-            &format!("{what} dw"),
-        )?;
+        fd.check(&[("dx", &x), ("dw", &w)], |t| {
+            weighted_loss(&rms_norm(&t[0], &t[1], eps)?, r.like(&t[0]))
+        })?;
     }
     Ok(())
 }
@@ -200,46 +169,22 @@ fn grad_fd(dev: &Device) -> Result<()> {
 /// add_rms_norm's gradients of x, residual and weight, with a loss that uses both outputs,
 /// against central finite differences of the f64 CPU op.
 fn add_grad_fd(dev: &Device) -> Result<()> {
-    let dtype = if dev.is_cpu() { DType::F64 } else { DType::F32 };
-    let bound = if dev.is_cpu() {
-        FD_TOL
-    } else {
-        tol(DType::F32)
-    };
-    let up = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(dev)?) };
     for shape in [&[3usize, 7][..], &[2, 3, 5]] {
-        let what = format!("add_rms_norm grad fd {shape:?}");
+        let fd = FdCheck::new(dev, format!("add_rms_norm grad fd {shape:?}"));
         let n = *shape.last().unwrap_or(&1);
-        let rn = |s: &[usize], tag: &str| -> Result<Tensor> {
-            f32_exact(&randn(
-                s,
-                DType::F64,
-                &Device::Cpu,
-                seed(&format!("{what} {tag}")),
-            )?)
-        };
-        let (x, res, w) = (rn(shape, "x")?, rn(shape, "res")?, rn(&[n], "w")?);
-        let (r1, r2) = (rn(shape, "r1")?, rn(shape, "r2")?);
-        let loss = |x: &Tensor, res: &Tensor, w: &Tensor| -> Result<f64> {
-            let (y, h) = add_rms_norm(x, res, w, EPS)?;
-            Ok(weighted_sum(&y, &r1)? + weighted_sum(&h, &r2)?)
-        };
-        let fd_x = fd_grad(|x| loss(x, &res, &w), &x, FD_H)?;
-        let fd_res = fd_grad(|res| loss(&x, res, &w), &res, FD_H)?;
-        let fd_w = fd_grad(|w| loss(&x, &res, w), &w, FD_H)?;
-
-        let (xv, resv, wv) = (var(&up(&x)?)?, var(&up(&res)?)?, var(&up(&w)?)?);
-        let (y, h) = add_rms_norm(xv.as_tensor(), resv.as_tensor(), wv.as_tensor(), EPS)?;
-        let l = (y.mul(&up(&r1)?)?.sum_all()? + h.mul(&up(&r2)?)?.sum_all()?)?;
-        let grads = l.backward()?;
-        for (name, t, fd) in [
-            ("dx", &xv, &fd_x),
-            ("dresidual", &resv, &fd_res),
-            ("dw", &wv, &fd_w),
-        ] {
-            let g = grad_of(&grads, t.as_tensor(), &format!("{what} {name}"));
-            assert_close(&g, fd, bound, &format!("{what} {name}"))?;
-        }
+        let (x, res, w) = (
+            fd.input(shape, "x")?,
+            fd.input(shape, "res")?,
+            fd.input(&[n], "w")?,
+        );
+        let (r1, r2) = (
+            fd.constant(&fd.input(shape, "r1")?)?,
+            fd.constant(&fd.input(shape, "r2")?)?,
+        );
+        fd.check(&[("dx", &x), ("dresidual", &res), ("dw", &w)], |t| {
+            let (y, h) = add_rms_norm(&t[0], &t[1], &t[2], EPS)?;
+            Ok((weighted_loss(&y, r1.like(&t[0]))? + weighted_loss(&h, r2.like(&t[0]))?)?)
+        })?;
     }
     Ok(())
 }

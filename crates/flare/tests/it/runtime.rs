@@ -168,3 +168,51 @@ fn tf32_switch(_dev: &Device) -> Result<()> {
 }
 
 device_test!(exclusive: no_per_call_resources, no_per_call_resources_backward, tf32_switch);
+
+/// Every `FLARE_*` switch is read in one place (`runtime/settings.rs`) and documented in the
+/// README's table; no other source file of the library or the CLI reads one by name.
+#[test]
+fn switches_have_one_reader_and_one_table() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let vars: Vec<&str> = flare::runtime::Settings::variables().collect();
+    assert_eq!(vars.len(), 10);
+    for v in &vars {
+        assert!(
+            readme.contains(&format!("| `{v}` |")),
+            "{v} is missing from the README's table"
+        );
+    }
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&root.join("crates/flare/src"), &mut files);
+    walk(&root.join("crates/flare-cli/src"), &mut files);
+    assert!(files.len() > 20);
+    for f in files {
+        if f.ends_with("runtime/settings.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(
+            !text.contains("env::var(\"FLARE_"),
+            "{} reads a FLARE_* variable itself",
+            f.display()
+        );
+        for v in &vars {
+            assert!(
+                !text.contains(&format!("\"{v}\"")),
+                "{} names {v} in a string",
+                f.display()
+            );
+        }
+    }
+}

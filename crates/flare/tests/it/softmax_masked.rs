@@ -173,34 +173,20 @@ fn broadcast_and_views(dev: &Device) -> Result<()> {
 /// The analytic gradient against central finite differences of the f64 CPU op. On CUDA the
 /// gradient is computed in f32 on the device from the same (f32-exact) inputs.
 fn grad_fd(dev: &Device) -> Result<()> {
-    let dtype = if dev.is_cpu() { DType::F64 } else { DType::F32 };
-    let bound = if dev.is_cpu() {
-        FD_TOL
-    } else {
-        tol(DType::F32)
-    };
     for (dims, mb, s) in [
         (&[2usize, 2, 3, 5][..], 2usize, 3usize),
         (&[1, 3, 4, 1], 1, 4),
         (&[2, 4, 7], 1, 4),
         (&[4, 6, 5], 2, 3),
     ] {
-        let what = format!("softmax_masked grad fd {dims:?}");
-        let x = f32_exact(&randn(dims, DType::F64, &Device::Cpu, seed(&what))?)?;
-        let r = f32_exact(&randn(
-            dims,
-            DType::F64,
-            &Device::Cpu,
-            seed(&format!("{what} r")),
-        )?)?;
-        let (_, kc) = keep_tensor(dims, mb, s, &Device::Cpu, &what)?;
-        let fd = fd_grad(|x| weighted_sum(&softmax_masked(x, &kc)?, &r), &x, FD_H)?;
-        let kd = kc.to_device(dev)?;
-        let xv = var(&x.to_dtype(dtype)?.to_device(dev)?)?;
-        let rd = r.to_dtype(dtype)?.to_device(dev)?;
-        let loss = softmax_masked(xv.as_tensor(), &kd)?.mul(&rd)?.sum_all()?;
-        let gx = grad_of(&loss.backward()?, xv.as_tensor(), &what);
-        assert_close(&gx, &fd, bound, &what)?;
+        let fd = FdCheck::new(dev, format!("softmax_masked grad fd {dims:?}"));
+        let x = fd.input(dims, "")?;
+        let r = fd.constant(&fd.input(dims, "r")?)?;
+        let (_, kc) = keep_tensor(dims, mb, s, &Device::Cpu, fd.what())?;
+        let keep = fd.constant(&kc)?;
+        fd.check(&[("dx", &x)], |t| {
+            weighted_loss(&softmax_masked(&t[0], keep.like(&t[0]))?, r.like(&t[0]))
+        })?;
     }
     Ok(())
 }

@@ -1,13 +1,5 @@
-//! CUDA forwards of flare's ops: GEMMs through cuBLASLt, the rest through flare's kernels, all
-//! on the per-device [`crate::runtime::cuda::CudaRuntime`].
+//! CUDA plumbing shared by the ops' launchers (`ops/<op>/cuda.rs`): the row kernels' launch
+//! planning and input checks ([`rows`]) and the element-wise launch helpers ([`elementwise`]).
 
-pub(crate) mod argmax;
-pub(crate) mod attention;
-pub(crate) mod cross_entropy;
-mod elementwise;
-pub(crate) mod matmul;
-pub(crate) mod rms_norm;
-pub(crate) mod rope;
-mod rows;
-pub(crate) mod softmax;
-pub(crate) mod swiglu;
+pub(crate) mod elementwise;
+pub(crate) mod rows;

@@ -22,13 +22,24 @@ const MAX_COLS: usize = i32::MAX as usize - 64;
 /// Dynamic shared memory available to every kernel without opting in.
 pub(crate) const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 
-/// A row kernel's limits; must mirror the `#define`s at the top of its `.cu` file.
+/// A row kernel's limits: the `#define`s at the top of its `.cu` file, read through
+/// [`flare_kernels::launch`] (generated from them), so host and kernel cannot disagree.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RowKernel {
     /// Elements per thread in the register path (`*_ELEMS`).
     pub elems: usize,
     /// Threads per block at most (`*_THREADS`, the kernel's `__launch_bounds__`).
     pub max_threads: usize,
+}
+
+impl RowKernel {
+    /// From the kernel's `*_ELEMS` and `*_THREADS` constants.
+    pub(crate) const fn new(elems: u32, max_threads: u32) -> Self {
+        RowKernel {
+            elems: elems as usize,
+            max_threads: max_threads as usize,
+        }
+    }
 }
 
 /// How one launch of a row kernel covers `rows x cols`.

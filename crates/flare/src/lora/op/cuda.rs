@@ -1,0 +1,439 @@
+//! CUDA launchers of the fused LoRA linear ([`super`]): cuBLASLt GEMMs through the
+//! runtime's one entry point, [`crate::runtime::gemm::Gemm::matmul`].
+//!
+//! Candle's tensors are row-major and cuBLASLt is column-major: a row-major `[rows, cols]`
+//! buffer read column-major is the transpose, `[cols, rows]` with leading dimension `cols`. So
+//! a row-major `C = P · Q` is issued as the column-major `Cᵀ = Qᵀ · Pᵀ`, and an operand that
+//! appears transposed in the row-major formula (`Wᵀ` in `x Wᵀ`) is read with the transpose
+//! flag set. Each call below states the column-major product it issues.
+//!
+//! Every operand is contiguous (the op makes them so) and every size is at least 1 (the public
+//! function sends degenerate shapes to the composite path); both are checked here again.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaStorage, DType, Layout};
+
+use super::plan::{Needs, Packed, OP};
+use crate::ops::contiguous_range;
+use crate::runtime::cuda::CudaRuntime;
+use crate::runtime::gemm::GemmParams;
+
+const OP_FWD: &str = "lora_linear (cuda)";
+const OP_BWD: &str = "lora_linear backward (cuda)";
+
+/// The forward's operands: `x: [T, in]`, `a: [r, in]`, `b: [out, r]`, `w: [out, in]`,
+/// `bias: [out]`, all of one dtype, contiguous.
+pub(crate) struct FwdArgs<'a> {
+    pub x: (&'a CudaStorage, &'a Layout),
+    pub a: (&'a CudaStorage, &'a Layout),
+    pub b: (&'a CudaStorage, &'a Layout),
+    pub w: (&'a CudaStorage, &'a Layout),
+    pub bias: Option<(&'a CudaStorage, &'a Layout)>,
+    pub scale: f64,
+}
+
+/// The backward's operands: `x: [T, in]`, `dy: [T, out]`, `a: [r, in]`, `w: [out, in]`,
+/// `b: [out, r]`, all of one dtype, contiguous; which gradients to compute and where they go.
+pub(crate) struct BwdArgs<'a> {
+    pub x: (&'a CudaStorage, &'a Layout),
+    pub dy: (&'a CudaStorage, &'a Layout),
+    pub a: (&'a CudaStorage, &'a Layout),
+    pub w: (&'a CudaStorage, &'a Layout),
+    pub b: (&'a CudaStorage, &'a Layout),
+    pub scale: f64,
+    pub need: Needs,
+    pub packed: Packed,
+    /// `H = x Aᵀ` (`[T, r]`, contiguous, the dtype of `x`) as the forward computed it, if it
+    /// kept it; recomputed when `None` and `dB` is needed.
+    pub h: Option<&'a CudaStorage>,
+}
+
+fn internal(op: &str, msg: String) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op}: internal error: {msg}"))
+}
+
+/// `(rows, cols)` of a contiguous 2-D operand, and its start offset; errors name `what`.
+fn matrix(op: &'static str, what: &str, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    let (start, _) = contiguous_range(op, l)?;
+    match *l.dims() {
+        [rows, cols] if rows > 0 && cols > 0 => Ok((rows, cols, start)),
+        _ => Err(internal(
+            op,
+            format!("{what} must be a non-empty matrix, got {:?}", l.dims()),
+        )),
+    }
+}
+
+/// Checks that `what` is `[rows, cols]`.
+fn expect(
+    op: &str,
+    what: &str,
+    got: (usize, usize),
+    want: (usize, usize),
+) -> candle_core::Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(internal(
+            op,
+            format!("{what} is {got:?}, expected {want:?}"),
+        ))
+    }
+}
+
+/// One plain (batch 1) column-major GEMM: `C[m, n] = alpha · op(A) op(B) + beta · C`.
+#[allow(clippy::too_many_arguments)]
+fn params(
+    dtype: DType,
+    transa: bool,
+    transb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    ldc: usize,
+) -> GemmParams {
+    GemmParams {
+        dtype,
+        transa,
+        transb,
+        m,
+        n,
+        k,
+        lda,
+        ldb,
+        ldc,
+        batch: 1,
+        stride_a: 0,
+        stride_b: 0,
+        stride_c: 0,
+    }
+}
+
+fn slice<T: CudaDType>(s: &CudaStorage) -> candle_core::Result<&CudaSlice<T>> {
+    s.as_cuda_slice::<T>()
+}
+
+/// `y = x Wᵀ (+ bias) + s · (x Aᵀ) Bᵀ` as a fresh contiguous `[T, out]` storage, and `H = x Aᵀ`
+/// (`[T, r]`), which the backward reuses instead of recomputing it.
+///
+/// Order: `H = X Aᵀ` first, then the low-rank product written into `Y` (`beta = 0`; with a bias,
+/// accumulated onto `Y` filled with the bias), and last the base GEMM `Y = X Wᵀ + 1 · Y`: the
+/// big GEMM reads `C` in its epilogue, where the read overlaps its compute, instead of a
+/// separate read-modify-write pass of `Y` by the (memory-bound) low-rank GEMM.
+pub(crate) fn fwd(args: FwdArgs<'_>) -> candle_core::Result<(CudaStorage, CudaStorage)> {
+    let dtype = args.x.0.dtype();
+    for (what, s) in [
+        ("lora_a", args.a.0),
+        ("lora_b", args.b.0),
+        ("weight", args.w.0),
+    ]
+    .into_iter()
+    .chain(args.bias.map(|b| ("bias", b.0)))
+    {
+        if s.dtype() != dtype {
+            return Err(internal(
+                OP_FWD,
+                format!("{what} is {:?}, x is {dtype:?}", s.dtype()),
+            ));
+        }
+    }
+    match dtype {
+        DType::F32 => fwd_t::<f32>(DType::F32, &args),
+        DType::F16 => fwd_t::<half::f16>(DType::F16, &args),
+        DType::BF16 => fwd_t::<half::bf16>(DType::BF16, &args),
+        dt => Err(candle_core::Error::Msg(format!(
+            "{OP}: unsupported dtype {dt:?} on CUDA (f32, f16 and bf16 are)"
+        ))),
+    }
+}
+
+fn fwd_t<T: CudaDType + DeviceRepr>(
+    dtype: DType,
+    args: &FwdArgs<'_>,
+) -> candle_core::Result<(CudaStorage, CudaStorage)> {
+    let (t, inf, x_off) = matrix(OP_FWD, "x", args.x.1)?;
+    let (r, a_in, a_off) = matrix(OP_FWD, "lora_a", args.a.1)?;
+    let (out, b_r, b_off) = matrix(OP_FWD, "lora_b", args.b.1)?;
+    let (w_out, w_in, w_off) = matrix(OP_FWD, "weight", args.w.1)?;
+    expect(OP_FWD, "lora_a", (r, a_in), (r, inf))?;
+    expect(OP_FWD, "lora_b", (out, b_r), (out, r))?;
+    expect(OP_FWD, "weight", (w_out, w_in), (out, inf))?;
+    if let Some((_, lbias)) = args.bias {
+        contiguous_range(OP_FWD, lbias)?;
+        if lbias.dims() != [out] {
+            return Err(internal(
+                OP_FWD,
+                format!("bias is {:?}, expected [{out}]", lbias.dims()),
+            ));
+        }
+    }
+
+    let dev = &args.x.0.device;
+    let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
+    let stream = rt.stream();
+    let size = std::mem::size_of::<T>() as u64;
+    let (xs, as_, bs, ws) = (
+        slice::<T>(args.x.0)?,
+        slice::<T>(args.a.0)?,
+        slice::<T>(args.b.0)?,
+        slice::<T>(args.w.0)?,
+    );
+
+    // SAFETY: every element of `y` is written before it is read: with a bias, by the broadcast
+    // copy below (then the low-rank GEMM reads it with beta = 1); without, by the low-rank GEMM
+    // with beta = 0, which does not read C. The base GEMM (beta = 1) comes after either.
+    let y = unsafe { dev.alloc::<T>(t * out) }?;
+    let mut y = CudaStorage::wrap_cuda_slice(y, dev.clone());
+    let beta_low = match args.bias {
+        Some((bias, lbias)) => {
+            // Y starts as the bias broadcast over the rows, and the low-rank GEMM accumulates
+            // onto it. The copy is Candle's `copy2d` kernel with a source row stride of 0 (one
+            // launch, no host-to-device transfer of strides); it indexes with u32, so a larger
+            // output takes Candle's general strided copy. Both run on Candle's stream, which
+            // is the runtime's.
+            if t.checked_mul(out).is_some_and(|n| n <= u32::MAX as usize) {
+                bias.copy2d(&mut y, t, out, 0, out, lbias.start_offset(), 0)?;
+            } else {
+                bias.copy_strided_src(&mut y, 0, &lbias.broadcast_as((t, out))?)?;
+            }
+            1.0
+        }
+        None => 0.0,
+    };
+    // SAFETY: every element of `h` is written by the first GEMM (beta = 0) before the second
+    // reads it (and before the backward, which may reuse it, can run).
+    let mut h = unsafe { dev.alloc::<T>(t * r) }?;
+    {
+        let ys = y.as_cuda_slice_mut::<T>()?;
+        let (xp, _gx) = xs.device_ptr(stream);
+        let (ap, _ga) = as_.device_ptr(stream);
+        let (bp, _gb) = bs.device_ptr(stream);
+        let (wp, _gw) = ws.device_ptr(stream);
+        let (yp, _gy) = ys.device_ptr_mut(stream);
+        let (hp, _gh) = h.device_ptr_mut(stream);
+        let (xp, ap, bp, wp) = (
+            xp + x_off as u64 * size,
+            ap + a_off as u64 * size,
+            bp + b_off as u64 * size,
+            wp + w_off as u64 * size,
+        );
+        let gemm = rt.gemm();
+        // Hᵀ[r, T] = A[r, in] · Xᵀ[in, T]: A's buffer is Aᵀ (in × r, ld in), so transa; X's
+        // buffer is Xᵀ (in × T, ld in). Both operands are K-major (the "TN" layout).
+        let p_h = params(dtype, true, false, r, t, inf, inf, inf, r);
+        // SAFETY: A (r·in elements from `a_off`), X (T·in from `x_off`) and H (T·r, fresh,
+        // disjoint from both) are contiguous buffers of `T` on this runtime's device, exactly
+        // covering what the params address (checked dims above). All are ordered on the
+        // runtime's stream (Candle's), and the guards keep them borrowed until the GEMM has
+        // been queued.
+        unsafe { gemm.matmul(&p_h, ap, xp, hp, 1.0, 0.0) }.map_err(crate::Error::into_candle)?;
+        // Yᵀ[out, T] (+)= s · B[out, r] · Hᵀ[r, T]: B's buffer is Bᵀ (r × out, ld r), so
+        // transa; H's buffer is Hᵀ (r × T, ld r). beta = 0 (or 1 onto the bias).
+        let p_low = params(dtype, true, false, out, t, r, r, r, out);
+        // SAFETY: B (out·r from `b_off`), H (T·r, written by the GEMM queued before on the same
+        // stream) and Y (T·out, fresh, disjoint from B and H; with beta = 1 it holds the bias
+        // copy queued before) on this device, covering exactly what the params address;
+        // guards held.
+        unsafe { gemm.matmul(&p_low, bp, hp, yp, args.scale as f32, beta_low) }
+            .map_err(crate::Error::into_candle)?;
+        // Yᵀ[out, T] = W[out, in] · Xᵀ[in, T] + 1 · Yᵀ: W's buffer read column-major is Wᵀ
+        // (in × out, ld in), so transa; X's buffer is Xᵀ (in × T, ld in). The low-rank part
+        // (and the bias) already in Y is added in the epilogue.
+        let p_base = params(dtype, true, false, out, t, inf, inf, inf, out);
+        // SAFETY: W (out·in from `w_off`), X (T·in) and Y (T·out, disjoint from both, fully
+        // written by the GEMM queued before on this stream) on this device, covering exactly
+        // what the params address; same stream, guards held.
+        unsafe { gemm.matmul(&p_base, wp, xp, yp, 1.0, 1.0) }.map_err(crate::Error::into_candle)?;
+    }
+    Ok((y, CudaStorage::wrap_cuda_slice(h, dev.clone())))
+}
+
+/// The backward: `dx = dy W + G A`, `dA = Gᵀ x`, `dB = s · dyᵀ H` with `G = s · dy B` and
+/// `H = x Aᵀ` (the forward's, or recomputed), each computed only when needed, into one fresh
+/// buffer laid out as `args.packed`.
+pub(crate) fn bwd(args: BwdArgs<'_>) -> candle_core::Result<CudaStorage> {
+    let dtype = args.x.0.dtype();
+    for (what, s) in [
+        ("dy", args.dy.0),
+        ("lora_a", args.a.0),
+        ("weight", args.w.0),
+        ("lora_b", args.b.0),
+    ]
+    .into_iter()
+    .chain(args.h.map(|h| ("saved H", h)))
+    {
+        if s.dtype() != dtype {
+            return Err(internal(
+                OP_BWD,
+                format!("{what} is {:?}, x is {dtype:?}", s.dtype()),
+            ));
+        }
+    }
+    match dtype {
+        DType::F32 => bwd_t::<f32>(DType::F32, &args),
+        DType::F16 => bwd_t::<half::f16>(DType::F16, &args),
+        DType::BF16 => bwd_t::<half::bf16>(DType::BF16, &args),
+        dt => Err(candle_core::Error::Msg(format!(
+            "{OP}: unsupported dtype {dt:?} on CUDA (f32, f16 and bf16 are)"
+        ))),
+    }
+}
+
+fn bwd_t<T: CudaDType + DeviceRepr>(
+    dtype: DType,
+    args: &BwdArgs<'_>,
+) -> candle_core::Result<CudaStorage> {
+    let (t, inf, x_off) = matrix(OP_BWD, "x", args.x.1)?;
+    let (dy_t, out, dy_off) = matrix(OP_BWD, "dy", args.dy.1)?;
+    let (r, a_in, a_off) = matrix(OP_BWD, "lora_a", args.a.1)?;
+    let (w_out, w_in, w_off) = matrix(OP_BWD, "weight", args.w.1)?;
+    let (b_out, b_r, b_off) = matrix(OP_BWD, "lora_b", args.b.1)?;
+    expect(OP_BWD, "dy", (dy_t, out), (t, out))?;
+    expect(OP_BWD, "lora_a", (r, a_in), (r, inf))?;
+    expect(OP_BWD, "weight", (w_out, w_in), (out, inf))?;
+    expect(OP_BWD, "lora_b", (b_out, b_r), (out, r))?;
+    let (need, p, s) = (args.need, args.packed, args.scale as f32);
+    if p != Packed::new(t, inf, out, r, need) || p.total == 0 {
+        return Err(internal(
+            OP_BWD,
+            format!("packed layout {p:?} does not fit"),
+        ));
+    }
+
+    let dev = &args.x.0.device;
+    let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
+    let stream = rt.stream();
+    let size = std::mem::size_of::<T>() as u64;
+    let (xs, dys, as_, ws, bs) = (
+        slice::<T>(args.x.0)?,
+        slice::<T>(args.dy.0)?,
+        slice::<T>(args.a.0)?,
+        slice::<T>(args.w.0)?,
+        slice::<T>(args.b.0)?,
+    );
+    // The forward's H, when it kept one: a whole `[T, r]` buffer of this dtype.
+    let saved_h = match args.h {
+        Some(h) if need.db => {
+            let h = slice::<T>(h)?;
+            if h.len() != t * r {
+                return Err(internal(
+                    OP_BWD,
+                    format!("saved H has {} elements, expected {t} x {r}", h.len()),
+                ));
+            }
+            Some(h)
+        }
+        _ => None,
+    };
+    let need_g = need.dx || need.da;
+    // SAFETY: the pieces `p` lays out (dx, dA, dB, those requested) are each written in full
+    // below by a GEMM with beta = 0 before anything reads them (dx's second GEMM accumulates
+    // onto its first); the padding between pieces is never read (the op's caller only takes
+    // the pieces, as views).
+    let mut packed = unsafe { dev.alloc::<T>(p.total) }?;
+    // SAFETY: written in full by the G GEMM (beta = 0) before the dx / dA GEMMs read it.
+    let mut g = if need_g {
+        Some(unsafe { dev.alloc::<T>(t * r) }?)
+    } else {
+        None
+    };
+    // SAFETY: written in full by the H GEMM (beta = 0) before the dB GEMM reads it. Only
+    // allocated when the forward's H is not at hand.
+    let mut h = if need.db && saved_h.is_none() {
+        Some(unsafe { dev.alloc::<T>(t * r) }?)
+    } else {
+        None
+    };
+    {
+        let (xp, _gx) = xs.device_ptr(stream);
+        let (dyp, _gdy) = dys.device_ptr(stream);
+        let (ap, _ga) = as_.device_ptr(stream);
+        let (wp, _gw) = ws.device_ptr(stream);
+        let (bp, _gb) = bs.device_ptr(stream);
+        let (outp, _gout) = packed.device_ptr_mut(stream);
+        let gs = g.as_mut().map(|g| g.device_ptr_mut(stream));
+        let hs = h.as_mut().map(|h| h.device_ptr_mut(stream));
+        let saved = saved_h.map(|h| h.device_ptr(stream));
+        let (xp, dyp, ap, wp, bp) = (
+            xp + x_off as u64 * size,
+            dyp + dy_off as u64 * size,
+            ap + a_off as u64 * size,
+            wp + w_off as u64 * size,
+            bp + b_off as u64 * size,
+        );
+        let at = |off: usize| outp + off as u64 * size;
+        let gemm = rt.gemm();
+        let gp = gs.as_ref().map(|(ptr, _)| *ptr);
+
+        if let Some(gp) = gp {
+            // Gᵀ[r, T] = s · Bᵀ[r, out] · dyᵀ[out, T]: B's buffer read column-major is Bᵀ
+            // (r × out, ld r), dy's is dyᵀ (out × T, ld out); no transposes.
+            let pg = params(dtype, false, false, r, t, out, r, out, r);
+            // SAFETY: B (out·r elements from `b_off`), dy (T·out from `dy_off`) and G (T·r,
+            // fresh, disjoint) are contiguous buffers of `T` on this runtime's device covering
+            // exactly what the params address; all ordered on the runtime's stream, guards held
+            // until queued.
+            unsafe { gemm.matmul(&pg, bp, dyp, gp, s, 0.0) }.map_err(crate::Error::into_candle)?;
+        }
+        if let (Some(off), Some(gp)) = (p.dx, gp) {
+            let dxp = at(off);
+            // The low-rank part first, then the big GEMM accumulates onto it in its epilogue
+            // (where reading C overlaps its compute), rather than a separate read-modify-write
+            // pass of dx by the memory-bound low-rank GEMM.
+            // dxᵀ[in, T] = Aᵀ[in, r] · Gᵀ[r, T]: A's buffer is Aᵀ (in × r, ld in), G's is Gᵀ.
+            let p_low = params(dtype, false, false, inf, t, r, inf, r, inf);
+            // SAFETY: A (r·in from `a_off`), G (T·r, written by the GEMM queued above on this
+            // stream) and the dx piece (T·in elements from `off` inside `packed`, which
+            // `Packed::new` sized; disjoint from the inputs) on this device; same stream,
+            // guards held. beta = 0: dx is written, not read.
+            unsafe { gemm.matmul(&p_low, ap, gp, dxp, 1.0, 0.0) }
+                .map_err(crate::Error::into_candle)?;
+            // dxᵀ[in, T] += Wᵀ[in, out] · dyᵀ[out, T]: W's buffer is Wᵀ (in × out, ld in).
+            let p_base = params(dtype, false, false, inf, t, out, inf, out, inf);
+            // SAFETY: W (out·in from `w_off`), dy (T·out) and the dx piece as above (beta = 1
+            // reads what the previous GEMM on this stream wrote in full); guards held.
+            unsafe { gemm.matmul(&p_base, wp, dyp, dxp, 1.0, 1.0) }
+                .map_err(crate::Error::into_candle)?;
+        }
+        if let (Some(off), Some(gp)) = (p.da, gp) {
+            // dAᵀ[in, r] = Xᵀ[in, T] · G[T, r]: X's buffer is Xᵀ (in × T, ld in); G's buffer is
+            // Gᵀ (r × T, ld r), so transb.
+            let pa = params(dtype, false, true, inf, r, t, inf, r, inf);
+            // SAFETY: X (T·in from `x_off`), G (T·r, written above) and the dA piece (r·in
+            // from `off` inside `packed`, disjoint) on this device; same stream, guards held.
+            unsafe { gemm.matmul(&pa, xp, gp, at(off), 1.0, 0.0) }
+                .map_err(crate::Error::into_candle)?;
+        }
+        if let Some(off) = p.db {
+            let hp = match (&saved, &hs) {
+                (Some((hp, _)), _) => *hp,
+                (None, Some((hp, _))) => {
+                    // Hᵀ[r, T] = A[r, in] · Xᵀ[in, T]: A's buffer is Aᵀ, so transa (as in the
+                    // forward).
+                    let ph = params(dtype, true, false, r, t, inf, inf, inf, r);
+                    // SAFETY: A (r·in), X (T·in) and H (T·r, fresh, disjoint) on this device;
+                    // same stream, guards held.
+                    unsafe { gemm.matmul(&ph, ap, xp, *hp, 1.0, 0.0) }
+                        .map_err(crate::Error::into_candle)?;
+                    *hp
+                }
+                (None, None) => {
+                    return Err(internal(OP_BWD, "dB needed but no H buffer".into()));
+                }
+            };
+            // dBᵀ[r, out] = s · Hᵀ[r, T] · dy[T, out]: H's buffer is Hᵀ (r × T, ld r); dy's
+            // buffer is dyᵀ (out × T, ld out), so transb.
+            let pb = params(dtype, false, true, r, out, t, r, out, r);
+            // SAFETY: H (T·r: the forward's, written on this stream before this op could run,
+            // or the one written just above), dy (T·out) and the dB piece (out·r from `off`
+            // inside `packed`, disjoint) on this device; guards held.
+            unsafe { gemm.matmul(&pb, hp, dyp, at(off), s, 0.0) }
+                .map_err(crate::Error::into_candle)?;
+        }
+    }
+    Ok(CudaStorage::wrap_cuda_slice(packed, dev.clone()))
+}

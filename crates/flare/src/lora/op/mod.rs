@@ -1,0 +1,795 @@
+//! The fused LoRA linear `y = x Wᵀ (+ bias) + s · (x Aᵀ) Bᵀ`, whose backward never computes
+//! the frozen weight's gradient.
+//!
+//! Shapes: `x: [..., in]`, `W: [out, in]` (frozen), `bias: [out]`, `A: [r, in]`, `B: [out, r]`,
+//! `y: [..., out]`. Let `T` be the number of tokens (the product of `x`'s leading dims).
+//!
+//! # Forward
+//! [`lora_linear`] is one Candle custom op on `(x, A, B)`; `W`, the bias and `s` are captured
+//! in the op, so `W` is not an autograd input: no gradient of `W`'s size is ever allocated or
+//! computed, whether or not `W` is a `Var`.
+//! - CUDA: three cuBLASLt GEMMs through the runtime's one entry point
+//!   (`flare::runtime::gemm::Gemm::matmul`, with the `cuda` feature): `H = X Aᵀ` into a
+//!   `[T, r]` buffer, `Y = s · H Bᵀ` (`alpha = s`, `beta = 0`), then the base GEMM
+//!   `Y = X Wᵀ + 1 · Y` (`beta = 1`): the big, compute-bound GEMM absorbs the low-rank part in
+//!   its epilogue, where reading `C` overlaps its compute, instead of the memory-bound low-rank
+//!   GEMM doing a read-modify-write pass over `Y`. cuBLASLt's bias epilogue is not part of the
+//!   entry point, so with a bias `Y` is first filled with the bias broadcast over the rows (one
+//!   copy kernel, Candle's `copy2d` with a source row stride of 0) and the low-rank GEMM runs
+//!   with `beta = 1` on top of it. `H` is kept (in the op, `T · r` elements) for the backward.
+//!   `x` of any rank is read in place as `[T, in]` and `y` comes out `[..., out]`: no reshape
+//!   nodes in the graph (each would cost a zero fill and an add over its gradient).
+//! - CPU: Candle's CPU gemm for the three products, then one pass adding `s · low + bias` in
+//!   f64 and rounding once to the dtype. f64 is supported (for finite-difference checks).
+//! - Other devices (Metal): the composite of [`crate::ops::matmul()`] calls (`W` detached).
+//!
+//! # Backward
+//! With upstream `dy: [T, out]`, `G = s · dy B` (`[T, r]`) and `H = x Aᵀ` (the CUDA forward's,
+//! kept by the op; recomputed on the CPU):
+//!   `dx = dy W + G A`, `dA = Gᵀ x`, `dB = s · dyᵀ H`.
+//! On CUDA, `dx` is two GEMMs into one buffer: `G A` first (`beta = 0`), then the big `dy W`
+//! accumulating onto it in its epilogue (`beta = 1`). Each gradient is
+//! computed only when its input takes part in autograd (`Tensor::track_op`): a frozen input
+//! (`x` of the first layer, say) costs nothing, and `G` / `H` are only formed when a gradient
+//! needs them. The gradients come out of one backward op packed in a flat buffer and are split
+//! by views (each piece starts on a 16-element boundary). The backward op has no backward of its
+//! own: a second derivative returns Candle's `BackwardNotSupported`.
+//!
+//! # Dtypes
+//! `x`, `W` and the bias share one dtype (f32, f16, bf16; f64 on CPU). `A` and `B` share one
+//! dtype, either the base dtype or f32 while the base is f16/bf16 (PEFT keeps adapters in f32
+//! on a half-precision base). In the mixed case `A` and `B` are cast to the base dtype (with
+//! Candle's `to_dtype`, whose backward casts back) before the GEMMs, which then run in the base
+//! dtype with f32 accumulation, as under PyTorch's autocast; the gradients of `A` and `B` come
+//! back in their own dtype (f32), computed in the base dtype and widened.
+//!
+//! # Dropout
+//! LoRA dropout (`dropout(x)` on the input of the low-rank path only) is not fused yet: a layer
+//! with dropout in training mode ([`crate::lora::LoraLinear`]) runs the composite of
+//! [`crate::ops::matmul()`] calls with a mask multiply on `x` for the low-rank path.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
+
+use crate::error::device_name;
+use crate::ops::{check_dtype, check_rank, contiguous_range, matmul, native};
+use crate::{Error, Result};
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod plan;
+
+use cpu::{combine_fwd, scaled};
+use plan::{Needs, Packed, OP, OP_BWD};
+
+fn internal(op: &str, msg: String) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op}: internal error: {msg}"))
+}
+
+/// The CPU storage behind a captured tensor.
+fn cpu_storage<'a>(op: &str, s: &'a Storage) -> candle_core::Result<&'a CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Ok(c),
+        _ => Err(internal(op, "a captured tensor is not on the CPU".into())),
+    }
+}
+
+/// Runs `$body` with `$T` the element type of `$dtype` (f32, f64, f16, bf16).
+macro_rules! by_dtype {
+    ($op:expr, $dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            DType::F16 => {
+                type $T = half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            other => Err(candle_core::Error::Msg(format!(
+                "{}: unsupported dtype {other:?}",
+                $op
+            ))),
+        }
+    };
+}
+
+/// The forward's `H = x Aᵀ` as kept for the backward: a CUDA `[T, r]` storage. Nothing is kept
+/// on other devices (the CPU backward recomputes it), so without CUDA the type is empty.
+#[cfg(feature = "cuda")]
+type SavedH = Arc<candle_core::CudaStorage>;
+#[cfg(not(feature = "cuda"))]
+type SavedH = std::convert::Infallible;
+
+/// The forward op `(x [..., in], A [r, in], B [out, r]) -> y [..., out]`, with `W` and the bias
+/// captured (contiguous, same dtype and device as `x`). `x` must be contiguous; the op reads it
+/// as the `[T, in]` matrix it is, so that no reshape node (whose backward is a zero fill and an
+/// add over the whole gradient) enters the autograd graph on either side.
+struct LoraFwd {
+    w: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+    /// `H = x Aᵀ` from the CUDA forward (`T · r` elements, small next to `x`), reused by the
+    /// backward for `dB` instead of a second pass over `x`. Lives as long as the op, i.e. the
+    /// autograd graph (or only the forward call when nothing is tracked).
+    saved_h: Mutex<Option<SavedH>>,
+}
+
+/// `l` as the contiguous `[rows, cols]` matrix it holds: `cols` its last dim, `rows` the product
+/// of the others (1 for a vector), same start offset. Errors if `l` is not contiguous or is a
+/// scalar.
+fn as_matrix(op: &str, l: &Layout) -> candle_core::Result<Layout> {
+    let dims = l.dims();
+    let Some((&cols, lead)) = dims.split_last() else {
+        return Err(internal(op, "an operand is a scalar".into()));
+    };
+    if !l.is_contiguous() {
+        return Err(internal(
+            op,
+            format!("an operand {dims:?} is not contiguous"),
+        ));
+    }
+    let rows: usize = lead.iter().product();
+    Ok(Layout::contiguous_with_offset(
+        (rows, cols),
+        l.start_offset(),
+    ))
+}
+
+/// `x`'s dims with the last one replaced by `out`: the output's shape.
+fn out_shape(lx: &Layout, out: usize) -> Shape {
+    let mut dims = lx.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    Shape::from(dims)
+}
+
+/// `(T, in, r, out)` of the forward's inputs, `lx` being the `[T, in]` matrix.
+fn fwd_dims(lx: &Layout, la: &Layout, lb: &Layout) -> (usize, usize, usize, usize) {
+    (lx.dims()[0], lx.dims()[1], la.dims()[0], lb.dims()[0])
+}
+
+impl CustomOp3 for LoraFwd {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = out_shape(lx, lb.dims()[0]);
+        let lx = &as_matrix(OP, lx)?;
+        let (t, inf, r, out) = fwd_dims(lx, la, lb);
+        let (ws, wl) = self.w.storage_and_layout();
+        let wc = cpu_storage(OP, &ws)?;
+        let base = sx.matmul(wc, (1, t, out, inf), lx, &wl.transpose(0, 1)?)?;
+        let h = sx.matmul(sa, (1, t, r, inf), lx, &la.transpose(0, 1)?)?;
+        let low = h.matmul(
+            sb,
+            (1, t, out, r),
+            &Layout::contiguous((t, r)),
+            &lb.transpose(0, 1)?,
+        )?;
+        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias_guard {
+            Some((s, l)) => Some((cpu_storage(OP, s)?, contiguous_range(OP, l)?)),
+            None => None,
+        };
+        let s = self.scale;
+        let y = by_dtype!(OP, sx.dtype(), E => {
+            let bias = match bias {
+                Some((st, (b0, b1))) => Some(&st.as_slice::<E>()?[b0..b1]),
+                None => None,
+            };
+            Ok(E::to_cpu_storage_owned(combine_fwd(
+                base.as_slice::<E>()?,
+                low.as_slice::<E>()?,
+                bias,
+                s,
+                out,
+            )))
+        })?;
+        Ok((y, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sa: &candle_core::CudaStorage,
+        la: &Layout,
+        sb: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let wc = cuda_storage(OP, &ws)?;
+        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias_guard {
+            Some((s, l)) => Some((cuda_storage(OP, s)?, *l)),
+            None => None,
+        };
+        let shape = out_shape(lx, lb.dims()[0]);
+        let lx2 = as_matrix(OP, lx)?;
+        let (y, h) = cuda::fwd(cuda::FwdArgs {
+            x: (sx, &lx2),
+            a: (sa, la),
+            b: (sb, lb),
+            w: (wc, wl),
+            bias,
+            scale: self.scale,
+        })?;
+        *self.saved_h.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(h));
+        Ok((y, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need = Needs {
+            dx: x.track_op(),
+            da: a.track_op(),
+            db: b.track_op(),
+        };
+        if !(need.dx || need.da || need.db) {
+            return Ok((None, None, None));
+        }
+        let inf = x.dims().last().copied().unwrap_or(1);
+        let t = x.elem_count() / inf.max(1);
+        let (out, r) = b.dims2()?;
+        let dy = dy.contiguous()?;
+        let op = LoraBwd {
+            w: self.w.clone(),
+            b: b.detach(),
+            scale: self.scale,
+            need,
+            h: self
+                .saved_h
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .cloned(),
+        };
+        // Tracked (not `apply_op3_no_bwd`), so that a second derivative through it errors with
+        // `BackwardNotSupported` instead of silently stopping.
+        let packed = x.apply_op3_arc(&dy, a, Arc::new(Box::new(op)))?;
+        let p = Packed::new(t, inf, out, r, need);
+        // Views of the packed buffer: no copies.
+        let piece = |off: Option<usize>, dims: &[usize]| {
+            off.map(|o| packed.narrow(0, o, dims.iter().product())?.reshape(dims))
+                .transpose()
+        };
+        Ok((
+            piece(p.dx, x.dims())?,
+            piece(p.da, &[r, inf])?,
+            piece(p.db, &[out, r])?,
+        ))
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_storage<'a>(op: &str, s: &'a Storage) -> candle_core::Result<&'a candle_core::CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Ok(c),
+        _ => Err(internal(op, "a captured tensor is not on CUDA".into())),
+    }
+}
+
+/// The backward op `(x [..., in], dy [..., out], A [r, in]) -> [dx | dA | dB]` packed flat
+/// (see [`Packed`]), with `W` and `B` captured (contiguous, same dtype and device); `x` and `dy`
+/// contiguous, read as `[T, in]` and `[T, out]`.
+struct LoraBwd {
+    w: Tensor,
+    b: Tensor,
+    scale: f64,
+    need: Needs,
+    /// The forward's `H = x Aᵀ` (CUDA), when it kept one.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    h: Option<SavedH>,
+}
+
+impl CustomOp3 for LoraBwd {
+    fn name(&self) -> &'static str {
+        OP_BWD
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sdy: &CpuStorage,
+        ldy: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (lx, ldy) = (&as_matrix(OP_BWD, lx)?, &as_matrix(OP_BWD, ldy)?);
+        let (t, inf) = (lx.dims()[0], lx.dims()[1]);
+        let (out, r) = (ldy.dims()[1], la.dims()[0]);
+        let (ws, wl) = self.w.storage_and_layout();
+        let wc = cpu_storage(OP_BWD, &ws)?;
+        let (bs, bl) = self.b.storage_and_layout();
+        let bc = cpu_storage(OP_BWD, &bs)?;
+        let need = self.need;
+        let s = self.scale;
+        let p = Packed::new(t, inf, out, r, need);
+        let tr = Layout::contiguous((t, r));
+
+        // G = s · dy B, rounded to the dtype (it feeds two products).
+        let g = if need.dx || need.da {
+            let g = sdy.matmul(bc, (1, t, r, out), ldy, bl)?;
+            Some(
+                by_dtype!(OP_BWD, g.dtype(), E => Ok(E::to_cpu_storage_owned(scaled(
+                    g.as_slice::<E>()?,
+                    s
+                ))))?,
+            )
+        } else {
+            None
+        };
+        let (dx_w, dx_a) = match (&g, need.dx) {
+            (Some(g), true) => (
+                Some(sdy.matmul(wc, (1, t, inf, out), ldy, wl)?),
+                Some(g.matmul(sa, (1, t, inf, r), &tr, la)?),
+            ),
+            _ => (None, None),
+        };
+        let da = match (&g, need.da) {
+            (Some(g), true) => Some(g.matmul(sx, (1, r, inf, t), &tr.transpose(0, 1)?, lx)?),
+            _ => None,
+        };
+        let db = if need.db {
+            let h = sx.matmul(sa, (1, t, r, inf), lx, &la.transpose(0, 1)?)?;
+            Some(sdy.matmul(&h, (1, out, r, t), &ldy.transpose(0, 1)?, &tr)?)
+        } else {
+            None
+        };
+
+        let packed = by_dtype!(OP_BWD, sx.dtype(), E => {
+            let mut v = vec![E::from_f64(0.0); p.total];
+            if let (Some(o), Some(pw), Some(pa)) = (p.dx, &dx_w, &dx_a) {
+                let (pw, pa) = (pw.as_slice::<E>()?, pa.as_slice::<E>()?);
+                for (d, (&u, &w)) in v[o..o + t * inf].iter_mut().zip(pw.iter().zip(pa)) {
+                    *d = E::from_f64(u.to_f64() + w.to_f64());
+                }
+            }
+            if let (Some(o), Some(da)) = (p.da, &da) {
+                v[o..o + r * inf].copy_from_slice(da.as_slice::<E>()?);
+            }
+            if let (Some(o), Some(db)) = (p.db, &db) {
+                for (d, &u) in v[o..o + out * r].iter_mut().zip(db.as_slice::<E>()?) {
+                    *d = E::from_f64(s * u.to_f64());
+                }
+            }
+            Ok(E::to_cpu_storage_owned(v))
+        })?;
+        Ok((packed, Shape::from(p.total)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sdy: &candle_core::CudaStorage,
+        ldy: &Layout,
+        sa: &candle_core::CudaStorage,
+        la: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        let wc = cuda_storage(OP_BWD, &ws)?;
+        let (bs, bl) = self.b.storage_and_layout();
+        let bc = cuda_storage(OP_BWD, &bs)?;
+        let (lx, ldy) = (&as_matrix(OP_BWD, lx)?, &as_matrix(OP_BWD, ldy)?);
+        let (t, inf) = (lx.dims()[0], lx.dims()[1]);
+        let (out, r) = (ldy.dims()[1], la.dims()[0]);
+        let p = Packed::new(t, inf, out, r, self.need);
+        let packed = cuda::bwd(cuda::BwdArgs {
+            x: (sx, lx),
+            dy: (sdy, ldy),
+            a: (sa, la),
+            w: (wc, wl),
+            b: (bc, bl),
+            scale: self.scale,
+            need: self.need,
+            packed: p,
+            h: self.h.as_deref(),
+        })?;
+        Ok((packed, Shape::from(p.total)))
+    }
+}
+
+// ---- checks ----------------------------------------------------------------------------------
+
+/// Refuses a tensor that is not 2-D: [`Error::Rank`] below 2, [`Error::ShapeMismatch`] above.
+fn check_matrix(t: &Tensor, msg: &'static str, other: &Tensor) -> Result<()> {
+    check_rank(OP, t, 2)?;
+    if t.rank() != 2 {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            msg,
+            lhs: t.dims().to_vec(),
+            rhs: other.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+fn check_device(t: &Tensor, x: &Tensor) -> Result<()> {
+    if t.device().same_device(x.device()) {
+        Ok(())
+    } else {
+        Err(Error::DeviceMismatch {
+            op: OP,
+            lhs: device_name(x.device()),
+            rhs: device_name(t.device()),
+        })
+    }
+}
+
+/// Whether adapters of `adapter` dtype may run on a base of `base` dtype: the same dtype, or
+/// f32 adapters on an f16/bf16 base.
+pub(crate) fn adapter_dtype_ok(base: DType, adapter: DType) -> bool {
+    adapter == base || (adapter == DType::F32 && matches!(base, DType::F16 | DType::BF16))
+}
+
+/// Checks every operand of [`lora_linear`] (ranks, devices, dtypes, shapes, scale).
+pub(crate) fn check(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<()> {
+    check_rank(OP, x, 1)?;
+    check_matrix(w, "the weight must be 2-D [out, in] (weight, x)", x)?;
+    check_matrix(a, "lora_a must be 2-D [r, in] (lora_a, weight)", w)?;
+    check_matrix(b, "lora_b must be 2-D [out, r] (lora_b, weight)", w)?;
+    if let Some(bias) = bias {
+        if bias.rank() != 1 {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                msg: "the bias must be 1-D [out] (bias, weight)",
+                lhs: bias.dims().to_vec(),
+                rhs: w.dims().to_vec(),
+            });
+        }
+    }
+    for t in [w, a, b].into_iter().chain(bias) {
+        check_device(t, x)?;
+    }
+    check_dtype(OP, x)?;
+    for t in [w].into_iter().chain(bias) {
+        if t.dtype() != x.dtype() {
+            return Err(Error::DTypeMismatch {
+                op: OP,
+                lhs: x.dtype(),
+                rhs: t.dtype(),
+            });
+        }
+    }
+    if a.dtype() != b.dtype() {
+        return Err(Error::DTypeMismatch {
+            op: OP,
+            lhs: a.dtype(),
+            rhs: b.dtype(),
+        });
+    }
+    if !adapter_dtype_ok(x.dtype(), a.dtype()) {
+        return Err(Error::DTypeMismatch {
+            op: OP,
+            lhs: x.dtype(),
+            rhs: a.dtype(),
+        });
+    }
+    let inf = x.dims()[x.rank() - 1];
+    let (out, w_in) = (w.dims()[0], w.dims()[1]);
+    let (r, a_in) = (a.dims()[0], a.dims()[1]);
+    let (b_out, b_r) = (b.dims()[0], b.dims()[1]);
+    let mismatch = |msg, lhs: &Tensor, rhs: &Tensor| {
+        Err(Error::ShapeMismatch {
+            op: OP,
+            msg,
+            lhs: lhs.dims().to_vec(),
+            rhs: rhs.dims().to_vec(),
+        })
+    };
+    if w_in != inf {
+        return mismatch(
+            "x's last dim must equal the weight's in_features (x [..., in], weight [out, in])",
+            x,
+            w,
+        );
+    }
+    if a_in != inf {
+        return mismatch(
+            "lora_a must be [r, in] with the weight's in_features (lora_a, weight)",
+            a,
+            w,
+        );
+    }
+    if b_r != r {
+        return mismatch(
+            "lora_b must be [out, r] with lora_a's r (lora_b, lora_a)",
+            b,
+            a,
+        );
+    }
+    if b_out != out {
+        return mismatch(
+            "lora_b must be [out, r] with the weight's out_features (lora_b, weight)",
+            b,
+            w,
+        );
+    }
+    if let Some(bias) = bias {
+        if bias.dims()[0] != out {
+            return mismatch(
+                "the bias must have the weight's out_features elements (bias, weight)",
+                bias,
+                w,
+            );
+        }
+    }
+    if !scale.is_finite() {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: format!("scale must be finite, got {scale}"),
+        });
+    }
+    Ok(())
+}
+
+/// `A` and `B` in the base dtype (a no-op when they already are; a tracked cast otherwise).
+fn in_base_dtype(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dt = x.dtype();
+    Ok((a.to_dtype(dt)?, b.to_dtype(dt)?))
+}
+
+/// `s · h`, with the scaling done in f32 for half types (so that `s` itself is not rounded to
+/// the half type) and the result rounded once.
+fn scale_by(h: &Tensor, s: f64) -> Result<Tensor> {
+    Ok(match h.dtype() {
+        DType::F16 | DType::BF16 => (h.to_dtype(DType::F32)? * s)?.to_dtype(h.dtype())?,
+        _ => (h * s)?,
+    })
+}
+
+// ---- public API ------------------------------------------------------------------------------
+
+/// The fused LoRA linear `y = x Wᵀ (+ bias) + s · (x Aᵀ) Bᵀ`, with a backward that computes
+/// the gradients of `x`, `A` and `B` (each only when it takes part in autograd) and never
+/// `W`'s or the bias's: both are frozen, captured by the op rather than autograd inputs.
+///
+/// `x: [..., in]`, `w: [out, in]`, `bias: [out]`, `a: [r, in]`, `b: [out, r]`; returns
+/// `[..., out]`. `x`, `w` and `bias` share a dtype (f32, f16, bf16; f64 on CPU); `a` and `b`
+/// share that dtype or are f32 on an f16/bf16 base (see the module doc). `w` and `bias` should
+/// be contiguous (a non-contiguous one is copied on every call). Errors, before anything runs:
+/// [`Error::Rank`] / [`Error::ShapeMismatch`] for wrong ranks and shapes,
+/// [`Error::DTypeMismatch`], [`Error::DeviceMismatch`], [`Error::UnsupportedDType`], and
+/// [`Error::InvalidArgument`] for a non-finite `scale`.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let dev = Device::Cpu;
+/// let x = Var::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+/// let w = Tensor::randn(0f32, 1.0, (5, 8), &dev)?; // frozen
+/// let a = Var::randn(0f32, 1.0, (2, 8), &dev)?;
+/// let b = Var::randn(0f32, 1.0, (5, 2), &dev)?;
+/// let y = flare::lora::lora_linear(&x, &w, None, &a, &b, 0.5)?;
+/// assert_eq!(y.dims(), &[2, 3, 5]);
+/// let r = flare::lora::lora_linear_reference(&x, &w, None, &a, &b, 0.5)?;
+/// let err = (&y - &r)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(err < 1e-4);
+/// let grads = y.sum_all()?.backward()?;
+/// assert!(grads.get(&w).is_none());
+/// assert!(grads.get(a.as_tensor()).is_some() && grads.get(x.as_tensor()).is_some());
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    check(x, w, bias, a, b, scale)?;
+    let (a, b) = in_base_dtype(x, a, b)?;
+    let (out, inf) = w.dims2()?;
+    let r = a.dims()[0];
+    let lead = &x.dims()[..x.rank() - 1];
+    let t: usize = lead.iter().product();
+    if !native(x.device()) || t == 0 || inf == 0 || out == 0 || r == 0 {
+        // Other devices, and degenerate shapes (which the GEMM paths do not take): the
+        // composite, whose ops handle empty tensors.
+        return composite(x, w, bias, &a, &b, scale, None);
+    }
+    // The op reads `x` of any rank as `[T, in]` and returns `[..., out]`: no reshape nodes.
+    let op = LoraFwd {
+        w: w.detach().contiguous()?,
+        bias: bias.map(|b| b.detach().contiguous()).transpose()?,
+        scale,
+        saved_h: Mutex::new(None),
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
+}
+
+/// The unfused composite of flare's own ops: `matmul(x, Wᵀ) + bias + matmul(s ·
+/// matmul(dropout(x), Aᵀ), Bᵀ)`, `W` and the bias detached (frozen). `a` and `b` must already
+/// be in `x`'s dtype. The fallback on devices without a native path, and the training path
+/// with dropout (which is not fused yet).
+pub(crate) fn composite(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<f32>,
+) -> Result<Tensor> {
+    let mut y = matmul(x, &w.detach().t()?)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(&bias.detach())?;
+    }
+    let xl = match dropout {
+        Some(p) if p > 0.0 => candle_nn::ops::dropout(x, p)?,
+        _ => x.clone(),
+    };
+    let h = scale_by(&matmul(&xl, &a.t()?)?, scale)?;
+    let low = matmul(&h, &b.t()?)?;
+    Ok((y + low)?)
+}
+
+/// [`lora_linear`] with LoRA dropout on the low-rank path's input (probability `p`, inverted
+/// scaling `1 / (1 - p)`): `x Wᵀ (+ bias) + s · (dropout(x) Aᵀ) Bᵀ`. Not fused yet: the
+/// composite of [`crate::ops::matmul()`] calls with a mask multiply on `x` (`W` and the bias
+/// detached, so still frozen). The mask comes from Candle's random generator for the device.
+pub(crate) fn lora_linear_dropout(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    p: f32,
+) -> Result<Tensor> {
+    check(x, w, bias, a, b, scale)?;
+    if !(p.is_finite() && (0.0..1.0).contains(&p)) {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: format!("dropout must be in [0, 1), got {p}"),
+        });
+    }
+    let (a, b) = in_base_dtype(x, a, b)?;
+    composite(x, w, bias, &a, &b, scale, Some(p))
+}
+
+/// The unfused LoRA linear from plain Candle ops (`broadcast_matmul`, `broadcast_add`), for
+/// tests and benchmarks: same arguments, checks and result as [`lora_linear`], but `W` and the
+/// bias are ordinary autograd inputs here (a `Var` weight would get a gradient).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let dev = Device::Cpu;
+/// let x = Tensor::ones((1, 2), candle_core::DType::F32, &dev)?;
+/// let w = Tensor::new(&[[1f32, 2.]], &dev)?;
+/// let a = Tensor::new(&[[1f32, 1.]], &dev)?;
+/// let b = Tensor::new(&[[3f32]], &dev)?;
+/// let bias = Tensor::new(&[10f32], &dev)?;
+/// // 1 + 2 + 10 + 0.5 * (1 + 1) * 3
+/// let y = flare::lora::lora_linear_reference(&x, &w, Some(&bias), &a, &b, 0.5)?;
+/// assert_eq!(y.to_vec2::<f32>()?, vec![vec![16.0]]);
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn lora_linear_reference(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    check(x, w, bias, a, b, scale)?;
+    let (a, b) = in_base_dtype(x, a, b)?;
+    let mut y = x.broadcast_matmul(&w.t()?)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(bias)?;
+    }
+    let h = scale_by(&x.broadcast_matmul(&a.t()?)?, scale)?;
+    Ok((y + h.broadcast_matmul(&b.t()?)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The composite (the fallback on other devices) agrees with the fused op on the CPU,
+    /// forward and backward, in f64; `W` gets no gradient from either.
+    #[test]
+    fn composite_matches_fused() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f64, 1.0, (2, 3, 9), &dev)?;
+        let w = Var::randn(0f64, 1.0, (5, 9), &dev)?;
+        let bias = Tensor::randn(0f64, 1.0, 5, &dev)?;
+        let a = Var::randn(0f64, 1.0, (3, 9), &dev)?;
+        let b = Var::randn(0f64, 1.0, (5, 3), &dev)?;
+        let r = Tensor::randn(0f64, 1.0, (2, 3, 5), &dev)?;
+        let run = |fused: bool| -> Result<(Tensor, Vec<Tensor>)> {
+            let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+            let y = if fused {
+                lora_linear(xt, w.as_tensor(), Some(&bias), at, bt, 0.7)?
+            } else {
+                composite(xt, w.as_tensor(), Some(&bias), at, bt, 0.7, None)?
+            };
+            let g = y.mul(&r)?.sum_all()?.backward()?;
+            assert!(
+                g.get(w.as_tensor()).is_none(),
+                "W got a gradient (fused {fused})"
+            );
+            let gs = [xt, at, bt].map(|t| g.get(t).cloned().expect("missing gradient"));
+            Ok((y, gs.to_vec()))
+        };
+        let (y1, g1) = run(true)?;
+        let (y2, g2) = run(false)?;
+        let diff = |p: &Tensor, q: &Tensor| -> Result<f64> {
+            Ok((p - q)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+        };
+        assert!(diff(&y1, &y2)? < 1e-12);
+        for (p, q) in g1.iter().zip(&g2) {
+            assert!(diff(p, q)? < 1e-12);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn packed_offsets_are_aligned_and_disjoint() {
+        let all = Needs {
+            dx: true,
+            da: true,
+            db: true,
+        };
+        let p = Packed::new(7, 33, 5, 3, all);
+        assert_eq!(p.dx, Some(0));
+        assert_eq!(p.da, Some(240)); // 231 rounded up to 16
+        assert_eq!(p.db, Some(240 + 112)); // 99 rounded up
+        assert_eq!(p.total, 352 + 16);
+        let only_db = Packed::new(
+            7,
+            33,
+            5,
+            3,
+            Needs {
+                dx: false,
+                da: false,
+                db: true,
+            },
+        );
+        assert_eq!((only_db.dx, only_db.da, only_db.db), (None, None, Some(0)));
+    }
+}

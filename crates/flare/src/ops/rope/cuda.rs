@@ -1,0 +1,102 @@
+//! Host launcher of `rope_*` (`crates/flare-kernels/src/cu/rope.cu`): one launch per call,
+//! the input read through its strides, the output a fresh contiguous buffer.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaStorage, DType, Layout};
+use half::{bf16, f16};
+
+use super::plan::RopePlan;
+use crate::ops::cuda::elementwise::{from_offset, items_config};
+use crate::ops::cuda::rows::{input, unsupported};
+use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
+
+const OP: &str = "rope_heads (cuda)";
+
+/// Runs the plan `p` on `x` (read from `p.x_off` through `p.xs`) with contiguous tables.
+pub(crate) fn fwd(
+    x: &CudaStorage,
+    cos: &CudaStorage,
+    lc: &Layout,
+    sin: &CudaStorage,
+    ls: &Layout,
+    p: &RopePlan,
+) -> candle_core::Result<CudaStorage> {
+    match x.dtype() {
+        DType::F32 => run::<f32>(Kernel::RopeF32, x, cos, lc, sin, ls, p),
+        DType::F16 => run::<f16>(Kernel::RopeF16, x, cos, lc, sin, ls, p),
+        DType::BF16 => run::<bf16>(Kernel::RopeBF16, x, cos, lc, sin, ls, p),
+        dt => Err(unsupported(OP, dt)),
+    }
+}
+
+fn run<T: CudaDType + DeviceRepr>(
+    kernel: Kernel,
+    x: &CudaStorage,
+    cos: &CudaStorage,
+    lc: &Layout,
+    sin: &CudaStorage,
+    ls: &Layout,
+    p: &RopePlan,
+) -> candle_core::Result<CudaStorage> {
+    let dev = &x.device;
+    let n = p.out_dims.iter().product::<usize>();
+    let xs = from_offset::<T>(OP, x, p.x_off)?;
+    let cs = input::<T>(OP, cos, lc)?;
+    let ss = input::<T>(OP, sin, ls)?;
+    // SAFETY: every element is written by the kernel below (nothing to write when n == 0).
+    let mut out = unsafe { dev.alloc::<T>(n.max(1)) }?;
+    let pairs = n / 2;
+    if pairs > 0 {
+        // The last element the kernel reads must lie in the view (the strides come from a valid
+        // Candle layout, so this holds; checked here because the kernel cannot).
+        let last = (p.b - 1) * p.xs[0]
+            + (p.s - 1) * p.xs[1]
+            + (p.h - 1) * p.xs[2]
+            + (2 * p.half - 1) * p.xs[3];
+        let rows = if p.cos_bs == 0 { p.s } else { p.b * p.s };
+        if last >= xs.len() || cs.len() < rows * p.half || ss.len() < rows * p.half {
+            return Err(candle_core::Error::Msg(format!(
+                "{OP}: internal error: the layout reaches past its buffer ({last} >= {})",
+                xs.len()
+            )));
+        }
+        let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
+        let i64s = |v: usize| v as i64;
+        let (b, s, h, half) = (i64s(p.b), p.s as i32, p.h as i32, p.half as i32);
+        let (xsb, xss, xsh, xsd) = (i64s(p.xs[0]), i64s(p.xs[1]), i64s(p.xs[2]), i64s(p.xs[3]));
+        let (ysb, yss, ysh) = (i64s(p.ys[0]), i64s(p.ys[1]), i64s(p.ys[2]));
+        let cos_bs = i64s(p.cos_bs);
+        let (sign, scale) = (p.sign as f32, p.scale as f32);
+        let mut lb = rt.stream().launch_builder(rt.function(kernel));
+        lb.arg(&xs)
+            .arg(&mut out)
+            .arg(&cs)
+            .arg(&ss)
+            .arg(&b)
+            .arg(&s)
+            .arg(&h)
+            .arg(&half)
+            .arg(&xsb)
+            .arg(&xss)
+            .arg(&xsh)
+            .arg(&xsd)
+            .arg(&ysb)
+            .arg(&yss)
+            .arg(&ysh)
+            .arg(&cos_bs)
+            .arg(&sign)
+            .arg(&scale);
+        // SAFETY: rope_<t>(const T *x, T *y, const T *cos, const T *sin, long long b, int s,
+        // int h, int half, long long xs_b, xs_s, xs_h, xs_d, long long ys_b, ys_s, ys_h,
+        // long long cos_bs, float sign, float scale): every input element read lies in `xs`
+        // (checked above), the tables hold `rows * half` elements (checked above), and the
+        // output indices `b*ys_b + t*ys_s + h*ys_h + i` of the contiguous output layout are all
+        // below n, the size of `out`. One thread per pair with a grid-stride loop.
+        unsafe { lb.launch(items_config(pairs)) }
+            .cuda_ctx("launching rope")
+            .map_err(crate::Error::into_candle)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}

@@ -1,0 +1,225 @@
+//! RoPE (rotary position embedding) with the transposition between the projection layout
+//! `[batch, seq, heads, head_dim]` and the attention layout `[batch, heads, seq, head_dim]`
+//! fused in: one pass instead of Candle's reshape/transpose/copy, narrow, neg, cat, two
+//! multiplies and an add.
+//!
+//! Forward, per head vector `x` (head_dim `d`, `half = d / 2`) at position `t`, with
+//! `c = cos[t]`, `s = sin[t]` of shape `[half]` (the frequencies, not repeated):
+//!   `y[i] = (x[i] c[i] - x[i + half] s[i]) · scale`,
+//!   `y[i + half] = (x[i + half] c[i] + x[i] s[i]) · scale`,
+//! which is transformers' `x * cos + rotate_half(x) * sin` (with its `cos`, `sin` of width `d`
+//! being these halves repeated). `scale` lets the attention fold `1/sqrt(head_dim)` into the
+//! queries.
+//!
+//! Backward: the rotation is orthogonal, so `dx = scale · R(-θ) dy`, the same kernel with the
+//! sign of `sin` flipped and the transposition reversed. `cos` and `sin` are constant tables
+//! and take no gradient (a tracked table is an error, not a silently cut gradient).
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use super::cpu::dispatch_float3;
+use super::{check_dtype, check_same, native};
+use crate::{Error, Result};
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod plan;
+
+use cpu::rope_cpu;
+use plan::{RopePlan, OP};
+
+/// The op: `inverse == false` is the forward (`[b, s, h, d] -> [b, h, s, d]`, rotation by
+/// `+θ`), `inverse == true` its backward (`[b, h, s, d] -> [b, s, h, d]`, by `-θ`).
+struct Rope {
+    scale: f64,
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        if self.inverse {
+            "rope_heads_bwd"
+        } else {
+            OP
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (c0, c1) = super::contiguous_range(OP, l2)?;
+        let (d0, d1) = super::contiguous_range(OP, l3)?;
+        let p = RopePlan::new(l1, l2.dims()[0], self.scale, self.inverse)?;
+        let out = dispatch_float3!(OP, s1, s2, s3, |x, c, s| rope_cpu(
+            x,
+            &c[c0..c1],
+            &s[d0..d1],
+            &p
+        ))?;
+        Ok((out, Shape::from(p.out_dims.to_vec())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let p = RopePlan::new(l1, l2.dims()[0], self.scale, self.inverse)?;
+        let out = cuda::fwd(s1, s2, l2, s3, l3, &p)?;
+        Ok((out, Shape::from(p.out_dims.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.inverse {
+            return Err(candle_core::Error::BackwardNotSupported {
+                op: "rope_heads_bwd",
+            });
+        }
+        if cos.track_op() || sin.track_op() {
+            return Err(candle_core::Error::Msg(format!(
+                "{OP}: cos and sin are constant tables and take no gradient, but one of them \
+                 takes part in autograd"
+            )));
+        }
+        let dx = dy.contiguous()?.apply_op3_arc(
+            cos,
+            sin,
+            std::sync::Arc::new(Box::new(Rope {
+                scale: self.scale,
+                inverse: true,
+            })),
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Checks the operands of [`rope_heads`]; returns `half`.
+fn check(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<usize> {
+    check_same(OP, x, cos)?;
+    check_same(OP, x, sin)?;
+    check_dtype(OP, x)?;
+    let bad = |msg: String| Error::InvalidArgument { op: OP, msg };
+    let (b, s, _, d) = x.dims4().map_err(|_| {
+        bad(format!(
+            "x must be [batch, seq, heads, head_dim], got {:?}",
+            x.dims()
+        ))
+    })?;
+    if d % 2 != 0 || d == 0 {
+        return Err(bad(format!("head_dim must be even and positive, got {d}")));
+    }
+    let half = d / 2;
+    for (name, t) in [("cos", cos), ("sin", sin)] {
+        let ok = matches!(t.dims2(), Ok((r, c)) if c == half && (r == s || r == b * s));
+        if !ok {
+            return Err(bad(format!(
+                "{name} must be [seq, head_dim / 2] or [batch * seq, head_dim / 2] = [{s} or {}, {half}], got {:?}",
+                b * s,
+                t.dims()
+            )));
+        }
+    }
+    if cos.dims() != sin.dims() {
+        return Err(bad(format!(
+            "cos {:?} and sin {:?} differ in shape",
+            cos.dims(),
+            sin.dims()
+        )));
+    }
+    Ok(half)
+}
+
+/// RoPE of `x: [batch, seq, heads, head_dim]` (any layout, e.g. a projection's output
+/// reshaped), returned in the attention layout `[batch, heads, seq, head_dim]`, contiguous, and
+/// multiplied by `scale`.
+///
+/// `cos, sin: [seq, head_dim / 2]` (one table for every batch row) or
+/// `[batch * seq, head_dim / 2]` (row `b * seq + t`: per-row positions, e.g. left-padded
+/// batches), in `x`'s dtype: `cos[t, i] = cos(pos_t · inv_freq_i)`. The maths is in f32 (f64
+/// for f64) with one rounding. Has a backward for `x`; the tables take no gradient.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[[[1f32, 0.]]]], &Device::Cpu)?; // [1, 1, 1, 2]
+/// let (c, s) = (0.5f32, 0.75f32.sqrt());
+/// let y = flare::ops::rope_heads(&x, &Tensor::new(&[[c]], &Device::Cpu)?,
+///     &Tensor::new(&[[s]], &Device::Cpu)?, 1.0)?.flatten_all()?.to_vec1::<f32>()?;
+/// assert!((y[0] - c).abs() < 1e-6 && (y[1] - s).abs() < 1e-6);
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
+    check(x, cos, sin)?;
+    if !native(x.device()) {
+        return rope_heads_reference(x, cos, sin, scale);
+    }
+    let cos = cos.contiguous()?;
+    let sin = sin.contiguous()?;
+    Ok(x.apply_op3_arc(
+        &cos,
+        &sin,
+        std::sync::Arc::new(Box::new(Rope {
+            scale,
+            inverse: false,
+        })),
+    )?)
+}
+
+/// The composite reference of [`rope_heads`] from plain Candle ops (with their backward):
+/// transformers' `x * cos + rotate_half(x) * sin` on the transposed `x`, times `scale`.
+pub fn rope_heads_reference(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
+    check(x, cos, sin)?;
+    let (b, s, _, _) = x.dims4()?;
+    let x = x.transpose(1, 2)?; // [b, h, s, d]
+    let full = |t: &Tensor| -> Result<Tensor> {
+        let t = Tensor::cat(&[t, t], 1)?; // [rows, d]
+        let rows = t.dim(0)?;
+        Ok(if rows == s {
+            t.unsqueeze(0)?.unsqueeze(0)?
+        } else {
+            t.reshape((b, 1, s, t.dim(1)?))?
+        })
+    };
+    let (c, sn) = (full(cos)?, full(sin)?);
+    let d = x.dim(3)?;
+    let half = d / 2;
+    let x1 = x.narrow(3, 0, half)?;
+    let x2 = x.narrow(3, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    let y = (x.broadcast_mul(&c)? + rotated.broadcast_mul(&sn)?)?;
+    Ok((y * scale)?.contiguous()?)
+}
+
+/// The RoPE tables for `positions`: `(cos, sin)`, each `[positions.len(), inv_freq.len()]`,
+/// with the angle `pos · inv_freq` formed in f32 (as transformers does) and its cosine and sine
+/// taken in f64 and rounded to f32. For [`rope_heads`] after conversion to the model's dtype.
+pub fn rope_tables_f32(positions: &[u32], inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let n = positions.len() * inv_freq.len();
+    let (mut c, mut s) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for &p in positions {
+        for &f in inv_freq {
+            let angle = f64::from(p as f32 * f);
+            c.push(angle.cos() as f32);
+            s.push(angle.sin() as f32);
+        }
+    }
+    (c, s)
+}

@@ -1,0 +1,150 @@
+//! Host launchers of `swiglu_fwd_*` and `swiglu_bwd_*` (`crates/flare-kernels/src/cu/swiglu.cu`)
+//! for both of [`crate::ops::swiglu`]'s forms (separate inputs, or one packed gate/up input,
+//! described by a [`SwiGluPlan`]).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaStorage, DType, Layout};
+use half::{bf16, f16};
+
+use super::plan::SwiGluPlan;
+use crate::ops::cuda::elementwise::{from_offset, items_config};
+use crate::ops::cuda::rows::{input, unsupported};
+use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
+
+const OP_FWD: &str = "swiglu (cuda)";
+const OP_BWD: &str = "swiglu backward (cuda)";
+
+/// `silu(g) * u` by the plan `p` (`g` and `u` may be the same storage); a fresh contiguous
+/// `[rows, cols]` output.
+pub(crate) fn fwd(
+    g: &CudaStorage,
+    u: &CudaStorage,
+    p: &SwiGluPlan,
+) -> candle_core::Result<CudaStorage> {
+    match g.dtype() {
+        DType::F32 => fwd_t::<f32>(Kernel::SwiGluFwdF32, g, u, p),
+        DType::F16 => fwd_t::<f16>(Kernel::SwiGluFwdF16, g, u, p),
+        DType::BF16 => fwd_t::<bf16>(Kernel::SwiGluFwdBF16, g, u, p),
+        dt => Err(unsupported(OP_FWD, dt)),
+    }
+}
+
+/// The gradient buffer (`p.grad_len` elements: `dg` and `du` at `p.ldo` / `p.du_off`) from
+/// `g`, `u` by the plan and a contiguous `dy` `[rows, cols]`.
+pub(crate) fn bwd(
+    g: &CudaStorage,
+    u: &CudaStorage,
+    dy: &CudaStorage,
+    ldy: &Layout,
+    p: &SwiGluPlan,
+) -> candle_core::Result<CudaStorage> {
+    match g.dtype() {
+        DType::F32 => bwd_t::<f32>(Kernel::SwiGluBwdF32, g, u, dy, ldy, p),
+        DType::F16 => bwd_t::<f16>(Kernel::SwiGluBwdF16, g, u, dy, ldy, p),
+        DType::BF16 => bwd_t::<bf16>(Kernel::SwiGluBwdBF16, g, u, dy, ldy, p),
+        dt => Err(unsupported(OP_BWD, dt)),
+    }
+}
+
+/// Checks that the rows the plan reads lie inside `g`'s and `u`'s views.
+fn check_reach(
+    op: &'static str,
+    g_len: usize,
+    u_len: usize,
+    p: &SwiGluPlan,
+) -> candle_core::Result<()> {
+    let last = |ld: usize| (p.rows - 1) * ld + p.cols - 1;
+    if last(p.ldg) >= g_len || last(p.ldu) >= u_len {
+        return Err(candle_core::Error::Msg(format!(
+            "{op}: internal error: the plan reaches past its inputs"
+        )));
+    }
+    Ok(())
+}
+
+fn fwd_t<T: CudaDType + DeviceRepr>(
+    kernel: Kernel,
+    g: &CudaStorage,
+    u: &CudaStorage,
+    p: &SwiGluPlan,
+) -> candle_core::Result<CudaStorage> {
+    let dev = &g.device;
+    let n = p.rows * p.cols;
+    let gs = from_offset::<T>(OP_FWD, g, p.g_off)?;
+    let us = from_offset::<T>(OP_FWD, u, p.u_off)?;
+    // SAFETY: every element is written by the kernel below (nothing to write when n == 0).
+    let mut out = unsafe { dev.alloc::<T>(n.max(1)) }?;
+    if n > 0 {
+        check_reach(OP_FWD, gs.len(), us.len(), p)?;
+        let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
+        let (rows, cols, ldg, ldu) = (p.rows as i64, p.cols as i32, p.ldg as i64, p.ldu as i64);
+        let mut lb = rt.stream().launch_builder(rt.function(kernel));
+        lb.arg(&gs)
+            .arg(&us)
+            .arg(&mut out)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&ldg)
+            .arg(&ldu);
+        // SAFETY: swiglu_fwd_<t>(const T *g, const T *u, T *y, long long rows, int cols,
+        // long long ldg, long long ldu): the elements r * ld + c (r < rows, c < cols) of both
+        // views are in bounds (checked above), y holds rows * cols; grid-stride loop with a
+        // bound check.
+        unsafe { lb.launch(items_config(n)) }
+            .cuda_ctx("launching swiglu_fwd")
+            .map_err(crate::Error::into_candle)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+fn bwd_t<T: CudaDType + DeviceRepr>(
+    kernel: Kernel,
+    g: &CudaStorage,
+    u: &CudaStorage,
+    dy: &CudaStorage,
+    ldy: &Layout,
+    p: &SwiGluPlan,
+) -> candle_core::Result<CudaStorage> {
+    let dev = &g.device;
+    let n = p.rows * p.cols;
+    let gs = from_offset::<T>(OP_BWD, g, p.g_off)?;
+    let us = from_offset::<T>(OP_BWD, u, p.u_off)?;
+    let dys = input::<T>(OP_BWD, dy, ldy)?;
+    if dys.len() != n || p.grad_len < p.du_off + (p.rows.max(1) - 1) * p.ldo + p.cols {
+        return Err(candle_core::Error::Msg(format!(
+            "{OP_BWD}: internal error: gradient of {} elements for {n} outputs",
+            dys.len()
+        )));
+    }
+    // SAFETY: the kernel writes every element of the gradient buffer: dg at r * ldo + c and du
+    // at du_off + r * ldo + c cover all of it for both plans (separate: two [rows, cols]
+    // blocks; packed: the two halves of each row of width ldo = 2 * cols).
+    let mut out = unsafe { dev.alloc::<T>(p.grad_len.max(1)) }?;
+    if n > 0 {
+        check_reach(OP_BWD, gs.len(), us.len(), p)?;
+        let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
+        let (rows, cols) = (p.rows as i64, p.cols as i32);
+        let (ldg, ldu, ldo, du_off) = (p.ldg as i64, p.ldu as i64, p.ldo as i64, p.du_off as i64);
+        let mut lb = rt.stream().launch_builder(rt.function(kernel));
+        lb.arg(&gs)
+            .arg(&us)
+            .arg(&dys)
+            .arg(&mut out)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&ldg)
+            .arg(&ldu)
+            .arg(&ldo)
+            .arg(&du_off);
+        // SAFETY: swiglu_bwd_<t>(const T *g, const T *u, const T *dy, T *out, long long rows,
+        // int cols, long long ldg, ldu, ldo, du_off): g and u reads are in bounds (checked
+        // above), dy holds rows * cols (checked above), and every write index is below
+        // grad_len (checked above); grid-stride loop with a bound check.
+        unsafe { lb.launch(items_config(n)) }
+            .cuda_ctx("launching swiglu_bwd")
+            .map_err(crate::Error::into_candle)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
