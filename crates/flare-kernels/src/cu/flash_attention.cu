@@ -79,6 +79,9 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
 // ---- PTX wrappers --------------------------------------------------------------------------
+// bench/dev/flash_attention_emu.cpp defines FLASH_ATTN_EMULATE and brings its own versions of
+// these (a CPU emulation of the warp-level instructions, to execute this file without a GPU).
+#ifndef FLASH_ATTN_EMULATE
 
 __device__ __forceinline__ unsigned smem_addr(const void *p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -124,6 +127,13 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
+
+// The block's dynamic shared memory.
+__device__ __forceinline__ unsigned char *dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  return fa_smem;
+}
+#endif  // FLASH_ATTN_EMULATE
 
 // Two floats as one T x 2 register, lo in the low half (the lower column / k index).
 template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi) {
@@ -378,8 +388,7 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
   constexpr int KD = D / 16;  // k16 steps over the head dim
   constexpr int MT = BM / 8;  // n8 tiles of queries (S^T, dP^T per warp)
   constexpr int DT = D / 8;   // n8 tiles of dK / dV per warp
-  extern __shared__ __align__(16) unsigned char fa_smem[];
-  T *sK = reinterpret_cast<T *>(fa_smem);
+  T *sK = reinterpret_cast<T *>(dynamic_smem());
   T *sV = sK + BN * LD;
   T *sQ = sV + BN * LD;
   T *sdO = sQ + BM * LD;
