@@ -68,7 +68,7 @@ struct Shape {
 template <typename T, int D>
 void launch_fwd(T *o, float *lse, const T *q, const T *k, const T *v, const Shape &s) {
   if (s.max_sq == 0) return;
-  dim3 grid((s.max_sq + FA_BM - 1) / FA_BM, s.hq, s.batch);
+  dim3 grid((s.max_sq + FA_FWD_BM(D) - 1) / FA_FWD_BM(D), s.hq, s.batch);
   Kern<T, D>::fwd<<<grid, FA_THREADS>>>(o, lse, q, k, v, s.cu_q, s.cu_k, s.hq, s.hkv, s.total_q,
                                         s.scale, s.causal, s.window);
   CK(cudaGetLastError());

@@ -43,7 +43,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static  // one block runs at a time, so a static is the block's memory
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define FLASH_ATTN_EMULATE 1
 
@@ -312,7 +312,7 @@ static bool run_case(std::vector<int> lq, std::vector<int> lk, int hq, int hkv, 
   std::vector<float> lse((size_t)hq * total_q, NAN), delta((size_t)hq * total_q, NAN),
       dq_acc(nq, NAN);
   if (max_sq > 0)
-    emu_launch(dim3((max_sq + FA_BM - 1) / FA_BM, hq, batch), dim3(FA_THREADS), 0, [&] {
+    emu_launch(dim3((max_sq + FA_FWD_BM(D) - 1) / FA_FWD_BM(D), hq, batch), dim3(FA_THREADS), 0, [&] {
       Kern<T, D>::fwd(o.data(), lse.data(), q.data(), k.data(), v.data(), cq.data(), ck.data(),
                       hq, hkv, total_q, scale, causal, window);
     });
@@ -367,6 +367,8 @@ int main(int argc, char **argv) {
     tally(run_case<bf16, 64>({130}, {130}, 2, 1, 1, 20));      // window, GQA 2/1
     tally(run_case<bf16, 128>({70}, {130}, 3, 1, 0, 30));      // window without causal
     tally(run_case<f16, 64>({70}, {70}, 2, 2, 1, 0));          // window 0: the diagonal
+    tally(run_case<bf16, 64>({257}, {257}, 2, 2, 1, -1));      // 3 forward blocks of 128 rows
+    tally(run_case<f16, 64>({150, 40}, {150, 200}, 4, 2, 0, -1));
   }
   printf("emulation: %d / %d cases PASS\n", ok, n);
   return ok == n ? 0 : 1;

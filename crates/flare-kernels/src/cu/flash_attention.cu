@@ -25,7 +25,8 @@
 //
 // Kernels (T = bf16 | f16, D = 64 | 128; all 128 threads = 4 warps):
 //   flash_attn_fwd_d{D}_{T}(o, lse, q, k, v, cu_q, cu_k, hq, hkv, total_q, scale, causal,
-//       window)                              grid (ceil(max_sq / 64), Hq, batch), static smem
+//       window)                              grid (ceil(max_sq / FA_FWD_BM(D)), Hq, batch),
+//                                            static smem (FA_FWD_BM = 128 for D = 64, 64 for 128)
 //   flash_attn_bwd_pre_d{D}_{T}(delta, dq_acc, o, dout, total_q, hq)
 //                                            grid ceil(total_q * Hq / 8), block 256 (a warp/row)
 //   flash_attn_bwd_d{D}_{T}(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, cu_k, hq, hkv,
@@ -35,10 +36,12 @@
 //   flash_attn_bwd_convert_d{D}_{T}(dq, dq_acc, n)   n = total_q * Hq * D, any 1-D grid
 //
 // Design
-//   forward: a block owns 64 query rows of one (sequence, head); warp w owns rows 16w..16w+15
-//     and keeps its Q fragments in registers (ldmatrix'd once). It walks the 64-key tiles the
-//     mask allows (causal / window bound the range; only the tiles that cross a boundary
-//     evaluate the mask per element). K and V tiles are single-buffered in shared memory
+//   forward: a block owns FA_FWD_BM query rows of one (sequence, head); each warp owns a quarter
+//     of them (32 rows for D = 64, as FlashAttention-2's 128 x 4-warp blocks, so every K / V
+//     fragment read from shared memory feeds two mma; 16 for D = 128, which has no registers
+//     for two) and keeps their Q fragments in registers (staged through the K / V buffers and
+//     ldmatrix'd once). It walks the 64-key tiles the mask allows (causal / window bound the
+//     range; only the tiles that cross a boundary evaluate the mask per element). K and V tiles are single-buffered in shared memory
 //     (rows padded to D + 8 elements: conflict-free ldmatrix) and loaded with cp.async so
 //     that V(j) lands while S = Q K(j)^T computes and K(j+1) while P V(j) computes. Out-of-range
 //     rows are zero-filled by cp.async (no garbage times zero). The online softmax keeps the
@@ -53,9 +56,9 @@
 //     dP^T = V dO^T (keys as rows), P^T, dS^T, then dV += P^T dO and dK += dS^T Q from
 //     registers; dS^T also goes (as T) to shared memory, from which the four warps compute
 //     dQ += dS K in 16 x 32 pieces and add them to dq_acc with f32 atomics (FlashAttention-2).
-//     The next Q / dO tile is prefetched (cp.async) while dQ computes. The launch over kv
-//     heads halves parallelism only by the group size; at the shapes flare trains there are
-//     still thousands of blocks.
+//     The next Q / dO tile is prefetched (cp.async) while dQ computes. Launching over kv
+//     heads divides the number of blocks by the group size; at the shapes flare trains there
+//     are still about a thousand or more (B1 H32/KV8 T8192: 128 key blocks x 8 = 1024).
 #include <type_traits>
 
 #include "common.cuh"
@@ -63,8 +66,14 @@
 using namespace flare;
 
 #define FA_THREADS 128
-#define FA_BM 64  // forward: queries per block
+// Forward queries per block (4 warps): 32 rows per warp (two m16 tiles: every K / V fragment
+// read from shared memory serves two mma) for D = 64; 16 for D = 128, where two tiles'
+// accumulators do not fit in registers.
+#define FA_FWD_BM(D) ((D) == 128 ? 64 : 128)
 #define FA_BN 64  // keys per tile (forward) / per block (backward)
+// Forward blocks per SM asked of the register allocator: 3 caps D = 128 at 168 registers (no
+// spills; its natural 171 would allow only 2); D = 64 (two m16 tiles per warp) needs 246.
+#define FA_FWD_MIN_BLOCKS(D) ((D) == 128 ? 3 : 2)
 // Backward: queries per tile.
 #define FA_BWD_BM(D) ((D) == 128 ? 32 : 64)
 // Backward dynamic shared memory: K, V tiles, Q, dO tiles (rows padded to D + 8), dS^T
@@ -167,18 +176,21 @@ __device__ __forceinline__ bool visible(int i, int j, int sk, int off, int causa
 
 // ---- forward -------------------------------------------------------------------------------
 
+
 template <typename T, int D>
 __device__ __forceinline__ void fwd(T *__restrict__ o, float *__restrict__ lse,
                                     const T *__restrict__ q, const T *__restrict__ k,
                                     const T *__restrict__ v, const int *__restrict__ cu_q,
                                     const int *__restrict__ cu_k, int hq, int hkv, int total_q,
                                     float scale, int causal, int window) {
-  constexpr int BM = FA_BM, BN = FA_BN, LD = D + 8;
-  constexpr int KD = D / 16;   // k16 steps over the head dim
-  constexpr int NT = BN / 8;   // n8 tiles of scores per warp
-  constexpr int DT = D / 8;    // n8 tiles of output per warp
-  __shared__ __align__(16) T sK[BN * LD];
-  __shared__ __align__(16) T sV[BN * LD];
+  constexpr int MW = FA_FWD_BM(D) / 64;
+  constexpr int BM = FA_FWD_BM(D), BN = FA_BN, LD = D + 8;
+  static_assert(BM == 64 * MW && BM <= 2 * BN, "Q is staged through the K and V buffers");
+  constexpr int KD = D / 16;  // k16 steps over the head dim
+  constexpr int NT = BN / 8;  // n8 tiles of scores per m16 tile
+  constexpr int DT = D / 8;   // n8 tiles of output per m16 tile
+  __shared__ __align__(16) T sKV[2 * BN * LD];
+  T *sK = sKV, *sV = sKV + BN * LD;
 
   const int b = blockIdx.z, h = blockIdx.y;
   const int q0 = cu_q[b], sq = cu_q[b + 1] - q0;
@@ -200,36 +212,47 @@ __device__ __forceinline__ void fwd(T *__restrict__ o, float *__restrict__ lse,
   if (window >= 0) n_lo = max(0, m0 + off - window);
   const int n_first = (n_lo / BN) * BN;
 
-  // Q through sV (free until the first V load), K(first) into sK.
-  load_tile<T, D, BM>(sV, qb, qs, sq - m0);
+  // Q through the K / V buffers into registers; warp w owns rows 16 MW w .. 16 MW w + 16 MW - 1.
+  load_tile<T, D, BM>(sKV, qb, qs, sq - m0);
   cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  unsigned qf[MW][KD][4];
+  {
+    const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = (lane >> 4) * 8;
+#pragma unroll
+    for (int mi = 0; mi < MW; ++mi)
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk)
+        ldsm_x4(qf[mi][kk], sKV + ((warp * MW + mi) * 16 + r) * LD + kk * 16 + c);
+  }
+  __syncthreads();  // every warp holds its Q: the buffers are free
   if (n_first < n_hi) load_tile<T, D, BN>(sK, kb + (long long)n_first * ks, ks, sk - n_first);
   cp_async_commit();
-  cp_async_wait<1>();
-  __syncthreads();
-  unsigned qf[KD][4];
-  {
-    const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = (lane >> 4) * 8;
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk) ldsm_x4(qf[kk], sV + r * LD + kk * 16 + c);
-  }
 
-  float acc[DT][4];
+  float acc[MW][DT][4];
 #pragma unroll
-  for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float mx[2] = {-INFINITY, -INFINITY}, ls[2] = {0.f, 0.f};
+  for (int mi = 0; mi < MW; ++mi)
+#pragma unroll
+    for (int i = 0; i < DT; ++i) acc[mi][i][0] = acc[mi][i][1] = acc[mi][i][2] = acc[mi][i][3] = 0.f;
+  // Row statistics of this thread's rows: m tile mi, row half rr (rows g and g + 8).
+  float mx[MW][2], ls[MW][2];
+#pragma unroll
+  for (int mi = 0; mi < MW; ++mi) mx[mi][0] = mx[mi][1] = -INFINITY, ls[mi][0] = ls[mi][1] = 0.f;
   const float sl2 = scale * LOG2E;
-  const int row_a = m0 + warp * 16 + g;  // this thread's rows: row_a, row_a + 8
+  const int row_a = m0 + warp * MW * 16 + g;  // row of (mi, rr): row_a + mi * 16 + rr * 8
 
   for (int n0 = n_first; n0 < n_hi; n0 += BN) {
     cp_async_wait<0>();
-    __syncthreads();  // K(n0) ready; every warp is done with V of the previous tile (and Q)
+    __syncthreads();  // K(n0) ready; every warp is done with V of the previous tile
     load_tile<T, D, BN>(sV, vb + (long long)n0 * ks, ks, sk - n0);
     cp_async_commit();
 
-    float s[NT][4];
+    float s[MW][NT][4];
 #pragma unroll
-    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int mi = 0; mi < MW; ++mi)
+#pragma unroll
+      for (int i = 0; i < NT; ++i) s[mi][i][0] = s[mi][i][1] = s[mi][i][2] = s[mi][i][3] = 0.f;
     {
       const int r = ((lane >> 4) * 8) + (lane & 7), c = ((lane >> 3) & 1) * 8;
 #pragma unroll
@@ -238,8 +261,11 @@ __device__ __forceinline__ void fwd(T *__restrict__ o, float *__restrict__ lse,
         for (int nn = 0; nn < BN / 16; ++nn) {
           unsigned bf[4];
           ldsm_x4(bf, sK + (nn * 16 + r) * LD + kk * 16 + c);
-          mma16816<T>(s[2 * nn], qf[kk], bf[0], bf[1]);
-          mma16816<T>(s[2 * nn + 1], qf[kk], bf[2], bf[3]);
+#pragma unroll
+          for (int mi = 0; mi < MW; ++mi) {
+            mma16816<T>(s[mi][2 * nn], qf[mi][kk], bf[0], bf[1]);
+            mma16816<T>(s[mi][2 * nn + 1], qf[mi][kk], bf[2], bf[3]);
+          }
         }
       }
     }
@@ -248,46 +274,50 @@ __device__ __forceinline__ void fwd(T *__restrict__ o, float *__restrict__ lse,
     const bool need_mask = n0 + BN > sk || (causal && n0 + BN - 1 > m0 + off) ||
                            (window >= 0 && n0 < m0 + BM - 1 + off - window);
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
+    for (int mi = 0; mi < MW; ++mi)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[j][e] * sl2;
-        if (need_mask) {
-          const int i = row_a + (e >> 1) * 8, kj = n0 + j * 8 + 2 * t + (e & 1);
-          if (!visible(i, kj, sk, off, causal, window)) x = -INFINITY;
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s[mi][j][e] * sl2;
+          if (need_mask) {
+            const int i = row_a + mi * 16 + (e >> 1) * 8, kj = n0 + j * 8 + 2 * t + (e & 1);
+            if (!visible(i, kj, sk, off, causal, window)) x = -INFINITY;
+          }
+          s[mi][j][e] = x;
         }
-        s[j][e] = x;
-      }
-    }
 
     // Online softmax: new row max, rescale, exponentials.
-    float alpha[2], mu[2];
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float m = mx[rr];
+    for (int mi = 0; mi < MW; ++mi) {
+      float alpha[2], mu[2];
 #pragma unroll
-      for (int j = 0; j < NT; ++j) m = fmaxf(m, fmaxf(s[j][2 * rr], s[j][2 * rr + 1]));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-      mu[rr] = m == -INFINITY ? 0.f : m;  // all masked so far: exp2(-inf - 0) = 0
-      alpha[rr] = exp2f(mx[rr] - mu[rr]);
-      mx[rr] = m;
-      ls[rr] *= alpha[rr];
-    }
+      for (int rr = 0; rr < 2; ++rr) {
+        float m = mx[mi][rr];
 #pragma unroll
-    for (int i = 0; i < DT; ++i) {
-      acc[i][0] *= alpha[0];
-      acc[i][1] *= alpha[0];
-      acc[i][2] *= alpha[1];
-      acc[i][3] *= alpha[1];
-    }
+        for (int j = 0; j < NT; ++j) m = fmaxf(m, fmaxf(s[mi][j][2 * rr], s[mi][j][2 * rr + 1]));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+        mu[rr] = m == -INFINITY ? 0.f : m;  // all masked so far: exp2(-inf - 0) = 0
+        alpha[rr] = exp2f(mx[mi][rr] - mu[rr]);
+        mx[mi][rr] = m;
+        ls[mi][rr] *= alpha[rr];
+      }
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
+      for (int i = 0; i < DT; ++i) {
+        acc[mi][i][0] *= alpha[0];
+        acc[mi][i][1] *= alpha[0];
+        acc[mi][i][2] *= alpha[1];
+        acc[mi][i][3] *= alpha[1];
+      }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(s[j][e] - mu[e >> 1]);
-        s[j][e] = p;
-        ls[e >> 1] += p;
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float p = exp2f(s[mi][j][e] - mu[e >> 1]);
+          s[mi][j][e] = p;
+          ls[mi][e >> 1] += p;
+        }
       }
     }
 
@@ -304,17 +334,23 @@ __device__ __forceinline__ void fwd(T *__restrict__ o, float *__restrict__ lse,
       const int r = ((lane >> 3) & 1) * 8 + (lane & 7), c = (lane >> 4) * 8;
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
-        unsigned pa[4];
-        pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-        pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-        pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        unsigned pa[MW][4];
+#pragma unroll
+        for (int mi = 0; mi < MW; ++mi) {
+          pa[mi][0] = pack2<T>(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+          pa[mi][1] = pack2<T>(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+          pa[mi][2] = pack2<T>(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+          pa[mi][3] = pack2<T>(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+        }
 #pragma unroll
         for (int dd = 0; dd < D / 16; ++dd) {
           unsigned bf[4];
           ldsm_x4_t(bf, sV + (kk * 16 + r) * LD + dd * 16 + c);
-          mma16816<T>(acc[2 * dd], pa, bf[0], bf[1]);
-          mma16816<T>(acc[2 * dd + 1], pa, bf[2], bf[3]);
+#pragma unroll
+          for (int mi = 0; mi < MW; ++mi) {
+            mma16816<T>(acc[mi][2 * dd], pa[mi], bf[0], bf[1]);
+            mma16816<T>(acc[mi][2 * dd + 1], pa[mi], bf[2], bf[3]);
+          }
         }
       }
     }
@@ -322,22 +358,26 @@ __device__ __forceinline__ void fwd(T *__restrict__ o, float *__restrict__ lse,
 
   // Finish: row sums over the 4 lanes of a row, normalise, write O and L.
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    float l = ls[rr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const bool empty = mx[rr] == -INFINITY || !(l > 0.f);
-    const float inv = empty ? 0.f : 1.f / l;
-    const int i = row_a + rr * 8;
-    if (i < sq) {
-      T *orow = o + ((long long)(q0 + i) * hq + h) * D;
+  for (int mi = 0; mi < MW; ++mi) {
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const unsigned w = pack2<T>(acc[dt][2 * rr] * inv, acc[dt][2 * rr + 1] * inv);
-        *reinterpret_cast<unsigned *>(orow + dt * 8 + 2 * t) = w;
+    for (int rr = 0; rr < 2; ++rr) {
+      float l = ls[mi][rr];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const bool empty = mx[mi][rr] == -INFINITY || !(l > 0.f);
+      const float inv = empty ? 0.f : 1.f / l;
+      const int i = row_a + mi * 16 + rr * 8;
+      if (i < sq) {
+        T *orow = o + ((long long)(q0 + i) * hq + h) * D;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          const unsigned w = pack2<T>(acc[mi][dt][2 * rr] * inv, acc[mi][dt][2 * rr + 1] * inv);
+          *reinterpret_cast<unsigned *>(orow + dt * 8 + 2 * t) = w;
+        }
+        if (t == 0)
+          lse[(long long)h * total_q + q0 + i] =
+              empty ? -INFINITY : (mx[mi][rr] + log2f(l)) * LN2;
       }
-      if (t == 0)
-        lse[(long long)h * total_q + q0 + i] = empty ? -INFINITY : (mx[rr] + log2f(l)) * LN2;
     }
   }
 }
@@ -590,7 +630,7 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
 }  // namespace fa
 
 #define FLASH_ATTN_INSTANCES(T, SUF, D)                                                             \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS)                                        \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, FA_FWD_MIN_BLOCKS(D))                \
       flash_attn_fwd_d##D##_##SUF(T *__restrict__ o, float *__restrict__ lse,                    \
                                   const T *__restrict__ q, const T *__restrict__ k,              \
                                   const T *__restrict__ v, const int *__restrict__ cu_q,         \
