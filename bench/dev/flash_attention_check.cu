@@ -76,13 +76,14 @@ void launch_fwd(T *o, float *lse, const T *q, const T *k, const T *v, const Shap
 
 template <typename T, int D>
 void launch_bwd(T *dq, T *dk, T *dv, float *dq_acc, float *delta, const T *q, const T *k,
-                const T *v, const T *o, const T *dout, const float *lse, const Shape &s) {
+                const T *v, const T *o, const T *dout, const float *lse, const Shape &s,
+                int parts = 7) {  // parts: bit 0 bwd_pre, bit 1 bwd, bit 2 convert (timing)
   const long long rows = (long long)s.total_q * s.hq;
-  if (rows > 0) {
+  if ((parts & 1) && rows > 0) {
     Kern<T, D>::pre<<<(unsigned)((rows + 7) / 8), 256>>>(delta, dq_acc, o, dout, s.total_q, s.hq);
     CK(cudaGetLastError());
   }
-  if (s.max_sk > 0) {
+  if ((parts & 2) && s.max_sk > 0) {
     static bool attr = false;
     const int smem = FA_BWD_SMEM(D);
     if (!attr) {
@@ -96,7 +97,7 @@ void launch_bwd(T *dq, T *dk, T *dv, float *dq_acc, float *delta, const T *q, co
     CK(cudaGetLastError());
   }
   const long long n = rows * D;
-  if (n > 0) {
+  if ((parts & 4) && n > 0) {
     const long long blocks = std::min<long long>((n + 255) / 256, 8192);
     Kern<T, D>::cvt<<<(unsigned)blocks, 256>>>(dq, dq_acc, n);
     CK(cudaGetLastError());
@@ -274,6 +275,11 @@ template <typename T, int D> bool time_shape(const TimeShape &ts) {
     return (double)ms[ms.size() / 2];
   };
   const double t_f = median_ms(fwd);
+  // The backward's launches one by one (bwd alone re-adds into dq_acc: harmless for timing).
+  double t_part[3];
+  for (int i = 0; i < 3; ++i)
+    t_part[i] = median_ms(
+        [&] { launch_bwd<T, D>(dq, dk, dv, dq_acc, delta, q, k, v, o, dout, lse, s, 1 << i); });
   // The last fwd+bwd run leaves every output of the pass in place for the checks below.
   const double t_fb = median_ms(fwdbwd);
   CK(cudaDeviceSynchronize());
@@ -352,6 +358,9 @@ template <typename T, int D> bool time_shape(const TimeShape &ts) {
          "%s\n",
          name, t_f, flops_f / (t_f * 1e9), t_fb, flops_fb / (t_fb * 1e9), nonfinite, co.rel,
          cl.maxabs, cdq.rel, pass ? "PASS" : "FAIL");
+  printf("%-26s   backward launches: bwd_pre %.3f ms, bwd %.3f ms (%.1f TFLOP/s), convert %.3f "
+         "ms\n",
+         "", t_part[0], t_part[1], 2.5 * flops_f / (t_part[1] * 1e9), t_part[2]);
   fflush(stdout);
   CK(cudaEventDestroy(e0));
   CK(cudaEventDestroy(e1));
@@ -366,8 +375,23 @@ int main(int argc, char **argv) {
   const bool skip_check = argc > 1 && std::string(argv[1]) == "--time-only";
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
-  printf("device: %s (sm_%d%d), flare flash_attention.cu check\n", prop.name, prop.major,
-         prop.minor);
+  printf("device: %s (sm_%d%d, %d SMs), flare flash_attention.cu check\n", prop.name, prop.major,
+         prop.minor, prop.multiProcessorCount);
+  {  // resident blocks per SM of the hot kernels (registers / shared memory bound them)
+    int f64, f128, b64, b128;
+    CK(cudaFuncSetAttribute(Kern<bf16, 128>::bwd, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            FA_BWD_SMEM(128)));
+    CK(cudaFuncSetAttribute(Kern<bf16, 64>::bwd, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            FA_BWD_SMEM(64)));
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f64, Kern<bf16, 64>::fwd, FA_THREADS, 0));
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f128, Kern<bf16, 128>::fwd, FA_THREADS, 0));
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b64, Kern<bf16, 64>::bwd, FA_THREADS,
+                                                     FA_BWD_SMEM(64)));
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b128, Kern<bf16, 128>::bwd, FA_THREADS,
+                                                     FA_BWD_SMEM(128)));
+    printf("blocks per SM (4 warps each): fwd d64 %d, fwd d128 %d, bwd d64 %d, bwd d128 %d\n", f64,
+           f128, b64, b128);
+  }
 
   int passed = 0, total = 0;
   if (!skip_check) {
