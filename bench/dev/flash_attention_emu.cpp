@@ -205,7 +205,7 @@ inline unsigned char *dynamic_smem() { return g_dyn_smem.data(); }
 // Runs body() as every thread of every block of the grid, one block at a time.
 template <typename F> static void emu_launch(dim3 grid, dim3 block, size_t dyn_smem, F body) {
   const int nt = block.x * block.y * block.z;
-  fa::g_dyn_smem.assign(dyn_smem + 16, 0xA5);  // garbage, as real shared memory
+  fa::g_dyn_smem.assign(dyn_smem, 0xA5);  // garbage, as real shared memory
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
