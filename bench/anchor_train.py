@@ -278,7 +278,8 @@ def build(cfgd, conf, dev, dtype):
             model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
     finally:
         torch.set_default_dtype(prev)
-    model.to(device=dev, dtype=dtype)
+    if any(p.dtype != dtype for p in model.parameters()):  # buffers (rope inv_freq) stay f32
+        model.to(dtype=dtype)
     model.config.use_cache = False
     if liger is not None:
         liger(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
@@ -622,7 +623,7 @@ def max_context(args, conf, run, params, opt, cfgd, fused, cuda, dev, w, steps, 
             break
         else:
             return row(conf, 1, s, st, max_context=True, tries=_tries(tries))
-    search = "complete"
+    search = "complete" if bad is not None else f"reached --max-context-limit {limit}"
     if bad is not None:  # bisection on multiples of g
         while bad - good > g:
             if args.max_context_budget_s and time.perf_counter() - t_start > args.max_context_budget_s:
