@@ -61,6 +61,21 @@ fi
 PY=python3
 [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
 
+# Wheels carried in .whl/ (bench/fetch_wheels.sh: Liger-Kernel for `anchor_train.py --impl
+# liger`; the GPU machine reaches no registry; .whl/ is git-ignored, so a device call names it in
+# `carry`) go to /tmp/site on PYTHONPATH. By hand, in a device
+# call of its own:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# (pure-Python wheels: where no pip is there, unzipping them into /tmp/site does the same).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null ||
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null ||
+    python3 -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall("/tmp/site") for w in sys.argv[1:]]' .whl/*.whl; then
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "wheels from .whl/ in /tmp/site: $(ls .whl | tr '\n' ' ')"
+  fi
+fi
+
 unpack() { # unpack NAME: .carry/NAME.xz -> $BIN/NAME
   local src=".carry/$1.xz" dst="$BIN/$1"
   [ -f "$src" ] || { echo "missing $src"; return 1; }
