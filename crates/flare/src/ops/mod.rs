@@ -9,6 +9,9 @@
 //! reference beyond Candle's own `argmax`) and the fused [`attention_decode`] (no backward: when
 //! an input takes part in autograd it computes the same maths from differentiable ops instead).
 //!
+//! [`flash_attention()`] has no CUDA kernel wired yet: on CUDA it computes the same maths from
+//! flare's differentiable matmul and masked softmax (see its module doc).
+//!
 //! Backward kernels are ops too; they have no backward of their own (a second derivative
 //! through them returns Candle's `BackwardNotSupported`, never a silently cut gradient).
 //!
@@ -31,6 +34,7 @@ pub mod argmax;
 pub mod attention;
 mod cpu;
 pub mod cross_entropy;
+pub mod flash_attention;
 pub mod matmul;
 pub mod rms_norm;
 pub mod rope;
@@ -43,6 +47,7 @@ pub(crate) mod cuda;
 pub use argmax::argmax_last_dim;
 pub use attention::attention_decode;
 pub use cross_entropy::{cross_entropy, cross_entropy_per_token, cross_entropy_weighted};
+pub use flash_attention::{flash_attention, flash_attention_padded, FlashAttnParams};
 pub use matmul::matmul;
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::rope_heads;

@@ -47,8 +47,8 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::DType;
 
-use crate::error::CudaResultExt;
 use super::{BLAS_HANDLES_CREATED, GEMM_PLANS_CREATED};
+use crate::error::CudaResultExt;
 use crate::{Error, Result};
 
 /// Workspace on compute capability >= 9 (Hopper and later), as NVIDIA recommends.

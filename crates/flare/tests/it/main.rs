@@ -7,6 +7,7 @@ mod backprop;
 mod common;
 mod decode_graph;
 mod decode_ops;
+mod flash_attention;
 mod fuzz;
 mod generate;
 mod generate_text;

@@ -1,0 +1,507 @@
+//! Flash attention for training and prefill: `softmax(scale · q kᵀ + mask) v` over packed
+//! variable-length sequences, tiled with an online softmax, so the `s × s` score matrix is
+//! never in memory; with a backward. The CUDA kernel (`crates/flare-kernels/src/cu/
+//! flash_attention.cu`, FlashAttention-2 on tensor cores) follows the same math, layout and
+//! conventions; it is not wired yet (see "Devices" below).
+//!
+//! # Math
+//! Per sequence `b`, query head `h` and its kv head `hk = h / (hq / hkv)` (GQA: K and V are
+//! read by every query head of the group, never repeated):
+//! - forward: `S = scale · Q Kᵀ + mask`, `L = logsumexp_row(S)`, `P = exp(S − L)`, `O = P V`;
+//! - backward: `D = rowsum(dO ∘ O)`, `dP = dO Vᵀ`, `dS = P ∘ (dP − D)`, `dQ = scale · dS K`,
+//!   `dK = scale · dSᵀ Q`, `dV = Pᵀ dO`; a kv head's `dK`, `dV` sum over its query heads.
+//!
+//! The mask: key `j` is visible to query `i` of a sequence with `sq` queries and `sk` keys iff
+//! (with `off = sk − sq`, bottom-right aligned as FlashAttention-2) `j <= i + off` when
+//! `causal`, and `j >= i + off − w` with a left window `w` (Mistral's `sliding_window` is
+//! `w + 1`: a query sees itself and `w` keys before it). A query that sees no key (an empty
+//! sequence of keys, the first `sq − sk` rows of a causal one with `sq > sk`) gets `O = 0` and
+//! zero gradients.
+//!
+//! # Layout
+//! Packed ("varlen", as FlashAttention's varlen API): `q: [total_q, hq, d]`,
+//! `k, v: [total_k, hkv, d]`; sequence `b` is rows `cu_seqlens_q[b]..cu_seqlens_q[b + 1]` of `q`
+//! and `cu_seqlens_k[b]..cu_seqlens_k[b + 1]` of `k` and `v`, so a packed row never attends
+//! across documents. [`flash_attention_padded`] is the `[B, S, H, D]` case
+//! (`cu_seqlens = 0, S, 2S, …`).
+//!
+//! # Precision
+//! Scores, softmax and accumulators in f32 for f32 / f16 / bf16 inputs (f64 for f64), each
+//! output rounded once to the input dtype.
+//!
+//! # What the backward recomputes
+//! Candle's `bwd` receives only (inputs, output, output gradient), so the forward's `L` is not
+//! carried: the backward recomputes it row by row (one more `q·k` pass over the visible keys),
+//! then `P` from it, tile by tile. `D` is computed from the op's (rounded) output, as the CUDA
+//! kernel does. The backward is an op of its own (`[q, O, dO]` stacked, `k`, `v` →
+//! `dQ, dK, dV`); it has no backward (a second derivative returns Candle's
+//! `BackwardNotSupported`).
+//!
+//! # Devices
+//! The fused op runs on the CPU. Elsewhere — CUDA until the kernel is wired, and Metal —
+//! [`flash_attention`] computes the same maths per sequence from flare's differentiable ops
+//! (matmul, [`softmax_masked`], matmul): gradients flow, but each
+//! sequence's `[hq, sq, sk]` scores are materialised. The op's own `cuda_fwd` refuses with a
+//! clear error, so nothing can reach it by accident.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+
+use super::cpu::dispatch_float3;
+use super::{check_dtype, check_same, matmul, softmax_masked};
+use crate::ops::softmax::softmax_masked_reference;
+use crate::{Error, Result};
+
+mod cpu;
+mod plan;
+
+use plan::{FaPlan, OP, OP_BWD};
+
+/// Options of one [`flash_attention`] call: the sequence offsets, the mask and the scale.
+///
+/// ```
+/// use flare::ops::FlashAttnParams;
+/// // Two documents of 3 and 5 tokens packed in one row, causal, Mistral-style window.
+/// let p = FlashAttnParams::varlen(vec![0, 3, 8], vec![0, 3, 8])
+///     .causal(true)
+///     .window_left(Some(4095));
+/// assert_eq!(p.cu_seqlens_q, vec![0, 3, 8]);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FlashAttnParams {
+    /// Query offsets: `batch + 1` entries, 0 first, non-decreasing, `total_q` last.
+    pub cu_seqlens_q: Vec<u32>,
+    /// Key / value offsets: `batch + 1` entries, 0 first, non-decreasing, `total_k` last.
+    pub cu_seqlens_k: Vec<u32>,
+    /// Causal mask, bottom-right aligned when a sequence has fewer queries than keys (the
+    /// queries are the last ones, as in prefill after a cached prefix).
+    pub causal: bool,
+    /// Sliding window: a query sees its diagonal key and at most this many keys before it
+    /// (`None`: no window). Mistral's `sliding_window` is this plus one.
+    pub window_left: Option<usize>,
+    /// The factor of `q kᵀ`; `None` means `1 / sqrt(head_dim)`.
+    pub softmax_scale: Option<f64>,
+}
+
+impl FlashAttnParams {
+    /// Packed sequences with these query and key offsets; no mask, the default scale.
+    pub fn varlen(cu_seqlens_q: impl Into<Vec<u32>>, cu_seqlens_k: impl Into<Vec<u32>>) -> Self {
+        FlashAttnParams {
+            cu_seqlens_q: cu_seqlens_q.into(),
+            cu_seqlens_k: cu_seqlens_k.into(),
+            ..Default::default()
+        }
+    }
+
+    /// `batch` sequences of `seqlen_q` queries and `seqlen_k` keys each (a padded batch):
+    /// offsets `0, S, 2S, …`.
+    pub fn padded(batch: usize, seqlen_q: usize, seqlen_k: usize) -> Self {
+        let cu = |s: usize| (0..=batch).map(|b| (b * s) as u32).collect::<Vec<_>>();
+        Self::varlen(cu(seqlen_q), cu(seqlen_k))
+    }
+
+    /// Sets the `causal` field.
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+
+    /// Sets the `window_left` field.
+    pub fn window_left(mut self, window_left: Option<usize>) -> Self {
+        self.window_left = window_left;
+        self
+    }
+
+    /// Sets the `softmax_scale` field.
+    pub fn softmax_scale(mut self, scale: f64) -> Self {
+        self.softmax_scale = Some(scale);
+        self
+    }
+}
+
+/// The forward op over `(q, k, v)`.
+struct FlashAttn {
+    plan: Arc<FaPlan>,
+}
+
+impl CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let p = &*self.plan;
+        let [(a0, a1), (b0, b1), (c0, c1)] = p.ranges(OP, [l1, l2, l3], 0)?;
+        let out = dispatch_float3!(OP, s1, s2, s3, |q, k, v| cpu::fwd(
+            &q[a0..a1],
+            &k[b0..b1],
+            &v[c0..c1],
+            p
+        ))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+        _s3: &candle_core::CudaStorage,
+        _l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Err(no_cuda_kernel(OP))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let p = &self.plan;
+        let qod = Tensor::stack(&[q, o, &dout.to_dtype(q.dtype())?], 0)?;
+        let g = qod.apply_op3_arc(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            Arc::new(Box::new(FlashAttnBwd { plan: p.clone() })),
+        )?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = g.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = g.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = g.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The backward op: `([q, O, dO] stacked, k, v) -> [dQ, dK, dV]` flattened. No backward.
+struct FlashAttnBwd {
+    plan: Arc<FaPlan>,
+}
+
+impl CustomOp3 for FlashAttnBwd {
+    fn name(&self) -> &'static str {
+        OP_BWD
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let p = &*self.plan;
+        let [(a0, a1), (b0, b1), (c0, c1)] = p.ranges(OP_BWD, [l1, l2, l3], 3)?;
+        let n = (a1 - a0) / 3 + 2 * (b1 - b0);
+        let out = dispatch_float3!(OP_BWD, s1, s2, s3, |qod, k, v| cpu::bwd(
+            &qod[a0..a1],
+            &k[b0..b1],
+            &v[c0..c1],
+            p
+        ))?;
+        Ok((out, Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+        _s3: &candle_core::CudaStorage,
+        _l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Err(no_cuda_kernel(OP_BWD))
+    }
+}
+
+/// The error of the fused op's CUDA forward until `cu/flash_attention.cu` is wired
+/// ([`flash_attention`] never reaches it: it takes the composed path on CUDA).
+#[cfg(feature = "cuda")]
+fn no_cuda_kernel(op: &'static str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: the fused op has no CUDA kernel yet; flare::ops::flash_attention computes \
+         attention from matmul and softmax_masked on CUDA"
+    ))
+}
+
+/// Flash attention over packed variable-length sequences: `q: [total_q, hq, d]`,
+/// `k, v: [total_k, hkv, d]` → `[total_q, hq, d]`, with the offsets, mask and scale of `p`
+/// (see [`FlashAttnParams`] and the module doc for the exact mask). GQA when `hq` is a multiple
+/// of `hkv` (K and V are never repeated). Differentiable in `q`, `k` and `v`. f32, f16, bf16
+/// (f32 accumulation), and f64 on the CPU.
+///
+/// Errors (before anything runs) name the tensor or offsets at fault: a rank other than 3,
+/// different dtypes or devices, `k` and `v` of different shapes, a head dim that differs from
+/// `q`'s, `hq` not a multiple of `hkv`, offsets that do not start at 0, decrease, differ in
+/// length or do not end at the tensor's row count, a scale that is not finite.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use flare::ops::{flash_attention, FlashAttnParams};
+/// let dev = Device::Cpu;
+/// // Two documents (2 and 1 tokens), 2 query heads sharing 1 kv head, head dim 4.
+/// let q = Tensor::randn(0f32, 1., (3, 2, 4), &dev)?;
+/// let k = Tensor::randn(0f32, 1., (3, 1, 4), &dev)?;
+/// let v = Tensor::randn(0f32, 1., (3, 1, 4), &dev)?;
+/// let p = FlashAttnParams::varlen(vec![0, 2, 3], vec![0, 2, 3]).causal(true);
+/// let o = flash_attention(&q, &k, &v, &p)?;
+/// assert_eq!(o.dims(), &[3, 2, 4]);
+/// // The first token of each document sees only itself: its output is its value row.
+/// let o0 = o.get(2)?.get(0)?.to_vec1::<f32>()?;
+/// assert_eq!(o0, v.get(2)?.get(0)?.to_vec1::<f32>()?);
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &FlashAttnParams) -> Result<Tensor> {
+    let plan = check(q, k, v, p)?;
+    if !q.device().is_cpu() {
+        return composed(q, k, v, &plan, false);
+    }
+    Ok(q.contiguous()?.apply_op3_arc(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Arc::new(Box::new(FlashAttn {
+            plan: Arc::new(plan),
+        })),
+    )?)
+}
+
+/// [`flash_attention`] on a padded batch: `q: [B, Sq, hq, d]`, `k, v: [B, Sk, hkv, d]` →
+/// `[B, Sq, hq, d]`. The offsets come from the shapes; `p`'s `cu_seqlens_*` must be empty (or
+/// equal to `FlashAttnParams::padded(B, Sq, Sk)`'s).
+pub fn flash_attention_padded(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    p: &FlashAttnParams,
+) -> Result<Tensor> {
+    let dims4 = |t: &Tensor, name: &str, rows: &str, heads: &str| {
+        t.dims4().map_err(|_| Error::InvalidArgument {
+            op: OP,
+            msg: format!(
+                "{name} must be [batch, {rows}, {heads}, head_dim] (padded), got {:?}",
+                t.dims()
+            ),
+        })
+    };
+    let (b, sq, hq, d) = dims4(q, "q", "seqlen_q", "q_heads")?;
+    let (bk, sk, hkv, dk) = dims4(k, "k", "seqlen_k", "kv_heads")?;
+    dims4(v, "v", "seqlen_k", "kv_heads")?;
+    if bk != b {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            msg: "q and k must have the same batch (q, k)",
+            lhs: q.dims().to_vec(),
+            rhs: k.dims().to_vec(),
+        });
+    }
+    let mut pp = FlashAttnParams::padded(b, sq, sk);
+    if !(p.cu_seqlens_q.is_empty() && p.cu_seqlens_k.is_empty())
+        && (p.cu_seqlens_q != pp.cu_seqlens_q || p.cu_seqlens_k != pp.cu_seqlens_k)
+    {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: "flash_attention_padded takes its cu_seqlens from the shapes: leave them empty"
+                .into(),
+        });
+    }
+    pp.causal = p.causal;
+    pp.window_left = p.window_left;
+    pp.softmax_scale = p.softmax_scale;
+    let o = flash_attention(
+        &q.reshape((b * sq, hq, d))?,
+        &k.reshape((b * sk, hkv, dk))?,
+        &v.reshape((b * sk, v.dim(2)?, v.dim(3)?))?,
+        &pp,
+    )?;
+    Ok(o.reshape((b, sq, hq, d))?)
+}
+
+/// The composed float64 reference: per sequence, explicit scores `scale · q kᵀ` in f64, the
+/// mask as a u8 keep matrix, a masked softmax (rows that see nothing are 0) and `P v`, from
+/// plain Candle ops with their autograd; the result in the input dtype. Materialises each
+/// sequence's `[hq, sq, sk]` scores: for tests.
+pub fn flash_attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    p: &FlashAttnParams,
+) -> Result<Tensor> {
+    let plan = check(q, k, v, p)?;
+    let up = |t: &Tensor| t.to_dtype(DType::F64);
+    let o = composed(&up(q)?, &up(k)?, &up(v)?, &plan, true)?;
+    Ok(o.to_dtype(q.dtype())?)
+}
+
+/// Attention per sequence with the scores materialised: plain Candle ops (`reference`) or
+/// flare's differentiable matmul and masked softmax (the non-CPU path).
+fn composed(q: &Tensor, k: &Tensor, v: &Tensor, p: &FaPlan, reference: bool) -> Result<Tensor> {
+    let (hq, hkv, d, g) = (p.hq, p.hkv, p.d, p.group());
+    let dev = q.device();
+    let mm = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+        if reference {
+            Ok(a.matmul(b)?)
+        } else {
+            matmul(a, b)
+        }
+    };
+    let mut parts = Vec::with_capacity(p.batch());
+    for b in 0..p.batch() {
+        let (q0, sq, k0, sk) = p.seq(b);
+        if sq == 0 {
+            continue;
+        }
+        if sk == 0 {
+            parts.push(Tensor::zeros((sq, hq, d), q.dtype(), dev)?);
+            continue;
+        }
+        let mut keep = vec![0u8; sq * sk];
+        for i in 0..sq {
+            let (lo, hi) = p.keys(i, sq, sk);
+            keep[i * sk + lo..i * sk + hi].fill(1);
+        }
+        let keep = Tensor::from_vec(keep, (1, sq, sk), dev)?;
+        // [sq, hq, d] -> [hkv, g * sq, d]: a kv head's query heads one after the other.
+        let qs = q
+            .narrow(0, q0, sq)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((hkv, g * sq, d))?;
+        let ks = k.narrow(0, k0, sk)?.transpose(0, 1)?.contiguous()?;
+        let vs = v.narrow(0, k0, sk)?.transpose(0, 1)?.contiguous()?;
+        let s = mm(&qs, &ks.t()?)?.affine(p.scale, 0.0)?;
+        let probs = if reference {
+            softmax_masked_reference(&s, &keep)?
+        } else {
+            softmax_masked(&s, &keep)?
+        };
+        let o = mm(&probs, &vs)?.reshape((hq, sq, d))?.transpose(0, 1)?;
+        parts.push(o);
+    }
+    if parts.is_empty() {
+        return Ok(Tensor::zeros((p.total_q, hq, d), q.dtype(), dev)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?.contiguous()?)
+}
+
+/// Checks the inputs of [`flash_attention`] and builds the plan.
+fn check(q: &Tensor, k: &Tensor, v: &Tensor, p: &FlashAttnParams) -> Result<FaPlan> {
+    for (t, name, rows, heads) in [
+        (q, "q", "total_q", "q_heads"),
+        (k, "k", "total_k", "kv_heads"),
+        (v, "v", "total_k", "kv_heads"),
+    ] {
+        if t.rank() != 3 {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                msg: format!(
+                    "{name} must be [{rows}, {heads}, head_dim] (packed), got shape {:?}",
+                    t.dims()
+                ),
+            });
+        }
+    }
+    check_same("flash_attention (k against q)", q, k)?;
+    check_same("flash_attention (v against q)", q, v)?;
+    check_dtype(OP, q)?;
+    let (total_q, hq, d) = q.dims3()?;
+    let (total_k, hkv, dk) = k.dims3()?;
+    let shape_err = |msg, a: &Tensor, b: &Tensor| {
+        Err(Error::ShapeMismatch {
+            op: OP,
+            msg,
+            lhs: a.dims().to_vec(),
+            rhs: b.dims().to_vec(),
+        })
+    };
+    if k.dims() != v.dims() {
+        return shape_err("k and v must have the same shape (k, v)", k, v);
+    }
+    if dk != d {
+        return shape_err("q and k must have the same head_dim (q, k)", q, k);
+    }
+    if hkv == 0 || hq == 0 || hq % hkv != 0 {
+        return shape_err(
+            "q's heads must be a positive multiple of k's heads (GQA) (q, k)",
+            q,
+            k,
+        );
+    }
+    if d == 0 {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: format!("head_dim must be positive, got q {:?}", q.dims()),
+        });
+    }
+    let cu_q = offsets("cu_seqlens_q", &p.cu_seqlens_q, total_q, "q")?;
+    let cu_k = offsets("cu_seqlens_k", &p.cu_seqlens_k, total_k, "k")?;
+    if cu_q.len() != cu_k.len() {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: format!(
+                "cu_seqlens_q has {} entries and cu_seqlens_k {}: both must be batch + 1",
+                cu_q.len(),
+                cu_k.len()
+            ),
+        });
+    }
+    let scale = p.softmax_scale.unwrap_or(1.0 / (d as f64).sqrt());
+    if !scale.is_finite() {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: format!("softmax_scale must be finite, got {scale}"),
+        });
+    }
+    Ok(FaPlan {
+        hq,
+        hkv,
+        d,
+        total_q,
+        total_k,
+        cu_q,
+        cu_k,
+        causal: p.causal,
+        window: p.window_left,
+        scale,
+    })
+}
+
+/// Checks one offsets vector against its tensor's row count.
+fn offsets(name: &str, cu: &[u32], total: usize, tensor: &str) -> Result<Vec<usize>> {
+    let bad = |why: String| Error::InvalidArgument {
+        op: OP,
+        msg: format!("{name} {cu:?}: {why}"),
+    };
+    if cu.len() < 2 {
+        return Err(bad("needs batch + 1 >= 2 entries".into()));
+    }
+    if cu[0] != 0 {
+        return Err(bad("must start at 0".into()));
+    }
+    if let Some(w) = cu.windows(2).position(|w| w[1] < w[0]) {
+        return Err(bad(format!("decreases at entry {}", w + 1)));
+    }
+    let last = *cu.last().unwrap_or(&0) as usize;
+    if last != total {
+        return Err(bad(format!(
+            "must end at {tensor}'s row count {total}, ends at {last}"
+        )));
+    }
+    Ok(cu.iter().map(|&c| c as usize).collect())
+}

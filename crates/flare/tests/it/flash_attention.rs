@@ -1,0 +1,462 @@
+//! `flare::ops::flash_attention`: forward against an explicit float64 loop and against the
+//! composed reference, gradients by finite differences (f64) and against the reference's
+//! autograd (every dtype), a packed batch against each document run alone, the padded
+//! convenience, CUDA against CPU, and clear errors.
+//!
+//! With `S = scale · q kᵀ + mask`, `P = softmax(S)`, `O = P v` and upstream gradient `dO`:
+//!   `D_i = Σ_c dO_ic O_ic`, `dS = P ∘ (dO vᵀ − D)`,
+//!   `dq = scale · dS k`, `dk = scale · dSᵀ q`, `dv = Pᵀ dO`, summed over a kv head's query heads.
+
+use candle_core::{DType, Device, Tensor};
+use flare::ops::flash_attention::flash_attention_reference;
+use flare::ops::{flash_attention, flash_attention_padded, FlashAttnParams};
+use flare::Error;
+
+use crate::common::*;
+
+/// One case: per-document query and key lengths, heads, head dim, mask.
+struct Case {
+    sq: &'static [usize],
+    sk: &'static [usize],
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    causal: bool,
+    window: Option<usize>,
+}
+
+const fn case(
+    sq: &'static [usize],
+    sk: &'static [usize],
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    causal: bool,
+    window: Option<usize>,
+) -> Case {
+    Case {
+        sq,
+        sk,
+        hq,
+        hkv,
+        d,
+        causal,
+        window,
+    }
+}
+
+/// Lengths {1, 17, 33}; seqlen_q < seqlen_k (prefill after a prefix) and > (rows that see
+/// nothing under a causal mask); empty documents; a window with and without causal; more than
+/// one 64-key tile (70, 130).
+const CASES: &[Case] = &[
+    case(&[1, 17, 33], &[1, 17, 33], 4, 2, 8, true, None),
+    case(&[1, 17, 33], &[1, 17, 33], 3, 1, 16, false, None),
+    case(&[1, 17, 33], &[1, 17, 33], 4, 2, 8, true, Some(5)),
+    case(&[3, 17, 1], &[5, 17, 40], 3, 1, 16, true, Some(7)),
+    case(&[9, 4], &[4, 9], 4, 2, 8, true, None),
+    case(&[6, 0, 5], &[0, 3, 5], 2, 2, 8, false, Some(2)),
+    case(&[10], &[13], 4, 1, 8, false, Some(3)),
+    case(&[70, 130], &[70, 130], 2, 1, 16, true, None),
+];
+
+fn cu(lens: &[usize]) -> Vec<u32> {
+    let mut c = vec![0u32];
+    for &l in lens {
+        c.push(c.last().unwrap() + l as u32);
+    }
+    c
+}
+
+impl Case {
+    fn params(&self) -> FlashAttnParams {
+        FlashAttnParams::varlen(cu(self.sq), cu(self.sk))
+            .causal(self.causal)
+            .window_left(self.window)
+    }
+
+    fn name(&self) -> String {
+        format!(
+            "sq {:?} sk {:?} h {}/{} d {} causal {} window {:?}",
+            self.sq, self.sk, self.hq, self.hkv, self.d, self.causal, self.window
+        )
+    }
+
+    fn shapes(&self) -> ([usize; 3], [usize; 3]) {
+        let tq: usize = self.sq.iter().sum();
+        let tk: usize = self.sk.iter().sum();
+        ([tq, self.hq, self.d], [tk, self.hkv, self.d])
+    }
+
+    /// Random `q`, `k`, `v` (scaled so that softmaxes are neither flat nor one-hot).
+    fn inputs(&self, dtype: DType, dev: &Device, what: &str) -> Result<[Tensor; 3]> {
+        let (qs, ks) = self.shapes();
+        Ok([
+            randn_scaled(&qs, 0.0, 1.5, dtype, dev, seed(&format!("{what} q")))?,
+            randn_scaled(&ks, 0.0, 1.5, dtype, dev, seed(&format!("{what} k")))?,
+            randn(&ks, dtype, dev, seed(&format!("{what} v")))?,
+        ])
+    }
+}
+
+/// The explicit float64 loop: for every document, head and query row, the visible keys by the
+/// bottom-right rule, a softmax over their scores, the weighted sum of values (0 if none).
+fn loop_reference(c: &Case, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
+    let (hq, hkv, d) = (c.hq, c.hkv, c.d);
+    let scale = 1.0 / (d as f64).sqrt();
+    let tq: usize = c.sq.iter().sum();
+    let mut o = vec![0.0; tq * hq * d];
+    let (mut q0, mut k0) = (0, 0);
+    for (&sq, &sk) in c.sq.iter().zip(c.sk) {
+        for h in 0..hq {
+            let hk = h / (hq / hkv);
+            for i in 0..sq {
+                let diag = i as i64 + sk as i64 - sq as i64;
+                let vis: Vec<usize> = (0..sk)
+                    .filter(|&j| {
+                        let j = j as i64;
+                        (!c.causal || j <= diag) && c.window.is_none_or(|w| j >= diag - w as i64)
+                    })
+                    .collect();
+                if vis.is_empty() {
+                    continue;
+                }
+                let qi = &q[((q0 + i) * hq + h) * d..][..d];
+                let s: Vec<f64> = vis
+                    .iter()
+                    .map(|&j| {
+                        let kj = &k[((k0 + j) * hkv + hk) * d..][..d];
+                        scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                let oi = &mut o[((q0 + i) * hq + h) * d..][..d];
+                for (&j, &sj) in vis.iter().zip(&s) {
+                    let pj = (sj - m).exp() / z;
+                    let vj = &v[((k0 + j) * hkv + hk) * d..][..d];
+                    for (x, y) in oi.iter_mut().zip(vj) {
+                        *x += pj * y;
+                    }
+                }
+            }
+        }
+        q0 += sq;
+        k0 += sk;
+    }
+    o
+}
+
+/// The relative-error bound of outputs and gradients: the dtype's own. On CUDA, until
+/// `cu/flash_attention.cu` is wired, the op is the composed path (matmul, `softmax_masked`,
+/// matmul), which rounds the scores and the probabilities to a half dtype before the next
+/// product, so half types get twice the bound there; the kernel (f32 in registers, one
+/// rounding) should meet the dtype's own.
+fn bound(dev: &Device, dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 | DType::BF16 if !dev.is_cpu() => 2.0 * tol(dtype),
+        _ => tol(dtype),
+    }
+}
+
+fn forward(dev: &Device) -> Result<()> {
+    for &dtype in &dtypes(dev) {
+        for c in CASES {
+            let what = format!("flash_attention {} {}", c.name(), dt(dtype));
+            let [q, k, v] = c.inputs(dtype, dev, &what)?;
+            let o = flash_attention(&q, &k, &v, &c.params())?;
+            assert_eq!(o.dtype(), dtype, "{what}: output dtype");
+            assert_eq!(o.dims(), q.dims(), "{what}: output shape");
+            assert_no_nan(&o, &what)?;
+            let want = loop_reference(c, &to_f64_vec(&q)?, &to_f64_vec(&k)?, &to_f64_vec(&v)?);
+            let want = Tensor::from_vec(want, q.dims(), &Device::Cpu)?;
+            assert_close(&o, &want, bound(dev, dtype), &what)?;
+            // The composed f64 reference agrees with the loop.
+            let r = flash_attention_reference(
+                &f64_cpu(&q)?,
+                &f64_cpu(&k)?,
+                &f64_cpu(&v)?,
+                &c.params(),
+            )?;
+            assert_close(&r, &want, tol(DType::F64), &format!("{what} (reference)"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Small cases for finite differences (every input element is perturbed twice).
+const FD_CASES: &[Case] = &[
+    case(&[1, 4, 3], &[1, 4, 3], 4, 2, 4, true, Some(1)),
+    case(&[3, 1], &[5, 2], 3, 1, 8, true, None),
+    case(&[4, 2], &[6, 0], 2, 1, 4, false, Some(2)),
+    case(&[5], &[3], 2, 2, 4, true, None),
+];
+
+/// The analytic gradients of q, k, v against central finite differences of the f64 CPU op (on
+/// CUDA: f32 on the device from the same f32-exact inputs).
+fn grad_fd(dev: &Device) -> Result<()> {
+    for c in FD_CASES {
+        let fd = FdCheck::new(dev, format!("flash_attention grad fd {}", c.name()));
+        let (qs, ks) = c.shapes();
+        let q = fd.input(&qs, "q")?;
+        let k = fd.input(&ks, "k")?;
+        let v = fd.input(&ks, "v")?;
+        let r = fd.constant(&fd.input(&qs, "r")?)?;
+        let p = c.params();
+        fd.check(&[("dq", &q), ("dk", &k), ("dv", &v)], |t| {
+            weighted_loss(&flash_attention(&t[0], &t[1], &t[2], &p)?, r.like(&t[0]))
+        })?;
+    }
+    Ok(())
+}
+
+/// flare's gradients against the composed reference's autograd in f64, at every dtype.
+fn grad_vs_reference(dev: &Device) -> Result<()> {
+    for &dtype in &dtypes(dev) {
+        for c in CASES {
+            let what = format!("flash_attention grad {} {}", c.name(), dt(dtype));
+            let [q, k, v] = c.inputs(dtype, dev, &what)?;
+            let r = randn(q.dims(), dtype, dev, seed(&format!("{what} r")))?;
+            let vars = [var(&q)?, var(&k)?, var(&v)?];
+            let o = flash_attention(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+                &c.params(),
+            )?;
+            let grads = weighted_loss(&o, &r)?.backward()?;
+            let refs = [
+                var(&f64_cpu(&q)?)?,
+                var(&f64_cpu(&k)?)?,
+                var(&f64_cpu(&v)?)?,
+            ];
+            let or = flash_attention_reference(
+                refs[0].as_tensor(),
+                refs[1].as_tensor(),
+                refs[2].as_tensor(),
+                &c.params(),
+            )?;
+            let grads_r = weighted_loss(&or, &f64_cpu(&r)?)?.backward()?;
+            let tol_g = bound(dev, dtype);
+            for (name, x, xr) in [
+                ("dq", &vars[0], &refs[0]),
+                ("dk", &vars[1], &refs[1]),
+                ("dv", &vars[2], &refs[2]),
+            ] {
+                let w = format!("{what} {name}");
+                let g = grad_of(&grads, x.as_tensor(), &w);
+                assert_eq!(g.dtype(), dtype, "{w}: gradient dtype");
+                assert_close(&g, &grad_of(&grads_r, xr.as_tensor(), &w), tol_g, &w)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A packed batch equals each document run alone, forward and gradients: a packed row never
+/// attends across documents, and no gradient crosses them.
+fn packed_equals_alone(dev: &Device) -> Result<()> {
+    let dtype = if dev.is_cpu() { DType::F64 } else { DType::F32 };
+    for c in &CASES[..6] {
+        let what = format!("flash_attention packed/alone {}", c.name());
+        let [q, k, v] = c.inputs(dtype, dev, &what)?;
+        let r = randn(q.dims(), dtype, dev, seed(&format!("{what} r")))?;
+        let vars = [var(&q)?, var(&k)?, var(&v)?];
+        let o = flash_attention(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+            &c.params(),
+        )?;
+        let grads = weighted_loss(&o, &r)?.backward()?;
+        let g: Vec<Tensor> = vars
+            .iter()
+            .map(|x| grad_of(&grads, x.as_tensor(), &what))
+            .collect();
+        let (mut q0, mut k0) = (0, 0);
+        for (b, (&sq, &sk)) in c.sq.iter().zip(c.sk).enumerate() {
+            let w = format!("{what} doc {b}");
+            let p = FlashAttnParams::varlen(vec![0, sq as u32], vec![0, sk as u32])
+                .causal(c.causal)
+                .window_left(c.window);
+            let qa = var(&q.narrow(0, q0, sq)?)?;
+            let ka = var(&k.narrow(0, k0, sk)?)?;
+            let va = var(&v.narrow(0, k0, sk)?)?;
+            let oa = flash_attention(qa.as_tensor(), ka.as_tensor(), va.as_tensor(), &p)?;
+            let eps = if dev.is_cpu() { 1e-14 } else { tol(dtype) };
+            assert_close(&o.narrow(0, q0, sq)?, &f64_cpu(&oa)?, eps, &w)?;
+            if sq > 0 && sk > 0 {
+                let ga = weighted_loss(&oa, &r.narrow(0, q0, sq)?)?.backward()?;
+                for (name, x, full, r0, n) in [
+                    ("dq", &qa, &g[0], q0, sq),
+                    ("dk", &ka, &g[1], k0, sk),
+                    ("dv", &va, &g[2], k0, sk),
+                ] {
+                    let gw = format!("{w} {name}");
+                    let alone = grad_of(&ga, x.as_tensor(), &gw);
+                    assert_close(&full.narrow(0, r0, n)?, &f64_cpu(&alone)?, eps, &gw)?;
+                }
+            }
+            q0 += sq;
+            k0 += sk;
+        }
+    }
+    Ok(())
+}
+
+/// `[B, S, H, D]` through `flash_attention_padded` equals the packed call with offsets
+/// `0, S, 2S, …`.
+fn padded(dev: &Device) -> Result<()> {
+    for &dtype in &dtypes(dev) {
+        let what = format!("flash_attention padded {}", dt(dtype));
+        let (b, sq, sk, hq, hkv, d) = (3, 7, 11, 4, 2, 8);
+        let q = randn(&[b, sq, hq, d], dtype, dev, seed(&format!("{what} q")))?;
+        let k = randn(&[b, sk, hkv, d], dtype, dev, seed(&format!("{what} k")))?;
+        let v = randn(&[b, sk, hkv, d], dtype, dev, seed(&format!("{what} v")))?;
+        let p = FlashAttnParams::default().causal(true).window_left(Some(4));
+        let o = flash_attention_padded(&q, &k, &v, &p)?;
+        assert_eq!(o.dims(), q.dims(), "{what}: shape");
+        let pp = FlashAttnParams::padded(b, sq, sk)
+            .causal(true)
+            .window_left(Some(4));
+        let packed = flash_attention(
+            &q.reshape((b * sq, hq, d))?,
+            &k.reshape((b * sk, hkv, d))?,
+            &v.reshape((b * sk, hkv, d))?,
+            &pp,
+        )?;
+        assert_eq!(
+            to_f64_vec(&o)?,
+            to_f64_vec(&packed)?,
+            "{what}: padded vs packed"
+        );
+        // A custom scale is honoured.
+        let half = flash_attention_padded(&q, &k, &v, &p.clone().softmax_scale(0.5))?;
+        let half_r = flash_attention_reference(
+            &f64_cpu(&q.reshape((b * sq, hq, d))?)?,
+            &f64_cpu(&k.reshape((b * sk, hkv, d))?)?,
+            &f64_cpu(&v.reshape((b * sk, hkv, d))?)?,
+            &pp.clone().softmax_scale(0.5),
+        )?;
+        assert_close(
+            &half.reshape((b * sq, hq, d))?,
+            &half_r,
+            bound(dev, dtype),
+            &what,
+        )?;
+    }
+    Ok(())
+}
+
+/// The op on `dev` against the same op on the CPU at the same dtype (on the CPU: trivially).
+fn device_vs_cpu(dev: &Device) -> Result<()> {
+    for &dtype in &dtypes(dev) {
+        for c in CASES {
+            let what = format!("flash_attention dev/cpu {} {}", c.name(), dt(dtype));
+            let [q, k, v] = c.inputs(dtype, dev, &what)?;
+            let o = flash_attention(&q, &k, &v, &c.params())?;
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+            let oc = flash_attention(&cpu(&q)?, &cpu(&k)?, &cpu(&v)?, &c.params())?;
+            assert_close(&o, &f64_cpu(&oc)?, bound(dev, dtype), &what)?;
+        }
+    }
+    Ok(())
+}
+
+fn expect_invalid(r: Result<Tensor>, needle: &str, what: &str) {
+    match r {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            let s = e.to_string();
+            assert!(
+                s.contains("flash_attention"),
+                "{what}: {s} should name the op"
+            );
+            assert!(s.contains(needle), "{what}: {s} should name {needle}");
+        }
+        other => panic!("{what}: expected an invalid-argument error, got {other:?}"),
+    }
+}
+
+fn errors(dev: &Device) -> Result<()> {
+    let f = DType::F32;
+    let q = randn(&[5, 4, 8], f, dev, 1)?;
+    let k = randn(&[6, 2, 8], f, dev, 2)?;
+    let v = randn(&[6, 2, 8], f, dev, 3)?;
+    let p = FlashAttnParams::varlen(vec![0, 2, 5], vec![0, 3, 6]).causal(true);
+    assert!(flash_attention(&q, &k, &v, &p).is_ok());
+
+    // Heads: 4 query heads over 3 kv heads.
+    let k3 = randn(&[6, 3, 8], f, dev, 4)?;
+    match flash_attention(&q, &k3, &k3, &p) {
+        Err(e @ Error::ShapeMismatch { .. }) => assert!(e.to_string().contains("heads"), "{e}"),
+        other => panic!("heads: expected a shape error, got {other:?}"),
+    }
+    // Head dims, and k against v.
+    let k16 = randn(&[6, 2, 16], f, dev, 5)?;
+    match flash_attention(&q, &k16, &k16, &p) {
+        Err(e @ Error::ShapeMismatch { .. }) => assert!(e.to_string().contains("head_dim"), "{e}"),
+        other => panic!("head_dim: expected a shape error, got {other:?}"),
+    }
+    match flash_attention(&q, &k, &randn(&[6, 1, 8], f, dev, 6)?, &p) {
+        Err(e @ Error::ShapeMismatch { .. }) => assert!(e.to_string().contains("k and v"), "{e}"),
+        other => panic!("k/v: expected a shape error, got {other:?}"),
+    }
+    // Offsets.
+    for (cq, ck, needle) in [
+        (vec![0, 3, 2, 5], vec![0, 3, 3, 6], "cu_seqlens_q"),
+        (vec![0, 2, 4], vec![0, 3, 6], "cu_seqlens_q"),
+        (vec![1, 2, 5], vec![0, 3, 6], "cu_seqlens_q"),
+        (vec![0, 2, 5], vec![0, 3, 7], "cu_seqlens_k"),
+        (vec![0, 2, 5], vec![0, 6], "cu_seqlens_k"),
+        (vec![5], vec![6], "cu_seqlens_q"),
+    ] {
+        let bad = FlashAttnParams::varlen(cq.clone(), ck.clone());
+        expect_invalid(
+            flash_attention(&q, &k, &v, &bad),
+            needle,
+            &format!("{cq:?} {ck:?}"),
+        );
+    }
+    // Rank, naming the tensor.
+    let q4 = q.unsqueeze(0)?;
+    expect_invalid(flash_attention(&q4, &k, &v, &p), "q must be", "rank of q");
+    expect_invalid(
+        flash_attention(&q, &k, &v.flatten_all()?, &p),
+        "v must be",
+        "rank of v",
+    );
+    expect_invalid(
+        flash_attention_padded(&q, &k, &v, &p),
+        "q must be",
+        "padded rank",
+    );
+    // Dtypes.
+    match flash_attention(&q, &k.to_dtype(DType::F16)?, &v, &p) {
+        Err(e @ Error::DTypeMismatch { .. }) => {
+            assert!(e.to_string().contains("k against q"), "{e}")
+        }
+        other => panic!("dtype: expected a dtype error, got {other:?}"),
+    }
+    let qi = q.to_dtype(DType::U8)?;
+    match flash_attention(&qi, &k.to_dtype(DType::U8)?, &v.to_dtype(DType::U8)?, &p) {
+        Err(e @ Error::UnsupportedDType { .. }) => {
+            assert!(e.to_string().contains("flash_attention"), "{e}")
+        }
+        other => panic!("u8: expected an unsupported-dtype error, got {other:?}"),
+    }
+    expect_invalid(
+        flash_attention(&q, &k, &v, &p.clone().softmax_scale(f64::NAN)),
+        "softmax_scale",
+        "scale",
+    );
+    Ok(())
+}
+
+device_test!(
+    forward,
+    grad_fd,
+    grad_vs_reference,
+    packed_equals_alone,
+    padded,
+    device_vs_cpu,
+    errors
+);
