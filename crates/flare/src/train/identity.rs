@@ -24,8 +24,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::config::TrainConfig;
 use super::optim::Schedule;
-use super::trainer::TrainConfig;
 use crate::{Error, Result};
 
 /// The fingerprints of a run's inputs.

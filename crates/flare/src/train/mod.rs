@@ -18,6 +18,7 @@
 //! # Ok::<(), flare::Error>(())
 //! ```
 
+pub mod config;
 pub mod data;
 pub mod export;
 pub mod identity;
