@@ -13,7 +13,7 @@
 //! | `FLARE_SMALL_GEMM` | on | small matmuls (<= 2^21 multiply-adds, k <= 512) run on flare's `gemm_small` kernel instead of cuBLASLt | `0` to measure cuBLASLt alone (`bench/gpu_run.sh` does) |
 //! | `FLARE_GEMV` | on | skinny products `x @ W.T` (<= 8 rows: decode-time linear layers) run on flare's `gemv_*` kernel | `0` to compare with cuBLASLt / `gemm_small` (`bench/gpu_run.sh` runs the decode tests and bench with it) |
 //! | `FLARE_ATTENTION_DECODE` | on | decode attention runs on the flash-decoding `attention_split_*` / `attention_combine_*` kernels | `0` for GEMM + softmax + GEMM, to compare (`bench/gpu_run.sh`) |
-//! | `FLARE_ARGMAX_SPLIT` | off | the device argmax of <= 64 rows of >= 4096 columns runs in two stages (many blocks per row, then a merge) | `1` to measure it: no whole-decode gain was measured (BENCHMARKS.md) |
+//! | `FLARE_ARGMAX_SPLIT` | on | the device argmax of <= 64 rows of >= 4096 columns runs in two stages (many blocks per row, then a merge) | `0` for the one-block-per-row kernel, to compare (per-op batch-1 decode 1.7% faster with the split, BENCHMARKS.md 2026-12-06) |
 //! | `FLARE_DECODE_ENGINE` | on | generation runs plain batch-1 greedy decoding on the decode engine ([`crate::generate::DecodeGraph`]) where it applies | `0` for the per-op path, to compare or to debug |
 //! | `FLARE_GEMM_AUTOTUNE` | on | large cuBLASLt GEMM plans time the heuristic's top 8 algorithms once and keep the fastest | `0` to take the heuristic's first choice |
 //! | `FLARE_GEMM_DEBUG` | off | each autotune prints its candidates, times and winner to stderr | `1` to see why a GEMM got its algorithm |
@@ -70,7 +70,7 @@ impl Default for Settings {
             small_gemm: true,
             gemv: true,
             attention_decode: true,
-            argmax_split: false,
+            argmax_split: true,
             decode_engine: true,
             gemm_autotune: true,
             gemm_debug: false,
@@ -247,7 +247,7 @@ mod tests {
         assert_eq!(s, Settings::default());
         assert!(w.is_empty());
         assert!(s.gemv && s.attention_decode && s.small_gemm && s.decode_engine);
-        assert!(!s.argmax_split && !s.gemm_debug && !s.cuda_event_tracking);
+        assert!(s.argmax_split && !s.gemm_debug && !s.cuda_event_tracking);
     }
 
     #[test]
