@@ -26,6 +26,7 @@ pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod runtime;
+mod safetensors_header;
 pub mod text;
 pub mod train;
 

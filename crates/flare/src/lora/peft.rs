@@ -744,7 +744,7 @@ pub fn load_adapter(dir: impl AsRef<Path>, device: &Device) -> Result<Adapter> {
         }
     })?;
     // Our own check first: its errors name the tensor at fault, the crate's do not.
-    crate::models::weights::parse_safetensors_header(&bytes, bytes.len() as u64, &weights_path)?;
+    crate::safetensors_header::parse_safetensors_header(&bytes, bytes.len() as u64, &weights_path)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
         bad_file(
             &weights_path,

@@ -421,7 +421,7 @@ impl Trainer {
             layer.set_adapter_weights(ADAPTER_NAME, a, b)?;
         }
         let optim_path = dir.join(OPTIM_FILE);
-        crate::models::weights::read_safetensors_header(&optim_path)?;
+        crate::safetensors_header::read_safetensors_header(&optim_path)?;
         let tensors = candle_core::safetensors::load(&optim_path, device)?;
         t.opt
             .load_state(&tensors.into_iter().collect(), saved.step)
