@@ -15,11 +15,13 @@ use crate::{Error, Result};
 // Errors read as the trainer's, as before the split.
 const OP: &str = "Trainer";
 
-fn invalid(msg: String) -> Error {
+/// An invalid-argument error of the trainer (also used by `trainer.rs`).
+pub(super) fn invalid(msg: String) -> Error {
     Error::InvalidArgument { op: OP, msg }
 }
 
-fn io_err(context: String) -> impl FnOnce(std::io::Error) -> Error {
+/// Maps an I/O error into [`Error::Io`] with `context` (also used by `trainer.rs`).
+pub(super) fn io_err(context: String) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::Io { context, source: e }
 }
 

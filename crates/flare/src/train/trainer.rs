@@ -60,6 +60,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 pub use super::config::TrainConfig;
+use super::config::{invalid, io_err};
 use super::data::{epoch_batches, make_batch, split_eval, tokenize_cached, Encoder, Example};
 use super::identity::{differences, RunIdentity};
 use super::optim::{clip_scale, global_grad_norm, AdamW};
@@ -71,7 +72,6 @@ use crate::ops::cross_entropy::IGNORE_INDEX;
 use crate::ops::cross_entropy_per_token;
 use crate::{Error, Result};
 
-const OP: &str = "Trainer";
 /// The adapter name flare trains under (PEFT's default).
 pub const ADAPTER_NAME: &str = "default";
 const STATE_FILE: &str = "trainer_state.json";
@@ -82,14 +82,6 @@ const PLOT_FILE: &str = "loss.png";
 pub const ADAPTER_DIR: &str = "adapter";
 /// The token cache's directory in `output_dir`.
 const CACHE_DIR: &str = "token-cache";
-
-fn invalid(msg: String) -> Error {
-    Error::InvalidArgument { op: OP, msg }
-}
-
-fn io_err(context: String) -> impl FnOnce(std::io::Error) -> Error {
-    move |source| Error::Io { context, source }
-}
 
 /// The resumable state of a run, saved as `trainer_state.json` in each checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
