@@ -105,6 +105,25 @@ pub struct TrainConfig {
     pub bad_lines: BadLines,
     /// Append EOS to `text` and `completion` examples.
     pub append_eos: bool,
+    /// Sequence packing: examples are concatenated up to `max_seq_len` tokens per row, each
+    /// attending only to itself (positions restart per document), instead of padded batches.
+    pub packing: bool,
+    /// Activation checkpointing: each decoder layer's activations are recomputed in the
+    /// backward instead of kept from the forward.
+    pub gradient_checkpointing: Checkpointing,
+}
+
+/// When decoder layers are recomputed in the backward ([`TrainConfig::gradient_checkpointing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    /// Never: every activation is kept until the backward (fastest when it fits).
+    Off,
+    /// Always.
+    On,
+    /// When the memory estimate of the run without it exceeds the device's free memory.
+    #[default]
+    Auto,
 }
 
 impl Default for TrainConfig {
@@ -143,6 +162,8 @@ impl Default for TrainConfig {
             device: "auto".into(),
             bad_lines: BadLines::Error,
             append_eos: true,
+            packing: true,
+            gradient_checkpointing: Checkpointing::Auto,
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod optim;
 pub mod plot;
 pub mod trainer;
 
+pub use config::Checkpointing;
 pub use data::{BadLines, Batch, DataConfig, Encoder, Example, Message, Tokenized};
 pub use export::merge_adapter_to_dir;
 pub use identity::{Difference, RunIdentity};
