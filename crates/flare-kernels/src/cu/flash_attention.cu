@@ -23,16 +23,19 @@
 // Conventions: every output is written with `=` (nothing accumulates into caller memory);
 // dq_acc is zeroed by flash_attn_bwd_pre and accumulated with atomics by flash_attn_bwd.
 //
-// Kernels (T = bf16 | f16, D = 64 | 128; all 128 threads = 4 warps):
+// Kernels (T = bf16 | f16, D = 64 | 128):
 //   flash_attn_fwd_d{D}_{T}(o, lse, q, k, v, cu_q, cu_k, hq, hkv, total_q, scale, causal,
 //       window)                              grid (ceil(max_sq / FA_FWD_BM(D)), Hq, batch),
-//                                            static smem (FA_FWD_BM = 128 for D = 64, 64 for 128)
+//                                            block FA_THREADS = 128, static smem
+//                                            (FA_FWD_BM = 128 for D = 64, 64 for 128)
 //   flash_attn_bwd_pre_d{D}_{T}(delta, dq_acc, o, dout, total_q, hq)
 //                                            grid ceil(total_q * Hq / 8), block 256 (a warp/row)
 //   flash_attn_bwd_d{D}_{T}(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, cu_k, hq, hkv,
-//       total_q, scale, causal, window)      grid (ceil(max_sk / 64), Hkv, batch),
-//                                            dynamic smem FA_BWD_SMEM(D) bytes (> 48 KiB for
-//                                            D = 128: cudaFuncAttributeMaxDynamicSharedMemorySize)
+//       total_q, scale, causal, window)      grid (ceil(max_sk / FA_BWD_BN), Hkv, batch),
+//                                            FA_BWD_BN = 128, block FA_BWD_THREADS = 256,
+//                                            dynamic smem FA_BWD_SMEM(D) bytes (93,184 for
+//                                            D = 64, 115,200 for D = 128: both over 48 KiB, so
+//                                            cudaFuncAttributeMaxDynamicSharedMemorySize first)
 //   flash_attn_bwd_convert_d{D}_{T}(dq, dq_acc, n)   n = total_q * Hq * D, any 1-D grid
 //
 // Design
@@ -41,24 +44,32 @@
 //     fragment read from shared memory feeds two mma; 16 for D = 128, which has no registers
 //     for two) and keeps their Q fragments in registers (staged through the K / V buffers and
 //     ldmatrix'd once). It walks the 64-key tiles the mask allows (causal / window bound the
-//     range; only the tiles that cross a boundary evaluate the mask per element). K and V tiles are single-buffered in shared memory
-//     (rows padded to D + 8 elements: conflict-free ldmatrix) and loaded with cp.async so
-//     that V(j) lands while S = Q K(j)^T computes and K(j+1) while P V(j) computes. Out-of-range
+//     range; only the tiles that cross a boundary evaluate the mask per element). K and V
+//     tiles are single-buffered in shared memory (rows padded to D + 8 elements:
+//     conflict-free ldmatrix) and loaded with cp.async so that V(j) lands while
+//     S = Q K(j)^T computes and K(j+1) while P V(j) computes. Out-of-range
 //     rows are zero-filled by cp.async (no garbage times zero). The online softmax keeps the
 //     row max in log2 units (scores times scale * log2 e, exp2f); P goes from the S
 //     accumulators straight into the A fragments of the P V mma (the C layout of two n8 tiles
-//     is the A layout of one k16 step). Blocks are launched heaviest-first for causal.
-//   backward: a block owns 64 keys of one (sequence, kv head); warp w owns keys 16w..16w+15
-//     and accumulates their dK, dV in registers over every query head of the GQA group and
-//     every query tile the mask allows (64 queries for D = 64, 32 for D = 128), so dK / dV
-//     need no atomics and no reduction kernel: the sum over the group happens in registers and
+//     is the A layout of one k16 step). The grid is walked query tile slowest, from the last
+//     tile: under causal the heaviest tiles of every head start first (a short tail).
+//   backward: a block (8 warps) owns 128 keys of one (sequence, kv head); warp w owns keys
+//     16w..16w+15 and accumulates their dK, dV in registers over every query head of the GQA
+//     group and every query tile the mask allows (64 queries for D = 64, 32 for D = 128), so
+//     dK / dV need no atomics and no reduction kernel: the sum over the group happens in registers and
 //     dK / dV are written once, in the output dtype. Per query tile it computes S^T = K Q^T and
 //     dP^T = V dO^T (keys as rows), P^T, dS^T, then dV += P^T dO and dK += dS^T Q from
-//     registers; dS^T also goes (as T) to shared memory, from which the four warps compute
-//     dQ += dS K in 16 x 32 pieces and add them to dq_acc with f32 atomics (FlashAttention-2).
-//     The next Q / dO tile is prefetched (cp.async) while dQ computes. Launching over kv
-//     heads divides the number of blocks by the group size; at the shapes flare trains there
-//     are still about a thousand or more (B1 H32/KV8 T8192: 128 key blocks x 8 = 1024).
+//     registers; dS^T also goes (as T) to shared memory, from which the eight warps compute
+//     dQ += dS K in 16 x 32 pieces (one each) and add them to dq_acc with f32 atomics
+//     (FlashAttention-2; 128 keys per block halve the atomic traffic of 64, and on an H100
+//     the atomics cost ~5% of the kernel against plain stores). Q / dO tiles are
+//     double-buffered: the tile of the next iteration is fetched (cp.async, its L and D into
+//     registers) at the start of the current one, so its latency hides behind the whole
+//     iteration's math. The grid is walked key block slowest: under causal the low key
+//     blocks see the most queries, so every head's heaviest blocks start first. Launching
+//     over kv heads divides the number of blocks by the group size; at the shapes flare
+//     trains there are still hundreds (B1 H32/KV8 T8192: 64 key blocks x 8 = 512, one
+//     block of 8 warps per SM: 241 registers for D = 128, 224 for D = 64, no spills).
 #include <type_traits>
 
 #include "common.cuh"
@@ -70,17 +81,26 @@ using namespace flare;
 // read from shared memory serves two mma) for D = 64; 16 for D = 128, where two tiles'
 // accumulators do not fit in registers.
 #define FA_FWD_BM(D) ((D) == 128 ? 64 : 128)
-#define FA_BN 64  // keys per tile (forward) / per block (backward)
+#define FA_BN 64  // keys per tile (forward)
 // Forward blocks per SM asked of the register allocator: 3 caps D = 128 at 168 registers (no
 // spills; its natural 171 would allow only 2); D = 64 (two m16 tiles per warp) needs 246.
 #define FA_FWD_MIN_BLOCKS(D) ((D) == 128 ? 3 : 2)
-// Backward: queries per tile.
+// Backward: 8 warps, 128 keys per block (16 per warp), queries per tile FA_BWD_BM(D).
+#ifndef FA_BWD_THREADS
+#define FA_BWD_THREADS 256
+#endif
+#ifndef FA_BWD_BN
+#define FA_BWD_BN 128
+#endif
+#ifndef FA_BWD_BM
 #define FA_BWD_BM(D) ((D) == 128 ? 32 : 64)
-// Backward dynamic shared memory: K, V tiles, Q, dO tiles (rows padded to D + 8), dS^T
-// [64][BM + 8], L and D of the query tile.
+#endif
+// Backward dynamic shared memory: K, V tiles, two Q and two dO tiles (rows padded to D + 8),
+// dS^T [128][BM + 8], two L and two D vectors of the query tile.
 #define FA_BWD_SMEM(D)                                                                          \
-  ((2 * FA_BN * ((D) + 8) + 2 * FA_BWD_BM(D) * ((D) + 8) + FA_BN * (FA_BWD_BM(D) + 8)) * 2 +    \
-   2 * FA_BWD_BM(D) * 4)
+  ((2 * FA_BWD_BN * ((D) + 8) + 4 * FA_BWD_BM(D) * ((D) + 8) +                                 \
+    FA_BWD_BN * (FA_BWD_BM(D) + 8)) * 2 +                                                       \
+   4 * FA_BWD_BM(D) * 4)
 
 namespace fa {
 
@@ -156,12 +176,12 @@ template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float 
 }
 
 // Loads rows [0, ROWS) of a tile (row r at g + r * stride, D elements) into shared memory
-// s[r * (D + 8) ..]; rows >= valid are zero-filled. All FA_THREADS threads take part.
-template <typename T, int D, int ROWS>
+// s[r * (D + 8) ..]; rows >= valid are zero-filled. All NTH threads of the block take part.
+template <typename T, int D, int ROWS, int NTH = FA_THREADS>
 __device__ __forceinline__ void load_tile(T *s, const T *g, long long stride, int valid) {
   constexpr int CPR = D / 8;  // 16-byte chunks per row
 #pragma unroll
-  for (int c = threadIdx.x; c < ROWS * CPR; c += FA_THREADS) {
+  for (int c = threadIdx.x; c < ROWS * CPR; c += NTH) {
     const int r = c / CPR, cc = c % CPR;
     const bool ok = r < valid;
     const T *src = ok ? g + (long long)r * stride + cc * 8 : g;
@@ -192,10 +212,14 @@ __device__ __forceinline__ void fwd(T *__restrict__ o, float *__restrict__ lse,
   __shared__ __align__(16) T sKV[2 * BN * LD];
   T *sK = sKV, *sV = sKV + BN * LD;
 
-  const int b = blockIdx.z, h = blockIdx.y;
+  // Query tiles in the order (tile from the last, head, sequence), tile slowest: under causal
+  // the last tiles see the most keys, so the heaviest blocks of every head start first.
+  const int nblk = gridDim.y * gridDim.z;
+  const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const int h = (lin % nblk) % gridDim.y, b = (lin % nblk) / gridDim.y;
   const int q0 = cu_q[b], sq = cu_q[b + 1] - q0;
   const int k0 = cu_k[b], sk = cu_k[b + 1] - k0;
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;  // heaviest (causal) blocks first
+  const int m0 = (gridDim.x - 1 - lin / nblk) * BM;
   if (m0 >= sq) return;
   const int hk = h / (hq / hkv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -424,22 +448,29 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
                                     const float *__restrict__ delta, const int *__restrict__ cu_q,
                                     const int *__restrict__ cu_k, int hq, int hkv, int total_q,
                                     float scale, int causal, int window) {
-  constexpr int BN = FA_BN, BM = FA_BWD_BM(D), LD = D + 8, LDS = BM + 8;
+  constexpr int NTH = FA_BWD_THREADS, NW = NTH / 32;
+  constexpr int BN = FA_BWD_BN, BM = FA_BWD_BM(D), LD = D + 8, LDS = BM + 8;
+  static_assert(BN == 16 * NW, "warp w owns keys 16w .. 16w + 15");
+  static_assert(BM <= NTH, "one thread stages one row's L and D");
   constexpr int KD = D / 16;  // k16 steps over the head dim
   constexpr int MT = BM / 8;  // n8 tiles of queries (S^T, dP^T per warp)
   constexpr int DT = D / 8;   // n8 tiles of dK / dV per warp
   T *sK = reinterpret_cast<T *>(dynamic_smem());
   T *sV = sK + BN * LD;
-  T *sQ = sV + BN * LD;
-  T *sdO = sQ + BM * LD;
-  T *sdS = sdO + BM * LD;  // dS^T [key][query]
-  float *sL = reinterpret_cast<float *>(sdS + BN * LDS);
-  float *sDl = sL + BM;
+  T *sQ0 = sV + BN * LD;       // [2][BM][LD]: Q tiles, double-buffered
+  T *sdO0 = sQ0 + 2 * BM * LD;  // [2][BM][LD]: dO tiles
+  T *sdS = sdO0 + 2 * BM * LD;  // dS^T [key][query]
+  float *sL0 = reinterpret_cast<float *>(sdS + BN * LDS);  // [2][BM], log2 units
+  float *sD0 = sL0 + 2 * BM;                              // [2][BM]
 
-  const int b = blockIdx.z, hk = blockIdx.y;
+  // Key blocks in the order (key block, kv head, sequence), key block slowest: under causal
+  // the low key blocks see the most queries, so the heaviest blocks of every head start first.
+  const int nblk = gridDim.y * gridDim.z;
+  const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const int xb = lin / nblk, hk = (lin % nblk) % gridDim.y, b = (lin % nblk) / gridDim.y;
   const int q0 = cu_q[b], sq = cu_q[b + 1] - q0;
   const int k0 = cu_k[b], sk = cu_k[b + 1] - k0;
-  const int n0 = blockIdx.x * BN;
+  const int n0 = xb * BN;
   if (n0 >= sk) return;
   const int G = hq / hkv;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -459,23 +490,35 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
 
   const T *kb = k + ((long long)(k0 + n0) * hkv + hk) * D;
   const T *vb = v + ((long long)(k0 + n0) * hkv + hk) * D;
-  load_tile<T, D, BN>(sK, kb, ks, sk - n0);
-  load_tile<T, D, BN>(sV, vb, ks, sk - n0);
+  load_tile<T, D, BN, NTH>(sK, kb, ks, sk - n0);
+  load_tile<T, D, BN, NTH>(sV, vb, ks, sk - n0);
 
-  // Stages the Q, dO tiles and the L (log2 units), D values of iteration it.
+  // Iteration it: query head h = hk G + it / n_mt, query tile m0 = m_first + (it % n_mt) BM.
+  // Stages the Q, dO tiles of iteration it in buffer it & 1 (cp.async, not committed here).
   auto load_q = [&](int it) {
     const int h = hk * G + it / n_mt, m0 = m_first + (it % n_mt) * BM;
     const long long base = ((long long)(q0 + m0) * hq + h) * D;
-    load_tile<T, D, BM>(sQ, q + base, qs, sq - m0);
-    load_tile<T, D, BM>(sdO, dout + base, qs, sq - m0);
-    for (int i = threadIdx.x; i < BM; i += FA_THREADS) {
-      const bool ok = m0 + i < sq;
-      const long long idx = (long long)h * total_q + q0 + m0 + i;
-      sL[i] = ok ? lse[idx] * LOG2E : INFINITY;
-      sDl[i] = ok ? delta[idx] : 0.f;
-    }
+    const int buf = it & 1;
+    load_tile<T, D, BM, NTH>(sQ0 + buf * BM * LD, q + base, qs, sq - m0);
+    load_tile<T, D, BM, NTH>(sdO0 + buf * BM * LD, dout + base, qs, sq - m0);
   };
-  if (iters > 0) load_q(0);
+  // L (log2 units) and D of iteration it's row threadIdx.x into registers (stored to shared
+  // memory later, so the loads overlap the tile's math). Rows past the sequence: L = +inf
+  // (P = 0), D = 0.
+  auto fetch_ld = [&](int it, float &l, float &d) {
+    const int h = hk * G + it / n_mt, m0 = m_first + (it % n_mt) * BM;
+    const int i = m0 + threadIdx.x;
+    const bool ok = threadIdx.x < BM && i < sq;
+    const long long idx = (long long)h * total_q + q0 + i;
+    l = ok ? lse[idx] * LOG2E : INFINITY;
+    d = ok ? delta[idx] : 0.f;
+  };
+  if (iters > 0) {
+    load_q(0);
+    float l, d;
+    fetch_ld(0, l, d);
+    if (threadIdx.x < BM) sL0[threadIdx.x] = l, sD0[threadIdx.x] = d;
+  }
   cp_async_commit();
 
   float dka[DT][4], dva[DT][4];
@@ -484,7 +527,8 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
 #pragma unroll
     for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.f;
 
-  const int key_a = n0 + warp * 16 + g;  // this thread's keys: key_a, key_a + 8
+  const int kw0 = n0 + warp * 16;   // this warp's first key
+  const int key_a = kw0 + g;        // this thread's keys: key_a, key_a + 8
   // ldmatrix lane offsets: A fragment (rows x k), B fragment non-trans (n x k), trans (k x n).
   const int a_r = (lane & 7) + ((lane >> 3) & 1) * 8, a_c = (lane >> 4) * 8;
   const int b_r = (lane >> 4) * 8 + (lane & 7), b_c = ((lane >> 3) & 1) * 8;
@@ -492,8 +536,17 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
 
   for (int it = 0; it < iters; ++it) {
     const int h = hk * G + it / n_mt, m0 = m_first + (it % n_mt) * BM;
+    const int buf = it & 1;
+    const T *sQ = sQ0 + buf * BM * LD, *sdO = sdO0 + buf * BM * LD;
+    const float *sL = sL0 + buf * BM, *sDl = sD0 + buf * BM;
     cp_async_wait<0>();
-    __syncthreads();  // Q, dO, L, D (and K, V) ready; every warp done with dS^T of it - 1
+    __syncthreads();  // Q, dO, L, D of it (and K, V) ready; every warp is done with it - 1
+                      // (its dS^T and its buffers, which it + 1 now refills)
+    const bool more = it + 1 < iters;
+    if (more) load_q(it + 1);
+    cp_async_commit();
+    float nl = 0.f, nd = 0.f;
+    if (more) fetch_ld(it + 1, nl, nd);
 
     // S^T = K Q^T and dP^T = V dO^T, keys (this warp's 16) as rows, queries as columns.
     float st[MT][4], dpt[MT][4];
@@ -518,15 +571,20 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
       }
     }
 
-    // P^T = exp2(S^T * scale * log2 e - L), 0 where masked; dS^T = P^T (dP^T - D).
+    // P^T = exp2(S^T * scale * log2 e - L), 0 where masked; dS^T = P^T (dP^T - D). The mask
+    // is evaluated per element only where this warp's 16 keys x BM queries cross a boundary.
+    const bool need_mask = m0 + BM > sq || kw0 + 16 > sk || (causal && kw0 + 15 > m0 + off) ||
+                           (window >= 0 && kw0 < m0 + BM - 1 + off - window);
 #pragma unroll
     for (int j = 0; j < MT; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int kj = key_a + (e >> 1) * 8, qc = j * 8 + 2 * t + (e & 1);
-        const int i = m0 + qc;
-        const bool ok = i < sq && visible(i, kj, sk, off, causal, window);
-        const float p = ok ? exp2f(st[j][e] * sl2 - sL[qc]) : 0.f;
+        const int qc = j * 8 + 2 * t + (e & 1);
+        float p = exp2f(st[j][e] * sl2 - sL[qc]);
+        if (need_mask) {
+          const int kj = key_a + (e >> 1) * 8, i = m0 + qc;
+          if (!(i < sq && visible(i, kj, sk, off, causal, window))) p = 0.f;
+        }
         st[j][e] = p;
         dpt[j][e] = p * (dpt[j][e] - sDl[qc]);
       }
@@ -562,15 +620,16 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
         mma16816<T>(dka[2 * dd + 1], da, bf[2], bf[3]);
       }
     }
+    // L, D of it + 1 into the other buffer (nobody reads it during this iteration).
+    if (more && threadIdx.x < BM)
+      sL0[(buf ^ 1) * BM + threadIdx.x] = nl, sD0[(buf ^ 1) * BM + threadIdx.x] = nd;
 
-    __syncthreads();  // dS^T complete; Q, dO, L, D free
-    if (it + 1 < iters) load_q(it + 1);
-    cp_async_commit();
+    __syncthreads();  // dS^T complete
 
     // dQ += scale * dS K over this key block: pieces of 16 queries x 32 dims, round-robin over
     // the warps. A = dS (query rows) by ldmatrix.trans of dS^T; B = K by ldmatrix.trans.
     constexpr int PIECES = (BM / 16) * (D / 32);
-    for (int pc = warp; pc < PIECES; pc += FA_THREADS / 32) {
+    for (int pc = warp; pc < PIECES; pc += NW) {
       const int r16 = pc / (D / 32), c32 = pc % (D / 32);
       float qa[4][4];
 #pragma unroll
@@ -644,7 +703,7 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
                                       int total_q, int hq) {                                     \
     fa::bwd_pre<T, D>(delta, dq_acc, o, dout, total_q, hq);                                      \
   }                                                                                                \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS)                                        \
+  extern "C" __global__ void __launch_bounds__(FA_BWD_THREADS, 1)                               \
       flash_attn_bwd_d##D##_##SUF(                                                               \
           T *__restrict__ dk, T *__restrict__ dv, float *__restrict__ dq_acc,                    \
           const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,             \
