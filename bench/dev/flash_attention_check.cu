@@ -90,10 +90,10 @@ void launch_bwd(T *dq, T *dk, T *dv, float *dq_acc, float *delta, const T *q, co
       CK(cudaFuncSetAttribute(Kern<T, D>::bwd, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       attr = true;
     }
-    dim3 grid((s.max_sk + FA_BWD_BN - 1) / FA_BWD_BN, s.hkv, s.batch);
-    Kern<T, D>::bwd<<<grid, FA_BWD_THREADS, smem>>>(dk, dv, dq_acc, q, k, v, dout, lse, delta, s.cu_q,
-                                                s.cu_k, s.hq, s.hkv, s.total_q, s.scale, s.causal,
-                                                s.window);
+    dim3 grid((s.max_sk + FA_BWD_BN(D) - 1) / FA_BWD_BN(D), s.hkv, s.batch);
+    Kern<T, D>::bwd<<<grid, FA_BWD_THREADS(D), smem>>>(dk, dv, dq_acc, q, k, v, dout, lse, delta,
+                                                       s.cu_q, s.cu_k, s.hq, s.hkv, s.total_q,
+                                                       s.scale, s.causal, s.window);
     CK(cudaGetLastError());
   }
   const long long n = rows * D;
@@ -388,13 +388,14 @@ int main(int argc, char **argv) {
                             FA_BWD_SMEM(64)));
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f64, Kern<bf16, 64>::fwd, FA_THREADS, 0));
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f128, Kern<bf16, 128>::fwd, FA_THREADS, 0));
-    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b64, Kern<bf16, 64>::bwd, FA_BWD_THREADS,
-                                                     FA_BWD_SMEM(64)));
-    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b128, Kern<bf16, 128>::bwd, FA_BWD_THREADS,
-                                                     FA_BWD_SMEM(128)));
-    printf("blocks per SM: fwd (%d warps) d64 %d, d128 %d; bwd (%d warps) d64 %d, d128 %d\n",
-           FA_THREADS / 32, f64, f128, FA_BWD_THREADS / 32,
-           b64, b128);
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b64, Kern<bf16, 64>::bwd,
+                                                     FA_BWD_THREADS(64), FA_BWD_SMEM(64)));
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b128, Kern<bf16, 128>::bwd,
+                                                     FA_BWD_THREADS(128), FA_BWD_SMEM(128)));
+    printf("blocks per SM: fwd (%d warps) d64 %d, d128 %d; bwd d64 %d (%d warps), "
+           "d128 %d (%d warps)\n",
+           FA_THREADS / 32, f64, f128, b64, FA_BWD_THREADS(64) / 32, b128,
+           FA_BWD_THREADS(128) / 32);
   }
 
   int passed = 0, total = 0;

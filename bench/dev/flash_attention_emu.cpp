@@ -322,8 +322,8 @@ static bool run_case(std::vector<int> lq, std::vector<int> lk, int hq, int hkv, 
       Kern<T, D>::pre(delta.data(), dq_acc.data(), o.data(), dout.data(), total_q, hq);
     });
   if (max_sk > 0)
-    emu_launch(dim3((max_sk + FA_BWD_BN - 1) / FA_BWD_BN, hkv, batch), dim3(FA_BWD_THREADS),
-               FA_BWD_SMEM(D), [&] {
+    emu_launch(dim3((max_sk + FA_BWD_BN(D) - 1) / FA_BWD_BN(D), hkv, batch),
+               dim3(FA_BWD_THREADS(D)), FA_BWD_SMEM(D), [&] {
                  Kern<T, D>::bwd(dk.data(), dv.data(), dq_acc.data(), q.data(), k.data(),
                                  v.data(), dout.data(), lse.data(), delta.data(), cq.data(),
                                  ck.data(), hq, hkv, total_q, scale, causal, window);

@@ -31,10 +31,11 @@
 //   flash_attn_bwd_pre_d{D}_{T}(delta, dq_acc, o, dout, total_q, hq)
 //                                            grid ceil(total_q * Hq / 8), block 256 (a warp/row)
 //   flash_attn_bwd_d{D}_{T}(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, cu_k, hq, hkv,
-//       total_q, scale, causal, window)      grid (ceil(max_sk / FA_BWD_BN), Hkv, batch),
-//                                            FA_BWD_BN = 128, block FA_BWD_THREADS = 256,
-//                                            dynamic smem FA_BWD_SMEM(D) bytes (93,184 for
-//                                            D = 64, 115,200 for D = 128: both over 48 KiB, so
+//       total_q, scale, causal, window)      grid (ceil(max_sk / FA_BWD_BN(D)), Hkv, batch),
+//                                            FA_BWD_BN = 128, block FA_BWD_THREADS(D) = 128
+//                                            for D = 64, 256 for D = 128, dynamic smem
+//                                            FA_BWD_SMEM(D) bytes (76,288 for D = 64, 125,440
+//                                            for D = 128: both over 48 KiB, so
 //                                            cudaFuncAttributeMaxDynamicSharedMemorySize first)
 //   flash_attn_bwd_convert_d{D}_{T}(dq, dq_acc, n)   n = total_q * Hq * D, any 1-D grid
 //
@@ -53,23 +54,27 @@
 //     accumulators straight into the A fragments of the P V mma (the C layout of two n8 tiles
 //     is the A layout of one k16 step). The grid is walked query tile slowest, from the last
 //     tile: under causal the heaviest tiles of every head start first (a short tail).
-//   backward: a block (8 warps) owns 128 keys of one (sequence, kv head); warp w owns keys
-//     16w..16w+15 and accumulates their dK, dV in registers over every query head of the GQA
-//     group and every query tile the mask allows (64 queries for D = 64, 32 for D = 128), so
-//     dK / dV need no atomics and no reduction kernel: the sum over the group happens in registers and
-//     dK / dV are written once, in the output dtype. Per query tile it computes S^T = K Q^T and
-//     dP^T = V dO^T (keys as rows), P^T, dS^T, then dV += P^T dO and dK += dS^T Q from
-//     registers; dS^T also goes (as T) to shared memory, from which the eight warps compute
-//     dQ += dS K in 16 x 32 pieces (one each) and add them to dq_acc with f32 atomics
-//     (FlashAttention-2; 128 keys per block halve the atomic traffic of 64, and on an H100
-//     the atomics cost ~5% of the kernel against plain stores). Q / dO tiles are
-//     double-buffered: the tile of the next iteration is fetched (cp.async, its L and D into
-//     registers) at the start of the current one, so its latency hides behind the whole
-//     iteration's math. The grid is walked key block slowest: under causal the low key
+//   backward: a block owns 128 keys of one (sequence, kv head); warp w owns 16 KM of them (KM
+//     m16 key tiles: 2 for D = 64 with 4 warps, 1 for D = 128 with 8 warps) and accumulates
+//     their dK, dV in registers over every query head of the GQA group and every 32-query tile
+//     the mask allows, so dK / dV need no atomics and no reduction kernel: the sum over the
+//     group happens in registers and dK / dV are written once, in the output dtype. Per query
+//     tile it computes S^T = K Q^T and dP^T = V dO^T (keys as rows, queries as columns; every
+//     Q / dO fragment read from shared memory feeds KM key tiles), P^T, dS^T, then
+//     dV += P^T dO and dK += dS^T Q from registers; dS^T also goes (as T) to shared memory,
+//     from which the warps compute dQ += dS K in 16 x 32 pieces (one each) and add them to
+//     dq_acc with f32 atomics (FlashAttention-2; 128 keys per block halve the atomic traffic
+//     of 64, and on an H100 the atomics cost ~5% of the kernel against plain stores). Q / dO
+//     tiles, L / D and dS^T are double-buffered, so one barrier per iteration suffices:
+//     iteration it fetches the tiles of it + 1 (cp.async, L and D through registers) and
+//     computes the dQ of it - 1 (whose dS^T the barrier completed) before its own math; the
+//     last dQ follows the loop. Only the tiles that cross a mask boundary (per warp) evaluate
+//     the mask per element. The grid is walked key block slowest: under causal the low key
 //     blocks see the most queries, so every head's heaviest blocks start first. Launching
 //     over kv heads divides the number of blocks by the group size; at the shapes flare
-//     trains there are still hundreds (B1 H32/KV8 T8192: 64 key blocks x 8 = 512, one
-//     block of 8 warps per SM: 241 registers for D = 128, 224 for D = 64, no spills).
+//     trains there are still hundreds (B1 H32/KV8 T8192: 64 key blocks x 8 = 512). Registers
+//     (sm_90, no spills): 255 for D = 64 (2 blocks of 4 warps per SM), 246 for D = 128
+//     (1 block of 8 warps).
 #include <type_traits>
 
 #include "common.cuh"
@@ -82,24 +87,31 @@ using namespace flare;
 // accumulators do not fit in registers.
 #define FA_FWD_BM(D) ((D) == 128 ? 64 : 128)
 #define FA_BN 64  // keys per tile (forward)
-// Forward blocks per SM asked of the register allocator: 3 caps D = 128 at 168 registers (no
-// spills; its natural 171 would allow only 2); D = 64 (two m16 tiles per warp) needs 246.
+// Forward blocks per SM asked of the register allocator: 3 caps D = 128 at 168 registers (its
+// natural ~171 would allow only 2; 4 bytes of spill stores since the heaviest-first grid
+// order, which still measured faster); D = 64 (two m16 tiles per warp) needs 249.
 #define FA_FWD_MIN_BLOCKS(D) ((D) == 128 ? 3 : 2)
-// Backward: 8 warps, 128 keys per block (16 per warp), queries per tile FA_BWD_BM(D).
+// Backward: 128 keys per block, 32 queries per tile; D = 64: 4 warps of 32 keys (two m16 key
+// tiles per warp, FA_BWD_KM = 2), D = 128: 8 warps of 16 keys (one; two would need 256
+// accumulator registers for dK / dV). FA_BWD_BN = 16 KM warps. The #ifndef lets
+// bench/dev/flash_attention_check.cu time other shapes (-D'FA_BWD_KM(D)=...').
 #ifndef FA_BWD_THREADS
-#define FA_BWD_THREADS 256
+#define FA_BWD_THREADS(D) ((D) == 64 ? 128 : 256)
 #endif
 #ifndef FA_BWD_BN
-#define FA_BWD_BN 128
+#define FA_BWD_BN(D) 128
 #endif
 #ifndef FA_BWD_BM
-#define FA_BWD_BM(D) ((D) == 128 ? 32 : 64)
+#define FA_BWD_BM(D) 32
+#endif
+#ifndef FA_BWD_KM
+#define FA_BWD_KM(D) ((D) == 64 ? 2 : 1)
 #endif
 // Backward dynamic shared memory: K, V tiles, two Q and two dO tiles (rows padded to D + 8),
-// dS^T [128][BM + 8], two L and two D vectors of the query tile.
+// two dS^T [128][BM + 8], two L and two D vectors of the query tile.
 #define FA_BWD_SMEM(D)                                                                          \
-  ((2 * FA_BWD_BN * ((D) + 8) + 4 * FA_BWD_BM(D) * ((D) + 8) +                                 \
-    FA_BWD_BN * (FA_BWD_BM(D) + 8)) * 2 +                                                       \
+  ((2 * FA_BWD_BN(D) * ((D) + 8) + 4 * FA_BWD_BM(D) * ((D) + 8) +                              \
+    2 * FA_BWD_BN(D) * (FA_BWD_BM(D) + 8)) * 2 +                                                \
    4 * FA_BWD_BM(D) * 4)
 
 namespace fa {
@@ -192,6 +204,12 @@ __device__ __forceinline__ void load_tile(T *s, const T *g, long long stride, in
 // Is key j visible to query i (both sequence-relative)? off = sk - sq.
 __device__ __forceinline__ bool visible(int i, int j, int sk, int off, int causal, int window) {
   return j < sk && (!causal || j <= i + off) && (window < 0 || j >= i + off - window);
+}
+// The same, bitwise (no branch per element). On an H100 the backward and the D = 64 forward
+// run faster with it, the D = 128 forward slower (2.25 against 2.10 ms at T8192).
+__device__ __forceinline__ bool visible_bits(int i, int j, int sk, int off, int causal,
+                                             int window) {
+  return (j < sk) & (!causal | (j <= i + off)) & ((window < 0) | (j >= i + off - window));
 }
 
 // ---- forward -------------------------------------------------------------------------------
@@ -306,7 +324,12 @@ __device__ __forceinline__ void fwd(T *__restrict__ o, float *__restrict__ lse,
           float x = s[mi][j][e] * sl2;
           if (need_mask) {
             const int i = row_a + mi * 16 + (e >> 1) * 8, kj = n0 + j * 8 + 2 * t + (e & 1);
-            if (!visible(i, kj, sk, off, causal, window)) x = -INFINITY;
+            bool vis;
+            if constexpr (D == 64)  // each variant measured the faster at its head dim
+              vis = visible_bits(i, kj, sk, off, causal, window);
+            else
+              vis = visible(i, kj, sk, off, causal, window);
+            if (!vis) x = -INFINITY;
           }
           s[mi][j][e] = x;
         }
@@ -448,9 +471,10 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
                                     const float *__restrict__ delta, const int *__restrict__ cu_q,
                                     const int *__restrict__ cu_k, int hq, int hkv, int total_q,
                                     float scale, int causal, int window) {
-  constexpr int NTH = FA_BWD_THREADS, NW = NTH / 32;
-  constexpr int BN = FA_BWD_BN, BM = FA_BWD_BM(D), LD = D + 8, LDS = BM + 8;
-  static_assert(BN == 16 * NW, "warp w owns keys 16w .. 16w + 15");
+  constexpr int NTH = FA_BWD_THREADS(D), NW = NTH / 32;
+  constexpr int BN = FA_BWD_BN(D), BM = FA_BWD_BM(D), LD = D + 8, LDS = BM + 8;
+  constexpr int KM = FA_BWD_KM(D);  // m16 key tiles per warp
+  static_assert(BN == 16 * KM * NW, "warp w owns keys 16 KM w .. 16 KM (w + 1) - 1");
   static_assert(BM <= NTH, "one thread stages one row's L and D");
   constexpr int KD = D / 16;  // k16 steps over the head dim
   constexpr int MT = BM / 8;  // n8 tiles of queries (S^T, dP^T per warp)
@@ -459,8 +483,8 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
   T *sV = sK + BN * LD;
   T *sQ0 = sV + BN * LD;       // [2][BM][LD]: Q tiles, double-buffered
   T *sdO0 = sQ0 + 2 * BM * LD;  // [2][BM][LD]: dO tiles
-  T *sdS = sdO0 + 2 * BM * LD;  // dS^T [key][query]
-  float *sL0 = reinterpret_cast<float *>(sdS + BN * LDS);  // [2][BM], log2 units
+  T *sdS0 = sdO0 + 2 * BM * LD;  // [2][BN][LDS]: dS^T [key][query], double-buffered
+  float *sL0 = reinterpret_cast<float *>(sdS0 + 2 * BN * LDS);  // [2][BM], log2 units
   float *sD0 = sL0 + 2 * BM;                              // [2][BM]
 
   // Key blocks in the order (key block, kv head, sequence), key block slowest: under causal
@@ -521,113 +545,27 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
   }
   cp_async_commit();
 
-  float dka[DT][4], dva[DT][4];
+  float dka[KM][DT][4], dva[KM][DT][4];
 #pragma unroll
-  for (int i = 0; i < DT; ++i)
+  for (int km = 0; km < KM; ++km)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.f;
+    for (int i = 0; i < DT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dka[km][i][e] = dva[km][i][e] = 0.f;
 
-  const int kw0 = n0 + warp * 16;   // this warp's first key
-  const int key_a = kw0 + g;        // this thread's keys: key_a, key_a + 8
+  const int kw0 = n0 + warp * 16 * KM;  // this warp's first key
+  const int key_a = kw0 + g;  // this thread's keys: key_a + 16 km, key_a + 16 km + 8
   // ldmatrix lane offsets: A fragment (rows x k), B fragment non-trans (n x k), trans (k x n).
   const int a_r = (lane & 7) + ((lane >> 3) & 1) * 8, a_c = (lane >> 4) * 8;
   const int b_r = (lane >> 4) * 8 + (lane & 7), b_c = ((lane >> 3) & 1) * 8;
   const int bt_r = ((lane >> 3) & 1) * 8 + (lane & 7), bt_c = (lane >> 4) * 8;
 
-  for (int it = 0; it < iters; ++it) {
+  // dQ += scale * dS K of iteration it (its dS^T in buffer it & 1): pieces of 16 queries x 32
+  // dims, one per warp (round-robin). A = dS (query rows) by ldmatrix.trans of dS^T; B = K by
+  // ldmatrix.trans; the piece is added to dq_acc with f32 atomics.
+  auto dq_step = [&](int it) {
     const int h = hk * G + it / n_mt, m0 = m_first + (it % n_mt) * BM;
-    const int buf = it & 1;
-    const T *sQ = sQ0 + buf * BM * LD, *sdO = sdO0 + buf * BM * LD;
-    const float *sL = sL0 + buf * BM, *sDl = sD0 + buf * BM;
-    cp_async_wait<0>();
-    __syncthreads();  // Q, dO, L, D of it (and K, V) ready; every warp is done with it - 1
-                      // (its dS^T and its buffers, which it + 1 now refills)
-    const bool more = it + 1 < iters;
-    if (more) load_q(it + 1);
-    cp_async_commit();
-    float nl = 0.f, nd = 0.f;
-    if (more) fetch_ld(it + 1, nl, nd);
-
-    // S^T = K Q^T and dP^T = V dO^T, keys (this warp's 16) as rows, queries as columns.
-    float st[MT][4], dpt[MT][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk) {
-      unsigned ka[4], va[4];
-      ldsm_x4(ka, sK + (warp * 16 + a_r) * LD + kk * 16 + a_c);
-      ldsm_x4(va, sV + (warp * 16 + a_r) * LD + kk * 16 + a_c);
-#pragma unroll
-      for (int nn = 0; nn < BM / 16; ++nn) {
-        unsigned bf[4];
-        ldsm_x4(bf, sQ + (nn * 16 + b_r) * LD + kk * 16 + b_c);
-        mma16816<T>(st[2 * nn], ka, bf[0], bf[1]);
-        mma16816<T>(st[2 * nn + 1], ka, bf[2], bf[3]);
-        ldsm_x4(bf, sdO + (nn * 16 + b_r) * LD + kk * 16 + b_c);
-        mma16816<T>(dpt[2 * nn], va, bf[0], bf[1]);
-        mma16816<T>(dpt[2 * nn + 1], va, bf[2], bf[3]);
-      }
-    }
-
-    // P^T = exp2(S^T * scale * log2 e - L), 0 where masked; dS^T = P^T (dP^T - D). The mask
-    // is evaluated per element only where this warp's 16 keys x BM queries cross a boundary.
-    const bool need_mask = m0 + BM > sq || kw0 + 16 > sk || (causal && kw0 + 15 > m0 + off) ||
-                           (window >= 0 && kw0 < m0 + BM - 1 + off - window);
-#pragma unroll
-    for (int j = 0; j < MT; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qc = j * 8 + 2 * t + (e & 1);
-        float p = exp2f(st[j][e] * sl2 - sL[qc]);
-        if (need_mask) {
-          const int kj = key_a + (e >> 1) * 8, i = m0 + qc;
-          if (!(i < sq && visible(i, kj, sk, off, causal, window))) p = 0.f;
-        }
-        st[j][e] = p;
-        dpt[j][e] = p * (dpt[j][e] - sDl[qc]);
-      }
-    }
-    // dS^T to shared memory as T (for dQ).
-#pragma unroll
-    for (int j = 0; j < MT; ++j) {
-      const int r = warp * 16 + g, c = j * 8 + 2 * t;
-      *reinterpret_cast<unsigned *>(sdS + r * LDS + c) = pack2<T>(dpt[j][0], dpt[j][1]);
-      *reinterpret_cast<unsigned *>(sdS + (r + 8) * LDS + c) = pack2<T>(dpt[j][2], dpt[j][3]);
-    }
-
-    // dV += P^T dO, dK += dS^T Q: A from the accumulators, B = ldmatrix.trans of [q][d].
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-      unsigned pa[4], da[4];
-      pa[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
-      pa[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
-      pa[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      pa[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-      da[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
-      da[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
-      da[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-      da[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
-#pragma unroll
-      for (int dd = 0; dd < D / 16; ++dd) {
-        unsigned bf[4];
-        ldsm_x4_t(bf, sdO + (kk * 16 + bt_r) * LD + dd * 16 + bt_c);
-        mma16816<T>(dva[2 * dd], pa, bf[0], bf[1]);
-        mma16816<T>(dva[2 * dd + 1], pa, bf[2], bf[3]);
-        ldsm_x4_t(bf, sQ + (kk * 16 + bt_r) * LD + dd * 16 + bt_c);
-        mma16816<T>(dka[2 * dd], da, bf[0], bf[1]);
-        mma16816<T>(dka[2 * dd + 1], da, bf[2], bf[3]);
-      }
-    }
-    // L, D of it + 1 into the other buffer (nobody reads it during this iteration).
-    if (more && threadIdx.x < BM)
-      sL0[(buf ^ 1) * BM + threadIdx.x] = nl, sD0[(buf ^ 1) * BM + threadIdx.x] = nd;
-
-    __syncthreads();  // dS^T complete
-
-    // dQ += scale * dS K over this key block: pieces of 16 queries x 32 dims, round-robin over
-    // the warps. A = dS (query rows) by ldmatrix.trans of dS^T; B = K by ldmatrix.trans.
+    const T *sdS = sdS0 + (it & 1) * BN * LDS;
     constexpr int PIECES = (BM / 16) * (D / 32);
     for (int pc = warp; pc < PIECES; pc += NW) {
       const int r16 = pc / (D / 32), c32 = pc % (D / 32);
@@ -666,24 +604,154 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
         }
       }
     }
+  };
+
+  for (int it = 0; it < iters; ++it) {
+    const int m0 = m_first + (it % n_mt) * BM;
+    const int buf = it & 1;
+    T *sdS = sdS0 + buf * BN * LDS;
+    const T *sQ = sQ0 + buf * BM * LD, *sdO = sdO0 + buf * BM * LD;
+    const float *sL = sL0 + buf * BM, *sDl = sD0 + buf * BM;
+    cp_async_wait<0>();
+    // One barrier per iteration: Q, dO, L, D of it (and K, V) ready; dS^T of it - 1 complete;
+    // every warp done with the math of it - 1 (whose Q / dO / L / D buffers it + 1 refills)
+    // and with the dQ of it - 2 (whose dS^T buffer it overwrites).
+    __syncthreads();
+    const bool more = it + 1 < iters;
+    if (more) load_q(it + 1);
+    cp_async_commit();
+    float nl = 0.f, nd = 0.f;
+    if (more) fetch_ld(it + 1, nl, nd);
+    if (it > 0) dq_step(it - 1);  // its atomics drain while this tile's math runs
+
+    // S^T = K Q^T and dP^T = V dO^T, keys (this warp's 16 KM) as rows, queries as columns;
+    // every Q / dO fragment read from shared memory feeds KM m16 key tiles.
+    float st[KM][MT][4], dpt[KM][MT][4];
+#pragma unroll
+    for (int km = 0; km < KM; ++km)
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[km][i][e] = dpt[km][i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      unsigned ka[KM][4], va[KM][4];
+#pragma unroll
+      for (int km = 0; km < KM; ++km) {
+        ldsm_x4(ka[km], sK + ((warp * KM + km) * 16 + a_r) * LD + kk * 16 + a_c);
+        ldsm_x4(va[km], sV + ((warp * KM + km) * 16 + a_r) * LD + kk * 16 + a_c);
+      }
+#pragma unroll
+      for (int nn = 0; nn < BM / 16; ++nn) {
+        unsigned bf[4];
+        ldsm_x4(bf, sQ + (nn * 16 + b_r) * LD + kk * 16 + b_c);
+#pragma unroll
+        for (int km = 0; km < KM; ++km) {
+          mma16816<T>(st[km][2 * nn], ka[km], bf[0], bf[1]);
+          mma16816<T>(st[km][2 * nn + 1], ka[km], bf[2], bf[3]);
+        }
+        ldsm_x4(bf, sdO + (nn * 16 + b_r) * LD + kk * 16 + b_c);
+#pragma unroll
+        for (int km = 0; km < KM; ++km) {
+          mma16816<T>(dpt[km][2 * nn], va[km], bf[0], bf[1]);
+          mma16816<T>(dpt[km][2 * nn + 1], va[km], bf[2], bf[3]);
+        }
+      }
+    }
+
+    // P^T = exp2(S^T * scale * log2 e - L), 0 where masked; dS^T = P^T (dP^T - D). The mask
+    // is evaluated per element only where this warp's 16 KM keys x BM queries cross a boundary.
+    const int kw1 = kw0 + 16 * KM - 1;  // this warp's last key
+    const bool need_mask = m0 + BM > sq || kw1 >= sk || (causal && kw1 > m0 + off) ||
+                           (window >= 0 && kw0 < m0 + BM - 1 + off - window);
+#pragma unroll
+    for (int km = 0; km < KM; ++km)
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qc = j * 8 + 2 * t + (e & 1);
+          float p = exp2f(st[km][j][e] * sl2 - sL[qc]);
+          if (need_mask) {
+            const int kj = key_a + km * 16 + (e >> 1) * 8, i = m0 + qc;
+            if (!((i < sq) & visible_bits(i, kj, sk, off, causal, window))) p = 0.f;
+          }
+          st[km][j][e] = p;
+          dpt[km][j][e] = p * (dpt[km][j][e] - sDl[qc]);
+        }
+      }
+    // dS^T to shared memory as T (for dQ).
+#pragma unroll
+    for (int km = 0; km < KM; ++km)
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {
+        const int r = (warp * KM + km) * 16 + g, c = j * 8 + 2 * t;
+        *reinterpret_cast<unsigned *>(sdS + r * LDS + c) =
+            pack2<T>(dpt[km][j][0], dpt[km][j][1]);
+        *reinterpret_cast<unsigned *>(sdS + (r + 8) * LDS + c) =
+            pack2<T>(dpt[km][j][2], dpt[km][j][3]);
+      }
+
+    // dV += P^T dO, dK += dS^T Q: A from the accumulators, B = ldmatrix.trans of [q][d].
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      unsigned pa[KM][4], da[KM][4];
+#pragma unroll
+      for (int km = 0; km < KM; ++km) {
+        pa[km][0] = pack2<T>(st[km][2 * kk][0], st[km][2 * kk][1]);
+        pa[km][1] = pack2<T>(st[km][2 * kk][2], st[km][2 * kk][3]);
+        pa[km][2] = pack2<T>(st[km][2 * kk + 1][0], st[km][2 * kk + 1][1]);
+        pa[km][3] = pack2<T>(st[km][2 * kk + 1][2], st[km][2 * kk + 1][3]);
+        da[km][0] = pack2<T>(dpt[km][2 * kk][0], dpt[km][2 * kk][1]);
+        da[km][1] = pack2<T>(dpt[km][2 * kk][2], dpt[km][2 * kk][3]);
+        da[km][2] = pack2<T>(dpt[km][2 * kk + 1][0], dpt[km][2 * kk + 1][1]);
+        da[km][3] = pack2<T>(dpt[km][2 * kk + 1][2], dpt[km][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dd = 0; dd < D / 16; ++dd) {
+        unsigned bf[4];
+        ldsm_x4_t(bf, sdO + (kk * 16 + bt_r) * LD + dd * 16 + bt_c);
+#pragma unroll
+        for (int km = 0; km < KM; ++km) {
+          mma16816<T>(dva[km][2 * dd], pa[km], bf[0], bf[1]);
+          mma16816<T>(dva[km][2 * dd + 1], pa[km], bf[2], bf[3]);
+        }
+        ldsm_x4_t(bf, sQ + (kk * 16 + bt_r) * LD + dd * 16 + bt_c);
+#pragma unroll
+        for (int km = 0; km < KM; ++km) {
+          mma16816<T>(dka[km][2 * dd], da[km], bf[0], bf[1]);
+          mma16816<T>(dka[km][2 * dd + 1], da[km], bf[2], bf[3]);
+        }
+      }
+    }
+    // L, D of it + 1 into the other buffer (nobody reads it during this iteration).
+    if (more && threadIdx.x < BM)
+      sL0[(buf ^ 1) * BM + threadIdx.x] = nl, sD0[(buf ^ 1) * BM + threadIdx.x] = nd;
+
   }
   cp_async_wait<0>();  // nothing may stay in flight at exit (the last commit is empty)
+  if (iters > 0) {
+    __syncthreads();  // dS^T of the last iteration complete
+    dq_step(iters - 1);
+  }
 
   // Write dK = scale * sum dS^T Q and dV (every key of the block, zeros where nothing saw it).
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int j = key_a + rr * 8;
-    if (j < sk) {
-      const long long base = ((long long)(k0 + j) * hkv + hk) * D + 2 * t;
+  for (int km = 0; km < KM; ++km)
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        *reinterpret_cast<unsigned *>(dk + base + dt * 8) =
-            pack2<T>(dka[dt][2 * rr] * scale, dka[dt][2 * rr + 1] * scale);
-        *reinterpret_cast<unsigned *>(dv + base + dt * 8) =
-            pack2<T>(dva[dt][2 * rr], dva[dt][2 * rr + 1]);
+    for (int rr = 0; rr < 2; ++rr) {
+      const int j = key_a + km * 16 + rr * 8;
+      if (j < sk) {
+        const long long base = ((long long)(k0 + j) * hkv + hk) * D + 2 * t;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          *reinterpret_cast<unsigned *>(dk + base + dt * 8) =
+              pack2<T>(dka[km][dt][2 * rr] * scale, dka[km][dt][2 * rr + 1] * scale);
+          *reinterpret_cast<unsigned *>(dv + base + dt * 8) =
+              pack2<T>(dva[km][dt][2 * rr], dva[km][dt][2 * rr + 1]);
+        }
       }
     }
-  }
 }
 
 }  // namespace fa
@@ -703,7 +771,7 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
                                       int total_q, int hq) {                                     \
     fa::bwd_pre<T, D>(delta, dq_acc, o, dout, total_q, hq);                                      \
   }                                                                                                \
-  extern "C" __global__ void __launch_bounds__(FA_BWD_THREADS, 1)                               \
+  extern "C" __global__ void __launch_bounds__(FA_BWD_THREADS(D), 1)                             \
       flash_attn_bwd_d##D##_##SUF(                                                               \
           T *__restrict__ dk, T *__restrict__ dv, float *__restrict__ dq_acc,                    \
           const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,             \
