@@ -777,7 +777,11 @@ fn fwd_pair(sets: Vec<Vec<Tensor>>, flare: Fwd, candle: Fwd) -> Result<(Option<f
 }
 
 /// Gradients of `sum(out[0] * g)` with respect to every input of the set.
-fn grads_with(set: &[Tensor], fwd: &dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>, g: &Tensor) -> Result<Vec<Tensor>> {
+fn grads_with(
+    set: &[Tensor],
+    fwd: &dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>,
+    g: &Tensor,
+) -> Result<Vec<Tensor>> {
     let y = fwd(set)?.swap_remove(0);
     let loss = (y.to_dtype(DType::F32)? * g)?.sum_all()?;
     let grads = loss.backward()?;
@@ -939,7 +943,13 @@ fn prepare_flash_attention(dev: &Device, case: &Case, cfg: &Config) -> Result<Pr
     let input = input_sets_of(dev, &shapes, dt, sets, bwd)?;
     let p = flare::ops::FlashAttnParams::padded(b, t, t).causal(true);
     let mask_f32: Vec<f32> = (0..t * t)
-        .map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 })
+        .map(|i| {
+            if i % t > i / t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mask_f32 = Tensor::from_vec(mask_f32, (t, t), dev)?;
     let mask = mask_f32.to_dtype(dt)?;

@@ -457,7 +457,15 @@ fn errors(dev: &Device) -> Result<()> {
 /// and no keys, one with keys and no queries, GQA 14/2, causal, windows with and without
 /// causal, a diagonal-only window.
 const KERNEL_CASES: &[Case] = &[
-    case(&[1, 17, 127, 0, 33], &[1, 17, 127, 5, 40], 14, 2, 64, true, None),
+    case(
+        &[1, 17, 127, 0, 33],
+        &[1, 17, 127, 5, 40],
+        14,
+        2,
+        64,
+        true,
+        None,
+    ),
     case(&[70, 3, 129], &[70, 0, 100], 4, 4, 128, true, Some(48)),
     case(&[65, 130], &[65, 130], 6, 2, 128, false, Some(31)),
     case(&[200], &[333], 2, 1, 64, false, None),
@@ -530,15 +538,18 @@ fn kernel_strided_inputs(dev: &Device) -> Result<()> {
     let what = format!("flash_attention strided {}", c.name());
     let [q, k, v] = c.inputs(dtype, dev, &what)?;
     // The same values through [heads, rows, d] -> transpose back (a strided view).
-    let strided = |t: &Tensor| -> Result<Tensor> {
-        Ok(t.transpose(0, 1)?.contiguous()?.transpose(0, 1)?)
-    };
+    let strided =
+        |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(0, 1)?.contiguous()?.transpose(0, 1)?) };
     let (qt, kt, vt) = (strided(&q)?, strided(&k)?, strided(&v)?);
     assert!(!qt.is_contiguous(), "{what}: the view should be strided");
     let p = c.params();
     let o = flash_attention(&q, &k, &v, &p)?;
     let ot = flash_attention(&qt, &kt, &vt, &p)?;
-    assert_eq!(to_f64_vec(&o)?, to_f64_vec(&ot)?, "{what}: strided vs contiguous");
+    assert_eq!(
+        to_f64_vec(&o)?,
+        to_f64_vec(&ot)?,
+        "{what}: strided vs contiguous"
+    );
     // A strided upstream gradient: the loss reads the output through a transpose, so the
     // gradient reaching the op is a transposed view.
     let r = randn(q.dims(), dtype, dev, seed(&format!("{what} r")))?;

@@ -147,11 +147,7 @@ pub(super) fn fwd<T: Elem>(q: &[T], k: &[T], v: &[T], p: &FaPlan) -> (Vec<T>, Ve
 /// `P = exp(scale · q·k − L)`, `dP = dO·v`, `dS = P (dP − D)`, `dQ += scale · dS k`,
 /// `dK += scale · dS q`, `dV += P dO`. A task owns one kv head of one sequence and sums
 /// `dK`, `dV` over its query heads (no atomics, a fixed order: deterministic).
-pub(super) fn bwd<T: Elem>(
-    [q, k, v, o, dout]: [&[T]; 5],
-    lse: &[f64],
-    p: &FaPlan,
-) -> Vec<T> {
+pub(super) fn bwd<T: Elem>([q, k, v, o, dout]: [&[T]; 5], lse: &[f64], p: &FaPlan) -> Vec<T> {
     let (hq, hkv, d, g) = (p.hq, p.hkv, p.d, p.group());
     let nq = p.total_q * hq * d;
     let nk = p.total_k * hkv * d;

@@ -17,12 +17,12 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, DeviceId};
-use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, DType, Layout};
 use half::{bf16, f16};
 
@@ -261,7 +261,12 @@ pub(super) fn bwd(
 ) -> candle_core::Result<CudaStorage> {
     check_limits(OP_BWD, p)?;
     let dtype = x.q.0.dtype();
-    for (what, (s, _)) in [("k", x.k), ("v", x.v), ("o", x.o), ("the output gradient", x.dout)] {
+    for (what, (s, _)) in [
+        ("k", x.k),
+        ("v", x.v),
+        ("o", x.o),
+        ("the output gradient", x.dout),
+    ] {
         if s.dtype() != dtype {
             return Err(candle_core::Error::Msg(format!(
                 "{OP_BWD} (cuda): internal error: {what} is {:?}, q is {dtype:?}",

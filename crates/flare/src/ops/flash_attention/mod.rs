@@ -697,7 +697,10 @@ mod tests {
                 }
             }
         }
-        assert_eq!(minus_inf, hq, "the masked first row of document 1, every head");
+        assert_eq!(
+            minus_inf, hq,
+            "the masked first row of document 1, every head"
+        );
 
         let r = Tensor::randn(0f64, 1.0, (8, hq, d), &dev)?;
         let loss = (&o * &r)?.sum_all()?;
@@ -707,8 +710,16 @@ mod tests {
         }
         let g2 = loss.backward()?;
         for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
-            let a = g1.get(x).expect("gradient").flatten_all()?.to_vec1::<f64>()?;
-            let b = g2.get(x).expect("gradient").flatten_all()?.to_vec1::<f64>()?;
+            let a = g1
+                .get(x)
+                .expect("gradient")
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            let b = g2
+                .get(x)
+                .expect("gradient")
+                .flatten_all()?
+                .to_vec1::<f64>()?;
             let norm = a.iter().map(|x| x * x).sum::<f64>().sqrt();
             assert!(norm > 1e-3, "{name}: a vanishing gradient tests nothing");
             let err = a
@@ -717,7 +728,10 @@ mod tests {
                 .map(|(x, y)| (x / 2.0 - y).powi(2))
                 .sum::<f64>()
                 .sqrt();
-            assert!(err < 1e-12 * norm, "{name}: {err} (the backward ignored the carried L)");
+            assert!(
+                err < 1e-12 * norm,
+                "{name}: {err} (the backward ignored the carried L)"
+            );
         }
 
         // No L: a clear error, not a silent recompute.
