@@ -41,6 +41,16 @@ fn main() {
     }
 
     let cap = compute_cap();
+    let cap_num: u32 = cap
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+        .parse()
+        .unwrap_or(0);
+    if cap_num < 80 {
+        panic!(
+            "flare-kernels: CUDA_COMPUTE_CAP={cap} is below 80; flash_attention.cu needs sm_80 or \
+             newer (bf16 mma.sync, ldmatrix, cp.async)"
+        );
+    }
     let (nvcc, root) = find_nvcc();
 
     for name in KERNELS {
@@ -100,7 +110,8 @@ fn write_launch_constants(src_dir: &Path, out: &Path) {
             let Some((name, value)) = rest.split_once(char::is_whitespace) else {
                 continue;
             };
-            let value = value.trim();
+            // A trailing `// comment` is not part of the value (`#define FA_BN 64  // keys`).
+            let value = value.split("//").next().unwrap_or_default().trim();
             let is_name = !name.is_empty()
                 && name
                     .chars()

@@ -126,4 +126,27 @@ registry! {
         DecodeArgmaxFinal = "decode_argmax_final",
         DecodeSpin = "decode_spin",
     }
+    /// `flash_attention.cu`: `flash_attn_{fwd,bwd_pre,bwd,bwd_convert}_d{64,128}_{bf16,f16}`,
+    /// FlashAttention-2 for training and prefill over packed variable-length sequences (causal,
+    /// sliding window, GQA) on tensor cores (`mma.sync`, sm_80+): the forward writes `O` and the
+    /// logsumexp `L`; the backward is `bwd_pre` (`D = rowsum(dO * O)`, zeroes the f32 dQ
+    /// workspace), `bwd` (dK, dV per key block, dQ by f32 atomics) and `bwd_convert` (dQ to T).
+    FlashAttention = "flash_attention" {
+        FlashAttnFwdD64BF16 = "flash_attn_fwd_d64_bf16",
+        FlashAttnFwdD128BF16 = "flash_attn_fwd_d128_bf16",
+        FlashAttnFwdD64F16 = "flash_attn_fwd_d64_f16",
+        FlashAttnFwdD128F16 = "flash_attn_fwd_d128_f16",
+        FlashAttnBwdPreD64BF16 = "flash_attn_bwd_pre_d64_bf16",
+        FlashAttnBwdPreD128BF16 = "flash_attn_bwd_pre_d128_bf16",
+        FlashAttnBwdPreD64F16 = "flash_attn_bwd_pre_d64_f16",
+        FlashAttnBwdPreD128F16 = "flash_attn_bwd_pre_d128_f16",
+        FlashAttnBwdD64BF16 = "flash_attn_bwd_d64_bf16",
+        FlashAttnBwdD128BF16 = "flash_attn_bwd_d128_bf16",
+        FlashAttnBwdD64F16 = "flash_attn_bwd_d64_f16",
+        FlashAttnBwdD128F16 = "flash_attn_bwd_d128_f16",
+        FlashAttnBwdConvertD64BF16 = "flash_attn_bwd_convert_d64_bf16",
+        FlashAttnBwdConvertD128BF16 = "flash_attn_bwd_convert_d128_bf16",
+        FlashAttnBwdConvertD64F16 = "flash_attn_bwd_convert_d64_f16",
+        FlashAttnBwdConvertD128F16 = "flash_attn_bwd_convert_d128_f16",
+    }
 }

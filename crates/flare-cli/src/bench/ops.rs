@@ -37,6 +37,7 @@ Pairs timed (flare | Candle):
   rms_norm      flare::ops::rms_norm            | candle_nn::ops::rms_norm
   add_rms_norm  flare::ops::add_rms_norm        | (x + r), then candle_nn::ops::rms_norm
   copy          raw memcpy (CUDA: dtod)         | Tensor::copy  (the bandwidth reference)
+  flash_attention  flare::ops::flash_attention  | composed attention from Candle ops (CUDA only)
 fwd+bwd rows run forward then `.backward()` from the output (Candle seeds it with ones) on Vars
 (every input is a Var: x and the weight for the norms, both operands for matmul). Candle's
 fused softmax/rms_norm have no backward, so its side uses composites there:
@@ -56,7 +57,18 @@ tf32, 3e-2 for bf16).
 flare's runtime is created before any input, so on CUDA both sides run with cudarc's
 per-allocation event tracking off (flare's default; FLARE_CUDA_EVENT_TRACKING=1 keeps it on).
 
+flash_attention (CUDA only; on the CPU its rows are skipped with a note): causal bf16 over a
+padded batch B x T with H query heads, KV key/value heads and head dim D, at the shapes of issue
+13 (B8 H14 T1024 D64, B2 H14 T4096 D64, B1 H32/KV8 T8192 D128; --quick: the first). flare runs
+cu/flash_attention.cu (forward; fwd+bwd: forward, bwd_pre, bwd, convert). Candle's side is
+attention composed from Candle ops (K/V repeated to H heads, q k^T, scale, a -inf causal mask,
+softmax, p v; fwd uses candle_nn::ops::softmax_last_dim, fwd+bwd the composite softmax), with
+the whole [B, H, T, T] score matrix in memory. Its check runs the composed side in f32, and is
+skipped ('-') where those f32 scores would exceed 4 GiB.
+
 Rates: matmul in TFLOP/s, counting 2*m*n*k per product (fwd+bwd: 3 products, 6*m*n*k).
+flash_attention in TFLOP/s as FlashAttention counts it: fwd 4*B*H*T^2*D/2 (causal: half the
+scores), fwd+bwd 3.5x that.
 Memory-bound ops in GB/s (1e9 bytes/s), counting each input read once and each output written
 once (N = rows*cols elements, H = cols, times the dtype's size):
   softmax fwd 2N, fwd+bwd 5N (y, dy read; dx written)
@@ -194,6 +206,19 @@ pub enum Op {
         /// Length of the normalised dim.
         cols: usize,
     },
+    /// Causal attention over a padded batch, packed `[b * t, heads, d]`.
+    FlashAttention {
+        /// Sequences.
+        b: usize,
+        /// Query heads.
+        hq: usize,
+        /// Key / value heads.
+        hkv: usize,
+        /// Sequence length.
+        t: usize,
+        /// Head dim.
+        d: usize,
+    },
 }
 
 /// What a case's rate counts.
@@ -275,6 +300,7 @@ impl Case {
             Op::Softmax { .. } => "softmax",
             Op::RmsNorm { .. } => "rms_norm",
             Op::AddRmsNorm { .. } => "add_rms_norm",
+            Op::FlashAttention { .. } => "flash_attention",
         }
     }
 
@@ -286,6 +312,10 @@ impl Case {
             Op::Softmax { rows, cols }
             | Op::RmsNorm { rows, cols }
             | Op::AddRmsNorm { rows, cols } => format!("{rows}x{cols}"),
+            Op::FlashAttention { b, hq, hkv, t, d } if hq == hkv => {
+                format!("B{b}.H{hq}.T{t}.D{d}")
+            }
+            Op::FlashAttention { b, hq, hkv, t, d } => format!("B{b}.H{hq}/KV{hkv}.T{t}.D{d}"),
         }
     }
 
@@ -322,6 +352,11 @@ impl Case {
                 let (n, h) = ((rows * cols) as f64, cols as f64);
                 Work::Bytes(if bwd { 7.0 * n + 3.0 * h } else { 4.0 * n + h } * s)
             }
+            Op::FlashAttention { b, hq, t, d, .. } => {
+                // 4 B H T^2 D for the two products, halved by the causal mask.
+                let f = 4.0 * (b * hq * d) as f64 * (t as f64).powi(2) / 2.0;
+                Work::Flops(if bwd { 3.5 * f } else { f })
+            }
         }
     }
 
@@ -335,6 +370,8 @@ impl Case {
             Op::Softmax { rows, cols } => 2 * rows * cols * s * bwd,
             Op::RmsNorm { rows, cols } => (2 * rows * cols + cols) * s * bwd,
             Op::AddRmsNorm { rows, cols } => (4 * rows * cols + cols) * s * bwd,
+            // q, k, v, o (and their gradients).
+            Op::FlashAttention { b, hq, hkv, t, d } => b * t * (2 * hq + 2 * hkv) * d * s * bwd,
         }
     }
 }
@@ -349,6 +386,7 @@ pub fn cases(cuda: bool, quick: bool) -> Vec<Case> {
     let sm = |rows, cols| Softmax { rows, cols };
     let rn = |rows, cols| RmsNorm { rows, cols };
     let arn = |rows, cols| AddRmsNorm { rows, cols };
+    let fa = |b, hq, hkv, t, d| FlashAttention { b, hq, hkv, t, d };
     match (cuda, quick) {
         (true, false) => vec![
             c(Copy { bytes: 1 << 30 }, F32, Fwd),
@@ -370,6 +408,12 @@ pub fn cases(cuda: bool, quick: bool) -> Vec<Case> {
             c(rn(4096, 4096), F32, FwdBwd),
             c(rn(4096, 4096), Bf16, FwdBwd),
             c(arn(4096, 4096), Bf16, FwdBwd),
+            c(fa(8, 14, 14, 1024, 64), Bf16, Fwd),
+            c(fa(2, 14, 14, 4096, 64), Bf16, Fwd),
+            c(fa(1, 32, 8, 8192, 128), Bf16, Fwd),
+            c(fa(8, 14, 14, 1024, 64), Bf16, FwdBwd),
+            c(fa(2, 14, 14, 4096, 64), Bf16, FwdBwd),
+            c(fa(1, 32, 8, 8192, 128), Bf16, FwdBwd),
         ],
         (true, true) => vec![
             c(Copy { bytes: 256 << 20 }, F32, Fwd),
@@ -382,6 +426,8 @@ pub fn cases(cuda: bool, quick: bool) -> Vec<Case> {
             c(rn(64, 64), F32, Fwd).burst(100),
             c(sm(1024, 1024), F32, FwdBwd),
             c(rn(1024, 1024), Bf16, FwdBwd),
+            c(fa(8, 14, 14, 1024, 64), Bf16, Fwd),
+            c(fa(8, 14, 14, 1024, 64), Bf16, FwdBwd),
         ],
         (false, false) => vec![
             c(Copy { bytes: 64 << 20 }, F32, Fwd),
@@ -731,7 +777,11 @@ fn fwd_pair(sets: Vec<Vec<Tensor>>, flare: Fwd, candle: Fwd) -> Result<(Option<f
 }
 
 /// Gradients of `sum(out[0] * g)` with respect to every input of the set.
-fn grads_with(set: &[Tensor], fwd: Fwd, g: &Tensor) -> Result<Vec<Tensor>> {
+fn grads_with(
+    set: &[Tensor],
+    fwd: &dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>,
+    g: &Tensor,
+) -> Result<Vec<Tensor>> {
     let y = fwd(set)?.swap_remove(0);
     let loss = (y.to_dtype(DType::F32)? * g)?.sum_all()?;
     let grads = loss.backward()?;
@@ -760,8 +810,8 @@ fn fwd_bwd_pair(
     let y = candle(&reference)?.swap_remove(0);
     let g = randn(dev, y.dims(), DType::F32)?;
     let (ga, gb) = (
-        grads_with(&sets[0], flare, &g)?,
-        grads_with(&reference, candle, &g)?,
+        grads_with(&sets[0], &flare, &g)?,
+        grads_with(&reference, &candle, &g)?,
     );
     let mut check = 0f64;
     for (x, y) in ga.iter().zip(&gb) {
@@ -841,6 +891,132 @@ fn prepare_copy(dev: &Device, bytes: usize) -> Result<Prepared> {
     })
 }
 
+/// Largest f32 score matrix (`[B, H, T, T]`, bytes) the flash-attention check computes.
+const FA_CHECK_MAX_SCORES: usize = 4 << 30;
+
+/// Candle's side of the flash-attention rows: causal attention composed from Candle ops, over
+/// `q: [b * t, hq, d]`, `k, v: [b * t, hkv, d]` (K and V repeated to `hq` heads), with the
+/// `[t, t]` additive mask (0 / -inf) of `q`'s dtype; `composite` picks the softmax with a
+/// backward.
+fn candle_attention(
+    s: &[Tensor],
+    (b, hq, hkv, t, d): (usize, usize, usize, usize, usize),
+    mask: &Tensor,
+    composite: bool,
+) -> Result<Tensor> {
+    let heads = |x: &Tensor, h: usize| -> Result<Tensor> {
+        let x = x.reshape((b, t, h, d))?.transpose(1, 2)?;
+        Ok(if h == hq {
+            x.contiguous()?
+        } else {
+            x.unsqueeze(2)?
+                .expand((b, h, hq / h, t, d))?
+                .reshape((b, hq, t, d))?
+        })
+    };
+    let (q, k, v) = (heads(&s[0], hq)?, heads(&s[1], hkv)?, heads(&s[2], hkv)?);
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
+    let p = if composite {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    Ok(p.matmul(&v)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b * t, hq, d))?)
+}
+
+/// The flash-attention case: flare's op (the CUDA kernel) against [`candle_attention`].
+fn prepare_flash_attention(dev: &Device, case: &Case, cfg: &Config) -> Result<Prepared> {
+    let Op::FlashAttention { b, hq, hkv, t, d } = case.op else {
+        bail!("not a flash-attention case: {}", case.label());
+    };
+    if !dev.is_cuda() {
+        bail!("flash_attention rows time the CUDA kernel: run with --device cuda");
+    }
+    let geom = (b, hq, hkv, t, d);
+    let dt = case.prec.dtype();
+    let bwd = case.pass == Pass::FwdBwd;
+    let sets = input_sets(case.footprint(), cfg.cache_bytes, cfg.max_sets);
+    let shapes = [vec![b * t, hq, d], vec![b * t, hkv, d], vec![b * t, hkv, d]];
+    let input = input_sets_of(dev, &shapes, dt, sets, bwd)?;
+    let p = flare::ops::FlashAttnParams::padded(b, t, t).causal(true);
+    let mask_f32: Vec<f32> = (0..t * t)
+        .map(|i| {
+            if i % t > i / t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask_f32 = Tensor::from_vec(mask_f32, (t, t), dev)?;
+    let mask = mask_f32.to_dtype(dt)?;
+    let flare_fwd = move |s: &[Tensor]| -> Result<Vec<Tensor>> {
+        Ok(vec![flare::ops::flash_attention(&s[0], &s[1], &s[2], &p)?])
+    };
+    let candle_fwd = move |s: &[Tensor]| -> Result<Vec<Tensor>> {
+        let m = if s[0].dtype() == DType::F32 {
+            &mask_f32
+        } else {
+            &mask
+        };
+        Ok(vec![candle_attention(s, geom, m, bwd)?])
+    };
+    let check = if b * hq * t * t * 4 > FA_CHECK_MAX_SCORES {
+        None
+    } else if bwd {
+        let reference = upcast(&input[0], true)?;
+        let y = candle_fwd(&reference)?.swap_remove(0);
+        let g = randn(dev, y.dims(), DType::F32)?;
+        let (ga, gb) = (
+            grads_with(&input[0], &flare_fwd, &g)?,
+            grads_with(&reference, &candle_fwd, &g)?,
+        );
+        let mut worst = 0f64;
+        for (x, y) in ga.iter().zip(&gb) {
+            worst = worst.max(rel_diff(x, y)?);
+        }
+        Some(worst)
+    } else {
+        let a = flare_fwd(&input[0])?.swap_remove(0);
+        let r = candle_fwd(&upcast(&input[0], false)?)?.swap_remove(0);
+        Some(rel_diff(&a, &r)?)
+    };
+    let n = input.len();
+    let (fi, ci) = (input.clone(), input);
+    let (flare, candle): (Call, Call) = (
+        Box::new(move |i| {
+            let y = flare_fwd(&fi[i % n])?.swap_remove(0);
+            if bwd {
+                let _grads = y.backward()?;
+            }
+            Ok(())
+        }),
+        Box::new(move |i| {
+            let y = candle_fwd(&ci[i % n])?.swap_remove(0);
+            if bwd {
+                let _grads = y.backward()?;
+            }
+            Ok(())
+        }),
+    );
+    Ok(Prepared {
+        sets,
+        flare,
+        candle,
+        flare_impl: "flare::ops::flash_attention (cu/flash_attention.cu)",
+        candle_impl: if bwd {
+            "composed: matmul, mask, candle_nn::ops::softmax, matmul"
+        } else {
+            "composed: matmul, mask, candle_nn::ops::softmax_last_dim, matmul"
+        },
+        check,
+        restore: None,
+    })
+}
+
 /// Builds the inputs and both sides' calls of a case.
 fn prepare(dev: &Device, case: &Case, cfg: &Config) -> Result<Prepared> {
     use impls::*;
@@ -857,6 +1033,7 @@ fn prepare(dev: &Device, case: &Case, cfg: &Config) -> Result<Prepared> {
         _,
     ) = match case.op {
         Op::Copy { bytes } => return prepare_copy(dev, bytes),
+        Op::FlashAttention { .. } => return prepare_flash_attention(dev, case, cfg),
         Op::Matmul { m, k, n } => (
             vec![vec![m, k], vec![k, n]],
             flare_matmul,
@@ -1048,6 +1225,12 @@ pub fn run_ops(args: &OpsArgs) -> Result<()> {
     }
     let cuda = matches!(spec, DeviceSpec::Cuda(_));
     let all = cases(cuda, args.quick);
+    if !cuda && matches_filter("flash_attention", args.filter.as_deref()) {
+        eprintln!(
+            "flash_attention: skipped on the cpu (its rows time the CUDA kernel, \
+             cu/flash_attention.cu; run with --device cuda)"
+        );
+    }
     if args.list {
         for c in all
             .iter()
@@ -1232,6 +1415,42 @@ mod tests {
         assert_eq!(cp.work(), Work::Bytes(2.0 * (1u64 << 30) as f64));
         assert_eq!(cp.shape(), "1GiB");
         assert!(Work::Bytes(1.0).rate(0.0).is_nan());
+    }
+
+    #[test]
+    fn flash_attention_rows() {
+        let gpu: Vec<String> = cases(true, false).iter().map(Case::label).collect();
+        for want in [
+            "flash_attention B8.H14.T1024.D64 bf16 fwd",
+            "flash_attention B2.H14.T4096.D64 bf16 fwd",
+            "flash_attention B1.H32/KV8.T8192.D128 bf16 fwd",
+            "flash_attention B8.H14.T1024.D64 bf16 fwd+bwd",
+            "flash_attention B2.H14.T4096.D64 bf16 fwd+bwd",
+            "flash_attention B1.H32/KV8.T8192.D128 bf16 fwd+bwd",
+        ] {
+            assert!(gpu.iter().any(|l| l == want), "missing {want}");
+        }
+        assert!(cases(true, true)
+            .iter()
+            .any(|c| matches!(c.op, Op::FlashAttention { .. }) && c.pass == Pass::FwdBwd));
+        // CPU runs (and --quick there) have no flash-attention rows: they time the CUDA kernel.
+        for quick in [false, true] {
+            assert!(!cases(false, quick)
+                .iter()
+                .any(|c| matches!(c.op, Op::FlashAttention { .. })));
+        }
+        // The issue's SDPA figures with its FLOP count: 0.288 ms fwd+bwd at B8 H14 T1024 D64 is
+        // 183 TFLOP/s, 3.944 ms at B1 H32/KV8 T8192 D128 is 488.
+        let fa = |b, hq, hkv, t, d, pass| {
+            Case::new(Op::FlashAttention { b, hq, hkv, t, d }, Prec::Bf16, pass)
+        };
+        let r = fa(8, 14, 14, 1024, 64, Pass::FwdBwd).work().rate(288.0);
+        assert!((r - 182.7).abs() < 0.1, "{r}");
+        let r = fa(1, 32, 8, 8192, 128, Pass::FwdBwd).work().rate(3944.0);
+        assert!((r - 487.9).abs() < 0.1, "{r}");
+        // The forward alone is 1 / 3.5 of it.
+        let f = fa(1, 32, 8, 8192, 128, Pass::Fwd).work().rate(3944.0);
+        assert!((3.5 * f - r).abs() < 1e-9, "{f} {r}");
     }
 
     #[test]

@@ -146,11 +146,11 @@ fn loop_reference(c: &Case, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
     o
 }
 
-/// The relative-error bound of outputs and gradients: the dtype's own. On CUDA, until
-/// `cu/flash_attention.cu` is wired, the op is the composed path (matmul, `softmax_masked`,
-/// matmul), which rounds the scores and the probabilities to a half dtype before the next
-/// product, so half types get twice the bound there; the kernel (f32 in registers, one
-/// rounding) should meet the dtype's own.
+/// The relative-error bound of outputs and gradients: the dtype's own. These cases use head
+/// dims 8 and 16, which the CUDA kernel is not built for, so on CUDA they take the composed
+/// path (matmul, `softmax_masked`, matmul), which rounds the scores and the probabilities to a
+/// half dtype before the next product: half types get twice the bound there. The kernel's
+/// head dims (64, 128) are tested by `kernel_cases` below.
 fn bound(dev: &Device, dtype: DType) -> f64 {
     match dtype {
         DType::F16 | DType::BF16 if !dev.is_cpu() => 2.0 * tol(dtype),
@@ -451,7 +451,125 @@ fn errors(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Cases at the CUDA kernel's head dims (64, 128), with its tile sizes in mind (64 keys per
+/// tile, 64 or 128 queries per forward block, 64 keys per backward block): odd lengths over
+/// several tiles, varlen batches with seqlen_q != seqlen_k both ways, a document with queries
+/// and no keys, one with keys and no queries, GQA 14/2, causal, windows with and without
+/// causal, a diagonal-only window.
+const KERNEL_CASES: &[Case] = &[
+    case(
+        &[1, 17, 127, 0, 33],
+        &[1, 17, 127, 5, 40],
+        14,
+        2,
+        64,
+        true,
+        None,
+    ),
+    case(&[70, 3, 129], &[70, 0, 100], 4, 4, 128, true, Some(48)),
+    case(&[65, 130], &[65, 130], 6, 2, 128, false, Some(31)),
+    case(&[200], &[333], 2, 1, 64, false, None),
+    case(&[50, 17], &[50, 17], 8, 2, 64, true, Some(0)),
+    case(&[96, 1], &[160, 9], 4, 1, 128, true, None),
+];
+
+/// The fused op at the kernel's head dims, bf16 and f16, forward and dQ / dK / dV (through
+/// Candle's autograd, under a random upstream gradient) against the float64 reference run on
+/// the same rounded inputs. On CUDA this is the flash-attention kernel (`cu/flash_attention.cu`:
+/// forward, `bwd_pre`, `bwd`, `bwd_convert`, with the forward's `L` carried to the backward);
+/// on the CPU the fused CPU op. Bound: relative error 1e-2, as `bench/dev`'s validator (the
+/// kernel rounds P to the input dtype before `P V` and the backward products).
+fn kernel_cases(dev: &Device) -> Result<()> {
+    const BOUND: f64 = 1e-2;
+    for &dtype in &[DType::BF16, DType::F16] {
+        for c in KERNEL_CASES {
+            let what = format!("flash_attention kernel {} {}", c.name(), dt(dtype));
+            let [q, k, v] = c.inputs(dtype, dev, &what)?;
+            let r = randn(q.dims(), dtype, dev, seed(&format!("{what} r")))?;
+            let (qs, ks) = c.shapes();
+            let (nq, nk) = (qs.iter().product(), ks.iter().product());
+            // Freed NaN buffers of the outputs' sizes: an element the kernels never write
+            // shows up as a NaN (on CUDA, whose pool reuses freed blocks).
+            poison(dev, dtype, &[nq, nq, nk, nk, nq + 2 * nk])?;
+            let vars = [var(&q)?, var(&k)?, var(&v)?];
+            let o = flash_attention(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+                &c.params(),
+            )?;
+            assert_eq!(o.dtype(), dtype, "{what}: output dtype");
+            let grads = weighted_loss(&o, &r)?.backward()?;
+            let refs = [
+                var(&f64_cpu(&q)?)?,
+                var(&f64_cpu(&k)?)?,
+                var(&f64_cpu(&v)?)?,
+            ];
+            let or = flash_attention_reference(
+                refs[0].as_tensor(),
+                refs[1].as_tensor(),
+                refs[2].as_tensor(),
+                &c.params(),
+            )?;
+            assert_close(&o, &or, BOUND, &format!("{what} O"))?;
+            let grads_r = weighted_loss(&or, &f64_cpu(&r)?)?.backward()?;
+            for (name, x, xr) in [
+                ("dq", &vars[0], &refs[0]),
+                ("dk", &vars[1], &refs[1]),
+                ("dv", &vars[2], &refs[2]),
+            ] {
+                let w = format!("{what} {name}");
+                let g = grad_of(&grads, x.as_tensor(), &w);
+                assert_eq!(g.dtype(), dtype, "{w}: gradient dtype");
+                assert_eq!(g.dims(), x.dims(), "{w}: gradient shape");
+                assert_close(&g, &grad_of(&grads_r, xr.as_tensor(), &w), BOUND, &w)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Strided inputs (a transposed `[heads, rows, d]` view, as attention projections produce)
+/// and an output gradient that is not contiguous give the same result as contiguous ones: the
+/// op makes its inputs contiguous for the kernel.
+fn kernel_strided_inputs(dev: &Device) -> Result<()> {
+    let c = &KERNEL_CASES[0];
+    let dtype = DType::BF16;
+    let what = format!("flash_attention strided {}", c.name());
+    let [q, k, v] = c.inputs(dtype, dev, &what)?;
+    // The same values through [heads, rows, d] -> transpose back (a strided view).
+    let strided =
+        |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(0, 1)?.contiguous()?.transpose(0, 1)?) };
+    let (qt, kt, vt) = (strided(&q)?, strided(&k)?, strided(&v)?);
+    assert!(!qt.is_contiguous(), "{what}: the view should be strided");
+    let p = c.params();
+    let o = flash_attention(&q, &k, &v, &p)?;
+    let ot = flash_attention(&qt, &kt, &vt, &p)?;
+    assert_eq!(
+        to_f64_vec(&o)?,
+        to_f64_vec(&ot)?,
+        "{what}: strided vs contiguous"
+    );
+    // A strided upstream gradient: the loss reads the output through a transpose, so the
+    // gradient reaching the op is a transposed view.
+    let r = randn(q.dims(), dtype, dev, seed(&format!("{what} r")))?;
+    let [qa, qb] = [var(&q)?, var(&q)?];
+    let ga = weighted_loss(&flash_attention(qa.as_tensor(), &k, &v, &p)?, &r)?.backward()?;
+    let ob = flash_attention(qb.as_tensor(), &kt, &vt, &p)?.transpose(0, 1)?;
+    let gb = weighted_loss(&ob, &r.transpose(0, 1)?.contiguous()?)?.backward()?;
+    // dQ sums by atomics on CUDA: the order, and so the last bit, may differ between calls.
+    assert_close(
+        &grad_of(&gb, qb.as_tensor(), &what),
+        &f64_cpu(&grad_of(&ga, qa.as_tensor(), &what))?,
+        tol(dtype),
+        &format!("{what}: dq, strided vs contiguous"),
+    )?;
+    Ok(())
+}
+
 device_test!(
+    kernel_cases,
+    kernel_strided_inputs,
     forward,
     grad_fd,
     grad_vs_reference,

@@ -4,7 +4,7 @@
 //! task holds more than one tile of scores; a task's K and V rows are gathered once into
 //! contiguous `A` buffers (`O(s · d)`, the same size as the inputs).
 
-use num_traits::Float;
+use num_traits::{Float, ToPrimitive};
 use rayon::prelude::*;
 
 use super::plan::{FaPlan, BN};
@@ -100,11 +100,13 @@ fn row_fwd<T: Elem>(
     m + l.ln()
 }
 
-/// The forward: `O` `[total_q, hq, d]` from contiguous `q`, `k`, `v`.
-pub(super) fn fwd<T: Elem>(q: &[T], k: &[T], v: &[T], p: &FaPlan) -> Vec<T> {
+/// The forward: `O` `[total_q, hq, d]` from contiguous `q`, `k`, `v`, and the logsumexp `L`
+/// `[hq, total_q]` in f64 (`-inf` for a row that sees no key) for the backward.
+pub(super) fn fwd<T: Elem>(q: &[T], k: &[T], v: &[T], p: &FaPlan) -> (Vec<T>, Vec<f64>) {
     let (hq, hkv, d, g) = (p.hq, p.hkv, p.d, p.group());
     let scale = T::acc(p.scale);
-    let parts: Vec<(usize, usize, Vec<T::A>)> = (0..p.batch() * hq)
+    type Part<A> = (usize, usize, Vec<A>, Vec<A>);
+    let parts: Vec<Part<T::A>> = (0..p.batch() * hq)
         .into_par_iter()
         .map(|task| {
             let (b, h) = (task / hq, task % hq);
@@ -113,15 +115,17 @@ pub(super) fn fwd<T: Elem>(q: &[T], k: &[T], v: &[T], p: &FaPlan) -> Vec<T> {
             let vh = gather(v, k0, sk, hkv, h / g, d);
             let qh = gather(q, q0, sq, hq, h, d);
             let mut o = vec![T::acc(0.0); sq * d];
+            let mut lse = vec![T::acc(0.0); sq];
             let mut s = vec![T::acc(0.0); BN];
             for (i, (qi, oi)) in qh.chunks(d.max(1)).zip(o.chunks_mut(d.max(1))).enumerate() {
-                row_fwd::<T>(qi, &kh, &vh, p.keys(i, sq, sk), scale, Some(oi), &mut s);
+                lse[i] = row_fwd::<T>(qi, &kh, &vh, p.keys(i, sq, sk), scale, Some(oi), &mut s);
             }
-            (b, h, o)
+            (b, h, o, lse)
         })
         .collect();
     let mut out = vec![T::down(T::acc(0.0)); p.total_q * hq * d];
-    for (b, h, o) in parts {
+    let mut lse_out = vec![f64::NEG_INFINITY; hq * p.total_q];
+    for (b, h, o, lse) in parts {
         let q0 = p.cu_q[b];
         for (i, oi) in o.chunks(d.max(1)).enumerate() {
             let at = ((q0 + i) * hq + h) * d;
@@ -129,23 +133,24 @@ pub(super) fn fwd<T: Elem>(q: &[T], k: &[T], v: &[T], p: &FaPlan) -> Vec<T> {
                 *dst = T::down(x);
             }
         }
+        for (i, &l) in lse.iter().enumerate() {
+            lse_out[h * p.total_q + q0 + i] = l.to_f64().unwrap_or(f64::NAN);
+        }
     }
-    out
+    (out, lse_out)
 }
 
-/// The backward: from `qod` = `[q, o, dO]` stacked (`[3, total_q, hq, d]`), `k` and `v`,
-/// returns `dQ`, `dK`, `dV` flattened one after the other (`nq + 2 · nk` elements). `L` is
-/// recomputed row by row (one extra pass of `q·k` over the visible keys), `D_i = dO_i·O_i`
-/// from the op's (rounded) output as on CUDA, then per visible key
+/// The backward: from contiguous `q`, `k`, `v`, the op's output `o`, the output gradient
+/// `dout` and the forward's logsumexp `lse` (`[hq, total_q]`, carried in the op, not
+/// recomputed), returns `dQ`, `dK`, `dV` flattened one after the other (`nq + 2 · nk`
+/// elements). `D_i = dO_i·O_i` from the op's (rounded) output as on CUDA, then per visible key
 /// `P = exp(scale · q·k − L)`, `dP = dO·v`, `dS = P (dP − D)`, `dQ += scale · dS k`,
 /// `dK += scale · dS q`, `dV += P dO`. A task owns one kv head of one sequence and sums
 /// `dK`, `dV` over its query heads (no atomics, a fixed order: deterministic).
-pub(super) fn bwd<T: Elem>(qod: &[T], k: &[T], v: &[T], p: &FaPlan) -> Vec<T> {
+pub(super) fn bwd<T: Elem>([q, k, v, o, dout]: [&[T]; 5], lse: &[f64], p: &FaPlan) -> Vec<T> {
     let (hq, hkv, d, g) = (p.hq, p.hkv, p.d, p.group());
     let nq = p.total_q * hq * d;
     let nk = p.total_k * hkv * d;
-    let (q, rest) = qod.split_at(nq);
-    let (o, dout) = rest.split_at(nq);
     let scale = T::acc(p.scale);
     let zero = T::acc(0.0);
     let dm = d.max(1);
@@ -161,7 +166,6 @@ pub(super) fn bwd<T: Elem>(qod: &[T], k: &[T], v: &[T], p: &FaPlan) -> Vec<T> {
             let mut dv = vec![zero; sk * d];
             // dQ of the group's heads, [g, sq, d].
             let mut dq = vec![zero; g * sq * d];
-            let mut s = vec![zero; BN];
             for gi in 0..g {
                 let h = hk * g + gi;
                 let qh = gather(q, q0, sq, hq, h, d);
@@ -174,7 +178,7 @@ pub(super) fn bwd<T: Elem>(qod: &[T], k: &[T], v: &[T], p: &FaPlan) -> Vec<T> {
                     }
                     let row = i * d..(i + 1) * d;
                     let (qi, doi) = (&qh[row.clone()], &doh[row.clone()]);
-                    let lse = row_fwd::<T>(qi, &kh, &vh, (lo, hi), scale, None, &mut s);
+                    let lse = T::acc(lse[h * p.total_q + q0 + i]);
                     let di = dot(doi, &oh[row.clone()]);
                     let dqi = &mut dq[(gi * sq + i) * d..(gi * sq + i + 1) * d];
                     for j in lo..hi {

@@ -1,8 +1,8 @@
 //! Flash attention for training and prefill: `softmax(scale · q kᵀ + mask) v` over packed
 //! variable-length sequences, tiled with an online softmax, so the `s × s` score matrix is
-//! never in memory; with a backward. The CUDA kernel (`crates/flare-kernels/src/cu/
-//! flash_attention.cu`, FlashAttention-2 on tensor cores) follows the same math, layout and
-//! conventions; it is not wired yet (see "Devices" below).
+//! never in memory; with a backward. On CUDA it runs `crates/flare-kernels/src/cu/
+//! flash_attention.cu` (FlashAttention-2 on tensor cores, launched from `cuda.rs`); on the CPU
+//! a fused rayon implementation (`cpu.rs`) with the same math, layout and conventions.
 //!
 //! # Math
 //! Per sequence `b`, query head `h` and its kv head `hk = h / (hq / hkv)` (GQA: K and V are
@@ -23,40 +23,52 @@
 //! `k, v: [total_k, hkv, d]`; sequence `b` is rows `cu_seqlens_q[b]..cu_seqlens_q[b + 1]` of `q`
 //! and `cu_seqlens_k[b]..cu_seqlens_k[b + 1]` of `k` and `v`, so a packed row never attends
 //! across documents. [`flash_attention_padded`] is the `[B, S, H, D]` case
-//! (`cu_seqlens = 0, S, 2S, …`).
+//! (`cu_seqlens = 0, S, 2S, …`). The fused op reads contiguous inputs: [`flash_attention`]
+//! makes them so (a no-op when they already are).
 //!
 //! # Precision
 //! Scores, softmax and accumulators in f32 for f32 / f16 / bf16 inputs (f64 for f64), each
-//! output rounded once to the input dtype.
+//! output rounded once to the input dtype (on CUDA the probabilities enter the `P V` and
+//! backward products as bf16 / f16, as in FlashAttention-2).
 //!
-//! # What the backward recomputes
-//! Candle's `bwd` receives only (inputs, output, output gradient), so the forward's `L` is not
-//! carried: the backward recomputes it row by row (one more `q·k` pass over the visible keys),
-//! then `P` from it, tile by tile. `D` is computed from the op's (rounded) output, as the CUDA
-//! kernel does. The backward is an op of its own (`[q, O, dO]` stacked, `k`, `v` →
-//! `dQ, dK, dV`); it has no backward (a second derivative returns Candle's
-//! `BackwardNotSupported`).
+//! # What the backward reuses: `L` carried in the op
+//! Candle's `bwd` receives only (inputs, output, output gradient), but Candle's graph keeps the
+//! op instance (`Arc<Box<dyn CustomOp3>>`) and calls `bwd(&self, ..)` on it. So the forward
+//! op holds a [`plan::Carry`]: its `cpu_fwd` / `cuda_fwd` store `L` there (`[hq, total_q]`;
+//! on CUDA with the offsets already uploaded), and the backward reads it: `L` is never
+//! recomputed and needs no second output. It is read, not taken, so a second `backward()`
+//! over the same graph works; it lives as long as the graph holds the op (a forward without
+//! gradient tracking frees it with the op). A backward that finds no `L` (the op was never run
+//! forward, which Candle does not allow) fails with a clear error, never a silent recompute.
+//! `D` is computed from the op's (rounded) output. The backward is an op of its own over
+//! (`q`, `k`, `v`) that holds `O` and `dO` (→ `[dQ, dK, dV]` flattened); it has no backward
+//! (a second derivative returns Candle's `BackwardNotSupported`).
 //!
-//! # Devices
-//! The fused op runs on the CPU. Elsewhere — CUDA until the kernel is wired, and Metal —
-//! [`flash_attention`] computes the same maths per sequence from flare's differentiable ops
-//! (matmul, [`softmax_masked`], matmul): gradients flow, but each
-//! sequence's `[hq, sq, sk]` scores are materialised. The op's own `cuda_fwd` refuses with a
-//! clear error, so nothing can reach it by accident.
+//! # Devices and dtypes
+//! - CPU: the fused op, every float dtype (f64 too).
+//! - CUDA, bf16 / f16 with head dim 64 or 128: the fused op on the kernel (tensor cores take
+//!   only 16-bit inputs; the kernel is instantiated for those head dims).
+//! - CUDA f32, CUDA with another head dim, and Metal: [`flash_attention`] computes the same
+//!   maths per sequence from flare's differentiable ops (matmul, [`softmax_masked`], matmul),
+//!   a documented rule by dtype and head dim, not a fallback on error: gradients flow, but
+//!   each sequence's `[hq, sq, sk]` scores are materialised. Cast to bf16 for the kernel.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
 
-use super::cpu::dispatch_float3;
+use super::cpu::{dispatch_float3, Elem};
 use super::{check_dtype, check_same, matmul, softmax_masked};
 use crate::ops::softmax::softmax_masked_reference;
 use crate::{Error, Result};
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod plan;
 
-use plan::{FaPlan, OP, OP_BWD};
+use plan::{Carry, FaPlan, Saved, KERNEL_HEAD_DIMS, OP, OP_BWD};
 
 /// Options of one [`flash_attention`] call: the sequence offsets, the mask and the scale.
 ///
@@ -120,9 +132,17 @@ impl FlashAttnParams {
     }
 }
 
-/// The forward op over `(q, k, v)`.
+/// The forward op over `(q, k, v)`. `carry` receives the forward's `L` for the backward (see
+/// the module doc).
 struct FlashAttn {
     plan: Arc<FaPlan>,
+    carry: Arc<Carry>,
+}
+
+impl FlashAttn {
+    fn store(&self, saved: Saved) {
+        *self.carry.lock().unwrap_or_else(PoisonError::into_inner) = Some(saved);
+    }
 }
 
 impl CustomOp3 for FlashAttn {
@@ -141,26 +161,31 @@ impl CustomOp3 for FlashAttn {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let p = &*self.plan;
         let [(a0, a1), (b0, b1), (c0, c1)] = p.ranges(OP, [l1, l2, l3], 0)?;
-        let out = dispatch_float3!(OP, s1, s2, s3, |q, k, v| cpu::fwd(
-            &q[a0..a1],
-            &k[b0..b1],
-            &v[c0..c1],
-            p
-        ))?;
+        let mut lse = Vec::new();
+        let out = dispatch_float3!(OP, s1, s2, s3, |q, k, v| {
+            let (o, l) = cpu::fwd(&q[a0..a1], &k[b0..b1], &v[c0..c1], p);
+            lse = l;
+            o
+        })?;
+        self.store(Saved::Host(lse));
         Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _s1: &candle_core::CudaStorage,
-        _l1: &Layout,
-        _s2: &candle_core::CudaStorage,
-        _l2: &Layout,
-        _s3: &candle_core::CudaStorage,
-        _l3: &Layout,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Err(no_cuda_kernel(OP))
+        let p = &*self.plan;
+        p.ranges(OP, [l1, l2, l3], 0)?;
+        let (o, saved) = cuda::fwd(p, (s1, l1), (s2, l2), (s3, l3))?;
+        self.store(saved);
+        Ok((o, l1.shape().clone()))
     }
 
     fn bwd(
@@ -171,12 +196,16 @@ impl CustomOp3 for FlashAttn {
         o: &Tensor,
         dout: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let p = &self.plan;
-        let qod = Tensor::stack(&[q, o, &dout.to_dtype(q.dtype())?], 0)?;
-        let g = qod.apply_op3_arc(
-            &k.contiguous()?,
-            &v.contiguous()?,
-            Arc::new(Box::new(FlashAttnBwd { plan: p.clone() })),
+        let dout = kernel_input(&dout.to_dtype(q.dtype())?)?;
+        let g = q.apply_op3_arc(
+            k,
+            v,
+            Arc::new(Box::new(FlashAttnBwd {
+                plan: self.plan.clone(),
+                carry: self.carry.clone(),
+                o: kernel_input(o)?,
+                dout,
+            })),
         )?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
         let dq = g.narrow(0, 0, nq)?.reshape(q.shape())?;
@@ -186,9 +215,49 @@ impl CustomOp3 for FlashAttn {
     }
 }
 
-/// The backward op: `([q, O, dO] stacked, k, v) -> [dQ, dK, dV]` flattened. No backward.
+/// The backward op: `(q, k, v) -> [dQ, dK, dV]` flattened, with the forward's output `o`, the
+/// output gradient `dout` (both contiguous, `q`'s dtype) and the forward's carried `L`. No
+/// backward.
 struct FlashAttnBwd {
     plan: Arc<FaPlan>,
+    carry: Arc<Carry>,
+    o: Tensor,
+    dout: Tensor,
+}
+
+/// The error of a backward that finds no `L` from its forward.
+fn no_lse(device: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{OP_BWD}: internal error: the forward's logsumexp is not in the op (expected the          {device} forward's); the backward never recomputes it"
+    ))
+}
+
+/// `o`, `dout` of the backward op must have `q`'s planned shape, contiguous.
+fn check_o_dout(p: &FaPlan, lo: &Layout, ld: &Layout) -> candle_core::Result<()> {
+    let want = [p.total_q, p.hq, p.d];
+    for (what, l) in [("o", lo), ("the output gradient", ld)] {
+        if l.dims() != want {
+            return Err(candle_core::Error::Msg(format!(
+                "{OP_BWD}: internal error: {what} is {:?}, planned {want:?}",
+                l.dims()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The CPU backward at one dtype over the five tensors' storages and element ranges.
+fn cpu_bwd_t<T: Elem + WithDType>(
+    s: [&CpuStorage; 5],
+    r: [(usize, usize); 5],
+    lse: &[f64],
+    p: &FaPlan,
+) -> candle_core::Result<CpuStorage> {
+    let mut x: [&[T]; 5] = [&[]; 5];
+    for ((xi, si), (a, b)) in x.iter_mut().zip(s).zip(r) {
+        *xi = &si.as_slice::<T>()?[a..b];
+    }
+    Ok(T::to_cpu_storage_owned(cpu::bwd(x, lse, p)))
 }
 
 impl CustomOp3 for FlashAttnBwd {
@@ -206,39 +275,94 @@ impl CustomOp3 for FlashAttnBwd {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let p = &*self.plan;
-        let [(a0, a1), (b0, b1), (c0, c1)] = p.ranges(OP_BWD, [l1, l2, l3], 3)?;
-        let n = (a1 - a0) / 3 + 2 * (b1 - b0);
-        let out = dispatch_float3!(OP_BWD, s1, s2, s3, |qod, k, v| cpu::bwd(
-            &qod[a0..a1],
-            &k[b0..b1],
-            &v[c0..c1],
-            p
-        ))?;
+        let [rq, rk, rv] = p.ranges(OP_BWD, [l1, l2, l3], 0)?;
+        let (so, lo) = self.o.storage_and_layout();
+        let (sd, ld) = self.dout.storage_and_layout();
+        check_o_dout(p, lo, ld)?;
+        let (ro, rd) = (
+            crate::ops::contiguous_range(OP_BWD, lo)?,
+            crate::ops::contiguous_range(OP_BWD, ld)?,
+        );
+        let (Storage::Cpu(so), Storage::Cpu(sd)) = (&*so, &*sd) else {
+            return Err(candle_core::Error::Msg(format!(
+                "{OP_BWD}: internal error: o and the output gradient are not on the cpu"
+            )));
+        };
+        let carry = self.carry.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(Saved::Host(lse)) = &*carry else {
+            return Err(no_lse("cpu"));
+        };
+        let (s, r) = ([s1, s2, s3, so, sd], [rq, rk, rv, ro, rd]);
+        let out = match s1.dtype() {
+            DType::F32 => cpu_bwd_t::<f32>(s, r, lse, p),
+            DType::F64 => cpu_bwd_t::<f64>(s, r, lse, p),
+            DType::F16 => cpu_bwd_t::<half::f16>(s, r, lse, p),
+            DType::BF16 => cpu_bwd_t::<half::bf16>(s, r, lse, p),
+            dt => Err(candle_core::Error::Msg(format!(
+                "{OP_BWD}: unsupported dtype {dt:?} on cpu"
+            ))),
+        }?;
+        let n = p.total_q * p.hq * p.d + 2 * p.total_k * p.hkv * p.d;
         Ok((out, Shape::from(n)))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _s1: &candle_core::CudaStorage,
-        _l1: &Layout,
-        _s2: &candle_core::CudaStorage,
-        _l2: &Layout,
-        _s3: &candle_core::CudaStorage,
-        _l3: &Layout,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Err(no_cuda_kernel(OP_BWD))
+        let p = &*self.plan;
+        p.ranges(OP_BWD, [l1, l2, l3], 0)?;
+        let (so, lo) = self.o.storage_and_layout();
+        let (sd, ld) = self.dout.storage_and_layout();
+        check_o_dout(p, lo, ld)?;
+        let (Storage::Cuda(so), Storage::Cuda(sd)) = (&*so, &*sd) else {
+            return Err(candle_core::Error::Msg(format!(
+                "{OP_BWD}: internal error: o and the output gradient are not on the cuda device"
+            )));
+        };
+        let carry = self.carry.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(Saved::Device { lse, cu }) = &*carry else {
+            return Err(no_lse("cuda"));
+        };
+        let x = cuda::BwdInputs {
+            q: (s1, l1),
+            k: (s2, l2),
+            v: (s3, l3),
+            o: (so, lo),
+            dout: (sd, ld),
+        };
+        let out = cuda::bwd(p, &x, lse, cu)?;
+        let n = p.total_q * p.hq * p.d + 2 * p.total_k * p.hkv * p.d;
+        Ok((out, Shape::from(n)))
     }
 }
 
-/// The error of the fused op's CUDA forward until `cu/flash_attention.cu` is wired
-/// ([`flash_attention`] never reaches it: it takes the composed path on CUDA).
-#[cfg(feature = "cuda")]
-fn no_cuda_kernel(op: &'static str) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{op}: the fused op has no CUDA kernel yet; flare::ops::flash_attention computes \
-         attention from matmul and softmax_masked on CUDA"
-    ))
+/// Whether `flash_attention` runs the fused op for `q` (see "Devices and dtypes" in the module
+/// doc): always on the CPU; on CUDA for bf16 / f16 with a kernel head dim.
+fn fused(q: &Tensor, d: usize) -> bool {
+    match q.device() {
+        candle_core::Device::Cpu => true,
+        candle_core::Device::Cuda(_) => {
+            matches!(q.dtype(), DType::BF16 | DType::F16) && KERNEL_HEAD_DIMS.contains(&d)
+        }
+        _ => false,
+    }
+}
+
+/// `t` contiguous and starting 16-byte aligned, as the CUDA kernel reads its rows (a no-op
+/// unless `t` is strided or a view starting mid-row).
+fn kernel_input(t: &Tensor) -> candle_core::Result<Tensor> {
+    let t = t.contiguous()?;
+    if (t.layout().start_offset() * t.dtype().size_in_bytes()) % 16 != 0 {
+        return t.copy();
+    }
+    Ok(t)
 }
 
 /// Flash attention over packed variable-length sequences: `q: [total_q, hq, d]`,
@@ -270,14 +394,15 @@ fn no_cuda_kernel(op: &'static str) -> candle_core::Error {
 /// ```
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &FlashAttnParams) -> Result<Tensor> {
     let plan = check(q, k, v, p)?;
-    if !q.device().is_cpu() {
+    if !fused(q, plan.d) {
         return composed(q, k, v, &plan, false);
     }
-    Ok(q.contiguous()?.apply_op3_arc(
-        &k.contiguous()?,
-        &v.contiguous()?,
+    Ok(kernel_input(q)?.apply_op3_arc(
+        &kernel_input(k)?,
+        &kernel_input(v)?,
         Arc::new(Box::new(FlashAttn {
             plan: Arc::new(plan),
+            carry: Arc::new(Carry::default()),
         })),
     )?)
 }
@@ -504,4 +629,115 @@ fn offsets(name: &str, cu: &[u32], total: usize, tensor: &str) -> Result<Vec<usi
         )));
     }
     Ok(cu.iter().map(|&c| c as usize).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    /// The forward leaves `L` in the op, the backward reads it from there (and does not
+    /// recompute it), and a backward without it fails clearly. Shifting the carried `L` by
+    /// `ln 2` halves `P = exp(S − L)` and so, with `D` taken from the (unchanged) output, every
+    /// gradient: `dV = Pᵀ dO`, `dS = P ∘ (dP − D)`. A backward that recomputed `L` would not
+    /// see the shift.
+    #[test]
+    fn backward_reads_the_carried_logsumexp() -> crate::Result<()> {
+        let dev = Device::Cpu;
+        // Two documents: 3 queries over 4 keys, and 5 queries over 4 keys (causal, bottom-right:
+        // its first query sees no key, L = -inf); 4 query heads over 2 kv heads.
+        let p = FlashAttnParams::varlen(vec![0, 3, 8], vec![0, 4, 8]).causal(true);
+        let (hq, hkv, d) = (4, 2, 8);
+        let q = Var::from_tensor(&Tensor::randn(0f64, 1.0, (8, hq, d), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f64, 1.0, (8, hkv, d), &dev)?)?;
+        let v = Var::from_tensor(&Tensor::randn(0f64, 1.0, (8, hkv, d), &dev)?)?;
+        let plan = Arc::new(check(&q, &k, &v, &p)?);
+        let carry = Arc::new(Carry::default());
+        let o = q.as_tensor().apply_op3_arc(
+            &k,
+            &v,
+            Arc::new(Box::new(FlashAttn {
+                plan: plan.clone(),
+                carry: carry.clone(),
+            })),
+        )?;
+
+        // L is the explicit logsumexp of the visible scores.
+        let lse = match &*carry.lock().unwrap() {
+            Some(Saved::Host(l)) => l.clone(),
+            _ => panic!("the CPU forward left no L in its op"),
+        };
+        let (qv, kv) = (
+            q.flatten_all()?.to_vec1::<f64>()?,
+            k.flatten_all()?.to_vec1::<f64>()?,
+        );
+        let mut minus_inf = 0;
+        for b in 0..plan.batch() {
+            let (q0, sq, k0, sk) = plan.seq(b);
+            for h in 0..hq {
+                for i in 0..sq {
+                    let (lo, hi) = plan.keys(i, sq, sk);
+                    let qi = &qv[((q0 + i) * hq + h) * d..][..d];
+                    let s: Vec<f64> = (lo..hi)
+                        .map(|j| {
+                            let kj = &kv[((k0 + j) * hkv + h / 2) * d..][..d];
+                            plan.scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>()
+                        })
+                        .collect();
+                    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let want = m + s.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+                    let got = lse[h * plan.total_q + q0 + i];
+                    if s.is_empty() {
+                        assert_eq!(got, f64::NEG_INFINITY, "row {b}/{h}/{i} sees no key");
+                        minus_inf += 1;
+                    } else {
+                        assert!((got - want).abs() < 1e-12, "L {b}/{h}/{i}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            minus_inf, hq,
+            "the masked first row of document 1, every head"
+        );
+
+        let r = Tensor::randn(0f64, 1.0, (8, hq, d), &dev)?;
+        let loss = (&o * &r)?.sum_all()?;
+        let g1 = loss.backward()?;
+        if let Some(Saved::Host(l)) = &mut *carry.lock().unwrap() {
+            l.iter_mut().for_each(|x| *x += std::f64::consts::LN_2);
+        }
+        let g2 = loss.backward()?;
+        for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
+            let a = g1
+                .get(x)
+                .expect("gradient")
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            let b = g2
+                .get(x)
+                .expect("gradient")
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            let norm = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+            assert!(norm > 1e-3, "{name}: a vanishing gradient tests nothing");
+            let err = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x / 2.0 - y).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(
+                err < 1e-12 * norm,
+                "{name}: {err} (the backward ignored the carried L)"
+            );
+        }
+
+        // No L: a clear error, not a silent recompute.
+        *carry.lock().unwrap() = None;
+        let e = loss.backward().expect_err("a backward without L");
+        assert!(e.to_string().contains("logsumexp"), "{e}");
+        Ok(())
+    }
 }

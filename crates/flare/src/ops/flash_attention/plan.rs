@@ -1,6 +1,10 @@
 //! [`FaPlan`]: the validated geometry of one flash-attention call (sequence offsets, heads,
-//! mask), read by the CPU forward and backward, by the composed paths in `mod.rs` and, next,
-//! by the CUDA launcher (`cu/flash_attention.cu` takes the same offsets, heads and mask).
+//! mask), read by the CPU forward and backward, by the composed paths in `mod.rs` and by the
+//! CUDA launchers (`cu/flash_attention.cu` takes the same offsets, heads and mask); the
+//! kernel's launch geometry ([`fwd_block_rows`], [`bwd_smem_bytes`]); and [`Carry`], what the
+//! forward leaves in its op for the backward (the logsumexp `L`).
+
+use std::sync::Mutex;
 
 use candle_core::Layout;
 
@@ -9,6 +13,68 @@ pub(super) const OP_BWD: &str = "flash_attention_bwd";
 
 /// Keys per tile of the CPU loops (the CUDA kernel's `FA_BN`).
 pub(super) const BN: usize = 64;
+
+/// Threads per block of every flash-attention kernel but `bwd_pre` / `bwd_convert`
+/// (`FA_THREADS`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) const FA_THREADS: u32 = flare_kernels::launch::FA_THREADS;
+
+/// Query rows per forward block: `FA_FWD_BM(D)` of `cu/flash_attention.cu`, a function-like
+/// macro the launch-constant export cannot carry, mirrored here (the test below holds the
+/// mirror to the kernel file's text).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) const fn fwd_block_rows(d: usize) -> usize {
+    if d == 128 {
+        64
+    } else {
+        128
+    }
+}
+
+/// Query rows per backward tile: `FA_BWD_BM(D)` (mirrored, as [`fwd_block_rows`]).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) const fn bwd_block_rows(d: usize) -> usize {
+    if d == 128 {
+        32
+    } else {
+        64
+    }
+}
+
+/// Dynamic shared memory of the backward kernel in bytes: `FA_BWD_SMEM(D)` (mirrored): the
+/// K, V, Q and dO tiles with rows padded to `D + 8` 2-byte elements, dSᵀ `[FA_BN][BM + 8]`,
+/// and `L`, `D` of the query tile in f32.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) const fn bwd_smem_bytes(d: usize) -> usize {
+    let bn = flare_kernels::launch::FA_BN as usize;
+    let bm = bwd_block_rows(d);
+    (2 * bn * (d + 8) + 2 * bm * (d + 8) + bn * (bm + 8)) * 2 + 2 * bm * 4
+}
+
+/// The head dims the CUDA kernel is instantiated for.
+pub(crate) const KERNEL_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// What the forward leaves in its op instance for the backward. Candle's graph keeps the op
+/// (`Arc<Box<dyn CustomOp3>>`) and hands it to `bwd(&self, ..)`, so the forward fills this and
+/// the backward reads it: `L` travels without a second output and is never recomputed. Read,
+/// not taken: a second `backward()` over the same graph finds it again.
+pub(crate) type Carry = Mutex<Option<Saved>>;
+
+/// The forward's logsumexp `L = logsumexp_j(scale · q_i·k_j)` per query head and row,
+/// `[hq, total_q]` (the kernel's layout), `-inf` for a row that sees no key.
+pub(crate) enum Saved {
+    /// The CPU op's `L`, in f64 (exact for its f32 accumulators).
+    Host(Vec<f64>),
+    /// The CUDA kernel's `L` (f32) and the offsets uploaded for the forward,
+    /// `[cu_q (batch + 1), cu_k (batch + 1)]` as i32, reused by the backward.
+    #[cfg(feature = "cuda")]
+    Device {
+        /// `L`, `[hq, total_q]`.
+        lse: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+        /// `cu_q` then `cu_k`.
+        cu: candle_core::cuda_backend::cudarc::driver::CudaSlice<i32>,
+    },
+}
 
 /// One call's geometry, checked by `flash_attention` before anything runs.
 #[derive(Debug, Clone)]
@@ -39,6 +105,26 @@ impl FaPlan {
     /// Sequences.
     pub(crate) fn batch(&self) -> usize {
         self.cu_q.len().saturating_sub(1)
+    }
+
+    /// The longest sequence of queries and of keys.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn max_lens(&self) -> (usize, usize) {
+        (0..self.batch()).fold((0, 0), |(mq, mk), b| {
+            let (_, sq, _, sk) = self.seq(b);
+            (mq.max(sq), mk.max(sk))
+        })
+    }
+
+    /// The window as the kernel's `int` argument: `-1` for none, and for a window that no row
+    /// can reach past (`w >= ` the longest key sequence: every key stays visible), so that the
+    /// kernel's `i + off - w` cannot overflow.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn window_arg(&self) -> i32 {
+        match self.window {
+            Some(w) if w < self.max_lens().1 => w as i32,
+            _ => -1,
+        }
     }
 
     /// Query heads per key / value head.
@@ -95,5 +181,74 @@ impl FaPlan {
             crate::ops::contiguous_range(op, lk)?,
             crate::ops::contiguous_range(op, lv)?,
         ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's function-like launch macros, as the mirrors above were written against.
+    /// If this fails, `cu/flash_attention.cu` changed its tiling: update [`fwd_block_rows`],
+    /// [`bwd_block_rows`] and [`bwd_smem_bytes`] with it (a smaller shared-memory size than the
+    /// kernel uses would corrupt memory).
+    #[test]
+    fn launch_mirrors_match_the_kernel_file() {
+        let src = include_str!("../../../../flare-kernels/src/cu/flash_attention.cu");
+        // Each `#define NAME(D) ...` with its continuation lines, whitespace collapsed.
+        let define = |name: &str| -> String {
+            let start = src
+                .find(&format!("#define {name}(D)"))
+                .unwrap_or_else(|| panic!("#define {name}(D) not in flash_attention.cu"));
+            let mut text = String::new();
+            for line in src[start..].lines() {
+                let more = line.trim_end().ends_with('\\');
+                text.push_str(line.trim_end().trim_end_matches('\\'));
+                text.push(' ');
+                if !more {
+                    break;
+                }
+            }
+            text.split_whitespace().collect::<Vec<_>>().join(" ")
+        };
+        assert_eq!(
+            define("FA_FWD_BM"),
+            "#define FA_FWD_BM(D) ((D) == 128 ? 64 : 128)"
+        );
+        assert_eq!(
+            define("FA_BWD_BM"),
+            "#define FA_BWD_BM(D) ((D) == 128 ? 32 : 64)"
+        );
+        assert_eq!(
+            define("FA_BWD_SMEM"),
+            "#define FA_BWD_SMEM(D) ((2 * FA_BN * ((D) + 8) + 2 * FA_BWD_BM(D) * ((D) + 8) + \
+             FA_BN * (FA_BWD_BM(D) + 8)) * 2 + 2 * FA_BWD_BM(D) * 4)"
+        );
+        assert_eq!((fwd_block_rows(64), fwd_block_rows(128)), (128, 64));
+        // D = 64 fits the default 48 KiB; D = 128 needs the opt-in attribute.
+        assert_eq!(bwd_smem_bytes(64), 46_592);
+        assert_eq!(bwd_smem_bytes(128), 57_600);
+    }
+
+    #[test]
+    fn window_arg_and_max_lens() {
+        let plan = |window| FaPlan {
+            hq: 2,
+            hkv: 1,
+            d: 64,
+            total_q: 9,
+            total_k: 12,
+            cu_q: vec![0, 4, 4, 9],
+            cu_k: vec![0, 3, 5, 12],
+            causal: true,
+            window,
+            scale: 0.125,
+        };
+        assert_eq!(plan(None).max_lens(), (5, 7));
+        assert_eq!(plan(None).window_arg(), -1);
+        assert_eq!(plan(Some(6)).window_arg(), 6);
+        // A window as long as the longest key sequence hides nothing: no window.
+        assert_eq!(plan(Some(7)).window_arg(), -1);
+        assert_eq!(plan(Some(usize::MAX)).window_arg(), -1);
     }
 }
