@@ -26,10 +26,12 @@ use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaStorage, DType, Layout};
 use half::{bf16, f16};
 
-use super::plan::{bwd_smem_bytes, fwd_block_rows, FaPlan, Saved, FA_THREADS, OP, OP_BWD};
+use super::plan::{
+    bwd_block_keys, bwd_smem_bytes, bwd_threads, fwd_block_rows, FaPlan, Saved, FA_THREADS, OP,
+    OP_BWD,
+};
 use crate::ops::cuda::rows::{input, DEFAULT_SMEM_LIMIT};
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
-use flare_kernels::launch::FA_BN;
 
 /// Block size of `bwd_pre` (one warp per row) and `bwd_convert` (`__launch_bounds__(256)`).
 const ROW_THREADS: u32 = 256;
@@ -365,11 +367,11 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         }
         let cfg = LaunchConfig {
             grid_dim: (
-                max_sk.div_ceil(FA_BN as usize) as u32,
+                max_sk.div_ceil(bwd_block_keys(p.d)) as u32,
                 p.hkv as u32,
                 p.batch() as u32,
             ),
-            block_dim: (FA_THREADS, 1, 1),
+            block_dim: (bwd_threads(p.d), 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let mut b = stream.launch_builder(rt.function(ks.bwd));
@@ -396,8 +398,8 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         // dk and dv are disjoint nk-element views of `out`, dq_acc and q, dout hold nq
         // elements, k and v nk, lse (the forward's, length checked) and delta hq * total_q
         // floats; the offsets are the forward's (batch + 1 each, checked by
-        // `flash_attention`); the grid is (ceil(max_sk / FA_BN), hkv, batch) of FA_THREADS
-        // threads with FA_BWD_SMEM(D) bytes of dynamic shared memory (the limit raised above
+        // `flash_attention`); the grid is (ceil(max_sk / FA_BWD_BN(D)), hkv, batch) of
+        // FA_BWD_THREADS(D) threads with FA_BWD_SMEM(D) bytes of dynamic shared memory (the limit raised above
         // when over 48 KiB), as the kernel's header specifies.
         unsafe { b.launch(cfg) }
             .cuda_ctx("launching flash_attn_bwd")

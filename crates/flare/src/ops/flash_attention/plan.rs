@@ -14,7 +14,7 @@ pub(super) const OP_BWD: &str = "flash_attention_bwd";
 /// Keys per tile of the CPU loops (the CUDA kernel's `FA_BN`).
 pub(super) const BN: usize = 64;
 
-/// Threads per block of every flash-attention kernel but `bwd_pre` / `bwd_convert`
+/// Threads per forward block
 /// (`FA_THREADS`).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(super) const FA_THREADS: u32 = flare_kernels::launch::FA_THREADS;
@@ -33,22 +33,37 @@ pub(super) const fn fwd_block_rows(d: usize) -> usize {
 
 /// Query rows per backward tile: `FA_BWD_BM(D)` (mirrored, as [`fwd_block_rows`]).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(super) const fn bwd_block_rows(d: usize) -> usize {
-    if d == 128 {
-        32
+pub(super) const fn bwd_block_rows(_d: usize) -> usize {
+    32
+}
+
+/// Keys per backward block: `FA_BWD_BN(D)` (mirrored): the grid's first dimension is
+/// `ceil(max_sk / bwd_block_keys(D))`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) const fn bwd_block_keys(_d: usize) -> usize {
+    128
+}
+
+/// Threads per backward block: `FA_BWD_THREADS(D)` (mirrored): 4 warps of two 16-key tiles at
+/// D = 64, 8 warps of one at D = 128.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) const fn bwd_threads(d: usize) -> u32 {
+    if d == 64 {
+        128
     } else {
-        64
+        256
     }
 }
 
 /// Dynamic shared memory of the backward kernel in bytes: `FA_BWD_SMEM(D)` (mirrored): the
-/// K, V, Q and dO tiles with rows padded to `D + 8` 2-byte elements, dSᵀ `[FA_BN][BM + 8]`,
-/// and `L`, `D` of the query tile in f32.
+/// K and V tiles and two Q and two dO tiles with rows padded to `D + 8` 2-byte elements, two
+/// dSᵀ `[BN][BM + 8]`, and two `L` and two `D` vectors of the query tile in f32. Over 48 KiB
+/// for both head dims (the launcher raises the limit once per function).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(super) const fn bwd_smem_bytes(d: usize) -> usize {
-    let bn = flare_kernels::launch::FA_BN as usize;
+    let bn = bwd_block_keys(d);
     let bm = bwd_block_rows(d);
-    (2 * bn * (d + 8) + 2 * bm * (d + 8) + bn * (bm + 8)) * 2 + 2 * bm * 4
+    (2 * bn * (d + 8) + 4 * bm * (d + 8) + 2 * bn * (bm + 8)) * 2 + 4 * bm * 4
 }
 
 /// The head dims the CUDA kernel is instantiated for.
@@ -215,19 +230,22 @@ mod tests {
             define("FA_FWD_BM"),
             "#define FA_FWD_BM(D) ((D) == 128 ? 64 : 128)"
         );
+        assert_eq!(define("FA_BWD_BM"), "#define FA_BWD_BM(D) 32");
+        assert_eq!(define("FA_BWD_BN"), "#define FA_BWD_BN(D) 128");
         assert_eq!(
-            define("FA_BWD_BM"),
-            "#define FA_BWD_BM(D) ((D) == 128 ? 32 : 64)"
+            define("FA_BWD_THREADS"),
+            "#define FA_BWD_THREADS(D) ((D) == 64 ? 128 : 256)"
         );
         assert_eq!(
             define("FA_BWD_SMEM"),
-            "#define FA_BWD_SMEM(D) ((2 * FA_BN * ((D) + 8) + 2 * FA_BWD_BM(D) * ((D) + 8) + \
-             FA_BN * (FA_BWD_BM(D) + 8)) * 2 + 2 * FA_BWD_BM(D) * 4)"
+            "#define FA_BWD_SMEM(D) ((2 * FA_BWD_BN(D) * ((D) + 8) + 4 * FA_BWD_BM(D) * ((D) + 8) + \
+             2 * FA_BWD_BN(D) * (FA_BWD_BM(D) + 8)) * 2 + 4 * FA_BWD_BM(D) * 4)"
         );
         assert_eq!((fwd_block_rows(64), fwd_block_rows(128)), (128, 64));
-        // D = 64 fits the default 48 KiB; D = 128 needs the opt-in attribute.
-        assert_eq!(bwd_smem_bytes(64), 46_592);
-        assert_eq!(bwd_smem_bytes(128), 57_600);
+        assert_eq!((bwd_threads(64), bwd_threads(128)), (128, 256));
+        // Both head dims need the opt-in shared-memory attribute (over 48 KiB).
+        assert_eq!(bwd_smem_bytes(64), 76_288);
+        assert_eq!(bwd_smem_bytes(128), 125_440);
     }
 
     #[test]
