@@ -14,8 +14,7 @@ pub(super) const OP_BWD: &str = "flash_attention_bwd";
 /// Keys per tile of the CPU loops (the CUDA kernel's `FA_BN`).
 pub(super) const BN: usize = 64;
 
-/// Threads per forward block
-/// (`FA_THREADS`).
+/// Threads per forward block (`FA_THREADS`).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(super) const FA_THREADS: u32 = flare_kernels::launch::FA_THREADS;
 
