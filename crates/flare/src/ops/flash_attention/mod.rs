@@ -34,7 +34,7 @@
 //! # What the backward reuses: `L` carried in the op
 //! Candle's `bwd` receives only (inputs, output, output gradient), but Candle's graph keeps the
 //! op instance (`Arc<Box<dyn CustomOp3>>`) and calls `bwd(&self, ..)` on it. So the forward
-//! op holds a [`plan::Carry`]: its `cpu_fwd` / `cuda_fwd` store `L` there (`[hq, total_q]`;
+//! op holds a `plan::Carry`: its `cpu_fwd` / `cuda_fwd` store `L` there (`[hq, total_q]`;
 //! on CUDA with the offsets already uploaded), and the backward reads it: `L` is never
 //! recomputed and needs no second output. It is read, not taken, so a second `backward()`
 //! over the same graph works; it lives as long as the graph holds the op (a forward without
@@ -369,7 +369,9 @@ fn kernel_input(t: &Tensor) -> candle_core::Result<Tensor> {
 /// `k, v: [total_k, hkv, d]` → `[total_q, hq, d]`, with the offsets, mask and scale of `p`
 /// (see [`FlashAttnParams`] and the module doc for the exact mask). GQA when `hq` is a multiple
 /// of `hkv` (K and V are never repeated). Differentiable in `q`, `k` and `v`. f32, f16, bf16
-/// (f32 accumulation), and f64 on the CPU.
+/// (f32 accumulation), and f64 on the CPU. On CUDA, bf16 / f16 with head dim 64 or 128 run the
+/// flash-attention kernel; f32 and other head dims the composed path (module doc, "Devices and
+/// dtypes").
 ///
 /// Errors (before anything runs) name the tensor or offsets at fault: a rank other than 3,
 /// different dtypes or devices, `k` and `v` of different shapes, a head dim that differs from
