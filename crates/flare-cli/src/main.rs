@@ -416,7 +416,7 @@ mod tests {
             let value = match arg.get_action() {
                 clap::ArgAction::SetTrue => "true".to_string(),
                 _ if long == "target-modules" => "[\"q_proj\"]".to_string(),
-                _ if long == "append-eos" => "false".to_string(),
+                _ if ["append-eos", "packing"].contains(&long) => "false".to_string(),
                 _ if long == "schedule" => "\"linear\"".to_string(),
                 _ if long == "dtype" => "\"bf16\"".to_string(),
                 _ if arg.get_value_hint() != clap::ValueHint::Unknown

@@ -104,6 +104,14 @@ pub struct TrainArgs {
     /// Append EOS to `text` and `completion` examples (true or false).
     #[arg(long, value_name = "BOOL")]
     pub append_eos: Option<bool>,
+    /// Pack whole examples into micro-batches of up to batch-size × max-seq-len tokens, each
+    /// attending only to itself (true), instead of padding batch-size examples to the longest
+    /// (false). Same loss and prompt masking; no padding computed.
+    #[arg(long, value_name = "BOOL")]
+    pub packing: Option<bool>,
+    /// The same as --packing false.
+    #[arg(long, conflicts_with = "packing")]
+    pub no_packing: bool,
     /// Eval every N steps (0: at the end only).
     #[arg(long)]
     pub eval_every: Option<u64>,
@@ -315,8 +323,16 @@ fn merge_over(cli: &TrainArgs, file: TrainArgs) -> Result<TrainArgs> {
     let serde_json::Value::Object(given) = serde_json::to_value(cli)? else {
         bail!("internal: TrainArgs is not a JSON object");
     };
+    // An unset switch reads `false`, as does a valued boolean set to false (`--packing false`),
+    // which must override the file.
+    let switches: Vec<String> = train_command()
+        .get_arguments()
+        .filter(|a| matches!(a.get_action(), ArgAction::SetTrue))
+        .map(|a| a.get_id().to_string())
+        .collect();
     for (k, v) in given {
-        if !(v.is_null() || v == serde_json::Value::Bool(false)) {
+        let unset = v.is_null() || (v == serde_json::Value::Bool(false) && switches.contains(&k));
+        if !unset {
             merged.insert(k, v);
         }
     }
@@ -386,6 +402,12 @@ pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if a.skip_bad_lines {
         c.bad_lines = BadLines::Skip;
+    }
+    if let Some(p) = a.packing {
+        c.packing = p;
+    }
+    if a.no_packing {
+        c.packing = false;
     }
     if c.model.as_os_str().is_empty() {
         bail!("no model: pass --model DIR or set `model` in the --config file");
@@ -631,6 +653,32 @@ pub fn open_device(s: &str) -> Result<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packing_is_on_by_default_and_the_flags_override_the_file() {
+        let parse = |args: &[&str]| -> clap::error::Result<TrainArgs> {
+            TrainArgs::from_arg_matches(&train_command().try_get_matches_from(args)?)
+        };
+        let dir = std::env::temp_dir().join(format!("flare-packing-flag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let toml = dir.join("run.toml");
+        let file = toml.to_str().unwrap();
+        let packing = |args: &[&str]| build_config(&parse(args).unwrap()).unwrap().packing;
+        assert!(packing(&["--model", "m", "--data", "d.jsonl"]));
+        std::fs::write(
+            &toml,
+            "model = \"m\"\ndata = \"d.jsonl\"\npacking = false\n",
+        )
+        .unwrap();
+        assert!(!packing(&["--config", file]));
+        assert!(packing(&["--config", file, "--packing", "true"]));
+        std::fs::write(&toml, "model = \"m\"\ndata = \"d.jsonl\"\npacking = true\n").unwrap();
+        assert!(packing(&["--config", file]));
+        assert!(!packing(&["--config", file, "--packing", "false"]));
+        assert!(!packing(&["--config", file, "--no-packing"]));
+        assert!(parse(&["--packing", "true", "--no-packing"]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn progress_line_reads_well_and_its_eta_counts_from_the_resume() {

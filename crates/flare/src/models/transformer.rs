@@ -4,7 +4,15 @@
 //! Per layer: `rms_norm → attention (q/k/v/o, RoPE, GQA, causal mask) → residual → rms_norm →
 //! SwiGLU MLP (gate/up/down) → residual`; then the final norm and the output projection. Norms
 //! use [`crate::ops::add_rms_norm`] to fuse each residual add with the following norm, products
-//! use [`crate::ops::matmul`], and the attention softmax [`crate::ops::softmax_last_dim`].
+//! use [`crate::ops::matmul`].
+//!
+//! Attention: a forward that attends to nothing cached (training, [`Transformer::forward`],
+//! [`Transformer::forward_packed`], and an unpadded prefill into an empty cache) runs
+//! [`crate::ops::flash_attention`] over the sequences (or the packed documents), so no
+//! `seq × seq` tensor exists anywhere, forward or backward. Steps that read a KV cache
+//! (decode, prefill after a cached prefix) and left-padded prefills compute the scores
+//! `[b · kv_heads, group · s, t]` and a masked softmax ([`crate::ops::softmax_masked`]), or the
+//! fused [`crate::ops::attention_decode`] for one new token.
 
 use std::path::Path;
 
@@ -17,8 +25,8 @@ use crate::error::device_name;
 use crate::lora::LoraLinear;
 use crate::ops::rope::rope_tables_f32;
 use crate::ops::{
-    add_rms_norm, attention_decode, matmul, rms_norm, rope_heads, softmax_last_dim, softmax_masked,
-    supported_dtypes, swiglu, swiglu_packed,
+    add_rms_norm, attention_decode, flash_attention, matmul, rms_norm, rope_heads,
+    softmax_last_dim, softmax_masked, supported_dtypes, swiglu, swiglu_packed, FlashAttnParams,
 };
 use crate::{Error, Result};
 
@@ -298,13 +306,28 @@ enum Positions {
     PerRow(Vec<u32>),
 }
 
-/// What attention masks out in one forward.
+/// What attention masks out in one forward, and how it is computed.
 struct AttnMask {
     /// u8 `[1 or batch, seq, total]`: 1 where query `i` may attend to key `j`. `None`: every
     /// cached key (within the window) is visible, which is the case of one unpadded new token.
     keep: Option<Tensor>,
     /// The first key position the queries may see (sliding window, mask-free case).
     first_key: usize,
+    /// `Some(cu_seqlens)` over the `b · s` new tokens taken as rows: the queries attend only
+    /// to the new keys, causally (and within the sliding window) inside each sequence
+    /// `cu[i]..cu[i + 1]`, computed by [`flash_attention`]; `keep` is then `None`.
+    flash: Option<Vec<u32>>,
+}
+
+impl AttnMask {
+    /// Flash attention over the sequences `cu_seqlens` of the new tokens.
+    fn flash(cu_seqlens: Vec<u32>) -> Self {
+        AttnMask {
+            keep: None,
+            first_key: 0,
+            flash: Some(cu_seqlens),
+        }
+    }
 }
 
 impl Transformer {
@@ -668,14 +691,23 @@ impl Transformer {
     /// `(cos, sin)` for the new positions: `[seq, head_dim / 2]` views of the precomputed
     /// tables for shared positions (no launch), `[batch * seq, head_dim / 2]` for per-row ones.
     fn rope_for(&self, positions: &Positions, seq: usize) -> Result<(Tensor, Tensor)> {
+        let table_len = self.rope_cos.dim(0)?;
         match positions {
-            Positions::Shared(offset) if offset + seq <= self.rope_cos.dim(0)? => Ok((
+            Positions::Shared(offset) if offset + seq <= table_len => Ok((
                 self.rope_cos.narrow(0, *offset, seq)?,
                 self.rope_sin.narrow(0, *offset, seq)?,
             )),
             Positions::Shared(offset) => {
                 let p: Vec<u32> = (*offset as u32..(offset + seq) as u32).collect();
                 Self::tables(&p, &self.inv_freq, self.dtype(), self.device())
+            }
+            Positions::PerRow(p) if p.iter().all(|&i| (i as usize) < table_len) => {
+                // Rows of the precomputed tables (the same values `tables` would compute).
+                let idx = Tensor::new(p.as_slice(), self.device())?;
+                Ok((
+                    self.rope_cos.index_select(&idx, 0)?,
+                    self.rope_sin.index_select(&idx, 0)?,
+                ))
             }
             Positions::PerRow(p) => Self::tables(p, &self.inv_freq, self.dtype(), self.device()),
         }
@@ -699,6 +731,7 @@ impl Transformer {
             return Ok(AttnMask {
                 keep: None,
                 first_key: total.saturating_sub(window),
+                flash: None,
             });
         }
         let rows: Vec<usize> = pads.map_or_else(|| vec![0], <[usize]>::to_vec);
@@ -715,6 +748,7 @@ impl Transformer {
         Ok(AttnMask {
             keep: Some(keep),
             first_key: 0,
+            flash: None,
         })
     }
 
@@ -745,11 +779,128 @@ impl Transformer {
     }
 
     /// The logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u8, u32 or i64), in the
-    /// model's dtype, with causal attention over the whole sequence (no KV cache).
+    /// model's dtype, with causal attention over the whole sequence (no KV cache), computed by
+    /// [`flash_attention`] (no `seq × seq` tensor, forward or backward).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.logits(&self.forward_hidden(input_ids)?)
+    }
+
+    /// The final-normed hidden states `[batch, seq, hidden]` of [`forward`](Self::forward):
+    /// the logits are these times [`lm_head_weight`](Self::lm_head_weight)`ᵀ` (for a loss that
+    /// fuses the output projection and never holds the logits).
+    pub fn forward_hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = Self::check_ids(input_ids)?;
+        let mask = AttnMask::flash(Self::uniform_offsets(b, s));
+        self.forward_impl(input_ids, b, s, None, &Positions::Shared(0), &mask)
+    }
+
+    /// [`forward`](Self::forward) computed the way cached and padded forwards are: the scores
+    /// `[b · kv_heads, group · s, s]` materialised, an explicit causal (and sliding-window)
+    /// mask and a masked softmax. The reference the flash-attention path is tested against;
+    /// O(s²) memory per layer, for tests and comparisons only.
+    pub fn forward_reference(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, s) = Self::check_ids(input_ids)?;
         let mask = self.attention_mask(0, s, None)?;
-        self.forward_impl(input_ids, b, s, None, &Positions::Shared(0), &mask)
+        self.logits(&self.forward_impl(input_ids, b, s, None, &Positions::Shared(0), &mask)?)
+    }
+
+    /// The logits `[total, vocab]` of packed documents: `input_ids` `[total]` or `[1, total]`
+    /// holds the documents one after the other, document `i` being tokens
+    /// `cu_seqlens[i]..cu_seqlens[i + 1]`. Each document is computed as if alone: its positions
+    /// start at 0 (RoPE) and its tokens attend only to its own earlier tokens (causal, within
+    /// the sliding window if any), through [`flash_attention`]'s variable-length offsets.
+    ///
+    /// Errors: `input_ids` of another shape or dtype, or empty; `cu_seqlens` with fewer than
+    /// two entries, not starting at 0, decreasing, or not ending at `total`.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// let cfg = flare::models::ModelConfig::from_json_str(r#"{"architectures": ["Qwen2ForCausalLM"],
+    ///     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    ///     "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 50,
+    ///     "max_position_embeddings": 64, "tie_word_embeddings": true}"#, "config.json")?;
+    /// let model = flare::models::Transformer::random(cfg, DType::F32, &Device::Cpu, 0)?;
+    /// // Two documents, of 3 and 2 tokens.
+    /// let ids = Tensor::new(&[1u32, 2, 3, 4, 5], &Device::Cpu)?;
+    /// let logits = model.forward_packed(&ids, &[0, 3, 5])?;
+    /// assert_eq!(logits.dims(), &[5, 50]);
+    /// # Ok::<(), flare::Error>(())
+    /// ```
+    pub fn forward_packed(&self, input_ids: &Tensor, cu_seqlens: &[u32]) -> Result<Tensor> {
+        self.logits(&self.forward_hidden_packed(input_ids, cu_seqlens)?)
+    }
+
+    /// The final-normed hidden states `[total, hidden]` of
+    /// [`forward_packed`](Self::forward_packed).
+    pub fn forward_hidden_packed(&self, input_ids: &Tensor, cu_seqlens: &[u32]) -> Result<Tensor> {
+        let total = match input_ids.dims() {
+            [t] | [1, t] => *t,
+            d => {
+                return Err(Error::InvalidArgument {
+                    op: OP,
+                    msg: format!("packed input_ids must be [total] or [1, total], got shape {d:?}"),
+                })
+            }
+        };
+        let ids = input_ids.reshape((1, total))?;
+        Self::check_ids(&ids)?;
+        let positions = Self::packed_positions(cu_seqlens, total)?;
+        let mask = AttnMask::flash(cu_seqlens.to_vec());
+        let hidden =
+            self.forward_impl(&ids, 1, total, None, &Positions::PerRow(positions), &mask)?;
+        Ok(hidden.reshape((total, self.config.hidden_size))?)
+    }
+
+    /// The output projection's weight `[vocab, hidden]` (the embedding matrix when tied): the
+    /// logits are the final-normed hidden states times its transpose.
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// The logits of final-normed hidden states `[..., hidden]`.
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        matmul(hidden, &self.lm_head.t()?)
+    }
+
+    /// The offsets `0, s, 2s, …, b·s` of `b` sequences of `s` tokens.
+    fn uniform_offsets(b: usize, s: usize) -> Vec<u32> {
+        (0..=b).map(|i| (i * s) as u32).collect()
+    }
+
+    /// Checks packed-document offsets against `total` tokens and returns each token's position
+    /// in its document.
+    fn packed_positions(cu_seqlens: &[u32], total: usize) -> Result<Vec<u32>> {
+        let bad = |why: String| Error::InvalidArgument {
+            op: OP,
+            msg: format!("cu_seqlens {cu_seqlens:?}: {why}"),
+        };
+        if cu_seqlens.len() < 2 {
+            return Err(bad(
+                "needs documents + 1 >= 2 entries (0, then each document's end)".into(),
+            ));
+        }
+        if cu_seqlens[0] != 0 {
+            return Err(bad(format!("must start at 0, starts at {}", cu_seqlens[0])));
+        }
+        if let Some(i) = cu_seqlens.windows(2).position(|w| w[1] < w[0]) {
+            return Err(bad(format!(
+                "decreases at entry {} ({} after {})",
+                i + 1,
+                cu_seqlens[i + 1],
+                cu_seqlens[i]
+            )));
+        }
+        let last = cu_seqlens[cu_seqlens.len() - 1] as usize;
+        if last != total {
+            return Err(bad(format!(
+                "must end at the number of tokens, {total}, ends at {last}"
+            )));
+        }
+        let mut pos = Vec::with_capacity(total);
+        for w in cu_seqlens.windows(2) {
+            pos.extend(0..w[1] - w[0]);
+        }
+        Ok(pos)
     }
 
     /// The logits `[batch, seq, vocab]` of the new positions `offset..offset + seq` for token
@@ -800,8 +951,14 @@ impl Transformer {
                     .collect(),
             ),
         };
-        let mask = self.attention_mask(offset, s, pads.as_deref())?;
-        let logits = self.forward_impl(input_ids, b, s, Some(&mut *cache), &positions, &mask)?;
+        let mask = if offset == 0 && s > 1 && pads.is_none() {
+            // Nothing cached to attend to: the keys are the new ones.
+            AttnMask::flash(Self::uniform_offsets(b, s))
+        } else {
+            self.attention_mask(offset, s, pads.as_deref())?
+        };
+        let hidden = self.forward_impl(input_ids, b, s, Some(&mut *cache), &positions, &mask)?;
+        let logits = self.logits(&hidden)?;
         cache.advance(s);
         Ok(logits)
     }
@@ -886,8 +1043,9 @@ impl Transformer {
         self.forward_with_cache(input_ids, cache, offset)
     }
 
-    /// The forward of checked ids `[b, s]`, at cache positions `cache.len()..` when a cache is
-    /// given (whose room has been checked; its length is not advanced here).
+    /// The final-normed hidden states `[b, s, hidden]` of checked ids `[b, s]`, at cache
+    /// positions `cache.len()..` when a cache is given (whose room has been checked; its length
+    /// is not advanced here).
     fn forward_impl(
         &self,
         input_ids: &Tensor,
@@ -939,7 +1097,7 @@ impl Transformer {
                 .map_or(&self.norm, |l| &l.input_layernorm);
             (normed, residual) = add_rms_norm(&down, &r, next_norm, eps)?;
         }
-        matmul(&normed, &self.lm_head.t()?)
+        Ok(normed)
     }
 
     /// Self-attention of `x: [b, s, hidden]`, returns `[b, s, hidden]`. With `(cache, layer)`,
@@ -950,7 +1108,11 @@ impl Transformer {
     /// are consecutive, so the queries `[b, heads, s, d]` are viewed as
     /// `[b · kv_heads, group · s, d]` and multiplied against the keys `[b · kv_heads, t, d]`
     /// (a strided view of the cache, read by the GEMM through its batch stride). RoPE writes
-    /// the queries already scaled by `1/sqrt(d)`.
+    /// the queries already scaled by `1/sqrt(d)` (so flash attention runs with scale 1).
+    ///
+    /// With `mask.flash`, the `b · s` new tokens are rows of packed sequences and
+    /// [`flash_attention`] computes their attention to each other (the new keys are still
+    /// written into the cache, when one is given: an unpadded prefill into an empty cache).
     fn attention(
         &self,
         attn: &Attention,
@@ -984,6 +1146,23 @@ impl Transformer {
         };
         let q = rope_heads(&q, cos, sin, 1.0 / (hd as f64).sqrt())?;
         let k = rope_heads(&k, cos, sin, 1.0)?;
+        if let Some(cu) = &mask.flash {
+            // [b, heads, s, d] -> [b · s, heads, d] rows for the varlen op.
+            let rows = |t: &Tensor, h: usize| -> Result<Tensor> {
+                Ok(t.transpose(1, 2)?.contiguous()?.reshape((b * s, h, hd))?)
+            };
+            let (qf, kf, vf) = (rows(&q, nh)?, rows(&k, nkv)?, v.reshape((b * s, nkv, hd))?);
+            if let Some((cache, layer)) = cache {
+                cache.append(layer, &k, &v.transpose(1, 2)?, 0)?;
+            }
+            let p = FlashAttnParams::varlen(cu.clone(), cu.clone())
+                .causal(true)
+                // Mistral's window of `w` keys is the query and the `w - 1` before it.
+                .window_left(c.sliding_window.map(|w| w.saturating_sub(1)))
+                .softmax_scale(1.0);
+            let out = flash_attention(&qf, &kf, &vf, &p)?.reshape((b, s, nh * hd))?;
+            return attn.o_proj.forward(&out);
+        }
         // [b, kv, s, d] for the cache (a view when s == 1 and the rows are contiguous).
         let v = v.transpose(1, 2)?.contiguous()?;
         let (k, v) = match cache {

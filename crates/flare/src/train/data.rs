@@ -21,11 +21,21 @@
 //! Tokenisation runs once per (data file, tokenizer, settings): the result is cached in a file
 //! named by a hash of the three, written atomically, and reused while none of them changes.
 //!
-//! Batches: right padding is exact for a causal model (a real token never attends to the
-//! padding after it), so padded positions only need their loss masked: their target is
-//! [`IGNORE_INDEX`]. Batches are formed from length-sorted windows of a seeded shuffle (so each
-//! batch holds similar lengths and little padding), then shuffled again; the order of an epoch
-//! is a function of `(seed, epoch)` alone, which is what makes resuming exact.
+//! Micro-batches come in two forms:
+//!
+//! - packed ([`epoch_packs`], [`make_packed_batch`]; the trainer's default): whole examples
+//!   concatenated into one row of at most `batch_size × max_seq_len` tokens, with the document
+//!   offsets (`cu_seqlens`) that [`crate::models::Transformer::forward_packed`] needs so that
+//!   each document restarts its positions and attends only to itself. No padding at all.
+//! - padded ([`epoch_batches`], [`make_batch`]): `batch_size` examples right-padded to the
+//!   longest. Right padding is exact for a causal model (a real token never attends to the
+//!   padding after it), so padded positions only need their loss masked. Batches are formed
+//!   from length-sorted windows of a seeded shuffle (so each batch holds similar lengths and
+//!   little padding), then shuffled again.
+//!
+//! In both, the targets of uncounted tokens (prompt, padding) are [`IGNORE_INDEX`], no target
+//! crosses an example's end, and the order of an epoch is a function of `(seed, epoch)` alone,
+//! which is what makes resuming exact.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher;
@@ -444,6 +454,61 @@ pub fn epoch_batches(
     batches
 }
 
+/// Packs examples into bins of at most `budget` tokens (an example longer than `budget` gets a
+/// bin of its own): best-fit decreasing, examples taken longest first (a stable sort of
+/// `order`, so ties keep `order`'s order), each into the open bin with the least room that
+/// holds it (the oldest bin among equals), else into a new bin. Returns the bins as lists of
+/// example indices, in the order they were opened, each in the order of its examples.
+///
+/// Best-fit decreasing fills bins nearly completely (it is within 11/9 of the optimum bin
+/// count), and its bin count depends only on the multiset of lengths, not on `order`.
+pub fn pack_examples(order: &[usize], lengths: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    use std::collections::BTreeSet;
+    let mut sorted = order.to_vec();
+    sorted.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    // (room left, bin index) of the bins that can still take something.
+    let mut open: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for i in sorted {
+        let len = lengths[i];
+        match open.range((len, 0)..).next().copied() {
+            Some((room, bin)) => {
+                open.remove(&(room, bin));
+                bins[bin].push(i);
+                if room > len {
+                    open.insert((room - len, bin));
+                }
+            }
+            None => {
+                bins.push(vec![i]);
+                if budget > len {
+                    open.insert((budget - len, bins.len() - 1));
+                }
+            }
+        }
+    }
+    bins
+}
+
+/// The packed micro-batches of one epoch as lists of example indices: the examples shuffled
+/// by `(seed, epoch)`, packed into bins of at most `budget` tokens by [`pack_examples`], and
+/// the bins shuffled. Every example is in exactly one bin, whole; the number of bins is the
+/// same in every epoch (it depends only on the lengths), which keeps the run's step count
+/// fixed.
+///
+/// The trainer's budget is `batch_size × max_seq_len` tokens: the largest padded batch the same
+/// settings could form, so a packed micro-batch never needs more memory than the padded
+/// batches the memory check sizes for, while it holds about as many real tokens as a padded
+/// batch of full-length examples.
+pub fn epoch_packs(lengths: &[usize], budget: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, epoch) ^ 0x9ac4_1e57);
+    let mut idx: Vec<usize> = (0..lengths.len()).collect();
+    idx.shuffle(&mut rng);
+    let mut bins = pack_examples(&idx, lengths, budget.max(1));
+    bins.shuffle(&mut rng);
+    bins
+}
+
 /// A 64-bit mix of two values (for per-epoch seeds).
 fn mix(a: u64, b: u64) -> u64 {
     let mut h = DefaultHasher::new();
@@ -454,15 +519,17 @@ fn mix(a: u64, b: u64) -> u64 {
     h.finish()
 }
 
-/// A padded batch: `input_ids` and `targets`, both `[batch, seq]` row-major, where
-/// `targets[b, i]` is the token that position `i` must predict, or [`IGNORE_INDEX`].
+/// A micro-batch: `input_ids` and `targets`, both `[batch, seq]` row-major, where
+/// `targets[b, i]` is the token that position `i` must predict, or [`IGNORE_INDEX`]. Padded
+/// ([`make_batch`], `cu_seqlens` `None`) or packed ([`make_packed_batch`]: one row holding the
+/// documents at the offsets `cu_seqlens`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
-    /// Rows.
+    /// Rows (1 when packed).
     pub batch: usize,
-    /// Columns (the longest example's length minus one).
+    /// Columns (padded: the longest example's length minus one; packed: every input token).
     pub seq: usize,
-    /// Input ids, right-padded with `pad_id`.
+    /// Input ids (padded: right-padded with `pad_id`).
     pub input_ids: Vec<u32>,
     /// Targets, [`IGNORE_INDEX`] where not counted (prompt, padding).
     pub targets: Vec<u32>,
@@ -470,6 +537,9 @@ pub struct Batch {
     pub n_targets: usize,
     /// Real (non-padding) input tokens.
     pub n_tokens: usize,
+    /// Packed: the documents' offsets in the row (`documents + 1` entries, 0 first, `seq`
+    /// last); `None` for a padded batch.
+    pub cu_seqlens: Option<Vec<u32>>,
 }
 
 /// Builds the padded batch of `examples` (each of >= 2 tokens): inputs are `ids[..len-1]`,
@@ -503,6 +573,42 @@ pub fn make_batch(examples: &[&Example], pad_id: u32) -> Batch {
         targets,
         n_targets,
         n_tokens,
+        cu_seqlens: None,
+    }
+}
+
+/// Builds the packed batch of `examples` (each of >= 2 tokens): one row, example after
+/// example, each contributing its inputs `ids[..len-1]` and targets `ids[1..]` where labelled
+/// (so no target crosses into the next document), with the documents' offsets in
+/// `cu_seqlens`. No padding: `n_tokens == seq`.
+pub fn make_packed_batch(examples: &[&Example]) -> Batch {
+    let total: usize = examples.iter().map(|e| e.ids.len().saturating_sub(1)).sum();
+    let mut input_ids = Vec::with_capacity(total);
+    let mut targets = Vec::with_capacity(total);
+    let mut cu_seqlens = Vec::with_capacity(examples.len() + 1);
+    cu_seqlens.push(0u32);
+    let mut n_targets = 0;
+    for e in examples {
+        let n = e.ids.len().saturating_sub(1);
+        input_ids.extend_from_slice(&e.ids[..n]);
+        for i in 0..n {
+            if e.labels[i + 1] {
+                targets.push(e.ids[i + 1]);
+                n_targets += 1;
+            } else {
+                targets.push(IGNORE_INDEX);
+            }
+        }
+        cu_seqlens.push(input_ids.len() as u32);
+    }
+    Batch {
+        batch: 1,
+        seq: total,
+        input_ids,
+        targets,
+        n_targets,
+        n_tokens: total,
+        cu_seqlens: Some(cu_seqlens),
     }
 }
 
@@ -536,6 +642,55 @@ mod tests {
         assert_eq!(b.input_ids, vec![5, 6, 7, 9, 0, 0]);
         let i = IGNORE_INDEX;
         assert_eq!(b.targets, vec![i, 7, 8, 10, i, i]);
+        assert_eq!((b.n_targets, b.n_tokens), (3, 4));
+    }
+
+    #[test]
+    fn packs_hold_whole_examples_within_the_budget_and_are_seeded() {
+        let lengths: Vec<usize> = (0..61).map(|i| (i * 13) % 29 + 2).collect();
+        let budget = 40;
+        let a = epoch_packs(&lengths, budget, 7, 0);
+        let mut all: Vec<usize> = a.iter().flatten().copied().collect();
+        all.sort();
+        assert_eq!(all, (0..61).collect::<Vec<_>>());
+        for bin in &a {
+            assert!(bin.iter().map(|&i| lengths[i]).sum::<usize>() <= budget);
+        }
+        assert_eq!(a, epoch_packs(&lengths, budget, 7, 0));
+        let b = epoch_packs(&lengths, budget, 7, 1);
+        assert_ne!(a, b);
+        // The bin count is the same in every epoch, and near the lower bound.
+        assert_eq!(a.len(), b.len());
+        let lower = lengths.iter().sum::<usize>().div_ceil(budget);
+        assert!(
+            a.len() <= lower + lower / 5 + 1,
+            "{} bins, bound {lower}",
+            a.len()
+        );
+        // An example longer than the budget gets a bin of its own.
+        assert_eq!(
+            pack_examples(&[0, 1, 2], &[5, 50, 5], 20),
+            vec![vec![1], vec![0, 2]]
+        );
+    }
+
+    #[test]
+    fn packed_batch_keeps_documents_apart() {
+        let e1 = Example {
+            ids: vec![5, 6, 7, 8],
+            labels: vec![false, false, true, true],
+        };
+        let e2 = Example {
+            ids: vec![9, 10],
+            labels: vec![true, true],
+        };
+        let b = make_packed_batch(&[&e1, &e2]);
+        assert_eq!((b.batch, b.seq), (1, 4));
+        assert_eq!(b.input_ids, vec![5, 6, 7, 9]);
+        let i = IGNORE_INDEX;
+        // Position 2 (token 7) predicts 8, the end of e1; nothing predicts 9 from 7.
+        assert_eq!(b.targets, vec![i, 7, 8, 10]);
+        assert_eq!(b.cu_seqlens, Some(vec![0, 3, 4]));
         assert_eq!((b.n_targets, b.n_tokens), (3, 4));
     }
 

@@ -142,7 +142,8 @@ pub fn differences(
         seed,
         dtype,
         bad_lines,
-        append_eos
+        append_eos,
+        packing
     );
     let sorted = |v: &[String]| {
         let mut v = v.to_vec();
@@ -335,5 +336,16 @@ mod tests {
         e.schedule = Schedule::Constant;
         e.max_steps = Some(60);
         assert!(differences(&e, &id, &c, &id).is_empty());
+        // A packed run's checkpoint does not resume unpacked: other batches, other steps.
+        let unpacked = TrainConfig {
+            packing: false,
+            ..a.clone()
+        };
+        let d = differences(&unpacked, &id, &a, &id);
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            d[0].to_string(),
+            "`packing`: false here, true in the checkpoint"
+        );
     }
 }

@@ -11,12 +11,12 @@
 //! - adapters: `P = Σ r × (in + out)` over the targeted modules, f32: `4P`;
 //! - gradients: `4P`; AdamW's two moments: `8P`;
 //! - activations kept for the backward pass,
-//!   `L × (T × (d × (4h + 4q + 2kv + 4i) + 4 × r × m) + 2 × batch × heads × max_seq_len² × d)`
-//!   plus `T × V × (d + 4)`, where `m` is the number of targeted modules per layer: per token
-//!   and layer the two norms' inputs and outputs, q, k and v expanded to the query heads and
-//!   the attention output, k and v before expansion, gate, up, `silu(gate)` and their product,
-//!   and each adapter's `x·A` (f32); per layer the attention scores and probabilities; and the
-//!   logits with their f32 gradient.
+//!   `L × T × (d × (4h + 4q + 4kv + 4i) + 4 × r × m)` plus `T × V × (d + 4)`, where `m` is the
+//!   number of targeted modules per layer: per token and layer the two norms' inputs and
+//!   outputs, q as projected, after RoPE and as flash attention's rows, the attention output,
+//!   k likewise after RoPE and as rows, v as projected and as rows, gate, up, `silu(gate)` and
+//!   their product, and each adapter's `x·A` (f32); and the logits with their f32 gradient.
+//!   Training attention is flash attention: no `seq × seq` scores are kept (nor formed).
 //!
 //! It leaves out allocator slack, the tokeniser and the transient buffers of the backward pass,
 //! and assumes every batch may be as long as `max_seq_len` (short data uses less), so it is a
@@ -119,14 +119,9 @@ impl MemoryEstimate {
         let (batch, seq) = (train.batch_size as u64, train.max_seq_len as u64);
         let tokens = batch.saturating_mul(seq);
         let per_token = d
-            .saturating_mul(4 * h + 4 * q + 2 * kv + 4 * i)
+            .saturating_mul(4 * h + 4 * q + 4 * kv + 4 * i)
             .saturating_add(4u64.saturating_mul(r).saturating_mul(targeted));
-        let scores = 2u64
-            .saturating_mul(batch)
-            .saturating_mul(heads)
-            .saturating_mul(seq.saturating_mul(seq))
-            .saturating_mul(d);
-        let per_layer = tokens.saturating_mul(per_token).saturating_add(scores);
+        let per_layer = tokens.saturating_mul(per_token);
         let logits = tokens.saturating_mul(v).saturating_mul(d + 4);
         Ok(MemoryEstimate {
             weights: frozen.saturating_mul(d),
@@ -270,9 +265,9 @@ mod tests {
             (e.adapters, e.gradients, e.optimizer),
             (4 * 14_336, 4 * 14_336, 8 * 14_336)
         );
-        // T = 128; per token 4·(512 + 512 + 128 + 2048) + 4·8·2 = 12864; scores
-        // 2·2·4·64²·4 = 262144; logits 128·1024·8.
-        let act = 4 * (128 * 12_864 + 262_144) + 128 * 1024 * 8;
+        // T = 128; per token 4·(512 + 512 + 256 + 2048) + 4·8·2 = 13376 (no s² scores: flash
+        // attention); logits 128·1024·8.
+        let act = 4 * 128 * 13_376 + 128 * 1024 * 8;
         assert_eq!(e.activations, act);
         assert_eq!(e.total(), frozen * 4 + 16 * 14_336 + act);
     }

@@ -44,8 +44,14 @@
 //!   the one that counts. An eval is logged once per step: resuming a finished run does not
 //!   evaluate it again.
 //!
+//! Micro-batches are packed by default (`packing`): whole examples concatenated up to
+//! `batch_size × max_seq_len` tokens, run by [`Transformer::forward_packed`] so that each
+//! attends only to itself ([`super::data::epoch_packs`]); with packing off, `batch_size`
+//! examples right-padded ([`super::data::epoch_batches`]). Either way the loss, the prompt
+//! masking and the `tokens` count (real tokens, never padding) mean the same.
+//!
 //! Determinism: on the CPU a run is a function of its config and data. The order of an epoch
-//! derives from `(seed, epoch)` ([`super::data::epoch_batches`]) and the adapters' initial
+//! derives from `(seed, epoch)` ([`super::data::epoch_packs`], [`super::data::epoch_batches`]) and the adapters' initial
 //! values from `seed`; together with the checkpointed step, epoch, batch position, optimizer
 //! moments and adapter weights, that is the whole state, so a resumed run reproduces the
 //! uninterrupted run's losses exactly. (LoRA dropout draws from Candle's unseeded CPU RNG: with
@@ -61,7 +67,10 @@ use serde::{Deserialize, Serialize};
 
 pub use super::config::TrainConfig;
 use super::config::{invalid, io_err};
-use super::data::{epoch_batches, make_batch, split_eval, tokenize_cached, Encoder, Example};
+use super::data::{
+    epoch_batches, epoch_packs, make_batch, make_packed_batch, pack_examples, split_eval,
+    tokenize_cached, Batch, Encoder, Example,
+};
 use super::identity::{differences, RunIdentity};
 use super::optim::{clip_scale, global_grad_norm, AdamW};
 use super::plot::write_loss_png;
@@ -69,7 +78,7 @@ use crate::io::{write_dir_atomic, Leftover};
 use crate::lora::{load_adapter, save_adapter, Adapter, AdapterConfig};
 use crate::models::Transformer;
 use crate::ops::cross_entropy::IGNORE_INDEX;
-use crate::ops::cross_entropy_per_token;
+use crate::ops::{cross_entropy_per_token, matmul};
 use crate::{Error, Result};
 
 /// The adapter name flare trains under (PEFT's default).
@@ -241,10 +250,21 @@ fn read_state(checkpoint: &Path) -> Result<TrainState> {
     let state_path = checkpoint.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path)
         .map_err(io_err(format!("reading {}", state_path.display())))?;
-    serde_json::from_str(&text).map_err(|e| Error::Io {
+    let bad = |e: serde_json::Error| Error::Io {
         context: state_path.display().to_string(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-    })
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
+    // Checkpoints of flare versions before packing record no `packing`: their runs were padded
+    // (the config's default, `true`, would pass them for packed runs).
+    let unpacked = value
+        .get("config")
+        .is_some_and(|c| c.is_object() && c.get("packing").is_none());
+    let mut state: TrainState = serde_json::from_value(value).map_err(bad)?;
+    if unpacked {
+        state.config.packing = false;
+    }
+    Ok(state)
 }
 
 /// `Err` naming `what` unless every value of `t` is finite.
@@ -590,7 +610,9 @@ impl Trainer {
         stats.train_examples = train.len();
         stats.eval_examples = eval.len();
         let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
-        let batches_per_epoch = train.len().div_ceil(config.batch_size);
+        // Packed: the same count every epoch (see `epoch_packs`).
+        let order = Self::epoch_order(&config, &lengths, 0);
+        let batches_per_epoch = order.len();
         let total_steps = config.max_steps.unwrap_or_else(|| {
             (config.epochs * batches_per_epoch as u64).div_ceil(config.grad_accum as u64)
         });
@@ -608,7 +630,6 @@ impl Trainer {
             config: config.clone(),
             identity: Some(identity),
         };
-        let order = epoch_batches(&lengths, config.batch_size, config.seed, 0);
         Ok(Trainer {
             config,
             model,
@@ -665,37 +686,64 @@ impl Trainer {
         self.state.step >= self.state.total_steps
     }
 
+    /// The tokens of a packed micro-batch at most: `batch_size × max_seq_len` (see
+    /// [`epoch_packs`] for why).
+    fn pack_budget(config: &TrainConfig) -> usize {
+        config.batch_size.saturating_mul(config.max_seq_len)
+    }
+
+    /// The micro-batches of epoch `epoch` as lists of example indices: packed or padded as the
+    /// config says, a function of `(seed, epoch)`.
+    fn epoch_order(config: &TrainConfig, lengths: &[usize], epoch: u64) -> Vec<Vec<usize>> {
+        if config.packing {
+            epoch_packs(lengths, Self::pack_budget(config), config.seed, epoch)
+        } else {
+            epoch_batches(lengths, config.batch_size, config.seed, epoch)
+        }
+    }
+
+    /// The micro-batch of `examples`, packed or padded as the config says.
+    fn make(&self, examples: &[&Example]) -> Batch {
+        if self.config.packing {
+            make_packed_batch(examples)
+        } else {
+            make_batch(examples, self.pad_id)
+        }
+    }
+
     /// The next batch of the data stream, advancing the position (epochs roll over).
-    fn next_batch(&mut self) -> super::data::Batch {
+    fn next_batch(&mut self) -> Batch {
         if self.state.batch_in_epoch >= self.batches_per_epoch {
             self.state.epoch += 1;
             self.state.batch_in_epoch = 0;
         }
         if self.order_epoch != self.state.epoch {
-            self.order = epoch_batches(
-                &self.lengths,
-                self.config.batch_size,
-                self.config.seed,
-                self.state.epoch,
-            );
+            self.order = Self::epoch_order(&self.config, &self.lengths, self.state.epoch);
             self.order_epoch = self.state.epoch;
         }
         let idx = &self.order[self.state.batch_in_epoch];
         let exs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
         self.state.batch_in_epoch += 1;
-        make_batch(&exs, self.pad_id)
+        self.make(&exs)
     }
 
     /// Summed NLL over a batch's counted targets (a scalar, f32 or f64), with autograd.
-    fn batch_nll_sum(&self, b: &super::data::Batch) -> Result<Tensor> {
+    fn batch_nll_sum(&self, b: &Batch) -> Result<Tensor> {
         let dev = self.model.device();
         let ids = Tensor::from_vec(b.input_ids.clone(), (b.batch, b.seq), dev)?;
         let targets = Tensor::from_vec(b.targets.clone(), b.batch * b.seq, dev)?;
         // The inputs above are made first: under the cache, small host data is keyed by content.
         let _params = crate::runtime::cache_launch_params(dev);
-        let logits = self.model.forward(&ids)?;
-        let vocab = logits.dim(2)?;
-        let logits = logits.reshape((b.batch * b.seq, vocab))?;
+        // The final-normed hidden states, one row per target: [tokens, hidden].
+        let hidden = match &b.cu_seqlens {
+            Some(cu) => self.model.forward_hidden_packed(&ids, cu)?,
+            None => {
+                let h = self.model.forward_hidden(&ids)?;
+                let width = h.dim(2)?;
+                h.reshape((b.batch * b.seq, width))?
+            }
+        };
+        let logits = matmul(&hidden, &self.model.lm_head_weight().t()?)?;
         Ok(cross_entropy_per_token(&logits, &targets, IGNORE_INDEX)?.sum_all()?)
     }
 
@@ -804,11 +852,23 @@ impl Trainer {
             .map(|&(_, l)| l)
     }
 
+    /// Mean NLL over every counted eval target (the same number packed or padded: only the
+    /// grouping into micro-batches differs).
     fn eval_loss(&self) -> Result<f64> {
         let (mut sum, mut count) = (0.0, 0usize);
-        for chunk in self.eval.chunks(self.config.batch_size) {
-            let exs: Vec<&Example> = chunk.iter().collect();
-            let b = make_batch(&exs, self.pad_id);
+        let groups: Vec<Vec<usize>> = if self.config.packing {
+            let lengths: Vec<usize> = self.eval.iter().map(|e| e.ids.len()).collect();
+            let order: Vec<usize> = (0..lengths.len()).collect();
+            pack_examples(&order, &lengths, Self::pack_budget(&self.config))
+        } else {
+            let all: Vec<usize> = (0..self.eval.len()).collect();
+            all.chunks(self.config.batch_size)
+                .map(<[usize]>::to_vec)
+                .collect()
+        };
+        for group in &groups {
+            let exs: Vec<&Example> = group.iter().map(|&i| &self.eval[i]).collect();
+            let b = self.make(&exs);
             if b.n_targets == 0 {
                 continue;
             }

@@ -15,6 +15,7 @@ mod hardening_data;
 mod lora;
 mod matmul;
 mod models;
+mod packing;
 mod peft;
 mod rms_norm;
 mod runtime;

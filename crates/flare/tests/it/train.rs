@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use flare::ops::cross_entropy::{cross_entropy_reference, IGNORE_INDEX};
 use flare::ops::{cross_entropy, cross_entropy_per_token};
 use flare::text::Tokenizer;
-use flare::train::data::{make_batch, tokenize_cached, tokenize_file};
+use flare::train::data::{make_batch, make_packed_batch, tokenize_cached, tokenize_file};
 use flare::train::{
     clip_scale, global_grad_norm, AdamW, AdamWConfig, BadLines, DataConfig, Encoder, Schedule,
     TrainConfig, Trainer,
@@ -308,6 +308,15 @@ fn prompt_masking_puts_zero_weight_on_prompt_tokens() -> Result<()> {
         let row_zero = g[i * 256..(i + 1) * 256].iter().all(|&v| v == 0.0);
         assert_eq!(row_zero, i < p - 1, "position {i}");
     }
+    // Packed with another example: the same targets, at the same places of its document.
+    let packed = make_packed_batch(&[&t.examples[1], &t.examples[0]]);
+    let cu = packed.cu_seqlens.clone().unwrap();
+    let start = cu[1] as usize;
+    assert_eq!(&packed.targets[start..], b.targets.as_slice());
+    assert_eq!(
+        packed.n_targets,
+        t.examples[0].targets() + t.examples[1].targets()
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -420,8 +429,22 @@ pub(crate) fn losses(t: &mut Trainer, n: usize) -> Result<Vec<f64>> {
 
 #[test]
 fn loss_falls_on_a_memorisation_task() -> Result<()> {
-    let dir = scratch("memorise");
-    let cfg = small_config(&dir, memorise_data(&dir), 30);
+    loss_falls(true)
+}
+
+#[test]
+fn loss_falls_on_a_memorisation_task_unpacked() -> Result<()> {
+    loss_falls(false)
+}
+
+fn loss_falls(packing: bool) -> Result<()> {
+    let dir = scratch(if packing {
+        "memorise"
+    } else {
+        "memorise-padded"
+    });
+    let mut cfg = small_config(&dir, memorise_data(&dir), 30);
+    cfg.packing = packing;
     let mut t = Trainer::from_config(cfg, &Device::Cpu)?;
     let l = losses(&mut t, 30)?;
     assert_eq!(l.len(), 30);
@@ -434,11 +457,26 @@ fn loss_falls_on_a_memorisation_task() -> Result<()> {
 
 #[test]
 fn resumed_run_reproduces_the_uninterrupted_losses_exactly() -> Result<()> {
-    let dir = scratch("resume");
+    resumed_run(true)
+}
+
+#[test]
+fn resumed_run_reproduces_the_uninterrupted_losses_exactly_unpacked() -> Result<()> {
+    resumed_run(false)
+}
+
+fn resumed_run(packing: bool) -> Result<()> {
+    let dir = scratch(if packing { "resume" } else { "resume-padded" });
     let data = memorise_data(&dir);
     let mut cfg = small_config(&dir, data, 8);
     cfg.save_every = 3;
-    cfg.batch_size = 1; // 4 batches per epoch, 2 per step: steps cross epochs
+    // Padded: 4 batches per epoch, 2 per step. Packed: 2 packs of 2 examples per epoch (of at
+    // most 1 × 40 tokens). Either way steps cross epochs.
+    cfg.batch_size = 1;
+    cfg.packing = packing;
+    if packing {
+        cfg.max_seq_len = 40;
+    }
     let full = {
         let mut c = cfg.clone();
         c.output_dir = dir.join("full");
@@ -487,6 +525,43 @@ fn resumed_run_reproduces_the_uninterrupted_losses_exactly() -> Result<()> {
     other.seed = 8;
     let e = Trainer::resume_from_config(other, &Device::Cpu, &ckpt).unwrap_err();
     assert!(e.to_string().contains("`seed`"), "{e}");
+    // Nor does a packed run resume unpacked, or the other way round.
+    let mut other = cfg.clone();
+    other.packing = !packing;
+    let e = Trainer::resume_from_config(other, &Device::Cpu, &ckpt).unwrap_err();
+    assert!(e.to_string().contains("`packing`"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn eval_loss_and_first_step_are_the_same_packed_or_padded() -> Result<()> {
+    let dir = scratch("pack-eval");
+    let data = memorise_data(&dir);
+    let run = |packing: bool| -> Result<(f64, f64, usize)> {
+        let mut cfg = small_config(&dir, data.clone(), 4);
+        cfg.output_dir = dir.join(format!("out-{packing}"));
+        cfg.eval_fraction = 0.5;
+        cfg.grad_accum = 1;
+        cfg.packing = packing;
+        let mut t = Trainer::from_config(cfg, &Device::Cpu)?;
+        let eval = t.evaluate()?.expect("eval data");
+        // One step over both training examples (padded: one batch of 2; packed: one pack).
+        let m = t.step()?.unwrap();
+        Ok((eval, m.loss, m.tokens))
+    };
+    let (e1, l1, n1) = run(true)?;
+    let (e0, l0, n0) = run(false)?;
+    assert!(
+        (e1 - e0).abs() <= 1e-5 * e0,
+        "eval loss packed {e1}, padded {e0}"
+    );
+    assert!(
+        (l1 - l0).abs() <= 1e-5 * l0,
+        "first loss packed {l1}, padded {l0}"
+    );
+    // Real tokens only, both ways.
+    assert_eq!(n1, n0);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
