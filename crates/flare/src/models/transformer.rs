@@ -747,9 +747,28 @@ impl Transformer {
     /// The logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u8, u32 or i64), in the
     /// model's dtype, with causal attention over the whole sequence (no KV cache).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.logits(&self.forward_hidden(input_ids)?)
+    }
+
+    /// The final normed hidden states `[batch, seq, hidden]` for token ids `[batch, seq]`: what
+    /// [`forward`](Self::forward) multiplies by [`lm_head_weight`](Self::lm_head_weight)ᵀ. The
+    /// trainer feeds them to [`crate::ops::linear_cross_entropy`], which never holds the
+    /// logits.
+    pub fn forward_hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, s) = Self::check_ids(input_ids)?;
         let mask = self.attention_mask(0, s, None)?;
         self.forward_impl(input_ids, b, s, None, &Positions::Shared(0), &mask)
+    }
+
+    /// The LM head's weight `[vocab, hidden]`: the embedding matrix itself when the model ties
+    /// them (`tie_word_embeddings`).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// The logits `[.., vocab]` of final normed hidden states `[.., hidden]`.
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        matmul(hidden, &self.lm_head.t()?)
     }
 
     /// The logits `[batch, seq, vocab]` of the new positions `offset..offset + seq` for token
@@ -801,7 +820,8 @@ impl Transformer {
             ),
         };
         let mask = self.attention_mask(offset, s, pads.as_deref())?;
-        let logits = self.forward_impl(input_ids, b, s, Some(&mut *cache), &positions, &mask)?;
+        let hidden = self.forward_impl(input_ids, b, s, Some(&mut *cache), &positions, &mask)?;
+        let logits = self.logits(&hidden)?;
         cache.advance(s);
         Ok(logits)
     }
@@ -886,7 +906,8 @@ impl Transformer {
         self.forward_with_cache(input_ids, cache, offset)
     }
 
-    /// The forward of checked ids `[b, s]`, at cache positions `cache.len()..` when a cache is
+    /// The final normed hidden states `[b, s, hidden]` of checked ids `[b, s]` (the logits are
+    /// [`logits`](Self::logits) of them), at cache positions `cache.len()..` when a cache is
     /// given (whose room has been checked; its length is not advanced here).
     fn forward_impl(
         &self,
@@ -939,7 +960,7 @@ impl Transformer {
                 .map_or(&self.norm, |l| &l.input_layernorm);
             (normed, residual) = add_rms_norm(&down, &r, next_norm, eps)?;
         }
-        matmul(&normed, &self.lm_head.t()?)
+        Ok(normed)
     }
 
     /// Self-attention of `x: [b, s, hidden]`, returns `[b, s, hidden]`. With `(cache, layer)`,
