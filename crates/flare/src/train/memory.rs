@@ -12,11 +12,13 @@
 //! - gradients: `4P`; AdamW's two moments: `8P`;
 //! - activations kept for the backward pass,
 //!   `L × (T × (d × (4h + 4q + 2kv + 4i) + 4 × r × m) + 2 × batch × heads × max_seq_len² × d)`
-//!   plus `T × V × (d + 4)`, where `m` is the number of targeted modules per layer: per token
+//!   plus `(C × V + T × h) × d`, where `m` is the number of targeted modules per layer: per token
 //!   and layer the two norms' inputs and outputs, q, k and v expanded to the query heads and
 //!   the attention output, k and v before expansion, gate, up, `silu(gate)` and their product,
 //!   and each adapter's `x·A` (f32); per layer the attention scores and probabilities; and the
-//!   logits with their f32 gradient.
+//!   fused linear + cross-entropy's one chunk of logits (`C` rows,
+//!   [`crate::ops::linear_cross_entropy::chunk_rows`]) and the hidden states' gradient it keeps
+//!   for the backward.
 //!
 //! It leaves out allocator slack, the tokeniser and the transient buffers of the backward pass,
 //! and assumes every batch may be as long as `max_seq_len` (short data uses less), so it is a
@@ -127,7 +129,17 @@ impl MemoryEstimate {
             .saturating_mul(seq.saturating_mul(seq))
             .saturating_mul(d);
         let per_layer = tokens.saturating_mul(per_token).saturating_add(scores);
-        let logits = tokens.saturating_mul(v).saturating_mul(d + 4);
+        // The fused linear + cross-entropy holds one chunk of logits (its gradient is written in
+        // place) and d(hidden) from the forward to the backward.
+        let chunk = crate::ops::linear_cross_entropy::chunk_rows(
+            tokens as usize,
+            v as usize,
+            train.parsed_dtype()?,
+        ) as u64;
+        let logits = chunk
+            .saturating_mul(v)
+            .saturating_add(tokens.saturating_mul(h))
+            .saturating_mul(d);
         Ok(MemoryEstimate {
             weights: frozen.saturating_mul(d),
             adapters: p.saturating_mul(4),
@@ -271,8 +283,9 @@ mod tests {
             (4 * 14_336, 4 * 14_336, 8 * 14_336)
         );
         // T = 128; per token 4·(512 + 512 + 128 + 2048) + 4·8·2 = 12864; scores
-        // 2·2·4·64²·4 = 262144; logits 128·1024·8.
-        let act = 4 * (128 * 12_864 + 262_144) + 128 * 1024 * 8;
+        // 2·2·4·64²·4 = 262144; the loss: one chunk of all 128 tokens' logits (128·1024) and
+        // d(hidden) (128·128), f32.
+        let act = 4 * (128 * 12_864 + 262_144) + (128 * 1024 + 128 * 128) * 4;
         assert_eq!(e.activations, act);
         assert_eq!(e.total(), frozen * 4 + 16 * 14_336 + act);
     }

@@ -715,8 +715,17 @@ impl Trainer {
         let _params = crate::runtime::cache_launch_params(dev);
         let hidden = self.model.forward_hidden(&ids)?;
         let hidden = hidden.reshape((b.batch * b.seq, hidden.dim(2)?))?;
-        let hidden = if grad { hidden } else { hidden.detach() };
-        Ok(linear_cross_entropy(&hidden, head, &targets, IGNORE_INDEX)?)
+        let (hidden, head) = if grad {
+            (hidden, head.clone())
+        } else {
+            (hidden.detach(), head.detach())
+        };
+        Ok(linear_cross_entropy(
+            &hidden,
+            &head,
+            &targets,
+            IGNORE_INDEX,
+        )?)
     }
 
     /// One optimizer step over `grad_accum` batches. `None` when every step is done.

@@ -40,49 +40,32 @@ pub(super) struct Forward {
     pub dw: Option<CudaStorage>,
 }
 
-/// The fused forward for contiguous `hidden [n, h]`, `weight [vocab, h]` (one dtype) and
-/// `targets [n]` (u32).
-pub(super) fn fwd(
-    sh: &CudaStorage,
-    lh: &Layout,
-    sw: &CudaStorage,
-    lw: &Layout,
-    st: &CudaStorage,
-    lt: &Layout,
-    d: Dims,
-    plan: Plan,
-) -> candle_core::Result<Forward> {
+/// The op's inputs with their layouts: contiguous `hidden [n, h]` and `weight [vocab, h]` of
+/// one dtype, `targets [n]` (u32).
+#[derive(Clone, Copy)]
+pub(super) struct Io<'a> {
+    pub sh: &'a CudaStorage,
+    pub lh: &'a Layout,
+    pub sw: &'a CudaStorage,
+    pub lw: &'a Layout,
+    pub st: &'a CudaStorage,
+    pub lt: &'a Layout,
+}
+
+/// The fused forward.
+pub(super) fn fwd(io: Io<'_>, d: Dims, plan: Plan) -> candle_core::Result<Forward> {
     if d.vocab > i32::MAX as usize {
         return Err(candle_core::Error::Msg(format!(
             "{OP}: a vocabulary of {} rows is more than the CUDA kernel indexes (2^31 - 1)",
             d.vocab
         )));
     }
-    let io = Io {
-        sh,
-        lh,
-        sw,
-        lw,
-        st,
-        lt,
-    };
-    match sh.dtype() {
+    match io.sh.dtype() {
         DType::F32 => fwd_t::<f32>(Kernel::LinearCeRowsF32, DType::F32, io, d, plan),
         DType::F16 => fwd_t::<half::f16>(Kernel::LinearCeRowsF16, DType::F16, io, d, plan),
         DType::BF16 => fwd_t::<half::bf16>(Kernel::LinearCeRowsBF16, DType::BF16, io, d, plan),
         dt => Err(unsupported(OP, dt)),
     }
-}
-
-/// The op's inputs with their layouts.
-#[derive(Clone, Copy)]
-struct Io<'a> {
-    sh: &'a CudaStorage,
-    lh: &'a Layout,
-    sw: &'a CudaStorage,
-    lw: &'a Layout,
-    st: &'a CudaStorage,
-    lt: &'a Layout,
 }
 
 /// The three GEMMs of a chunk of `rows` rows, as column-major cuBLASLt calls of row-major
@@ -156,13 +139,15 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     let mut nll = dev.alloc_zeros::<f32>(d.n.max(1))?;
     // SAFETY (both): every row of d(hidden) is written by the d(h_c) GEMM of its chunk (beta =
     // 0), and d(weight) by the first chunk's GEMM (beta = 0), before anything reads them.
-    let mut dh: Option<CudaSlice<T>> = match plan.need_dh && d.n > 0 {
-        true => Some(unsafe { dev.alloc::<T>(d.n * d.h) }?),
-        false => None,
+    let mut dh: Option<CudaSlice<T>> = if plan.need_dh && d.n > 0 {
+        Some(unsafe { dev.alloc::<T>(d.n * d.h) }?)
+    } else {
+        None
     };
-    let mut dw: Option<CudaSlice<T>> = match plan.need_dw && d.n > 0 {
-        true => Some(unsafe { dev.alloc::<T>(d.vocab * d.h) }?),
-        false => None,
+    let mut dw: Option<CudaSlice<T>> = if plan.need_dw && d.n > 0 {
+        Some(unsafe { dev.alloc::<T>(d.vocab * d.h) }?)
+    } else {
+        None
     };
     let grad = dh.is_some() || dw.is_some();
     let chunk = plan.chunk.clamp(1, d.n.max(1));

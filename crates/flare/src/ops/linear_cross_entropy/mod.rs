@@ -143,7 +143,15 @@ impl CustomOp3 for LinearCrossEntropy {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let d = dims_of(l1, l2)?;
-        let out = cuda::fwd(s1, l1, s2, l2, s3, l3, d, self.plan)?;
+        let io = cuda::Io {
+            sh: s1,
+            lh: l1,
+            sw: s2,
+            lw: l2,
+            st: s3,
+            lt: l3,
+        };
+        let out = cuda::fwd(io, d, self.plan)?;
         self.save(out.dh.map(Storage::Cuda), out.dw.map(Storage::Cuda));
         Ok((out.loss, Shape::from(())))
     }
