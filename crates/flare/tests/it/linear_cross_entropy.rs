@@ -536,3 +536,61 @@ fn stable_for_large_logits() -> Result<()> {
     assert!((l32 - r).abs() < 1e-5 * r, "f32 {l32} vs {r}");
     Ok(())
 }
+
+/// GPU measurement, not run by default: the fused loss against the logits path at the
+/// Llama-3.1-8B head (4096 tokens x 4096 hidden x 128,256 vocab, bf16, frozen head), forward +
+/// backward, median of 5 after a warm-up (the logits' memory of each is printed from the
+/// chunk rule). Asserts that both give the same loss and d(hidden) (bf16 tolerance). Run with `cargo test --release -p flare --features cuda --test
+/// it lce_gpu_timing -- --ignored --nocapture`.
+#[test]
+#[ignore = "GPU timing; run explicitly"]
+fn lce_gpu_timing() -> Result<()> {
+    let Some(dev) = crate::common::cuda_device() else {
+        return Ok(());
+    };
+    let (n, hd, vocab) = (4096, 4096, 128_256);
+    let h = randn_scaled(&[n, hd], 0.0, 1.0, DType::BF16, &dev, 1)?;
+    let w = randn_scaled(&[vocab, hd], 0.0, 0.02, DType::BF16, &dev, 2)?;
+    let tv = targets(n, vocab, 3);
+    let t = Tensor::new(tv.as_slice(), &dev)?;
+    let hv = Var::from_tensor(&h)?;
+    let run = |fused: bool| -> Result<(f64, Tensor, f64)> {
+        let mut times = Vec::new();
+        let mut out = None;
+        for _ in 0..6 {
+            dev.synchronize()?;
+            let t0 = std::time::Instant::now();
+            let loss = if fused {
+                linear_cross_entropy(hv.as_tensor(), &w, &t, IGNORE_INDEX)?
+            } else {
+                let logits = flare::ops::matmul(hv.as_tensor(), &w.t()?)?;
+                cross_entropy_per_token(&logits, &t, IGNORE_INDEX)?.sum_all()?
+            };
+            let g = loss.backward()?;
+            dev.synchronize()?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            out = Some((
+                loss.to_scalar::<f32>()? as f64,
+                grad_of(&g, hv.as_tensor(), "dh"),
+            ));
+        }
+        let mut t = times[1..].to_vec();
+        t.sort_by(f64::total_cmp);
+        let (l, dh) = out.expect("ran");
+        Ok((l, dh, t[t.len() / 2]))
+    };
+    let (lf, dhf, tf) = run(true)?;
+    let (lu, dhu, tu) = run(false)?;
+    println!(
+        "linear_cross_entropy {n}x{hd}x{vocab} bf16 fwd+bwd: fused {tf:.2} ms, logits path \
+         {tu:.2} ms ({:.2}x); chunk {} rows = {} MiB of logits, against {} MiB of logits + \
+         their gradient unfused",
+        tu / tf,
+        chunk_rows(n, vocab, DType::BF16),
+        chunk_rows(n, vocab, DType::BF16) * vocab * 2 >> 20,
+        2 * n * vocab * 2 >> 20
+    );
+    assert!((lf - lu).abs() <= 1e-2 * lu.abs(), "loss {lf} vs {lu}");
+    assert_close(&dhf, &dhu, 2e-2, "d(hidden) fused vs logits path")?;
+    Ok(())
+}
