@@ -587,8 +587,8 @@ fn lce_gpu_timing() -> Result<()> {
          their gradient unfused",
         tu / tf,
         chunk_rows(n, vocab, DType::BF16),
-        chunk_rows(n, vocab, DType::BF16) * vocab * 2 >> 20,
-        2 * n * vocab * 2 >> 20
+        (chunk_rows(n, vocab, DType::BF16) * vocab * 2) >> 20,
+        (2 * n * vocab * 2) >> 20
     );
     assert!((lf - lu).abs() <= 1e-2 * lu.abs(), "loss {lf} vs {lu}");
     assert_close(&dhf, &dhu, 2e-2, "d(hidden) fused vs logits path")?;
