@@ -11,12 +11,14 @@
 //! - adapters: `P = Σ r × (in + out)` over the targeted modules, f32: `4P`;
 //! - gradients: `4P`; AdamW's two moments: `8P`;
 //! - activations kept for the backward pass,
-//!   `L × T × (d × (4h + 4q + 4kv + 4i) + 4 × r × m)` plus `T × V × (d + 4)`, where `m` is the
-//!   number of targeted modules per layer: per token and layer the two norms' inputs and
+//!   `L × T × (d × (4h + 4q + 4kv + 4i) + 4 × r × m)` plus `(C × V + T × h) × d`, where `m` is
+//!   the number of targeted modules per layer: per token and layer the two norms' inputs and
 //!   outputs, q as projected, after RoPE and as flash attention's rows, the attention output,
 //!   k likewise after RoPE and as rows, v as projected and as rows, gate, up, `silu(gate)` and
-//!   their product, and each adapter's `x·A` (f32); and the logits with their f32 gradient.
-//!   Training attention is flash attention: no `seq × seq` scores are kept (nor formed).
+//!   their product, and each adapter's `x·A` (f32); and the fused linear + cross-entropy's one
+//!   chunk of logits (`C` rows, [`crate::ops::linear_cross_entropy::chunk_rows`]) and the
+//!   hidden states' gradient it keeps for the backward. Training attention is flash attention:
+//!   no `seq × seq` scores are kept (nor formed).
 //!
 //! It leaves out allocator slack, the tokeniser and the transient buffers of the backward pass,
 //! and assumes every batch may be as long as `max_seq_len` (short data uses less), so it is a
@@ -122,7 +124,17 @@ impl MemoryEstimate {
             .saturating_mul(4 * h + 4 * q + 4 * kv + 4 * i)
             .saturating_add(4u64.saturating_mul(r).saturating_mul(targeted));
         let per_layer = tokens.saturating_mul(per_token);
-        let logits = tokens.saturating_mul(v).saturating_mul(d + 4);
+        // The fused linear + cross-entropy holds one chunk of logits (its gradient is written in
+        // place) and d(hidden) from the forward to the backward.
+        let chunk = crate::ops::linear_cross_entropy::chunk_rows(
+            tokens as usize,
+            v as usize,
+            train.parsed_dtype()?,
+        ) as u64;
+        let logits = chunk
+            .saturating_mul(v)
+            .saturating_add(tokens.saturating_mul(h))
+            .saturating_mul(d);
         Ok(MemoryEstimate {
             weights: frozen.saturating_mul(d),
             adapters: p.saturating_mul(4),
@@ -266,8 +278,9 @@ mod tests {
             (4 * 14_336, 4 * 14_336, 8 * 14_336)
         );
         // T = 128; per token 4·(512 + 512 + 256 + 2048) + 4·8·2 = 13376 (no s² scores: flash
-        // attention); logits 128·1024·8.
-        let act = 4 * 128 * 13_376 + 128 * 1024 * 8;
+        // attention); the loss: one chunk of all 128 tokens' logits (128·1024) and d(hidden)
+        // (128·128), f32.
+        let act = 4 * 128 * 13_376 + (128 * 1024 + 128 * 128) * 4;
         assert_eq!(e.activations, act);
         assert_eq!(e.total(), frozen * 4 + 16 * 14_336 + act);
     }

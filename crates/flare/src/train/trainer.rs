@@ -78,7 +78,7 @@ use crate::io::{write_dir_atomic, Leftover};
 use crate::lora::{load_adapter, save_adapter, Adapter, AdapterConfig};
 use crate::models::Transformer;
 use crate::ops::cross_entropy::IGNORE_INDEX;
-use crate::ops::{cross_entropy_per_token, matmul};
+use crate::ops::linear_cross_entropy;
 use crate::{Error, Result};
 
 /// The adapter name flare trains under (PEFT's default).
@@ -727,9 +727,29 @@ impl Trainer {
         self.make(&exs)
     }
 
-    /// Summed NLL over a batch's counted targets (a scalar, f32 or f64), with autograd.
-    fn batch_nll_sum(&self, b: &Batch) -> Result<Tensor> {
+    /// Summed NLL over a batch's counted targets (a scalar, f32 or f64), with autograd when
+    /// `grad` (else the hidden states are detached, so the fused loss computes no gradient).
+    /// The LM head and the loss are one fused op ([`linear_cross_entropy`]): the
+    /// `[tokens, vocab]` logits are never held whole.
+    fn batch_nll_sum(&self, b: &Batch, grad: bool) -> Result<Tensor> {
         let dev = self.model.device();
+        let head = self.model.lm_head_weight();
+        let vocab = head.dim(0)?;
+        // The fused op does not read device targets back (see its docs): check them here.
+        if let Some((i, &t)) = b
+            .targets
+            .iter()
+            .enumerate()
+            .find(|&(_, &t)| t != IGNORE_INDEX && t as usize >= vocab)
+        {
+            return Err(Error::InvalidArgument {
+                op: "train",
+                msg: format!(
+                    "target token id {t} (position {i} of the batch) is outside the model's \
+                     vocabulary of {vocab}"
+                ),
+            });
+        }
         let ids = Tensor::from_vec(b.input_ids.clone(), (b.batch, b.seq), dev)?;
         let targets = Tensor::from_vec(b.targets.clone(), b.batch * b.seq, dev)?;
         // The inputs above are made first: under the cache, small host data is keyed by content.
@@ -743,8 +763,17 @@ impl Trainer {
                 h.reshape((b.batch * b.seq, width))?
             }
         };
-        let logits = matmul(&hidden, &self.model.lm_head_weight().t()?)?;
-        Ok(cross_entropy_per_token(&logits, &targets, IGNORE_INDEX)?.sum_all()?)
+        let (hidden, head) = if grad {
+            (hidden, head.clone())
+        } else {
+            (hidden.detach(), head.detach())
+        };
+        Ok(linear_cross_entropy(
+            &hidden,
+            &head,
+            &targets,
+            IGNORE_INDEX,
+        )?)
     }
 
     /// One optimizer step over `grad_accum` batches. `None` when every step is done.
@@ -768,7 +797,7 @@ impl Trainer {
             if b.n_targets == 0 {
                 continue;
             }
-            let l = (self.batch_nll_sum(b)? * inv)?;
+            let l = (self.batch_nll_sum(b, true)? * inv)?;
             let grads = {
                 let _params = crate::runtime::cache_launch_params(self.model.device());
                 l.backward()?
@@ -872,7 +901,7 @@ impl Trainer {
             if b.n_targets == 0 {
                 continue;
             }
-            let s = self.batch_nll_sum(&b)?.detach();
+            let s = self.batch_nll_sum(&b, false)?;
             sum += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             count += b.n_targets;
         }

@@ -12,6 +12,7 @@ mod fuzz;
 mod generate;
 mod generate_text;
 mod hardening_data;
+mod linear_cross_entropy;
 mod lora;
 mod matmul;
 mod models;
