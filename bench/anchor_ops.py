@@ -9,6 +9,8 @@ Runs on the GPU machine with PyTorch (no other dependency). For every case of `f
   rms_norm      torch.nn.functional.rms_norm(x, (cols,), w, eps)
   add_rms_norm  h = x + r; y = rms_norm(h)
   copy          y.copy_(x)                (the bandwidth reference: bytes read + written)
+  flash_attention  F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hkv)
+                (q, k, v as [B, H, T, D]; PyTorch picks its backend: cuDNN / flash on an H100)
 
 fwd+bwd rows run the forward, then torch.autograd.grad from the first output with a ones
 upstream gradient (as Candle's `.backward()` seeds it) to every input (x and the weight for the
@@ -74,6 +76,12 @@ CASES_FULL = [
     ("rms_norm", (4096, 4096), "f32", "fwd+bwd", 1),
     ("rms_norm", (4096, 4096), "bf16", "fwd+bwd", 1),
     ("add_rms_norm", (4096, 4096), "bf16", "fwd+bwd", 1),
+    ("flash_attention", (8, 14, 14, 1024, 64), "bf16", "fwd", 1),
+    ("flash_attention", (2, 14, 14, 4096, 64), "bf16", "fwd", 1),
+    ("flash_attention", (1, 32, 8, 8192, 128), "bf16", "fwd", 1),
+    ("flash_attention", (8, 14, 14, 1024, 64), "bf16", "fwd+bwd", 1),
+    ("flash_attention", (2, 14, 14, 4096, 64), "bf16", "fwd+bwd", 1),
+    ("flash_attention", (1, 32, 8, 8192, 128), "bf16", "fwd+bwd", 1),
 ]
 
 CASES_QUICK = [
@@ -87,6 +95,8 @@ CASES_QUICK = [
     ("rms_norm", (64, 64), "f32", "fwd", 100),
     ("softmax", (1024, 1024), "f32", "fwd+bwd", 1),
     ("rms_norm", (1024, 1024), "bf16", "fwd+bwd", 1),
+    ("flash_attention", (8, 14, 14, 1024, 64), "bf16", "fwd", 1),
+    ("flash_attention", (8, 14, 14, 1024, 64), "bf16", "fwd+bwd", 1),
 ]
 
 DTYPE_SIZE = {"f32": 4, "tf32": 4, "bf16": 2}
@@ -95,6 +105,10 @@ DTYPE_SIZE = {"f32": 4, "tf32": 4, "bf16": 2}
 def shape_label(op, dims):
     if op == "copy":
         return fmt_bytes(dims)
+    if op == "flash_attention":
+        b, hq, hkv, t, d = dims
+        heads = f"H{hq}" if hq == hkv else f"H{hq}/KV{hkv}"
+        return f"B{b}.{heads}.T{t}.D{d}"
     return "x".join(str(d) for d in dims)
 
 
@@ -108,6 +122,10 @@ def work(op, dims, dtype, pass_):
         m, k, n = dims
         f = 2.0 * m * n * k
         return (3.0 * f if bwd else f), "TFLOP/s"
+    if op == "flash_attention":
+        b, hq, _, t, d = dims
+        f = 4.0 * b * hq * d * t * t / 2.0  # causal: half the scores
+        return (3.5 * f if bwd else f), "TFLOP/s"
     rows, cols = dims
     n, h = float(rows * cols), float(cols)
     if op == "softmax":
@@ -134,6 +152,9 @@ def footprint(op, dims, dtype, pass_):
     if op == "matmul":
         m, k, n = dims
         return (m * k + k * n + m * n) * s * b
+    if op == "flash_attention":
+        bb, hq, hkv, t, d = dims
+        return bb * t * (2 * hq + 2 * hkv) * d * s * b
     rows, cols = dims
     per = {"softmax": 2 * rows * cols, "rms_norm": 2 * rows * cols + cols,
            "add_rms_norm": 4 * rows * cols + cols}[op]
@@ -196,6 +217,13 @@ def prepare(torch, op, dims, dtype, pass_, nsets, dev):
             return (F.rms_norm(h, (h.shape[-1],), s[2], EPS), h)
 
         impl = "x + r; F.rms_norm"
+    elif op == "flash_attention":
+        b, hq, hkv, t, d = dims
+        sets = [(rnd(b, hq, t, d), rnd(b, hkv, t, d), rnd(b, hkv, t, d)) for _ in range(nsets)]
+        gqa = hq != hkv
+        fwd = lambda s: (F.scaled_dot_product_attention(  # noqa: E731
+            s[0], s[1], s[2], is_causal=True, enable_gqa=gqa),)
+        impl = "F.scaled_dot_product_attention(is_causal=True)"
     else:
         raise ValueError(op)
 
