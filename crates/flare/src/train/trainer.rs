@@ -720,12 +720,7 @@ impl Trainer {
         } else {
             (hidden.detach(), head.detach())
         };
-        Ok(linear_cross_entropy(
-            &hidden,
-            &head,
-            &targets,
-            IGNORE_INDEX,
-        )?)
+        linear_cross_entropy(&hidden, &head, &targets, IGNORE_INDEX)
     }
 
     /// One optimizer step over `grad_accum` batches. `None` when every step is done.
