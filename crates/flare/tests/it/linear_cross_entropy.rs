@@ -330,13 +330,7 @@ fn gradient_by_finite_differences() -> Result<()> {
     let w = fd.input(&[vocab, hd], "w")?;
     let t = Tensor::new(&[3u32, IGNORE_INDEX, 0, 6, 2], &dev)?;
     fd.check(&[("hidden", &h), ("weight", &w)], |x| {
-        Ok(linear_cross_entropy_chunked(
-            &x[0],
-            &x[1],
-            &t,
-            IGNORE_INDEX,
-            2,
-        )?)
+        linear_cross_entropy_chunked(&x[0], &x[1], &t, IGNORE_INDEX, 2)
     })?;
     Ok(())
 }
