@@ -542,6 +542,7 @@ fn train_help_shows_the_defaults() {
         "LoRA rank [default: 16]",
         "or cosine [default: cosine]",
         "0 turns clipping off [default: 1.0]",
+        "(off on the CPU) [default: auto]",
     ] {
         assert!(help.contains(needle), "{needle:?} not in\n{help}");
     }
