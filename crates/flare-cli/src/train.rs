@@ -679,9 +679,15 @@ mod tests {
         let c = build_config(&parse(&["--config", file]).unwrap()).unwrap();
         assert_eq!(c.gradient_checkpointing, Checkpointing::On);
         let a = parse(&["--config", file, "--gradient-checkpointing", "off"]).unwrap();
-        assert_eq!(build_config(&a).unwrap().gradient_checkpointing, Checkpointing::Off);
+        assert_eq!(
+            build_config(&a).unwrap().gradient_checkpointing,
+            Checkpointing::Off
+        );
         std::fs::write(&toml, "gradient_checkpointing = \"maybe\"\n").unwrap();
-        let err = format!("{:#}", build_config(&parse(&["--config", file]).unwrap()).unwrap_err());
+        let err = format!(
+            "{:#}",
+            build_config(&parse(&["--config", file]).unwrap()).unwrap_err()
+        );
         assert!(err.contains("run.toml:1") && err.contains("maybe"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }

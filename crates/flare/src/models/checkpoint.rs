@@ -133,7 +133,7 @@ type Block = dyn Fn(&Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync;
 /// [`CheckpointGrads::merge_into`] after the outer backward.
 ///
 /// `f` is called once now and once in the backward: it must compute the same function both
-/// times (seed any randomness). When neither `x` tracks gradients nor `params` is empty, the
+/// times (seed any randomness). When `x` tracks no gradient and `params` is empty, the
 /// result is `f(x)` without the op (nothing to differentiate).
 ///
 /// Errors: `f`'s errors; an `update` and `residual` of different shapes, dtypes or devices.
@@ -221,7 +221,9 @@ impl Checkpoint {
         let Some((y, r)) = parts else {
             candle_core::bail!("{OP}: internal error: the forward ran twice");
         };
-        let wrong = || candle_core::Error::Msg(format!("{OP}: internal error: a part is on another device"));
+        let wrong = || {
+            candle_core::Error::Msg(format!("{OP}: internal error: a part is on another device"))
+        };
         let (sy, ly) = y.storage_and_layout();
         let sy = unwrap(&sy).ok_or_else(wrong)?;
         let out = match r {

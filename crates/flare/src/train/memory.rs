@@ -106,7 +106,11 @@ impl MemoryEstimate {
     /// assert_eq!(on.weights, off.weights);
     /// # Ok::<(), flare::Error>(())
     /// ```
-    pub fn for_run_with(model: &ModelConfig, train: &TrainConfig, checkpointing: bool) -> Result<Self> {
+    pub fn for_run_with(
+        model: &ModelConfig,
+        train: &TrainConfig,
+        checkpointing: bool,
+    ) -> Result<Self> {
         let d = train.parsed_dtype()?.size_in_bytes() as u64;
         let c = model;
         let (h, i, v) = (
@@ -361,8 +365,15 @@ pub fn check_memory(train: &TrainConfig, device: &Device) -> Result<MemoryPlan> 
     };
     if let Some(available) = available {
         let fits = check_fits(&estimate, available, &crate::error::device_name(device));
-        if let (false, Err(Error::OutOfMemory { device, needed, available, detail })) =
-            (checkpointing.on, &fits)
+        if let (
+            false,
+            Err(Error::OutOfMemory {
+                device,
+                needed,
+                available,
+                detail,
+            }),
+        ) = (checkpointing.on, &fits)
         {
             // Say what checkpointing would give.
             let with = MemoryEstimate::for_run_with(&model, train, true)?;
@@ -457,9 +468,9 @@ mod tests {
         };
         let off = MemoryEstimate::for_run_with(&model(), &train, false).unwrap();
         let on = MemoryEstimate::for_run_with(&model(), &train, true).unwrap();
-        // As in formula_on_a_known_config: per layer 4·(128·12864 + 262144), logits
+        // As in formula_on_a_known_config: per layer 128·12864 + 262144 (4 layers), logits
         // 128·1024·8; the inputs 4 layers × 128 tokens × 128 × 4 bytes.
-        let per_layer = 4 * (128 * 12_864 + 262_144);
+        let per_layer = 128 * 12_864 + 262_144;
         let logits = 128 * 1024 * 8;
         assert_eq!(off.activations, 4 * per_layer + logits);
         assert_eq!(on.activations, 4 * 128 * 128 * 4 + per_layer + logits);
@@ -476,9 +487,8 @@ mod tests {
     #[test]
     fn auto_decides_from_the_estimate_and_the_free_memory() {
         let gib = 1u64 << 30;
-        let auto = |without, free, cuda| {
-            decide_checkpointing(Checkpointing::Auto, without, free, cuda)
-        };
+        let auto =
+            |without, free, cuda| decide_checkpointing(Checkpointing::Auto, without, free, cuda);
         // CUDA: on exactly when the estimate exceeds the free memory.
         let d = auto(90 * gib, Some(78 * gib), true);
         assert!(d.on);

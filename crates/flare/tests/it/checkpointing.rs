@@ -40,7 +40,14 @@ fn lora_model(dev: &Device, dtype: DType, dropout: f32) -> Result<(Transformer, 
         layer.set_active(Some("default"))?;
         layer.set_training(true);
         for (j, v) in layer.trainable_vars().into_iter().enumerate() {
-            let t = randn_scaled(v.dims(), 0.0, 0.3, v.dtype(), dev, seed(&format!("{i}/{j}")))?;
+            let t = randn_scaled(
+                v.dims(),
+                0.0,
+                0.3,
+                v.dtype(),
+                dev,
+                seed(&format!("{i}/{j}")),
+            )?;
             v.set(&t)?;
             vars.push(v);
         }
@@ -54,7 +61,14 @@ fn loss_and_grads(model: &Transformer, vars: &[Var]) -> Result<(f64, Vec<Tensor>
     let dev = model.device();
     let ids = Tensor::new(&[[3u32, 17, 40, 0, 9, 22, 5], [1, 2, 3, 4, 5, 6, 7]], dev)?;
     let logits = model.forward(&ids)?;
-    let w = randn_scaled(logits.dims(), 0.0, 1.0, logits.dtype(), dev, seed("ckpt loss"))?;
+    let w = randn_scaled(
+        logits.dims(),
+        0.0,
+        1.0,
+        logits.dtype(),
+        dev,
+        seed("ckpt loss"),
+    )?;
     let loss = (logits * w)?.sum_all()?;
     let mut grads = loss.backward()?;
     let merged = model.merge_checkpoint_grads(&mut grads)?;
@@ -96,7 +110,13 @@ fn checkpointed_model_matches_the_plain_one(dev: &Device) -> Result<()> {
         for (i, (g, p)) in grads.iter().zip(&plain).enumerate() {
             let e = rel_err(g, p)?;
             assert!(e <= tol, "{what}: gradient {i}: rel err {e}");
-            assert!(p.abs()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? > 0.0);
+            assert!(
+                p.abs()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?
+                    > 0.0
+            );
         }
         // Twice in a row: the accumulator was drained, nothing is counted twice.
         let (again, grads2) = loss_and_grads(&model, &vars)?;
@@ -110,7 +130,10 @@ fn checkpointed_model_matches_the_plain_one(dev: &Device) -> Result<()> {
                 l.set_training(false);
             }
             let (no_drop, _) = loss_and_grads(&model, &vars)?;
-            assert!((no_drop - loss).abs() > 1e-6 * loss.abs(), "{what}: no mask drawn");
+            assert!(
+                (no_drop - loss).abs() > 1e-6 * loss.abs(),
+                "{what}: no mask drawn"
+            );
         }
     }
     Ok(())
@@ -137,7 +160,9 @@ fn checkpointed_graph_keeps_only_the_layer_inputs() -> Result<()> {
     assert!(n_plain > 10 * layers, "plain graph: {n_plain} nodes");
     // The LoRA variables are not in the outer graph: their gradients come from the merge.
     let ids_in_graph: Vec<_> = ckpt.sorted_nodes().iter().map(|t| t.id()).collect();
-    assert!(vars.iter().all(|v| !ids_in_graph.contains(&v.as_tensor().id())));
+    assert!(vars
+        .iter()
+        .all(|v| !ids_in_graph.contains(&v.as_tensor().id())));
     Ok(())
 }
 
@@ -155,7 +180,10 @@ fn trainer_with_checkpointing_matches_the_plain_run() -> Result<()> {
         cfg.gradient_checkpointing = mode;
         cfg.output_dir = dir.join(name);
         let mut t = Trainer::from_config(cfg, &Device::Cpu)?;
-        assert_eq!(t.model().gradient_checkpointing(), mode == Checkpointing::On);
+        assert_eq!(
+            t.model().gradient_checkpointing(),
+            mode == Checkpointing::On
+        );
         assert_eq!(t.checkpointing().on, mode == Checkpointing::On);
         losses(&mut t, 12)
     };
@@ -164,7 +192,11 @@ fn trainer_with_checkpointing_matches_the_plain_run() -> Result<()> {
     let off = run(Checkpointing::Auto, "auto")?;
     assert_eq!(on.len(), 12);
     for (i, (a, b)) in on.iter().zip(&off).enumerate() {
-        assert!((a - b).abs() <= 1e-4 * b.abs(), "step {}: {a} vs {b}", i + 1);
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs(),
+            "step {}: {a} vs {b}",
+            i + 1
+        );
     }
     let first = on[..2].iter().sum::<f64>() / 2.0;
     let last = on[on.len() - 2..].iter().sum::<f64>() / 2.0;
@@ -198,7 +230,11 @@ fn checkpointed_resume_is_exact_and_may_switch_it() -> Result<()> {
     drop(t);
     let ckpt = Trainer::latest_checkpoint(&cfg.output_dir).expect("a checkpoint");
     let mut t = Trainer::resume_from_config(cfg.clone(), &Device::Cpu, &ckpt)?;
-    assert_eq!(losses(&mut t, 6)?, full[3..].to_vec(), "resumed losses differ");
+    assert_eq!(
+        losses(&mut t, 6)?,
+        full[3..].to_vec(),
+        "resumed losses differ"
+    );
     drop(t);
     let mut off = cfg.clone();
     off.gradient_checkpointing = Checkpointing::Off;
