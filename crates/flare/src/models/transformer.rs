@@ -974,12 +974,11 @@ impl Transformer {
         input_ids: &Tensor,
         b: usize,
         s: usize,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         positions: &Positions,
         mask: &AttnMask,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let eps = c.rms_norm_eps as f32;
         let ids = if input_ids.rank() == 1 {
             input_ids.clone()
         } else {
@@ -995,9 +994,26 @@ impl Transformer {
         // checkpointed layer's recomputation drops what its forward dropped.
         let dropout_base = self.dropout_seed.unwrap_or_else(rand::random);
         let layer_seed = |i: usize| mix64(dropout_base ^ mix64(i as u64));
-        if self.checkpointing && cache.is_none() {
-            return self.forward_checkpointed(x, &cos, &sin, mask, layer_seed);
-        }
+        let normed = if self.checkpointing && cache.is_none() {
+            self.layers_checkpointed(x, &cos, &sin, mask, layer_seed)?
+        } else {
+            self.layers_plain(x, &cos, &sin, mask, cache, layer_seed)?
+        };
+        matmul(&normed, &self.lm_head.t()?)
+    }
+
+    /// The decoder layers and the final norm on the embeddings `x`, each layer's residual
+    /// add fused with the next norm: the normed last hidden state `[b, s, hidden]`.
+    fn layers_plain(
+        &self,
+        x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+        mut cache: Option<&mut KvCache>,
+        layer_seed: impl Fn(usize) -> u64,
+    ) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps as f32;
         let first_norm = self
             .layers
             .first()
@@ -1009,8 +1025,8 @@ impl Transformer {
                 let attn = self.attention(
                     &layer.self_attn,
                     &normed,
-                    &cos,
-                    &sin,
+                    cos,
+                    sin,
                     mask,
                     cache.as_deref_mut().map(|c| (c, i)),
                 )?;
@@ -1023,7 +1039,7 @@ impl Transformer {
                 add_rms_norm(&down, &r, next_norm, eps)
             })?;
         }
-        matmul(&normed, &self.lm_head.t()?)
+        Ok(normed)
     }
 
     /// The SwiGLU MLP of one layer on its normed input `n: [b, s, hidden]`.
@@ -1072,10 +1088,10 @@ impl Transformer {
         .collect()
     }
 
-    /// The layers and the output projection of a cache-free forward from the embeddings `x`,
-    /// each layer checkpointed ([`checkpoint()`]): only the layers' inputs stay for the
-    /// backward, which recomputes one layer at a time under the layer's dropout seed.
-    fn forward_checkpointed(
+    /// [`layers_plain`](Self::layers_plain) without a cache, each layer checkpointed
+    /// ([`checkpoint()`]): only the layers' inputs stay for the backward, which recomputes one
+    /// layer at a time under the layer's dropout seed.
+    fn layers_checkpointed(
         &self,
         x: Tensor,
         cos: &Tensor,
@@ -1099,8 +1115,7 @@ impl Transformer {
             };
             h = checkpoint(&h, Self::layer_vars(layer), &self.checkpoint_grads, block)?;
         }
-        let normed = rms_norm(&h, &self.norm, self.config.rms_norm_eps as f32)?;
-        matmul(&normed, &self.lm_head.t()?)
+        rms_norm(&h, &self.norm, self.config.rms_norm_eps as f32)
     }
 
     /// Self-attention of `x: [b, s, hidden]`, returns `[b, s, hidden]`. With `(cache, layer)`,
