@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Arg, ArgAction, Args, FromArgMatches, ValueHint};
-use flare::train::{BadLines, Event, Schedule, StepMetrics, TrainConfig, Trainer};
+use flare::train::{BadLines, Checkpointing, Event, Schedule, StepMetrics, TrainConfig, Trainer};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -133,6 +133,11 @@ pub struct TrainArgs {
     /// Skip malformed JSONL lines (with a warning and a count) instead of stopping.
     #[arg(long)]
     pub skip_bad_lines: bool,
+    /// Activation checkpointing: recompute each decoder layer in the backward instead of
+    /// keeping its activations (less memory, about one more forward of compute). auto: on
+    /// when the memory estimate without it exceeds the GPU's free memory (off on the CPU).
+    #[arg(long, value_name = "off|on|auto", value_parser = ["off", "on", "auto"])]
+    pub gradient_checkpointing: Option<String>,
     /// Resume from a checkpoint directory, or (no value, or `latest`) the newest one in the
     /// output dir. The checkpoint must be of this run: same model, tokenizer and data (by
     /// content) and same settings wherever they change the result (lr, schedule, warmup,
@@ -409,6 +414,9 @@ pub fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     if a.no_packing {
         c.packing = false;
     }
+    if let Some(g) = &a.gradient_checkpointing {
+        c.gradient_checkpointing = g.parse::<Checkpointing>()?;
+    }
     if c.model.as_os_str().is_empty() {
         bail!("no model: pass --model DIR or set `model` in the --config file");
     }
@@ -572,12 +580,6 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
     let a = &effective_args(a)?;
     let cfg = build_config(a).map_err(in_file)?;
     let device = cfg.device.parse::<DeviceSpec>().map_err(in_file)?.open()?;
-    if cfg.lora_dropout > 0.0 {
-        elog!(
-            "note: lora_dropout > 0 draws from an unseeded RNG: runs (and resumes) are not \
-             bit-reproducible"
-        );
-    }
     let resume = a.resume_from.as_ref().or(a.resume.as_ref());
     let mut t = match resume {
         None => Trainer::from_config(cfg.clone(), &device)?,
@@ -601,6 +603,7 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
         crate::device::hardware_name(&device),
         t.state().total_steps
     );
+    elog!("{}", t.checkpointing());
     let dir = run_with_progress(&mut t, Progress::of(a))?;
     elog!(
         "adapter written to {} (metrics.jsonl, loss.png in the output dir)",
@@ -653,6 +656,63 @@ pub fn open_device(s: &str) -> Result<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `flare train` arguments as the command line gives them.
+    fn parse(args: &[&str]) -> std::result::Result<TrainArgs, clap::Error> {
+        let m = train_command().try_get_matches_from(args)?;
+        TrainArgs::from_arg_matches(&m)
+    }
+
+    #[test]
+    fn gradient_checkpointing_flag_and_toml_key() {
+        let base = ["--model", "m", "--data", "d.jsonl"];
+        let cfg = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            build_config(&parse(&args).unwrap()).unwrap()
+        };
+        assert_eq!(cfg(&[]).gradient_checkpointing, Checkpointing::Auto);
+        for (v, want) in [
+            ("on", Checkpointing::On),
+            ("off", Checkpointing::Off),
+            ("auto", Checkpointing::Auto),
+        ] {
+            assert_eq!(
+                cfg(&["--gradient-checkpointing", v]).gradient_checkpointing,
+                want
+            );
+        }
+        let err = parse(&["--gradient-checkpointing", "sometimes"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sometimes") && err.contains("[possible values: off, on, auto]"),
+            "{err}"
+        );
+        // The TOML key, and the flag over it.
+        let dir = std::env::temp_dir().join(format!("flare-ckpt-flag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let toml = dir.join("run.toml");
+        std::fs::write(
+            &toml,
+            "model = \"m\"\ndata = \"d.jsonl\"\ngradient_checkpointing = \"on\"\n",
+        )
+        .unwrap();
+        let file = toml.to_str().unwrap();
+        let c = build_config(&parse(&["--config", file]).unwrap()).unwrap();
+        assert_eq!(c.gradient_checkpointing, Checkpointing::On);
+        let a = parse(&["--config", file, "--gradient-checkpointing", "off"]).unwrap();
+        assert_eq!(
+            build_config(&a).unwrap().gradient_checkpointing,
+            Checkpointing::Off
+        );
+        std::fs::write(&toml, "gradient_checkpointing = \"maybe\"\n").unwrap();
+        let err = format!(
+            "{:#}",
+            build_config(&parse(&["--config", file]).unwrap()).unwrap_err()
+        );
+        assert!(err.contains("run.toml:1") && err.contains("maybe"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn packing_is_on_by_default_and_the_flags_override_the_file() {

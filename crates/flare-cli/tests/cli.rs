@@ -544,6 +544,7 @@ fn train_help_shows_the_defaults() {
         "0 turns clipping off [default: 1.0]",
         "no padding computed [default: true]",
         "--no-packing",
+        "(off on the CPU) [default: auto]",
     ] {
         assert!(help.contains(needle), "{needle:?} not in\n{help}");
     }

@@ -7,6 +7,8 @@
 //!   `model.safetensors.index.json`.
 //! - [`Transformer`] is the model and its forward.
 //! - [`load_peft_adapter`] / [`apply_adapter`] put a PEFT LoRA adapter into it.
+//! - [`checkpoint()`] recomputes a block's activations in the backward (activation
+//!   checkpointing; [`Transformer::set_gradient_checkpointing`] applies it to every layer).
 //! - [`KvCache`] is its preallocated key/value cache for incremental decoding
 //!   ([`Transformer::prefill`], [`Transformer::decode_step`]).
 //!
@@ -15,12 +17,14 @@
 
 pub mod adapter;
 pub mod cache;
+pub mod checkpoint;
 pub mod config;
 pub mod transformer;
 pub mod weights;
 
 pub use adapter::{apply_adapter, load_peft_adapter};
 pub use cache::{KvCache, LayerKv};
+pub use checkpoint::{checkpoint, CheckpointGrads};
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
 pub use transformer::{apply_rope, rope_inv_freq, Transformer};
 pub use weights::Weights;

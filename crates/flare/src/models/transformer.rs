@@ -15,14 +15,18 @@
 //! fused [`crate::ops::attention_decode`] for one new token.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::cache::KvCache;
+use super::checkpoint::{checkpoint, CheckpointGrads};
 use super::config::{Llama3RopeScaling, ModelConfig};
 use super::weights::Weights;
 use crate::error::device_name;
-use crate::lora::LoraLinear;
+use crate::lora::dropout::mix64;
+use crate::lora::{with_dropout_seed, LoraLinear};
 use crate::ops::rope::rope_tables_f32;
 use crate::ops::{
     add_rms_norm, attention_decode, flash_attention, matmul, rms_norm, rope_heads,
@@ -264,6 +268,13 @@ pub struct Transformer {
     rope_cos: Tensor,
     /// `sin(pos · inv_freq)`, like `rope_cos`.
     rope_sin: Tensor,
+    /// Whether forwards without a cache recompute each layer in the backward
+    /// ([`set_gradient_checkpointing`](Self::set_gradient_checkpointing)).
+    checkpointing: bool,
+    /// The parameter gradients of checkpointed layers, until merged (shared by clones).
+    checkpoint_grads: CheckpointGrads,
+    /// The seed of the LoRA dropout masks of the next forwards (random per forward if `None`).
+    dropout_seed: Option<u64>,
 }
 
 /// The tensors one batch-1 decode step reads, for the decode engine
@@ -307,6 +318,7 @@ enum Positions {
 }
 
 /// What attention masks out in one forward, and how it is computed.
+#[derive(Clone)]
 struct AttnMask {
     /// u8 `[1 or batch, seq, total]`: 1 where query `i` may attend to key `j`. `None`: every
     /// cached key (within the window) is visible, which is the case of one unpadded new token.
@@ -446,6 +458,9 @@ impl Transformer {
             inv_freq,
             rope_cos,
             rope_sin,
+            checkpointing: false,
+            checkpoint_grads: CheckpointGrads::default(),
+            dropout_seed: None,
         })
     }
 
@@ -605,6 +620,72 @@ impl Transformer {
     /// The device of the weights.
     pub fn device(&self) -> &Device {
         self.embed_tokens.device()
+    }
+
+    /// Turns activation checkpointing on or off (off by default). When on, a forward without
+    /// a KV cache ([`forward`](Self::forward)) keeps only each decoder layer's input for the
+    /// backward and recomputes the layer in the backward ([`checkpoint()`]): activation memory
+    /// drops from every layer's intermediates to one layer's plus an `[batch, seq, hidden]`
+    /// input per layer, for about one more forward of compute. The loss and the gradients are
+    /// those of the plain forward (same ops, same LoRA dropout masks).
+    ///
+    /// The outer graph does not reach the adapters of checkpointed layers: after each
+    /// `backward()`, merge their gradients with
+    /// [`merge_checkpoint_grads`](Self::merge_checkpoint_grads).
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// use flare::lora::LoraConfig;
+    /// # let cfg = flare::models::ModelConfig::from_json_str(r#"{"architectures": ["Qwen2ForCausalLM"],
+    /// #     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    /// #     "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 50,
+    /// #     "max_position_embeddings": 64, "tie_word_embeddings": true}"#, "config.json")?;
+    /// let mut model = flare::models::Transformer::random(cfg, DType::F32, &Device::Cpu, 0)?;
+    /// let lora = LoraConfig { r: 4, ..Default::default() };
+    /// let mut vars = Vec::new();
+    /// for (i, (_, layer)) in model.lora_modules_mut().into_iter().enumerate() {
+    ///     layer.add_adapter("default", &lora, i as u64)?;
+    ///     layer.set_active(Some("default"))?;
+    ///     vars.extend(layer.trainable_vars());
+    /// }
+    /// model.set_gradient_checkpointing(true);
+    /// let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?;
+    /// let loss = model.forward(&ids)?.sqr()?.sum_all()?;
+    /// let mut grads = loss.backward()?;
+    /// model.merge_checkpoint_grads(&mut grads)?;
+    /// assert!(vars.iter().all(|v| grads.get(v.as_tensor()).is_some()));
+    /// # Ok::<(), flare::Error>(())
+    /// ```
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    /// Whether activation checkpointing is on
+    /// ([`set_gradient_checkpointing`](Self::set_gradient_checkpointing)).
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing
+    }
+
+    /// The accumulator of the checkpointed layers' parameter gradients (shared by this model's
+    /// clones): filled by each backward through a checkpointed forward.
+    pub fn checkpoint_grads(&self) -> &CheckpointGrads {
+        &self.checkpoint_grads
+    }
+
+    /// Moves the parameter gradients the checkpointed layers computed in the last backward(s)
+    /// into `grads` (the gradients of that backward), adding to any gradient already there;
+    /// returns how many parameters were merged. A no-op without checkpointing. Call it after
+    /// every `backward()` of a checkpointed forward, before reading the adapters' gradients.
+    pub fn merge_checkpoint_grads(&self, grads: &mut GradStore) -> Result<usize> {
+        self.checkpoint_grads.merge_into(grads)
+    }
+
+    /// Seeds the LoRA dropout masks of the following forwards: layer `i` draws its masks
+    /// from a stream seeded by a mix of `(seed, i)` ([`with_dropout_seed`]), so two forwards
+    /// under one seed drop the same elements (on the CPU, bit for bit, with or without
+    /// checkpointing). `None` (the default) draws a fresh seed per forward.
+    pub fn set_dropout_seed(&mut self, seed: Option<u64>) {
+        self.dropout_seed = seed;
     }
 
     /// Every linear projection with its module path, in layer order (`q, k, v, o, gate, up,
@@ -1051,12 +1132,11 @@ impl Transformer {
         input_ids: &Tensor,
         b: usize,
         s: usize,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         positions: &Positions,
         mask: &AttnMask,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let eps = c.rms_norm_eps as f32;
         let ids = if input_ids.rank() == 1 {
             input_ids.clone()
         } else {
@@ -1068,6 +1148,30 @@ impl Transformer {
             .reshape((b, s, c.hidden_size))?;
         let (cos, sin) = self.rope_for(positions, s)?;
 
+        // LoRA dropout: each layer draws its masks from its own seeded stream, so that a
+        // checkpointed layer's recomputation drops what its forward dropped.
+        let dropout_base = self.dropout_seed.unwrap_or_else(rand::random);
+        let layer_seed = |i: usize| mix64(dropout_base ^ mix64(i as u64));
+        let normed = if self.checkpointing && cache.is_none() {
+            self.layers_checkpointed(x, &cos, &sin, mask, layer_seed)?
+        } else {
+            self.layers_plain(x, &cos, &sin, mask, cache, layer_seed)?
+        };
+        matmul(&normed, &self.lm_head.t()?)
+    }
+
+    /// The decoder layers and the final norm on the embeddings `x`, each layer's residual
+    /// add fused with the next norm: the normed last hidden state `[b, s, hidden]`.
+    fn layers_plain(
+        &self,
+        x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+        mut cache: Option<&mut KvCache>,
+        layer_seed: impl Fn(usize) -> u64,
+    ) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps as f32;
         let first_norm = self
             .layers
             .first()
@@ -1075,29 +1179,101 @@ impl Transformer {
         let mut normed = rms_norm(&x, first_norm, eps)?;
         let mut residual = x;
         for (i, layer) in self.layers.iter().enumerate() {
-            let attn = self.attention(
-                &layer.self_attn,
-                &normed,
-                &cos,
-                &sin,
-                mask,
-                cache.as_deref_mut().map(|c| (c, i)),
-            )?;
-            let (n, r) = add_rms_norm(&attn, &residual, &layer.post_attention_layernorm, eps)?;
-            let mlp = &layer.mlp;
-            let act = if mlp.gate_up.applies(&[&mlp.gate_proj, &mlp.up_proj]) {
-                swiglu_packed(&mlp.gate_up.forward(&n)?)?
-            } else {
-                swiglu(&mlp.gate_proj.forward(&n)?, &mlp.up_proj.forward(&n)?)?
-            };
-            let down = mlp.down_proj.forward(&act)?;
-            let next_norm = self
-                .layers
-                .get(i + 1)
-                .map_or(&self.norm, |l| &l.input_layernorm);
-            (normed, residual) = add_rms_norm(&down, &r, next_norm, eps)?;
+            (normed, residual) = with_dropout_seed(layer_seed(i), || -> Result<_> {
+                let attn = self.attention(
+                    &layer.self_attn,
+                    &normed,
+                    cos,
+                    sin,
+                    mask,
+                    cache.as_deref_mut().map(|c| (c, i)),
+                )?;
+                let (n, r) = add_rms_norm(&attn, &residual, &layer.post_attention_layernorm, eps)?;
+                let down = self.mlp(&layer.mlp, &n)?;
+                let next_norm = self
+                    .layers
+                    .get(i + 1)
+                    .map_or(&self.norm, |l| &l.input_layernorm);
+                add_rms_norm(&down, &r, next_norm, eps)
+            })?;
         }
         Ok(normed)
+    }
+
+    /// The SwiGLU MLP of one layer on its normed input `n: [b, s, hidden]`.
+    fn mlp(&self, mlp: &Mlp, n: &Tensor) -> Result<Tensor> {
+        let act = if mlp.gate_up.applies(&[&mlp.gate_proj, &mlp.up_proj]) {
+            swiglu_packed(&mlp.gate_up.forward(n)?)?
+        } else {
+            swiglu(&mlp.gate_proj.forward(n)?, &mlp.up_proj.forward(n)?)?
+        };
+        mlp.down_proj.forward(&act)
+    }
+
+    /// One decoder layer as a unit `h -> h'` (its input norm inside, no cache), as the two
+    /// parts of `h' = update + residual`: the MLP's output and `h + attention`. The unit
+    /// activation checkpointing recomputes; it runs the same ops in the same order as a layer
+    /// of the plain loop, whose norms are fused across layer boundaries instead.
+    fn layer_unit(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+    ) -> Result<(Tensor, Tensor)> {
+        let eps = self.config.rms_norm_eps as f32;
+        let normed = rms_norm(h, &layer.input_layernorm, eps)?;
+        let attn = self.attention(&layer.self_attn, &normed, cos, sin, mask, None)?;
+        let (n, r) = add_rms_norm(&attn, h, &layer.post_attention_layernorm, eps)?;
+        Ok((self.mlp(&layer.mlp, &n)?, r))
+    }
+
+    /// The trainable variables (active adapters' `A` and `B`) of one layer.
+    fn layer_vars(layer: &Layer) -> Vec<Var> {
+        let (a, m) = (&layer.self_attn, &layer.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+        .iter()
+        .flat_map(|l| l.trainable_vars())
+        .collect()
+    }
+
+    /// [`layers_plain`](Self::layers_plain) without a cache, each layer checkpointed
+    /// ([`checkpoint()`]): only the layers' inputs stay for the backward, which recomputes one
+    /// layer at a time under the layer's dropout seed.
+    fn layers_checkpointed(
+        &self,
+        x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttnMask,
+        layer_seed: impl Fn(usize) -> u64,
+    ) -> Result<Tensor> {
+        // The recomputations outlive this call (they run in the backward): they share one
+        // clone of the model (its tensors are shared, not copied) and of the tables.
+        let model = Arc::new(self.clone());
+        let (cos, sin, mask) = (cos.clone(), sin.clone(), Arc::new(mask.clone()));
+        let mut h = x;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let seed = layer_seed(i);
+            let (model, cos, sin, mask) = (model.clone(), cos.clone(), sin.clone(), mask.clone());
+            let block = move |x: &Tensor| -> Result<(Tensor, Option<Tensor>)> {
+                let (update, residual) = with_dropout_seed(seed, || {
+                    model.layer_unit(&model.layers[i], x, &cos, &sin, &mask)
+                })?;
+                Ok((update, Some(residual)))
+            };
+            h = checkpoint(&h, Self::layer_vars(layer), &self.checkpoint_grads, block)?;
+        }
+        rms_norm(&h, &self.norm, self.config.rms_norm_eps as f32)
     }
 
     /// Self-attention of `x: [b, s, hidden]`, returns `[b, s, hidden]`. With `(cache, layer)`,

@@ -126,6 +126,29 @@ pub enum Checkpointing {
     Auto,
 }
 
+impl std::str::FromStr for Checkpointing {
+    type Err = Error;
+
+    /// `off`, `on` or `auto`.
+    ///
+    /// ```
+    /// use flare::train::Checkpointing;
+    /// assert_eq!("on".parse::<Checkpointing>()?, Checkpointing::On);
+    /// assert!("yes".parse::<Checkpointing>().is_err());
+    /// # Ok::<(), flare::Error>(())
+    /// ```
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(Checkpointing::Off),
+            "on" => Ok(Checkpointing::On),
+            "auto" => Ok(Checkpointing::Auto),
+            other => Err(invalid(format!(
+                "gradient_checkpointing must be off, on or auto, got {other:?}"
+            ))),
+        }
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {

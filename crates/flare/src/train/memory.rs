@@ -19,6 +19,16 @@
 //!   chunk of logits (`C` rows, [`crate::ops::linear_cross_entropy::chunk_rows`]) and the
 //!   hidden states' gradient it keeps for the backward. Training attention is flash attention:
 //!   no `seq × seq` scores are kept (nor formed).
+//! - with gradient checkpointing ([`crate::models::Transformer::set_gradient_checkpointing`])
+//!   the per-layer activations are kept for one layer only (the one being recomputed), plus
+//!   each layer's input: `L × T × h × d + (one layer's term above)` plus the loss's term.
+//!
+//! [`TrainConfig::gradient_checkpointing`]'s `auto` ([`decide_checkpointing`]) turns
+//! checkpointing on when the estimate without it exceeds the free memory of a CUDA device.
+//! On the CPU `auto` means off: the memory there is the host's (large, shared with everything
+//! else and backed by swap, so "free" is a moving target), and compute, not memory, bounds a
+//! CPU run, so the extra forward of the recomputation would be paid for nothing; a run that
+//! cannot fit is refused with the estimate instead, and `on` still forces checkpointing.
 //!
 //! It leaves out allocator slack, the tokeniser and the transient buffers of the backward pass,
 //! and assumes every batch may be as long as `max_seq_len` (short data uses less), so it is a
@@ -32,7 +42,7 @@ use std::path::Path;
 use candle_core::Device;
 
 use crate::models::ModelConfig;
-use crate::train::TrainConfig;
+use crate::train::{Checkpointing, TrainConfig};
 use crate::{Error, Result};
 
 /// The memory a training run needs, by part, in bytes (see the module docs for the formula).
@@ -50,6 +60,8 @@ pub struct MemoryEstimate {
     pub activations: u64,
     /// The number of trainable (adapter) parameters.
     pub trainable_params: u64,
+    /// Whether the activations are those of a run with gradient checkpointing.
+    pub checkpointing: bool,
 }
 
 impl MemoryEstimate {
@@ -59,7 +71,9 @@ impl MemoryEstimate {
     }
 
     /// The estimate of a run of `train` on a model of `model`, the dtype parsed from
-    /// `train.dtype`. Saturates instead of overflowing on absurd settings.
+    /// `train.dtype`, with gradient checkpointing when `train.gradient_checkpointing` is `On`
+    /// (`Auto` is decided against the free memory: [`check_memory`]). Saturates instead of
+    /// overflowing on absurd settings.
     ///
     /// ```
     /// # let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
@@ -75,6 +89,30 @@ impl MemoryEstimate {
     /// # Ok::<(), flare::Error>(())
     /// ```
     pub fn for_run(model: &ModelConfig, train: &TrainConfig) -> Result<Self> {
+        let on = train.gradient_checkpointing == Checkpointing::On;
+        Self::for_run_with(model, train, on)
+    }
+
+    /// [`for_run`](Self::for_run) with gradient checkpointing on or off as given.
+    ///
+    /// ```
+    /// # let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+    /// #     "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4,
+    /// #     "rms_norm_eps": 1e-6, "vocab_size": 256, "max_position_embeddings": 128}"#;
+    /// use flare::train::memory::MemoryEstimate;
+    /// let model = flare::models::ModelConfig::from_json_str(json, "config.json")?;
+    /// let train = flare::train::TrainConfig::default();
+    /// let off = MemoryEstimate::for_run_with(&model, &train, false)?;
+    /// let on = MemoryEstimate::for_run_with(&model, &train, true)?;
+    /// assert!(on.activations < off.activations / 2);
+    /// assert_eq!(on.weights, off.weights);
+    /// # Ok::<(), flare::Error>(())
+    /// ```
+    pub fn for_run_with(
+        model: &ModelConfig,
+        train: &TrainConfig,
+        checkpointing: bool,
+    ) -> Result<Self> {
         let d = train.parsed_dtype()?.size_in_bytes() as u64;
         let c = model;
         let (h, i, v) = (
@@ -135,25 +173,38 @@ impl MemoryEstimate {
             .saturating_mul(v)
             .saturating_add(tokens.saturating_mul(h))
             .saturating_mul(d);
+        let layers = if checkpointing {
+            // Each layer's input, and one layer's intermediates at a time.
+            l.saturating_mul(tokens.saturating_mul(h).saturating_mul(d))
+                .saturating_add(per_layer)
+        } else {
+            l.saturating_mul(per_layer)
+        };
         Ok(MemoryEstimate {
             weights: frozen.saturating_mul(d),
             adapters: p.saturating_mul(4),
             gradients: p.saturating_mul(4),
             optimizer: p.saturating_mul(8),
-            activations: l.saturating_mul(per_layer).saturating_add(logits),
+            activations: layers.saturating_add(logits),
             trainable_params: p,
+            checkpointing,
         })
     }
 
     /// The parts, for messages: `weights 1.9 GiB, adapters 35.2 MiB, ...`.
     pub fn breakdown(&self) -> String {
         format!(
-            "frozen weights {}, adapters {}, gradients {}, AdamW state {}, activations {}",
+            "frozen weights {}, adapters {}, gradients {}, AdamW state {}, activations {}{}",
             human_bytes(self.weights),
             human_bytes(self.adapters),
             human_bytes(self.gradients),
             human_bytes(self.optimizer),
-            human_bytes(self.activations)
+            human_bytes(self.activations),
+            if self.checkpointing {
+                " (gradient checkpointing)"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -227,17 +278,128 @@ pub fn check_fits(estimate: &MemoryEstimate, available: u64, device: &str) -> Re
     })
 }
 
-/// Estimates the memory of a run of `train` (reading the model's `config.json`) and refuses it
-/// when it exceeds what `device` has available ([`Error::OutOfMemory`], with the estimate, the
-/// available memory and a hint). Call before loading anything. Returns the estimate; where the
-/// available memory cannot be read it is not checked.
-pub fn check_memory(train: &TrainConfig, device: &Device) -> Result<MemoryEstimate> {
-    let model = ModelConfig::from_dir(Path::new(&train.model))?;
-    let estimate = MemoryEstimate::for_run(&model, train)?;
-    if let Some(available) = available_memory(device)? {
-        check_fits(&estimate, available, &crate::error::device_name(device))?;
+/// Whether a run uses gradient checkpointing, and why (its `Display` is the line the CLI
+/// prints: `gradient checkpointing: on (estimate 91.20 GiB > free 78.50 GiB)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointDecision {
+    /// Checkpointing on.
+    pub on: bool,
+    /// Why, in words (`requested`, `estimate 91.20 GiB > free 78.50 GiB`, ...).
+    pub reason: String,
+}
+
+impl std::fmt::Display for CheckpointDecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = if self.on { "on" } else { "off" };
+        write!(f, "gradient checkpointing: {state} ({})", self.reason)
     }
-    Ok(estimate)
+}
+
+/// The choice of [`TrainConfig::gradient_checkpointing`]: `On` and `Off` as given; `Auto` on
+/// exactly when the estimate without checkpointing (`without`, bytes) exceeds the `free`
+/// memory of a CUDA device (`cuda`), off on the CPU (see the module docs for why) and where
+/// the free memory is unknown.
+///
+/// ```
+/// use flare::train::{memory::decide_checkpointing, Checkpointing};
+/// let gib = 1u64 << 30;
+/// let d = decide_checkpointing(Checkpointing::Auto, 90 * gib, Some(78 * gib), true);
+/// assert!(d.on);
+/// assert_eq!(d.to_string(), "gradient checkpointing: on (estimate 90.00 GiB > free 78.00 GiB)");
+/// assert!(!decide_checkpointing(Checkpointing::Auto, 40 * gib, Some(78 * gib), true).on);
+/// assert!(!decide_checkpointing(Checkpointing::Auto, 90 * gib, Some(78 * gib), false).on);
+/// assert!(decide_checkpointing(Checkpointing::On, 1, Some(78 * gib), false).on);
+/// ```
+pub fn decide_checkpointing(
+    setting: Checkpointing,
+    without: u64,
+    free: Option<u64>,
+    cuda: bool,
+) -> CheckpointDecision {
+    let (on, reason) = match (setting, free) {
+        (Checkpointing::Off, _) => (false, "requested".to_string()),
+        (Checkpointing::On, _) => (true, "requested".to_string()),
+        (Checkpointing::Auto, _) if !cuda => (
+            false,
+            "auto: off on the CPU, whose memory is the host's; use `on` to force it".to_string(),
+        ),
+        (Checkpointing::Auto, None) => (false, "auto: the free memory is unknown".to_string()),
+        (Checkpointing::Auto, Some(free)) => {
+            let on = without > free;
+            let cmp = if on { ">" } else { "<=" };
+            (
+                on,
+                format!(
+                    "estimate {} {cmp} free {}",
+                    human_bytes(without),
+                    human_bytes(free)
+                ),
+            )
+        }
+    };
+    CheckpointDecision { on, reason }
+}
+
+/// What [`check_memory`] decided: the estimate of the run as it will go, and whether it uses
+/// gradient checkpointing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// The estimate, with checkpointing if it is on.
+    pub estimate: MemoryEstimate,
+    /// Gradient checkpointing on or off, and why.
+    pub checkpointing: CheckpointDecision,
+}
+
+/// Estimates the memory of a run of `train` (reading the model's `config.json`), decides
+/// gradient checkpointing ([`decide_checkpointing`]), and refuses the run when its estimate
+/// exceeds what `device` has available ([`Error::OutOfMemory`], with the estimate, the
+/// available memory and a hint). Call before loading anything. Where the available memory
+/// cannot be read it is not checked.
+pub fn check_memory(train: &TrainConfig, device: &Device) -> Result<MemoryPlan> {
+    let model = ModelConfig::from_dir(Path::new(&train.model))?;
+    let without = MemoryEstimate::for_run_with(&model, train, false)?;
+    let available = available_memory(device)?;
+    let checkpointing = decide_checkpointing(
+        train.gradient_checkpointing,
+        without.total(),
+        available,
+        device.is_cuda(),
+    );
+    let estimate = if checkpointing.on {
+        MemoryEstimate::for_run_with(&model, train, true)?
+    } else {
+        without
+    };
+    if let Some(available) = available {
+        let fits = check_fits(&estimate, available, &crate::error::device_name(device));
+        if let (
+            false,
+            Err(Error::OutOfMemory {
+                device,
+                needed,
+                available,
+                detail,
+            }),
+        ) = (checkpointing.on, &fits)
+        {
+            // Say what checkpointing would give.
+            let with = MemoryEstimate::for_run_with(&model, train, true)?;
+            return Err(Error::OutOfMemory {
+                device: device.clone(),
+                needed: needed.clone(),
+                available: available.clone(),
+                detail: format!(
+                    "{detail}; with gradient_checkpointing on about {}",
+                    human_bytes(with.total())
+                ),
+            });
+        }
+        fits?;
+    }
+    Ok(MemoryPlan {
+        estimate,
+        checkpointing,
+    })
 }
 
 #[cfg(test)]
@@ -301,6 +463,60 @@ mod tests {
         assert!(e.total() > 40 << 30, "{}", e.breakdown());
         let err = check_fits(&e, 16 << 30, "cpu").unwrap_err().to_string();
         assert!(err.contains("16.00 GiB") && err.contains("lora_r"), "{err}");
+    }
+
+    #[test]
+    fn checkpointing_keeps_one_layer_and_the_inputs() {
+        let mut train = TrainConfig {
+            lora_r: 8,
+            batch_size: 2,
+            max_seq_len: 64,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            ..Default::default()
+        };
+        let off = MemoryEstimate::for_run_with(&model(), &train, false).unwrap();
+        let on = MemoryEstimate::for_run_with(&model(), &train, true).unwrap();
+        // As in formula_on_a_known_config: per layer 128·12864 + 262144 (4 layers), logits
+        // 128·1024·8; the inputs 4 layers × 128 tokens × 128 × 4 bytes.
+        let per_layer = 128 * 12_864 + 262_144;
+        let logits = 128 * 1024 * 8;
+        assert_eq!(off.activations, 4 * per_layer + logits);
+        assert_eq!(on.activations, 4 * 128 * 128 * 4 + per_layer + logits);
+        assert!(on.checkpointing && !off.checkpointing);
+        assert_eq!(on.total() - on.activations, off.total() - off.activations);
+        assert!(on.breakdown().contains("gradient checkpointing"));
+        // for_run follows the setting; auto is estimated as off (decided against free memory).
+        train.gradient_checkpointing = Checkpointing::On;
+        assert_eq!(MemoryEstimate::for_run(&model(), &train).unwrap(), on);
+        train.gradient_checkpointing = Checkpointing::Auto;
+        assert_eq!(MemoryEstimate::for_run(&model(), &train).unwrap(), off);
+    }
+
+    #[test]
+    fn auto_decides_from_the_estimate_and_the_free_memory() {
+        let gib = 1u64 << 30;
+        let auto =
+            |without, free, cuda| decide_checkpointing(Checkpointing::Auto, without, free, cuda);
+        // CUDA: on exactly when the estimate exceeds the free memory.
+        let d = auto(90 * gib, Some(78 * gib), true);
+        assert!(d.on);
+        assert_eq!(
+            d.to_string(),
+            "gradient checkpointing: on (estimate 90.00 GiB > free 78.00 GiB)"
+        );
+        let d = auto(78 * gib, Some(78 * gib), true);
+        assert!(!d.on, "{d}");
+        assert!(d.reason.contains("<= free 78.00 GiB"), "{d}");
+        assert!(auto(78 * gib + 1, Some(78 * gib), true).on);
+        // Unknown free memory, or the CPU: off.
+        assert!(!auto(90 * gib, None, true).on);
+        let d = auto(90 * gib, Some(8 * gib), false);
+        assert!(!d.on && d.reason.contains("CPU"), "{d}");
+        // On and Off are taken as given.
+        for (cuda, free) in [(true, Some(gib)), (false, None)] {
+            assert!(decide_checkpointing(Checkpointing::On, 1, free, cuda).on);
+            assert!(!decide_checkpointing(Checkpointing::Off, 100 * gib, free, cuda).on);
+        }
     }
 
     #[test]

@@ -51,11 +51,16 @@
 //! masking and the `tokens` count (real tokens, never padding) mean the same.
 //!
 //! Determinism: on the CPU a run is a function of its config and data. The order of an epoch
-//! derives from `(seed, epoch)` ([`super::data::epoch_packs`], [`super::data::epoch_batches`]) and the adapters' initial
-//! values from `seed`; together with the checkpointed step, epoch, batch position, optimizer
-//! moments and adapter weights, that is the whole state, so a resumed run reproduces the
-//! uninterrupted run's losses exactly. (LoRA dropout draws from Candle's unseeded CPU RNG: with
-//! `lora_dropout > 0`, runs are not bit-reproducible.)
+//! derives from `(seed, epoch)` ([`super::data::epoch_packs`], [`super::data::epoch_batches`])
+//! and the adapters' initial values from `seed`; together with the checkpointed step, epoch,
+//! batch position, optimizer moments and adapter weights, that is the whole state, so a resumed run reproduces the
+//! uninterrupted run's losses exactly. LoRA dropout is seeded too: the masks of micro-batch `k`
+//! of step `n` derive from `(seed, n, k)` ([`Transformer::set_dropout_seed`]).
+//!
+//! Gradient checkpointing ([`TrainConfig::gradient_checkpointing`], decided by
+//! [`super::memory::check_memory`] and reported by [`Trainer::checkpointing`]) recomputes each
+//! layer in the backward: the losses and gradients are those of the run without it, so a
+//! resume may switch it (it is not part of the run's identity).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -75,6 +80,7 @@ use super::identity::{differences, RunIdentity};
 use super::optim::{clip_scale, global_grad_norm, AdamW};
 use super::plot::write_loss_png;
 use crate::io::{write_dir_atomic, Leftover};
+use crate::lora::dropout::mix64;
 use crate::lora::{load_adapter, save_adapter, Adapter, AdapterConfig};
 use crate::models::Transformer;
 use crate::ops::cross_entropy::IGNORE_INDEX;
@@ -200,6 +206,7 @@ pub struct Trainer {
     train_curve: Vec<(u64, f64)>,
     eval_curve: Vec<(u64, f64)>,
     leftovers: Vec<Leftover>,
+    checkpointing: super::memory::CheckpointDecision,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -541,8 +548,9 @@ impl Trainer {
     ) -> Result<Self> {
         config.validate()?;
         let dtype = config.parsed_dtype()?;
-        super::memory::check_memory(&config, device)?;
+        let plan = super::memory::check_memory(&config, device)?;
         let mut model = Transformer::from_dir(&config.model, dtype, device)?;
+        model.set_gradient_checkpointing(plan.checkpointing.on);
         // Run the model once, on one token, before anything is written: what its config makes
         // the ops refuse (a negative `rms_norm_eps`, say) fails here, not at the first step,
         // and so do weights that hold NaN or Inf.
@@ -648,7 +656,14 @@ impl Trainer {
             train_curve: Vec::new(),
             eval_curve: Vec::new(),
             leftovers: Vec::new(),
+            checkpointing: plan.checkpointing,
         })
+    }
+
+    /// Whether the run uses gradient checkpointing, and why (printable: `gradient
+    /// checkpointing: on (estimate 91.20 GiB > free 78.50 GiB)`).
+    pub fn checkpointing(&self) -> &super::memory::CheckpointDecision {
+        &self.checkpointing
     }
 
     /// The config.
@@ -788,15 +803,19 @@ impl Trainer {
         let params: Vec<Var> = self.opt.params().to_vec();
         let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
         let mut loss = 0.0;
-        for b in &batches {
+        for (k, b) in batches.iter().enumerate() {
             if b.n_targets == 0 {
                 continue;
             }
+            let seed = mix64(self.config.seed ^ mix64(self.state.step ^ mix64(k as u64)));
+            self.model.set_dropout_seed(Some(seed));
             let l = (self.batch_nll_sum(b, true)? * inv)?;
-            let grads = {
+            let mut grads = {
                 let _params = crate::runtime::cache_launch_params(self.model.device());
                 l.backward()?
             };
+            // Checkpointed layers' adapter gradients (none without checkpointing).
+            self.model.merge_checkpoint_grads(&mut grads)?;
             loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             for (slot, p) in acc.iter_mut().zip(&params) {
                 if let Some(g) = grads.get(p.as_tensor()) {

@@ -4,6 +4,7 @@
 
 mod adapter;
 mod backprop;
+mod checkpointing;
 mod common;
 mod decode_graph;
 mod decode_ops;

@@ -46,7 +46,9 @@
 //! # Dropout
 //! LoRA dropout (`dropout(x)` on the input of the low-rank path only) is not fused yet: a layer
 //! with dropout in training mode ([`crate::lora::LoraLinear`]) runs the composite of
-//! [`crate::ops::matmul()`] calls with a mask multiply on `x` for the low-rank path.
+//! [`crate::ops::matmul()`] calls with a mask multiply on `x` for the low-rank path. The mask
+//! comes from [`crate::lora::dropout`]: seeded inside [`crate::lora::with_dropout_seed`] (what
+//! the transformer's layers run in), else from Candle's unseeded generator.
 
 use std::sync::{Arc, Mutex};
 
@@ -657,7 +659,7 @@ pub(crate) fn composite(
         y = y.broadcast_add(&bias.detach())?;
     }
     let xl = match dropout {
-        Some(p) if p > 0.0 => candle_nn::ops::dropout(x, p)?,
+        Some(p) if p > 0.0 => crate::lora::dropout::dropout(x, p)?,
         _ => x.clone(),
     };
     let h = scale_by(&matmul(&xl, &a.t()?)?, scale)?;
@@ -668,7 +670,8 @@ pub(crate) fn composite(
 /// [`lora_linear`] with LoRA dropout on the low-rank path's input (probability `p`, inverted
 /// scaling `1 / (1 - p)`): `x Wᵀ (+ bias) + s · (dropout(x) Aᵀ) Bᵀ`. Not fused yet: the
 /// composite of [`crate::ops::matmul()`] calls with a mask multiply on `x` (`W` and the bias
-/// detached, so still frozen). The mask comes from Candle's random generator for the device.
+/// detached, so still frozen). The mask comes from [`crate::lora::dropout`] (seeded inside a
+/// [`crate::lora::with_dropout_seed`] scope).
 pub(crate) fn lora_linear_dropout(
     x: &Tensor,
     w: &Tensor,

@@ -1,0 +1,249 @@
+//! Activation checkpointing (`flare::models::checkpoint`, `Transformer::set_gradient_checkpointing`)
+//! and the trainer with it: the loss and every LoRA gradient of a checkpointed model equal the
+//! plain model's (f64 CPU reference, GQA, biases, several stacked layers, LoRA dropout under one
+//! seed); the checkpointed graph keeps only the layers' inputs; the trainer's loss falls,
+//! resumes exactly, and matches the run without checkpointing.
+
+use candle_core::{DType, Device, Tensor, Var};
+use flare::lora::LoraConfig;
+use flare::models::{ModelConfig, Transformer};
+use flare::train::{Checkpointing, Trainer};
+
+use crate::common::{device_test, randn_scaled, rel_err, seed, Result};
+use crate::train::{losses, memorise_data, scratch, small_config};
+
+/// A small Qwen2 shape with odd sizes: GQA (6 query heads over 2 KV heads, head_dim 4),
+/// q/k/v biases, three layers, an untied head.
+fn config() -> Result<ModelConfig> {
+    ModelConfig::from_json_str(
+        r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 24, "intermediate_size": 37,
+            "num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "vocab_size": 41, "max_position_embeddings": 64,
+            "tie_word_embeddings": false}"#,
+        "config.json",
+    )
+}
+
+/// The model with an adapter on all seven projections of every layer (random `A` and `B`,
+/// so that every gradient is non-zero), in training mode; and its variables.
+fn lora_model(dev: &Device, dtype: DType, dropout: f32) -> Result<(Transformer, Vec<Var>)> {
+    let mut model = Transformer::random(config()?, dtype, dev, 17)?;
+    let lora = LoraConfig {
+        r: 3,
+        alpha: 6.0,
+        dropout,
+        ..Default::default()
+    };
+    let mut vars = Vec::new();
+    for (i, (_, layer)) in model.lora_modules_mut().into_iter().enumerate() {
+        layer.add_adapter("default", &lora, i as u64)?;
+        layer.set_active(Some("default"))?;
+        layer.set_training(true);
+        for (j, v) in layer.trainable_vars().into_iter().enumerate() {
+            let t = randn_scaled(
+                v.dims(),
+                0.0,
+                0.3,
+                v.dtype(),
+                dev,
+                seed(&format!("{i}/{j}")),
+            )?;
+            v.set(&t)?;
+            vars.push(v);
+        }
+    }
+    Ok((model, vars))
+}
+
+/// The loss (a weighted sum of the logits, weights fixed) and every variable's gradient, after
+/// merging the checkpointed layers' gradients.
+fn loss_and_grads(model: &Transformer, vars: &[Var]) -> Result<(f64, Vec<Tensor>)> {
+    let dev = model.device();
+    let ids = Tensor::new(&[[3u32, 17, 40, 0, 9, 22, 5], [1, 2, 3, 4, 5, 6, 7]], dev)?;
+    let logits = model.forward(&ids)?;
+    let w = randn_scaled(
+        logits.dims(),
+        0.0,
+        1.0,
+        logits.dtype(),
+        dev,
+        seed("ckpt loss"),
+    )?;
+    let loss = (logits * w)?.sum_all()?;
+    let mut grads = loss.backward()?;
+    let merged = model.merge_checkpoint_grads(&mut grads)?;
+    assert_eq!(
+        merged,
+        if model.gradient_checkpointing() {
+            vars.len()
+        } else {
+            0
+        },
+        "merged gradients"
+    );
+    let g = vars
+        .iter()
+        .map(|v| Ok(grads.get(v.as_tensor()).expect("a LoRA gradient").clone()))
+        .collect::<Result<_>>()?;
+    Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, g))
+}
+
+/// Checkpointed and plain: the same loss and gradients, without and with LoRA dropout (one
+/// dropout seed for both). f64 on the CPU (1e-10), f32 on CUDA.
+fn checkpointed_model_matches_the_plain_one(dev: &Device) -> Result<()> {
+    let (dtype, tol) = if dev.is_cpu() {
+        (DType::F64, 1e-10)
+    } else {
+        (DType::F32, 1e-4)
+    };
+    for dropout in [0.0, 0.3] {
+        let (mut model, vars) = lora_model(dev, dtype, dropout)?;
+        model.set_dropout_seed(Some(99));
+        let (plain_loss, plain) = loss_and_grads(&model, &vars)?;
+        model.set_gradient_checkpointing(true);
+        let (loss, grads) = loss_and_grads(&model, &vars)?;
+        let what = format!("dropout {dropout}");
+        assert!(
+            (loss - plain_loss).abs() <= tol * plain_loss.abs(),
+            "{what}: loss {loss} vs {plain_loss}"
+        );
+        for (i, (g, p)) in grads.iter().zip(&plain).enumerate() {
+            let e = rel_err(g, p)?;
+            assert!(e <= tol, "{what}: gradient {i}: rel err {e}");
+            assert!(
+                p.abs()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?
+                    > 0.0
+            );
+        }
+        // Twice in a row: the accumulator was drained, nothing is counted twice.
+        let (again, grads2) = loss_and_grads(&model, &vars)?;
+        assert_eq!(again, loss, "{what}: a second checkpointed run");
+        for (g, g2) in grads.iter().zip(&grads2) {
+            assert_eq!(rel_err(g2, g)?, 0.0, "{what}: second run's gradient");
+        }
+        if dropout > 0.0 {
+            // The masks did drop something: without dropout (eval mode) the loss differs.
+            for (_, l) in model.lora_modules_mut() {
+                l.set_training(false);
+            }
+            let (no_drop, _) = loss_and_grads(&model, &vars)?;
+            assert!(
+                (no_drop - loss).abs() > 1e-6 * loss.abs(),
+                "{what}: no mask drawn"
+            );
+        }
+    }
+    Ok(())
+}
+
+device_test!(checkpointed_model_matches_the_plain_one);
+
+/// With checkpointing the backward graph holds each layer's input and one op per layer, not
+/// the layers' intermediates: its node count does not grow with the layer's contents, and is
+/// far below the plain graph's.
+#[test]
+fn checkpointed_graph_keeps_only_the_layer_inputs() -> Result<()> {
+    let dev = Device::Cpu;
+    let (mut model, vars) = lora_model(&dev, DType::F32, 0.0)?;
+    let ids = Tensor::new(&[[3u32, 17, 40, 0, 9]], &dev)?;
+    let plain = model.forward(&ids)?.sum_all()?;
+    model.set_gradient_checkpointing(true);
+    let ckpt = model.forward(&ids)?.sum_all()?;
+    let (n_plain, n_ckpt) = (plain.sorted_nodes().len(), ckpt.sorted_nodes().len());
+    // Checkpointed: per layer its op (its input is the previous op), the first input (made a
+    // variable), the final norm, the head product and the sum with their few views.
+    let layers = model.config().num_hidden_layers;
+    assert!(n_ckpt <= layers + 8, "{n_ckpt} nodes for {layers} layers");
+    assert!(n_plain > 10 * layers, "plain graph: {n_plain} nodes");
+    // The LoRA variables are not in the outer graph: their gradients come from the merge.
+    let ids_in_graph: Vec<_> = ckpt.sorted_nodes().iter().map(|t| t.id()).collect();
+    assert!(vars
+        .iter()
+        .all(|v| !ids_in_graph.contains(&v.as_tensor().id())));
+    Ok(())
+}
+
+// ---- the trainer ------------------------------------------------------------------------------
+
+/// With checkpointing on, the memorisation task's loss falls as without, step for step (f32:
+/// the two graphs round differently, so within 1e-4), on prompt/completion data (prompt
+/// tokens masked out of the loss).
+#[test]
+fn trainer_with_checkpointing_matches_the_plain_run() -> Result<()> {
+    let dir = scratch("ckpt-train");
+    let data = memorise_data(&dir);
+    let run = |mode: Checkpointing, name: &str| -> Result<Vec<f64>> {
+        let mut cfg = small_config(&dir, data.clone(), 12);
+        cfg.gradient_checkpointing = mode;
+        cfg.output_dir = dir.join(name);
+        let mut t = Trainer::from_config(cfg, &Device::Cpu)?;
+        assert_eq!(
+            t.model().gradient_checkpointing(),
+            mode == Checkpointing::On
+        );
+        assert_eq!(t.checkpointing().on, mode == Checkpointing::On);
+        losses(&mut t, 12)
+    };
+    let on = run(Checkpointing::On, "on")?;
+    // auto on the CPU is off.
+    let off = run(Checkpointing::Auto, "auto")?;
+    assert_eq!(on.len(), 12);
+    for (i, (a, b)) in on.iter().zip(&off).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs(),
+            "step {}: {a} vs {b}",
+            i + 1
+        );
+    }
+    let first = on[..2].iter().sum::<f64>() / 2.0;
+    let last = on[on.len() - 2..].iter().sum::<f64>() / 2.0;
+    assert!(last < 0.7 * first, "loss {first} -> {last}: {on:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// With checkpointing on (and LoRA dropout, now seeded per step), a resumed run reproduces
+/// the uninterrupted one exactly; a resume may switch checkpointing off (it is not part of the
+/// run's identity) and then continues with the same losses up to rounding.
+#[test]
+fn checkpointed_resume_is_exact_and_may_switch_it() -> Result<()> {
+    let dir = scratch("ckpt-resume");
+    let data = memorise_data(&dir);
+    let mut cfg = small_config(&dir, data, 6);
+    cfg.save_every = 3;
+    cfg.lora_dropout = 0.1;
+    cfg.gradient_checkpointing = Checkpointing::On;
+    let full = {
+        let mut c = cfg.clone();
+        c.output_dir = dir.join("full");
+        let mut t = Trainer::from_config(c, &Device::Cpu)?;
+        losses(&mut t, 6)?
+    };
+    let mut t = Trainer::from_config(cfg.clone(), &Device::Cpu)?;
+    for _ in 0..3 {
+        t.step()?;
+    }
+    t.save_checkpoint()?;
+    drop(t);
+    let ckpt = Trainer::latest_checkpoint(&cfg.output_dir).expect("a checkpoint");
+    let mut t = Trainer::resume_from_config(cfg.clone(), &Device::Cpu, &ckpt)?;
+    assert_eq!(
+        losses(&mut t, 6)?,
+        full[3..].to_vec(),
+        "resumed losses differ"
+    );
+    drop(t);
+    let mut off = cfg.clone();
+    off.gradient_checkpointing = Checkpointing::Off;
+    let mut t = Trainer::resume_from_config(off, &Device::Cpu, &ckpt)?;
+    assert!(!t.model().gradient_checkpointing());
+    let switched = losses(&mut t, 6)?;
+    for (a, b) in switched.iter().zip(&full[3..]) {
+        assert!((a - b).abs() <= 1e-4 * b.abs(), "{switched:?} vs {full:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
