@@ -419,6 +419,7 @@ mod tests {
                 _ if ["append-eos", "packing"].contains(&long) => "false".to_string(),
                 _ if long == "schedule" => "\"linear\"".to_string(),
                 _ if long == "dtype" => "\"bf16\"".to_string(),
+                _ if long == "gradient-checkpointing" => "\"on\"".to_string(),
                 _ if arg.get_value_hint() != clap::ValueHint::Unknown
                     || ["device"].contains(&long) =>
                 {
