@@ -476,10 +476,10 @@ mod tests {
         };
         let off = MemoryEstimate::for_run_with(&model(), &train, false).unwrap();
         let on = MemoryEstimate::for_run_with(&model(), &train, true).unwrap();
-        // As in formula_on_a_known_config: per layer 128·12864 + 262144 (4 layers), logits
-        // 128·1024·8; the inputs 4 layers × 128 tokens × 128 × 4 bytes.
-        let per_layer = 128 * 12_864 + 262_144;
-        let logits = 128 * 1024 * 8;
+        // As in formula_on_a_known_config: per layer 128·13376 (4 layers), the loss's chunk
+        // (128·1024 + 128·128)·4; the inputs 4 layers × 128 tokens × 128 × 4 bytes.
+        let per_layer = 128 * 13_376;
+        let logits = (128 * 1024 + 128 * 128) * 4;
         assert_eq!(off.activations, 4 * per_layer + logits);
         assert_eq!(on.activations, 4 * 128 * 128 * 4 + per_layer + logits);
         assert!(on.checkpointing && !off.checkpointing);
