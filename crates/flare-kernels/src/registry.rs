@@ -92,12 +92,12 @@ registry! {
         CrossEntropyBwdF16 = "cross_entropy_bwd_f16",
         CrossEntropyBwdBF16 = "cross_entropy_bwd_bf16",
     }
-    /// `linear_cross_entropy.cu`: `linear_ce_rows_*`, the row pass of the fused linear +
-    /// cross-entropy (each row's NLL, and `softmax - onehot` written over the logits).
+    /// `linear_cross_entropy.cu`: `linear_cross_entropy_rows_*`, the row pass of the fused
+    /// linear + cross-entropy (each row's NLL, and `softmax - onehot` written over the logits).
     LinearCrossEntropy = "linear_cross_entropy" {
-        LinearCeRowsF32 = "linear_ce_rows_f32",
-        LinearCeRowsF16 = "linear_ce_rows_f16",
-        LinearCeRowsBF16 = "linear_ce_rows_bf16",
+        LinearCrossEntropyRowsF32 = "linear_cross_entropy_rows_f32",
+        LinearCrossEntropyRowsF16 = "linear_cross_entropy_rows_f16",
+        LinearCrossEntropyRowsBF16 = "linear_cross_entropy_rows_bf16",
     }
     /// `adamw.cu`: `adamw_multi_f32`, the multi-tensor AdamW update.
     AdamW = "adamw" {

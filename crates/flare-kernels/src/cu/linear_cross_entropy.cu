@@ -2,7 +2,8 @@
 // per chunk of token rows the host runs the logits GEMM (cuBLASLt, `logits = h @ w^T` in the
 // compute dtype), then this kernel, then the gradient GEMMs that read what it wrote.
 //
-//   linear_ce_rows_<t>(x, targets, nll, rows, vocab, ignore, grad), x: [rows, vocab] in/out:
+//   linear_cross_entropy_rows_<t>(x, targets, nll, rows, vocab, ignore, grad),
+//   x: [rows, vocab] in/out:
 //     nll[i] = logsumexp(x[i, :]) - x[i, t[i]]                  (0 when t[i] == ignore)
 //     with grad != 0, x[i, j] = exp(x[i, j] - lse[i]) - [j == t[i]]   (in place; an ignored
 //     row becomes all zeros)
@@ -92,8 +93,9 @@ __device__ void lce_rows(T *__restrict__ x, const unsigned int *__restrict__ tar
 
 #define LCE_OP(T, SUFFIX)                                                                      \
   extern "C" __global__ void __launch_bounds__(LCE_THREADS)                                   \
-      linear_ce_rows_##SUFFIX(T *x, const unsigned int *targets, float *nll, long long rows,   \
-                              int vocab, unsigned int ignore, int grad) {                      \
+      linear_cross_entropy_rows_##SUFFIX(T *x, const unsigned int *targets, float *nll,        \
+                                         long long rows, int vocab, unsigned int ignore,       \
+                                         int grad) {                                           \
     constexpr int V = VecWidth<T>::value;                                                      \
     if (vocab % V == 0 && aligned16(x))                                                        \
       lce_rows<T, true>(x, targets, nll, rows, vocab, ignore, grad);                           \

@@ -533,9 +533,10 @@ fn stable_for_large_logits() -> Result<()> {
 
 /// GPU measurement, not run by default: the fused loss against the logits path at the
 /// Llama-3.1-8B head (4096 tokens x 4096 hidden x 128,256 vocab, bf16, frozen head), forward +
-/// backward, median of 5 after a warm-up (the logits' memory of each is printed from the
-/// chunk rule). Asserts that both give the same loss and d(hidden) (bf16 tolerance). Run with `cargo test --release -p flare --features cuda --test
-/// it lce_gpu_timing -- --ignored --nocapture`.
+/// backward, median of 5 after a warm-up (the logits' memory of each is printed from the chunk
+/// rule). Asserts that both give the same loss and d(hidden) (bf16 tolerance). Run with
+/// `cargo test --release -p flare --features cuda --test it lce_gpu_timing -- --ignored
+/// --nocapture`.
 #[test]
 #[ignore = "GPU timing; run explicitly"]
 fn lce_gpu_timing() -> Result<()> {

@@ -3,9 +3,9 @@
 //!
 //! 1. `logits = h_c @ wᵀ` (cuBLASLt through [`crate::runtime::gemm::Gemm`], the compute dtype,
 //!    f32 accumulation);
-//! 2. `linear_ce_rows_*` (`crates/flare-kernels/src/cu/linear_cross_entropy.cu`): each row's
-//!    NLL into `nll [n]` (f32) and, when a gradient is wanted, `softmax - onehot` written over
-//!    the logits;
+//! 2. `linear_cross_entropy_rows_*` (`crates/flare-kernels/src/cu/linear_cross_entropy.cu`):
+//!    each row's NLL into `nll [n]` (f32) and, when a gradient is wanted, `softmax - onehot`
+//!    written over the logits;
 //! 3. `d(h_c) = dlogits @ w`, written straight into its rows of `d(hidden)`;
 //! 4. `d(w) += dlogitsᵀ @ h_c` (the first chunk writes, later ones accumulate with `beta = 1`
 //!    in the weight's dtype), only for a weight that takes part in autograd.
@@ -61,9 +61,13 @@ pub(super) fn fwd(io: Io<'_>, d: Dims, plan: Plan) -> candle_core::Result<Forwar
         )));
     }
     match io.sh.dtype() {
-        DType::F32 => fwd_t::<f32>(Kernel::LinearCeRowsF32, DType::F32, io, d, plan),
-        DType::F16 => fwd_t::<half::f16>(Kernel::LinearCeRowsF16, DType::F16, io, d, plan),
-        DType::BF16 => fwd_t::<half::bf16>(Kernel::LinearCeRowsBF16, DType::BF16, io, d, plan),
+        DType::F32 => fwd_t::<f32>(Kernel::LinearCrossEntropyRowsF32, DType::F32, io, d, plan),
+        DType::F16 => {
+            fwd_t::<half::f16>(Kernel::LinearCrossEntropyRowsF16, DType::F16, io, d, plan)
+        }
+        DType::BF16 => {
+            fwd_t::<half::bf16>(Kernel::LinearCrossEntropyRowsBF16, DType::BF16, io, d, plan)
+        }
         dt => Err(unsupported(OP, dt)),
     }
 }
@@ -190,13 +194,14 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: linear_ce_rows_<t>(T *x, const u32 *targets, float *nll, long long rows,
-            // int vocab, u32 ignore, int grad), T the dtype of `logits` (chosen by dtype): x
-            // holds at least rows * vocab elements, targets and nll views have exactly `rows`;
-            // the block is LCE_THREADS (the kernel's launch bound, a multiple of 32 as its
-            // reductions need), static shared memory only; any grid is correct (grid stride).
+            // SAFETY: linear_cross_entropy_rows_<t>(T *x, const u32 *targets, float *nll,
+            // long long rows, int vocab, u32 ignore, int grad), T the dtype of `logits` (chosen
+            // by dtype): x holds at least rows * vocab elements, the targets and nll views
+            // exactly `rows`; the block is LCE_THREADS (the kernel's launch bound, a multiple of
+            // 32 as its reductions need), static shared memory only; any grid is correct (grid
+            // stride).
             unsafe { b.launch(cfg) }
-                .cuda_ctx("launching linear_ce_rows")
+                .cuda_ctx("launching linear_cross_entropy_rows")
                 .map_err(crate::Error::into_candle)?;
         }
         if let Some(dh) = dh.as_mut() {
