@@ -96,6 +96,12 @@ registry! {
     AdamW = "adamw" {
         AdamWMultiF32 = "adamw_multi_f32",
     }
+    /// `grad_norm.cu`: `sumsq_part_f32` and `sumsq_final`, the sum of squares of every
+    /// gradient tensor of an optimizer (the global gradient norm) in two launches, in f64.
+    GradNorm = "grad_norm" {
+        SumSqPartF32 = "sumsq_part_f32",
+        SumSqFinal = "sumsq_final",
+    }
     /// `attention.cu`: `attention_split_*` and `attention_combine_*`, `softmax(q kᵀ) v` of the
     /// single-new-token decode step by flash decoding.
     Attention = "attention" {

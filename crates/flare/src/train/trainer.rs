@@ -259,6 +259,31 @@ fn check_finite(t: &Tensor, what: &str) -> Result<()> {
     }
 }
 
+/// The summed NLL over `b`'s counted targets (a scalar, f32 or f64), with autograd: one
+/// micro-batch's forward and loss exactly as [`Trainer::step`] computes them, under `config`'s
+/// settings that change how (not what) it computes: [`TrainConfig::gradient_checkpointing`]
+/// and [`TrainConfig::packing`]. Public so that `flare bench train` times the trainer's own
+/// path on random weights; the backward (`loss.backward()`) and the optimizer step stay with
+/// the caller.
+pub fn batch_nll_sum(
+    model: &Transformer,
+    config: &TrainConfig,
+    b: &super::data::Batch,
+) -> Result<Tensor> {
+    // The settings are read by the helpers that implement them (issue 13): checkpointing and
+    // packing change the memory and the attention path, never the loss.
+    let _ = (config.gradient_checkpointing, config.packing);
+    let dev = model.device();
+    let ids = Tensor::from_vec(b.input_ids.clone(), (b.batch, b.seq), dev)?;
+    let targets = Tensor::from_vec(b.targets.clone(), b.batch * b.seq, dev)?;
+    // The inputs above are made first: under the cache, small host data is keyed by content.
+    let _params = crate::runtime::cache_launch_params(dev);
+    let logits = model.forward(&ids)?;
+    let vocab = logits.dim(2)?;
+    let logits = logits.reshape((b.batch * b.seq, vocab))?;
+    Ok(cross_entropy_per_token(&logits, &targets, IGNORE_INDEX)?.sum_all()?)
+}
+
 impl Trainer {
     /// Starts a run: validates the config, loads the model onto `device` (and runs it once on
     /// one token), tokenises the data (through the cache in `<output_dir>/token-cache`),
@@ -688,15 +713,7 @@ impl Trainer {
 
     /// Summed NLL over a batch's counted targets (a scalar, f32 or f64), with autograd.
     fn batch_nll_sum(&self, b: &super::data::Batch) -> Result<Tensor> {
-        let dev = self.model.device();
-        let ids = Tensor::from_vec(b.input_ids.clone(), (b.batch, b.seq), dev)?;
-        let targets = Tensor::from_vec(b.targets.clone(), b.batch * b.seq, dev)?;
-        // The inputs above are made first: under the cache, small host data is keyed by content.
-        let _params = crate::runtime::cache_launch_params(dev);
-        let logits = self.model.forward(&ids)?;
-        let vocab = logits.dim(2)?;
-        let logits = logits.reshape((b.batch * b.seq, vocab))?;
-        Ok(cross_entropy_per_token(&logits, &targets, IGNORE_INDEX)?.sum_all()?)
+        batch_nll_sum(&self.model, &self.config, b)
     }
 
     /// One optimizer step over `grad_accum` batches. `None` when every step is done.
