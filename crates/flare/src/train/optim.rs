@@ -512,7 +512,7 @@ fn sumsq_cuda(dev: &candle_core::cuda_backend::CudaDevice, gs: &[&Tensor]) -> Re
     }
     // grad_norm.cu's block sizes, from its `#define`s.
     const THREADS: usize = flare_kernels::launch::GRAD_NORM_THREADS as usize;
-    const FINAL_THREADS: u32 = flare_kernels::launch::GRAD_NORM_FINAL_THREADS as u32;
+    const FINAL_THREADS: u32 = flare_kernels::launch::GRAD_NORM_FINAL_THREADS;
     // Up to 8 elements per thread before a block is added; at most 32 blocks per tensor.
     let blocks = max_len.div_ceil(THREADS * 8).clamp(1, 32);
     let n_partial = tensors * blocks;
