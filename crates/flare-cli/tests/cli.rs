@@ -1095,7 +1095,10 @@ fn bench_train_reports_shapes_mfu_and_max_context() {
         let fpt = r["flops_per_token"].as_f64().unwrap();
         let mfu = r["mfu"].as_f64().unwrap();
         assert!(tps > 0.0 && fpt > 0.0);
-        assert!((mfu - fpt * tps / 0.5e12).abs() <= 1e-9 * mfu.max(1e-30), "{r}");
+        assert!(
+            (mfu - fpt * tps / 0.5e12).abs() <= 1e-9 * mfu.max(1e-30),
+            "{r}"
+        );
         assert!(stdout(&o).contains(&format!("{b}x{s}")), "{}", stdout(&o));
     }
     // Doubling from 16 stops at the limit (48): 16, 32, 48 all ran.

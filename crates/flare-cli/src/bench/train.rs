@@ -513,6 +513,11 @@ fn show(r: &TrainRow) {
         },
         if r.packing { " +pack" } else { "" }
     );
+    let tag = if r.max_context {
+        format!("{tag} max-context")
+    } else {
+        tag
+    };
     let shape = format!("{:>2}x{:<6}", r.batch, r.seq);
     let line = match (r.status.as_str(), r.tokens_per_s) {
         ("ok", Some(tps)) => {
@@ -574,12 +579,12 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
     let (n_frozen, n_lora) = presets::param_counts(&config, LORA_R);
     eprintln!(
         "{model_name}: {layers} layers, {:.3}B frozen matmul weights, {:.1}M LoRA; {device}, \
-         peak {} TFLOP/s; warm-up {warmup}, timed {steps} (mean); gradient checkpointing {:?}, \
+         peak {} TFLOP/s; warm-up {warmup}, timed {steps} (mean); gradient checkpointing {}, \
          packing {}",
         n_frozen as f64 / 1e9,
         n_lora as f64 / 1e6,
         peak_tflops.map_or("-".into(), |p| p.to_string()),
-        a.gradient_checkpointing,
+        format!("{:?}", a.gradient_checkpointing).to_ascii_lowercase(),
         a.packing
     );
 

@@ -276,7 +276,9 @@ fn global_norm_equals_the_per_tensor_reference() -> Result<()> {
     let dev = Device::Cpu;
     let mut grads = odd_grads(&dev)?;
     // A non-contiguous gradient and an f64 one are read as they are.
-    grads.push(Some(randn_scaled(&[9, 31], 0.0, 1.0, DType::F32, &dev, 5)?.t()?));
+    grads.push(Some(
+        randn_scaled(&[9, 31], 0.0, 1.0, DType::F32, &dev, 5)?.t()?,
+    ));
     grads.push(Some(randn_scaled(&[11], 0.0, 1.0, DType::F64, &dev, 6)?));
     let got = global_grad_norm(&grads)?;
     let want = norm_reference(&grads)?;
