@@ -1,6 +1,7 @@
 //! The optimizer side of training: [`AdamW`] (decoupled weight decay, f32 moments, a fused
 //! multi-tensor CUDA update), the learning-rate [`Schedule`] and global-norm gradient clipping
-//! ([`global_grad_norm`], [`clip_scale`]).
+//! ([`global_grad_norm`]: one pass over every gradient, f64 sums, one host read; on CUDA the
+//! multi-tensor `crates/flare-kernels/src/cu/grad_norm.cu`; and [`clip_scale`]).
 //!
 //! The update is torch.optim.AdamW's, in the same order and grouping:
 //!
