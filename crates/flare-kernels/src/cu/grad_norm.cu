@@ -1,9 +1,9 @@
 // Global gradient norm, multi-tensor: sum(g^2) over every gradient tensor of an optimizer in two
 // launches and one 8-byte read, instead of a reduction per tensor.
 //
-//   sumsq_part_f32:  partial[t * gridDim.x + bx] = sum over the elements i of tensor t that
+//   grad_norm_part_f32:  partial[t * gridDim.x + bx] = sum over the elements i of tensor t that
 //                    block bx strides over of (double)g[i]^2
-//   sumsq_final:     out[0] = sum of the `n` partials
+//   grad_norm_final:     out[0] = sum of the `n` partials
 //
 // The tensors are described by a device table of 2 x u64 per tensor: (pointer to f32 data, len);
 // blockIdx.y picks the tensor, the x dimension strides over its elements. Every square and every
@@ -31,7 +31,7 @@ __device__ __forceinline__ double block_sum(double v) {
 }
 
 extern "C" __global__ void __launch_bounds__(GRAD_NORM_THREADS)
-    sumsq_part_f32(double *__restrict__ partial, const unsigned long long *__restrict__ table) {
+    grad_norm_part_f32(double *__restrict__ partial, const unsigned long long *__restrict__ table) {
   const unsigned long long *d = table + 2ull * blockIdx.y;
   const float *g = reinterpret_cast<const float *>(d[0]);
   const long long n = (long long)d[1];
@@ -46,7 +46,7 @@ extern "C" __global__ void __launch_bounds__(GRAD_NORM_THREADS)
 }
 
 extern "C" __global__ void __launch_bounds__(GRAD_NORM_FINAL_THREADS)
-    sumsq_final(double *__restrict__ out, const double *__restrict__ partial, long long n) {
+    grad_norm_final(double *__restrict__ out, const double *__restrict__ partial, long long n) {
   double acc = 0.0;
   for (long long i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
   acc = block_sum(acc);

@@ -531,27 +531,27 @@ fn sumsq_cuda(dev: &candle_core::cuda_backend::CudaDevice, gs: &[&Tensor]) -> Re
         block_dim: (THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = stream.launch_builder(rt.function(Kernel::SumSqPartF32));
+    let mut b = stream.launch_builder(rt.function(Kernel::GradNormPartF32));
     b.arg(&mut partial).arg(&table_dev);
-    // SAFETY: sumsq_part_f32(double *partial, const u64 *table) reads `tensors` rows of
+    // SAFETY: grad_norm_part_f32(double *partial, const u64 *table) reads `tensors` rows of
     // (pointer, len) from `table` (2 * tensors u64, just copied); each pointer is the start of
     // a live, contiguous f32 buffer of `len` elements on this device, held by `gs` until after
     // the read below (which waits for both kernels). It writes partial[y * gridDim.x + x] for
     // every block: `blocks * tensors` doubles, the size of `partial`. GRAD_NORM_THREADS = 256
     // threads, static shared memory only.
-    unsafe { b.launch(cfg) }.cuda_ctx("launching sumsq_part_f32")?;
+    unsafe { b.launch(cfg) }.cuda_ctx("launching grad_norm_part_f32")?;
     let n = n_partial as i64;
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (FINAL_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = stream.launch_builder(rt.function(Kernel::SumSqFinal));
+    let mut b = stream.launch_builder(rt.function(Kernel::GradNormFinal));
     b.arg(&mut out).arg(&partial).arg(&n);
-    // SAFETY: sumsq_final(double *out, const double *partial, long long n) reads the `n`
+    // SAFETY: grad_norm_final(double *out, const double *partial, long long n) reads the `n`
     // doubles of `partial` (written by the launch before, on the same stream) and writes
     // out[0], a buffer of one double. GRAD_NORM_FINAL_THREADS = 1024 threads, one block.
-    unsafe { b.launch(cfg) }.cuda_ctx("launching sumsq_final")?;
+    unsafe { b.launch(cfg) }.cuda_ctx("launching grad_norm_final")?;
     let v = stream
         .clone_dtoh(&out)
         .cuda_ctx("reading the gradient norm")?;
