@@ -2,7 +2,8 @@
 """PyTorch + PEFT anchor for `flare bench train`: the same model shapes, cases, phases and keys.
 
 Model: a transformers causal LM built from a config (`--config`): a preset or a path to an HF
-config.json. Presets (the HF shapes, random weights):
+config.json. Presets (the HF shapes, random weights; the table is bench/model_presets.json, which
+`flare bench train --config` reads too):
   qwen2-0.5b    hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate 4864, vocab 151936,
                 tied embeddings, q/k/v biases, rope_theta 1e6 (the default, as before)
   llama-3.1-8b  hidden 4096, 32 layers, 32 heads / 8 KV heads, intermediate 14336, vocab 128256,
@@ -39,7 +40,9 @@ get one more warm-up step (a new shape recompiles). first_step_s is the first wa
 time (for torch.compile, mostly compilation). Peak memory: torch.cuda.max_memory_allocated() over
 the timed steps after reset_peak_memory_stats(), weights included, in GiB.
 
-MFU (the same formula flare uses): model FLOPs per trained token
+MFU (the same formula as `flare bench train`, crates/flare-cli/src/bench/presets.rs: keep the two
+identical; its test pins the numbers this file's flops_per_token gives): model FLOPs per trained
+token
     F = 4 * N_frozen + 6 * N_lora + 6 * S * L * H * d_head
   N_frozen: the frozen base's matmul weights, per layer D*(H*dh) + 2*D*(KV*dh) + (H*dh)*D
             + 3*D*I, plus the LM head D*V (counted even when tied; embeddings' lookup and
@@ -89,36 +92,10 @@ import time
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_R = 16
 
-PRESETS = {
-    "qwen2-0.5b": {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
-        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "tie_word_embeddings": True, "hidden_act": "silu", "use_sliding_window": False,
-        "sliding_window": None, "attention_dropout": 0.0,
-    },
-    "llama-3.1-8b": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
-        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
-        "eos_token_id": 128001,
-    },
-    "qwen2.5-7b": {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "tie_word_embeddings": False, "hidden_act": "silu", "use_sliding_window": False,
-        "sliding_window": None, "attention_dropout": 0.0, "bos_token_id": 151643,
-        "eos_token_id": 151643,
-    },
-}
+# The presets: one table, bench/model_presets.json, that `flare bench train` compiles in too
+# (crates/flare-cli/src/bench/presets.rs), so both sides train the same shapes.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_presets.json")) as _f:
+    PRESETS = json.load(_f)
 
 IMPLS = {"eager": "peft-eager", "liger": "peft-liger", "compile": "peft-compile"}
 

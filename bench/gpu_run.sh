@@ -24,6 +24,20 @@ T0=$(date +%s)
 # STAGES picks what runs (comma-separated): tests, ops, lora, decode, train, profile, sanitizer. One device
 # call is limited to 10 minutes, so a full round is two calls, e.g. STAGES=tests,decode,train
 # then STAGES=ops,lora,sanitizer.
+# Issue 13's training stages, each its own device call (each under ~8 minutes on an H100), not in
+# the default list:
+#   train8b    Llama-3.1-8B shape at 1x4096,4x4096 (SHAPES_8B): flare with --gradient-checkpointing
+#              off, on and auto (FLARE_CKPT_8B), then the anchor: eager and liger, each with and
+#              without checkpointing (+ torch.compile when ANCHOR_COMPILE_8B=1: minutes of
+#              compilation at 8B, so off by default)
+#   ctx8b      the longest batch-1 context of the 8B shape: flare --max-context (checkpointing
+#              auto), then the anchor's --max-context with liger + checkpointing; the search from
+#              CTX_START (8192), to CTX_GRAN (2048) tokens, CTX_BUDGET_S (120) s of search each, then one timed
+#              step at the longest that ran.
+#              ctx8b_flare / ctx8b_torch run one side only.
+#   train05b   Qwen2-0.5B shape at 4x512,8x1024: flare, then the anchor's eager, liger and compile
+#              (ANCHOR_COMPILE_05B=0 drops compile), no checkpointing
+# All of them need the Liger wheel in .whl/ (bench/fetch_wheels.sh; carry [".carry", ".whl"]).
 STAGES=${STAGES:-tests,ops,lora,decode,train,profile,sanitizer}
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 echo "stages: $STAGES"
@@ -221,6 +235,76 @@ step "flare bench train" run_train_bench
 step "torch anchor train" run_train_torch
 step "flare merge vs PEFT" run_merge_check
 fi
+# Issue 13: the 8B shape, its longest context, and the 0.5B shape against every PyTorch
+# configuration (see STAGES above). Each side's lines go to its own log, printed with a banner.
+SHAPES_8B=${SHAPES_8B:-1x4096,4x4096}
+FLARE_CKPT_8B=${FLARE_CKPT_8B:-off,on,auto}
+CTX_START=${CTX_START:-8192}
+CTX_GRAN=${CTX_GRAN:-2048}
+CTX_BUDGET_S=${CTX_BUDGET_S:-120}
+side() { # side LOG TITLE COMMAND...: runs COMMAND, its output under a banner and into $OUT/LOG
+  local log=$1 title=$2
+  shift 2
+  echo "----- $title"
+  "$@" 2>&1 | tee -a "$OUT/$log"
+  return "${PIPESTATUS[0]}"
+}
+run_train8b_flare() {
+  local rc=0 mode
+  for mode in ${FLARE_CKPT_8B//,/ }; do
+    side flare_train8b.log "flare, llama-3.1-8b, --gradient-checkpointing $mode" \
+      timeout 100 "$BIN/flare" bench train --device cuda --config llama-3.1-8b --shapes "$SHAPES_8B" \
+      --gradient-checkpointing "$mode" --json "$OUT/flare_train8b_$mode.json" || rc=1
+  done
+  return $rc
+}
+run_train8b_torch() {
+  local impls=eager,liger
+  [ "${ANCHOR_COMPILE_8B:-0}" = 1 ] && impls=$impls,compile
+  side torch_train8b.log "PyTorch + PEFT ($impls), llama-3.1-8b, checkpointing off and on" \
+    timeout 270 "$PY" bench/anchor_train.py --config llama-3.1-8b --shapes "$SHAPES_8B" \
+    --impl "$impls" --gradient-checkpointing both --json "$OUT/torch_train8b.json"
+}
+run_ctx8b_flare() {
+  side flare_ctx8b.log "flare, llama-3.1-8b, --max-context (checkpointing auto)" \
+    timeout 270 "$BIN/flare" bench train --device cuda --config llama-3.1-8b --max-context \
+    --gradient-checkpointing auto --max-context-start "$CTX_START" \
+    --max-context-granularity "$CTX_GRAN" --max-context-budget-s "$CTX_BUDGET_S" \
+    --warmup 0 --steps 1 --json "$OUT/flare_ctx8b.json"
+}
+run_ctx8b_torch() {
+  side torch_ctx8b.log "PyTorch + PEFT + Liger + checkpointing, llama-3.1-8b, --max-context" \
+    timeout 270 "$PY" bench/anchor_train.py --config llama-3.1-8b --max-context --impl liger \
+    --gradient-checkpointing on --max-context-start "$CTX_START" \
+    --max-context-granularity "$CTX_GRAN" --max-context-budget-s "$CTX_BUDGET_S" \
+    --warmup 0 --steps 1 --json "$OUT/torch_ctx8b.json"
+}
+run_train05b_flare() {
+  side flare_train05b.log "flare, qwen2-0.5b" \
+    timeout 120 "$BIN/flare" bench train --device cuda --config qwen2-0.5b --shapes 4x512,8x1024 \
+    --gradient-checkpointing off --json "$OUT/flare_train05b.json"
+}
+run_train05b_torch() {
+  local impls=eager,liger
+  [ "${ANCHOR_COMPILE_05B:-1}" = 1 ] && impls=$impls,compile
+  side torch_train05b.log "PyTorch + PEFT ($impls), qwen2-0.5b" \
+    timeout 360 "$PY" bench/anchor_train.py --config qwen2-0.5b --shapes 4x512,8x1024 \
+    --impl "$impls" --json "$OUT/torch_train05b.json"
+}
+if want train8b; then
+step "flare bench train, llama-3.1-8b" run_train8b_flare
+step "torch anchor train, llama-3.1-8b" run_train8b_torch
+fi
+if want ctx8b || want ctx8b_flare; then
+step "flare max context, llama-3.1-8b" run_ctx8b_flare
+fi
+if want ctx8b || want ctx8b_torch; then
+step "torch anchor max context, llama-3.1-8b" run_ctx8b_torch
+fi
+if want train05b; then
+step "flare bench train, qwen2-0.5b" run_train05b_flare
+step "torch anchor train, qwen2-0.5b" run_train05b_torch
+fi
 if want ops; then
 step "report" run_report
 fi
@@ -254,7 +338,8 @@ fi
 if [ -f "$OUT/flare_ops.json" ]; then
   python3 bench/report.py --short "$OUT/flare_ops.json" "${TORCH_JSON[@]}" || true
 fi
-for f in flare_train.log torch_train.log; do
+for f in flare_train.log torch_train.log flare_train8b.log torch_train8b.log flare_ctx8b.log \
+  torch_ctx8b.log flare_train05b.log torch_train05b.log; do
   [ -f "$OUT/$f" ] && { echo; echo "--- $f"; cat "$OUT/$f"; }
 done
 if [ -f "$OUT/lora_report.txt" ]; then

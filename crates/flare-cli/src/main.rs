@@ -73,8 +73,9 @@ enum BenchCommand {
     /// default) against the weight-read floor.
     #[command(long_about = bench::decode::DECODE_LONG_ABOUT)]
     Decode(bench::decode::DecodeArgs),
-    /// LoRA training throughput (Qwen2-0.5B shape, random weights): tokens/s, peak memory and
-    /// a per-phase breakdown, in bench/anchor_train.py's rows.
+    /// LoRA training throughput of a model shape (a preset or a config.json; random weights):
+    /// tokens/s, MFU, peak memory, a per-phase breakdown and the longest batch-1 context, in
+    /// bench/anchor_train.py's rows.
     Train(bench::train::TrainBenchArgs),
 }
 

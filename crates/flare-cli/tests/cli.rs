@@ -1043,3 +1043,85 @@ fn fuzz_train_toml_through_the_cli() {
     println!("fuzz train.toml through the CLI: {n} inputs");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `flare bench train` on the CPU with the llama fixture's config (a folder given to
+/// `--config`): the shape rows and the `--max-context` search's row (no allocation fails on the
+/// CPU, so the search doubles up to `--max-context-limit`), MFU from `--peak-tflops`, and the
+/// trainer settings recorded in the JSON rows.
+#[test]
+fn bench_train_reports_shapes_mfu_and_max_context() {
+    let dir = std::env::temp_dir().join(format!("flare-cli-bench-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("rows.json");
+    let cfg = fixture("llama");
+    let o = flare(&[
+        "bench",
+        "train",
+        "--device",
+        "cpu",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--shapes",
+        "1x8,2x8",
+        "--max-context",
+        "--max-context-start",
+        "16",
+        "--max-context-granularity",
+        "16",
+        "--max-context-limit",
+        "48",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--peak-tflops",
+        "0.5",
+        "--gradient-checkpointing",
+        "on",
+        "--packing",
+        "true",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("max-context try"), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for (r, (b, s)) in rows.iter().zip([(1, 8), (2, 8), (1, 48)]) {
+        assert_eq!((r["batch"].as_u64(), r["seq"].as_u64()), (Some(b), Some(s)));
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["grad_ckpt"], true);
+        assert_eq!(r["packing"], true);
+        let tps = r["tokens_per_s"].as_f64().unwrap();
+        let fpt = r["flops_per_token"].as_f64().unwrap();
+        let mfu = r["mfu"].as_f64().unwrap();
+        assert!(tps > 0.0 && fpt > 0.0);
+        assert!(
+            (mfu - fpt * tps / 0.5e12).abs() <= 1e-9 * mfu.max(1e-30),
+            "{r}"
+        );
+        assert!(stdout(&o).contains(&format!("{b}x{s}")), "{}", stdout(&o));
+    }
+    // Doubling from 16 stops at the limit (48): 16, 32, 48 all ran.
+    let m = &rows[2];
+    assert_eq!(m["max_context"], true);
+    assert_eq!(m["longest_single_step"], 48);
+    let tried: Vec<u64> = m["tries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(tried, [16, 32, 48]);
+    assert!(m["search"].as_str().unwrap().contains("limit"), "{m}");
+
+    let o = flare(&["bench", "train", "--device", "cpu", "--config", "gpt-9"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("llama-3.1-8b"), "{}", stderr(&o));
+    let o = flare(&["bench", "train", "--device", "cpu", "--shapes", "4by8"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("4by8"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}

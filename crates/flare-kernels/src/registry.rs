@@ -103,6 +103,12 @@ registry! {
     AdamW = "adamw" {
         AdamWMultiF32 = "adamw_multi_f32",
     }
+    /// `grad_norm.cu`: `grad_norm_part_f32` and `grad_norm_final`, the sum of squares of every
+    /// gradient tensor of an optimizer (the global gradient norm) in two launches, in f64.
+    GradNorm = "grad_norm" {
+        GradNormPartF32 = "grad_norm_part_f32",
+        GradNormFinal = "grad_norm_final",
+    }
     /// `attention.cu`: `attention_split_*` and `attention_combine_*`, `softmax(q kᵀ) v` of the
     /// single-new-token decode step by flash decoding.
     Attention = "attention" {

@@ -1,4 +1,5 @@
-//! `flare bench`: the benchmarks, one file each (`ops`, `lora`, `decode`, `train`, `floors`),
+//! `flare bench`: the benchmarks, one file each (`ops`, `lora`, `decode`, `train`, `floors`;
+//! `presets` holds the model shapes and the FLOP count `train` shares with its anchor),
 //! and the timing harness that `bench ops` and `bench lora` share: the [`Pass`] a row times,
 //! the timing [`Config`] per device, input-set rotation ([`input_sets`]) and `--filter`
 //! ([`matches_filter`]). `pool` reads the CUDA memory pool's counters for the peak-memory
@@ -13,6 +14,7 @@ pub mod lora;
 pub mod ops;
 #[cfg(feature = "cuda")]
 pub(crate) mod pool;
+pub mod presets;
 pub mod train;
 
 /// Which pass a row times.

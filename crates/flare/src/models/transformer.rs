@@ -482,7 +482,10 @@ impl Transformer {
     /// A model of `config` with random weights, for benchmarks and tests that need no files:
     /// every projection and embedding weight uniform in `±0.02·√3` (standard deviation 0.02,
     /// transformers' `initializer_range`), biases uniform in `±0.02`, norm weights one. The
-    /// same `seed` gives the same weights on every device.
+    /// same `seed` gives the same weights on the same kind of device: on the CPU they come from
+    /// a seeded host generator, on CUDA from the device's generator (cuRAND, reseeded with
+    /// `seed`), drawn there tensor by tensor so that a model of billions of parameters is made
+    /// in seconds. The two devices' weights differ.
     ///
     /// ```
     /// # use candle_core::{DType, Device, Tensor};
@@ -506,7 +509,17 @@ impl Transformer {
         }
         crate::runtime::init(device)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // On the CPU the values come from `StdRng`; elsewhere they are drawn on the device
+        // (f32, then cast), one tensor at a time: an 8B model's weights drawn on the host and
+        // copied over would take minutes.
+        let on_host = device.is_cpu();
+        if !on_host {
+            device.set_seed(seed)?;
+        }
         let mut uniform = |shape: &[usize], bound: f32| -> Result<Tensor> {
+            if !on_host {
+                return Ok(Tensor::rand(-bound, bound, shape, device)?.to_dtype(dtype)?);
+            }
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
             Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)

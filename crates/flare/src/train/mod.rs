@@ -32,4 +32,4 @@ pub use data::{BadLines, Batch, DataConfig, Encoder, Example, Message, Tokenized
 pub use export::merge_adapter_to_dir;
 pub use identity::{Difference, RunIdentity};
 pub use optim::{clip_scale, global_grad_norm, AdamW, AdamWConfig, Schedule};
-pub use trainer::{DataStats, Event, StepMetrics, TrainConfig, TrainState, Trainer};
+pub use trainer::{batch_nll_sum, DataStats, Event, StepMetrics, TrainConfig, TrainState, Trainer};

@@ -1,6 +1,7 @@
 //! The optimizer side of training: [`AdamW`] (decoupled weight decay, f32 moments, a fused
 //! multi-tensor CUDA update), the learning-rate [`Schedule`] and global-norm gradient clipping
-//! ([`global_grad_norm`], [`clip_scale`]).
+//! ([`global_grad_norm`]: one pass over every gradient, f64 sums, one host read; on CUDA the
+//! multi-tensor `crates/flare-kernels/src/cu/grad_norm.cu`; and [`clip_scale`]).
 //!
 //! The update is torch.optim.AdamW's, in the same order and grouping:
 //!
@@ -408,21 +409,154 @@ fn adamw_elem(p: f32, g: f32, m: f32, v: f32, h: &Hyper) -> (f32, f32, f32) {
     (p, m, v)
 }
 
-/// The global L2 norm `sqrt(Σ ‖g‖²)` over the gradients given (`None` skipped), accumulated in
-/// f32 on the device and read back once.
+/// The global L2 norm `sqrt(Σ ‖g‖²)` over the gradients given (`None` skipped), in one pass
+/// over all of them with one read back to the host (clipping needs the value there).
+///
+/// On the CPU (and other non-CUDA devices) a loop over every element, squares and sums in f64.
+/// On CUDA two launches of the multi-tensor `grad_norm.cu`, whatever the number of tensors:
+/// per-block partial sums over a table of (pointer, length), then one block summing the
+/// partials, every square and sum in f64 and in a fixed order (deterministic); it differs from
+/// the CPU's loop only by the order of the additions, a relative difference of order 1e-15.
+/// Gradients that are not f32 are converted to f32 first (flare's LoRA gradients are f32).
+/// All gradients must be on one device.
 pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-    let mut total: Option<Tensor> = None;
-    for g in grads.iter().flatten() {
-        let s = g.to_dtype(DType::F32)?.sqr()?.sum_all()?;
-        total = Some(match total {
-            Some(t) => (t + s)?,
-            None => s,
+    let gs: Vec<&Tensor> = grads.iter().flatten().collect();
+    let Some(first) = gs.first() else {
+        return Ok(0.0);
+    };
+    let device = first.device().clone();
+    if let Some(g) = gs.iter().find(|g| !g.device().same_device(&device)) {
+        return Err(Error::InvalidArgument {
+            op: "global_grad_norm",
+            msg: format!(
+                "gradients on two devices: {:?} and {:?}",
+                device.location(),
+                g.device().location()
+            ),
         });
     }
-    Ok(match total {
-        Some(t) => f64::from(t.to_scalar::<f32>()?).sqrt(),
-        None => 0.0,
-    })
+    let sumsq = match &device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) => sumsq_cuda(dev, &gs)?,
+        _ => sumsq_host(&gs)?,
+    };
+    Ok(sumsq.sqrt())
+}
+
+/// `Σ g²` over every element of `gs`, in f64 on the host.
+fn sumsq_host(gs: &[&Tensor]) -> Result<f64> {
+    let mut total = 0.0f64;
+    for g in gs {
+        let flat = g.flatten_all()?;
+        total += match g.dtype() {
+            DType::F64 => flat.to_vec1::<f64>()?.iter().map(|x| x * x).sum::<f64>(),
+            DType::F32 => flat
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>(),
+            _ => flat
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>(),
+        };
+    }
+    Ok(total)
+}
+
+/// `Σ g²` over every element of `gs` by `grad_norm.cu`: two launches, one 8-byte read.
+#[cfg(feature = "cuda")]
+fn sumsq_cuda(dev: &candle_core::cuda_backend::CudaDevice, gs: &[&Tensor]) -> Result<f64> {
+    use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::Storage;
+
+    let rt = CudaRuntime::get(dev)?;
+    let stream = rt.stream().clone();
+    // Contiguous f32 views (no copy for flare's f32 gradients), alive until the read below.
+    let gs: Vec<Tensor> = gs
+        .iter()
+        .map(|g| g.to_dtype(DType::F32)?.contiguous())
+        .collect::<candle_core::Result<_>>()?;
+    let mut table: Vec<u64> = Vec::with_capacity(2 * gs.len());
+    let mut max_len = 0usize;
+    for g in &gs {
+        let n = g.elem_count();
+        if n == 0 {
+            continue;
+        }
+        let (st, l) = g.storage_and_layout();
+        let Storage::Cuda(cs) = &*st else {
+            return Err(invalid(format!(
+                "a gradient of the CUDA norm is on {:?}",
+                g.device().location()
+            )));
+        };
+        let slice = cs.as_cuda_slice::<f32>()?;
+        let (p, _sync) = slice.device_ptr(&stream);
+        table.extend([
+            p + (l.start_offset() * std::mem::size_of::<f32>()) as u64,
+            n as u64,
+        ]);
+        max_len = max_len.max(n);
+    }
+    let tensors = table.len() / 2;
+    if tensors == 0 {
+        return Ok(0.0);
+    }
+    if tensors > 65535 {
+        return Err(invalid(format!(
+            "{tensors} gradient tensors exceed one launch's grid (65535)"
+        )));
+    }
+    // grad_norm.cu's block sizes, from its `#define`s.
+    const THREADS: usize = flare_kernels::launch::GRAD_NORM_THREADS as usize;
+    const FINAL_THREADS: u32 = flare_kernels::launch::GRAD_NORM_FINAL_THREADS;
+    // Up to 8 elements per thread before a block is added; at most 32 blocks per tensor.
+    let blocks = max_len.div_ceil(THREADS * 8).clamp(1, 32);
+    let n_partial = tensors * blocks;
+    let table_dev = stream
+        .clone_htod(&table)
+        .cuda_ctx("copying the gradient-norm tensor table")?;
+    let mut partial = stream
+        .alloc_zeros::<f64>(n_partial)
+        .cuda_ctx("allocating the gradient-norm partial sums")?;
+    let mut out = stream
+        .alloc_zeros::<f64>(1)
+        .cuda_ctx("allocating the gradient norm")?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, tensors as u32, 1),
+        block_dim: (THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(rt.function(Kernel::GradNormPartF32));
+    b.arg(&mut partial).arg(&table_dev);
+    // SAFETY: grad_norm_part_f32(double *partial, const u64 *table) reads `tensors` rows of
+    // (pointer, len) from `table` (2 * tensors u64, just copied); each pointer is the start of
+    // a live, contiguous f32 buffer of `len` elements on this device, held by `gs` until after
+    // the read below (which waits for both kernels). It writes partial[y * gridDim.x + x] for
+    // every block: `blocks * tensors` doubles, the size of `partial`. GRAD_NORM_THREADS = 256
+    // threads, static shared memory only.
+    unsafe { b.launch(cfg) }.cuda_ctx("launching grad_norm_part_f32")?;
+    let n = n_partial as i64;
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (FINAL_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(rt.function(Kernel::GradNormFinal));
+    b.arg(&mut out).arg(&partial).arg(&n);
+    // SAFETY: grad_norm_final(double *out, const double *partial, long long n) reads the `n`
+    // doubles of `partial` (written by the launch before, on the same stream) and writes
+    // out[0], a buffer of one double. GRAD_NORM_FINAL_THREADS = 1024 threads, one block.
+    unsafe { b.launch(cfg) }.cuda_ctx("launching grad_norm_final")?;
+    let v = stream
+        .clone_dtoh(&out)
+        .cuda_ctx("reading the gradient norm")?;
+    drop(gs);
+    Ok(v[0])
 }
 
 /// The factor that scales gradients of global norm `norm` down to at most `max_norm`

@@ -286,6 +286,57 @@ fn check_finite(t: &Tensor, what: &str) -> Result<()> {
     }
 }
 
+/// The summed NLL over `b`'s counted targets (a scalar, f32 or f64): one micro-batch's
+/// forward and loss exactly as [`Trainer::step`] computes them. A packed batch (with
+/// `cu_seqlens`) runs [`Transformer::forward_hidden_packed`], a padded one
+/// [`Transformer::forward_hidden`]; the LM head and the loss are one fused op
+/// ([`linear_cross_entropy`]), so the `[tokens, vocab]` logits are never held whole. With
+/// `grad`, autograd reaches the adapters (the caller runs `loss.backward()`, then
+/// [`Transformer::merge_checkpoint_grads`] when the model checkpoints its layers); without,
+/// the hidden states are detached and the fused loss computes no gradient. Public so that
+/// `flare bench train` times the trainer's own path.
+///
+/// Errors: a target outside the model's vocabulary (checked here, on the host: the fused op
+/// does not read device targets back), and the model's own errors.
+pub fn batch_nll_sum(model: &Transformer, b: &Batch, grad: bool) -> Result<Tensor> {
+    let dev = model.device();
+    let head = model.lm_head_weight();
+    let vocab = head.dim(0)?;
+    if let Some((i, &t)) = b
+        .targets
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t != IGNORE_INDEX && t as usize >= vocab)
+    {
+        return Err(Error::InvalidArgument {
+            op: "train",
+            msg: format!(
+                "target token id {t} (position {i} of the batch) is outside the model's \
+                 vocabulary of {vocab}"
+            ),
+        });
+    }
+    let ids = Tensor::from_vec(b.input_ids.clone(), (b.batch, b.seq), dev)?;
+    let targets = Tensor::from_vec(b.targets.clone(), b.batch * b.seq, dev)?;
+    // The inputs above are made first: under the cache, small host data is keyed by content.
+    let _params = crate::runtime::cache_launch_params(dev);
+    // The final-normed hidden states, one row per target: [tokens, hidden].
+    let hidden = match &b.cu_seqlens {
+        Some(cu) => model.forward_hidden_packed(&ids, cu)?,
+        None => {
+            let h = model.forward_hidden(&ids)?;
+            let width = h.dim(2)?;
+            h.reshape((b.batch * b.seq, width))?
+        }
+    };
+    let (hidden, head) = if grad {
+        (hidden, head.clone())
+    } else {
+        (hidden.detach(), head.detach())
+    };
+    linear_cross_entropy(&hidden, &head, &targets, IGNORE_INDEX)
+}
+
 impl Trainer {
     /// Starts a run: validates the config, loads the model onto `device` (and runs it once on
     /// one token), tokenises the data (through the cache in `<output_dir>/token-cache`),
@@ -742,48 +793,9 @@ impl Trainer {
         self.make(&exs)
     }
 
-    /// Summed NLL over a batch's counted targets (a scalar, f32 or f64), with autograd when
-    /// `grad` (else the hidden states are detached, so the fused loss computes no gradient).
-    /// The LM head and the loss are one fused op ([`linear_cross_entropy`]): the
-    /// `[tokens, vocab]` logits are never held whole.
+    /// Summed NLL over a batch's counted targets ([`batch_nll_sum`] of the run's model).
     fn batch_nll_sum(&self, b: &Batch, grad: bool) -> Result<Tensor> {
-        let dev = self.model.device();
-        let head = self.model.lm_head_weight();
-        let vocab = head.dim(0)?;
-        // The fused op does not read device targets back (see its docs): check them here.
-        if let Some((i, &t)) = b
-            .targets
-            .iter()
-            .enumerate()
-            .find(|&(_, &t)| t != IGNORE_INDEX && t as usize >= vocab)
-        {
-            return Err(Error::InvalidArgument {
-                op: "train",
-                msg: format!(
-                    "target token id {t} (position {i} of the batch) is outside the model's \
-                     vocabulary of {vocab}"
-                ),
-            });
-        }
-        let ids = Tensor::from_vec(b.input_ids.clone(), (b.batch, b.seq), dev)?;
-        let targets = Tensor::from_vec(b.targets.clone(), b.batch * b.seq, dev)?;
-        // The inputs above are made first: under the cache, small host data is keyed by content.
-        let _params = crate::runtime::cache_launch_params(dev);
-        // The final-normed hidden states, one row per target: [tokens, hidden].
-        let hidden = match &b.cu_seqlens {
-            Some(cu) => self.model.forward_hidden_packed(&ids, cu)?,
-            None => {
-                let h = self.model.forward_hidden(&ids)?;
-                let width = h.dim(2)?;
-                h.reshape((b.batch * b.seq, width))?
-            }
-        };
-        let (hidden, head) = if grad {
-            (hidden, head.clone())
-        } else {
-            (hidden.detach(), head.detach())
-        };
-        linear_cross_entropy(&hidden, &head, &targets, IGNORE_INDEX)
+        batch_nll_sum(&self.model, b, grad)
     }
 
     /// One optimizer step over `grad_accum` batches. `None` when every step is done.

@@ -384,3 +384,44 @@ fn golden_all_archs(dev: &Device) -> Result<()> {
 }
 
 device_test!(golden_all_archs);
+
+/// `Transformer::random` on each device: weights uniform in ±0.02·√3 (standard deviation 0.02),
+/// the same for the same seed and different for another (on CUDA they are drawn on the device).
+fn random_weights(dev: &Device) -> Result<()> {
+    let cfg = ModelConfig::from_json_str(
+        r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 96, "intermediate_size": 200,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "vocab_size": 301, "max_position_embeddings": 64}"#,
+        "config.json",
+    )?;
+    let weights = |seed: u64| -> Result<Vec<f32>> {
+        let m = Transformer::random(cfg.clone(), DType::BF16, dev, seed)?;
+        let mut v = Vec::new();
+        for (_, lin) in m.lora_modules() {
+            v.extend(
+                lin.weight()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        Ok(v)
+    };
+    let a = weights(3)?;
+    assert_eq!(a, weights(3)?, "the same seed gives the same weights");
+    assert_ne!(a, weights(4)?, "another seed gives other weights");
+    let bound = 0.02 * 3f64.sqrt() * 1.01; // bf16 rounding
+    assert!(a.iter().all(|&x| f64::from(x).abs() <= bound));
+    let n = a.len() as f64;
+    let mean = a.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+    let std = (a
+        .iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / n)
+        .sqrt();
+    assert!(mean.abs() < 1e-3, "mean {mean}");
+    assert!((std - 0.02).abs() < 0.001, "std {std}");
+    Ok(())
+}
+device_test!(random_weights);

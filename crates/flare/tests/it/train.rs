@@ -238,6 +238,90 @@ fn clipping_bounds_the_global_norm() -> Result<()> {
     Ok(())
 }
 
+/// Gradients of odd sizes for the norm tests: many tensors (more than one launch row each),
+/// one large enough to span several blocks of the CUDA kernel, an empty one, and `None`s.
+fn odd_grads(dev: &Device) -> Result<Vec<Option<Tensor>>> {
+    let shapes: Vec<Vec<usize>> = (0..61)
+        .map(|i| match i % 5 {
+            0 => vec![16, 7 + 2 * i],
+            1 => vec![3 * i + 1, 16],
+            2 => vec![1 + i],
+            3 => vec![0],
+            _ => vec![5, 3, 1 + i % 7],
+        })
+        .chain([vec![297_013], vec![13, 17]])
+        .collect();
+    let mut out = Vec::new();
+    for (i, sh) in shapes.iter().enumerate() {
+        let t = randn_scaled(sh, 0.25, 3.0, DType::F32, dev, seed(&format!("gnorm{i}")))?;
+        out.push(Some(t));
+        if i % 9 == 0 {
+            out.push(None);
+        }
+    }
+    Ok(out)
+}
+
+/// The reference: one f64 sum of squares per tensor, added in f64.
+fn norm_reference(grads: &[Option<Tensor>]) -> Result<f64> {
+    let mut total = 0.0;
+    for g in grads.iter().flatten() {
+        total += to_f64_vec(g)?.iter().map(|x| x * x).sum::<f64>();
+    }
+    Ok(total.sqrt())
+}
+
+#[test]
+fn global_norm_equals_the_per_tensor_reference() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut grads = odd_grads(&dev)?;
+    // A non-contiguous gradient and an f64 one are read as they are.
+    grads.push(Some(
+        randn_scaled(&[9, 31], 0.0, 1.0, DType::F32, &dev, 5)?.t()?,
+    ));
+    grads.push(Some(randn_scaled(&[11], 0.0, 1.0, DType::F64, &dev, 6)?));
+    let got = global_grad_norm(&grads)?;
+    let want = norm_reference(&grads)?;
+    assert!(want > 100.0, "the grads are not trivial: {want}");
+    assert!(
+        (got - want).abs() <= 1e-12 * want,
+        "global norm {got} vs reference {want}"
+    );
+    assert_eq!(global_grad_norm(&[None, None])?, 0.0);
+    assert_eq!(global_grad_norm(&[])?, 0.0);
+    // clip_scale is unchanged: PyTorch's max / (norm + 1e-6), at most 1.
+    assert_eq!(clip_scale(got, Some(1.0)), 1.0 / (got + 1e-6));
+    assert_eq!(clip_scale(0.5, Some(1.0)), 1.0);
+    Ok(())
+}
+
+#[test]
+fn global_norm_cuda_matches_cpu() -> Result<()> {
+    let Some(dev) = crate::common::cuda_device() else {
+        return Ok(());
+    };
+    let cpu = odd_grads(&Device::Cpu)?;
+    let mut gpu: Vec<Option<Tensor>> = cpu
+        .iter()
+        .map(|g| g.as_ref().map(|g| g.to_device(&dev)).transpose())
+        .collect::<candle_core::Result<_>>()?;
+    let want = global_grad_norm(&cpu)?;
+    let got = global_grad_norm(&gpu)?;
+    // f64 squares and sums on both sides: only the order of the additions differs.
+    assert!(
+        (got - want).abs() <= 1e-12 * want,
+        "cuda {got} vs cpu {want}"
+    );
+    // A bf16 and a non-contiguous gradient are converted (bf16 values are exact in f32).
+    let b = randn_scaled(&[37, 5], 0.0, 1.0, DType::BF16, &Device::Cpu, 8)?;
+    gpu.push(Some(b.to_device(&dev)?.t()?));
+    let mut cpu2 = cpu.clone();
+    cpu2.push(Some(b.t()?));
+    let (got, want) = (global_grad_norm(&gpu)?, norm_reference(&cpu2)?);
+    assert!((got - want).abs() <= 1e-12 * want, "cuda {got} vs {want}");
+    Ok(())
+}
+
 #[test]
 fn schedules_warm_up_and_decay_to_zero() {
     for s in [Schedule::Linear, Schedule::Cosine] {
