@@ -1165,12 +1165,11 @@ impl Transformer {
         // checkpointed layer's recomputation drops what its forward dropped.
         let dropout_base = self.dropout_seed.unwrap_or_else(rand::random);
         let layer_seed = |i: usize| mix64(dropout_base ^ mix64(i as u64));
-        let normed = if self.checkpointing && cache.is_none() {
-            self.layers_checkpointed(x, &cos, &sin, mask, layer_seed)?
+        if self.checkpointing && cache.is_none() {
+            self.layers_checkpointed(x, &cos, &sin, mask, layer_seed)
         } else {
-            self.layers_plain(x, &cos, &sin, mask, cache, layer_seed)?
-        };
-        matmul(&normed, &self.lm_head.t()?)
+            self.layers_plain(x, &cos, &sin, mask, cache, layer_seed)
+        }
     }
 
     /// The decoder layers and the final norm on the embeddings `x`, each layer's residual
