@@ -326,6 +326,16 @@ if want profile; then
   step "profile: torch anchor train" traced trace_torch_train timeout 200 "$PY" bench/anchor_train.py
   step "profile: flare bench decode" traced trace_flare_decode timeout 120 "$BIN/flare" bench decode --device cuda --batch 1
 fi
+# profile8b: the same trace of the Llama-3.1-8B shape at 1x4096 (no checkpointing) and of the
+# Qwen2-0.5B shape at 4x512 and 8x1024, flare only.
+if want profile8b; then
+  step "profile: flare bench train, llama-3.1-8b 1x4096" traced trace_flare_train8b timeout 150 \
+    "$BIN/flare" bench train --device cuda --config llama-3.1-8b --shapes 1x4096 \
+    --gradient-checkpointing off
+  step "profile: flare bench train, qwen2-0.5b 4x512,8x1024" traced trace_flare_train05b timeout 100 \
+    "$BIN/flare" bench train --device cuda --config qwen2-0.5b --shapes 4x512,8x1024 \
+    --gradient-checkpointing off
+fi
 if want sanitizer; then
 step "compute-sanitizer memcheck (cuda tests)" run_sanitizer
 fi

@@ -62,13 +62,24 @@ static void CUPTIAPI buffer_completed(CUcontext ctx, uint32_t stream, uint8_t *b
     case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL:
     case CUPTI_ACTIVITY_KIND_KERNEL: {
       CUpti_ActivityKernel10 *k = (CUpti_ActivityKernel10 *)rec;
-      add("kernel", k->name ? k->name : "?", k->end - k->start);
+      // Short names (Candle's elementwise kernels: badd_bf16, ucopy_bf16, ...) carry their
+      // grid size, which tells the tensor size they ran on.
+      const char *kn = k->name ? k->name : "?";
+      char named[160];
+      if (strlen(kn) < 32) {
+        snprintf(named, sizeof named, "%s grid %ux%u", kn, (unsigned)k->gridX, (unsigned)k->gridY);
+        kn = named;
+      }
+      add("kernel", kn, k->end - k->start);
       break;
     }
     case CUPTI_ACTIVITY_KIND_MEMCPY: {
       CUpti_ActivityMemcpy6 *m = (CUpti_ActivityMemcpy6 *)rec;
-      char name[64];
-      snprintf(name, sizeof name, "memcpy kind %u", (unsigned)m->copyKind);
+      // Named by direction, source memory kind (CUpti_ActivityMemoryKind: 1 pageable, 2 pinned,
+      // 3 device) and size, so the copies of one call site group together.
+      char name[96];
+      snprintf(name, sizeof name, "memcpy kind %u src %u bytes %llu", (unsigned)m->copyKind,
+               (unsigned)m->srcKind, (unsigned long long)m->bytes);
       add("memcpy", name, m->end - m->start);
       break;
     }
