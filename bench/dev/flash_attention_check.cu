@@ -77,7 +77,10 @@ void launch_fwd(T *o, float *lse, const T *q, const T *k, const T *v, const Shap
 template <typename T, int D>
 void launch_bwd(T *dq, T *dk, T *dv, float *dq_acc, float *delta, const T *q, const T *k,
                 const T *v, const T *o, const T *dout, const float *lse, const Shape &s,
-                int parts = 7) {  // parts: bit 0 bwd_pre, bit 1 bwd, bit 2 convert (timing)
+                int parts = 7, int split = 1, float *dkv_acc = nullptr) {
+  // parts: bit 0 bwd_pre, bit 1 bwd, bit 2 convert (timing). split > 1: dkv_acc holds
+  // 2 * total_k * hkv * D floats (zeroed here), converted into dk, dv after the kernel.
+  const long long nk = (long long)s.total_k * s.hkv * D;
   const long long rows = (long long)s.total_q * s.hq;
   if ((parts & 1) && rows > 0) {
     Kern<T, D>::pre<<<(unsigned)((rows + 7) / 8), 256>>>(delta, dq_acc, o, dout, s.total_q, s.hq);
@@ -90,10 +93,18 @@ void launch_bwd(T *dq, T *dk, T *dv, float *dq_acc, float *delta, const T *q, co
       CK(cudaFuncSetAttribute(Kern<T, D>::bwd, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       attr = true;
     }
-    dim3 grid((s.max_sk + FA_BWD_BN(D) - 1) / FA_BWD_BN(D), s.hkv, s.batch);
-    Kern<T, D>::bwd<<<grid, FA_BWD_THREADS(D), smem>>>(dk, dv, dq_acc, q, k, v, dout, lse, delta,
-                                                       s.cu_q, s.cu_k, s.hq, s.hkv, s.total_q,
-                                                       s.scale, s.causal, s.window);
+    if (split > 1) CK(cudaMemsetAsync(dkv_acc, 0, 2 * nk * sizeof(float)));
+    dim3 grid((s.max_sk + FA_BWD_BN(D) - 1) / FA_BWD_BN(D), s.hkv * split, s.batch);
+    Kern<T, D>::bwd<<<grid, FA_BWD_THREADS(D), smem>>>(
+        dk, dv, dq_acc, q, k, v, dout, lse, delta, s.cu_q, s.cu_k, s.hq, s.hkv, s.total_q,
+        s.scale, s.causal, s.window, split > 1 ? dkv_acc : nullptr,
+        split > 1 ? dkv_acc + nk : nullptr, split);
+    CK(cudaGetLastError());
+  }
+  if ((parts & 4) && split > 1 && nk > 0) {  // dk and dv are contiguous in the callers' buffers
+    const long long blocks = std::min<long long>((nk + 255) / 256, 8192);
+    Kern<T, D>::cvt<<<(unsigned)blocks, 256>>>(dk, dkv_acc, nk);
+    Kern<T, D>::cvt<<<(unsigned)blocks, 256>>>(dv, dkv_acc + nk, nk);
     CK(cudaGetLastError());
   }
   const long long n = rows * D;
@@ -172,7 +183,7 @@ static const double TOL_REL = 1e-2;   // O, dQ, dK, dV: ||out - ref|| / ||ref||
 static const double TOL_LSE = 5e-3;   // L: max abs error (natural log units)
 
 template <typename T, int D>
-bool run_case(const Lens &ln, int hq, int hkv, int causal, int window, int idx) {
+bool run_case(const Lens &ln, int hq, int hkv, int causal, int window, int idx, int split = 1) {
   std::vector<int> cq{0}, ck{0};
   int max_sq = 0, max_sk = 0;
   for (size_t b = 0; b < ln.q.size(); ++b) {
@@ -185,8 +196,9 @@ bool run_case(const Lens &ln, int hq, int hkv, int causal, int window, int idx) 
   const size_t nq = (size_t)total_q * hq * D, nk = (size_t)total_k * hkv * D;
   const double scale = 1.0 / std::sqrt((double)D);
   // The case first, so that a launch failure below is seen with its case.
-  printf("%3d %-4s D%-3d H%2d/%-2d causal=%d win=%-3d q=%-14s k=%-14s ", idx, dtype_name<T>(), D,
-         hq, hkv, causal, window, lens_str(ln.q).c_str(), lens_str(ln.k).c_str());
+  printf("%3d %-4s D%-3d H%2d/%-2d split %d causal=%d win=%-3d q=%-14s k=%-14s ", idx,
+         dtype_name<T>(), D, hq, hkv, split, causal, window, lens_str(ln.q).c_str(),
+         lens_str(ln.k).c_str());
   fflush(stdout);
 
   // q a bit wider than N(0,1) so that some rows have peaked softmaxes.
@@ -201,12 +213,13 @@ bool run_case(const Lens &ln, int hq, int hkv, int causal, int window, int idx) 
   T *o = dev_alloc_nan<T>(nq), *dq = dev_alloc_nan<T>(nq), *dk = dev_alloc_nan<T>(nk),
     *dv = dev_alloc_nan<T>(nk);
   float *lse = dev_alloc_nan<float>((size_t)hq * total_q),
-        *delta = dev_alloc_nan<float>((size_t)hq * total_q), *dq_acc = dev_alloc_nan<float>(nq);
+        *delta = dev_alloc_nan<float>((size_t)hq * total_q), *dq_acc = dev_alloc_nan<float>(nq),
+        *dkv_acc = dev_alloc_nan<float>(2 * nk + 1);
   Shape s{batch, hq, hkv, total_q, total_k, max_sq, max_sk, causal, window, (float)scale, cu_q,
           cu_k};
   launch_fwd<T, D>(o, lse, q, k, v, s);
   CK(cudaDeviceSynchronize());
-  launch_bwd<T, D>(dq, dk, dv, dq_acc, delta, q, k, v, o, dout, lse, s);
+  launch_bwd<T, D>(dq, dk, dv, dq_acc, delta, q, k, v, o, dout, lse, s, 7, split, dkv_acc);
   CK(cudaDeviceSynchronize());
 
   const Cmp co = compare(from_dev(o, nq), ref.o);
@@ -223,7 +236,7 @@ bool run_case(const Lens &ln, int hq, int hkv, int causal, int window, int idx) 
   fflush(stdout);
   for (void *p : {(void *)q, (void *)k, (void *)v, (void *)dout, (void *)cu_q, (void *)cu_k,
                   (void *)o, (void *)dq, (void *)dk, (void *)dv, (void *)lse, (void *)delta,
-                  (void *)dq_acc})
+                  (void *)dq_acc, (void *)dkv_acc})
     CK(cudaFree(p));
   return pass;
 }
@@ -234,7 +247,7 @@ struct TimeShape {
   int B, hq, hkv, T;
 };
 
-template <typename T, int D> bool time_shape(const TimeShape &ts) {
+template <typename T, int D> bool time_shape(const TimeShape &ts, int split = 1) {
   const int B = ts.B, hq = ts.hq, hkv = ts.hkv, S = ts.T;
   std::vector<int> cq(B + 1);
   for (int b = 0; b <= B; ++b) cq[b] = b * S;
@@ -248,13 +261,14 @@ template <typename T, int D> bool time_shape(const TimeShape &ts) {
   T *o = dev_alloc_nan<T>(nq), *dq = dev_alloc_nan<T>(nq), *dk = dev_alloc_nan<T>(nk),
     *dv = dev_alloc_nan<T>(nk);
   float *lse = dev_alloc_nan<float>((size_t)hq * total),
-        *delta = dev_alloc_nan<float>((size_t)hq * total), *dq_acc = dev_alloc_nan<float>(nq);
+        *delta = dev_alloc_nan<float>((size_t)hq * total), *dq_acc = dev_alloc_nan<float>(nq),
+        *dkv_acc = dev_alloc_nan<float>(2 * nk);
   Shape s{B, hq, hkv, total, total, S, S, 1, -1, (float)scale, cu, cu};
 
   auto fwd = [&] { launch_fwd<T, D>(o, lse, q, k, v, s); };
   auto fwdbwd = [&] {
     launch_fwd<T, D>(o, lse, q, k, v, s);
-    launch_bwd<T, D>(dq, dk, dv, dq_acc, delta, q, k, v, o, dout, lse, s);
+    launch_bwd<T, D>(dq, dk, dv, dq_acc, delta, q, k, v, o, dout, lse, s, 7, split, dkv_acc);
   };
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
@@ -280,7 +294,8 @@ template <typename T, int D> bool time_shape(const TimeShape &ts) {
   double t_part[3];
   for (int i = 0; i < 3; ++i)
     t_part[i] = median_ms(
-        [&] { launch_bwd<T, D>(dq, dk, dv, dq_acc, delta, q, k, v, o, dout, lse, s, 1 << i); });
+        [&] { launch_bwd<T, D>(dq, dk, dv, dq_acc, delta, q, k, v, o, dout, lse, s, 1 << i, split,
+                               dkv_acc); });
   // The last fwd+bwd run leaves every output of the pass in place for the checks below.
   const double t_fb = median_ms(fwdbwd);
   CK(cudaDeviceSynchronize());
@@ -354,7 +369,7 @@ template <typename T, int D> bool time_shape(const TimeShape &ts) {
   const double flops_f = 4.0 * B * hq * (double)S * S * D / 2.0;
   const double flops_fb = flops_f * 3.5;
   char name[64];
-  snprintf(name, sizeof name, "B%d H%d/KV%d T%d D%d", B, hq, hkv, S, D);
+  snprintf(name, sizeof name, "B%d H%d/KV%d T%d D%d s%d", B, hq, hkv, S, D, split);
   printf("%-26s | %8.3f | %8.1f | %10.3f | %10.1f | nonfinite %lld, spot O %.1e L %.1e dQ %.1e "
          "%s\n",
          name, t_f, flops_f / (t_f * 1e9), t_fb, flops_fb / (t_fb * 1e9), nonfinite, co.rel,
@@ -367,7 +382,7 @@ template <typename T, int D> bool time_shape(const TimeShape &ts) {
   CK(cudaEventDestroy(e1));
   for (void *ptr : {(void *)q, (void *)k, (void *)v, (void *)dout, (void *)cu, (void *)o,
                     (void *)dq, (void *)dk, (void *)dv, (void *)lse, (void *)delta,
-                    (void *)dq_acc})
+                    (void *)dq_acc, (void *)dkv_acc})
     CK(cudaFree(ptr));
   return pass;
 }
@@ -436,6 +451,16 @@ int main(int argc, char **argv) {
             ++total;
             ++idx;
           }
+    // The GQA group split over blocks (dK, dV summed in f32 by atomics, then converted).
+    for (int split : {2, 7}) {
+      const bool ok = split == 7 ? run_case<bf16, 64>(lens[2], 14, 2, 1, -1, idx, 7)
+                                 : run_case<bf16, 128>(lens[4], 8, 2, 1, 48, idx, 2);
+      passed += ok;
+      ++total;
+      ++idx;
+    }
+    passed += run_case<f16, 64>(lens[3], 8, 2, 1, -1, idx++, 4);
+    ++total;
     printf("correctness: %d / %d cases PASS\n", passed, total);
   }
   if (quick) {
@@ -451,8 +476,15 @@ int main(int argc, char **argv) {
   tpass += time_shape<bf16, 64>({8, 14, 14, 1024});
   tpass += time_shape<bf16, 64>({2, 14, 14, 4096});
   tpass += time_shape<bf16, 128>({1, 32, 8, 8192});
-  printf("timed shapes: %d / 3 checks PASS\n", tpass);
-  const bool ok = passed == total && tpass == 3;
+  // The models' GQA shapes (Qwen2-0.5B: 14/2 heads, D 64; Llama-3.1-8B: 32/8, D 128) with
+  // the group split over 1, 2, ... blocks.
+  int ntimed = 3;
+  for (int sp : {1, 7}) tpass += time_shape<bf16, 64>({4, 14, 2, 512}, sp), ++ntimed;
+  for (int sp : {1, 7}) tpass += time_shape<bf16, 64>({8, 14, 2, 1024}, sp), ++ntimed;
+  for (int sp : {1, 2, 4}) tpass += time_shape<bf16, 128>({1, 32, 8, 4096}, sp), ++ntimed;
+  for (int sp : {1, 2}) tpass += time_shape<bf16, 128>({1, 32, 8, 8192}, sp), ++ntimed;
+  printf("timed shapes: %d / %d checks PASS\n", tpass, ntimed);
+  const bool ok = passed == total && tpass == ntimed;
   printf("\nOVERALL: %s\n", ok ? "PASS" : "FAIL");
   return ok ? 0 : 1;
 }

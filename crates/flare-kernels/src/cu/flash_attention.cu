@@ -31,13 +31,20 @@
 //   flash_attn_bwd_pre_d{D}_{T}(delta, dq_acc, o, dout, total_q, hq)
 //                                            grid ceil(total_q * Hq / 8), block 256 (a warp/row)
 //   flash_attn_bwd_d{D}_{T}(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, cu_k, hq, hkv,
-//       total_q, scale, causal, window)      grid (ceil(max_sk / FA_BWD_BN(D)), Hkv, batch),
+//       total_q, scale, causal, window, dk_acc, dv_acc, split)
+//                                            grid (ceil(max_sk / FA_BWD_BN(D)), Hkv * split,
+//                                            batch), split dividing Hq / Hkv,
 //                                            FA_BWD_BN = 128, block FA_BWD_THREADS(D) = 128
 //                                            for D = 64, 256 for D = 128, dynamic smem
 //                                            FA_BWD_SMEM(D) bytes (76,288 for D = 64, 125,440
 //                                            for D = 128: both over 48 KiB, so
 //                                            cudaFuncAttributeMaxDynamicSharedMemorySize first)
 //   flash_attn_bwd_convert_d{D}_{T}(dq, dq_acc, n)   n = total_q * Hq * D, any 1-D grid
+//                                            (also dK, dV from dk_acc, dv_acc when split > 1)
+// split: with split = 1 the bwd kernel writes dk and dv (T) and ignores dk_acc / dv_acc (may
+// be null). With split > 1 each block takes Hq / Hkv / split query heads of its kv head's
+// group, and adds its partial dK, dV to the f32 [total_k, Hkv, D] buffers dk_acc, dv_acc
+// (zeroed by the caller) with atomics; dk and dv are not written (the caller converts).
 //
 // Design
 //   forward: a block owns FA_FWD_BM query rows of one (sequence, head); each warp owns a quarter
@@ -71,8 +78,10 @@
 //     last dQ follows the loop. Only the tiles that cross a mask boundary (per warp) evaluate
 //     the mask per element. The grid is walked key block slowest: under causal the low key
 //     blocks see the most queries, so every head's heaviest blocks start first. Launching
-//     over kv heads divides the number of blocks by the group size; at the shapes flare
-//     trains there are still hundreds (B1 H32/KV8 T8192: 64 key blocks x 8 = 512). Registers
+//     over kv heads divides the number of blocks by the group size: B1 H32/KV8 T8192 still has
+//     64 key blocks x 8 = 512, but a 0.5B-model shape (B4 H14/KV2 T512) only 4 x 2 x 4 = 32
+//     for 132 multiprocessors. There the launcher splits each group's query heads over
+//     `split` blocks, which add their partial dK, dV into f32 buffers with atomics. Registers
 //     (sm_90, no spills): 255 for D = 64 (2 blocks of 4 warps per SM), 246 for D = 128
 //     (1 block of 8 warps).
 #include <type_traits>
@@ -470,7 +479,9 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
                                     const T *__restrict__ dout, const float *__restrict__ lse,
                                     const float *__restrict__ delta, const int *__restrict__ cu_q,
                                     const int *__restrict__ cu_k, int hq, int hkv, int total_q,
-                                    float scale, int causal, int window) {
+                                    float scale, int causal, int window,
+                                    float *__restrict__ dk_acc, float *__restrict__ dv_acc,
+                                    int split) {
   constexpr int NTH = FA_BWD_THREADS(D), NW = NTH / 32;
   constexpr int BN = FA_BWD_BN(D), BM = FA_BWD_BM(D), LD = D + 8, LDS = BM + 8;
   constexpr int KM = FA_BWD_KM(D);  // m16 key tiles per warp
@@ -491,12 +502,15 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
   // the low key blocks see the most queries, so the heaviest blocks of every head start first.
   const int nblk = gridDim.y * gridDim.z;
   const int lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-  const int xb = lin / nblk, hk = (lin % nblk) % gridDim.y, b = (lin % nblk) / gridDim.y;
+  const int xb = lin / nblk, hs = (lin % nblk) % gridDim.y, b = (lin % nblk) / gridDim.y;
+  // gridDim.y = hkv * split: kv head hk, and which part of its group's query heads.
+  const int hk = hs / split, part = hs % split;
   const int q0 = cu_q[b], sq = cu_q[b + 1] - q0;
   const int k0 = cu_k[b], sk = cu_k[b + 1] - k0;
   const int n0 = xb * BN;
   if (n0 >= sk) return;
-  const int G = hq / hkv;
+  const int G = hq / hkv / split;  // query heads of this block: h0 .. h0 + G - 1
+  const int h0 = hk * (hq / hkv) + part * G;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const long long qs = (long long)hq * D, ks = (long long)hkv * D;
@@ -517,10 +531,10 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
   load_tile<T, D, BN, NTH>(sK, kb, ks, sk - n0);
   load_tile<T, D, BN, NTH>(sV, vb, ks, sk - n0);
 
-  // Iteration it: query head h = hk G + it / n_mt, query tile m0 = m_first + (it % n_mt) BM.
+  // Iteration it: query head h = h0 + it / n_mt, query tile m0 = m_first + (it % n_mt) BM.
   // Stages the Q, dO tiles of iteration it in buffer it & 1 (cp.async, not committed here).
   auto load_q = [&](int it) {
-    const int h = hk * G + it / n_mt, m0 = m_first + (it % n_mt) * BM;
+    const int h = h0 + it / n_mt, m0 = m_first + (it % n_mt) * BM;
     const long long base = ((long long)(q0 + m0) * hq + h) * D;
     const int buf = it & 1;
     load_tile<T, D, BM, NTH>(sQ0 + buf * BM * LD, q + base, qs, sq - m0);
@@ -530,7 +544,7 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
   // memory later, so the loads overlap the tile's math). Rows past the sequence: L = +inf
   // (P = 0), D = 0.
   auto fetch_ld = [&](int it, float &l, float &d) {
-    const int h = hk * G + it / n_mt, m0 = m_first + (it % n_mt) * BM;
+    const int h = h0 + it / n_mt, m0 = m_first + (it % n_mt) * BM;
     const int i = m0 + threadIdx.x;
     const bool ok = threadIdx.x < BM && i < sq;
     const long long idx = (long long)h * total_q + q0 + i;
@@ -564,7 +578,7 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
   // dims, one per warp (round-robin). A = dS (query rows) by ldmatrix.trans of dS^T; B = K by
   // ldmatrix.trans; the piece is added to dq_acc with f32 atomics.
   auto dq_step = [&](int it) {
-    const int h = hk * G + it / n_mt, m0 = m_first + (it % n_mt) * BM;
+    const int h = h0 + it / n_mt, m0 = m_first + (it % n_mt) * BM;
     const T *sdS = sdS0 + (it & 1) * BN * LDS;
     constexpr int PIECES = (BM / 16) * (D / 32);
     for (int pc = warp; pc < PIECES; pc += NW) {
@@ -735,7 +749,8 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
     dq_step(iters - 1);
   }
 
-  // Write dK = scale * sum dS^T Q and dV (every key of the block, zeros where nothing saw it).
+  // Write dK = scale * sum dS^T Q and dV (every key of the block, zeros where nothing saw it),
+  // or with split > 1 add this block's part of the group's sum to the f32 buffers.
 #pragma unroll
   for (int km = 0; km < KM; ++km)
 #pragma unroll
@@ -745,10 +760,17 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
         const long long base = ((long long)(k0 + j) * hkv + hk) * D + 2 * t;
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
-          *reinterpret_cast<unsigned *>(dk + base + dt * 8) =
-              pack2<T>(dka[km][dt][2 * rr] * scale, dka[km][dt][2 * rr + 1] * scale);
-          *reinterpret_cast<unsigned *>(dv + base + dt * 8) =
-              pack2<T>(dva[km][dt][2 * rr], dva[km][dt][2 * rr + 1]);
+          const float k0v = dka[km][dt][2 * rr] * scale, k1v = dka[km][dt][2 * rr + 1] * scale;
+          const float v0v = dva[km][dt][2 * rr], v1v = dva[km][dt][2 * rr + 1];
+          if (split == 1) {
+            *reinterpret_cast<unsigned *>(dk + base + dt * 8) = pack2<T>(k0v, k1v);
+            *reinterpret_cast<unsigned *>(dv + base + dt * 8) = pack2<T>(v0v, v1v);
+          } else {
+            atomicAdd(dk_acc + base + dt * 8, k0v);
+            atomicAdd(dk_acc + base + dt * 8 + 1, k1v);
+            atomicAdd(dv_acc + base + dt * 8, v0v);
+            atomicAdd(dv_acc + base + dt * 8 + 1, v1v);
+          }
         }
       }
     }
@@ -778,9 +800,9 @@ __device__ __forceinline__ void bwd(T *__restrict__ dk, T *__restrict__ dv,
           const T *__restrict__ dout, const float *__restrict__ lse,                             \
           const float *__restrict__ delta, const int *__restrict__ cu_q,                         \
           const int *__restrict__ cu_k, int hq, int hkv, int total_q, float scale, int causal,   \
-          int window) {                                                                          \
+          int window, float *__restrict__ dk_acc, float *__restrict__ dv_acc, int split) {       \
     fa::bwd<T, D>(dk, dv, dq_acc, q, k, v, dout, lse, delta, cu_q, cu_k, hq, hkv, total_q,       \
-                  scale, causal, window);                                                        \
+                  scale, causal, window, dk_acc, dv_acc, split);                                 \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(256)                                              \
       flash_attn_bwd_convert_d##D##_##SUF(T *__restrict__ dq, const float *__restrict__ dq_acc,  \

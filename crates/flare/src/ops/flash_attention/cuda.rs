@@ -20,7 +20,7 @@ use std::sync::{Mutex, OnceLock};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaStorage, DType, Layout};
@@ -324,7 +324,8 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     // SAFETY: every element is written below: dQ ([0, nq)) by bwd_convert from the workspace
     // (all of it, when nq > 0), dK and dV ([nq, nq + 2 nk)) by the bwd kernel, which writes
     // every key row of every sequence (zeros where no query sees it) whenever max_sk > 0 (and
-    // nk == 0 otherwise). `delta` is written by bwd_pre for every row before bwd reads it, and
+    // nk == 0 otherwise), or with a split by bwd_convert from the zeroed f32 sums the kernel
+    // adds into (all 2 nk of them). `delta` is written by bwd_pre for every row before bwd reads it, and
     // `dq_acc` is zeroed by bwd_pre (the kernel's convention) before bwd accumulates into it.
     let mut out = unsafe { dev.alloc::<T>(nq + 2 * nk) }?;
     let mut delta = unsafe { dev.alloc::<f32>(rows) }?;
@@ -333,8 +334,20 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     let stream = rt.stream();
     let (hq, hkv, total_q) = (p.hq as i32, p.hkv as i32, p.total_q as i32);
     let (scale, causal, window) = (p.scale as f32, i32::from(p.causal), p.window_arg());
+    let split = p.bwd_split(rt.sm_count as usize);
+    // With split > 1 the blocks of one kv head add their dK, dV parts into these f32 sums
+    // (zeroed here), converted into `out` after the kernel.
+    let dkv_acc = if split > 1 && nk > 0 {
+        Some(
+            stream
+                .alloc_zeros::<f32>(2 * nk)
+                .cuda_ctx("allocating the dK / dV sums")
+                .map_err(crate::Error::into_candle)?,
+        )
+    } else {
+        None
+    };
     let (mut dq, mut dkv) = out.split_at_mut(nq);
-    let (mut dk, mut dv) = dkv.split_at_mut(nk);
 
     if rows > 0 {
         let cfg = LaunchConfig {
@@ -368,12 +381,20 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         let cfg = LaunchConfig {
             grid_dim: (
                 max_sk.div_ceil(bwd_block_keys(p.d)) as u32,
-                p.hkv as u32,
+                (p.hkv * split) as u32,
                 p.batch() as u32,
             ),
             block_dim: (bwd_threads(p.d), 1, 1),
             shared_mem_bytes: smem as u32,
         };
+        let (mut dk, mut dv) = dkv.split_at_mut(nk);
+        // The f32 sums' halves (dK, dV), or null pointers (the kernel ignores them at split 1).
+        let acc_guard = dkv_acc.as_ref().map(|acc| acc.device_ptr(stream));
+        let (acc_k, acc_v) = match &acc_guard {
+            Some((ptr, _)) => (*ptr, *ptr + (nk * std::mem::size_of::<f32>()) as u64),
+            None => (0, 0),
+        };
+        let split_arg = split as i32;
         let mut b = stream.launch_builder(rt.function(ks.bwd));
         b.arg(&mut dk)
             .arg(&mut dv)
@@ -391,18 +412,47 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             .arg(&total_q)
             .arg(&scale)
             .arg(&causal)
-            .arg(&window);
+            .arg(&window)
+            .arg(&acc_k)
+            .arg(&acc_v)
+            .arg(&split_arg);
         // SAFETY: flash_attn_bwd_d<D>_<t>(T *dk, T *dv, float *dq_acc, const T *q, const T *k,
         // const T *v, const T *dout, const float *lse, const float *delta, const int *cu_q,
-        // const int *cu_k, int hq, int hkv, int total_q, float scale, int causal, int window):
-        // dk and dv are disjoint nk-element views of `out`, dq_acc and q, dout hold nq
-        // elements, k and v nk, lse (the forward's, length checked) and delta hq * total_q
-        // floats; the offsets are the forward's (batch + 1 each, checked by
-        // `flash_attention`); the grid is (ceil(max_sk / FA_BWD_BN(D)), hkv, batch) of
-        // FA_BWD_THREADS(D) threads with FA_BWD_SMEM(D) bytes of dynamic shared memory (the limit raised above
+        // const int *cu_k, int hq, int hkv, int total_q, float scale, int causal, int window,
+        // float *dk_acc, float *dv_acc, int split): dk and dv are disjoint nk-element views
+        // of `out`, dq_acc and q, dout hold nq elements, k and v nk, lse (the forward's, length
+        // checked) and delta hq * total_q floats; the offsets are the forward's (batch + 1
+        // each, checked by `flash_attention`). `split` divides hq / hkv (`bwd_split`); when it
+        // is > 1, dk_acc and dv_acc are the two nk-float halves of `dkv_acc` (zeroed above,
+        // alive until the convert below has been queued on this stream), else null and unread.
+        // The grid is (ceil(max_sk / FA_BWD_BN(D)), hkv * split, batch) of FA_BWD_THREADS(D)
+        // threads with FA_BWD_SMEM(D) bytes of dynamic shared memory (the limit raised above
         // when over 48 KiB), as the kernel's header specifies.
         unsafe { b.launch(cfg) }
             .cuda_ctx("launching flash_attn_bwd")
+            .map_err(crate::Error::into_candle)?;
+    }
+    if let Some(acc) = &dkv_acc {
+        let n = (2 * nk) as i64;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (2 * nk)
+                    .div_ceil(ROW_THREADS as usize)
+                    .min(CONVERT_MAX_BLOCKS) as u32,
+                1,
+                1,
+            ),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(rt.function(ks.convert));
+        b.arg(&mut dkv).arg(acc).arg(&n);
+        // SAFETY: flash_attn_bwd_convert_d<D>_<t>(T *out, const float *acc, long long n): a
+        // grid-stride loop over n = 2 nk elements; `dkv` is the last 2 nk elements of `out`
+        // (dK then dV), `acc` the 2 nk f32 sums in the same order, written by the bwd kernel
+        // queued before on this stream.
+        unsafe { b.launch(cfg) }
+            .cuda_ctx("launching flash_attn_bwd_convert (dK, dV)")
             .map_err(crate::Error::into_candle)?;
     }
     if nq > 0 {

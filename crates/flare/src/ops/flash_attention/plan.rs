@@ -65,6 +65,26 @@ pub(super) const fn bwd_smem_bytes(d: usize) -> usize {
     (2 * bn * (d + 8) + 4 * bm * (d + 8) + 2 * bn * (bm + 8)) * 2 + 4 * bm * 4
 }
 
+/// Resident backward blocks per multiprocessor on sm_90 (registers bound them: 255 per thread
+/// at D = 64, 4 warps: two blocks; 246 at D = 128, 8 warps: one), as the kernel's header
+/// records.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) const fn bwd_blocks_per_sm(d: usize) -> usize {
+    if d == 64 {
+        2
+    } else {
+        1
+    }
+}
+
+/// The backward grid [`FaPlan::bwd_split`] aims for, in waves of resident blocks. Measured on
+/// an H100 (`bench/dev/flash_attention_check.cu`, backward kernel alone): splitting a grid of
+/// less than one wave pays (B4 H14/KV2 T512 D64, 32 blocks: 0.307 → 0.070 ms with 7 parts;
+/// B8 T1024, 128 blocks: 0.607 → 0.271 ms), splitting one of about two waves does not (B1
+/// H32/KV8 T4096 D128, 256 blocks: 1.706 ms whole, 1.780 in 2 parts, 1.821 in 4).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) const BWD_MIN_WAVES: usize = 1;
+
 /// The head dims the CUDA kernel is instantiated for.
 pub(crate) const KERNEL_HEAD_DIMS: [usize; 2] = [64, 128];
 
@@ -144,6 +164,29 @@ impl FaPlan {
     /// Query heads per key / value head.
     pub(crate) fn group(&self) -> usize {
         self.hq / self.hkv.max(1)
+    }
+
+    /// Into how many blocks the backward splits each GQA group's query heads (a divisor of
+    /// [`group`](Self::group); 1: one block per (key block, kv head, sequence), dK / dV
+    /// written directly). The backward parallelises over key blocks and kv heads, so a model
+    /// with few kv heads at a short length leaves most of the GPU idle (Qwen2-0.5B, 2 kv heads,
+    /// 4 x 512 tokens: 32 blocks for 132 multiprocessors). The smallest divisor that gives at
+    /// least [`BWD_MIN_WAVES`] wave of `sm_count · bwd_blocks_per_sm(d)` blocks, or the
+    /// whole group when none does. A split > 1 costs a zero fill and a conversion of f32 dK /
+    /// dV sums (`2 · total_k · hkv · d` floats) and their atomic adds.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn bwd_split(&self, sm_count: usize) -> usize {
+        let g = self.group().max(1);
+        let (_, max_sk) = self.max_lens();
+        let blocks = max_sk.div_ceil(bwd_block_keys(self.d)) * self.hkv * self.batch();
+        let want = BWD_MIN_WAVES * sm_count * bwd_blocks_per_sm(self.d);
+        if blocks == 0 {
+            return 1;
+        }
+        (1..=g)
+            .filter(|s| g % s == 0)
+            .find(|s| blocks * s >= want)
+            .unwrap_or(g)
     }
 
     /// `(q0, sq, k0, sk)`: where sequence `b` starts in `q` and `k` and how long it is.
@@ -245,6 +288,40 @@ mod tests {
         // Both head dims need the opt-in shared-memory attribute (over 48 KiB).
         assert_eq!(bwd_smem_bytes(64), 76_288);
         assert_eq!(bwd_smem_bytes(128), 125_440);
+    }
+
+    #[test]
+    fn bwd_split_fills_the_gpu_with_few_kv_heads() {
+        let plan = |hq, hkv, d, batch: usize, len: usize| FaPlan {
+            hq,
+            hkv,
+            d,
+            total_q: batch * len,
+            total_k: batch * len,
+            cu_q: (0..=batch).map(|b| b * len).collect(),
+            cu_k: (0..=batch).map(|b| b * len).collect(),
+            causal: true,
+            window: None,
+            scale: 1.0,
+        };
+        // Qwen2-0.5B (14 / 2 heads, d 64) at 4 x 512: 32 blocks; 7 is the only divisor > 1.
+        assert_eq!(plan(14, 2, 64, 4, 512).bwd_split(132), 7);
+        // 8 x 1024: 128 blocks, still under one wave of 2 x 132.
+        assert_eq!(plan(14, 2, 64, 8, 1024).bwd_split(132), 7);
+        // Llama-3.1-8B (32 / 8, d 128, one block per SM): 1 x 4096 is 256 blocks, enough; at
+        // 1 x 512 (32 blocks) the group of 4 splits in 4 (128 < 132 still: the whole group).
+        assert_eq!(plan(32, 8, 128, 1, 4096).bwd_split(132), 1);
+        assert_eq!(plan(32, 8, 128, 1, 512).bwd_split(132), 4);
+        assert_eq!(plan(32, 8, 128, 2, 512).bwd_split(132), 4);
+        assert_eq!(plan(32, 8, 128, 3, 512).bwd_split(132), 2);
+        // No GQA: nothing to split.
+        assert_eq!(plan(14, 14, 64, 8, 1024).bwd_split(132), 1);
+        // Every answer divides the group; an empty batch splits nothing.
+        for (hq, hkv) in [(12, 2), (8, 1), (28, 4)] {
+            let s = plan(hq, hkv, 64, 1, 300).bwd_split(132);
+            assert_eq!((hq / hkv) % s, 0, "{hq}/{hkv}: {s}");
+        }
+        assert_eq!(plan(8, 2, 64, 0, 0).bwd_split(132), 1);
     }
 
     #[test]

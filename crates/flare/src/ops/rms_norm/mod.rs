@@ -168,8 +168,8 @@ fn packed_bwd_shape(l: &Layout) -> Shape {
     Shape::from((rows + 1, cols))
 }
 
-/// Where [`AddRmsNorm`] leaves the sum `h` for [`StashedSum`] to pick up: a Candle custom op has
-/// one output, so the fused kernel's second output travels through this slot.
+/// Where [`AddRmsNorm`] leaves the normalised `y` for [`StashedNorm`] to pick up: a Candle
+/// custom op has one output, so the fused kernel's second output travels through this slot.
 #[derive(Default)]
 struct Stash(std::sync::Mutex<Option<Stashed>>);
 
@@ -191,14 +191,16 @@ impl Stash {
             .take()
             .ok_or_else(|| {
                 candle_core::Error::Msg(format!(
-                    "{OP_ADD}: internal error: the sum was not computed"
+                    "{OP_ADD}: internal error: the norm was not computed"
                 ))
             })
     }
 }
 
-/// The fused op `(x, residual, w) -> y = rms_norm(x + residual) * w`; it also computes the sum
-/// `h` in the same pass and leaves it in the stash for [`StashedSum`].
+/// The fused op `(x, residual, w) -> h = x + residual`; it also computes
+/// `y = rms_norm(h) * w` in the same pass and leaves it in the stash for [`StashedNorm`]. Its
+/// backward passes `h`'s whole gradient (the norm's part included, which Candle has added by
+/// then) to `x` and `residual`, and nothing to `w` ([`StashedNorm`] gives `w` its gradient).
 struct AddRmsNorm {
     eps: f32,
     stash: std::sync::Arc<Stash>,
@@ -230,8 +232,8 @@ impl CustomOp3 for AddRmsNorm {
             eps
         ))?;
         let (y, h) = split_cpu(both, n)?;
-        self.stash.put(Stashed::Cpu(h));
-        Ok((y, l1.shape().clone()))
+        self.stash.put(Stashed::Cpu(y));
+        Ok((h, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -245,42 +247,34 @@ impl CustomOp3 for AddRmsNorm {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (y, h) = cuda::add_fwd(s1, l1, s2, l2, s3, l3, self.eps)?;
-        self.stash.put(Stashed::Cuda(h));
-        Ok((y, l1.shape().clone()))
+        self.stash.put(Stashed::Cuda(y));
+        Ok((h, l1.shape().clone()))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         r: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
+        _w: &Tensor,
+        _h: &Tensor,
+        dh: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // y = rms_norm(h) with h = x + r: dh = rms_norm_bwd(h, dy); dx = dr = dh. The sum's own
-        // gradient reaches x and r through StashedSum's backward. h is recomputed (one add).
-        let need_w = w.track_op();
-        let need_h = x.track_op() || r.track_op();
-        if !need_w && !need_h {
-            return Ok((None, None, None));
-        }
-        let h = (x.detach() + r.detach())?;
-        let (dh, dw) = backward(&h, w, dy, self.eps, need_h, need_w)?;
-        let dx = if x.track_op() { dh.clone() } else { None };
-        let dr = if r.track_op() { dh } else { None };
-        Ok((dx, dr, dw))
+        let dx = x.track_op().then(|| dh.clone());
+        let dr = r.track_op().then(|| dh.clone());
+        Ok((dx, dr, None))
     }
 }
 
-/// `(x, residual) -> h = x + residual`, returning the sum [`AddRmsNorm`] already computed (no
-/// work of its own); its backward passes the gradient to both inputs.
-struct StashedSum {
+/// `(h, w) -> y = rms_norm(h) * w`, returning the `y` [`AddRmsNorm`] already computed (no work
+/// of its own); its backward is [`rms_norm`]'s, on `h` (no recomputed sum).
+struct StashedNorm {
+    eps: f32,
     stash: std::sync::Arc<Stash>,
 }
 
-impl CustomOp2 for StashedSum {
+impl CustomOp2 for StashedNorm {
     fn name(&self) -> &'static str {
-        "add_rms_norm_sum"
+        "add_rms_norm_norm"
     }
 
     fn cpu_fwd(
@@ -291,7 +285,7 @@ impl CustomOp2 for StashedSum {
         _l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         match self.stash.take()? {
-            Stashed::Cpu(h) => Ok((h, l1.shape().clone())),
+            Stashed::Cpu(y) => Ok((y, l1.shape().clone())),
             #[cfg(feature = "cuda")]
             Stashed::Cuda(_) => candle_core::bail!("{OP_ADD}: internal error: device mismatch"),
         }
@@ -306,21 +300,19 @@ impl CustomOp2 for StashedSum {
         _l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         match self.stash.take()? {
-            Stashed::Cuda(h) => Ok((h, l1.shape().clone())),
+            Stashed::Cuda(y) => Ok((y, l1.shape().clone())),
             Stashed::Cpu(_) => candle_core::bail!("{OP_ADD}: internal error: device mismatch"),
         }
     }
 
     fn bwd(
         &self,
-        x: &Tensor,
-        r: &Tensor,
-        _h: &Tensor,
-        dh: &Tensor,
+        h: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = x.track_op().then(|| dh.clone());
-        let dr = r.track_op().then(|| dh.clone());
-        Ok((dx, dr))
+        backward(h, w, dy, self.eps, h.track_op(), w.track_op())
     }
 }
 
@@ -428,17 +420,24 @@ pub fn add_rms_norm(
     if !native(x.device()) {
         return add_rms_norm_reference(x, residual, weight, eps);
     }
-    let (x, residual) = (x.contiguous()?, residual.contiguous()?);
+    let (x, residual, weight) = (
+        x.contiguous()?,
+        residual.contiguous()?,
+        weight.contiguous()?,
+    );
     let stash = std::sync::Arc::new(Stash::default());
-    let y = x.apply_op3(
+    // The sum first (its op runs the fused kernel and stashes y), then y as a function of h: in
+    // the backward h's gradient is the norm's part plus the next layers' (one add), and the
+    // sum's op hands that one tensor to both x and residual (no add, no recomputed sum).
+    let h = x.apply_op3(
         &residual,
-        &weight.contiguous()?,
+        &weight,
         AddRmsNorm {
             eps,
             stash: stash.clone(),
         },
     )?;
-    let h = x.apply_op2(&residual, StashedSum { stash })?;
+    let y = h.apply_op2(&weight, StashedNorm { eps, stash })?;
     Ok((y, h))
 }
 
