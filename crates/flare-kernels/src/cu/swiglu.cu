@@ -9,57 +9,89 @@
 //   * swiglu_packed(gu): gate and up are the two halves of each row of gu [rows, 2 * cols] (one
 //     fused gate/up projection): g = gu, u = gu + cols, ldg = ldu = 2 * cols; the backward
 //     writes d(gu) [rows, 2 * cols] (ldo = 2 * cols, du_off = cols).
-// y and dy are contiguous [rows, cols]. Gradients overwrite, never accumulate. One thread per
-// element, grid-stride loop; all arithmetic in f32, rounded once.
+// y and dy are contiguous [rows, cols]. Gradients overwrite, never accumulate. All arithmetic
+// in f32, rounded once.
+//
+// Grid: x over packs of V = 16 / sizeof(T) consecutive columns (a thread takes one pack per row,
+// stride gridDim.x * blockDim.x packs), y over rows (stride gridDim.y): no division per element.
+// Every row start of every operand 16-byte aligned (the launcher checks pointers, strides and
+// cols) makes each pack one 16-byte access; otherwise the same packs are read and written
+// element by element (and the last pack of a row is partial).
 #include "common.cuh"
 
 using namespace flare;
 
 __device__ __forceinline__ float sigmoid_f(float g) { return 1.0f / (1.0f + __expf(-g)); }
 
-template <typename T>
+template <typename T, bool VEC>
 __device__ __forceinline__ void swiglu_fwd_body(const T *__restrict__ g, const T *__restrict__ u,
                                                 T *__restrict__ y, long long rows, int cols,
                                                 long long ldg, long long ldu) {
-  const long long n = rows * cols;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long r = i / cols;
-    const long long c = i - r * cols;
-    const float gv = to_f(g[r * ldg + c]);
-    y[i] = from_f<T>(gv * sigmoid_f(gv) * to_f(u[r * ldu + c]));
+  constexpr int V = VecWidth<T>::value;
+  const int packs = (cols + V - 1) / V;
+  for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+    const T *gr = g + r * ldg, *ur = u + r * ldu;
+    T *yr = y + r * cols;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < packs; c += gridDim.x * blockDim.x) {
+      const Pack<T, V> gp = load_row_pack<T, V, VEC>(gr, c, cols, 0.f);
+      const Pack<T, V> up = load_row_pack<T, V, VEC>(ur, c, cols, 0.f);
+      Pack<T, V> out;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float gv = to_f(gp.v[e]);
+        out.v[e] = from_f<T>(gv * sigmoid_f(gv) * to_f(up.v[e]));
+      }
+      store_row_pack<T, V, VEC>(yr, c, cols, out);
+    }
   }
 }
 
-template <typename T>
+template <typename T, bool VEC>
 __device__ __forceinline__ void swiglu_bwd_body(const T *__restrict__ g, const T *__restrict__ u,
                                                 const T *__restrict__ dy, T *__restrict__ out,
                                                 long long rows, int cols, long long ldg,
                                                 long long ldu, long long ldo, long long du_off) {
-  const long long n = rows * cols;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long r = i / cols;
-    const long long c = i - r * cols;
-    const float gv = to_f(g[r * ldg + c]);
-    const float uv = to_f(u[r * ldu + c]);
-    const float d = to_f(dy[i]);
-    const float sg = sigmoid_f(gv);
-    out[r * ldo + c] = from_f<T>(d * uv * sg * (1.0f + gv * (1.0f - sg)));
-    out[du_off + r * ldo + c] = from_f<T>(d * gv * sg);
+  constexpr int V = VecWidth<T>::value;
+  const int packs = (cols + V - 1) / V;
+  for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+    const T *gr = g + r * ldg, *ur = u + r * ldu, *dyr = dy + r * cols;
+    T *dgr = out + r * ldo, *dur = out + du_off + r * ldo;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < packs; c += gridDim.x * blockDim.x) {
+      const Pack<T, V> gp = load_row_pack<T, V, VEC>(gr, c, cols, 0.f);
+      const Pack<T, V> up = load_row_pack<T, V, VEC>(ur, c, cols, 0.f);
+      const Pack<T, V> dp = load_row_pack<T, V, VEC>(dyr, c, cols, 0.f);
+      Pack<T, V> dg, du;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const float gv = to_f(gp.v[e]), uv = to_f(up.v[e]), d = to_f(dp.v[e]);
+        const float sg = sigmoid_f(gv);
+        dg.v[e] = from_f<T>(d * uv * sg * (1.0f + gv * (1.0f - sg)));
+        du.v[e] = from_f<T>(d * gv * sg);
+      }
+      store_row_pack<T, V, VEC>(dgr, c, cols, dg);
+      store_row_pack<T, V, VEC>(dur, c, cols, du);
+    }
   }
 }
 
+// `vec` (0 / 1): whether every row start is 16-byte aligned (see above).
 #define SWIGLU_OP(T, SUFFIX)                                                                      \
   extern "C" __global__ void swiglu_fwd_##SUFFIX(const T *g, const T *u, T *y, long long rows,   \
-                                                 int cols, long long ldg, long long ldu) {      \
-    swiglu_fwd_body<T>(g, u, y, rows, cols, ldg, ldu);                                          \
+                                                 int cols, long long ldg, long long ldu,        \
+                                                 int vec) {                                     \
+    if (vec)                                                                                    \
+      swiglu_fwd_body<T, true>(g, u, y, rows, cols, ldg, ldu);                                  \
+    else                                                                                        \
+      swiglu_fwd_body<T, false>(g, u, y, rows, cols, ldg, ldu);                                 \
   }                                                                                             \
   extern "C" __global__ void swiglu_bwd_##SUFFIX(const T *g, const T *u, const T *dy, T *out,   \
                                                  long long rows, int cols, long long ldg,       \
                                                  long long ldu, long long ldo,                  \
-                                                 long long du_off) {                            \
-    swiglu_bwd_body<T>(g, u, dy, out, rows, cols, ldg, ldu, ldo, du_off);                       \
+                                                 long long du_off, int vec) {                   \
+    if (vec)                                                                                    \
+      swiglu_bwd_body<T, true>(g, u, dy, out, rows, cols, ldg, ldu, ldo, du_off);               \
+    else                                                                                        \
+      swiglu_bwd_body<T, false>(g, u, dy, out, rows, cols, ldg, ldu, ldo, du_off);              \
   }
 
 SWIGLU_OP(float, f32)

@@ -154,7 +154,17 @@ fn swiglu_ref(g: &[f64], u: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>
 fn swiglu_forward_backward(dev: &Device) -> Result<()> {
     let mut fails = Failures::default();
     for dtype in dtypes(dev) {
-        for shape in [vec![1], vec![7], vec![3, 33], vec![2, 3, 5]] {
+        // Odd widths (element-wise CUDA path), widths of whole 16-byte packs (one access per
+        // pack), and more rows than a grid's y dimension (65,535).
+        for shape in [
+            vec![1],
+            vec![7],
+            vec![3, 33],
+            vec![2, 3, 5],
+            vec![5, 48],
+            vec![2, 3, 264],
+            vec![70_000, 8],
+        ] {
             for transposed in [false, true] {
                 if transposed && shape.len() < 2 {
                     continue;
@@ -318,7 +328,13 @@ device_test!(skinny_matmul);
 fn swiglu_packed_forward_backward(dev: &Device) -> Result<()> {
     let mut fails = Failures::default();
     for dtype in dtypes(dev) {
-        for shape in [vec![1, 2], vec![7, 66], vec![2, 3, 10]] {
+        for shape in [
+            vec![1, 2],
+            vec![7, 66],
+            vec![2, 3, 10],
+            vec![5, 96],
+            vec![4, 528],
+        ] {
             let what = format!("swiglu_packed {shape:?} {dtype:?}");
             let sd = seed(&what);
             let gu = randn(&shape, dtype, dev, sd)?;

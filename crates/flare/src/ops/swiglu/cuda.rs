@@ -3,13 +3,15 @@
 //! described by a [`SwiGluPlan`]).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
 use half::{bf16, f16};
 
 use super::plan::SwiGluPlan;
-use crate::ops::cuda::elementwise::{from_offset, items_config};
+use crate::ops::cuda::elementwise::from_offset;
 use crate::ops::cuda::rows::{input, unsupported};
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 
@@ -48,6 +50,40 @@ pub(crate) fn bwd(
     }
 }
 
+/// Threads per block of both kernels.
+const THREADS: u32 = 256;
+
+/// The kernels' grid: x over packs of `16 / size_of::<T>()` columns of a row, y over rows
+/// (the kernels stride over rows past 65,535).
+fn grid<T>(p: &SwiGluPlan) -> LaunchConfig {
+    let v = 16 / std::mem::size_of::<T>();
+    let packs = p.cols.div_ceil(v);
+    LaunchConfig {
+        grid_dim: (
+            packs.div_ceil(THREADS as usize).max(1) as u32,
+            p.rows.clamp(1, 65_535) as u32,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Whether every row of the views starts 16-byte aligned (the kernels' one-access packs): the
+/// views' first elements, and every row stride (in elements) a multiple of the pack width.
+fn aligned16<T>(
+    stream: &std::sync::Arc<CudaStream>,
+    views: &[&CudaView<'_, T>],
+    strides: &[usize],
+) -> bool {
+    let v = 16 / std::mem::size_of::<T>();
+    strides.iter().all(|s| s % v == 0)
+        && views.iter().all(|view| {
+            let (ptr, _guard) = view.device_ptr(stream);
+            ptr % 16 == 0
+        })
+}
+
 /// Checks that the rows the plan reads lie inside `g`'s and `u`'s views.
 fn check_reach(
     op: &'static str,
@@ -80,6 +116,8 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
         check_reach(OP_FWD, gs.len(), us.len(), p)?;
         let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
         let (rows, cols, ldg, ldu) = (p.rows as i64, p.cols as i32, p.ldg as i64, p.ldu as i64);
+        // `out` is a fresh allocation (aligned) with rows of `cols`.
+        let vec = i32::from(aligned16(rt.stream(), &[&gs, &us], &[p.cols, p.ldg, p.ldu]));
         let mut lb = rt.stream().launch_builder(rt.function(kernel));
         lb.arg(&gs)
             .arg(&us)
@@ -87,12 +125,15 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
             .arg(&rows)
             .arg(&cols)
             .arg(&ldg)
-            .arg(&ldu);
+            .arg(&ldu)
+            .arg(&vec);
         // SAFETY: swiglu_fwd_<t>(const T *g, const T *u, T *y, long long rows, int cols,
-        // long long ldg, long long ldu): the elements r * ld + c (r < rows, c < cols) of both
-        // views are in bounds (checked above), y holds rows * cols; grid-stride loop with a
-        // bound check.
-        unsafe { lb.launch(items_config(n)) }
+        // long long ldg, long long ldu, int vec): the elements r * ld + c (r < rows, c < cols)
+        // of both views are in bounds (checked above), y holds rows * cols. vec = 1 only when
+        // every row start of g, u and y is 16-byte aligned and cols is a multiple of the pack
+        // width (checked just above), so each pack is one aligned 16-byte access inside the
+        // row; the grid strides over rows and packs with bound checks.
+        unsafe { lb.launch(grid::<T>(p)) }
             .cuda_ctx("launching swiglu_fwd")
             .map_err(crate::Error::into_candle)?;
     }
@@ -127,6 +168,12 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
         let (rows, cols) = (p.rows as i64, p.cols as i32);
         let (ldg, ldu, ldo, du_off) = (p.ldg as i64, p.ldu as i64, p.ldo as i64, p.du_off as i64);
+        // `out` is a fresh allocation (aligned); its rows start at r * ldo and du_off + r * ldo.
+        let vec = i32::from(aligned16(
+            rt.stream(),
+            &[&gs, &us, &dys],
+            &[p.cols, p.ldg, p.ldu, p.ldo, p.du_off],
+        ));
         let mut lb = rt.stream().launch_builder(rt.function(kernel));
         lb.arg(&gs)
             .arg(&us)
@@ -137,12 +184,15 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             .arg(&ldg)
             .arg(&ldu)
             .arg(&ldo)
-            .arg(&du_off);
+            .arg(&du_off)
+            .arg(&vec);
         // SAFETY: swiglu_bwd_<t>(const T *g, const T *u, const T *dy, T *out, long long rows,
-        // int cols, long long ldg, ldu, ldo, du_off): g and u reads are in bounds (checked
-        // above), dy holds rows * cols (checked above), and every write index is below
-        // grad_len (checked above); grid-stride loop with a bound check.
-        unsafe { lb.launch(items_config(n)) }
+        // int cols, long long ldg, ldu, ldo, du_off, int vec): g and u reads are in bounds
+        // (checked above), dy holds rows * cols (checked above), and every write index is below
+        // grad_len (checked above). vec = 1 only when every row start of g, u, dy, dg and du
+        // is 16-byte aligned and cols a multiple of the pack width (checked above); the grid
+        // strides over rows and packs with bound checks.
+        unsafe { lb.launch(grid::<T>(p)) }
             .cuda_ctx("launching swiglu_bwd")
             .map_err(crate::Error::into_candle)?;
     }
