@@ -52,7 +52,7 @@ pub use flash_attention::{flash_attention, flash_attention_padded, FlashAttnPara
 pub use linear_cross_entropy::linear_cross_entropy;
 pub use matmul::matmul;
 pub use rms_norm::{add_rms_norm, rms_norm};
-pub use rope::rope_heads;
+pub use rope::{rope_heads, rope_tokens};
 pub use softmax::{softmax_last_dim, softmax_masked};
 pub use swiglu::{swiglu, swiglu_packed};
 
