@@ -257,12 +257,7 @@ pub fn rope_heads_reference(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) 
 
 /// The composite reference of [`rope_tokens`]: [`rope_heads_reference`] transposed back to
 /// `[batch, seq, heads, head_dim]`.
-pub fn rope_tokens_reference(
-    x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    scale: f64,
-) -> Result<Tensor> {
+pub fn rope_tokens_reference(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
     check(OP_TOKENS, x, cos, sin)?;
     Ok(rope_heads_reference(x, cos, sin, scale)?
         .transpose(1, 2)?
