@@ -1,5 +1,5 @@
-// RoPE (rotary position embedding) with the transposition between the projection layout and
-// the head layout fused in.
+// RoPE (rotary position embedding), with the transposition between the projection layout and
+// the head layout fused in where the host asks for it.
 //
 // For each head vector x (head_dim d, half = d / 2) at sequence position t:
 //   y[i]        = (x[i] * cos[t, i] - sign * x[i + half] * sin[t, i]) * scale
@@ -9,8 +9,9 @@
 // backward (the rotation is orthogonal, so its transpose is its inverse).
 //
 // The input is read through element strides (any layout); the output is written contiguous
-// with the two middle dims swapped: the forward reads [b, s, h, d] (the projection's output)
-// and writes [b, h, s, d] (the attention layout); the backward reads [b, h, s, d] and writes
+// in the axis order the host picks through `ys_*`: rope_heads reads [b, s, h, d] (the
+// projection's output) and writes [b, h, s, d] (the attention layout), its backward reads
+// [b, h, s, d] and writes [b, s, h, d]; rope_tokens and its backward read and write
 // [b, s, h, d]. `xs_*` are the input strides of the (batch, seq, head, dim) axes whatever their
 // order in memory; `ys_*` the output strides of (batch, seq, head) (its dim stride is 1).
 // cos and sin are [rows, half], contiguous, with row `b * cos_bs + t` for batch b and position

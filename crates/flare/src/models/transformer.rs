@@ -29,7 +29,7 @@ use crate::lora::dropout::mix64;
 use crate::lora::{with_dropout_seed, LoraLinear};
 use crate::ops::rope::rope_tables_f32;
 use crate::ops::{
-    add_rms_norm, attention_decode, flash_attention, matmul, rms_norm, rope_heads,
+    add_rms_norm, attention_decode, flash_attention, matmul, rms_norm, rope_heads, rope_tokens,
     softmax_last_dim, softmax_masked, supported_dtypes, swiglu, swiglu_packed, FlashAttnParams,
 };
 use crate::{Error, Result};
@@ -1300,7 +1300,8 @@ impl Transformer {
     ///
     /// With `mask.flash`, the `b · s` new tokens are rows of packed sequences and
     /// [`flash_attention`] computes their attention to each other (the new keys are still
-    /// written into the cache, when one is given: an unpadded prefill into an empty cache).
+    /// written into the cache, when one is given: an unpadded prefill into an empty cache);
+    /// there RoPE is [`rope_tokens`], which keeps the token layout the varlen op reads.
     fn attention(
         &self,
         attn: &Attention,
@@ -1332,16 +1333,21 @@ impl Transformer {
                 attn.v_proj.forward(x)?.reshape((b, s, nkv, hd))?,
             )
         };
-        let q = rope_heads(&q, cos, sin, 1.0 / (hd as f64).sqrt())?;
-        let k = rope_heads(&k, cos, sin, 1.0)?;
+        let q_scale = 1.0 / (hd as f64).sqrt();
         if let Some(cu) = &mask.flash {
-            // [b, heads, s, d] -> [b · s, heads, d] rows for the varlen op.
-            let rows = |t: &Tensor, h: usize| -> Result<Tensor> {
-                Ok(t.transpose(1, 2)?.contiguous()?.reshape((b * s, h, hd))?)
-            };
-            let (qf, kf, vf) = (rows(&q, nh)?, rows(&k, nkv)?, v.reshape((b * s, nkv, hd))?);
+            // RoPE keeps the token layout [b, s, heads, d] (contiguous), so the varlen op's rows
+            // [b · s, heads, d] are a reshape (a view), forward and backward: no transposing
+            // copy of q or k.
+            let q = rope_tokens(&q, cos, sin, q_scale)?;
+            let k = rope_tokens(&k, cos, sin, 1.0)?;
+            let (qf, kf, vf) = (
+                q.reshape((b * s, nh, hd))?,
+                k.reshape((b * s, nkv, hd))?,
+                v.reshape((b * s, nkv, hd))?,
+            );
             if let Some((cache, layer)) = cache {
-                cache.append(layer, &k, &v.transpose(1, 2)?, 0)?;
+                // The cache takes [b, kv, s, d]: transposed views (it copies them into place).
+                cache.append(layer, &k.transpose(1, 2)?, &v.transpose(1, 2)?, 0)?;
             }
             let p = FlashAttnParams::varlen(cu.clone(), cu.clone())
                 .causal(true)
@@ -1351,6 +1357,8 @@ impl Transformer {
             let out = flash_attention(&qf, &kf, &vf, &p)?.reshape((b, s, nh * hd))?;
             return attn.o_proj.forward(&out);
         }
+        let q = rope_heads(&q, cos, sin, q_scale)?;
+        let k = rope_heads(&k, cos, sin, 1.0)?;
         // [b, kv, s, d] for the cache (a view when s == 1 and the rows are contiguous).
         let v = v.transpose(1, 2)?.contiguous()?;
         let (k, v) = match cache {

@@ -1,7 +1,10 @@
-//! CPU helpers shared by the ops: accumulation types per dtype and dispatch over Candle's
-//! `CpuStorage` variants.
+//! CPU helpers shared by the ops: accumulation types per dtype, dispatch over Candle's
+//! `CpuStorage` variants, and the loss ops' target reading.
 
+use candle_core::{CpuStorage, Layout};
 use half::{bf16, f16};
+
+use super::contiguous_range;
 
 /// An element type with the type its reductions accumulate in: f32 for f32 and the half types,
 /// f64 for f64.
@@ -185,6 +188,31 @@ macro_rules! dispatch_float3 {
     }};
 }
 pub(crate) use dispatch_float3;
+
+/// The targets of the loss op `op` (cross-entropy, linear cross-entropy) as a slice: u32 and
+/// contiguous (the public functions check the dtype and make them contiguous first).
+pub(crate) fn targets_of<'a>(
+    op: &'static str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [u32]> {
+    let (a, b) = contiguous_range(op, l)?;
+    match s {
+        CpuStorage::U32(v) => Ok(&v[a..b]),
+        _ => Err(candle_core::Error::Msg(format!(
+            "{op}: targets must be u32"
+        ))),
+    }
+}
+
+/// The error message of the loss op `op` for target `t` of row `i` outside the vocabulary
+/// `0..vocab` that is not the ignore index.
+pub(crate) fn bad_target(op: &'static str, i: usize, t: u32, vocab: usize) -> String {
+    format!(
+        "{op}: target {t} of row {i} is outside the vocabulary (0..{vocab}) and is not the \
+         ignore index"
+    )
+}
 
 /// Rows per rayon task: enough elements per task that scheduling costs stay small.
 pub(crate) fn rows_per_task(cols: usize) -> usize {

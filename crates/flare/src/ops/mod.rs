@@ -52,7 +52,7 @@ pub use flash_attention::{flash_attention, flash_attention_padded, FlashAttnPara
 pub use linear_cross_entropy::linear_cross_entropy;
 pub use matmul::matmul;
 pub use rms_norm::{add_rms_norm, rms_norm};
-pub use rope::rope_heads;
+pub use rope::{rope_heads, rope_tokens};
 pub use softmax::{softmax_last_dim, softmax_masked};
 pub use swiglu::{swiglu, swiglu_packed};
 
@@ -110,6 +110,38 @@ pub(crate) fn check_rank(op: &'static str, t: &Tensor, min: usize) -> Result<()>
             op,
             min,
             shape: t.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses the targets of the loss op `op` unless they are u32, `[n]` for the `rows: [n, _]`
+/// they label (`shape_msg` says so in the error) and on `rows`' device.
+pub(crate) fn check_targets(
+    op: &'static str,
+    targets: &Tensor,
+    rows: &Tensor,
+    shape_msg: &'static str,
+) -> Result<()> {
+    if targets.dtype() != DType::U32 {
+        return Err(Error::InvalidArgument {
+            op,
+            msg: format!("targets must be u32, got {:?}", targets.dtype()),
+        });
+    }
+    if targets.dims() != [rows.dim(0)?] {
+        return Err(Error::ShapeMismatch {
+            op,
+            msg: shape_msg,
+            lhs: rows.dims().to_vec(),
+            rhs: targets.dims().to_vec(),
+        });
+    }
+    if !rows.device().same_device(targets.device()) {
+        return Err(Error::DeviceMismatch {
+            op,
+            lhs: device_name(rows.device()),
+            rhs: device_name(targets.device()),
         });
     }
     Ok(())

@@ -1,9 +1,10 @@
-//! The decode-path ops: `rope_heads` (RoPE fused with the seq/head transposition), `swiglu`
-//! and `argmax_last_dim`, against f64 references written out here, with finite-difference
+//! The decode-path ops: `rope_heads` (RoPE fused with the seq/head transposition) and
+//! `rope_tokens` (RoPE in the token layout, for flash attention), `swiglu` and
+//! `argmax_last_dim`, against f64 references written out here, with finite-difference
 //! gradients on the CPU and CUDA-vs-CPU checks through `device_test!`.
 
 use candle_core::{DType, Device, Tensor, D};
-use flare::ops::{argmax_last_dim, rope_heads, swiglu};
+use flare::ops::{argmax_last_dim, rope_heads, rope_tokens, swiglu};
 
 use crate::common::{
     device_test, dtypes, f64_cpu, grad_of, randn, seed, shared_lock, to_f64_vec, tol, var,
@@ -136,6 +137,156 @@ fn rope_fd_gradient() -> Result<()> {
     // A table that takes part in autograd is refused by the backward.
     let (xv, cv) = (var(&x)?, var(&c)?);
     let y = rope_heads(xv.as_tensor(), cv.as_tensor(), &s, 1.0)?;
+    assert!(y.sum_all()?.backward().is_err());
+    Ok(())
+}
+
+/// The ways the model hands `x: [b, s, h, d]` to RoPE: contiguous (separate projections), a
+/// narrow of the heads of a wider tensor at a non-zero offset (a fused q/k/v projection), and a
+/// `[b, h, s, d]` tensor viewed transposed.
+fn rope_input(
+    kind: &str,
+    (b, s, h, d): (usize, usize, usize, usize),
+    dtype: DType,
+    dev: &Device,
+    sd: u64,
+) -> Result<Tensor> {
+    Ok(match kind {
+        "contiguous" => randn(&[b, s, h, d], dtype, dev, sd)?,
+        "narrow" => randn(&[b, s, h + 3, d], dtype, dev, sd)?.narrow(2, 2, h)?,
+        "transposed" => randn(&[b, h, s, d], dtype, dev, sd)?.transpose(1, 2)?,
+        other => panic!("no rope input kind {other}"),
+    })
+}
+
+/// `rope_tokens` on odd shapes, shared and per-row tables and every input layout, against the
+/// f64 reference of `rope_heads` transposed back to `[b, s, h, d]`.
+fn rope_tokens_forward(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    for dtype in dtypes(dev) {
+        for &dims in &[(1, 1, 1, 2), (2, 7, 3, 6), (1, 5, 2, 66), (3, 2, 4, 8)] {
+            let (b, s, h, d) = dims;
+            for per_row in [false, true] {
+                for kind in ["contiguous", "narrow", "transposed"] {
+                    let what =
+                        format!("rope_tokens {b}x{s}x{h}x{d} {dtype:?} per_row={per_row} {kind}");
+                    let sd = seed(&what);
+                    let x = rope_input(kind, dims, dtype, dev, sd)?;
+                    let rows = if per_row { b * s } else { s };
+                    let (c, sn) = tables(rows, d / 2, dtype, dev, sd + 1)?;
+                    let scale = 0.125;
+                    let y = rope_tokens(&x, &c, &sn, scale)?;
+                    assert!(y.is_contiguous(), "{what}: output not contiguous");
+                    assert_eq!(y.dims(), &[b, s, h, d], "{what}: output shape");
+                    let want = rope_ref(&x, &c, &sn, scale)?;
+                    let want = Tensor::from_vec(want, (b, h, s, d), &Device::Cpu)?
+                        .transpose(1, 2)?
+                        .contiguous()?;
+                    fails.check(&f64_cpu(&y)?, &want, tol(dtype), &what)?;
+                }
+            }
+        }
+    }
+    fails.finish();
+    Ok(())
+}
+
+/// The backward of `rope_tokens` on the device (strided input, strided output gradient)
+/// against the f64 CPU backward (itself checked by finite differences in
+/// `rope_tokens_fd_gradient`).
+fn rope_tokens_backward(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    for dtype in dtypes(dev) {
+        for &(b, s, h, d) in &[(1, 1, 1, 2), (2, 7, 3, 6), (1, 3, 2, 66)] {
+            for per_row in [false, true] {
+                let what = format!("rope_tokens bwd {b}x{s}x{h}x{d} {dtype:?} per_row={per_row}");
+                let sd = seed(&what);
+                let wide = randn(&[b, s, h + 2, d], dtype, dev, sd)?;
+                let rows = if per_row { b * s } else { s };
+                let (c, sn) = tables(rows, d / 2, dtype, dev, sd + 1)?;
+                let r = randn(&[b, h, s, d], dtype, dev, sd + 2)?;
+                // The loss reads y transposed, so the op's backward gets a strided gradient.
+                let grad = |wide: &Tensor, c: &Tensor, sn: &Tensor, r: &Tensor| -> Result<Tensor> {
+                    let wv = var(wide)?;
+                    let y = rope_tokens(&wv.as_tensor().narrow(2, 1, h)?, c, sn, 0.5)?;
+                    let g = (y.transpose(1, 2)? * r)?.sum_all()?.backward()?;
+                    Ok(grad_of(&g, wv.as_tensor(), &what))
+                };
+                let dx = grad(&wide, &c, &sn, &r)?;
+                let want = grad(
+                    &f64_cpu(&wide)?,
+                    &f64_cpu(&c)?,
+                    &f64_cpu(&sn)?,
+                    &f64_cpu(&r)?,
+                )?;
+                fails.check(&f64_cpu(&dx)?, &want, tol(dtype), &what)?;
+                // The heads outside the narrow get exactly zero.
+                let outside = f64_cpu(&dx.narrow(2, 0, 1)?)?
+                    .abs()?
+                    .sum_all()?
+                    .to_scalar::<f64>()?;
+                assert_eq!(outside, 0.0, "{what}: gradient outside the narrow");
+            }
+        }
+    }
+    fails.finish();
+    Ok(())
+}
+
+device_test!(rope_tokens_forward, rope_tokens_backward);
+
+#[test]
+fn rope_tokens_fd_gradient() -> Result<()> {
+    let _g = shared_lock();
+    let dev = Device::Cpu;
+    let (b, s, h, d) = (2, 3, 3, 10);
+    let wide = randn(&[b, s, h + 2, d], DType::F64, &dev, 11)?;
+    let (c, sn) = tables(b * s, d / 2, DType::F64, &dev, 12)?;
+    let r = randn(&[b, s, h, d], DType::F64, &dev, 13)?;
+    // Through a narrow of a wider tensor (the fused q/k/v projection), per-row tables.
+    FdCheck::new(&dev, "rope_tokens vs finite differences").check(&[("dx", &wide)], |t| {
+        weighted_loss(&rope_tokens(&t[0].narrow(2, 1, h)?, &c, &sn, 0.7)?, &r)
+    })?;
+    // The composite reference agrees, forward (with rope_heads' reference transposed) and
+    // through its autograd.
+    let x = wide.narrow(2, 1, h)?;
+    let y = rope_tokens(&x, &c, &sn, 0.7)?;
+    let heads_ref = flare::ops::rope::rope_heads_reference(&x, &c, &sn, 0.7)?.transpose(1, 2)?;
+    crate::common::assert_close(&y, &heads_ref, 1e-12, "rope_tokens vs rope_heads_reference")?;
+    crate::common::assert_close(
+        &y,
+        &rope_heads(&x, &c, &sn, 0.7)?.transpose(1, 2)?,
+        1e-12,
+        "rope_tokens vs rope_heads",
+    )?;
+    let autograd = |f: &dyn Fn(&Tensor) -> flare::Result<Tensor>| -> Result<Tensor> {
+        let wv = var(&wide)?;
+        let y = f(&wv.as_tensor().narrow(2, 1, h)?)?;
+        let g = weighted_loss(&y, &r)?.backward()?;
+        Ok(grad_of(&g, wv.as_tensor(), "rope_tokens autograd"))
+    };
+    crate::common::assert_close(
+        &autograd(&|x| rope_tokens(x, &c, &sn, 0.7))?,
+        &autograd(&|x| flare::ops::rope::rope_tokens_reference(x, &c, &sn, 0.7))?,
+        1e-12,
+        "rope_tokens backward vs the composite's autograd",
+    )?;
+    // Bad shapes are errors naming the op, not panics.
+    for bad in [
+        rope_tokens(&x, &c.narrow(1, 0, 2)?, &sn, 1.0),
+        rope_tokens(&x.narrow(3, 0, 5)?, &c, &sn, 1.0),
+        rope_tokens(&x.flatten_all()?, &c, &sn, 1.0),
+        rope_tokens(&x, &c.narrow(0, 0, 5)?, &sn.narrow(0, 0, 5)?, 1.0),
+    ] {
+        let err = bad.expect_err("a bad shape must be refused").to_string();
+        assert!(
+            err.contains("rope_tokens"),
+            "error does not name the op: {err}"
+        );
+    }
+    // A table that takes part in autograd is refused by the backward.
+    let (xv, cv) = (var(&x)?, var(&c)?);
+    let y = rope_tokens(xv.as_tensor(), cv.as_tensor(), &sn, 1.0)?;
     assert!(y.sum_all()?.backward().is_err());
     Ok(())
 }

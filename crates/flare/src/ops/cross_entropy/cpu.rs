@@ -1,17 +1,12 @@
 //! The CPU forward and backward of cross-entropy, one rayon task per block of rows.
 
-use candle_core::{CpuStorage, Layout};
 use rayon::prelude::*;
 
 use super::plan::OP;
-use crate::ops::contiguous_range;
 use crate::ops::cpu::Elem;
 
 fn bad_target(i: usize, t: u32, vocab: usize) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{OP}: target {t} of row {i} is outside the vocabulary (0..{vocab}) and is not the ignore \
-         index"
-    ))
+    candle_core::Error::Msg(crate::ops::cpu::bad_target(OP, i, t, vocab))
 }
 
 /// `(max, lse)` of one row, in the accumulation type.
@@ -83,14 +78,4 @@ pub(super) fn ce_bwd_rows<T: Elem>(
             Ok(())
         })?;
     Ok(dx)
-}
-
-pub(super) fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
-    let (a, b) = contiguous_range(OP, l)?;
-    match s {
-        CpuStorage::U32(v) => Ok(&v[a..b]),
-        _ => Err(candle_core::Error::Msg(format!(
-            "{OP}: targets must be u32"
-        ))),
-    }
 }

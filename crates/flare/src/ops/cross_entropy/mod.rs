@@ -20,8 +20,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
-use super::{check_dtype, contiguous_range, native};
-use crate::error::device_name;
+use super::cpu::targets_of;
+use super::{check_dtype, check_targets, contiguous_range, native};
 use crate::{Error, Result};
 
 mod cpu;
@@ -32,7 +32,7 @@ mod plan;
 pub use plan::IGNORE_INDEX;
 use plan::{OP, OP_BWD};
 
-use cpu::{ce_bwd_rows, ce_fwd_rows, targets_of};
+use cpu::{ce_bwd_rows, ce_fwd_rows};
 
 /// The forward op `(logits [n, vocab], targets [n] u32) -> nll [n]`.
 struct CrossEntropy {
@@ -54,7 +54,7 @@ impl CustomOp2 for CrossEntropy {
         let (a, b) = contiguous_range(OP, l1)?;
         let vocab = l1.dims()[1];
         let n = l1.dims()[0];
-        let t = targets_of(s2, l2)?;
+        let t = targets_of(OP, s2, l2)?;
         let out = match s1 {
             CpuStorage::F32(v) => CpuStorage::F32(ce_fwd_rows(&v[a..b], t, vocab, self.ignore)?),
             CpuStorage::F16(v) => CpuStorage::F32(ce_fwd_rows(&v[a..b], t, vocab, self.ignore)?),
@@ -121,7 +121,7 @@ impl CustomOp3 for CrossEntropyBwd {
         let (a, b) = contiguous_range(OP_BWD, l1)?;
         let (c, d) = contiguous_range(OP_BWD, l3)?;
         let vocab = l1.dims()[1];
-        let t = targets_of(s2, l2)?;
+        let t = targets_of(OP, s2, l2)?;
         let ig = self.ignore;
         let out = match (s1, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => {
@@ -166,27 +166,12 @@ fn check(logits: &Tensor, targets: &Tensor) -> Result<(usize, usize)> {
         op: OP,
         msg: format!("logits must be [n, vocab], got shape {:?}", logits.dims()),
     })?;
-    if targets.dtype() != DType::U32 {
-        return Err(Error::InvalidArgument {
-            op: OP,
-            msg: format!("targets must be u32, got {:?}", targets.dtype()),
-        });
-    }
-    if targets.dims() != [n] {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            msg: "targets must be [n] for logits [n, vocab]",
-            lhs: logits.dims().to_vec(),
-            rhs: targets.dims().to_vec(),
-        });
-    }
-    if !logits.device().same_device(targets.device()) {
-        return Err(Error::DeviceMismatch {
-            op: OP,
-            lhs: device_name(logits.device()),
-            rhs: device_name(targets.device()),
-        });
-    }
+    check_targets(
+        OP,
+        targets,
+        logits,
+        "targets must be [n] for logits [n, vocab]",
+    )?;
     if vocab == 0 {
         return Err(Error::InvalidArgument {
             op: OP,

@@ -9,9 +9,9 @@ use candle_core::{CpuStorage, Layout, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::plan::{bad_target, Dims, Plan, OP};
+use super::plan::{Dims, Plan, OP};
 use crate::ops::contiguous_range;
-use crate::ops::cpu::{row_max, Elem};
+use crate::ops::cpu::{bad_target, row_max, Elem};
 
 /// What the forward returns: the summed NLL (f64 before the final cast), `d(hidden)` `[n, h]`
 /// and `d(weight)` `[vocab, h]` for an upstream gradient of 1, each only where asked.
@@ -46,17 +46,6 @@ owned!(f32, F32);
 owned!(f64, F64);
 owned!(f16, F16);
 owned!(bf16, BF16);
-
-/// The targets of a contiguous `[n]` u32 layout.
-pub(super) fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
-    let (a, b) = contiguous_range(OP, l)?;
-    match s {
-        CpuStorage::U32(v) => Ok(&v[a..b]),
-        _ => Err(candle_core::Error::Msg(format!(
-            "{OP}: targets must be u32"
-        ))),
-    }
-}
 
 /// The row pass over one chunk's logits `[rows, vocab]`: returns the chunk's summed NLL (f64)
 /// and, with `grad`, overwrites each row with `softmax(row) - onehot(target)` (zeros for an
@@ -164,7 +153,7 @@ pub(super) fn check_targets(targets: &[u32], vocab: usize, ignore: u32) -> candl
         .enumerate()
         .find(|&(_, &t)| t != ignore && t as usize >= vocab)
     {
-        Some((i, &t)) => Err(candle_core::Error::Msg(bad_target(i, t, vocab))),
+        Some((i, &t)) => Err(candle_core::Error::Msg(bad_target(OP, i, t, vocab))),
         None => Ok(()),
     }
 }

@@ -48,8 +48,8 @@ use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::{check_dtype, check_same, native};
-use crate::error::device_name;
+use super::cpu::targets_of;
+use super::{check_dtype, check_same, check_targets, native};
 use crate::{Error, Result};
 
 mod cpu;
@@ -109,7 +109,7 @@ impl CustomOp3 for LinearCrossEntropy {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = dims_of(l1, l2)?;
-        let t = cpu::targets_of(s3, l3)?;
+        let t = targets_of(OP, s3, l3)?;
         if t.len() != d.n {
             return Err(candle_core::Error::Msg(format!(
                 "{OP}: {} targets for {} rows",
@@ -226,27 +226,12 @@ fn check(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<(usize, u
             ),
         });
     }
-    if targets.dtype() != DType::U32 {
-        return Err(Error::InvalidArgument {
-            op: OP,
-            msg: format!("targets must be u32, got {:?}", targets.dtype()),
-        });
-    }
-    if targets.dims() != [n] {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            msg: "targets must be [n] for hidden [n, hidden]",
-            lhs: hidden.dims().to_vec(),
-            rhs: targets.dims().to_vec(),
-        });
-    }
-    if !hidden.device().same_device(targets.device()) {
-        return Err(Error::DeviceMismatch {
-            op: OP,
-            lhs: device_name(hidden.device()),
-            rhs: device_name(targets.device()),
-        });
-    }
+    check_targets(
+        OP,
+        targets,
+        hidden,
+        "targets must be [n] for hidden [n, hidden]",
+    )?;
     Ok((n, vocab))
 }
 

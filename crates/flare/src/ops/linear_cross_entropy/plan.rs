@@ -61,14 +61,6 @@ impl Dims {
     }
 }
 
-/// The error for a target outside the vocabulary that is not the ignore index.
-pub(super) fn bad_target(i: usize, t: u32, vocab: usize) -> String {
-    format!(
-        "{OP}: target {t} of row {i} is outside the vocabulary (0..{vocab}) and is not the \
-         ignore index"
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

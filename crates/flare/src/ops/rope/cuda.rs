@@ -1,5 +1,6 @@
 //! Host launcher of `rope_*` (`crates/flare-kernels/src/cu/rope.cu`): one launch per call,
-//! the input read through its strides, the output a fresh contiguous buffer.
+//! the input read through its strides, the output a fresh contiguous buffer in the plan's
+//! axis order (`p.ys`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
@@ -11,8 +12,6 @@ use super::plan::RopePlan;
 use crate::ops::cuda::elementwise::{from_offset, items_config};
 use crate::ops::cuda::rows::{input, unsupported};
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
-
-const OP: &str = "rope_heads (cuda)";
 
 /// Runs the plan `p` on `x` (read from `p.x_off` through `p.xs`) with contiguous tables.
 pub(crate) fn fwd(
@@ -27,7 +26,7 @@ pub(crate) fn fwd(
         DType::F32 => run::<f32>(Kernel::RopeF32, x, cos, lc, sin, ls, p),
         DType::F16 => run::<f16>(Kernel::RopeF16, x, cos, lc, sin, ls, p),
         DType::BF16 => run::<bf16>(Kernel::RopeBF16, x, cos, lc, sin, ls, p),
-        dt => Err(unsupported(OP, dt)),
+        dt => Err(unsupported(p.op, dt)),
     }
 }
 
@@ -41,10 +40,11 @@ fn run<T: CudaDType + DeviceRepr>(
     p: &RopePlan,
 ) -> candle_core::Result<CudaStorage> {
     let dev = &x.device;
+    let op = p.op;
     let n = p.out_dims.iter().product::<usize>();
-    let xs = from_offset::<T>(OP, x, p.x_off)?;
-    let cs = input::<T>(OP, cos, lc)?;
-    let ss = input::<T>(OP, sin, ls)?;
+    let xs = from_offset::<T>(op, x, p.x_off)?;
+    let cs = input::<T>(op, cos, lc)?;
+    let ss = input::<T>(op, sin, ls)?;
     // SAFETY: every element is written by the kernel below (nothing to write when n == 0).
     let mut out = unsafe { dev.alloc::<T>(n.max(1)) }?;
     let pairs = n / 2;
@@ -58,7 +58,7 @@ fn run<T: CudaDType + DeviceRepr>(
         let rows = if p.cos_bs == 0 { p.s } else { p.b * p.s };
         if last >= xs.len() || cs.len() < rows * p.half || ss.len() < rows * p.half {
             return Err(candle_core::Error::Msg(format!(
-                "{OP}: internal error: the layout reaches past its buffer ({last} >= {})",
+                "{op} (cuda): internal error: the layout reaches past its buffer ({last} >= {})",
                 xs.len()
             )));
         }
@@ -92,7 +92,8 @@ fn run<T: CudaDType + DeviceRepr>(
         // int h, int half, long long xs_b, xs_s, xs_h, xs_d, long long ys_b, ys_s, ys_h,
         // long long cos_bs, float sign, float scale): every input element read lies in `xs`
         // (checked above), the tables hold `rows * half` elements (checked above), and the
-        // output indices `b*ys_b + t*ys_s + h*ys_h + i` of the contiguous output layout are all
+        // output indices `b*ys_b + t*ys_s + h*ys_h + i` of the contiguous output layout
+        // (`[b, s, h, d]` or `[b, h, s, d]`, either way a permutation of n elements) are all
         // below n, the size of `out`. One thread per pair with a grid-stride loop.
         unsafe { lb.launch(items_config(pairs)) }
             .cuda_ctx("launching rope")

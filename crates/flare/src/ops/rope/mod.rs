@@ -1,7 +1,10 @@
-//! RoPE (rotary position embedding) with the transposition between the projection layout
-//! `[batch, seq, heads, head_dim]` and the attention layout `[batch, heads, seq, head_dim]`
-//! fused in: one pass instead of Candle's reshape/transpose/copy, narrow, neg, cat, two
-//! multiplies and an add.
+//! RoPE (rotary position embedding) of the projection layout `[batch, seq, heads, head_dim]`,
+//! in two output layouts: [`rope_heads`] fuses the transposition to the attention layout
+//! `[batch, heads, seq, head_dim]` in (one pass instead of Candle's reshape/transpose/copy,
+//! narrow, neg, cat, two multiplies and an add), [`rope_tokens`] keeps the input's axis order
+//! (for [`flash_attention`](crate::ops::flash_attention), which takes token rows
+//! `[tokens, heads, head_dim]`: a reshape of its output, no copy). One op, [`Rope`], serves
+//! both: its [`RopeLayout`] says which axis order it reads and writes.
 //!
 //! Forward, per head vector `x` (head_dim `d`, `half = d / 2`) at position `t`, with
 //! `c = cos[t]`, `s = sin[t]` of shape `[half]` (the frequencies, not repeated):
@@ -12,8 +15,9 @@
 //! queries.
 //!
 //! Backward: the rotation is orthogonal, so `dx = scale · R(-θ) dy`, the same kernel with the
-//! sign of `sin` flipped and the transposition reversed. `cos` and `sin` are constant tables
-//! and take no gradient (a tracked table is an error, not a silently cut gradient).
+//! sign of `sin` flipped and the layout reversed (output order read, input order written).
+//! Nothing is saved from the forward. `cos` and `sin` are constant tables and take no gradient
+//! (a tracked table is an error, not a silently cut gradient).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
@@ -27,22 +31,25 @@ mod cuda;
 mod plan;
 
 use cpu::rope_cpu;
-use plan::{RopePlan, OP};
+use plan::{RopeLayout, RopePlan, OP, OP_TOKENS};
 
-/// The op: `inverse == false` is the forward (`[b, s, h, d] -> [b, h, s, d]`, rotation by
-/// `+θ`), `inverse == true` its backward (`[b, h, s, d] -> [b, s, h, d]`, by `-θ`).
+/// The op: reads `layout.input`, writes `layout.output` (contiguous), rotating by `+θ`, or by
+/// `-θ` when `inverse` (the backward of the pass with the reversed layout).
 struct Rope {
     scale: f64,
+    layout: RopeLayout,
     inverse: bool,
+}
+
+impl Rope {
+    fn plan(&self, x: &Layout, cos: &Layout) -> candle_core::Result<RopePlan> {
+        RopePlan::new(x, cos.dims()[0], self.scale, self.layout, self.inverse)
+    }
 }
 
 impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
-        if self.inverse {
-            "rope_heads_bwd"
-        } else {
-            OP
-        }
+        self.layout.name(self.inverse)
     }
 
     fn cpu_fwd(
@@ -54,10 +61,10 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (c0, c1) = super::contiguous_range(OP, l2)?;
-        let (d0, d1) = super::contiguous_range(OP, l3)?;
-        let p = RopePlan::new(l1, l2.dims()[0], self.scale, self.inverse)?;
-        let out = dispatch_float3!(OP, s1, s2, s3, |x, c, s| rope_cpu(
+        let p = self.plan(l1, l2)?;
+        let (c0, c1) = super::contiguous_range(p.op, l2)?;
+        let (d0, d1) = super::contiguous_range(p.op, l3)?;
+        let out = dispatch_float3!(p.op, s1, s2, s3, |x, c, s| rope_cpu(
             x,
             &c[c0..c1],
             &s[d0..d1],
@@ -76,7 +83,7 @@ impl CustomOp3 for Rope {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let p = RopePlan::new(l1, l2.dims()[0], self.scale, self.inverse)?;
+        let p = self.plan(l1, l2)?;
         let out = cuda::fwd(s1, s2, l2, s3, l3, &p)?;
         Ok((out, Shape::from(p.out_dims.to_vec())))
     }
@@ -89,22 +96,24 @@ impl CustomOp3 for Rope {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = self.name();
         if self.inverse {
-            return Err(candle_core::Error::BackwardNotSupported {
-                op: "rope_heads_bwd",
-            });
+            return Err(candle_core::Error::BackwardNotSupported { op });
         }
         if cos.track_op() || sin.track_op() {
             return Err(candle_core::Error::Msg(format!(
-                "{OP}: cos and sin are constant tables and take no gradient, but one of them \
+                "{op}: cos and sin are constant tables and take no gradient, but one of them \
                  takes part in autograd"
             )));
         }
-        let dx = dy.contiguous()?.apply_op3_arc(
+        // The pass reads any strides: `dy` goes in as it comes (e.g. a reshape of flash
+        // attention's contiguous dq), no copy.
+        let dx = dy.apply_op3_arc(
             cos,
             sin,
             std::sync::Arc::new(Box::new(Rope {
                 scale: self.scale,
+                layout: self.layout.reversed(),
                 inverse: true,
             })),
         )?;
@@ -112,12 +121,13 @@ impl CustomOp3 for Rope {
     }
 }
 
-/// Checks the operands of [`rope_heads`]; returns `half`.
-fn check(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<usize> {
-    check_same(OP, x, cos)?;
-    check_same(OP, x, sin)?;
-    check_dtype(OP, x)?;
-    let bad = |msg: String| Error::InvalidArgument { op: OP, msg };
+/// Checks the operands of [`rope_heads`] and [`rope_tokens`] (named `op` in the errors);
+/// returns `half`.
+fn check(op: &'static str, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<usize> {
+    check_same(op, x, cos)?;
+    check_same(op, x, sin)?;
+    check_dtype(op, x)?;
+    let bad = |msg: String| Error::InvalidArgument { op, msg };
     let (b, s, _, d) = x.dims4().map_err(|_| {
         bad(format!(
             "x must be [batch, seq, heads, head_dim], got {:?}",
@@ -167,10 +177,46 @@ fn check(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<usize> {
 /// # Ok::<(), flare::Error>(())
 /// ```
 pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
-    check(x, cos, sin)?;
+    check(OP, x, cos, sin)?;
     if !native(x.device()) {
         return rope_heads_reference(x, cos, sin, scale);
     }
+    apply(x, cos, sin, scale, RopeLayout::TO_HEADS)
+}
+
+/// RoPE of `x: [batch, seq, heads, head_dim]` (any layout, e.g. a projection's output
+/// reshaped, or a narrow of a fused q/k/v projection), returned in the same axis order
+/// `[batch, seq, heads, head_dim]`, contiguous, and multiplied by `scale`: the layout
+/// [`flash_attention`](crate::ops::flash_attention) takes after a reshape to
+/// `[batch * seq, heads, head_dim]` (a view). The same maths, tables and checks as
+/// [`rope_heads`], which writes the attention layout `[batch, heads, seq, head_dim]` instead;
+/// `rope_tokens(x, ..)` equals `rope_heads(x, ..).transpose(1, 2)`. Has a backward for `x`
+/// (in the same layout); the tables take no gradient.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// // [1, 2, 1, 2]: two positions of one head; position 0 rotated by 0, position 1 by 60°.
+/// let x = Tensor::new(&[[[[1f32, 0.]], [[1., 0.]]]], &Device::Cpu)?;
+/// let (c, s) = (0.5f32, 0.75f32.sqrt());
+/// let cos = Tensor::new(&[[1f32], [c]], &Device::Cpu)?;
+/// let sin = Tensor::new(&[[0f32], [s]], &Device::Cpu)?;
+/// let y = flare::ops::rope_tokens(&x, &cos, &sin, 2.0)?;
+/// assert_eq!(y.dims(), &[1, 2, 1, 2]);
+/// let y = y.flatten_all()?.to_vec1::<f32>()?;
+/// let want = [2.0, 0.0, 2.0 * c, 2.0 * s];
+/// assert!(y.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6));
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn rope_tokens(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
+    check(OP_TOKENS, x, cos, sin)?;
+    if !native(x.device()) {
+        return rope_tokens_reference(x, cos, sin, scale);
+    }
+    apply(x, cos, sin, scale, RopeLayout::TOKENS)
+}
+
+/// Applies [`Rope`] (the operands have been checked).
+fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64, layout: RopeLayout) -> Result<Tensor> {
     let cos = cos.contiguous()?;
     let sin = sin.contiguous()?;
     Ok(x.apply_op3_arc(
@@ -178,6 +224,7 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<
         &sin,
         std::sync::Arc::new(Box::new(Rope {
             scale,
+            layout,
             inverse: false,
         })),
     )?)
@@ -186,7 +233,7 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<
 /// The composite reference of [`rope_heads`] from plain Candle ops (with their backward):
 /// transformers' `x * cos + rotate_half(x) * sin` on the transposed `x`, times `scale`.
 pub fn rope_heads_reference(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
-    check(x, cos, sin)?;
+    check(OP, x, cos, sin)?;
     let (b, s, _, _) = x.dims4()?;
     let x = x.transpose(1, 2)?; // [b, h, s, d]
     let full = |t: &Tensor| -> Result<Tensor> {
@@ -206,6 +253,15 @@ pub fn rope_heads_reference(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) 
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
     let y = (x.broadcast_mul(&c)? + rotated.broadcast_mul(&sn)?)?;
     Ok((y * scale)?.contiguous()?)
+}
+
+/// The composite reference of [`rope_tokens`]: [`rope_heads_reference`] transposed back to
+/// `[batch, seq, heads, head_dim]`.
+pub fn rope_tokens_reference(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
+    check(OP_TOKENS, x, cos, sin)?;
+    Ok(rope_heads_reference(x, cos, sin, scale)?
+        .transpose(1, 2)?
+        .contiguous()?)
 }
 
 /// The RoPE tables for `positions`: `(cos, sin)`, each `[positions.len(), inv_freq.len()]`,

@@ -2,11 +2,69 @@
 
 use candle_core::Layout;
 
+/// The name of [`super::rope_heads`] (its checks and internal errors).
 pub(super) const OP: &str = "rope_heads";
+/// The name of [`super::rope_tokens`].
+pub(super) const OP_TOKENS: &str = "rope_tokens";
+
+/// The axis order of a RoPE operand, named by what its two middle dims hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// `[batch, seq, heads, head_dim]`: the projection's output (token rows).
+    Tokens,
+    /// `[batch, heads, seq, head_dim]`: the attention layout.
+    Heads,
+}
+
+/// What one pass reads and writes: the input's axis order (read through any strides) and the
+/// output's (written contiguous). The sign of the rotation is separate
+/// ([`RopePlan::new`]'s `inverse`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RopeLayout {
+    /// The input's axis order.
+    pub input: Order,
+    /// The output's axis order.
+    pub output: Order,
+}
+
+impl RopeLayout {
+    /// `[b, s, h, d] -> [b, h, s, d]`: [`super::rope_heads`].
+    pub const TO_HEADS: Self = Self {
+        input: Order::Tokens,
+        output: Order::Heads,
+    };
+    /// `[b, s, h, d] -> [b, s, h, d]`: [`super::rope_tokens`].
+    pub const TOKENS: Self = Self {
+        input: Order::Tokens,
+        output: Order::Tokens,
+    };
+
+    /// The layout of the adjoint pass (the backward): output and input swapped.
+    pub fn reversed(self) -> Self {
+        Self {
+            input: self.output,
+            output: self.input,
+        }
+    }
+
+    /// The op's name for errors: the public function's, `_bwd` for its backward pass.
+    pub fn name(self, inverse: bool) -> &'static str {
+        match (self.input, self.output, inverse) {
+            (Order::Tokens, Order::Heads, false) => OP,
+            (Order::Heads, Order::Tokens, true) => "rope_heads_bwd",
+            (Order::Tokens, Order::Tokens, false) => OP_TOKENS,
+            (Order::Tokens, Order::Tokens, true) => "rope_tokens_bwd",
+            // Not built by the public functions or their backward passes.
+            _ => "rope",
+        }
+    }
+}
 
 /// The geometry of one RoPE pass, shared by the CPU and CUDA paths.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RopePlan {
+    /// The op's name, for errors.
+    pub op: &'static str,
     /// Batch.
     pub b: usize,
     /// Sequence length.
@@ -32,25 +90,26 @@ pub(crate) struct RopePlan {
 }
 
 impl RopePlan {
-    /// Plans the op on input `l` (`[b, s, h, d]`, or `[b, h, s, d]` when `inverse`) and tables
-    /// of `cos_rows` rows.
+    /// Plans the pass `layout` on input `l` and tables of `cos_rows` rows, rotating by `-θ`
+    /// when `inverse` (the backward), by `+θ` otherwise.
     pub(super) fn new(
         l: &Layout,
         cos_rows: usize,
         scale: f64,
+        layout: RopeLayout,
         inverse: bool,
     ) -> candle_core::Result<Self> {
+        let op = layout.name(inverse);
         let (dims, st) = (l.dims(), l.stride());
         if dims.len() != 4 {
             return Err(candle_core::Error::Msg(format!(
-                "{OP}: internal error: expected a rank-4 input, got {dims:?}"
+                "{op}: internal error: expected a rank-4 input, got {dims:?}"
             )));
         }
         let (b, d) = (dims[0], dims[3]);
-        let (s, h, xs) = if inverse {
-            (dims[2], dims[1], [st[0], st[2], st[1], st[3]])
-        } else {
-            (dims[1], dims[2], [st[0], st[1], st[2], st[3]])
+        let (s, h, xs) = match layout.input {
+            Order::Tokens => (dims[1], dims[2], [st[0], st[1], st[2], st[3]]),
+            Order::Heads => (dims[2], dims[1], [st[0], st[2], st[1], st[3]]),
         };
         let cos_bs = if cos_rows == s {
             0
@@ -58,15 +117,15 @@ impl RopePlan {
             s
         } else {
             return Err(candle_core::Error::Msg(format!(
-                "{OP}: internal error: {cos_rows} table rows for batch {b} and seq {s}"
+                "{op}: internal error: {cos_rows} table rows for batch {b} and seq {s}"
             )));
         };
-        let (ys, out_dims) = if inverse {
-            ([s * h * d, h * d, d], [b, s, h, d])
-        } else {
-            ([h * s * d, d, s * d], [b, h, s, d])
+        let (ys, out_dims) = match layout.output {
+            Order::Tokens => ([s * h * d, h * d, d], [b, s, h, d]),
+            Order::Heads => ([h * s * d, d, s * d], [b, h, s, d]),
         };
         Ok(RopePlan {
+            op,
             b,
             s,
             h,
