@@ -16,7 +16,8 @@
 // order in memory; `ys_*` the output strides of (batch, seq, head) (its dim stride is 1).
 // cos and sin are [rows, half], contiguous, with row `b * cos_bs + t` for batch b and position
 // t (cos_bs = 0: one table for every batch row; cos_bs = s: one table per batch row).
-// One thread per (b, t, head, i) pair, grid-stride loop; all arithmetic in f32, rounded once.
+// Grid: y over the b * s tokens (stride gridDim.y), x over a token's h * half (head, i) pairs
+// (stride gridDim.x * blockDim.x); all arithmetic in f32, rounded once.
 #include "common.cuh"
 
 using namespace flare;
@@ -28,25 +29,26 @@ __device__ __forceinline__ void rope_body(const T *__restrict__ x, T *__restrict
                                           long long xs_s, long long xs_h, long long xs_d,
                                           long long ys_b, long long ys_s, long long ys_h,
                                           long long cos_bs, float sign, float scale) {
-  const long long n = b * (long long)s * (long long)h * (long long)half;
-  for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n;
-       idx += (long long)gridDim.x * blockDim.x) {
-    long long r = idx;
-    const int i = (int)(r % half);
-    r /= half;
-    const int hh = (int)(r % h);
-    r /= h;
-    const int t = (int)(r % s);
-    const long long bb = r / s;
-    const long long xo = bb * xs_b + t * xs_s + hh * xs_h;
-    const float x1 = to_f(x[xo + i * xs_d]);
-    const float x2 = to_f(x[xo + (long long)(i + half) * xs_d]);
-    const long long co = (bb * cos_bs + t) * half + i;
-    const float c = to_f(cosv[co]);
-    const float sn = sign * to_f(sinv[co]);
-    const long long yo = bb * ys_b + t * ys_s + hh * ys_h;
-    y[yo + i] = from_f<T>((x1 * c - x2 * sn) * scale);
-    y[yo + i + half] = from_f<T>((x2 * c + x1 * sn) * scale);
+  // y over tokens (b, t), x over the (head, i) pairs of a token: one 64-bit division per token
+  // row of the grid instead of four per element.
+  const long long tokens = b * (long long)s;
+  const int per_tok = h * half;
+  for (long long tok = blockIdx.y; tok < tokens; tok += gridDim.y) {
+    const long long bb = tok / s;
+    const int t = (int)(tok - bb * s);
+    const long long xo_t = bb * xs_b + t * xs_s, yo_t = bb * ys_b + t * ys_s;
+    const long long co_t = (bb * cos_bs + t) * half;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < per_tok; j += gridDim.x * blockDim.x) {
+      const int hh = j / half, i = j - hh * half;
+      const long long xo = xo_t + hh * xs_h;
+      const float x1 = to_f(x[xo + i * xs_d]);
+      const float x2 = to_f(x[xo + (long long)(i + half) * xs_d]);
+      const float c = to_f(cosv[co_t + i]);
+      const float sn = sign * to_f(sinv[co_t + i]);
+      const long long yo = yo_t + hh * ys_h;
+      y[yo + i] = from_f<T>((x1 * c - x2 * sn) * scale);
+      y[yo + i + half] = from_f<T>((x2 * c + x1 * sn) * scale);
+    }
   }
 }
 

@@ -164,7 +164,14 @@ fn rope_input(
 fn rope_tokens_forward(dev: &Device) -> Result<()> {
     let mut fails = Failures::default();
     for dtype in dtypes(dev) {
-        for &dims in &[(1, 1, 1, 2), (2, 7, 3, 6), (1, 5, 2, 66), (3, 2, 4, 8)] {
+        // The last: more tokens than a grid's y dimension (65,535) on CUDA.
+        for &dims in &[
+            (1, 1, 1, 2),
+            (2, 7, 3, 6),
+            (1, 5, 2, 66),
+            (3, 2, 4, 8),
+            (1, 66_000, 1, 2),
+        ] {
             let (b, s, h, d) = dims;
             for per_row in [false, true] {
                 for kind in ["contiguous", "narrow", "transposed"] {

@@ -3,13 +3,13 @@
 //! axis order (`p.ys`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
 use half::{bf16, f16};
 
 use super::plan::RopePlan;
-use crate::ops::cuda::elementwise::{from_offset, items_config};
+use crate::ops::cuda::elementwise::from_offset;
 use crate::ops::cuda::rows::{input, unsupported};
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 
@@ -27,6 +27,23 @@ pub(crate) fn fwd(
         DType::F16 => run::<f16>(Kernel::RopeF16, x, cos, lc, sin, ls, p),
         DType::BF16 => run::<bf16>(Kernel::RopeBF16, x, cos, lc, sin, ls, p),
         dt => Err(unsupported(p.op, dt)),
+    }
+}
+
+/// Threads per block.
+const THREADS: u32 = 256;
+
+/// The kernel's grid: y over the `b · s` tokens (at most 65,535; the kernel strides past),
+/// x over one token's `h · half` rotation pairs.
+fn grid(p: &RopePlan) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            (p.h * p.half).div_ceil(THREADS as usize).max(1) as u32,
+            (p.b * p.s).clamp(1, 65_535) as u32,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
@@ -94,8 +111,8 @@ fn run<T: CudaDType + DeviceRepr>(
         // (checked above), the tables hold `rows * half` elements (checked above), and the
         // output indices `b*ys_b + t*ys_s + h*ys_h + i` of the contiguous output layout
         // (`[b, s, h, d]` or `[b, h, s, d]`, either way a permutation of n elements) are all
-        // below n, the size of `out`. One thread per pair with a grid-stride loop.
-        unsafe { lb.launch(items_config(pairs)) }
+        // below n, the size of `out`. The grid strides over tokens (y) and each token's pairs (x).
+        unsafe { lb.launch(grid(p)) }
             .cuda_ctx("launching rope")
             .map_err(crate::Error::into_candle)?;
     }
