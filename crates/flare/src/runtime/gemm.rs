@@ -1103,3 +1103,63 @@ impl Gemm {
         Ok(chosen)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 5 × 3 × 7 product with `A`/`B` of `dtype` and `C` of `c_dtype`.
+    fn params(dtype: DType, c_dtype: Option<DType>) -> GemmParams {
+        GemmParams {
+            dtype,
+            c_dtype,
+            transa: false,
+            transb: false,
+            m: 5,
+            n: 3,
+            k: 7,
+            lda: 5,
+            ldb: 7,
+            ldc: 5,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        }
+    }
+
+    /// Half-precision `A`/`B` with an f32 `C` is taken and keys its own plan; `C` of the
+    /// operands' dtype is the default's plan; every other mix is refused with a clear error;
+    /// `C`'s extent counts `C`'s element size (the autotuner's scratch copy).
+    #[test]
+    fn c_dtype_is_validated_normalized_and_sized() {
+        for half in [DType::BF16, DType::F16] {
+            let mixed = params(half, Some(DType::F32));
+            assert!(mixed.validate().is_ok(), "{half:?} A/B with f32 C");
+            assert_eq!(mixed.c_type(), DType::F32);
+            assert_ne!(mixed.normalized(), params(half, None).normalized());
+            assert_eq!(
+                params(half, Some(half)).normalized(),
+                params(half, None).normalized()
+            );
+            // (n - 1) · ldc + m elements of C.
+            assert_eq!(mixed.c_extent_bytes(), Some((2 * 5 + 5) * 4));
+            assert_eq!(params(half, None).c_extent_bytes(), Some((2 * 5 + 5) * 2));
+        }
+        for (ab, c) in [
+            (DType::F32, DType::BF16),
+            (DType::F32, DType::F16),
+            (DType::BF16, DType::F16),
+            (DType::F16, DType::BF16),
+            (DType::BF16, DType::F64),
+        ] {
+            match params(ab, Some(c)).validate() {
+                Err(Error::InvalidArgument { op, msg }) => {
+                    assert_eq!(op, "gemm");
+                    assert!(msg.contains("only f16/bf16 A and B with f32 C"), "{msg}");
+                }
+                other => panic!("{ab:?} A/B with {c:?} C: {other:?}"),
+            }
+        }
+    }
+}

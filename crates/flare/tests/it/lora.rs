@@ -1,8 +1,10 @@
 //! `flare::lora::lora_linear` and `flare::lora::LoraLinear`: the fused forward against a float64
 //! composite on odd shapes at every dtype (and f32 adapters on a half base), gradients of `x`,
 //! `A` and `B` against the composite's autograd and finite differences, the frozen weight never
-//! getting a gradient, partial tracking, dropout, adapter switching, merge / unmerge, PEFT's
-//! initialisation, every output element written, and clear errors.
+//! getting a gradient, partial tracking, f32 factors on an f32 / bf16 / f16 base (their
+//! gradients f32 and not rounded to the half type; CUDA against the CPU op), dropout, adapter
+//! switching, merge / unmerge, PEFT's initialisation, every output element written, and clear
+//! errors.
 //!
 //! Derivatives, with `y = x Wᵀ + bias + s (x Aᵀ) Bᵀ`, upstream `dy`, `G = s dy B`:
 //!   `dx = dy W + G A`, `dA = Gᵀ x`, `dB = s dyᵀ (x Aᵀ)`.

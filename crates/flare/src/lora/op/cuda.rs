@@ -360,6 +360,8 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         None
     };
     // The f32 buffer of `dA` and `dB` when split.
+    // SAFETY: as for `packed` above: dA and dB are each written in full by their GEMM
+    // (beta = 0, f32 C/D) before anything reads them; the padding is never read.
     let mut packed_f = if p.factor_total > 0 {
         Some(unsafe { dev.alloc::<f32>(p.factor_total) }?)
     } else {
