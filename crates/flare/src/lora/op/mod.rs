@@ -35,7 +35,8 @@
 //! needs them. The gradients come out of one backward op packed in a flat buffer and are split
 //! by views (each piece starts on a 16-element boundary); with f32 factors on a half base, `dA`
 //! and `dB` come in a second, f32 buffer, handed from the backward op to the graph by a
-//! second op (`lora_linear_bwd_factors`, no computation) applied to the first's output. The
+//! second op (`lora_linear_bwd_factors`, no computation, applied to `A` so that the factor
+//! gradients, kept until the optimizer step, hold no reference to the dx buffer). The
 //! backward ops have no backward of their own: a second derivative returns Candle's
 //! `BackwardNotSupported`.
 //!
@@ -345,13 +346,16 @@ impl CustomOp3 for LoraFwd {
         // `BackwardNotSupported` instead of silently stopping.
         let packed = x.apply_op3_arc(&dy, a, Arc::new(Box::new(op)))?;
         // With two buffers (dx in the base dtype, dA and dB in f32), the second comes out of
-        // the backward op through `side` and into the graph by an op on the first's output.
+        // the backward op through `side` and into the graph by a second op, applied to `A`
+        // (which it ignores) rather than to the dx buffer: `dA` and `dB` are kept until the
+        // optimizer step, and a graph edge to the dx buffer would keep that alive as long (it
+        // is freed once `x`'s gradient has been passed on).
         let factors = if p.two_buffers() {
             let take = LoraBwdFactors {
                 side,
                 len: p.factor_total,
             };
-            packed.apply_op1_arc(Arc::new(Box::new(take)))?
+            a.apply_op1_arc(Arc::new(Box::new(take)))?
         } else {
             packed.clone()
         };
@@ -610,9 +614,11 @@ impl CustomOp3 for LoraBwd {
 }
 
 /// Hands the f32 factor-gradient buffer that [`LoraBwd`] left in `side` to the graph, as a
-/// tensor of `len` elements. Applied to the backward op's output (so it runs right after it,
-/// and the graph records where the gradients came from); computes nothing. Its own backward
-/// is Candle's default, `BackwardNotSupported`.
+/// tensor of `len` elements; computes nothing. Applied to `A` right after the backward op ran
+/// (Candle runs ops eagerly, in program order), whose input it ignores: an edge to `A`, which
+/// lives as long as the adapter anyway, instead of one to the backward op's dx buffer, which
+/// the factor gradients would then keep alive until the optimizer step. Its own backward is
+/// Candle's default, `BackwardNotSupported`.
 struct LoraBwdFactors {
     side: Arc<Mutex<Option<Storage>>>,
     len: usize,
