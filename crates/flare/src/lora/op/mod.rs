@@ -828,7 +828,9 @@ fn scale_by(h: &Tensor, s: f64) -> Result<Tensor> {
 ///
 /// `x: [..., in]`, `w: [out, in]`, `bias: [out]`, `a: [r, in]`, `b: [out, r]`; returns
 /// `[..., out]`. `x`, `w` and `bias` share a dtype (f32, f16, bf16; f64 on CPU); `a` and `b`
-/// share that dtype or are f32 on an f16/bf16 base (see the module doc). `w` and `bias` should
+/// share that dtype or are f32 on an f16/bf16 base, taken as they are (converted inside the
+/// op, no cast node) with their gradients returned in f32, not rounded to the half type (see
+/// the module doc's Dtypes). `w` and `bias` should
 /// be contiguous (a non-contiguous one is copied on every call). Errors, before anything runs:
 /// [`Error::Rank`] / [`Error::ShapeMismatch`] for wrong ranks and shapes,
 /// [`Error::DTypeMismatch`], [`Error::DeviceMismatch`], [`Error::UnsupportedDType`], and
