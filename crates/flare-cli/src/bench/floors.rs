@@ -135,6 +135,7 @@ pub fn run_floors(args: &FloorsArgs) -> Result<()> {
     let (pa, pb, pc) = (ptr(&a)?, ptr(&bm)?, ptr(&c)?);
     let params = GemmParams {
         dtype: DType::BF16,
+        c_dtype: None,
         transa: false,
         transb: false,
         m: 64,

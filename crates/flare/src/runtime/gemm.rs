@@ -101,10 +101,21 @@ extern "C" fn hold_stream(_: *mut c_void) {
 ///
 /// A row-major product `C = A · B` is the column-major product `Cᵀ = Bᵀ · Aᵀ`: pass the
 /// operands swapped, with `m` and `n` swapped (see `ops::matmul::cuda` for an example).
+///
+/// `C` (read with `beta != 0`, and written as `D`, in place) has the element type `dtype` unless
+/// [`c_dtype`](Self::c_dtype) says otherwise: `Some(DType::F32)` with f16 or bf16 `A` and `B`
+/// writes the f32 accumulator without rounding it to the half type (a weight gradient kept in
+/// f32, say).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GemmParams {
-    /// Element type of `A`, `B` and `C`: f32, f16 or bf16.
+    /// Element type of `A` and `B` (and of `C` unless `c_dtype` is set): f32, f16 or bf16.
     pub dtype: DType,
+    /// Element type of `C` and `D` when it differs from `dtype`; `None` (the usual case): the
+    /// same as `dtype`. The one mixed combination taken is f16 or bf16 `A`/`B` with f32 `C`/`D`
+    /// (cuBLASLt's `cublasLtMatmul` supports it with `CUBLAS_COMPUTE_32F` and an f32 scale
+    /// type: A/B `CUDA_R_16F` or `CUDA_R_16BF`, C/D `CUDA_R_32F`); any other is refused with
+    /// [`Error::InvalidArgument`] when the plan is built.
+    pub c_dtype: Option<DType>,
     /// Whether `A` is used transposed (`op(A) = Aᵀ`).
     pub transa: bool,
     /// Whether `B` is used transposed (`op(B) = Bᵀ`).
@@ -141,7 +152,15 @@ impl GemmParams {
             p.stride_b = 0;
             p.stride_c = 0;
         }
+        if p.c_dtype == Some(p.dtype) {
+            p.c_dtype = None;
+        }
         p
+    }
+
+    /// The element type of `C` and `D`: [`c_dtype`](Self::c_dtype), else `dtype`.
+    pub fn c_type(&self) -> DType {
+        self.c_dtype.unwrap_or(self.dtype)
     }
 
     /// Multiply-adds of the whole product: `m * n * k * batch`.
@@ -157,7 +176,7 @@ impl GemmParams {
             .checked_mul(self.stride_c)?
             .checked_add(self.n.checked_sub(1)?.checked_mul(self.ldc)?)?
             .checked_add(self.m)?;
-        elems.checked_mul(self.dtype.size_in_bytes())
+        elems.checked_mul(self.c_type().size_in_bytes())
     }
 
     /// Stored `(rows, cols)` of `A` and `B` in column-major terms.
@@ -184,6 +203,17 @@ impl GemmParams {
                 msg: format!("{msg} in {self:?}"),
             })
         };
+        let mixed_ok = matches!(
+            (self.dtype, self.c_type()),
+            (DType::F16 | DType::BF16, DType::F32)
+        );
+        if self.c_type() != self.dtype && !mixed_ok {
+            return bad(format!(
+                "C of {:?} with A and B of {:?} (only f16/bf16 A and B with f32 C mix)",
+                self.c_type(),
+                self.dtype
+            ));
+        }
         let ((ar, _), (br, _)) = self.stored_dims();
         if self.lda < ar.max(1) {
             return bad(format!("lda {} < {} rows of stored A", self.lda, ar));
@@ -574,9 +604,10 @@ impl Gemm {
     /// zero `C` itself).
     ///
     /// # Safety
-    /// `a`, `b` and `c` must be device pointers on this runtime's device, each aligned to the
-    /// size of `p.dtype`, to memory holding elements of `p.dtype` that covers every element
-    /// the params address (for each batch index `i < batch`, matrix `i` at `ptr + i * stride`
+    /// `a` and `b` must be device pointers on this runtime's device, each aligned to the size
+    /// of `p.dtype`, to memory holding elements of `p.dtype`, and `c` one aligned to the size of
+    /// [`GemmParams::c_type`], to memory holding elements of that type, each covering every
+    /// element the params address (for each batch index `i < batch`, matrix `i` at `ptr + i * stride`
     /// with the stored dims and leading dimension described in [`GemmParams`]). `c` must not
     /// overlap `a` or `b`. All three must be ready in stream order on the runtime's stream
     /// (written by earlier work on it, or synchronized) and stay allocated until the GEMM has
@@ -743,13 +774,22 @@ impl Gemm {
             )?;
         }
         // `validate` checked that every size fits in i64 (so in u64).
-        let layout = |rows: usize, cols: usize, ld: usize| {
+        // C and D share one layout (D is written in place over C), of C's type: with f16/bf16
+        // A and B that may be f32 (`validate` refused every other mix). cuBLASLt supports both
+        // with CUBLAS_COMPUTE_32F and the CUDA_R_32F scale type set above: A/B CUDA_R_16F with
+        // C/D CUDA_R_16F or CUDA_R_32F, likewise CUDA_R_16BF.
+        let c_dt = data_type(p.c_type()).ok_or_else(|| Error::UnsupportedDType {
+            op: "gemm",
+            dtype: p.c_type(),
+            device: "cuda".to_string(),
+        })?;
+        let layout = |dt: sys::cudaDataType, rows: usize, cols: usize, ld: usize| {
             lt::create_matrix_layout(dt, rows as u64, cols as u64, ld as i64)
                 .cuda_ctx("creating a cuBLASLt matrix layout")
         };
-        plan.a = layout(ar, ac, p.lda)?;
-        plan.b = layout(br, bc, p.ldb)?;
-        plan.c = layout(p.m, p.n, p.ldc)?;
+        plan.a = layout(dt, ar, ac, p.lda)?;
+        plan.b = layout(dt, br, bc, p.ldb)?;
+        plan.c = layout(c_dt, p.m, p.n, p.ldc)?;
         if p.batch > 1 {
             let count = p.batch as i32;
             for (l, stride) in [
@@ -1061,5 +1101,65 @@ impl Gemm {
             eprint!("{msg}");
         }
         Ok(chosen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 5 × 3 × 7 product with `A`/`B` of `dtype` and `C` of `c_dtype`.
+    fn params(dtype: DType, c_dtype: Option<DType>) -> GemmParams {
+        GemmParams {
+            dtype,
+            c_dtype,
+            transa: false,
+            transb: false,
+            m: 5,
+            n: 3,
+            k: 7,
+            lda: 5,
+            ldb: 7,
+            ldc: 5,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        }
+    }
+
+    /// Half-precision `A`/`B` with an f32 `C` is taken and keys its own plan; `C` of the
+    /// operands' dtype is the default's plan; every other mix is refused with a clear error;
+    /// `C`'s extent counts `C`'s element size (the autotuner's scratch copy).
+    #[test]
+    fn c_dtype_is_validated_normalized_and_sized() {
+        for half in [DType::BF16, DType::F16] {
+            let mixed = params(half, Some(DType::F32));
+            assert!(mixed.validate().is_ok(), "{half:?} A/B with f32 C");
+            assert_eq!(mixed.c_type(), DType::F32);
+            assert_ne!(mixed.normalized(), params(half, None).normalized());
+            assert_eq!(
+                params(half, Some(half)).normalized(),
+                params(half, None).normalized()
+            );
+            // (n - 1) · ldc + m elements of C.
+            assert_eq!(mixed.c_extent_bytes(), Some((2 * 5 + 5) * 4));
+            assert_eq!(params(half, None).c_extent_bytes(), Some((2 * 5 + 5) * 2));
+        }
+        for (ab, c) in [
+            (DType::F32, DType::BF16),
+            (DType::F32, DType::F16),
+            (DType::BF16, DType::F16),
+            (DType::F16, DType::BF16),
+            (DType::BF16, DType::F64),
+        ] {
+            match params(ab, Some(c)).validate() {
+                Err(Error::InvalidArgument { op, msg }) => {
+                    assert_eq!(op, "gemm");
+                    assert!(msg.contains("only f16/bf16 A and B with f32 C"), "{msg}");
+                }
+                other => panic!("{ab:?} A/B with {c:?} C: {other:?}"),
+            }
+        }
     }
 }

@@ -1,8 +1,10 @@
 //! `flare::lora::lora_linear` and `flare::lora::LoraLinear`: the fused forward against a float64
 //! composite on odd shapes at every dtype (and f32 adapters on a half base), gradients of `x`,
 //! `A` and `B` against the composite's autograd and finite differences, the frozen weight never
-//! getting a gradient, partial tracking, dropout, adapter switching, merge / unmerge, PEFT's
-//! initialisation, every output element written, and clear errors.
+//! getting a gradient, partial tracking, f32 factors on an f32 / bf16 / f16 base (their
+//! gradients f32 and not rounded to the half type; CUDA against the CPU op), dropout, adapter
+//! switching, merge / unmerge, PEFT's initialisation, every output element written, and clear
+//! errors.
 //!
 //! Derivatives, with `y = x Wᵀ + bias + s (x Aᵀ) Bᵀ`, upstream `dy`, `G = s dy B`:
 //!   `dx = dy W + G A`, `dA = Gᵀ x`, `dB = s dyᵀ (x Aᵀ)`.
@@ -317,18 +319,180 @@ fn partial_tracking(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// The fused op with a tracked subset of `{x, A, B}` (`tracked`): its output and the gradients
+/// it gives (`None` where untracked) of `sum(y * rr)`.
+#[allow(clippy::too_many_arguments)]
+fn run_tracked(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+    rr: &Tensor,
+    tracked: [bool; 3],
+) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    let wrap = |t: &Tensor, on: bool| -> Result<Tensor> {
+        Ok(if on {
+            var(t)?.as_tensor().clone()
+        } else {
+            t.clone()
+        })
+    };
+    let ins = [
+        wrap(x, tracked[0])?,
+        wrap(a, tracked[1])?,
+        wrap(b, tracked[2])?,
+    ];
+    let y = lora_linear(&ins[0], w, bias, &ins[1], &ins[2], s)?;
+    let grads = y.mul(rr)?.sum_all()?.backward()?;
+    Ok((y, ins.iter().map(|t| grads.get(t).cloned()).collect()))
+}
+
+/// f32 factors go into the fused op as they are, on an f32, bf16 and f16 base, for every
+/// tracked subset of `{x, A, B}` on odd shapes: the output and the gradients against the
+/// float64 reference (on `A`, `B` rounded to the base dtype, as the op computes), `dx` in the
+/// base dtype and `dA`, `dB` in f32. On a half base the factor gradients are not rounded to
+/// the half type (the op writes the f32 accumulation): almost none of their elements is
+/// representable in it, where a bf16/f16 gradient widened to f32 (the old cast-node path)
+/// would be exactly so. On CUDA the CPU op's results on the same inputs are compared too.
+fn f32_factors(dev: &Device) -> Result<()> {
+    const IN2: usize = 37;
+    const OUT2: usize = 13;
+    let mut fails = Failures::default();
+    for base in [DType::F32, DType::BF16, DType::F16] {
+        for (xsh, r, with_bias) in [
+            (&[19usize, IN2][..], 3usize, true),
+            (&[2, 5, IN2], 5, false),
+        ] {
+            for mask in 1..8u8 {
+                let tracked = [mask & 1 != 0, mask & 2 != 0, mask & 4 != 0];
+                let what = format!(
+                    "lora_linear f32 factors on {} {xsh:?} r {r} bias {with_bias} tracked \
+                     (x, A, B) {tracked:?}",
+                    dt(base)
+                );
+                let sd = |tag: &str| seed(&format!("{what} {tag}"));
+                let x = randn(xsh, base, dev, sd("x"))?;
+                let w = randn_scaled(&[OUT2, IN2], 0.0, 0.2, base, dev, sd("w"))?;
+                let bias = match with_bias {
+                    true => Some(randn(&[OUT2], base, dev, sd("bias"))?),
+                    false => None,
+                };
+                let a = randn_scaled(&[r, IN2], 0.0, 0.2, DType::F32, dev, sd("a"))?;
+                let b = randn(&[OUT2, r], DType::F32, dev, sd("b"))?;
+                let s = 8.0 / (3.0 * r as f64);
+                let mut ysh = xsh.to_vec();
+                *ysh.last_mut().unwrap() = OUT2;
+                let rr = randn(&ysh, base, dev, sd("r"))?;
+                let (y, grads) = run_tracked(&x, &w, bias.as_ref(), &a, &b, s, &rr, tracked)?;
+                assert_eq!(y.dtype(), base, "{what}: output dtype");
+                assert_eq!(y.track_op(), mask != 0, "{what}: output tracking");
+
+                let (xr, ar, br) = (
+                    var(&f64_cpu(&x)?)?,
+                    var(&f64_cpu(&a.to_dtype(base)?)?)?,
+                    var(&f64_cpu(&b.to_dtype(base)?)?)?,
+                );
+                let yr = reference_f64(
+                    xr.as_tensor(),
+                    &w,
+                    bias.as_ref(),
+                    ar.as_tensor(),
+                    br.as_tensor(),
+                    s,
+                )?;
+                fails.check(&y, &yr, tol(base), &what)?;
+                let grads_r = yr.mul(&f64_cpu(&rr)?)?.sum_all()?.backward()?;
+                let names = ["dx", "dA", "dB"];
+                let wants = [
+                    (base, x.dims()),
+                    (DType::F32, a.dims()),
+                    (DType::F32, b.dims()),
+                ];
+                for (i, vr) in [&xr, &ar, &br].into_iter().enumerate() {
+                    let what = format!("{what} {}", names[i]);
+                    let g = match (&grads[i], tracked[i]) {
+                        (Some(g), true) => g,
+                        (None, false) => continue,
+                        (g, on) => panic!("{what}: tracked {on}, gradient present {}", g.is_some()),
+                    };
+                    assert_eq!(g.dtype(), wants[i].0, "{what}: gradient dtype");
+                    assert_eq!(g.dims(), wants[i].1, "{what}: gradient shape");
+                    assert!(g.device().same_device(dev), "{what}: gradient device");
+                    fails.check(
+                        g,
+                        &grad_of(&grads_r, vr.as_tensor(), &what),
+                        tol(base),
+                        &what,
+                    )?;
+                    if i > 0 && base != DType::F32 {
+                        let v = to_f64_vec(g)?;
+                        let half = to_f64_vec(&g.to_dtype(base)?)?;
+                        let exact = v.iter().zip(&half).filter(|(p, q)| p == q).count();
+                        assert!(
+                            exact * 10 < v.len(),
+                            "{what}: {exact} of {} elements are exact in {}: rounded to the half \
+                             type",
+                            v.len(),
+                            dt(base)
+                        );
+                    }
+                }
+
+                if !dev.is_cpu() {
+                    let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+                    let bias_c = bias.as_ref().map(cpu).transpose()?;
+                    let (yc, gc) = run_tracked(
+                        &cpu(&x)?,
+                        &cpu(&w)?,
+                        bias_c.as_ref(),
+                        &cpu(&a)?,
+                        &cpu(&b)?,
+                        s,
+                        &cpu(&rr)?,
+                        tracked,
+                    )?;
+                    fails.check(&y, &yc, tol(base), &format!("{what} (CUDA vs CPU)"))?;
+                    for (i, (g, c)) in grads.iter().zip(&gc).enumerate() {
+                        let what = format!("{what} {} (CUDA vs CPU)", names[i]);
+                        match (g, c) {
+                            (Some(g), Some(c)) => {
+                                assert_eq!(g.dtype(), c.dtype(), "{what}: gradient dtype");
+                                fails.check(g, c, tol(base), &what)?;
+                            }
+                            (None, None) => {}
+                            _ => panic!("{what}: present on one device only"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    fails.finish();
+    Ok(())
+}
+
 /// Every output element is written, forward and backward. See [`poison`] for why this is only
 /// meaningful on CUDA.
 fn every_element_written(dev: &Device) -> Result<()> {
-    for &dtype in &dtypes(dev) {
+    let mut combos: Vec<(DType, DType)> = dtypes(dev).into_iter().map(|d| (d, d)).collect();
+    combos.push((DType::BF16, DType::F32));
+    combos.push((DType::F16, DType::F32));
+    for (dtype, adt) in combos {
         for with_bias in [false, true] {
-            let what = format!("lora_linear poisoned bias {with_bias} {}", dt(dtype));
+            let what = format!(
+                "lora_linear poisoned bias {with_bias} {} (adapters {})",
+                dt(dtype),
+                dt(adt)
+            );
             let xsh = [33, IN];
-            let c = case(&xsh, 4, with_bias, dtype, dtype, dev, &what)?;
+            let c = case(&xsh, 4, with_bias, dtype, adt, dev, &what)?;
             let (xv, av, bv) = (var(&c.x)?, var(&c.a)?, var(&c.b)?);
             let n = 33 * IN + 4 * IN + OUT * 4 + 64;
             let sizes = [33 * OUT, 33 * 4, n, 33 * 4, 33 * 4];
             poison(dev, dtype, &sizes)?;
+            poison(dev, adt, &sizes)?;
             let y = lora_linear(
                 xv.as_tensor(),
                 &c.w,
@@ -340,6 +504,7 @@ fn every_element_written(dev: &Device) -> Result<()> {
             assert_no_nan(&y, &what)?;
             let rr = randn(y.dims(), dtype, dev, seed(&format!("{what} r")))?;
             poison(dev, dtype, &sizes)?;
+            poison(dev, adt, &sizes)?;
             let g = y.mul(&rr)?.sum_all()?.backward()?;
             for (name, v) in [("dx", &xv), ("dA", &av), ("dB", &bv)] {
                 assert_no_nan(
@@ -930,6 +1095,7 @@ device_test!(
     forward,
     views_and_empty,
     grads_vs_reference,
+    f32_factors,
     grad_fd,
     partial_tracking,
     every_element_written,

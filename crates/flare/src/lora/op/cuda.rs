@@ -35,7 +35,8 @@ pub(crate) struct FwdArgs<'a> {
 }
 
 /// The backward's operands: `x: [T, in]`, `dy: [T, out]`, `a: [r, in]`, `w: [out, in]`,
-/// `b: [out, r]`, all of one dtype, contiguous; which gradients to compute and where they go.
+/// `b: [out, r]`, all of one dtype (`A` and `B` already converted to it when the factors are
+/// f32 on a half base), contiguous; which gradients to compute and where they go.
 pub(crate) struct BwdArgs<'a> {
     pub x: (&'a CudaStorage, &'a Layout),
     pub dy: (&'a CudaStorage, &'a Layout),
@@ -44,10 +45,14 @@ pub(crate) struct BwdArgs<'a> {
     pub b: (&'a CudaStorage, &'a Layout),
     pub scale: f64,
     pub need: Needs,
+    /// Where the gradients go. When it is split (f32 factors on an f16/bf16 base), `dA` and `dB`
+    /// are written in f32 straight from their GEMMs into a second, f32 buffer.
     pub packed: Packed,
     /// `H = x Aᵀ` (`[T, r]`, contiguous, the dtype of `x`) as the forward computed it, if it
     /// kept it; recomputed when `None` and `dB` is needed.
     pub h: Option<&'a CudaStorage>,
+    /// The factors' gradients are f32 in a buffer of their own (see `packed`).
+    pub split: bool,
 }
 
 fn internal(op: &str, msg: String) -> candle_core::Error {
@@ -83,7 +88,8 @@ fn expect(
     }
 }
 
-/// One plain (batch 1) column-major GEMM: `C[m, n] = alpha · op(A) op(B) + beta · C`.
+/// One plain (batch 1) column-major GEMM: `C[m, n] = alpha · op(A) op(B) + beta · C`, `C` of
+/// the operands' dtype.
 #[allow(clippy::too_many_arguments)]
 fn params(
     dtype: DType,
@@ -98,6 +104,7 @@ fn params(
 ) -> GemmParams {
     GemmParams {
         dtype,
+        c_dtype: None,
         transa,
         transb,
         m,
@@ -252,10 +259,17 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     Ok((y, CudaStorage::wrap_cuda_slice(h, dev.clone())))
 }
 
+/// The gradient buffers of the backward: the base-dtype one (`dx`, and `dA`, `dB` unless split)
+/// and the f32 one (`dA`, `dB` when split), each made only when it holds something.
+pub(crate) struct BwdOut {
+    pub base: Option<CudaStorage>,
+    pub factors: Option<CudaStorage>,
+}
+
 /// The backward: `dx = dy W + G A`, `dA = Gᵀ x`, `dB = s · dyᵀ H` with `G = s · dy B` and
-/// `H = x Aᵀ` (the forward's, or recomputed), each computed only when needed, into one fresh
-/// buffer laid out as `args.packed`.
-pub(crate) fn bwd(args: BwdArgs<'_>) -> candle_core::Result<CudaStorage> {
+/// `H = x Aᵀ` (the forward's, or recomputed), each computed only when needed, into fresh
+/// buffers laid out as `args.packed`.
+pub(crate) fn bwd(args: BwdArgs<'_>) -> candle_core::Result<BwdOut> {
     let dtype = args.x.0.dtype();
     for (what, s) in [
         ("dy", args.dy.0),
@@ -286,7 +300,7 @@ pub(crate) fn bwd(args: BwdArgs<'_>) -> candle_core::Result<CudaStorage> {
 fn bwd_t<T: CudaDType + DeviceRepr>(
     dtype: DType,
     args: &BwdArgs<'_>,
-) -> candle_core::Result<CudaStorage> {
+) -> candle_core::Result<BwdOut> {
     let (t, inf, x_off) = matrix(OP_BWD, "x", args.x.1)?;
     let (dy_t, out, dy_off) = matrix(OP_BWD, "dy", args.dy.1)?;
     let (r, a_in, a_off) = matrix(OP_BWD, "lora_a", args.a.1)?;
@@ -296,11 +310,17 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     expect(OP_BWD, "lora_a", (r, a_in), (r, inf))?;
     expect(OP_BWD, "weight", (w_out, w_in), (out, inf))?;
     expect(OP_BWD, "lora_b", (b_out, b_r), (out, r))?;
-    let (need, p, s) = (args.need, args.packed, args.scale as f32);
-    if p != Packed::new(t, inf, out, r, need) || p.total == 0 {
+    let (need, p, s, split) = (args.need, args.packed, args.scale as f32, args.split);
+    if p != Packed::new(t, inf, out, r, need, split) || p.total + p.factor_total == 0 {
         return Err(internal(
             OP_BWD,
             format!("packed layout {p:?} does not fit"),
+        ));
+    }
+    if split && dtype == DType::F32 {
+        return Err(internal(
+            OP_BWD,
+            "f32 factor gradients split from an f32 base".into(),
         ));
     }
 
@@ -330,11 +350,23 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         _ => None,
     };
     let need_g = need.dx || need.da;
-    // SAFETY: the pieces `p` lays out (dx, dA, dB, those requested) are each written in full
-    // below by a GEMM with beta = 0 before anything reads them (dx's second GEMM accumulates
-    // onto its first); the padding between pieces is never read (the op's caller only takes
-    // the pieces, as views).
-    let mut packed = unsafe { dev.alloc::<T>(p.total) }?;
+    // SAFETY (both buffers): the pieces `p` lays out (dx, dA, dB, those requested) are each
+    // written in full below by a GEMM with beta = 0 before anything reads them (dx's second
+    // GEMM accumulates onto its first); the padding between pieces is never read (the op's
+    // caller only takes the pieces, as views). A buffer is only made when it holds a piece.
+    let mut packed = if p.total > 0 {
+        Some(unsafe { dev.alloc::<T>(p.total) }?)
+    } else {
+        None
+    };
+    // The f32 buffer of `dA` and `dB` when split.
+    // SAFETY: as for `packed` above: dA and dB are each written in full by their GEMM
+    // (beta = 0, f32 C/D) before anything reads them; the padding is never read.
+    let mut packed_f = if p.factor_total > 0 {
+        Some(unsafe { dev.alloc::<f32>(p.factor_total) }?)
+    } else {
+        None
+    };
     // SAFETY: written in full by the G GEMM (beta = 0) before the dx / dA GEMMs read it.
     let mut g = if need_g {
         Some(unsafe { dev.alloc::<T>(t * r) }?)
@@ -354,7 +386,8 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         let (ap, _ga) = as_.device_ptr(stream);
         let (wp, _gw) = ws.device_ptr(stream);
         let (bp, _gb) = bs.device_ptr(stream);
-        let (outp, _gout) = packed.device_ptr_mut(stream);
+        let outs = packed.as_mut().map(|b| b.device_ptr_mut(stream));
+        let outs_f = packed_f.as_mut().map(|b| b.device_ptr_mut(stream));
         let gs = g.as_mut().map(|g| g.device_ptr_mut(stream));
         let hs = h.as_mut().map(|h| h.device_ptr_mut(stream));
         let saved = saved_h.map(|h| h.device_ptr(stream));
@@ -365,7 +398,24 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             wp + w_off as u64 * size,
             bp + b_off as u64 * size,
         );
-        let at = |off: usize| outp + off as u64 * size;
+        // The device address of element `off` of the base buffer, and of the buffer (with its
+        // element size) that holds `dA` and `dB`.
+        let base_at = |off: usize| -> candle_core::Result<u64> {
+            match &outs {
+                Some((ptr, _)) => Ok(ptr + off as u64 * size),
+                None => Err(internal(OP_BWD, "no base-dtype gradient buffer".into())),
+            }
+        };
+        let factor_at = |off: usize| -> candle_core::Result<u64> {
+            match (split, &outs_f) {
+                (true, Some((ptr, _))) => Ok(ptr + off as u64 * 4),
+                (true, None) => Err(internal(OP_BWD, "no f32 gradient buffer".into())),
+                (false, _) => base_at(off),
+            }
+        };
+        // dA and dB are written in f32 when split: the GEMMs read the half-precision operands,
+        // accumulate in f32 (CUBLAS_COMPUTE_32F) and store the f32 accumulator, unrounded.
+        let factor_c = split.then_some(DType::F32);
         let gemm = rt.gemm();
         let gp = gs.as_ref().map(|(ptr, _)| *ptr);
 
@@ -380,7 +430,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             unsafe { gemm.matmul(&pg, bp, dyp, gp, s, 0.0) }.map_err(crate::Error::into_candle)?;
         }
         if let (Some(off), Some(gp)) = (p.dx, gp) {
-            let dxp = at(off);
+            let dxp = base_at(off)?;
             // The low-rank part first, then the big GEMM accumulates onto it in its epilogue
             // (where reading C overlaps its compute), rather than a separate read-modify-write
             // pass of dx by the memory-bound low-rank GEMM.
@@ -402,10 +452,17 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         if let (Some(off), Some(gp)) = (p.da, gp) {
             // dAᵀ[in, r] = Xᵀ[in, T] · G[T, r]: X's buffer is Xᵀ (in × T, ld in); G's buffer is
             // Gᵀ (r × T, ld r), so transb.
-            let pa = params(dtype, false, true, inf, r, t, inf, r, inf);
+            let pa = GemmParams {
+                c_dtype: factor_c,
+                ..params(dtype, false, true, inf, r, t, inf, r, inf)
+            };
             // SAFETY: X (T·in from `x_off`), G (T·r, written above) and the dA piece (r·in
-            // from `off` inside `packed`, disjoint) on this device; same stream, guards held.
-            unsafe { gemm.matmul(&pa, xp, gp, at(off), 1.0, 0.0) }
+            // elements of `pa.c_type()` from `off` inside its buffer, `packed` or, when split,
+            // the f32 `packed_f`; disjoint from the inputs, aligned to 64 bytes or more: the
+            // pool's allocation plus a multiple of 16 elements) on this device; same stream,
+            // guards held. With `c_dtype` f32 the params are bf16/f16 A and B into f32 C/D,
+            // a combination cuBLASLt supports with CUBLAS_COMPUTE_32F (see `GemmParams`).
+            unsafe { gemm.matmul(&pa, xp, gp, factor_at(off)?, 1.0, 0.0) }
                 .map_err(crate::Error::into_candle)?;
         }
         if let Some(off) = p.db {
@@ -427,13 +484,21 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             };
             // dBᵀ[r, out] = s · Hᵀ[r, T] · dy[T, out]: H's buffer is Hᵀ (r × T, ld r); dy's
             // buffer is dyᵀ (out × T, ld out), so transb.
-            let pb = params(dtype, false, true, r, out, t, r, out, r);
+            let pb = GemmParams {
+                c_dtype: factor_c,
+                ..params(dtype, false, true, r, out, t, r, out, r)
+            };
             // SAFETY: H (T·r: the forward's, written on this stream before this op could run,
-            // or the one written just above), dy (T·out) and the dB piece (out·r from `off`
-            // inside `packed`, disjoint) on this device; guards held.
-            unsafe { gemm.matmul(&pb, hp, dyp, at(off), s, 0.0) }
+            // or the one written just above), dy (T·out) and the dB piece (out·r elements of
+            // `pb.c_type()` from `off` inside its buffer, `packed` or the f32 `packed_f` when
+            // split; disjoint, aligned as for dA) on this device; guards held. The mixed types
+            // are the supported bf16/f16 A and B with f32 C/D, as for dA.
+            unsafe { gemm.matmul(&pb, hp, dyp, factor_at(off)?, s, 0.0) }
                 .map_err(crate::Error::into_candle)?;
         }
     }
-    Ok(CudaStorage::wrap_cuda_slice(packed, dev.clone()))
+    Ok(BwdOut {
+        base: packed.map(|b| CudaStorage::wrap_cuda_slice(b, dev.clone())),
+        factors: packed_f.map(|b| CudaStorage::wrap_cuda_slice(b, dev.clone())),
+    })
 }

@@ -7,7 +7,8 @@
 //! # Forward
 //! [`lora_linear`] is one Candle custom op on `(x, A, B)`; `W`, the bias and `s` are captured
 //! in the op, so `W` is not an autograd input: no gradient of `W`'s size is ever allocated or
-//! computed, whether or not `W` is a `Var`.
+//! computed, whether or not `W` is a `Var`. `A` and `B` enter in their own dtype (see Dtypes):
+//! no cast node sits between them and the op.
 //! - CUDA: three cuBLASLt GEMMs through the runtime's one entry point
 //!   (`flare::runtime::gemm::Gemm::matmul`, with the `cuda` feature): `H = X Aᵀ` into a
 //!   `[T, r]` buffer, `Y = s · H Bᵀ` (`alpha = s`, `beta = 0`), then the base GEMM
@@ -32,16 +33,30 @@
 //! computed only when its input takes part in autograd (`Tensor::track_op`): a frozen input
 //! (`x` of the first layer, say) costs nothing, and `G` / `H` are only formed when a gradient
 //! needs them. The gradients come out of one backward op packed in a flat buffer and are split
-//! by views (each piece starts on a 16-element boundary). The backward op has no backward of its
-//! own: a second derivative returns Candle's `BackwardNotSupported`.
+//! by views (each piece starts on a 16-element boundary); with f32 factors on a half base, `dA`
+//! and `dB` come in a second, f32 buffer, handed from the backward op to the graph by a
+//! second op (`lora_linear_bwd_factors`, no computation, applied to `A` so that the factor
+//! gradients, kept until the optimizer step, hold no reference to the dx buffer). The
+//! backward ops have no backward of their own: a second derivative returns Candle's
+//! `BackwardNotSupported`.
 //!
 //! # Dtypes
 //! `x`, `W` and the bias share one dtype (f32, f16, bf16; f64 on CPU). `A` and `B` share one
 //! dtype, either the base dtype or f32 while the base is f16/bf16 (PEFT keeps adapters in f32
-//! on a half-precision base). In the mixed case `A` and `B` are cast to the base dtype (with
-//! Candle's `to_dtype`, whose backward casts back) before the GEMMs, which then run in the base
-//! dtype with f32 accumulation, as under PyTorch's autocast; the gradients of `A` and `B` come
-//! back in their own dtype (f32), computed in the base dtype and widened.
+//! on a half-precision base). In the mixed case `A` and `B` are the op's autograd inputs as
+//! they are (f32): no Candle cast node, forward or backward. Inside the op:
+//! - forward: `A` and `B` are converted to the base dtype at storage level (Candle's
+//!   `BackendStorage::to_dtype`: one small cast launch each on CUDA, rounding to nearest), and
+//!   the GEMMs run in the base dtype with f32 accumulation, as under PyTorch's autocast. On
+//!   CUDA the converted pair is kept by the op (like `H`) for the backward, which then casts
+//!   nothing.
+//! - backward: `G = s · dy B` uses the converted `B` and is rounded to the base dtype, `dx` is
+//!   in the base dtype, and `dA = Gᵀ x`, `dB = s · dyᵀ H` are computed from the half-precision
+//!   `G`, `x`, `dy`, `H` with f32 accumulation and come out **in f32, never rounded to the half
+//!   type** (on CUDA the cuBLASLt GEMMs write their f32 accumulator directly: bf16/f16 `A`/`B`,
+//!   f32 `C`/`D`; on the CPU the products run in f32 on the half values widened exactly).
+//!   Before, they were rounded to bf16/f16 and widened by the cast's backward; the f32
+//!   optimizer now sees about 8 (bf16) or 11 (f16) more bits of each factor gradient.
 //!
 //! # Dropout
 //! LoRA dropout (`dropout(x)` on the input of the low-rank path only) is not fused yet: a layer
@@ -53,7 +68,9 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
+};
 
 use crate::error::device_name;
 use crate::ops::{check_dtype, check_rank, contiguous_range, matmul, native};
@@ -65,7 +82,7 @@ mod cuda;
 mod plan;
 
 use cpu::{combine_fwd, scaled};
-use plan::{Needs, Packed, OP, OP_BWD};
+use plan::{Needs, Packed, OP, OP_BWD, OP_BWD_FACTORS};
 
 fn internal(op: &str, msg: String) -> candle_core::Error {
     candle_core::Error::Msg(format!("{op}: internal error: {msg}"))
@@ -114,6 +131,28 @@ type SavedH = Arc<candle_core::CudaStorage>;
 #[cfg(not(feature = "cuda"))]
 type SavedH = std::convert::Infallible;
 
+/// `A` and `B` converted to the base dtype by the CUDA forward (f32 factors on a half base
+/// only), kept for the backward so that it converts nothing. Empty without CUDA, as
+/// [`SavedH`].
+#[cfg(feature = "cuda")]
+type SavedAb = Arc<(candle_core::CudaStorage, candle_core::CudaStorage)>;
+#[cfg(not(feature = "cuda"))]
+type SavedAb = std::convert::Infallible;
+
+/// `s` (read through `l`) converted to `dtype` at storage level, as a fresh contiguous storage
+/// and its layout, or `None` when it already has that dtype. No graph node: this is how the op
+/// brings f32 factors to the base dtype (and, on the CPU backward, half operands to f32).
+fn convert<S: BackendStorage>(
+    s: &S,
+    l: &Layout,
+    dtype: DType,
+) -> candle_core::Result<Option<(S, Layout)>> {
+    if s.dtype() == dtype {
+        return Ok(None);
+    }
+    Ok(Some((s.to_dtype(l, dtype)?, Layout::contiguous(l.shape()))))
+}
+
 /// The forward op `(x [..., in], A [r, in], B [out, r]) -> y [..., out]`, with `W` and the bias
 /// captured (contiguous, same dtype and device as `x`). `x` must be contiguous; the op reads it
 /// as the `[T, in]` matrix it is, so that no reshape node (whose backward is a zero fill and an
@@ -126,6 +165,8 @@ struct LoraFwd {
     /// backward for `dB` instead of a second pass over `x`. Lives as long as the op, i.e. the
     /// autograd graph (or only the forward call when nothing is tracked).
     saved_h: Mutex<Option<SavedH>>,
+    /// `A` and `B` in the base dtype, from a CUDA forward with f32 factors on a half base.
+    saved_ab: Mutex<Option<SavedAb>>,
 }
 
 /// `l` as the contiguous `[rows, cols]` matrix it holds: `cols` its last dim, `rows` the product
@@ -180,6 +221,10 @@ impl CustomOp3 for LoraFwd {
         let shape = out_shape(lx, lb.dims()[0]);
         let lx = &as_matrix(OP, lx)?;
         let (t, inf, r, out) = fwd_dims(lx, la, lb);
+        // f32 factors on a half base: converted here, at storage level.
+        let (ca, cb) = (convert(sa, la, sx.dtype())?, convert(sb, lb, sx.dtype())?);
+        let (sa, la) = ca.as_ref().map_or((sa, la), |(s, l)| (s, l));
+        let (sb, lb) = cb.as_ref().map_or((sb, lb), |(s, l)| (s, l));
         let (ws, wl) = self.w.storage_and_layout();
         let wc = cpu_storage(OP, &ws)?;
         let base = sx.matmul(wc, (1, t, out, inf), lx, &wl.transpose(0, 1)?)?;
@@ -231,15 +276,27 @@ impl CustomOp3 for LoraFwd {
         };
         let shape = out_shape(lx, lb.dims()[0]);
         let lx2 = as_matrix(OP, lx)?;
+        // f32 factors on a half base: one cast launch each (no graph node), kept for the
+        // backward.
+        let conv = match (convert(sa, la, sx.dtype())?, convert(sb, lb, sx.dtype())?) {
+            (Some((a, la)), Some((b, lb))) => Some((Arc::new((a, b)), la, lb)),
+            (None, None) => None,
+            _ => return Err(internal(OP, "lora_a and lora_b differ in dtype".into())),
+        };
+        let (a, b) = match &conv {
+            Some((ab, la, lb)) => ((&ab.0, la), (&ab.1, lb)),
+            None => ((sa, la), (sb, lb)),
+        };
         let (y, h) = cuda::fwd(cuda::FwdArgs {
             x: (sx, &lx2),
-            a: (sa, la),
-            b: (sb, lb),
+            a,
+            b,
             w: (wc, wl),
             bias,
             scale: self.scale,
         })?;
         *self.saved_h.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(h));
+        *self.saved_ab.lock().unwrap_or_else(|e| e.into_inner()) = conv.map(|(ab, _, _)| ab);
         Ok((y, shape))
     }
 
@@ -263,6 +320,9 @@ impl CustomOp3 for LoraFwd {
         let t = x.elem_count() / inf.max(1);
         let (out, r) = b.dims2()?;
         let dy = dy.contiguous()?;
+        let split = a.dtype() != x.dtype();
+        let p = Packed::new(t, inf, out, r, need, split);
+        let side = Arc::new(Mutex::new(None));
         let op = LoraBwd {
             w: self.w.clone(),
             b: b.detach(),
@@ -274,20 +334,40 @@ impl CustomOp3 for LoraFwd {
                 .unwrap_or_else(|e| e.into_inner())
                 .as_ref()
                 .cloned(),
+            ab: self
+                .saved_ab
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .cloned(),
+            side: side.clone(),
         };
         // Tracked (not `apply_op3_no_bwd`), so that a second derivative through it errors with
         // `BackwardNotSupported` instead of silently stopping.
         let packed = x.apply_op3_arc(&dy, a, Arc::new(Box::new(op)))?;
-        let p = Packed::new(t, inf, out, r, need);
-        // Views of the packed buffer: no copies.
-        let piece = |off: Option<usize>, dims: &[usize]| {
-            off.map(|o| packed.narrow(0, o, dims.iter().product())?.reshape(dims))
+        // With two buffers (dx in the base dtype, dA and dB in f32), the second comes out of
+        // the backward op through `side` and into the graph by a second op, applied to `A`
+        // (which it ignores) rather than to the dx buffer: `dA` and `dB` are kept until the
+        // optimizer step, and a graph edge to the dx buffer would keep that alive as long (it
+        // is freed once `x`'s gradient has been passed on).
+        let factors = if p.two_buffers() {
+            let take = LoraBwdFactors {
+                side,
+                len: p.factor_total,
+            };
+            a.apply_op1_arc(Arc::new(Box::new(take)))?
+        } else {
+            packed.clone()
+        };
+        // Views of the packed buffers: no copies.
+        let piece = |buf: &Tensor, off: Option<usize>, dims: &[usize]| {
+            off.map(|o| buf.narrow(0, o, dims.iter().product())?.reshape(dims))
                 .transpose()
         };
         Ok((
-            piece(p.dx, x.dims())?,
-            piece(p.da, &[r, inf])?,
-            piece(p.db, &[out, r])?,
+            piece(&packed, p.dx, x.dims())?,
+            piece(&factors, p.da, &[r, inf])?,
+            piece(&factors, p.db, &[out, r])?,
         ))
     }
 }
@@ -301,8 +381,11 @@ fn cuda_storage<'a>(op: &str, s: &'a Storage) -> candle_core::Result<&'a candle_
 }
 
 /// The backward op `(x [..., in], dy [..., out], A [r, in]) -> [dx | dA | dB]` packed flat
-/// (see [`Packed`]), with `W` and `B` captured (contiguous, same dtype and device); `x` and `dy`
-/// contiguous, read as `[T, in]` and `[T, out]`.
+/// (see [`Packed`]), with `W` and `B` captured (contiguous, same device); `x` and `dy`
+/// contiguous, read as `[T, in]` and `[T, out]`. `A` and `B` are in the base dtype or f32 on a
+/// half base; then `dx` is the op's output (when needed) and `dA`, `dB` go, in f32, into a
+/// second buffer that [`LoraBwdFactors`] takes out of `side` (or, without `dx`, are the op's
+/// output).
 struct LoraBwd {
     w: Tensor,
     b: Tensor,
@@ -311,6 +394,61 @@ struct LoraBwd {
     /// The forward's `H = x Aᵀ` (CUDA), when it kept one.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     h: Option<SavedH>,
+    /// The forward's `A` and `B` in the base dtype (CUDA, f32 factors on a half base).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    ab: Option<SavedAb>,
+    /// Where the op leaves the factor-gradient buffer when it makes two (see [`Packed`]).
+    side: Arc<Mutex<Option<Storage>>>,
+}
+
+impl LoraBwd {
+    /// Returns the op's output, the base-dtype buffer (or the factor one when it is the only
+    /// one), and leaves the factor buffer in `side` when there are both.
+    fn finish<S>(
+        &self,
+        base: Option<S>,
+        factors: Option<S>,
+        wrap: fn(S) -> Storage,
+    ) -> candle_core::Result<S> {
+        match (base, factors) {
+            (Some(base), Some(factors)) => {
+                *self.side.lock().unwrap_or_else(|e| e.into_inner()) = Some(wrap(factors));
+                Ok(base)
+            }
+            (Some(one), None) | (None, Some(one)) => Ok(one),
+            (None, None) => Err(internal(OP_BWD, "no gradient buffer was made".into())),
+        }
+    }
+}
+
+/// The op's output length for the packed layout `p`.
+fn main_len(p: &Packed) -> usize {
+    if p.total > 0 {
+        p.total
+    } else {
+        p.factor_total
+    }
+}
+
+/// Writes `dA` (as is) and `dB` (times `s`, in f64, rounded once) into `v` at their offsets.
+fn put_factor_grads<E: WithDType>(
+    v: &mut [E],
+    p: &Packed,
+    da: Option<&CpuStorage>,
+    db: Option<&CpuStorage>,
+    s: f64,
+) -> candle_core::Result<()> {
+    if let (Some(o), Some(da)) = (p.da, da) {
+        let da = da.as_slice::<E>()?;
+        v[o..o + da.len()].copy_from_slice(da);
+    }
+    if let (Some(o), Some(db)) = (p.db, db) {
+        let db = db.as_slice::<E>()?;
+        for (d, &u) in v[o..o + db.len()].iter_mut().zip(db) {
+            *d = E::from_f64(s * u.to_f64());
+        }
+    }
+    Ok(())
 }
 
 impl CustomOp3 for LoraBwd {
@@ -336,10 +474,20 @@ impl CustomOp3 for LoraBwd {
         let bc = cpu_storage(OP_BWD, &bs)?;
         let need = self.need;
         let s = self.scale;
-        let p = Packed::new(t, inf, out, r, need);
+        // The factors' dtype: the gradients of A and B come out in it (f32 on a half base).
+        let (dt, gdt) = (sx.dtype(), sa.dtype());
+        let split = gdt != dt;
+        let p = Packed::new(t, inf, out, r, need, split);
         let tr = Layout::contiguous((t, r));
+        // A and B in the base dtype (converted when the factors are f32).
+        let (ca, cb) = (convert(sa, la, dt)?, convert(bc, bl, dt)?);
+        let (sa, la) = ca.as_ref().map_or((sa, la), |(s, l)| (s, l));
+        let (bc, bl) = match &cb {
+            Some((s, l)) => (s, l),
+            None => (bc, bl),
+        };
 
-        // G = s · dy B, rounded to the dtype (it feeds two products).
+        // G = s · dy B, rounded to the base dtype (it feeds two products).
         let g = if need.dx || need.da {
             let g = sdy.matmul(bc, (1, t, r, out), ldy, bl)?;
             Some(
@@ -358,36 +506,56 @@ impl CustomOp3 for LoraBwd {
             ),
             _ => (None, None),
         };
+        // dA = Gᵀ x and dB = dyᵀ H (scaled when packed) in the factors' dtype: with f32 factors
+        // the half operands are widened (exactly) and multiplied in f32, as the CUDA GEMMs
+        // accumulate in f32 and write f32.
         let da = match (&g, need.da) {
-            (Some(g), true) => Some(g.matmul(sx, (1, r, inf, t), &tr.transpose(0, 1)?, lx)?),
+            (Some(g), true) => {
+                let (cg, cx) = (convert(g, &tr, gdt)?, convert(sx, lx, gdt)?);
+                let (g, lg) = cg.as_ref().map_or((g, &tr), |(s, l)| (s, l));
+                let (x, lxg) = cx.as_ref().map_or((sx, lx), |(s, l)| (s, l));
+                Some(g.matmul(x, (1, r, inf, t), &lg.transpose(0, 1)?, lxg)?)
+            }
             _ => None,
         };
         let db = if need.db {
             let h = sx.matmul(sa, (1, t, r, inf), lx, &la.transpose(0, 1)?)?;
-            Some(sdy.matmul(&h, (1, out, r, t), &ldy.transpose(0, 1)?, &tr)?)
+            let (cdy, ch) = (convert(sdy, ldy, gdt)?, convert(&h, &tr, gdt)?);
+            let (dy, ldyg) = cdy.as_ref().map_or((sdy, ldy), |(s, l)| (s, l));
+            let (h, lh) = ch.as_ref().map_or((&h, &tr), |(s, l)| (s, l));
+            Some(dy.matmul(h, (1, out, r, t), &ldyg.transpose(0, 1)?, lh)?)
         } else {
             None
         };
 
-        let packed = by_dtype!(OP_BWD, sx.dtype(), E => {
-            let mut v = vec![E::from_f64(0.0); p.total];
-            if let (Some(o), Some(pw), Some(pa)) = (p.dx, &dx_w, &dx_a) {
-                let (pw, pa) = (pw.as_slice::<E>()?, pa.as_slice::<E>()?);
-                for (d, (&u, &w)) in v[o..o + t * inf].iter_mut().zip(pw.iter().zip(pa)) {
-                    *d = E::from_f64(u.to_f64() + w.to_f64());
+        let base = if p.total > 0 {
+            Some(by_dtype!(OP_BWD, dt, E => {
+                let mut v = vec![E::from_f64(0.0); p.total];
+                if let (Some(o), Some(pw), Some(pa)) = (p.dx, &dx_w, &dx_a) {
+                    let (pw, pa) = (pw.as_slice::<E>()?, pa.as_slice::<E>()?);
+                    for (d, (&u, &w)) in v[o..o + t * inf].iter_mut().zip(pw.iter().zip(pa)) {
+                        *d = E::from_f64(u.to_f64() + w.to_f64());
+                    }
                 }
-            }
-            if let (Some(o), Some(da)) = (p.da, &da) {
-                v[o..o + r * inf].copy_from_slice(da.as_slice::<E>()?);
-            }
-            if let (Some(o), Some(db)) = (p.db, &db) {
-                for (d, &u) in v[o..o + out * r].iter_mut().zip(db.as_slice::<E>()?) {
-                    *d = E::from_f64(s * u.to_f64());
+                if !split {
+                    put_factor_grads(&mut v, &p, da.as_ref(), db.as_ref(), s)?;
                 }
-            }
-            Ok(E::to_cpu_storage_owned(v))
-        })?;
-        Ok((packed, Shape::from(p.total)))
+                Ok(E::to_cpu_storage_owned(v))
+            })?)
+        } else {
+            None
+        };
+        let factors = if p.factor_total > 0 {
+            Some(by_dtype!(OP_BWD, gdt, E => {
+                let mut v = vec![E::from_f64(0.0); p.factor_total];
+                put_factor_grads(&mut v, &p, da.as_ref(), db.as_ref(), s)?;
+                Ok(E::to_cpu_storage_owned(v))
+            })?)
+        } else {
+            None
+        };
+        let main = self.finish(base, factors, Storage::Cpu)?;
+        Ok((main, Shape::from(main_len(&p))))
     }
 
     #[cfg(feature = "cuda")]
@@ -407,19 +575,90 @@ impl CustomOp3 for LoraBwd {
         let (lx, ldy) = (&as_matrix(OP_BWD, lx)?, &as_matrix(OP_BWD, ldy)?);
         let (t, inf) = (lx.dims()[0], lx.dims()[1]);
         let (out, r) = (ldy.dims()[1], la.dims()[0]);
-        let p = Packed::new(t, inf, out, r, self.need);
-        let packed = cuda::bwd(cuda::BwdArgs {
+        let split = sa.dtype() != sx.dtype();
+        let p = Packed::new(t, inf, out, r, self.need, split);
+        // A and B in the base dtype: the forward's converted pair, else converted here.
+        let converted;
+        let (a, b) = match (&self.ab, split) {
+            (_, false) => ((sa, la), (bc, bl)),
+            (Some(ab), true) => {
+                let (lab, lbb) = (
+                    Layout::contiguous(la.shape()),
+                    Layout::contiguous(bl.shape()),
+                );
+                converted = (lab, lbb);
+                ((&ab.0, &converted.0), (&ab.1, &converted.1))
+            }
+            (None, true) => {
+                return Err(internal(
+                    OP_BWD,
+                    "f32 factors but the forward kept no converted pair".into(),
+                ))
+            }
+        };
+        let outs = cuda::bwd(cuda::BwdArgs {
             x: (sx, lx),
             dy: (sdy, ldy),
-            a: (sa, la),
+            a,
             w: (wc, wl),
-            b: (bc, bl),
+            b,
             scale: self.scale,
             need: self.need,
             packed: p,
             h: self.h.as_deref(),
+            split,
         })?;
-        Ok((packed, Shape::from(p.total)))
+        let main = self.finish(outs.base, outs.factors, Storage::Cuda)?;
+        Ok((main, Shape::from(main_len(&p))))
+    }
+}
+
+/// Hands the f32 factor-gradient buffer that [`LoraBwd`] left in `side` to the graph, as a
+/// tensor of `len` elements; computes nothing. Applied to `A` right after the backward op ran
+/// (Candle runs ops eagerly, in program order), whose input it ignores: an edge to `A`, which
+/// lives as long as the adapter anyway, instead of one to the backward op's dx buffer, which
+/// the factor gradients would then keep alive until the optimizer step. Its own backward is
+/// Candle's default, `BackwardNotSupported`.
+struct LoraBwdFactors {
+    side: Arc<Mutex<Option<Storage>>>,
+    len: usize,
+}
+
+impl LoraBwdFactors {
+    fn take(&self) -> candle_core::Result<Storage> {
+        self.side
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| internal(OP_BWD_FACTORS, "no factor gradients were left".into()))
+    }
+}
+
+impl CustomOp1 for LoraBwdFactors {
+    fn name(&self) -> &'static str {
+        OP_BWD_FACTORS
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        match self.take()? {
+            Storage::Cpu(s) => Ok((s, Shape::from(self.len))),
+            _ => Err(internal(
+                OP_BWD_FACTORS,
+                "the buffer is not on the CPU".into(),
+            )),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        match self.take()? {
+            Storage::Cuda(s) => Ok((s, Shape::from(self.len))),
+            _ => Err(internal(OP_BWD_FACTORS, "the buffer is not on CUDA".into())),
+        }
     }
 }
 
@@ -565,7 +804,8 @@ pub(crate) fn check(
     Ok(())
 }
 
-/// `A` and `B` in the base dtype (a no-op when they already are; a tracked cast otherwise).
+/// `A` and `B` in the base dtype (a no-op when they already are; a tracked cast otherwise), for
+/// the composite paths (the fused op converts inside, with no graph node).
 fn in_base_dtype(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
     let dt = x.dtype();
     Ok((a.to_dtype(dt)?, b.to_dtype(dt)?))
@@ -588,7 +828,9 @@ fn scale_by(h: &Tensor, s: f64) -> Result<Tensor> {
 ///
 /// `x: [..., in]`, `w: [out, in]`, `bias: [out]`, `a: [r, in]`, `b: [out, r]`; returns
 /// `[..., out]`. `x`, `w` and `bias` share a dtype (f32, f16, bf16; f64 on CPU); `a` and `b`
-/// share that dtype or are f32 on an f16/bf16 base (see the module doc). `w` and `bias` should
+/// share that dtype or are f32 on an f16/bf16 base, taken as they are (converted inside the
+/// op, no cast node) with their gradients returned in f32, not rounded to the half type (see
+/// the module doc's Dtypes). `w` and `bias` should
 /// be contiguous (a non-contiguous one is copied on every call). Errors, before anything runs:
 /// [`Error::Rank`] / [`Error::ShapeMismatch`] for wrong ranks and shapes,
 /// [`Error::DTypeMismatch`], [`Error::DeviceMismatch`], [`Error::UnsupportedDType`], and
@@ -620,22 +862,25 @@ pub fn lora_linear(
     scale: f64,
 ) -> Result<Tensor> {
     check(x, w, bias, a, b, scale)?;
-    let (a, b) = in_base_dtype(x, a, b)?;
     let (out, inf) = w.dims2()?;
     let r = a.dims()[0];
     let lead = &x.dims()[..x.rank() - 1];
     let t: usize = lead.iter().product();
     if !native(x.device()) || t == 0 || inf == 0 || out == 0 || r == 0 {
         // Other devices, and degenerate shapes (which the GEMM paths do not take): the
-        // composite, whose ops handle empty tensors.
+        // composite, whose ops handle empty tensors, on the factors cast by graph nodes.
+        let (a, b) = in_base_dtype(x, a, b)?;
         return composite(x, w, bias, &a, &b, scale, None);
     }
+    // The fused op takes `A` and `B` in their own dtype (f32 on a half base): it converts them
+    // inside, without graph nodes, and returns their gradients in that dtype.
     // The op reads `x` of any rank as `[T, in]` and returns `[..., out]`: no reshape nodes.
     let op = LoraFwd {
         w: w.detach().contiguous()?,
         bias: bias.map(|b| b.detach().contiguous()).transpose()?,
         scale,
         saved_h: Mutex::new(None),
+        saved_ab: Mutex::new(None),
     };
     Ok(x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
@@ -777,22 +1022,36 @@ mod tests {
             da: true,
             db: true,
         };
-        let p = Packed::new(7, 33, 5, 3, all);
+        let p = Packed::new(7, 33, 5, 3, all, false);
         assert_eq!(p.dx, Some(0));
         assert_eq!(p.da, Some(240)); // 231 rounded up to 16
         assert_eq!(p.db, Some(240 + 112)); // 99 rounded up
         assert_eq!(p.total, 352 + 16);
-        let only_db = Packed::new(
-            7,
-            33,
-            5,
-            3,
-            Needs {
-                dx: false,
-                da: false,
-                db: true,
-            },
-        );
-        assert_eq!((only_db.dx, only_db.da, only_db.db), (None, None, Some(0)));
+        assert_eq!(p.factor_total, 0);
+        assert!(!p.two_buffers());
+        let only_db = Needs {
+            dx: false,
+            da: false,
+            db: true,
+        };
+        let p = Packed::new(7, 33, 5, 3, only_db, false);
+        assert_eq!((p.dx, p.da, p.db), (None, None, Some(0)));
+        // f32 factors on a half base: dx alone in the base buffer, dA and dB in their own.
+        let p = Packed::new(7, 33, 5, 3, all, true);
+        assert_eq!((p.dx, p.da, p.db), (Some(0), Some(0), Some(112)));
+        assert_eq!((p.total, p.factor_total), (240, 112 + 16));
+        assert!(p.two_buffers());
+        // Without dx the factor buffer is the op's only output; without dA and dB there is none.
+        let p = Packed::new(7, 33, 5, 3, only_db, true);
+        assert_eq!((p.db, p.total, p.factor_total), (Some(0), 0, 16));
+        assert!(!p.two_buffers());
+        let only_dx = Needs {
+            dx: true,
+            da: false,
+            db: false,
+        };
+        let p = Packed::new(7, 33, 5, 3, only_dx, true);
+        assert_eq!((p.dx, p.total, p.factor_total), (Some(0), 240, 0));
+        assert!(!p.two_buffers());
     }
 }

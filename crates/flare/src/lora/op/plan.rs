@@ -3,6 +3,7 @@
 
 pub(super) const OP: &str = "lora_linear";
 pub(super) const OP_BWD: &str = "lora_linear_bwd";
+pub(super) const OP_BWD_FACTORS: &str = "lora_linear_bwd_factors";
 
 /// Each piece of the packed backward output starts on a multiple of this many elements, so that
 /// the GEMMs writing it see aligned pointers (16 elements: 32 bytes at half precision).
@@ -19,38 +20,60 @@ pub(crate) struct Needs {
     pub db: bool,
 }
 
-/// Where each gradient sits in the backward op's flat packed output (element offsets), and its
-/// total length.
+/// Where each gradient sits in the backward op's flat packed outputs (element offsets), and
+/// their lengths.
+///
+/// With factors in the base dtype everything goes into one buffer of that dtype,
+/// `[dx | dA | dB]`. With f32 factors on a half-precision base (`split`), `dx` goes into the
+/// base-dtype buffer and `dA`, `dB` into a second, f32 buffer `[dA | dB]`: the factors'
+/// gradients come out of the GEMMs in f32, never rounded to the half type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Packed {
-    /// `dx: [T, in]`.
+    /// `dx: [T, in]`, in the base-dtype buffer.
     pub dx: Option<usize>,
-    /// `dA: [r, in]`.
+    /// `dA: [r, in]`, in the factor buffer when split, else in the base-dtype buffer.
     pub da: Option<usize>,
-    /// `dB: [out, r]`.
+    /// `dB: [out, r]`, likewise.
     pub db: Option<usize>,
-    /// Elements of the packed buffer.
+    /// Elements of the base-dtype buffer (0: none is made).
     pub total: usize,
+    /// Elements of the factor-dtype buffer (0 unless split and `dA` or `dB` is needed).
+    pub factor_total: usize,
 }
 
 impl Packed {
-    pub(crate) fn new(t: usize, inf: usize, out: usize, r: usize, need: Needs) -> Packed {
-        let mut off = 0;
-        let mut take = |needed: bool, len: usize| {
+    pub(crate) fn new(
+        t: usize,
+        inf: usize,
+        out: usize,
+        r: usize,
+        need: Needs,
+        split: bool,
+    ) -> Packed {
+        fn take(off: &mut usize, needed: bool, len: usize) -> Option<usize> {
             needed.then(|| {
-                let o = off;
-                off = (off + len).div_ceil(PACK_ALIGN) * PACK_ALIGN;
+                let o = *off;
+                *off = (*off + len).div_ceil(PACK_ALIGN) * PACK_ALIGN;
                 o
             })
-        };
-        let dx = take(need.dx, t * inf);
-        let da = take(need.da, r * inf);
-        let db = take(need.db, out * r);
+        }
+        let (mut base, mut factors) = (0, 0);
+        let dx = take(&mut base, need.dx, t * inf);
+        let fo = if split { &mut factors } else { &mut base };
+        let da = take(fo, need.da, r * inf);
+        let db = take(fo, need.db, out * r);
         Packed {
             dx,
             da,
             db,
-            total: off,
+            total: base,
+            factor_total: factors,
         }
+    }
+
+    /// Whether the backward makes both buffers: the op returns the base-dtype one and hands
+    /// the factor one over through a second op (see `LoraBwdFactors`).
+    pub(crate) fn two_buffers(&self) -> bool {
+        self.total > 0 && self.factor_total > 0
     }
 }

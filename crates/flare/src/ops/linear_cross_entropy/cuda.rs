@@ -88,6 +88,7 @@ impl Gemms {
     fn new(dtype: DType, rows: usize, d: Dims) -> Self {
         let p = |transa, transb, m, n, k, lda, ldb, ldc| GemmParams {
             dtype,
+            c_dtype: None,
             transa,
             transb,
             m,

@@ -130,6 +130,7 @@ impl Problem {
         let stride = |l: &MatLayout| if l.batch == 1 { 0 } else { l.batch_stride };
         GemmParams {
             dtype,
+            c_dtype: None,
             transa: self.b.transposed,
             transb: self.a.transposed,
             m: self.n,
