@@ -37,6 +37,8 @@ T0=$(date +%s)
 #              ctx8b_flare / ctx8b_torch run one side only.
 #   train05b   Qwen2-0.5B shape at 4x512,8x1024: flare, then the anchor's eager, liger and compile
 #              (ANCHOR_COMPILE_05B=0 drops compile), no checkpointing
+# ANCHOR_IMPLS_8B / ANCHOR_IMPLS_05B (default eager,liger) pick the anchor's configurations
+# besides compile (e.g. liger alone, to fit a short device budget).
 # All of them need the Liger wheel in .whl/ (bench/fetch_wheels.sh; carry [".carry", ".whl"]).
 STAGES=${STAGES:-tests,ops,lora,decode,train,profile,sanitizer}
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
@@ -259,7 +261,7 @@ run_train8b_flare() {
   return $rc
 }
 run_train8b_torch() {
-  local impls=eager,liger
+  local impls=${ANCHOR_IMPLS_8B:-eager,liger}
   [ "${ANCHOR_COMPILE_8B:-0}" = 1 ] && impls=$impls,compile
   side torch_train8b.log "PyTorch + PEFT ($impls), llama-3.1-8b, checkpointing off and on" \
     timeout 270 "$PY" bench/anchor_train.py --config llama-3.1-8b --shapes "$SHAPES_8B" \
@@ -285,7 +287,7 @@ run_train05b_flare() {
     --gradient-checkpointing off --json "$OUT/flare_train05b.json"
 }
 run_train05b_torch() {
-  local impls=eager,liger
+  local impls=${ANCHOR_IMPLS_05B:-eager,liger}
   [ "${ANCHOR_COMPILE_05B:-1}" = 1 ] && impls=$impls,compile
   side torch_train05b.log "PyTorch + PEFT ($impls), qwen2-0.5b" \
     timeout 360 "$PY" bench/anchor_train.py --config qwen2-0.5b --shapes 4x512,8x1024 \
