@@ -5,12 +5,15 @@
 //   du = dy * g * sig
 // Layouts, by element strides so one kernel serves both of flare's ops:
 //   * swiglu(g, u): g, u, dy, y contiguous [rows, cols]; the backward writes dg then du into one
-//     buffer of 2 * rows * cols (ldo = cols, du_off = rows * cols).
+//     buffer of 2 * rows * cols (dg = out, du = out + rows * cols, ldo = cols), or, for the
+//     training MLP, over g and u themselves (dg = g, du = u, ldo = cols).
 //   * swiglu_packed(gu): gate and up are the two halves of each row of gu [rows, 2 * cols] (one
 //     fused gate/up projection): g = gu, u = gu + cols, ldg = ldu = 2 * cols; the backward
-//     writes d(gu) [rows, 2 * cols] (ldo = 2 * cols, du_off = cols).
+//     writes d(gu) [rows, 2 * cols] (dg = out, du = out + cols, ldo = 2 * cols).
 // y and dy are contiguous [rows, cols]. Gradients overwrite, never accumulate. All arithmetic
-// in f32, rounded once.
+// in f32, rounded once. The backward's outputs may alias g and u element for element (in
+// place): each thread reads its g and u pack before it writes the same pack of dg and du, and
+// no other thread touches that pack, so g, u, dg and du are not declared __restrict__.
 //
 // Grid: x over packs of V = 16 / sizeof(T) consecutive columns (a thread takes one pack per row,
 // stride gridDim.x * blockDim.x packs), y over rows (stride gridDim.y): no division per element.
@@ -47,29 +50,29 @@ __device__ __forceinline__ void swiglu_fwd_body(const T *__restrict__ g, const T
 }
 
 template <typename T, bool VEC>
-__device__ __forceinline__ void swiglu_bwd_body(const T *__restrict__ g, const T *__restrict__ u,
-                                                const T *__restrict__ dy, T *__restrict__ out,
-                                                long long rows, int cols, long long ldg,
-                                                long long ldu, long long ldo, long long du_off) {
+__device__ __forceinline__ void swiglu_bwd_body(const T *g, const T *u, const T *__restrict__ dy,
+                                                T *dg, T *du, long long rows, int cols,
+                                                long long ldg, long long ldu, long long ldo) {
   constexpr int V = VecWidth<T>::value;
   const int packs = (cols + V - 1) / V;
   for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
     const T *gr = g + r * ldg, *ur = u + r * ldu, *dyr = dy + r * cols;
-    T *dgr = out + r * ldo, *dur = out + du_off + r * ldo;
+    T *dgr = dg + r * ldo, *dur = du + r * ldo;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < packs; c += gridDim.x * blockDim.x) {
-      const Pack<T, V> gp = load_row_pack<T, V, VEC>(gr, c, cols, 0.f);
-      const Pack<T, V> up = load_row_pack<T, V, VEC>(ur, c, cols, 0.f);
+      // Coherent loads for g and u: this kernel may write them (in place).
+      const Pack<T, V> gp = load_row_pack_rw<T, V, VEC>(gr, c, cols);
+      const Pack<T, V> up = load_row_pack_rw<T, V, VEC>(ur, c, cols);
       const Pack<T, V> dp = load_row_pack<T, V, VEC>(dyr, c, cols, 0.f);
-      Pack<T, V> dg, du;
+      Pack<T, V> dgp, dup;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const float gv = to_f(gp.v[e]), uv = to_f(up.v[e]), d = to_f(dp.v[e]);
         const float sg = sigmoid_f(gv);
-        dg.v[e] = from_f<T>(d * uv * sg * (1.0f + gv * (1.0f - sg)));
-        du.v[e] = from_f<T>(d * gv * sg);
+        dgp.v[e] = from_f<T>(d * uv * sg * (1.0f + gv * (1.0f - sg)));
+        dup.v[e] = from_f<T>(d * gv * sg);
       }
-      store_row_pack<T, V, VEC>(dgr, c, cols, dg);
-      store_row_pack<T, V, VEC>(dur, c, cols, du);
+      store_row_pack<T, V, VEC>(dgr, c, cols, dgp);
+      store_row_pack<T, V, VEC>(dur, c, cols, dup);
     }
   }
 }
@@ -84,14 +87,13 @@ __device__ __forceinline__ void swiglu_bwd_body(const T *__restrict__ g, const T
     else                                                                                        \
       swiglu_fwd_body<T, false>(g, u, y, rows, cols, ldg, ldu);                                 \
   }                                                                                             \
-  extern "C" __global__ void swiglu_bwd_##SUFFIX(const T *g, const T *u, const T *dy, T *out,   \
-                                                 long long rows, int cols, long long ldg,       \
-                                                 long long ldu, long long ldo,                  \
-                                                 long long du_off, int vec) {                   \
+  extern "C" __global__ void swiglu_bwd_##SUFFIX(const T *g, const T *u, const T *dy, T *dg,     \
+                                                 T *du, long long rows, int cols, long long ldg, \
+                                                 long long ldu, long long ldo, int vec) {       \
     if (vec)                                                                                    \
-      swiglu_bwd_body<T, true>(g, u, dy, out, rows, cols, ldg, ldu, ldo, du_off);               \
+      swiglu_bwd_body<T, true>(g, u, dy, dg, du, rows, cols, ldg, ldu, ldo);                    \
     else                                                                                        \
-      swiglu_bwd_body<T, false>(g, u, dy, out, rows, cols, ldg, ldu, ldo, du_off);              \
+      swiglu_bwd_body<T, false>(g, u, dy, dg, du, rows, cols, ldg, ldu, ldo);                   \
   }
 
 SWIGLU_OP(float, f32)

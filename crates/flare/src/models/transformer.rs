@@ -30,7 +30,8 @@ use crate::lora::{with_dropout_seed, LoraLinear};
 use crate::ops::rope::rope_tables_f32;
 use crate::ops::{
     add_rms_norm, attention_decode, flash_attention, matmul, rms_norm, rope_heads, rope_tokens,
-    softmax_last_dim, softmax_masked, supported_dtypes, swiglu, swiglu_packed, FlashAttnParams,
+    softmax_last_dim, softmax_masked, supported_dtypes, swiglu_grad_in_place, swiglu_packed,
+    FlashAttnParams,
 };
 use crate::{Error, Result};
 
@@ -1217,7 +1218,8 @@ impl Transformer {
         let act = if mlp.gate_up.applies(&[&mlp.gate_proj, &mlp.up_proj]) {
             swiglu_packed(&mlp.gate_up.forward(n)?)?
         } else {
-            swiglu(&mlp.gate_proj.forward(n)?, &mlp.up_proj.forward(n)?)?
+            // Fresh projection outputs read only here: their gradients may overwrite them.
+            swiglu_grad_in_place(&mlp.gate_proj.forward(n)?, &mlp.up_proj.forward(n)?)?
         };
         mlp.down_proj.forward(&act)
     }

@@ -54,7 +54,7 @@ pub use matmul::matmul;
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::{rope_heads, rope_tokens};
 pub use softmax::{softmax_last_dim, softmax_masked};
-pub use swiglu::{swiglu, swiglu_packed};
+pub use swiglu::{swiglu, swiglu_grad_in_place, swiglu_packed};
 
 use candle_core::{DType, Device, Tensor};
 

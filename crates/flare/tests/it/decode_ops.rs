@@ -361,6 +361,81 @@ fn swiglu_forward_backward(dev: &Device) -> Result<()> {
 
 device_test!(swiglu_forward_backward);
 
+/// `swiglu_grad_in_place` gives `swiglu`'s values and gradients bit for bit, and on CUDA its
+/// backward really writes the gradients over its (fresh, contiguous) inputs; elsewhere the
+/// inputs keep their values.
+fn swiglu_grad_in_place_matches_swiglu(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    for dtype in dtypes(dev) {
+        for shape in [
+            vec![7],
+            vec![3, 33],
+            vec![5, 48],
+            vec![2, 3, 264],
+            vec![70_000, 8],
+        ] {
+            let what = format!("swiglu_grad_in_place {shape:?} {dtype:?}");
+            let sd = seed(&what);
+            let (g0, u0) = (
+                randn(&shape, dtype, dev, sd)?,
+                randn(&shape, dtype, dev, sd + 1)?,
+            );
+            let dy = randn(&shape, dtype, dev, sd + 2)?;
+            let (gv, uv) = (var(&g0)?, var(&u0)?);
+            // Fresh tensors in front of the op, as the model's projections give it.
+            let fresh = |v: &candle_core::Var| v.as_tensor().affine(1.0, 0.0);
+            let (g1, u1) = (fresh(&gv)?, fresh(&uv)?);
+            let y1 = swiglu(&g1, &u1)?;
+            let want = (&y1 * &dy)?.sum_all()?.backward()?;
+            let (g2, u2) = (fresh(&gv)?, fresh(&uv)?);
+            let y2 = flare::ops::swiglu_grad_in_place(&g2, &u2)?;
+            assert_eq!(
+                to_f64_vec(&y1)?,
+                to_f64_vec(&y2)?,
+                "{what}: forward differs"
+            );
+            let got = (&y2 * &dy)?.sum_all()?.backward()?;
+            let dg = grad_of(&got, gv.as_tensor(), &what);
+            let du = grad_of(&got, uv.as_tensor(), &what);
+            assert_eq!(
+                to_f64_vec(&dg)?,
+                to_f64_vec(&grad_of(&want, gv.as_tensor(), &what))?,
+                "{what}: dg differs from swiglu's"
+            );
+            assert_eq!(
+                to_f64_vec(&du)?,
+                to_f64_vec(&grad_of(&want, uv.as_tensor(), &what))?,
+                "{what}: du differs from swiglu's"
+            );
+            let (_, rdg, rdu) = swiglu_ref(&to_f64_vec(&g0)?, &to_f64_vec(&u0)?, &to_f64_vec(&dy)?);
+            let t = |v: Vec<f64>| Tensor::from_vec(v, shape.as_slice(), &Device::Cpu);
+            fails.check(&f64_cpu(&dg)?, &t(rdg)?, tol(dtype), &format!("{what} dg"))?;
+            fails.check(&f64_cpu(&du)?, &t(rdu)?, tol(dtype), &format!("{what} du"))?;
+            // Where the backward wrote: over g2 and u2 on CUDA, nowhere visible elsewhere.
+            let (g_after, u_after) = (to_f64_vec(&g2)?, to_f64_vec(&u2)?);
+            if dev.is_cuda() {
+                assert_eq!(
+                    g_after,
+                    to_f64_vec(&dg)?,
+                    "{what}: dg was not written over g"
+                );
+                assert_eq!(
+                    u_after,
+                    to_f64_vec(&du)?,
+                    "{what}: du was not written over u"
+                );
+            } else {
+                assert_eq!(g_after, to_f64_vec(&g0)?, "{what}: g changed on {dev:?}");
+                assert_eq!(u_after, to_f64_vec(&u0)?, "{what}: u changed on {dev:?}");
+            }
+        }
+    }
+    fails.finish();
+    Ok(())
+}
+
+device_test!(swiglu_grad_in_place_matches_swiglu);
+
 #[test]
 fn swiglu_fd_gradient() -> Result<()> {
     let _g = shared_lock();

@@ -4,7 +4,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
@@ -50,6 +50,25 @@ pub(crate) fn bwd(
     }
 }
 
+/// The backward written over the inputs: `dg` into `g`'s elements and `du` into `u`'s (the
+/// plan of two separate contiguous inputs). `u` is written through its device pointer although
+/// it is borrowed shared: see [`crate::ops::swiglu_grad_in_place`] for the contract that makes
+/// this sound (nothing reads `u` after this backward).
+pub(crate) fn bwd_in_place(
+    g: &mut CudaStorage,
+    u: &CudaStorage,
+    dy: &CudaStorage,
+    ldy: &Layout,
+    p: &SwiGluPlan,
+) -> candle_core::Result<()> {
+    match g.dtype() {
+        DType::F32 => bwd_in_place_t::<f32>(Kernel::SwiGluBwdF32, g, u, dy, ldy, p),
+        DType::F16 => bwd_in_place_t::<f16>(Kernel::SwiGluBwdF16, g, u, dy, ldy, p),
+        DType::BF16 => bwd_in_place_t::<bf16>(Kernel::SwiGluBwdBF16, g, u, dy, ldy, p),
+        dt => Err(unsupported(OP_BWD, dt)),
+    }
+}
+
 /// Threads per block of both kernels.
 const THREADS: u32 = 256;
 
@@ -69,19 +88,12 @@ fn grid<T>(p: &SwiGluPlan) -> LaunchConfig {
     }
 }
 
-/// Whether every row of the views starts 16-byte aligned (the kernels' one-access packs): the
-/// views' first elements, and every row stride (in elements) a multiple of the pack width.
-fn aligned16<T>(
-    stream: &std::sync::Arc<CudaStream>,
-    views: &[&CudaView<'_, T>],
-    strides: &[usize],
-) -> bool {
+/// Whether every row of the operands starts 16-byte aligned (the kernels' one-access packs):
+/// the operands' first elements (device addresses), and every row stride (in elements) a
+/// multiple of the pack width.
+fn aligned16<T>(ptrs: &[u64], strides: &[usize]) -> bool {
     let v = 16 / std::mem::size_of::<T>();
-    strides.iter().all(|s| s % v == 0)
-        && views.iter().all(|view| {
-            let (ptr, _guard) = view.device_ptr(stream);
-            ptr % 16 == 0
-        })
+    strides.iter().all(|s| s % v == 0) && ptrs.iter().all(|ptr| ptr % 16 == 0)
 }
 
 /// Checks that the rows the plan reads lie inside `g`'s and `u`'s views.
@@ -117,7 +129,11 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
         let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
         let (rows, cols, ldg, ldu) = (p.rows as i64, p.cols as i32, p.ldg as i64, p.ldu as i64);
         // `out` is a fresh allocation (aligned) with rows of `cols`.
-        let vec = i32::from(aligned16(rt.stream(), &[&gs, &us], &[p.cols, p.ldg, p.ldu]));
+        let vec = {
+            let (gp, _g) = gs.device_ptr(rt.stream());
+            let (up, _u) = us.device_ptr(rt.stream());
+            i32::from(aligned16::<T>(&[gp, up], &[p.cols, p.ldg, p.ldu]))
+        };
         let mut lb = rt.stream().launch_builder(rt.function(kernel));
         lb.arg(&gs)
             .arg(&us)
@@ -162,39 +178,96 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     // SAFETY: the kernel writes every element of the gradient buffer: dg at r * ldo + c and du
     // at du_off + r * ldo + c cover all of it for both plans (separate: two [rows, cols]
     // blocks; packed: the two halves of each row of width ldo = 2 * cols).
-    let mut out = unsafe { dev.alloc::<T>(p.grad_len.max(1)) }?;
+    let out = unsafe { dev.alloc::<T>(p.grad_len.max(1)) }?;
     if n > 0 {
         check_reach(OP_BWD, gs.len(), us.len(), p)?;
         let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
-        let (rows, cols) = (p.rows as i64, p.cols as i32);
-        let (ldg, ldu, ldo, du_off) = (p.ldg as i64, p.ldu as i64, p.ldo as i64, p.du_off as i64);
-        // `out` is a fresh allocation (aligned); its rows start at r * ldo and du_off + r * ldo.
-        let vec = i32::from(aligned16(
-            rt.stream(),
-            &[&gs, &us, &dys],
-            &[p.cols, p.ldg, p.ldu, p.ldo, p.du_off],
-        ));
-        let mut lb = rt.stream().launch_builder(rt.function(kernel));
-        lb.arg(&gs)
-            .arg(&us)
-            .arg(&dys)
-            .arg(&mut out)
-            .arg(&rows)
-            .arg(&cols)
-            .arg(&ldg)
-            .arg(&ldu)
-            .arg(&ldo)
-            .arg(&du_off)
-            .arg(&vec);
-        // SAFETY: swiglu_bwd_<t>(const T *g, const T *u, const T *dy, T *out, long long rows,
-        // int cols, long long ldg, ldu, ldo, du_off, int vec): g and u reads are in bounds
-        // (checked above), dy holds rows * cols (checked above), and every write index is below
-        // grad_len (checked above). vec = 1 only when every row start of g, u, dy, dg and du
-        // is 16-byte aligned and cols a multiple of the pack width (checked above); the grid
-        // strides over rows and packs with bound checks.
-        unsafe { lb.launch(grid::<T>(p)) }
-            .cuda_ctx("launching swiglu_bwd")
-            .map_err(crate::Error::into_candle)?;
+        let stream = rt.stream();
+        let (gp, _g) = gs.device_ptr(stream);
+        let (up, _u) = us.device_ptr(stream);
+        let (dyp, _dy) = dys.device_ptr(stream);
+        let (outp, _out) = out.device_ptr(stream);
+        let du = outp + (p.du_off * std::mem::size_of::<T>()) as u64;
+        // `out` is a fresh allocation: dg at out, du at out + du_off, rows ldo apart; the
+        // checks above keep every write inside its grad_len elements.
+        launch_bwd::<T>(&rt, kernel, [gp, up, dyp, outp, du], p, p.ldo)?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+fn bwd_in_place_t<T: CudaDType + DeviceRepr>(
+    kernel: Kernel,
+    g: &mut CudaStorage,
+    u: &CudaStorage,
+    dy: &CudaStorage,
+    ldy: &Layout,
+    p: &SwiGluPlan,
+) -> candle_core::Result<()> {
+    let n = p.rows * p.cols;
+    if p.ldg != p.cols || p.ldu != p.cols {
+        return Err(candle_core::Error::Msg(format!(
+            "{OP_BWD}: internal error: the in-place backward takes contiguous separate inputs"
+        )));
+    }
+    let rt = CudaRuntime::get(&g.device).map_err(crate::Error::into_candle)?;
+    let stream = rt.stream();
+    let dys = input::<T>(OP_BWD, dy, ldy)?;
+    let us = from_offset::<T>(OP_BWD, u, p.u_off)?;
+    let gs = g.as_cuda_slice_mut::<T>()?;
+    let glen = gs.len().saturating_sub(p.g_off);
+    if dys.len() != n || glen < n || us.len() < n {
+        return Err(candle_core::Error::Msg(format!(
+            "{OP_BWD}: internal error: in-place gradient of {n} elements over inputs of {glen} \
+             and {}",
+            us.len()
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let elem = std::mem::size_of::<T>() as u64;
+    let (gbase, _g) = gs.device_ptr_mut(stream);
+    let gp = gbase + p.g_off as u64 * elem;
+    let (up, _u) = us.device_ptr(stream);
+    let (dyp, _dy) = dys.device_ptr(stream);
+    // dg over g, du over u: the same n elements each thread reads (rows of ldo = cols).
+    launch_bwd::<T>(&rt, kernel, [gp, up, dyp, gp, up], p, p.cols)
+}
+
+/// Launches `swiglu_bwd_<t>` on the device addresses `[g, u, dy, dg, du]` with output rows
+/// `ldo` elements apart. The callers checked every read and write range.
+fn launch_bwd<T: CudaDType + DeviceRepr>(
+    rt: &CudaRuntime,
+    kernel: Kernel,
+    ptrs: [u64; 5],
+    p: &SwiGluPlan,
+    ldo: usize,
+) -> candle_core::Result<()> {
+    let [gp, up, dyp, dgp, dup] = ptrs;
+    let (rows, cols) = (p.rows as i64, p.cols as i32);
+    let (ldg, ldu, ldo_arg) = (p.ldg as i64, p.ldu as i64, ldo as i64);
+    let vec = i32::from(aligned16::<T>(&ptrs, &[p.cols, p.ldg, p.ldu, ldo]));
+    let mut lb = rt.stream().launch_builder(rt.function(kernel));
+    lb.arg(&gp)
+        .arg(&up)
+        .arg(&dyp)
+        .arg(&dgp)
+        .arg(&dup)
+        .arg(&rows)
+        .arg(&cols)
+        .arg(&ldg)
+        .arg(&ldu)
+        .arg(&ldo_arg)
+        .arg(&vec);
+    // SAFETY: swiglu_bwd_<t>(const T *g, const T *u, const T *dy, T *dg, T *du, long long rows,
+    // int cols, long long ldg, ldu, ldo, int vec): the callers checked that the reads
+    // r * ld + c (r < rows, c < cols) of g, u and dy and the writes r * ldo + c of dg and du
+    // stay inside live allocations, whose guards they hold across this launch. dg and du may
+    // be g and u (in place): the kernel reads each pack before writing the same pack, and the
+    // outputs are not declared __restrict__. vec = 1 only when every row start of the five
+    // operands is 16-byte aligned and cols a multiple of the pack width (checked here).
+    unsafe { lb.launch(grid::<T>(p)) }
+        .cuda_ctx("launching swiglu_bwd")
+        .map_err(crate::Error::into_candle)?;
+    Ok(())
 }

@@ -12,7 +12,7 @@
 //! pass into one buffer: `[dg; du]` split into two views for [`swiglu`], the packed
 //! `[..., 2 · I]` gradient for [`swiglu_packed`].
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp3, Layout, Shape, Tensor};
 
 use super::cpu::{dispatch_float, dispatch_float2, dispatch_float3};
 use super::{check_dtype, check_rank, check_same, contiguous_range, native};
@@ -26,8 +26,11 @@ mod plan;
 use cpu::{bwd_cpu, fwd_cpu};
 use plan::{SwiGluPlan, OP, OP_BWD};
 
-/// The forward of separate `(g, u) -> y`.
-struct SwiGlu;
+/// The forward of separate `(g, u) -> y`; with `grad_in_place`, its backward on CUDA writes
+/// the gradients over `g` and `u` ([`swiglu_grad_in_place`]).
+struct SwiGlu {
+    grad_in_place: bool,
+}
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
@@ -66,6 +69,10 @@ impl CustomOp2 for SwiGlu {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
+        if self.grad_in_place && g.device().is_cuda() {
+            g.inplace_op3(u, &dy, &SwiGluBwdInPlace)?;
+            return Ok((Some(g.detach()), Some(u.detach())));
+        }
         let both = g.apply_op3_arc(u, &dy, std::sync::Arc::new(Box::new(SwiGluBwd)))?;
         let n = g.elem_count();
         let dg = both.narrow(0, 0, n)?.reshape(g.shape())?;
@@ -116,6 +123,45 @@ impl CustomOp3 for SwiGluBwd {
         let p = SwiGluPlan::separate(l1, l2)?;
         let out = cuda::bwd(s1, s2, s3, l3, &p)?;
         Ok((out, Shape::from(p.grad_len)))
+    }
+}
+
+/// The backward of separate inputs written over them, `(g, u, dy)`: `g <- dg`, `u <- du`
+/// (CUDA only; [`swiglu_grad_in_place`]).
+struct SwiGluBwdInPlace;
+
+impl InplaceOp3 for SwiGluBwdInPlace {
+    fn name(&self) -> &'static str {
+        OP_BWD
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        // `SwiGlu::bwd` takes this op on CUDA only; the CPU keeps the allocating backward.
+        Err(candle_core::Error::Msg(format!(
+            "{OP_BWD}: internal error: the in-place backward runs on CUDA only"
+        )))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let p = SwiGluPlan::separate(l1, l2)?;
+        cuda::bwd_in_place(s1, s2, s3, l3, &p)
     }
 }
 
@@ -209,6 +255,36 @@ impl CustomOp2 for SwiGluPackedBwd {
 /// # Ok::<(), flare::Error>(())
 /// ```
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    swiglu_op(gate, up, false)
+}
+
+/// [`swiglu`] whose backward, on CUDA, writes `d gate` over `gate` and `d up` over `up` instead
+/// of into a fresh buffer, as Liger-Kernel's does: two `[..., I]` buffers fewer at the MLP's
+/// memory peak (0.9 GiB per 16,384 tokens at Llama-3.1-8B's I = 14,336). The values are
+/// [`swiglu`]'s, bit for bit.
+///
+/// The contract: nothing may read `gate` or `up` (or a view of their storage) after the
+/// backward reaches this op, and the two must not share a storage (Candle refuses the in-place
+/// op then). The model's MLP keeps it: `gate` and `up` are fresh projection outputs read only
+/// here (a projection's backward reads its input, not its output). On CPU and Metal this is
+/// [`swiglu`].
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let g = Var::new(&[0.5f32, -1.0], &Device::Cpu)?;
+/// let u = Var::new(&[2f32, 3.0], &Device::Cpu)?;
+/// let y = flare::ops::swiglu_grad_in_place(g.as_tensor(), u.as_tensor())?;
+/// let grads = y.sum_all()?.backward()?;
+/// let du = grads.get(u.as_tensor()).unwrap().to_vec1::<f32>()?;
+/// let silu = |x: f32| x / (1.0 + (-x).exp());
+/// assert!((du[0] - silu(0.5)).abs() < 1e-6 && (du[1] - silu(-1.0)).abs() < 1e-6);
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn swiglu_grad_in_place(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    swiglu_op(gate, up, true)
+}
+
+fn swiglu_op(gate: &Tensor, up: &Tensor, grad_in_place: bool) -> Result<Tensor> {
     check_same(OP, gate, up)?;
     check_dtype(OP, gate)?;
     if gate.dims() != up.dims() {
@@ -222,9 +298,10 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !native(gate.device()) {
         return swiglu_reference(gate, up);
     }
-    Ok(gate
-        .contiguous()?
-        .apply_op2_arc(&up.contiguous()?, std::sync::Arc::new(Box::new(SwiGlu)))?)
+    Ok(gate.contiguous()?.apply_op2_arc(
+        &up.contiguous()?,
+        std::sync::Arc::new(Box::new(SwiGlu { grad_in_place })),
+    )?)
 }
 
 /// [`swiglu`] of the two halves of the last dim of `gate_up: [..., 2 · I]` (gate first, then
