@@ -25,6 +25,14 @@
 //! residual block): the op's forward computes that sum, so checkpointing costs no copy. A
 //! block returning one tensor costs one copy of it.
 //!
+//! A chain of blocks ([`checkpoint_chain`], how the transformer checkpoints its layers) is one
+//! such op over all of them: the outer graph keeps the first block's input, and the op keeps
+//! every later block's input itself, on the device or, with [`CheckpointStore::Host`], in host
+//! memory (offloaded, as Unsloth does: the device then holds one block's activations and no
+//! per-block inputs at all, at the price of one device-to-host copy per block in the forward
+//! and one host-to-device copy in the backward). The backward walks the blocks from the last,
+//! dropping each block's stored input as soon as it is recomputed.
+//!
 //! The block's input is made a [`Var`] when it does not track gradients (the embeddings of
 //! the first layer, say) so that the op is part of the graph and its parameters get their
 //! gradient; its own gradient is then not returned.
@@ -122,9 +130,55 @@ impl CheckpointGrads {
     }
 }
 
-/// A block's recomputation: its result as `(y, None)`, or `(update, Some(residual))` for
+/// A block's computation: its result as `(y, None)`, or `(update, Some(residual))` for
 /// `update + residual`.
-type Block = dyn Fn(&Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync;
+pub type BlockFn = dyn Fn(&Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync;
+
+/// One block of a [`checkpoint_chain`]: its computation (called once in the forward and once in
+/// the backward: it must compute the same function both times) and the trainable variables it
+/// uses.
+pub struct ChainBlock {
+    /// The trainable variables the block uses (their gradients go to the accumulator).
+    pub params: Vec<Var>,
+    /// The block's computation.
+    pub f: Box<BlockFn>,
+}
+
+impl ChainBlock {
+    /// A block of computation `f` using `params`.
+    pub fn new<F>(params: Vec<Var>, f: F) -> Self
+    where
+        F: Fn(&Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync + 'static,
+    {
+        ChainBlock {
+            params,
+            f: Box::new(f),
+        }
+    }
+}
+
+/// Where a [`checkpoint_chain`] keeps the inputs of its blocks (after the first) from the
+/// forward to the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CheckpointStore {
+    /// On the blocks' device.
+    #[default]
+    Device,
+    /// In host memory: copied out after each block's forward, back in before its
+    /// recomputation. The device holds no per-block input.
+    Host,
+}
+
+impl CheckpointStore {
+    /// `t` as this store keeps it.
+    fn keep(self, t: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            CheckpointStore::Device => t.clone(),
+            CheckpointStore::Host if t.device().is_cpu() => t.copy()?,
+            CheckpointStore::Host => t.to_device(&candle_core::Device::Cpu)?,
+        })
+    }
+}
 
 /// Runs block `f` on `x` with its activations recomputed in the backward (see the module
 /// docs): returns `f`'s result (`y`, or `update + residual` when `f` returns
@@ -141,9 +195,56 @@ pub fn checkpoint<F>(x: &Tensor, params: Vec<Var>, grads: &CheckpointGrads, f: F
 where
     F: Fn(&Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync + 'static,
 {
+    checkpoint_chain(
+        x,
+        vec![ChainBlock::new(params, f)],
+        grads,
+        CheckpointStore::Device,
+    )
+}
+
+/// [`checkpoint`] of a chain of blocks `x -> f_1 -> f_2 -> ... -> f_n` as one op: the result of
+/// the last block, whose backward recomputes the blocks one at a time from the last, each from
+/// its input kept by `store` (the first block's input is the op's own input, kept by the outer
+/// graph). Each block's result feeds the next as `y` or `update + residual`.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use flare::models::checkpoint::{checkpoint_chain, ChainBlock, CheckpointGrads, CheckpointStore};
+/// let dev = Device::Cpu;
+/// let w = Var::new(&[2f64, 3.], &dev)?;
+/// let x = Var::new(&[1f64, 4.], &dev)?;
+/// let acc = CheckpointGrads::default();
+/// let block = |w: Var| ChainBlock::new(vec![w.clone()], move |x: &Tensor| {
+///     Ok((x.mul(w.as_tensor())?, None))
+/// });
+/// // y = x * w * w, both inputs of the second block held in host memory.
+/// let y = checkpoint_chain(
+///     x.as_tensor(), vec![block(w.clone()), block(w.clone())], &acc, CheckpointStore::Host,
+/// )?;
+/// assert_eq!(y.to_vec1::<f64>()?, [4., 36.]);
+/// let mut grads = y.sum_all()?.backward()?;
+/// acc.merge_into(&mut grads)?;
+/// assert_eq!(grads.get(x.as_tensor()).unwrap().to_vec1::<f64>()?, [4., 9.]);
+/// assert_eq!(grads.get(w.as_tensor()).unwrap().to_vec1::<f64>()?, [4., 24.]); // 2 x w
+/// # Ok::<(), flare::Error>(())
+/// ```
+///
+/// Errors: a block's errors; an `update` and `residual` of different shapes, dtypes or
+/// devices; the host copies' errors with [`CheckpointStore::Host`].
+pub fn checkpoint_chain(
+    x: &Tensor,
+    blocks: Vec<ChainBlock>,
+    grads: &CheckpointGrads,
+    store: CheckpointStore,
+) -> Result<Tensor> {
     let grad_input = x.track_op();
-    if !grad_input && params.is_empty() {
-        return sum_parts(f(x)?);
+    if blocks.is_empty() || (!grad_input && blocks.iter().all(|b| b.params.is_empty())) {
+        let mut h = x.clone();
+        for b in &blocks {
+            h = sum_parts((b.f)(&h)?)?;
+        }
+        return Ok(h);
     }
     // An input that tracks nothing is made a variable, so that the op joins the graph.
     let input = if grad_input {
@@ -151,8 +252,30 @@ where
     } else {
         Var::from_tensor(x)?.into_inner()
     };
-    let (y, residual) = f(&input)?;
-    let parts = match residual {
+    let last = blocks.len() - 1;
+    let mut saved = Vec::with_capacity(last);
+    let mut h = input.clone();
+    for b in &blocks[..last] {
+        // The sum is materialised and detached: the block's graph (its intermediates) goes.
+        h = sum_parts((b.f)(&h)?)?.detach();
+        saved.push(store.keep(&h)?);
+    }
+    let parts = detached_parts((blocks[last].f)(&h)?)?;
+    drop(h);
+    let op = Checkpoint {
+        parts: Mutex::new(Some(parts)),
+        saved: Mutex::new(saved),
+        blocks,
+        grads: grads.clone(),
+        grad_input,
+    };
+    Ok(input.apply_op1_arc(Arc::new(Box::new(op)))?)
+}
+
+/// The last block's result, detached, as the op's forward will read it: `y` as one contiguous
+/// whole storage (copied only when it is not), or `(update, residual)` checked alike.
+fn detached_parts((y, residual): (Tensor, Option<Tensor>)) -> Result<(Tensor, Option<Tensor>)> {
+    Ok(match residual {
         None => {
             // One copy: a contiguous whole storage (try_clone copies the storage as it is).
             let y = y.detach();
@@ -175,15 +298,7 @@ where
             }
             (y.detach(), Some(r.detach()))
         }
-    };
-    let op = Checkpoint {
-        parts: Mutex::new(Some(parts)),
-        block: Box::new(f),
-        params,
-        grads: grads.clone(),
-        grad_input,
-    };
-    Ok(input.apply_op1_arc(Arc::new(Box::new(op)))?)
+    })
 }
 
 /// `y`, or `update + residual`.
@@ -194,12 +309,13 @@ fn sum_parts((y, r): (Tensor, Option<Tensor>)) -> Result<Tensor> {
     })
 }
 
-/// The checkpoint op on a block's input (see the module docs).
+/// The checkpoint op on a chain's input (see the module docs).
 struct Checkpoint {
-    /// The block's detached result, taken (and summed or copied) by the forward.
+    /// The last block's detached result, taken (and summed or copied) by the forward.
     parts: Mutex<Option<(Tensor, Option<Tensor>)>>,
-    block: Box<Block>,
-    params: Vec<Var>,
+    /// The inputs of blocks 1.. as the store keeps them, taken by the backward.
+    saved: Mutex<Vec<Tensor>>,
+    blocks: Vec<ChainBlock>,
     grads: CheckpointGrads,
     /// Whether the input's gradient is wanted (false: it was made a variable only to join the
     /// graph).
@@ -237,37 +353,72 @@ impl Checkpoint {
         Ok((out, y.shape().clone()))
     }
 
+    /// The chain's backward: from `∂L/∂(result)`, each block from the last is rebuilt on a
+    /// fresh graph from a copy of its input (a variable when a gradient is wanted for it) and
+    /// differentiated, its parameters' gradients going to the accumulator; its input's
+    /// gradient seeds the block before. Returns the chain input's gradient when it is wanted.
     fn backward(&self, arg: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        // A fresh graph from a copy of the input (a variable only when its gradient is wanted).
-        let input = if self.grad_input {
-            Some(Var::from_tensor(&arg.detach())?)
-        } else {
-            None
-        };
-        let x = match &input {
-            Some(v) => v.as_tensor().clone(),
-            None => arg.detach(),
-        };
-        let y = sum_parts((self.block)(&x)?)?;
-        if y.dims() != grad_res.dims() {
-            return Err(Error::ShapeMismatch {
+        let mut saved =
+            std::mem::take(&mut *self.saved.lock().unwrap_or_else(PoisonError::into_inner));
+        if saved.len() + 1 != self.blocks.len() {
+            return Err(Error::InvalidArgument {
                 op: OP,
-                msg: "the block's recomputed output differs in shape from its forward's \
-                      (recomputed, forward)",
-                lhs: y.dims().to_vec(),
-                rhs: grad_res.dims().to_vec(),
+                msg: "internal error: the chain's backward ran twice".into(),
             });
         }
-        let seed = y.apply_op1(SeedGrad {
-            grad: grad_res.detach(),
-        })?;
-        let g = seed.backward()?;
-        for p in &self.params {
-            if let Some(gp) = g.get(p.as_tensor()) {
-                self.grads.add(p.as_tensor(), gp)?;
+        let mut grad = grad_res.detach();
+        for (k, block) in self.blocks.iter().enumerate().rev() {
+            let stored = if k == 0 {
+                arg.detach()
+            } else {
+                // Dropped from the store now: each input lives until its block is recomputed.
+                match saved.pop() {
+                    Some(t) => t.to_device(arg.device())?,
+                    None => {
+                        return Err(Error::InvalidArgument {
+                            op: OP,
+                            msg: "internal error: the chain lost a block's input".into(),
+                        })
+                    }
+                }
+            };
+            let want_dx = k > 0 || self.grad_input;
+            let input = if want_dx {
+                Some(Var::from_tensor(&stored)?)
+            } else {
+                None
+            };
+            let x = match &input {
+                Some(v) => v.as_tensor().clone(),
+                None => stored,
+            };
+            let y = sum_parts((block.f)(&x)?)?;
+            if y.dims() != grad.dims() {
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    msg: "the block's recomputed output differs in shape from its forward's \
+                          (recomputed, forward)",
+                    lhs: y.dims().to_vec(),
+                    rhs: grad.dims().to_vec(),
+                });
             }
+            let seed = y.apply_op1(SeedGrad { grad })?;
+            let g = seed.backward()?;
+            for p in &block.params {
+                if let Some(gp) = g.get(p.as_tensor()) {
+                    self.grads.add(p.as_tensor(), gp)?;
+                }
+            }
+            let Some(v) = input else {
+                return Ok(None);
+            };
+            // A block whose result does not depend on its input passes a zero gradient on.
+            grad = match g.get(v.as_tensor()) {
+                Some(gx) => gx.clone(),
+                None => v.as_tensor().zeros_like()?,
+            };
         }
-        Ok(input.and_then(|v| g.get(v.as_tensor()).cloned()))
+        Ok(Some(grad))
     }
 }
 
@@ -389,6 +540,37 @@ mod tests {
                 let a = g.get(w.as_tensor()).expect("merged").to_vec2::<f64>()?;
                 let b = plain.get(w.as_tensor()).expect("plain").to_vec2::<f64>()?;
                 assert_eq!(a, b);
+            }
+        }
+        // The same three blocks as one chain, its inputs on the device or in host memory, and
+        // the chain's input tracked this time: the same values again, and x0's gradient.
+        let x0v = Var::from_tensor(&x0)?;
+        let plain_x = {
+            let mut h = x0v.as_tensor().clone();
+            for (w1, w2) in &ws {
+                h = sum_parts(block(w1.clone(), w2.clone())(&h)?)?;
+            }
+            (h * &weights)?.sum_all()?.backward()?
+        };
+        for store in [CheckpointStore::Device, CheckpointStore::Host] {
+            let blocks = ws
+                .iter()
+                .map(|(w1, w2)| {
+                    ChainBlock::new(vec![w1.clone(), w2.clone()], block(w1.clone(), w2.clone()))
+                })
+                .collect();
+            let h = checkpoint_chain(x0v.as_tensor(), blocks, &acc, store)?;
+            let loss = (h * &weights)?.sum_all()?;
+            assert_eq!(loss.to_scalar::<f64>()?, plain_loss.to_scalar::<f64>()?);
+            let mut g = loss.backward()?;
+            assert_eq!(acc.merge_into(&mut g)?, 6, "{store:?}");
+            for w in ws.iter().flat_map(|(a, b)| [a, b]).chain([&x0v]) {
+                let a = g.get(w.as_tensor()).expect("merged").to_vec2::<f64>()?;
+                let b = plain_x
+                    .get(w.as_tensor())
+                    .expect("plain")
+                    .to_vec2::<f64>()?;
+                assert_eq!(a, b, "{store:?}");
             }
         }
         Ok(())

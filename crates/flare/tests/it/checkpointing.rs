@@ -124,6 +124,22 @@ fn checkpointed_model_matches_the_plain_one(dev: &Device) -> Result<()> {
         for (g, g2) in grads.iter().zip(&grads2) {
             assert_eq!(rel_err(g2, g)?, 0.0, "{what}: second run's gradient");
         }
+        // The layers' inputs offloaded to host memory: the same values (bit for bit on the
+        // CPU; on CUDA within the tolerance, as the attention backward's sums may be ordered
+        // differently from run to run).
+        model.set_checkpoint_offload(true);
+        assert!(model.checkpoint_offload());
+        let (off_loss, off_grads) = loss_and_grads(&model, &vars)?;
+        model.set_checkpoint_offload(false);
+        let exact = if dev.is_cpu() { 0.0 } else { tol };
+        assert!(
+            (off_loss - loss).abs() <= exact * loss.abs(),
+            "{what}: offloaded loss {off_loss} vs {loss}"
+        );
+        for (i, (g, go)) in grads.iter().zip(&off_grads).enumerate() {
+            let e = rel_err(go, g)?;
+            assert!(e <= exact, "{what}: offloaded gradient {i}: rel err {e}");
+        }
         if dropout > 0.0 {
             // The masks did drop something: without dropout (eval mode) the loss differs.
             for (_, l) in model.lora_modules_mut() {
@@ -153,10 +169,10 @@ fn checkpointed_graph_keeps_only_the_layer_inputs() -> Result<()> {
     model.set_gradient_checkpointing(true);
     let ckpt = model.forward(&ids)?.sum_all()?;
     let (n_plain, n_ckpt) = (plain.sorted_nodes().len(), ckpt.sorted_nodes().len());
-    // Checkpointed: per layer its op (its input is the previous op), the first input (made a
-    // variable), the final norm, the head product and the sum with their few views.
+    // Checkpointed: one op for the chain of layers, the first input (made a variable), the
+    // final norm, the head product and the sum with their few views.
     let layers = model.config().num_hidden_layers;
-    assert!(n_ckpt <= layers + 8, "{n_ckpt} nodes for {layers} layers");
+    assert!(n_ckpt <= 8, "{n_ckpt} nodes for {layers} layers");
     assert!(n_plain > 10 * layers, "plain graph: {n_plain} nodes");
     // The LoRA variables are not in the outer graph: their gradients come from the merge.
     let ids_in_graph: Vec<_> = ckpt.sorted_nodes().iter().map(|t| t.id()).collect();
