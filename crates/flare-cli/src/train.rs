@@ -134,9 +134,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub skip_bad_lines: bool,
     /// Activation checkpointing: recompute each decoder layer in the backward instead of
-    /// keeping its activations (less memory, about one more forward of compute). auto: on
-    /// when the memory estimate without it exceeds the GPU's free memory (off on the CPU).
-    #[arg(long, value_name = "off|on|auto", value_parser = ["off", "on", "auto"])]
+    /// keeping its activations (less memory, about one more forward of compute). offload: on,
+    /// with each layer's input kept in host memory (for the longest contexts). auto: on when
+    /// the memory estimate without it exceeds the GPU's free memory, offload when the estimate
+    /// with it does too (off on the CPU).
+    #[arg(long, value_name = "off|on|offload|auto", value_parser = ["off", "on", "offload", "auto"])]
     pub gradient_checkpointing: Option<String>,
     /// Resume from a checkpoint directory, or (no value, or `latest`) the newest one in the
     /// output dir. The checkpoint must be of this run: same model, tokenizer and data (by
@@ -674,6 +676,7 @@ mod tests {
         for (v, want) in [
             ("on", Checkpointing::On),
             ("off", Checkpointing::Off),
+            ("offload", Checkpointing::Offload),
             ("auto", Checkpointing::Auto),
         ] {
             assert_eq!(
@@ -685,7 +688,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("sometimes") && err.contains("[possible values: off, on, auto]"),
+            err.contains("sometimes") && err.contains("[possible values: off, on, offload, auto]"),
             "{err}"
         );
         // The TOML key, and the flag over it.

@@ -78,7 +78,8 @@ pub struct TrainBenchArgs {
     /// over 2e9 weights; 1x128,2x256 with --quick; none with --max-context).
     #[arg(long, value_name = "BxS,...")]
     pub shapes: Option<String>,
-    /// Activation checkpointing of the decoder layers: off, on, auto (the trainer's setting).
+    /// Activation checkpointing of the decoder layers: off, on, offload (on, the layers'
+    /// inputs in host memory), auto (the trainer's setting).
     #[arg(long, default_value = "off", value_parser = parse_checkpointing)]
     pub gradient_checkpointing: Checkpointing,
     /// Sequence packing (the trainer's setting): true or false.
@@ -115,8 +116,9 @@ fn parse_checkpointing(s: &str) -> std::result::Result<Checkpointing, String> {
     match s.to_ascii_lowercase().as_str() {
         "off" | "false" => Ok(Checkpointing::Off),
         "on" | "true" => Ok(Checkpointing::On),
+        "offload" => Ok(Checkpointing::Offload),
         "auto" => Ok(Checkpointing::Auto),
-        other => Err(format!("{other:?} is not off, on or auto")),
+        other => Err(format!("{other:?} is not off, on, offload or auto")),
     }
 }
 
@@ -189,6 +191,9 @@ pub struct TrainRow {
     pub grad_ckpt: Option<bool>,
     /// `--gradient-checkpointing` as given.
     pub grad_ckpt_setting: String,
+    /// Whether the checkpointed layers' inputs were kept in host memory (`offload`, or `auto`
+    /// deciding so).
+    pub ckpt_offload: bool,
     /// `--packing`.
     pub packing: bool,
     /// Model FLOPs per second over the peak.
@@ -304,8 +309,9 @@ struct Bench {
 /// Mean phase times of the timed steps (fwd+loss, bwd, opt, step, ms), the median step, the
 /// peak GiB and the first step's seconds.
 struct Measured {
-    /// Whether the layers were checkpointed (the `auto` decision, or the setting).
-    checkpointing: bool,
+    /// Whether the layers were checkpointed, and their inputs offloaded (the `auto`
+    /// decision, or the setting).
+    checkpointing: (bool, bool),
     mean: [f64; 4],
     median_step: f64,
     peak: Option<f64>,
@@ -374,27 +380,32 @@ impl Bench {
     /// as set, or for `auto` as the trainer decides ([`decide_checkpointing`]) from the
     /// estimate of the case's activations against the device's free memory now (the weights,
     /// adapters and optimizer state are already allocated).
-    fn set_case(&mut self, batch: usize, seq: usize) -> Result<bool> {
+    fn set_case(&mut self, batch: usize, seq: usize) -> Result<(bool, bool)> {
         self.config.batch_size = batch;
         self.config.max_seq_len = seq + 1;
-        let on = match self.config.gradient_checkpointing {
-            Checkpointing::Off => false,
-            Checkpointing::On => true,
+        let (on, offload) = match self.config.gradient_checkpointing {
+            Checkpointing::Off => (false, false),
+            Checkpointing::On => (true, false),
+            Checkpointing::Offload => (true, true),
             Checkpointing::Auto => {
-                let est = MemoryEstimate::for_run_with(self.model.config(), &self.config, false)?;
+                let cfg = self.model.config();
+                let without = MemoryEstimate::for_run_with(cfg, &self.config, false)?;
+                let with = MemoryEstimate::for_run_with(cfg, &self.config, true)?;
                 let free = available_memory(&self.dev)?;
                 let d = decide_checkpointing(
                     Checkpointing::Auto,
-                    est.activations,
+                    without.activations,
+                    with.activations,
                     free,
                     self.dev.is_cuda(),
                 );
                 eprintln!("{batch}x{seq}: {d}");
-                d.on
+                (d.on, d.offload)
             }
         };
         self.model.set_gradient_checkpointing(on);
-        Ok(on)
+        self.model.set_checkpoint_offload(offload);
+        Ok((on, offload))
     }
 
     /// Warm-up then timed steps of one case.
@@ -492,9 +503,10 @@ impl RowCtx {
             model: self.model.clone(),
             grad_ckpt: match self.setting {
                 Checkpointing::Off => Some(false),
-                Checkpointing::On => Some(true),
+                Checkpointing::On | Checkpointing::Offload => Some(true),
                 Checkpointing::Auto => None,
             },
+            ckpt_offload: self.setting == Checkpointing::Offload,
             grad_ckpt_setting: format!("{:?}", self.setting).to_ascii_lowercase(),
             packing: self.packing,
             mfu: None,
@@ -518,7 +530,8 @@ impl RowCtx {
 
     fn timed(&self, batch: usize, seq: usize, m: &Measured) -> TrainRow {
         let mut r = self.row(batch, seq, "ok".into());
-        r.grad_ckpt = Some(m.checkpointing);
+        r.grad_ckpt = Some(m.checkpointing.0);
+        r.ckpt_offload = m.checkpointing.1;
         let tps = (batch * seq) as f64 / (m.mean[3] / 1e3);
         let tf = r.flops_per_token * tps / 1e12;
         r.tokens_per_s = Some(tps);
@@ -541,6 +554,7 @@ fn show(r: &TrainRow) {
     let tag = format!(
         "flare{}{}",
         match r.grad_ckpt {
+            Some(true) if r.ckpt_offload => " +ckpt+offload",
             Some(true) => " +ckpt",
             Some(false) => "",
             None => " +ckpt:auto",
@@ -867,6 +881,10 @@ mod tests {
         assert_eq!(parse_checkpointing("AUTO").unwrap(), Checkpointing::Auto);
         assert_eq!(parse_checkpointing("on").unwrap(), Checkpointing::On);
         assert_eq!(parse_checkpointing("off").unwrap(), Checkpointing::Off);
+        assert_eq!(
+            parse_checkpointing("offload").unwrap(),
+            Checkpointing::Offload
+        );
         assert!(parse_checkpointing("sometimes").is_err());
     }
 }

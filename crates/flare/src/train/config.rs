@@ -119,9 +119,13 @@ pub struct TrainConfig {
 pub enum Checkpointing {
     /// Never: every activation is kept until the backward (fastest when it fits).
     Off,
-    /// Always.
+    /// Always, each layer's input kept on the device.
     On,
-    /// When the memory estimate of the run without it exceeds the device's free memory.
+    /// Always, each layer's input kept in host memory (offloaded): the device holds one
+    /// layer's activations and no per-layer inputs, for two copies per layer and step.
+    Offload,
+    /// When the memory estimate of the run without it exceeds the device's free memory: on,
+    /// or offload when the estimate with on-device checkpointing exceeds it too (CUDA).
     #[default]
     Auto,
 }
@@ -129,7 +133,7 @@ pub enum Checkpointing {
 impl std::str::FromStr for Checkpointing {
     type Err = Error;
 
-    /// `off`, `on` or `auto`.
+    /// `off`, `on`, `offload` or `auto`.
     ///
     /// ```
     /// use flare::train::Checkpointing;
@@ -141,9 +145,10 @@ impl std::str::FromStr for Checkpointing {
         match s {
             "off" => Ok(Checkpointing::Off),
             "on" => Ok(Checkpointing::On),
+            "offload" => Ok(Checkpointing::Offload),
             "auto" => Ok(Checkpointing::Auto),
             other => Err(invalid(format!(
-                "gradient_checkpointing must be off, on or auto, got {other:?}"
+                "gradient_checkpointing must be off, on, offload or auto, got {other:?}"
             ))),
         }
     }

@@ -21,10 +21,14 @@
 //!   no `seq × seq` scores are kept (nor formed).
 //! - with gradient checkpointing ([`crate::models::Transformer::set_gradient_checkpointing`])
 //!   the per-layer activations are kept for one layer only (the one being recomputed), plus
-//!   each layer's input: `L × T × h × d + (one layer's term above)` plus the loss's term.
+//!   each layer's input: `L × T × h × d + (one layer's term above)` plus the loss's term;
+//!   with the inputs offloaded to host memory (`offload`) the device keeps the chain's input
+//!   and output instead, `2 × T × h × d + (one layer's term)`, and the host the
+//!   `L × T × h × d` ([`MemoryEstimate::host`]).
 //!
 //! [`TrainConfig::gradient_checkpointing`]'s `auto` ([`decide_checkpointing`]) turns
-//! checkpointing on when the estimate without it exceeds the free memory of a CUDA device.
+//! checkpointing on when the estimate without it exceeds the free memory of a CUDA device, and
+//! offloads the layers' inputs when the estimate with on-device checkpointing exceeds it too.
 //! On the CPU `auto` means off: the memory there is the host's (large, shared with everything
 //! else and backed by swap, so "free" is a moving target), and compute, not memory, bounds a
 //! CPU run, so the extra forward of the recomputation would be paid for nothing; a run that
@@ -62,6 +66,10 @@ pub struct MemoryEstimate {
     pub trainable_params: u64,
     /// Whether the activations are those of a run with gradient checkpointing.
     pub checkpointing: bool,
+    /// Whether the checkpointed layers' inputs are in host memory (not counted above).
+    pub offload: bool,
+    /// Host memory the offloaded layer inputs take (0 without offload).
+    pub host: u64,
 }
 
 impl MemoryEstimate {
@@ -89,11 +97,21 @@ impl MemoryEstimate {
     /// # Ok::<(), flare::Error>(())
     /// ```
     pub fn for_run(model: &ModelConfig, train: &TrainConfig) -> Result<Self> {
-        let on = train.gradient_checkpointing == Checkpointing::On;
-        Self::for_run_with(model, train, on)
+        match train.gradient_checkpointing {
+            Checkpointing::On => Self::for_run_with(model, train, true),
+            Checkpointing::Offload => Self::for_run_offloaded(model, train),
+            Checkpointing::Off | Checkpointing::Auto => Self::for_run_with(model, train, false),
+        }
     }
 
-    /// [`for_run`](Self::for_run) with gradient checkpointing on or off as given.
+    /// [`for_run`](Self::for_run) with gradient checkpointing on, the layers' inputs in host
+    /// memory ([`host`](Self::host)).
+    pub fn for_run_offloaded(model: &ModelConfig, train: &TrainConfig) -> Result<Self> {
+        Self::estimate(model, train, true, true)
+    }
+
+    /// [`for_run`](Self::for_run) with gradient checkpointing on (inputs on the device) or off
+    /// as given.
     ///
     /// ```
     /// # let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
@@ -112,6 +130,15 @@ impl MemoryEstimate {
         model: &ModelConfig,
         train: &TrainConfig,
         checkpointing: bool,
+    ) -> Result<Self> {
+        Self::estimate(model, train, checkpointing, false)
+    }
+
+    fn estimate(
+        model: &ModelConfig,
+        train: &TrainConfig,
+        checkpointing: bool,
+        offload: bool,
     ) -> Result<Self> {
         let d = train.parsed_dtype()?.size_in_bytes() as u64;
         let c = model;
@@ -173,13 +200,16 @@ impl MemoryEstimate {
             .saturating_mul(v)
             .saturating_add(tokens.saturating_mul(h))
             .saturating_mul(d);
-        let layers = if checkpointing {
+        let input = tokens.saturating_mul(h).saturating_mul(d);
+        let inputs = l.saturating_mul(input);
+        let layers = match (checkpointing, offload) {
+            // The chain's input and output, and one layer's intermediates at a time.
+            (true, true) => input.saturating_mul(2).saturating_add(per_layer),
             // Each layer's input, and one layer's intermediates at a time.
-            l.saturating_mul(tokens.saturating_mul(h).saturating_mul(d))
-                .saturating_add(per_layer)
-        } else {
-            l.saturating_mul(per_layer)
+            (true, false) => inputs.saturating_add(per_layer),
+            (false, _) => l.saturating_mul(per_layer),
         };
+        let offload = checkpointing && offload;
         Ok(MemoryEstimate {
             weights: frozen.saturating_mul(d),
             adapters: p.saturating_mul(4),
@@ -188,6 +218,8 @@ impl MemoryEstimate {
             activations: layers.saturating_add(logits),
             trainable_params: p,
             checkpointing,
+            offload,
+            host: if offload { inputs } else { 0 },
         })
     }
 
@@ -200,10 +232,13 @@ impl MemoryEstimate {
             human_bytes(self.gradients),
             human_bytes(self.optimizer),
             human_bytes(self.activations),
-            if self.checkpointing {
-                " (gradient checkpointing)"
-            } else {
-                ""
+            match (self.checkpointing, self.offload) {
+                (true, true) => format!(
+                    " (gradient checkpointing; the layers' inputs, {}, in host memory)",
+                    human_bytes(self.host)
+                ),
+                (true, false) => " (gradient checkpointing)".to_string(),
+                _ => String::new(),
             }
         )
     }
@@ -284,60 +319,93 @@ pub fn check_fits(estimate: &MemoryEstimate, available: u64, device: &str) -> Re
 pub struct CheckpointDecision {
     /// Checkpointing on.
     pub on: bool,
+    /// The layers' inputs in host memory (only with `on`).
+    pub offload: bool,
     /// Why, in words (`requested`, `estimate 91.20 GiB > free 78.50 GiB`, ...).
     pub reason: String,
 }
 
 impl std::fmt::Display for CheckpointDecision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = if self.on { "on" } else { "off" };
+        let state = match (self.on, self.offload) {
+            (true, true) => "offload",
+            (true, false) => "on",
+            _ => "off",
+        };
         write!(f, "gradient checkpointing: {state} ({})", self.reason)
     }
 }
 
-/// The choice of [`TrainConfig::gradient_checkpointing`]: `On` and `Off` as given; `Auto` on
-/// exactly when the estimate without checkpointing (`without`, bytes) exceeds the `free`
-/// memory of a CUDA device (`cuda`), off on the CPU (see the module docs for why) and where
-/// the free memory is unknown.
+/// The choice of [`TrainConfig::gradient_checkpointing`]: `On`, `Offload` and `Off` as given;
+/// `Auto` on exactly when the estimate without checkpointing (`without`, bytes) exceeds the
+/// `free` memory of a CUDA device (`cuda`), and offloaded when the estimate with on-device
+/// checkpointing (`with`) exceeds it too; off on the CPU (see the module docs for why) and
+/// where the free memory is unknown.
 ///
 /// ```
 /// use flare::train::{memory::decide_checkpointing, Checkpointing};
 /// let gib = 1u64 << 30;
-/// let d = decide_checkpointing(Checkpointing::Auto, 90 * gib, Some(78 * gib), true);
-/// assert!(d.on);
+/// let d = decide_checkpointing(Checkpointing::Auto, 90 * gib, 40 * gib, Some(78 * gib), true);
+/// assert!(d.on && !d.offload);
 /// assert_eq!(d.to_string(), "gradient checkpointing: on (estimate 90.00 GiB > free 78.00 GiB)");
-/// assert!(!decide_checkpointing(Checkpointing::Auto, 40 * gib, Some(78 * gib), true).on);
-/// assert!(!decide_checkpointing(Checkpointing::Auto, 90 * gib, Some(78 * gib), false).on);
-/// assert!(decide_checkpointing(Checkpointing::On, 1, Some(78 * gib), false).on);
+/// let d = decide_checkpointing(Checkpointing::Auto, 190 * gib, 90 * gib, Some(78 * gib), true);
+/// assert!(d.on && d.offload);
+/// assert!(!decide_checkpointing(Checkpointing::Auto, 40 * gib, 30 * gib, Some(78 * gib), true).on);
+/// assert!(!decide_checkpointing(Checkpointing::Auto, 90 * gib, 9 * gib, Some(78 * gib), false).on);
+/// assert!(decide_checkpointing(Checkpointing::On, 1, 1, Some(78 * gib), false).on);
 /// ```
 pub fn decide_checkpointing(
     setting: Checkpointing,
     without: u64,
+    with: u64,
     free: Option<u64>,
     cuda: bool,
 ) -> CheckpointDecision {
-    let (on, reason) = match (setting, free) {
-        (Checkpointing::Off, _) => (false, "requested".to_string()),
-        (Checkpointing::On, _) => (true, "requested".to_string()),
+    let (on, offload, reason) = match (setting, free) {
+        (Checkpointing::Off, _) => (false, false, "requested".to_string()),
+        (Checkpointing::On, _) => (true, false, "requested".to_string()),
+        (Checkpointing::Offload, _) => (true, true, "requested".to_string()),
         (Checkpointing::Auto, _) if !cuda => (
+            false,
             false,
             "auto: off on the CPU, whose memory is the host's; use `on` to force it".to_string(),
         ),
-        (Checkpointing::Auto, None) => (false, "auto: the free memory is unknown".to_string()),
-        (Checkpointing::Auto, Some(free)) => {
-            let on = without > free;
-            let cmp = if on { ">" } else { "<=" };
-            (
-                on,
-                format!(
-                    "estimate {} {cmp} free {}",
-                    human_bytes(without),
-                    human_bytes(free)
-                ),
-            )
+        (Checkpointing::Auto, None) => {
+            (false, false, "auto: the free memory is unknown".to_string())
         }
+        (Checkpointing::Auto, Some(free)) if without <= free => (
+            false,
+            false,
+            format!(
+                "estimate {} <= free {}",
+                human_bytes(without),
+                human_bytes(free)
+            ),
+        ),
+        (Checkpointing::Auto, Some(free)) if with <= free => (
+            true,
+            false,
+            format!(
+                "estimate {} > free {}",
+                human_bytes(without),
+                human_bytes(free)
+            ),
+        ),
+        (Checkpointing::Auto, Some(free)) => (
+            true,
+            true,
+            format!(
+                "estimate with on-device checkpointing {} > free {}",
+                human_bytes(with),
+                human_bytes(free)
+            ),
+        ),
     };
-    CheckpointDecision { on, reason }
+    CheckpointDecision {
+        on,
+        offload,
+        reason,
+    }
 }
 
 /// What [`check_memory`] decided: the estimate of the run as it will go, and whether it uses
@@ -358,18 +426,36 @@ pub struct MemoryPlan {
 pub fn check_memory(train: &TrainConfig, device: &Device) -> Result<MemoryPlan> {
     let model = ModelConfig::from_dir(Path::new(&train.model))?;
     let without = MemoryEstimate::for_run_with(&model, train, false)?;
+    let with = MemoryEstimate::for_run_with(&model, train, true)?;
     let available = available_memory(device)?;
     let checkpointing = decide_checkpointing(
         train.gradient_checkpointing,
         without.total(),
+        with.total(),
         available,
         device.is_cuda(),
     );
-    let estimate = if checkpointing.on {
-        MemoryEstimate::for_run_with(&model, train, true)?
-    } else {
-        without
+    let estimate = match (checkpointing.on, checkpointing.offload) {
+        (true, true) => MemoryEstimate::for_run_offloaded(&model, train)?,
+        (true, false) => with,
+        _ => without,
     };
+    if estimate.offload && !device.is_cpu() {
+        // The offloaded inputs need the host's memory.
+        if let Some(host) = available_memory(&candle_core::Device::Cpu)? {
+            if estimate.host > host {
+                return Err(Error::OutOfMemory {
+                    device: "host (offloaded checkpoints)".into(),
+                    needed: human_bytes(estimate.host),
+                    available: human_bytes(host),
+                    detail: format!(
+                        "the layers' inputs of the largest batch; {}",
+                        estimate.breakdown()
+                    ),
+                });
+            }
+        }
+    }
     if let Some(available) = available {
         let fits = check_fits(&estimate, available, &crate::error::device_name(device));
         if let (
@@ -383,14 +469,15 @@ pub fn check_memory(train: &TrainConfig, device: &Device) -> Result<MemoryPlan> 
         ) = (checkpointing.on, &fits)
         {
             // Say what checkpointing would give.
-            let with = MemoryEstimate::for_run_with(&model, train, true)?;
+            let offloaded = MemoryEstimate::for_run_offloaded(&model, train)?;
             return Err(Error::OutOfMemory {
                 device: device.clone(),
                 needed: needed.clone(),
                 available: available.clone(),
                 detail: format!(
-                    "{detail}; with gradient_checkpointing on about {}",
-                    human_bytes(with.total())
+                    "{detail}; with gradient_checkpointing on about {}, with offload about {}",
+                    human_bytes(with.total()),
+                    human_bytes(offloaded.total())
                 ),
             });
         }
@@ -485,6 +572,20 @@ mod tests {
         assert!(on.checkpointing && !off.checkpointing);
         assert_eq!(on.total() - on.activations, off.total() - off.activations);
         assert!(on.breakdown().contains("gradient checkpointing"));
+        // Offloaded: the chain's input and output on the device, the 4 inputs on the host.
+        let offloaded = MemoryEstimate::for_run_offloaded(&model(), &train).unwrap();
+        assert_eq!(
+            offloaded.activations,
+            2 * 128 * 128 * 4 + per_layer + logits
+        );
+        assert_eq!(offloaded.host, 4 * 128 * 128 * 4);
+        assert!(offloaded.offload && offloaded.checkpointing && !on.offload && on.host == 0);
+        assert!(offloaded.breakdown().contains("in host memory"));
+        train.gradient_checkpointing = Checkpointing::Offload;
+        assert_eq!(
+            MemoryEstimate::for_run(&model(), &train).unwrap(),
+            offloaded
+        );
         // for_run follows the setting; auto is estimated as off (decided against free memory).
         train.gradient_checkpointing = Checkpointing::On;
         assert_eq!(MemoryEstimate::for_run(&model(), &train).unwrap(), on);
@@ -495,8 +596,10 @@ mod tests {
     #[test]
     fn auto_decides_from_the_estimate_and_the_free_memory() {
         let gib = 1u64 << 30;
-        let auto =
-            |without, free, cuda| decide_checkpointing(Checkpointing::Auto, without, free, cuda);
+        // With on-device checkpointing the estimate is taken as a third of the plain one.
+        let auto = |without: u64, free, cuda| {
+            decide_checkpointing(Checkpointing::Auto, without, without / 3, free, cuda)
+        };
         // CUDA: on exactly when the estimate exceeds the free memory.
         let d = auto(90 * gib, Some(78 * gib), true);
         assert!(d.on);
@@ -508,14 +611,27 @@ mod tests {
         assert!(!d.on, "{d}");
         assert!(d.reason.contains("<= free 78.00 GiB"), "{d}");
         assert!(auto(78 * gib + 1, Some(78 * gib), true).on);
+        // Offload when even on-device checkpointing exceeds the free memory.
+        let d = auto(300 * gib, Some(78 * gib), true);
+        assert!(d.on && d.offload, "{d}");
+        assert_eq!(
+            d.to_string(),
+            "gradient checkpointing: offload (estimate with on-device checkpointing \
+             100.00 GiB > free 78.00 GiB)"
+        );
+        assert!(!auto(90 * gib, Some(78 * gib), true).offload);
         // Unknown free memory, or the CPU: off.
         assert!(!auto(90 * gib, None, true).on);
         let d = auto(90 * gib, Some(8 * gib), false);
         assert!(!d.on && d.reason.contains("CPU"), "{d}");
         // On and Off are taken as given.
         for (cuda, free) in [(true, Some(gib)), (false, None)] {
-            assert!(decide_checkpointing(Checkpointing::On, 1, free, cuda).on);
-            assert!(!decide_checkpointing(Checkpointing::Off, 100 * gib, free, cuda).on);
+            let on = decide_checkpointing(Checkpointing::On, 1, 1, free, cuda);
+            assert!(on.on && !on.offload);
+            let off = decide_checkpointing(Checkpointing::Off, 100 * gib, 90 * gib, free, cuda);
+            assert!(!off.on && !off.offload);
+            let o = decide_checkpointing(Checkpointing::Offload, 1, 1, free, cuda);
+            assert!(o.on && o.offload);
         }
     }
 

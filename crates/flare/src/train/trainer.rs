@@ -602,6 +602,7 @@ impl Trainer {
         let plan = super::memory::check_memory(&config, device)?;
         let mut model = Transformer::from_dir(&config.model, dtype, device)?;
         model.set_gradient_checkpointing(plan.checkpointing.on);
+        model.set_checkpoint_offload(plan.checkpointing.offload);
         // Run the model once, on one token, before anything is written: what its config makes
         // the ops refuse (a negative `rms_norm_eps`, say) fails here, not at the first step,
         // and so do weights that hold NaN or Inf.

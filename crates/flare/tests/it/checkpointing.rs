@@ -186,7 +186,7 @@ fn checkpointed_graph_keeps_only_the_layer_inputs() -> Result<()> {
 
 /// With checkpointing on, the memorisation task's loss falls as without, step for step (f32:
 /// the two graphs round differently, so within 1e-4), on prompt/completion data (prompt
-/// tokens masked out of the loss).
+/// tokens masked out of the loss); with the layers' inputs offloaded, exactly as on.
 #[test]
 fn trainer_with_checkpointing_matches_the_plain_run() -> Result<()> {
     let dir = scratch("ckpt-train");
@@ -196,14 +196,22 @@ fn trainer_with_checkpointing_matches_the_plain_run() -> Result<()> {
         cfg.gradient_checkpointing = mode;
         cfg.output_dir = dir.join(name);
         let mut t = Trainer::from_config(cfg, &Device::Cpu)?;
+        let (on, offload) = match mode {
+            Checkpointing::On => (true, false),
+            Checkpointing::Offload => (true, true),
+            _ => (false, false),
+        };
+        assert_eq!(t.model().gradient_checkpointing(), on);
+        assert_eq!(t.model().checkpoint_offload(), offload);
         assert_eq!(
-            t.model().gradient_checkpointing(),
-            mode == Checkpointing::On
+            (t.checkpointing().on, t.checkpointing().offload),
+            (on, offload)
         );
-        assert_eq!(t.checkpointing().on, mode == Checkpointing::On);
         losses(&mut t, 12)
     };
     let on = run(Checkpointing::On, "on")?;
+    // Offloaded: the same losses, bit for bit (only where the layers' inputs wait differs).
+    assert_eq!(run(Checkpointing::Offload, "offload")?, on);
     // auto on the CPU is off.
     let off = run(Checkpointing::Auto, "auto")?;
     assert_eq!(on.len(), 12);
