@@ -35,6 +35,9 @@ T0=$(date +%s)
 #              CTX_START (8192), to CTX_GRAN (2048) tokens, CTX_BUDGET_S (120) s of search each, then one timed
 #              step at the longest that ran.
 #              ctx8b_flare / ctx8b_torch run one side only.
+#   long8b     one batch-1 step of the 8B shape at LONG_SHAPE (1x196608) with flare's
+#              --gradient-checkpointing LONG_CKPT (offload): whether a length trains at all
+#              (a search would repeat a step of minutes), its tokens/s and peak memory.
 #   train05b   Qwen2-0.5B shape at 4x512,8x1024: flare, then the anchor's eager, liger and compile
 #              (ANCHOR_COMPILE_05B=0 drops compile), no checkpointing
 # ANCHOR_IMPLS_8B / ANCHOR_IMPLS_05B (default eager,liger) pick the anchor's configurations
@@ -281,6 +284,12 @@ run_ctx8b_torch() {
     --max-context-granularity "$CTX_GRAN" --max-context-budget-s "$CTX_BUDGET_S" \
     --warmup 0 --steps 1 --json "$OUT/torch_ctx8b.json"
 }
+run_long8b_flare() {
+  side flare_long8b.log "flare, llama-3.1-8b, ${LONG_SHAPE:-1x196608}, --gradient-checkpointing ${LONG_CKPT:-offload}" \
+    timeout "${LONG_TIMEOUT_S:-560}" "$BIN/flare" bench train --device cuda --config llama-3.1-8b \
+    --shapes "${LONG_SHAPE:-1x196608}" --gradient-checkpointing "${LONG_CKPT:-offload}" \
+    --warmup 0 --steps 1 --json "$OUT/flare_long8b.json"
+}
 run_train05b_flare() {
   side flare_train05b.log "flare, qwen2-0.5b" \
     timeout 120 "$BIN/flare" bench train --device cuda --config qwen2-0.5b --shapes 4x512,8x1024 \
@@ -296,6 +305,9 @@ run_train05b_torch() {
 if want train8b; then
 step "flare bench train, llama-3.1-8b" run_train8b_flare
 step "torch anchor train, llama-3.1-8b" run_train8b_torch
+fi
+if want long8b; then
+step "flare one long step, llama-3.1-8b" run_long8b_flare
 fi
 if want ctx8b || want ctx8b_flare; then
 step "flare max context, llama-3.1-8b" run_ctx8b_flare
@@ -351,7 +363,7 @@ if [ -f "$OUT/flare_ops.json" ]; then
   python3 bench/report.py --short "$OUT/flare_ops.json" "${TORCH_JSON[@]}" || true
 fi
 for f in flare_train.log torch_train.log flare_train8b.log torch_train8b.log flare_ctx8b.log \
-  torch_ctx8b.log flare_train05b.log torch_train05b.log; do
+  torch_ctx8b.log flare_long8b.log flare_train05b.log torch_train05b.log; do
   [ -f "$OUT/$f" ] && { echo; echo "--- $f"; cat "$OUT/$f"; }
 done
 if [ -f "$OUT/lora_report.txt" ]; then
