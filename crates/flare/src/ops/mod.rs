@@ -165,3 +165,55 @@ pub(crate) fn contiguous_range(
         ))
     })
 }
+
+/// A one-shot hand-over of a computed storage from one custom op to the next: a Candle custom
+/// op returns one storage, so a kernel's second output waits here until an op applied right
+/// after (Candle runs ops eagerly, in program order) returns it to the graph. Shared by
+/// `Arc` between the two ops.
+#[derive(Default)]
+pub(crate) struct StorageSlot(std::sync::Mutex<Option<candle_core::Storage>>);
+
+impl StorageSlot {
+    /// Leaves `s` in the slot (replacing what was there).
+    pub(crate) fn put(&self, s: candle_core::Storage) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+    }
+
+    fn take(&self, op: &'static str) -> candle_core::Result<candle_core::Storage> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("{op}: internal error: the slot is empty"))
+            })
+    }
+
+    /// Takes the CPU storage left in the slot (an error names `op` when there is none or it
+    /// is on another device).
+    pub(crate) fn take_cpu(
+        &self,
+        op: &'static str,
+    ) -> candle_core::Result<candle_core::CpuStorage> {
+        match self.take(op)? {
+            candle_core::Storage::Cpu(s) => Ok(s),
+            _ => Err(candle_core::Error::Msg(format!(
+                "{op}: internal error: the slot's storage is not on the CPU"
+            ))),
+        }
+    }
+
+    /// Takes the CUDA storage left in the slot, as [`take_cpu`](Self::take_cpu).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn take_cuda(
+        &self,
+        op: &'static str,
+    ) -> candle_core::Result<candle_core::CudaStorage> {
+        match self.take(op)? {
+            candle_core::Storage::Cuda(s) => Ok(s),
+            _ => Err(candle_core::Error::Msg(format!(
+                "{op}: internal error: the slot's storage is not on CUDA"
+            ))),
+        }
+    }
+}

@@ -65,6 +65,7 @@
 //! comes from [`crate::lora::dropout`]: seeded inside [`crate::lora::with_dropout_seed`] (what
 //! the transformer's layers run in), else from Candle's unseeded generator.
 
+use crate::ops::StorageSlot;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
@@ -322,7 +323,7 @@ impl CustomOp3 for LoraFwd {
         let dy = dy.contiguous()?;
         let split = a.dtype() != x.dtype();
         let p = Packed::new(t, inf, out, r, need, split);
-        let side = Arc::new(Mutex::new(None));
+        let side = Arc::new(StorageSlot::default());
         let op = LoraBwd {
             w: self.w.clone(),
             b: b.detach(),
@@ -398,7 +399,7 @@ struct LoraBwd {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     ab: Option<SavedAb>,
     /// Where the op leaves the factor-gradient buffer when it makes two (see [`Packed`]).
-    side: Arc<Mutex<Option<Storage>>>,
+    side: Arc<StorageSlot>,
 }
 
 impl LoraBwd {
@@ -412,7 +413,7 @@ impl LoraBwd {
     ) -> candle_core::Result<S> {
         match (base, factors) {
             (Some(base), Some(factors)) => {
-                *self.side.lock().unwrap_or_else(|e| e.into_inner()) = Some(wrap(factors));
+                self.side.put(wrap(factors));
                 Ok(base)
             }
             (Some(one), None) | (None, Some(one)) => Ok(one),
@@ -620,18 +621,8 @@ impl CustomOp3 for LoraBwd {
 /// the factor gradients would then keep alive until the optimizer step. Its own backward is
 /// Candle's default, `BackwardNotSupported`.
 struct LoraBwdFactors {
-    side: Arc<Mutex<Option<Storage>>>,
+    side: Arc<StorageSlot>,
     len: usize,
-}
-
-impl LoraBwdFactors {
-    fn take(&self) -> candle_core::Result<Storage> {
-        self.side
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| internal(OP_BWD_FACTORS, "no factor gradients were left".into()))
-    }
 }
 
 impl CustomOp1 for LoraBwdFactors {
@@ -640,13 +631,7 @@ impl CustomOp1 for LoraBwdFactors {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        match self.take()? {
-            Storage::Cpu(s) => Ok((s, Shape::from(self.len))),
-            _ => Err(internal(
-                OP_BWD_FACTORS,
-                "the buffer is not on the CPU".into(),
-            )),
-        }
+        Ok((self.side.take_cpu(OP_BWD_FACTORS)?, Shape::from(self.len)))
     }
 
     #[cfg(feature = "cuda")]
@@ -655,10 +640,7 @@ impl CustomOp1 for LoraBwdFactors {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        match self.take()? {
-            Storage::Cuda(s) => Ok((s, Shape::from(self.len))),
-            _ => Err(internal(OP_BWD_FACTORS, "the buffer is not on CUDA".into())),
-        }
+        Ok((self.side.take_cuda(OP_BWD_FACTORS)?, Shape::from(self.len)))
     }
 }
 

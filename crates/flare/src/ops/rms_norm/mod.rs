@@ -13,6 +13,7 @@
 //! skipped when the weight is frozen. The backward op returns `dx` and `dw` packed in one
 //! tensor of shape `[rows + 1, n]` (last row `dw`) which is split by views.
 
+use crate::ops::StorageSlot;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use super::cpu::{dispatch_float2, dispatch_float3};
@@ -168,42 +169,13 @@ fn packed_bwd_shape(l: &Layout) -> Shape {
     Shape::from((rows + 1, cols))
 }
 
-/// Where [`AddRmsNorm`] leaves the normalised `y` for [`StashedNorm`] to pick up: a Candle
-/// custom op has one output, so the fused kernel's second output travels through this slot.
-#[derive(Default)]
-struct Stash(std::sync::Mutex<Option<Stashed>>);
-
-enum Stashed {
-    Cpu(CpuStorage),
-    #[cfg(feature = "cuda")]
-    Cuda(candle_core::CudaStorage),
-}
-
-impl Stash {
-    fn put(&self, s: Stashed) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-    }
-
-    fn take(&self) -> candle_core::Result<Stashed> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "{OP_ADD}: internal error: the norm was not computed"
-                ))
-            })
-    }
-}
-
 /// The fused op `(x, residual, w) -> h = x + residual`; it also computes
-/// `y = rms_norm(h) * w` in the same pass and leaves it in the stash for [`StashedNorm`]. Its
+/// `y = rms_norm(h) * w` in the same pass and leaves it in the slot for [`StashedNorm`]. Its
 /// backward passes `h`'s whole gradient (the norm's part included, which Candle has added by
 /// then) to `x` and `residual`, and nothing to `w` ([`StashedNorm`] gives `w` its gradient).
 struct AddRmsNorm {
     eps: f32,
-    stash: std::sync::Arc<Stash>,
+    stash: std::sync::Arc<StorageSlot>,
 }
 
 impl CustomOp3 for AddRmsNorm {
@@ -232,7 +204,7 @@ impl CustomOp3 for AddRmsNorm {
             eps
         ))?;
         let (y, h) = split_cpu(both, n)?;
-        self.stash.put(Stashed::Cpu(y));
+        self.stash.put(candle_core::Storage::Cpu(y));
         Ok((h, l1.shape().clone()))
     }
 
@@ -247,7 +219,7 @@ impl CustomOp3 for AddRmsNorm {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (y, h) = cuda::add_fwd(s1, l1, s2, l2, s3, l3, self.eps)?;
-        self.stash.put(Stashed::Cuda(y));
+        self.stash.put(candle_core::Storage::Cuda(y));
         Ok((h, l1.shape().clone()))
     }
 
@@ -269,7 +241,7 @@ impl CustomOp3 for AddRmsNorm {
 /// of its own); its backward is [`rms_norm`]'s, on `h` (no recomputed sum).
 struct StashedNorm {
     eps: f32,
-    stash: std::sync::Arc<Stash>,
+    stash: std::sync::Arc<StorageSlot>,
 }
 
 impl CustomOp2 for StashedNorm {
@@ -284,11 +256,7 @@ impl CustomOp2 for StashedNorm {
         _s2: &CpuStorage,
         _l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match self.stash.take()? {
-            Stashed::Cpu(y) => Ok((y, l1.shape().clone())),
-            #[cfg(feature = "cuda")]
-            Stashed::Cuda(_) => candle_core::bail!("{OP_ADD}: internal error: device mismatch"),
-        }
+        Ok((self.stash.take_cpu(OP_ADD)?, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -299,10 +267,7 @@ impl CustomOp2 for StashedNorm {
         _s2: &candle_core::CudaStorage,
         _l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        match self.stash.take()? {
-            Stashed::Cuda(y) => Ok((y, l1.shape().clone())),
-            Stashed::Cpu(_) => candle_core::bail!("{OP_ADD}: internal error: device mismatch"),
-        }
+        Ok((self.stash.take_cuda(OP_ADD)?, l1.shape().clone()))
     }
 
     fn bwd(
@@ -425,7 +390,7 @@ pub fn add_rms_norm(
         residual.contiguous()?,
         weight.contiguous()?,
     );
-    let stash = std::sync::Arc::new(Stash::default());
+    let stash = std::sync::Arc::new(StorageSlot::default());
     // The sum first (its op runs the fused kernel and stashes y), then y as a function of h: in
     // the backward h's gradient is the norm's part plus the next layers' (one add), and the
     // sum's op hands that one tensor to both x and residual (no add, no recomputed sum).
