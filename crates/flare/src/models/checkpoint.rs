@@ -383,14 +383,14 @@ impl Checkpoint {
                 }
             };
             let want_dx = k > 0 || self.grad_input;
-            let input = if want_dx {
-                Some(Var::from_tensor(&stored)?)
+            // The variable is a copy: the stored tensor goes at once (one input alive, not two).
+            let (input, x) = if want_dx {
+                let v = Var::from_tensor(&stored)?;
+                drop(stored);
+                let x = v.as_tensor().clone();
+                (Some(v), x)
             } else {
-                None
-            };
-            let x = match &input {
-                Some(v) => v.as_tensor().clone(),
-                None => stored,
+                (None, stored)
             };
             let y = sum_parts((block.f)(&x)?)?;
             if y.dims() != grad.dims() {
