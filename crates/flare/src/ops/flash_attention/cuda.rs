@@ -325,8 +325,9 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     // (all of it, when nq > 0), dK and dV ([nq, nq + 2 nk)) by the bwd kernel, which writes
     // every key row of every sequence (zeros where no query sees it) whenever max_sk > 0 (and
     // nk == 0 otherwise), or with a split by bwd_convert from the zeroed f32 sums the kernel
-    // adds into (all 2 nk of them). `delta` is written by bwd_pre for every row before bwd reads it, and
-    // `dq_acc` is zeroed by bwd_pre (the kernel's convention) before bwd accumulates into it.
+    // adds into (all 2 nk of them). `delta` is written by bwd_pre for every row before bwd
+    // reads it, and `dq_acc` is zeroed by bwd_pre (the kernel's convention) before bwd
+    // accumulates into it.
     let mut out = unsafe { dev.alloc::<T>(nq + 2 * nk) }?;
     let mut delta = unsafe { dev.alloc::<f32>(rows) }?;
     let mut dq_acc = unsafe { dev.alloc::<f32>(nq) }?;
