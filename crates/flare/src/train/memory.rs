@@ -313,6 +313,39 @@ pub fn check_fits(estimate: &MemoryEstimate, available: u64, device: &str) -> Re
     })
 }
 
+/// Refuses an offloaded run (`estimate.offload`) whose layer inputs (`estimate.host` bytes) do
+/// not fit the host's available memory `host`; any other run passes.
+///
+/// ```
+/// # let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+/// #     "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4,
+/// #     "rms_norm_eps": 1e-6, "vocab_size": 256, "max_position_embeddings": 128}"#;
+/// use flare::train::memory::{check_host_fits, MemoryEstimate};
+/// let model = flare::models::ModelConfig::from_json_str(json, "config.json")?;
+/// let train = flare::train::TrainConfig::default();
+/// let e = MemoryEstimate::for_run_offloaded(&model, &train)?;
+/// assert!(check_host_fits(&e, e.host).is_ok());
+/// let err = check_host_fits(&e, e.host - 1).unwrap_err().to_string();
+/// assert!(err.contains("host (offloaded checkpoints)"), "{err}");
+/// let on = MemoryEstimate::for_run_with(&model, &train, true)?;
+/// assert!(check_host_fits(&on, 0).is_ok());
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn check_host_fits(estimate: &MemoryEstimate, host: u64) -> Result<()> {
+    if !estimate.offload || estimate.host <= host {
+        return Ok(());
+    }
+    Err(Error::OutOfMemory {
+        device: "host (offloaded checkpoints)".into(),
+        needed: human_bytes(estimate.host),
+        available: human_bytes(host),
+        detail: format!(
+            "the layers' inputs of the largest batch; {}",
+            estimate.breakdown()
+        ),
+    })
+}
+
 /// Whether a run uses gradient checkpointing, and why (its `Display` is the line the CLI
 /// prints: `gradient checkpointing: on (estimate 91.20 GiB > free 78.50 GiB)`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -440,21 +473,19 @@ pub fn check_memory(train: &TrainConfig, device: &Device) -> Result<MemoryPlan> 
         (true, false) => with,
         _ => without,
     };
-    if estimate.offload && !device.is_cpu() {
-        // The offloaded inputs need the host's memory.
-        if let Some(host) = available_memory(&candle_core::Device::Cpu)? {
-            if estimate.host > host {
-                return Err(Error::OutOfMemory {
-                    device: "host (offloaded checkpoints)".into(),
-                    needed: human_bytes(estimate.host),
-                    available: human_bytes(host),
-                    detail: format!(
-                        "the layers' inputs of the largest batch; {}",
-                        estimate.breakdown()
-                    ),
-                });
-            }
-        }
+    // The offloaded inputs need the host's memory (on the CPU, the same memory as the rest).
+    let host_available = if device.is_cpu() {
+        available
+    } else {
+        available_memory(&candle_core::Device::Cpu)?
+    };
+    let available = if let (true, true, Some(a)) = (estimate.offload, device.is_cpu(), available) {
+        Some(a.saturating_sub(estimate.host))
+    } else {
+        available
+    };
+    if let Some(host) = host_available {
+        check_host_fits(&estimate, host)?;
     }
     if let Some(available) = available {
         let fits = check_fits(&estimate, available, &crate::error::device_name(device));
