@@ -214,17 +214,17 @@ fn bwd_in_place_t<T: CudaDType + DeviceRepr>(
     let dys = input::<T>(OP_BWD, dy, ldy)?;
     let us = from_offset::<T>(OP_BWD, u, p.u_off)?;
     let gs = g.as_cuda_slice_mut::<T>()?;
-    let glen = gs.len().saturating_sub(p.g_off);
-    if dys.len() != n || glen < n || us.len() < n {
-        return Err(candle_core::Error::Msg(format!(
-            "{OP_BWD}: internal error: in-place gradient of {n} elements over inputs of {glen} \
-             and {}",
-            us.len()
-        )));
-    }
     if n == 0 {
         return Ok(());
     }
+    if dys.len() != n {
+        return Err(candle_core::Error::Msg(format!(
+            "{OP_BWD}: internal error: gradient of {} elements for {n} outputs",
+            dys.len()
+        )));
+    }
+    // The reads and the in-place writes are the same elements of g and u.
+    check_reach(OP_BWD, gs.len().saturating_sub(p.g_off), us.len(), p)?;
     let elem = std::mem::size_of::<T>() as u64;
     let (gbase, _g) = gs.device_ptr_mut(stream);
     let gp = gbase + p.g_off as u64 * elem;
