@@ -473,20 +473,21 @@ pub fn check_memory(train: &TrainConfig, device: &Device) -> Result<MemoryPlan> 
         (true, false) => with,
         _ => without,
     };
-    // The offloaded inputs need the host's memory (on the CPU, the same memory as the rest).
-    let host_available = if device.is_cpu() {
-        available
-    } else {
-        available_memory(&candle_core::Device::Cpu)?
+    // Offloaded inputs live in the host's memory: on a GPU run checked against what the host
+    // has, on the CPU the same memory as the rest of the run, so taken out of it.
+    let available = match (estimate.offload, device.is_cpu(), available) {
+        (true, false, _) => {
+            if let Some(host) = available_memory(&candle_core::Device::Cpu)? {
+                check_host_fits(&estimate, host)?;
+            }
+            available
+        }
+        (true, true, Some(a)) => {
+            check_host_fits(&estimate, a)?;
+            Some(a.saturating_sub(estimate.host))
+        }
+        _ => available,
     };
-    let available = if let (true, true, Some(a)) = (estimate.offload, device.is_cpu(), available) {
-        Some(a.saturating_sub(estimate.host))
-    } else {
-        available
-    };
-    if let Some(host) = host_available {
-        check_host_fits(&estimate, host)?;
-    }
     if let Some(available) = available {
         let fits = check_fits(&estimate, available, &crate::error::device_name(device));
         if let (
