@@ -273,7 +273,10 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// use candle_core::{Device, Tensor, Var};
 /// let g = Var::new(&[0.5f32, -1.0], &Device::Cpu)?;
 /// let u = Var::new(&[2f32, 3.0], &Device::Cpu)?;
-/// let y = flare::ops::swiglu_grad_in_place(g.as_tensor(), u.as_tensor())?;
+/// // Fresh tensors in front of the op (never the variables themselves, which the optimizer
+/// // reads after the backward), as the contract asks.
+/// let (gate, up) = (g.as_tensor().affine(1.0, 0.0)?, u.as_tensor().affine(1.0, 0.0)?);
+/// let y = flare::ops::swiglu_grad_in_place(&gate, &up)?;
 /// let grads = y.sum_all()?.backward()?;
 /// let du = grads.get(u.as_tensor()).unwrap().to_vec1::<f32>()?;
 /// let silu = |x: f32| x / (1.0 + (-x).exp());
