@@ -24,6 +24,7 @@ T0=$(date +%s)
 # STAGES picks what runs (comma-separated): tests, ops, lora, decode, train, profile, sanitizer. One device
 # call is limited to 10 minutes, so a full round is two calls, e.g. STAGES=tests,decode,train
 # then STAGES=ops,lora,sanitizer.
+#   attn       flash attention: its tests, then flare on cuDNN, flare on its kernel and PyTorch SDPA
 # Issue 13's training stages, each its own device call (each under ~8 minutes on an H100), not in
 # the default list:
 #   train8b    Llama-3.1-8B shape at 1x4096,4x4096 (SHAPES_8B): flare with --gradient-checkpointing
@@ -74,6 +75,14 @@ if [ -n "${CUDA_LIB:-}" ]; then
   echo "CUDA libraries: $CUDA_LIB"
 else
   echo "WARNING: no libcublas.so.13 found under /opt"
+fi
+# cuDNN 9 (flare opens it at run time for its fused attention): PyTorch's copy.
+hit=$(find /opt -name 'libcudnn.so.9*' -print -quit 2>/dev/null)
+if [ -n "$hit" ]; then
+  export LD_LIBRARY_PATH="$(dirname "$hit"):$LD_LIBRARY_PATH"
+  echo "cuDNN: $(dirname "$hit")"
+else
+  echo "WARNING: no libcudnn.so.9 under /opt: flare's attention runs on its own kernel"
 fi
 
 # The Python with PyTorch: the venv's if there is one, else python3 on PATH.
@@ -153,6 +162,22 @@ run_sanitizer() {
 
 if want tests; then
 step "integration tests" run_tests
+fi
+# attn: flare's training attention on cuDNN (the default where it applies) and on flare's own
+# kernel (FLARE_ATTENTION_CUDNN=0), against PyTorch SDPA, in one call; the flash-attention tests
+# first (cuDNN against the float64 reference and against the kernel).
+run_attn_tests() { timeout 120 "$BIN/it" flash_attention --test-threads=1 2>&1 | tail -40; }
+run_attn_bench() {
+  timeout 90 "$BIN/flare" bench ops --device cuda --filter flash_attention \
+    --json "$OUT/flare_attn_cudnn.json" 2>&1 | tee "$OUT/flare_attn_cudnn.log"
+  FLARE_ATTENTION_CUDNN=0 timeout 90 "$BIN/flare" bench ops --device cuda --filter flash_attention \
+    --json "$OUT/flare_attn_kernel.json" 2>&1 | tee "$OUT/flare_attn_kernel.log"
+  timeout 90 "$PY" bench/anchor_ops.py --filter flash_attention --json "$OUT/torch_attn.json" 2>&1 |
+    tee "$OUT/torch_attn.log"
+}
+if want attn; then
+step "flash-attention tests (cuDNN and kernel)" run_attn_tests
+step "flash attention: cuDNN, kernel, SDPA" run_attn_bench
 fi
 if want ops; then
 step "flare bench ops" run_bench

@@ -74,11 +74,16 @@ impl DeviceSpec {
 pub(crate) fn hardware_name(dev: &Device) -> String {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(c) = dev {
-        return c
+        let name = c
             .cuda_stream()
             .context()
             .name()
             .unwrap_or_else(|_| "CUDA device".into());
+        // Whether attention can run on cuDNN (flare opens it at run time).
+        return match flare::runtime::cudnn_version() {
+            Ok(v) => format!("{name}, cuDNN {}.{}.{}", v / 10_000, v / 100 % 100, v % 100),
+            Err(_) => format!("{name}, no cuDNN"),
+        };
     }
     let _ = dev;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

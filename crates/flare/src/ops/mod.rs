@@ -9,8 +9,8 @@
 //! reference beyond Candle's own `argmax`) and the fused [`attention_decode`] (no backward: when
 //! an input takes part in autograd it computes the same maths from differentiable ops instead).
 //!
-//! [`flash_attention()`] has no CUDA kernel wired yet: on CUDA it computes the same maths from
-//! flare's differentiable matmul and masked softmax (see its module doc).
+//! [`flash_attention()`] runs on CUDA on cuDNN's fused attention where it applies and on flare's
+//! own kernel elsewhere ([`flash_attention_engine`] says which; see its module doc).
 //!
 //! Backward kernels are ops too; they have no backward of their own (a second derivative
 //! through them returns Candle's `BackwardNotSupported`, never a silently cut gradient).
@@ -48,7 +48,9 @@ pub(crate) mod cuda;
 pub use argmax::argmax_last_dim;
 pub use attention::attention_decode;
 pub use cross_entropy::{cross_entropy, cross_entropy_per_token, cross_entropy_weighted};
-pub use flash_attention::{flash_attention, flash_attention_padded, FlashAttnParams};
+pub use flash_attention::{
+    flash_attention, flash_attention_engine, flash_attention_padded, FlashAttnParams,
+};
 pub use linear_cross_entropy::linear_cross_entropy;
 pub use matmul::matmul;
 pub use rms_norm::{add_rms_norm, rms_norm};

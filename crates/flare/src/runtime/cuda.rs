@@ -31,6 +31,8 @@ pub struct CudaRuntime {
     _modules: Vec<Arc<CudaModule>>,
     functions: Vec<CudaFunction>,
     gemm: Gemm,
+    /// The cuDNN handle on Candle's stream, created the first time an op asks (or why not).
+    cudnn: OnceLock<std::result::Result<super::cudnn::Handle, String>>,
     /// Multiprocessor count, for sizing persistent grids.
     pub sm_count: u32,
 }
@@ -186,6 +188,7 @@ impl CudaRuntime {
             _modules: modules,
             functions,
             gemm,
+            cudnn: OnceLock::new(),
             sm_count,
         })
     }
@@ -208,5 +211,17 @@ impl CudaRuntime {
     /// The cuBLASLt handle, workspace and plan cache of this device.
     pub fn gemm(&self) -> &Gemm {
         &self.gemm
+    }
+
+    /// This device's cuDNN handle, bound to Candle's stream; created on first use. The error
+    /// says why cuDNN cannot be used (not found, too old, or the handle failed), every time
+    /// it is asked.
+    pub fn cudnn(&self) -> std::result::Result<&super::cudnn::Handle, &str> {
+        self.cudnn
+            .get_or_init(|| {
+                super::cudnn::Handle::new(self.stream.cu_stream().cast()).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| e.as_str())
     }
 }

@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
+pub mod cudnn;
+#[cfg(feature = "cuda")]
 pub mod gemm;
 pub mod settings;
 
@@ -42,6 +44,20 @@ pub(crate) static FUNCTIONS_LOADED: AtomicUsize = AtomicUsize::new(0);
 pub(crate) static GEMM_PLANS_CREATED: AtomicUsize = AtomicUsize::new(0);
 
 static ALLOW_TF32: AtomicBool = AtomicBool::new(false);
+
+/// Whether flare can use cuDNN (its fused attention): cuDNN's version number (e.g. `91300` for
+/// 9.13.0), or why not: built without the `cuda` feature, or libcudnn 9 not found by the dynamic
+/// loader (see [`cudnn`](mod@cudnn)).
+pub fn cudnn_version() -> std::result::Result<usize, String> {
+    #[cfg(feature = "cuda")]
+    {
+        cudnn::available()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err("flare was built without the cuda feature".to_string())
+    }
+}
 
 /// Returns how many runtimes, handles, modules, functions and GEMM plans flare has created.
 pub fn stats() -> RuntimeStats {

@@ -480,10 +480,109 @@ const KERNEL_CASES: &[Case] = &[
 /// on the CPU the fused CPU op. Bound: relative error 1e-2, as `bench/dev`'s validator (the
 /// kernel rounds P to the input dtype before `P V` and the backward products).
 fn kernel_cases(dev: &Device) -> Result<()> {
+    for c in KERNEL_CASES {
+        let engine = engine_of(c, dev)?;
+        assert!(
+            matches!(engine, "kernel" | "cpu"),
+            "{}: ran on {engine}, expected flare's kernel",
+            c.name()
+        );
+    }
+    fused_cases(dev, KERNEL_CASES, "kernel")
+}
+
+/// Which implementation runs case `c` on `dev` (bf16).
+fn engine_of(c: &Case, dev: &Device) -> Result<&'static str> {
+    let [q, k, v] = c.inputs(DType::BF16, dev, "engine")?;
+    flare::ops::flash_attention_engine(&q, &k, &v, &c.params())
+}
+
+/// Geometries cuDNN's fused attention takes (equal lengths, multiples of 128, no window):
+/// MHA and GQA / MQA, head dims 64 and 128, causal or not, one to three sequences.
+const CUDNN_CASES: &[Case] = &[
+    case(&[128, 128], &[128, 128], 4, 2, 64, true, None),
+    case(&[256], &[256], 4, 4, 128, true, None),
+    case(&[128, 128, 128], &[128, 128, 128], 6, 2, 128, false, None),
+    case(&[384], &[384], 8, 1, 64, true, None),
+];
+
+/// On CUDA with cuDNN: the cases run on cuDNN (checked), forward and gradients against the
+/// float64 reference, and against flare's kernel on the same inputs (`FLARE_ATTENTION_CUDNN`
+/// off); without cuDNN they run on the kernel and the test says so. On the CPU: the fused
+/// CPU op at these lengths.
+fn cudnn_cases(dev: &Device) -> Result<()> {
+    if dev.is_cuda() {
+        match flare::runtime::cudnn_version() {
+            Ok(v) => {
+                for c in CUDNN_CASES {
+                    assert_eq!(
+                        engine_of(c, dev)?,
+                        "cudnn",
+                        "{}: cuDNN {v} is loaded",
+                        c.name()
+                    );
+                }
+                cudnn_vs_kernel(dev)?;
+            }
+            Err(why) => eprintln!("skipped: cuDNN not found ({why}); the cases run on the kernel"),
+        }
+    }
+    fused_cases(dev, CUDNN_CASES, "cudnn")
+}
+
+/// cuDNN's forward and gradients against flare's kernel on the same bf16 inputs.
+fn cudnn_vs_kernel(dev: &Device) -> Result<()> {
+    let off = flare::runtime::Settings {
+        attention_cudnn: false,
+        ..flare::runtime::settings()
+    };
+    for c in CUDNN_CASES {
+        let what = format!("flash_attention cudnn vs kernel {}", c.name());
+        let [q, k, v] = c.inputs(DType::BF16, dev, &what)?;
+        let r = randn(q.dims(), DType::BF16, dev, seed(&format!("{what} r")))?;
+        let run = || -> Result<Vec<Tensor>> {
+            let vars = [var(&q)?, var(&k)?, var(&v)?];
+            let o = flash_attention(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+                &c.params(),
+            )?;
+            let g = weighted_loss(&o, &r)?.backward()?;
+            let mut out = vec![o];
+            for x in &vars {
+                out.push(grad_of(&g, x.as_tensor(), &what));
+            }
+            Ok(out)
+        };
+        let a = run()?;
+        let b = {
+            let _guard = off.apply();
+            assert_eq!(
+                engine_of(c, dev)?,
+                "kernel",
+                "{what}: the switch turns cuDNN off"
+            );
+            run()?
+        };
+        for (name, x, y) in ["O", "dq", "dk", "dv"]
+            .iter()
+            .zip(&a)
+            .zip(&b)
+            .map(|((n, x), y)| (n, x, y))
+        {
+            assert_close(x, &f64_cpu(y)?, 1e-2, &format!("{what} {name}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Forward and dQ / dK / dV of the fused op against the float64 reference, bf16 and f16.
+fn fused_cases(dev: &Device, cases: &[Case], label: &str) -> Result<()> {
     const BOUND: f64 = 1e-2;
     for &dtype in &[DType::BF16, DType::F16] {
-        for c in KERNEL_CASES {
-            let what = format!("flash_attention kernel {} {}", c.name(), dt(dtype));
+        for c in cases {
+            let what = format!("flash_attention {label} {} {}", c.name(), dt(dtype));
             let [q, k, v] = c.inputs(dtype, dev, &what)?;
             let r = randn(q.dims(), dtype, dev, seed(&format!("{what} r")))?;
             let (qs, ks) = c.shapes();
@@ -569,6 +668,7 @@ fn kernel_strided_inputs(dev: &Device) -> Result<()> {
 
 device_test!(
     kernel_cases,
+    cudnn_cases,
     kernel_strided_inputs,
     forward,
     grad_fd,

@@ -164,6 +164,10 @@ pub(super) fn fwd(
     (v, lv): (&CudaStorage, &Layout),
 ) -> candle_core::Result<(CudaStorage, Saved)> {
     check_limits(OP, p)?;
+    let rt = CudaRuntime::get(&q.device).map_err(crate::Error::into_candle)?;
+    if let Some(g) = super::cudnn::applies(&rt, p, q.dtype()) {
+        return super::cudnn::fwd(&rt, g, p, [(q, lq), (k, lk), (v, lv)]);
+    }
     let ks = kernels(OP, q.dtype(), p.d)?;
     match q.dtype() {
         DType::BF16 => fwd_t::<bf16>(p, &ks, [(q, lq), (k, lk), (v, lv)]),

@@ -46,8 +46,11 @@
 //!
 //! # Devices and dtypes
 //! - CPU: the fused op, every float dtype (f64 too).
-//! - CUDA, bf16 / f16 with head dim 64 or 128: the fused op on the kernel (tensor cores take
-//!   only 16-bit inputs; the kernel is instantiated for those head dims).
+//! - CUDA, bf16 / f16 with head dim 64 or 128: the fused op. Where cuDNN's fused attention
+//!   takes the geometry (equal-length sequences of a multiple of 128 tokens, no window; cuDNN 9
+//!   found at run time; `FLARE_ATTENTION_CUDNN` on) it runs there (`cudnn.rs`, the engine
+//!   PyTorch's SDPA uses), else on flare's kernel (tensor cores take only 16-bit inputs; the
+//!   kernel is instantiated for those head dims). [`flash_attention_engine`] says which.
 //! - CUDA f32, CUDA with another head dim, and Metal: [`flash_attention`] computes the same
 //!   maths per sequence from flare's differentiable ops (matmul, [`softmax_masked`], matmul),
 //!   a documented rule by dtype and head dim, not a fallback on error: gradients flow, but
@@ -66,6 +69,8 @@ use crate::{Error, Result};
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod cudnn;
 mod plan;
 
 use plan::{Carry, FaPlan, Saved, KERNEL_HEAD_DIMS, OP, OP_BWD};
@@ -327,9 +332,6 @@ impl CustomOp3 for FlashAttnBwd {
             )));
         };
         let carry = self.carry.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(Saved::Device { lse, cu }) = &*carry else {
-            return Err(no_lse("cuda"));
-        };
         let x = cuda::BwdInputs {
             q: (s1, l1),
             k: (s2, l2),
@@ -337,7 +339,22 @@ impl CustomOp3 for FlashAttnBwd {
             o: (so, lo),
             dout: (sd, ld),
         };
-        let out = cuda::bwd(p, &x, lse, cu)?;
+        let out = match &*carry {
+            Some(Saved::Device { lse, cu }) => cuda::bwd(p, &x, lse, cu)?,
+            Some(Saved::Cudnn { stats }) => {
+                // The forward ran on cuDNN, so its geometry is one cuDNN takes.
+                let g = cudnn::geometry(p, s1.dtype()).ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "{OP_BWD}: internal error: cuDNN statistics for a geometry cuDNN does \
+                         not run"
+                    ))
+                })?;
+                let rt = crate::runtime::cuda::CudaRuntime::get(&s1.device)
+                    .map_err(crate::Error::into_candle)?;
+                cudnn::bwd(&rt, g, p, &x, stats)?
+            }
+            _ => return Err(no_lse("cuda")),
+        };
         let n = p.total_q * p.hq * p.d + 2 * p.total_k * p.hkv * p.d;
         Ok((out, Shape::from(n)))
     }
@@ -407,6 +424,34 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &FlashAttnParams) 
             carry: Arc::new(Carry::default()),
         })),
     )?)
+}
+
+/// Which implementation [`flash_attention`] runs for these inputs and options: `"cpu"` (the
+/// fused CPU op), `"cudnn"` (cuDNN's fused attention: see the module doc), `"kernel"` (flare's
+/// CUDA kernel) or `"composed"` (flare's differentiable ops, for dtypes and head dims the fused
+/// paths do not take). Checks the inputs as [`flash_attention`] does; on CUDA it may open cuDNN.
+pub fn flash_attention_engine(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    p: &FlashAttnParams,
+) -> Result<&'static str> {
+    let plan = check(q, k, v, p)?;
+    if !fused(q, plan.d) {
+        return Ok("composed");
+    }
+    match q.device() {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) => {
+            let rt = crate::runtime::cuda::CudaRuntime::get(dev)?;
+            Ok(if cudnn::applies(&rt, &plan, q.dtype()).is_some() {
+                "cudnn"
+            } else {
+                "kernel"
+            })
+        }
+        _ => Ok("cpu"),
+    }
 }
 
 /// [`flash_attention`] on a padded batch: `q: [B, Sq, hq, d]`, `k, v: [B, Sk, hkv, d]` →

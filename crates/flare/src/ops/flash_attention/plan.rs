@@ -108,6 +108,13 @@ pub(crate) enum Saved {
         /// `cu_q` then `cu_k`.
         cu: candle_core::cuda_backend::cudarc::driver::CudaSlice<i32>,
     },
+    /// cuDNN's softmax statistics (`L` in its layout, `[batch, hq, s]`, f32), when the forward
+    /// ran on cuDNN (`cudnn.rs`); the backward then runs there too.
+    #[cfg(feature = "cuda")]
+    Cudnn {
+        /// `L`, `[batch, hq, s]`.
+        stats: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    },
 }
 
 /// One call's geometry, checked by `flash_attention` before anything runs.
