@@ -56,7 +56,6 @@ pub(crate) mod attr {
     pub const EXECUTION_PLAN_HANDLE: u32 = 400;
     pub const EXECUTION_PLAN_ENGINE_CONFIG: u32 = 401;
     pub const EXECUTION_PLAN_WORKSPACE_SIZE: u32 = 402;
-    pub const EXECUTION_PLAN_JSON_REPRESENTATION: u32 = 405;
     pub const OPERATION_POINTWISE_PW_DESCRIPTOR: u32 = 750;
     pub const OPERATION_POINTWISE_XDESC: u32 = 751;
     pub const OPERATION_POINTWISE_BDESC: u32 = 752;
@@ -100,7 +99,6 @@ pub(crate) mod ty {
     pub const POINTWISE_MODE: u32 = 14;
     pub const BACKEND_DESCRIPTOR: u32 = 15;
     pub const REDUCTION_OPERATOR_TYPE: u32 = 18;
-    pub const CHAR: u32 = 24;
 }
 
 /// Element types (`cudnnDataType_t`).
@@ -604,12 +602,10 @@ impl Graph {
                         attr::EXECUTION_PLAN_WORKSPACE_SIZE,
                         "reading a plan's workspace",
                     )?;
-                    let name = plan_json(&plan);
                     return Ok(Plan {
                         desc: plan,
                         _graph: g,
                         workspace: workspace.max(0) as usize,
-                        engine: name,
                     });
                 }
                 Err(e) => refusals.push(e.to_string()),
@@ -629,40 +625,12 @@ impl Graph {
     }
 }
 
-/// The plan's JSON representation (its engine and knobs), for `FLARE_GEMM_DEBUG`-style
-/// reports; empty when cuDNN does not give one.
-fn plan_json(plan: &Desc) -> String {
-    let Ok(a) = api() else {
-        return String::new();
-    };
-    let mut buf = vec![0u8; 4096];
-    let mut n = 0i64;
-    // SAFETY: `buf` holds `buf.len()` bytes for the CHAR array cuDNN writes (at most that many).
-    let st = unsafe {
-        (a.get_attr)(
-            plan.raw,
-            attr::EXECUTION_PLAN_JSON_REPRESENTATION,
-            ty::CHAR,
-            buf.len() as i64,
-            &mut n,
-            buf.as_mut_ptr().cast(),
-        )
-    };
-    if st != 0 {
-        return String::new();
-    }
-    let end = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
 /// A finalized execution plan with the workspace it needs.
 pub(crate) struct Plan {
     desc: Desc,
     _graph: Desc,
     /// Bytes of device workspace an execution needs.
     pub workspace: usize,
-    /// The engine cuDNN chose (its JSON description).
-    pub engine: String,
 }
 
 // SAFETY: a finalized plan is immutable; executions go through the device's one handle on

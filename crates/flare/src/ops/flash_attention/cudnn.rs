@@ -102,14 +102,19 @@ pub(super) fn geometry(p: &FaPlan, dtype: DType) -> Option<Geometry> {
     })
 }
 
-/// Whether this call runs on cuDNN: the geometry fits, `FLARE_ATTENTION_CUDNN` is on and
-/// the device's cuDNN handle exists.
+/// Whether this call runs on cuDNN: the geometry fits, `FLARE_ATTENTION_CUDNN` is on, the
+/// device's cuDNN handle exists, and cuDNN plans both passes of this geometry (built here the
+/// first time and kept). A geometry cuDNN refuses (an engine missing in an older cuDNN, say)
+/// runs on flare's kernel, and stderr says so once, with cuDNN's reason.
 pub(super) fn applies(rt: &CudaRuntime, p: &FaPlan, dtype: DType) -> Option<Geometry> {
     if !crate::runtime::settings().attention_cudnn {
         return None;
     }
     let g = geometry(p, dtype)?;
     rt.cudnn().ok()?;
+    for pass in [Pass::Fwd, Pass::Bwd] {
+        plan(rt, g, pass).ok()?;
+    }
     Some(g)
 }
 
@@ -121,43 +126,58 @@ enum Pass {
 }
 
 type PlanKey = (DeviceId, Geometry, Pass);
+type Planned = std::result::Result<Arc<crate::runtime::cudnn::Plan>, String>;
 
-/// The plan of (`rt`'s device, `g`, `pass`), built the first time.
-fn plan(
-    rt: &CudaRuntime,
-    g: Geometry,
-    pass: Pass,
-) -> candle_core::Result<Arc<crate::runtime::cudnn::Plan>> {
-    static PLANS: OnceLock<Mutex<HashMap<PlanKey, Arc<crate::runtime::cudnn::Plan>>>> =
-        OnceLock::new();
+/// The plan of (`rt`'s device, `g`, `pass`), built the first time; a refusal is kept too (and
+/// reported on stderr when it happens).
+fn plan(rt: &CudaRuntime, g: Geometry, pass: Pass) -> Planned {
+    static PLANS: OnceLock<Mutex<HashMap<PlanKey, Planned>>> = OnceLock::new();
     let key = (rt.device().id(), g, pass);
     let plans = PLANS.get_or_init(Default::default);
     if let Some(p) = plans.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return Ok(p.clone());
+        return p.clone();
     }
-    let handle = rt
-        .cudnn()
-        .map_err(|e| candle_core::Error::Msg(format!("{OP} (cuda): cuDNN is not usable: {e}")))?;
-    let built = match pass {
-        Pass::Fwd => fwd_graph(&g),
-        Pass::Bwd => bwd_graph(&g),
+    let built = build(rt, g, pass);
+    if let Err(e) = &built {
+        eprintln!(
+            "flare: cuDNN does not run attention {pass:?} for {g:?}; flare's kernel runs it \
+             ({e})"
+        );
     }
-    .and_then(|graph| {
-        graph.build(
-            handle,
-            match pass {
-                Pass::Fwd => "planning cuDNN's attention forward",
-                Pass::Bwd => "planning cuDNN's attention backward",
-            },
-        )
-    })
-    .map_err(crate::Error::into_candle)?;
-    let built = Arc::new(built);
     plans
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, built.clone());
-    Ok(built)
+    built
+}
+
+fn build(rt: &CudaRuntime, g: Geometry, pass: Pass) -> Planned {
+    let handle = rt.cudnn().map_err(str::to_string)?;
+    let what = match pass {
+        Pass::Fwd => "planning cuDNN's attention forward",
+        Pass::Bwd => "planning cuDNN's attention backward",
+    };
+    match pass {
+        Pass::Fwd => fwd_graph(&g),
+        Pass::Bwd => bwd_graph(&g),
+    }
+    .and_then(|graph| graph.build(handle, what))
+    .map(Arc::new)
+    .map_err(|e| e.to_string())
+}
+
+/// The kept plan of a geometry [`applies`] accepted.
+fn planned(
+    rt: &CudaRuntime,
+    g: Geometry,
+    pass: Pass,
+    op: &str,
+) -> candle_core::Result<Arc<crate::runtime::cudnn::Plan>> {
+    plan(rt, g, pass).map_err(|e| {
+        candle_core::Error::Msg(format!(
+            "{op} (cudnn): internal error: no plan for {g:?}: {e}"
+        ))
+    })
 }
 
 /// `[b, h, s, d]` over flare's `[b·s, h, d]` rows.
@@ -409,7 +429,7 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     p: &FaPlan,
     [(q, lq), (k, lk), (v, lv)]: [(&CudaStorage, &Layout); 3],
 ) -> candle_core::Result<(CudaStorage, Saved)> {
-    let plan = plan(rt, g, Pass::Fwd)?;
+    let plan = planned(rt, g, Pass::Fwd, OP)?;
     let dev = &q.device;
     let stream = rt.stream();
     let qs = input::<T>(OP, q, lq)?;
@@ -489,7 +509,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     x: &super::cuda::BwdInputs<'_>,
     stats: &CudaSlice<f32>,
 ) -> candle_core::Result<CudaStorage> {
-    let plan = plan(rt, g, Pass::Bwd)?;
+    let plan = planned(rt, g, Pass::Bwd, OP_BWD)?;
     let dev = &x.q.0.device;
     let stream = rt.stream();
     let qs = input::<T>(OP_BWD, x.q.0, x.q.1)?;
