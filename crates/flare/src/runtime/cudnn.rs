@@ -319,6 +319,13 @@ impl Desc {
 
     fn set<T>(&mut self, name: u32, t: u32, values: &[T], context: &'static str) -> Result<()> {
         let a = api_or_err(context)?;
+        let named = |e: Error| match e {
+            Error::Cuda { context, msg } => Error::Cuda {
+                context,
+                msg: format!("setting attribute {name} (type {t}): {msg}"),
+            },
+            e => e,
+        };
         // SAFETY: `values` holds `values.len()` elements of the C type that `t` names (each
         // caller below pairs them), read during the call only.
         check(
@@ -333,6 +340,7 @@ impl Desc {
             },
             context,
         )
+        .map_err(named)
     }
 
     /// Sets an `i64` array attribute.
@@ -447,7 +455,9 @@ impl Graph {
         d.i64s(attr::TENSOR_STRIDES, strides, CX_TENSOR)?;
         d.i64s(attr::TENSOR_UNIQUE_ID, &[uid], CX_TENSOR)?;
         d.i64s(attr::TENSOR_BYTE_ALIGNMENT, &[16], CX_TENSOR)?;
-        d.boolean(attr::TENSOR_IS_VIRTUAL, virt, CX_TENSOR)?;
+        if virt {
+            d.boolean(attr::TENSOR_IS_VIRTUAL, true, CX_TENSOR)?;
+        }
         if by_value {
             d.boolean(attr::TENSOR_IS_BY_VALUE, true, CX_TENSOR)?;
         }

@@ -85,8 +85,8 @@ pub(super) fn geometry(p: &FaPlan, dtype: DType) -> Option<Geometry> {
     }
     let s = p.cu_q[1] - p.cu_q[0];
     let uniform = (0..p.batch()).all(|b| {
-        let (q0, q1, k0, k1) = p.seq(b);
-        q1 - q0 == s && k1 - k0 == s
+        let (_, sq, _, sk) = p.seq(b);
+        sq == s && sk == s
     });
     if !uniform || s == 0 || s % SEQ_MULTIPLE != 0 {
         return None;
@@ -329,7 +329,11 @@ fn bwd_graph(g: &Geometry) -> crate::Result<Graph> {
     let gqa = g.hq != g.hkv;
 
     // D = rowsum(dO ∘ O), non-virtual f32 in the workspace.
-    let prod = virt(&mut gr, f, (qd, qs))?;
+    let prod = virt(
+        &mut gr,
+        f,
+        (qd, [g.hq * g.s * g.d, g.s * g.d, g.hq * g.d, 1]),
+    )?;
     gr.pointwise(Pw::Mul, &dout, Some(&o), None, &prod, None, f)?;
     let row = packed(g.b, g.hq, g.s, 1);
     let rsum = virt(&mut gr, f, row)?;
@@ -385,7 +389,7 @@ fn bwd_graph(g: &Geometry) -> crate::Result<Graph> {
     }
 
     // dQ = dS K, accumulated in f32 in the workspace, then converted.
-    let k = virt(&mut gr, g.dtype, (kd, ks))?;
+    let k = virt(&mut gr, f, packed(g.b, g.hkv, g.s, g.d))?;
     gr.reshape(&kt, &k)?;
     let (ad, as_) = packed(g.b, g.hq, g.s, g.d);
     let acc = gr.tensor(f, &ad, &as_, Some(uid::DQ_ACC), false, false)?;
