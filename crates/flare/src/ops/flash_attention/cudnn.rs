@@ -536,11 +536,19 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     // SAFETY: the graph writes every element of dQ, dK and dV (every row of every sequence and
     // head; dK, dV rows no query sees get zeros from the matmuls over masked probabilities).
     let mut out = unsafe { dev.alloc::<T>(nq + 2 * nk) }?;
-    // The workspace: D (f32 row sums), then the f32 dQ accumulator (zeroed: cuDNN before 9.6
-    // adds into it), then the plan's own.
+    // The workspace: D (f32 row sums), then the f32 dQ accumulator, then the plan's own. cuDNN
+    // before 9.6 adds into the accumulator, so there it starts zeroed; newer ones initialise it.
     let sum = sum_bytes(&g);
     let acc = nq * 4;
-    let mut ws = dev.alloc_zeros::<u8>(sum + acc + plan.workspace.max(1))?;
+    let bytes = sum + acc + plan.workspace.max(1);
+    let mut ws = match crate::runtime::cudnn::available() {
+        Ok(v) if v >= 90_600 => {
+            // SAFETY: the graph writes D before reading it and (cuDNN >= 9.6) initialises the
+            // accumulator itself; the plan's workspace is cuDNN's scratch.
+            unsafe { dev.alloc::<u8>(bytes) }?
+        }
+        _ => dev.alloc_zeros::<u8>(bytes)?,
+    };
     let (scale, ninf, one) = (p.scale as f32, neg_inf(), 1f32);
     {
         let (qp, _g1) = qs.device_ptr(stream);
