@@ -81,6 +81,12 @@ pub fn with_dropout_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// The seed of the enclosing [`with_dropout_seed`] scope, if any: nested scopes derived from it
+/// (the tiled MLP's, one per tile) draw the same masks every time the enclosing scope runs.
+pub(crate) fn current_seed() -> Option<u64> {
+    STREAM.with(|s| s.borrow().as_ref().map(|st| st.seed))
+}
+
 /// SplitMix64's finaliser: a bijective 64-bit mix.
 pub(crate) fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);

@@ -21,7 +21,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::cache::KvCache;
-use super::checkpoint::{checkpoint_chain, ChainBlock, CheckpointGrads, CheckpointStore};
+use super::checkpoint::{
+    checkpoint, checkpoint_chain, ChainBlock, CheckpointGrads, CheckpointStore,
+};
 use super::config::{Llama3RopeScaling, ModelConfig};
 use super::weights::Weights;
 use crate::error::device_name;
@@ -34,6 +36,10 @@ use crate::ops::{
     FlashAttnParams,
 };
 use crate::{Error, Result};
+
+/// The MLP tile the trainer uses with checkpoint offload ([`Transformer::set_mlp_tile`]): 8,192
+/// tokens (for Llama-3.1-8B, about 1.1 GiB of MLP activations per tile).
+pub const MLP_TILE_TOKENS: usize = 8192;
 
 const OP: &str = "Transformer";
 
@@ -275,6 +281,9 @@ pub struct Transformer {
     /// Where checkpointing keeps the layers' inputs
     /// ([`set_checkpoint_offload`](Self::set_checkpoint_offload)).
     checkpoint_store: CheckpointStore,
+    /// Tokens per tile of the MLP in checkpointed layers (`None`: untiled); see
+    /// [`set_mlp_tile`](Self::set_mlp_tile).
+    mlp_tile: Option<usize>,
     /// The parameter gradients of checkpointed layers, until merged (shared by clones).
     checkpoint_grads: CheckpointGrads,
     /// The seed of the LoRA dropout masks of the next forwards (random per forward if `None`).
@@ -464,6 +473,7 @@ impl Transformer {
             rope_sin,
             checkpointing: false,
             checkpoint_store: CheckpointStore::Device,
+            mlp_tile: None,
             checkpoint_grads: CheckpointGrads::default(),
             dropout_seed: None,
         })
@@ -690,12 +700,35 @@ impl Transformer {
     /// Llama-3.1-8B), for one device-to-host copy per layer in the forward and one back in the
     /// backward ([`checkpoint_chain`], [`CheckpointStore::Host`]). The values are those of
     /// on-device checkpointing, bit for bit. No effect without checkpointing.
+    ///
+    /// Offload is the long-context setting, so it also tiles each layer's MLP at
+    /// [`MLP_TILE_TOKENS`] tokens ([`set_mlp_tile`](Self::set_mlp_tile), which can change the
+    /// tile afterwards); turning offload off turns the tiling off.
     pub fn set_checkpoint_offload(&mut self, on: bool) {
         self.checkpoint_store = if on {
             CheckpointStore::Host
         } else {
             CheckpointStore::Device
         };
+        self.mlp_tile = on.then_some(MLP_TILE_TOKENS);
+    }
+
+    /// With checkpointing on, runs each layer's MLP over its tokens in tiles of `tokens` rows
+    /// (`None`, the default: in one piece), each tile itself checkpointed ([`checkpoint`]): the
+    /// MLP's `[tokens, intermediate]` activations (gate, up, their product, and their gradients:
+    /// most of a layer's activation memory, 115 KiB per token of Llama-3.1-8B) then exist for
+    /// one tile at a time, in the forward and in the backward's recomputation, for one more
+    /// forward of the MLP per step. It is what lets long contexts fit ([`set_checkpoint_offload`](Self::set_checkpoint_offload) turns it on at
+    /// [`MLP_TILE_TOKENS`]). Rows split across tiles compute the
+    /// same values; LoRA dropout draws each tile's masks from a seed derived from the layer's.
+    /// No effect without checkpointing, or on a pass of at most `tokens` tokens.
+    pub fn set_mlp_tile(&mut self, tokens: Option<usize>) {
+        self.mlp_tile = tokens.filter(|&t| t > 0);
+    }
+
+    /// The MLP tile ([`set_mlp_tile`](Self::set_mlp_tile)).
+    pub fn mlp_tile(&self) -> Option<usize> {
+        self.mlp_tile
     }
 
     /// Whether checkpointing keeps the layers' inputs in host memory
@@ -1226,7 +1259,7 @@ impl Transformer {
                     cache.as_deref_mut().map(|c| (c, i)),
                 )?;
                 let (n, r) = add_rms_norm(&attn, &residual, &layer.post_attention_layernorm, eps)?;
-                let down = self.mlp(&layer.mlp, &n)?;
+                let down = Self::mlp(&layer.mlp, &n)?;
                 let next_norm = self
                     .layers
                     .get(i + 1)
@@ -1238,7 +1271,7 @@ impl Transformer {
     }
 
     /// The SwiGLU MLP of one layer on its normed input `n: [b, s, hidden]`.
-    fn mlp(&self, mlp: &Mlp, n: &Tensor) -> Result<Tensor> {
+    fn mlp(mlp: &Mlp, n: &Tensor) -> Result<Tensor> {
         let act = if mlp.gate_up.applies(&[&mlp.gate_proj, &mlp.up_proj]) {
             swiglu_packed(&mlp.gate_up.forward(n)?)?
         } else {
@@ -1264,7 +1297,43 @@ impl Transformer {
         let normed = rms_norm(h, &layer.input_layernorm, eps)?;
         let attn = self.attention(&layer.self_attn, &normed, cos, sin, mask, None)?;
         let (n, r) = add_rms_norm(&attn, h, &layer.post_attention_layernorm, eps)?;
-        Ok((self.mlp(&layer.mlp, &n)?, r))
+        let rows = n.elem_count() / n.dim(D::Minus1)?.max(1);
+        let update = match self.mlp_tile {
+            Some(tile) if rows > tile => self.mlp_tiled(&layer.mlp, &n, tile)?,
+            _ => Self::mlp(&layer.mlp, &n)?,
+        };
+        Ok((update, r))
+    }
+
+    /// [`mlp`](Self::mlp) over `n`'s rows in tiles of `tile`, each tile checkpointed into this
+    /// model's accumulator (see [`set_mlp_tile`](Self::set_mlp_tile)); the tiles' results are
+    /// concatenated back into `n`'s shape.
+    fn mlp_tiled(&self, mlp: &Mlp, n: &Tensor, tile: usize) -> Result<Tensor> {
+        let dims = n.dims().to_vec();
+        let hidden = n.dim(D::Minus1)?;
+        let rows = n.elem_count() / hidden.max(1);
+        let flat = n.reshape((rows, hidden))?;
+        let vars: Vec<Var> = [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj]
+            .iter()
+            .flat_map(|l| l.trainable_vars())
+            .collect();
+        let base = crate::lora::dropout::current_seed();
+        let mut tiles = Vec::with_capacity(rows.div_ceil(tile));
+        for (t, start) in (0..rows).step_by(tile).enumerate() {
+            let x = flat.narrow(0, start, tile.min(rows - start))?;
+            let m = mlp.clone();
+            // Each tile's own dropout scope, the same every time the layer runs.
+            let seed = base.map(|s| mix64(s ^ mix64(t as u64 + 1)));
+            let y = checkpoint(&x, vars.clone(), &self.checkpoint_grads, move |x| {
+                let y = match seed {
+                    Some(s) => with_dropout_seed(s, || Self::mlp(&m, x))?,
+                    None => Self::mlp(&m, x)?,
+                };
+                Ok((y, None))
+            })?;
+            tiles.push(y);
+        }
+        Ok(Tensor::cat(&tiles, 0)?.reshape(dims)?)
     }
 
     /// The trainable variables (active adapters' `A` and `B`) of one layer.

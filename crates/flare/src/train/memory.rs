@@ -186,9 +186,18 @@ impl MemoryEstimate {
         let (batch, seq) = (train.batch_size as u64, train.max_seq_len as u64);
         let tokens = batch.saturating_mul(seq);
         let per_token = d
-            .saturating_mul(4 * h + 4 * q + 4 * kv + 4 * i)
+            .saturating_mul(4 * h + 4 * q + 4 * kv)
             .saturating_add(4u64.saturating_mul(r).saturating_mul(targeted));
-        let per_layer = tokens.saturating_mul(per_token);
+        // The MLP's activations; offloaded runs tile the MLP (Transformer::set_mlp_tile), so
+        // they hold one tile's.
+        let mlp_tokens = if checkpointing && offload {
+            tokens.min(crate::models::transformer::MLP_TILE_TOKENS as u64)
+        } else {
+            tokens
+        };
+        let per_layer = tokens
+            .saturating_mul(per_token)
+            .saturating_add(mlp_tokens.saturating_mul(d).saturating_mul(4 * i));
         // The fused linear + cross-entropy holds one chunk of logits (its gradient is written in
         // place) and d(hidden) from the forward to the backward.
         let chunk = crate::ops::linear_cross_entropy::chunk_rows(
@@ -623,6 +632,39 @@ mod tests {
         assert_eq!(MemoryEstimate::for_run(&model(), &train).unwrap(), on);
         train.gradient_checkpointing = Checkpointing::Auto;
         assert_eq!(MemoryEstimate::for_run(&model(), &train).unwrap(), off);
+        // Past MLP_TILE_TOKENS the offloaded run's MLP holds one tile: each further token
+        // costs the layer's other activations (4·(h + q + 2 kv)·4 bytes here, plus the
+        // adapters' r-wide intermediates, and the loss's d(hidden)) but not the MLP's 4·i·4.
+        let tile = crate::models::transformer::MLP_TILE_TOKENS;
+        let at = |tokens: usize| {
+            let t = TrainConfig {
+                batch_size: 1,
+                max_seq_len: tokens,
+                ..train.clone()
+            };
+            MemoryEstimate::for_run_offloaded(&model(), &t)
+                .unwrap()
+                .activations
+        };
+        let (a, b) = (at(2 * tile), at(2 * tile + 1024));
+        let c = model();
+        let mlp = 1024 * 4 * c.intermediate_size as u64 * 4;
+        let on_device = |tokens: usize| {
+            let t = TrainConfig {
+                batch_size: 1,
+                max_seq_len: tokens,
+                ..train.clone()
+            };
+            MemoryEstimate::for_run_with(&model(), &t, true)
+                .unwrap()
+                .activations
+        };
+        let inputs_growth = 1024 * c.hidden_size as u64 * 4 * c.num_hidden_layers as u64;
+        assert_eq!(
+            on_device(2 * tile + 1024) - on_device(2 * tile) - (b - a),
+            mlp + inputs_growth - 1024 * c.hidden_size as u64 * 4 * 2,
+            "the offloaded estimate grows without the MLP's per-token term"
+        );
     }
 
     #[test]
