@@ -36,6 +36,7 @@ T0=$(date +%s)
 #              CTX_START (8192), to CTX_GRAN (2048) tokens, CTX_BUDGET_S (120) s of search each, then one timed
 #              step at the longest that ran.
 #              ctx8b_flare / ctx8b_torch run one side only.
+#   longctx    Liger's longest batch-1 context (search), then flare one step at twice it and at it
 #   long8b     one batch-1 step of the 8B shape at LONG_SHAPE (1x196608) with flare's
 #              --gradient-checkpointing LONG_CKPT (offload): whether a length trains at all
 #              (a search would repeat a step of minutes), its tokens/s and peak memory.
@@ -330,6 +331,31 @@ run_train05b_torch() {
 if want train8b; then
 step "flare bench train, llama-3.1-8b" run_train8b_flare
 step "torch anchor train, llama-3.1-8b" run_train8b_torch
+fi
+# longctx: the long-context target in one call: PEFT + Liger + checkpointing's longest batch-1
+# context of the 8B shape (search from LC_START, 65536, to 8192 tokens, 150 s of bisection),
+# then flare one step at twice that (offload) and one at that length (auto), for the ratio and
+# the speed at a length both reach.
+run_longctx() {
+  timeout "${LC_TORCH_S:-260}" "$PY" bench/anchor_train.py --config llama-3.1-8b --max-context \
+    --impl liger --gradient-checkpointing on --max-context-start "${LC_START:-65536}" \
+    --max-context-granularity 8192 --max-context-budget-s 150 --warmup 0 --steps 1 \
+    --json "$OUT/torch_longctx.json" 2>&1 | tail -6
+  local liger
+  liger=$("$PY" -c 'import json,sys
+r=[x for x in json.load(open(sys.argv[1])) if x.get("max_context") and x.get("seq")]
+print(max(x["seq"] for x in r) if r else 0)' "$OUT/torch_longctx.json" 2>/dev/null || echo 0)
+  echo "PEFT + Liger + checkpointing, longest batch-1 context: $liger"
+  [ "${liger:-0}" -gt 0 ] || return 1
+  timeout "${LC_FLARE_S:-280}" "$BIN/flare" bench train --device cuda --config llama-3.1-8b \
+    --shapes "1x$((2 * liger))" --gradient-checkpointing offload --warmup 0 --steps 1 \
+    --json "$OUT/flare_longctx_2x.json" 2>&1 | tail -6
+  timeout 150 "$BIN/flare" bench train --device cuda --config llama-3.1-8b --shapes "1x$liger" \
+    --gradient-checkpointing auto --warmup 0 --steps 1 --json "$OUT/flare_longctx_1x.json" 2>&1 |
+    tail -6
+}
+if want longctx; then
+step "long context: Liger's longest, flare at twice it and at it" run_longctx
 fi
 if want long8b; then
 step "flare one long step, llama-3.1-8b" run_long8b_flare
