@@ -5,7 +5,8 @@
 //! - **Loading.** `libcudnn.so.9` is opened with the dynamic loader the first time an op asks
 //!   for it ([`api`]), never at link time: a flare binary built with `cuda` runs on a machine
 //!   without cuDNN, and then [`available`] says why and the caller takes flare's own kernel
-//!   (the loader's message, never a silent switch: `flare info` prints it). The library comes
+//!   (`flare bench` prints `no cuDNN` beside the GPU's name; `flare::runtime::cudnn_version`
+//!   gives the loader's message). The library comes
 //!   from `LD_LIBRARY_PATH` (e.g. PyTorch's `site-packages/nvidia/cudnn/lib`).
 //! - **Handles.** One cuDNN handle per device, bound to Candle's stream, created once with the
 //!   device's runtime ([`super::cuda::CudaRuntime::cudnn`]).

@@ -6,8 +6,10 @@
 //! the batch with the same number of queries and keys `s` (a padded batch, or a packed one whose
 //! documents all have that length), `s` a multiple of 128 (the lengths cuDNN 9 runs without
 //! its padding-mask workaround), causal or not; with `FLARE_ATTENTION_CUDNN` on and cuDNN 9
-//! found. Everything else (varlen packs, windows, odd lengths) runs flare's own kernel
-//! (`cuda.rs`), as does everything when cuDNN is missing: `flare info` says which.
+//! found, and cuDNN plans the geometry. Everything else (varlen packs, windows, odd lengths)
+//! runs flare's own kernel (`cuda.rs`), as does everything when cuDNN is missing:
+//! [`super::flash_attention_engine`] says which path a call takes, `flare bench` prints the
+//! cuDNN version (or `no cuDNN`) beside the GPU's name.
 //!
 //! # The graphs
 //! The fused-attention patterns cuDNN's engine recognises, as cudnn-frontend writes them for
