@@ -24,7 +24,8 @@ T0=$(date +%s)
 # STAGES picks what runs (comma-separated): tests, ops, lora, decode, train, profile, sanitizer. One device
 # call is limited to 10 minutes, so a full round is two calls, e.g. STAGES=tests,decode,train
 # then STAGES=ops,lora,sanitizer.
-#   attn       flash attention: its tests, then flare on cuDNN, flare on its kernel and PyTorch SDPA
+#   attn       flash attention: its tests, then flare on cuDNN (FLARE_ATTENTION_CUDNN=1), flare on
+#              its kernel and PyTorch SDPA
 # Issue 13's training stages, each its own device call (each under ~8 minutes on an H100), not in
 # the default list:
 #   train8b    Llama-3.1-8B shape at 1x4096,4x4096 (SHAPES_8B): flare with --gradient-checkpointing
@@ -164,12 +165,12 @@ run_sanitizer() {
 if want tests; then
 step "integration tests" run_tests
 fi
-# attn: flare's training attention on cuDNN (the default where it applies) and on flare's own
-# kernel (FLARE_ATTENTION_CUDNN=0), against PyTorch SDPA, in one call; the flash-attention tests
-# first (cuDNN against the float64 reference and against the kernel).
+# attn: flare's training attention on cuDNN (FLARE_ATTENTION_CUDNN=1) and on flare's own kernel
+# (the default until the cuDNN path has passed here), against PyTorch SDPA, in one call; the
+# flash-attention tests first (cuDNN against the float64 reference and against the kernel).
 run_attn_tests() { timeout 120 "$BIN/it" flash_attention --test-threads=1 2>&1 | tail -40; }
 run_attn_bench() {
-  timeout 90 "$BIN/flare" bench ops --device cuda --filter flash_attention \
+  FLARE_ATTENTION_CUDNN=1 timeout 90 "$BIN/flare" bench ops --device cuda --filter flash_attention \
     --json "$OUT/flare_attn_cudnn.json" 2>&1 | tee "$OUT/flare_attn_cudnn.log"
   FLARE_ATTENTION_CUDNN=0 timeout 90 "$BIN/flare" bench ops --device cuda --filter flash_attention \
     --json "$OUT/flare_attn_kernel.json" 2>&1 | tee "$OUT/flare_attn_kernel.log"

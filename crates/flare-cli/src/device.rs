@@ -79,7 +79,10 @@ pub(crate) fn hardware_name(dev: &Device) -> String {
             .context()
             .name()
             .unwrap_or_else(|_| "CUDA device".into());
-        // Whether attention can run on cuDNN (flare opens it at run time).
+        // Whether attention runs on cuDNN (flare opens it at run time, when asked to).
+        if !flare::runtime::settings().attention_cudnn {
+            return name;
+        }
         return match flare::runtime::cudnn_version() {
             Ok(v) => format!("{name}, cuDNN {}.{}.{}", v / 10_000, v / 100 % 100, v % 100),
             Err(_) => format!("{name}, no cuDNN"),

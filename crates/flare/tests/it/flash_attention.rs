@@ -506,11 +506,17 @@ const CUDNN_CASES: &[Case] = &[
     case(&[384], &[384], 8, 1, 64, true, None),
 ];
 
-/// On CUDA with cuDNN: the cases run on cuDNN (checked), forward and gradients against the
-/// float64 reference, and against flare's kernel on the same inputs (`FLARE_ATTENTION_CUDNN`
-/// off); without cuDNN they run on the kernel and the test says so. On the CPU: the fused
-/// CPU op at these lengths.
+/// On CUDA with cuDNN, `FLARE_ATTENTION_CUDNN` on (set here: it is off by default until this
+/// test has passed on the GPU): the cases run on cuDNN (checked), forward and gradients against
+/// the float64 reference, and against flare's kernel on the same inputs (the switch off);
+/// without cuDNN they run on the kernel and the test says so. On the CPU: the fused CPU op at
+/// these lengths.
 fn cudnn_cases(dev: &Device) -> Result<()> {
+    let on = flare::runtime::Settings {
+        attention_cudnn: true,
+        ..flare::runtime::settings()
+    };
+    let _guard = on.apply();
     if dev.is_cuda() {
         match flare::runtime::cudnn_version() {
             Ok(v) => {
