@@ -48,10 +48,10 @@
 //! - CPU: the fused op, every float dtype (f64 too).
 //! - CUDA, bf16 / f16 with head dim 64 or 128: the fused op. Where cuDNN's fused attention
 //!   takes the geometry (equal-length sequences of a multiple of 128 tokens, no window; cuDNN 9
-//!   found at run time; `FLARE_ATTENTION_CUDNN=1`, off by default until validated on the GPU) it
-//!   runs there (`cudnn.rs`, the engine
-//!   PyTorch's SDPA uses), else on flare's kernel (tensor cores take only 16-bit inputs; the
-//!   kernel is instantiated for those head dims). [`flash_attention_engine`] says which.
+//!   found at run time; `FLARE_ATTENTION_CUDNN=1`, off by default until validated on the GPU)
+//!   it runs there (`cudnn.rs`, the engine PyTorch's SDPA uses), else on flare's kernel (tensor
+//!   cores take only 16-bit inputs; the kernel is instantiated for those head dims).
+//!   [`flash_attention_engine`] says which.
 //! - CUDA f32, CUDA with another head dim, and Metal: [`flash_attention`] computes the same
 //!   maths per sequence from flare's differentiable ops (matmul, [`softmax_masked`], matmul),
 //!   a documented rule by dtype and head dim, not a fallback on error: gradients flow, but
