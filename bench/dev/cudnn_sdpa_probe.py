@@ -2,7 +2,8 @@
 
 Run with cuDNN's and cudnn-frontend's logging on (see bench/gpu_run.sh or the session note):
 the logs show the descriptors and attributes of the fused-attention graph, which flare's own
-cuDNN attention path builds through the backend API. Prints timings too, as a sanity check.
+cuDNN attention path builds through the backend API; `bench/dev/cudnn_log_ops.py cudnn.log` lists
+them one operation per line. Prints each case's result, as a sanity check.
 """
 
 import glob
