@@ -599,14 +599,20 @@ impl Graph {
         )?;
         let mut refusals = Vec::new();
         for cfg in cfgs.iter().take(n.max(0) as usize) {
-            let built = (|| -> Result<Desc> {
+            // cudnn-frontend (1.18, on cuDNN 9.19) sets only the engine configuration; older
+            // cuDNN releases documented the plan's handle as required: without it first, then
+            // with it.
+            let plan = |with_handle: bool| -> Result<Desc> {
                 const CXP: &str = "building a cuDNN execution plan";
                 let mut p = Desc::new(kind::EXECUTION_PLAN, CXP)?;
-                p.handle(attr::EXECUTION_PLAN_HANDLE, handle, CXP)?;
+                if with_handle {
+                    p.handle(attr::EXECUTION_PLAN_HANDLE, handle, CXP)?;
+                }
                 p.descs(attr::EXECUTION_PLAN_ENGINE_CONFIG, &[cfg], CXP)?;
                 p.finalize(CXP)?;
                 Ok(p)
-            })();
+            };
+            let built = plan(false).or_else(|_| plan(true));
             match built {
                 Ok(plan) => {
                     let workspace = plan.get_i64(
