@@ -222,6 +222,17 @@ fn common(gr: &mut Graph) -> crate::Result<Common> {
     })
 }
 
+/// The non-virtual tensor `uid` (an input or output the variant pack names) of `dims` /
+/// `strides` and type `dt`.
+fn io(
+    gr: &mut Graph,
+    dt: DataType,
+    (dims, strides): ([i64; 4], [i64; 4]),
+    uid: i64,
+) -> crate::Result<TensorDesc> {
+    gr.tensor(dt, &dims, &strides, Some(uid), false, false)
+}
+
 /// A virtual tensor of `dims` / `strides` and type `dt`.
 fn virt(
     gr: &mut Graph,
@@ -271,15 +282,12 @@ fn causal_mask(
 fn fwd_graph(g: &Geometry) -> crate::Result<Graph> {
     let mut gr = Graph::new();
     let f = DataType::Float;
-    let (qd, qs) = bhsd(g.hq, g.s, g.d, g.b);
-    let q = gr.tensor(g.dtype, &qd, &qs, Some(uid::Q), false, false)?;
-    let (kd, ks) = bhds(g.hkv, g.s, g.d, g.b);
-    let kt = gr.tensor(g.dtype, &kd, &ks, Some(uid::K), false, false)?;
-    let (vd, vs) = bhsd(g.hkv, g.s, g.d, g.b);
-    let v = gr.tensor(g.dtype, &vd, &vs, Some(uid::V), false, false)?;
-    let o = gr.tensor(g.dtype, &qd, &qs, Some(uid::O), false, false)?;
-    let (ld, ls) = packed(g.b, g.hq, g.s, 1);
-    let stats = gr.tensor(f, &ld, &ls, Some(uid::STATS), false, false)?;
+    let qo = bhsd(g.hq, g.s, g.d, g.b);
+    let q = io(&mut gr, g.dtype, qo, uid::Q)?;
+    let kt = io(&mut gr, g.dtype, bhds(g.hkv, g.s, g.d, g.b), uid::K)?;
+    let v = io(&mut gr, g.dtype, bhsd(g.hkv, g.s, g.d, g.b), uid::V)?;
+    let o = io(&mut gr, g.dtype, qo, uid::O)?;
+    let stats = io(&mut gr, f, packed(g.b, g.hq, g.s, 1), uid::STATS)?;
     let c = common(&mut gr)?;
 
     let sq = packed(g.b, g.hq, g.s, g.s);
@@ -314,19 +322,20 @@ fn fwd_graph(g: &Geometry) -> crate::Result<Graph> {
 fn bwd_graph(g: &Geometry) -> crate::Result<Graph> {
     let mut gr = Graph::new();
     let f = DataType::Float;
-    let (qd, qs) = bhsd(g.hq, g.s, g.d, g.b);
-    let q = gr.tensor(g.dtype, &qd, &qs, Some(uid::Q), false, false)?;
-    let (ktd, kts) = bhds(g.hkv, g.s, g.d, g.b);
-    let kt = gr.tensor(g.dtype, &ktd, &kts, Some(uid::K), false, false)?;
-    let vt = gr.tensor(g.dtype, &ktd, &kts, Some(uid::V), false, false)?;
-    let o = gr.tensor(g.dtype, &qd, &qs, Some(uid::O), false, false)?;
-    let dout = gr.tensor(g.dtype, &qd, &qs, Some(uid::DO), false, false)?;
-    let (ld, ls) = packed(g.b, g.hq, g.s, 1);
-    let stats = gr.tensor(f, &ld, &ls, Some(uid::STATS), false, false)?;
-    let dq = gr.tensor(g.dtype, &qd, &qs, Some(uid::DQ), false, false)?;
-    let (kd, ks) = bhsd(g.hkv, g.s, g.d, g.b);
-    let dk = gr.tensor(g.dtype, &kd, &ks, Some(uid::DK), false, false)?;
-    let dv = gr.tensor(g.dtype, &kd, &ks, Some(uid::DV), false, false)?;
+    let (qo, kv, kvt) = (
+        bhsd(g.hq, g.s, g.d, g.b),
+        bhsd(g.hkv, g.s, g.d, g.b),
+        bhds(g.hkv, g.s, g.d, g.b),
+    );
+    let q = io(&mut gr, g.dtype, qo, uid::Q)?;
+    let kt = io(&mut gr, g.dtype, kvt, uid::K)?;
+    let vt = io(&mut gr, g.dtype, kvt, uid::V)?;
+    let o = io(&mut gr, g.dtype, qo, uid::O)?;
+    let dout = io(&mut gr, g.dtype, qo, uid::DO)?;
+    let stats = io(&mut gr, f, packed(g.b, g.hq, g.s, 1), uid::STATS)?;
+    let dq = io(&mut gr, g.dtype, qo, uid::DQ)?;
+    let dk = io(&mut gr, g.dtype, kv, uid::DK)?;
+    let dv = io(&mut gr, g.dtype, kv, uid::DV)?;
     let c = common(&mut gr)?;
     let one = scalar(&mut gr, uid::ONE)?;
     let gqa = g.hq != g.hkv;
@@ -335,13 +344,13 @@ fn bwd_graph(g: &Geometry) -> crate::Result<Graph> {
     let prod = virt(
         &mut gr,
         f,
-        (qd, [g.hq * g.s * g.d, g.s * g.d, g.hq * g.d, 1]),
+        (qo.0, [g.hq * g.s * g.d, g.s * g.d, g.hq * g.d, 1]),
     )?;
     gr.pointwise(Pw::Mul, &dout, Some(&o), None, &prod, None, f)?;
     let row = packed(g.b, g.hq, g.s, 1);
     let rsum = virt(&mut gr, f, row)?;
     gr.reduction(ReduceMode::Add, &prod, &rsum)?;
-    let dsum = gr.tensor(f, &row.0, &row.1, Some(uid::SUM), false, false)?;
+    let dsum = io(&mut gr, f, row, uid::SUM)?;
     gr.pointwise(Pw::Mul, &rsum, Some(&one), None, &dsum, None, f)?;
 
     // P = exp(scale · Q Kᵀ − L), masked.
@@ -394,8 +403,7 @@ fn bwd_graph(g: &Geometry) -> crate::Result<Graph> {
     // dQ = dS K, accumulated in f32 in the workspace, then converted.
     let k = virt(&mut gr, f, packed(g.b, g.hkv, g.s, g.d))?;
     gr.reshape(&kt, &k)?;
-    let (ad, as_) = packed(g.b, g.hq, g.s, g.d);
-    let acc = gr.tensor(f, &ad, &as_, Some(uid::DQ_ACC), false, false)?;
+    let acc = io(&mut gr, f, packed(g.b, g.hq, g.s, g.d), uid::DQ_ACC)?;
     gr.matmul(&ds, &k, &acc)?;
     gr.pointwise(Pw::Identity, &acc, None, None, &dq, None, f)?;
     Ok(gr)
