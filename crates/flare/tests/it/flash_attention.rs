@@ -209,6 +209,27 @@ fn grad_fd(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// The attention `f` (the op or its reference) on fresh variables of `q`, `k`, `v`, and the
+/// gradients of `Σ r ∘ O` with respect to them: `[O, dq, dk, dv]`.
+fn output_and_grads(
+    f: fn(&Tensor, &Tensor, &Tensor, &FlashAttnParams) -> Result<Tensor>,
+    [q, k, v]: [&Tensor; 3],
+    p: &FlashAttnParams,
+    r: &Tensor,
+    what: &str,
+) -> Result<[Tensor; 4]> {
+    let vars = [var(q)?, var(k)?, var(v)?];
+    let o = f(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+        p,
+    )?;
+    let g = weighted_loss(&o, r)?.backward()?;
+    let [dq, dk, dv] = vars.map(|x| grad_of(&g, x.as_tensor(), what));
+    Ok([o, dq, dk, dv])
+}
+
 /// flare's gradients against the composed reference's autograd in f64, at every dtype.
 fn grad_vs_reference(dev: &Device) -> Result<()> {
     for &dtype in &dtypes(dev) {
@@ -216,36 +237,21 @@ fn grad_vs_reference(dev: &Device) -> Result<()> {
             let what = format!("flash_attention grad {} {}", c.name(), dt(dtype));
             let [q, k, v] = c.inputs(dtype, dev, &what)?;
             let r = randn(q.dims(), dtype, dev, seed(&format!("{what} r")))?;
-            let vars = [var(&q)?, var(&k)?, var(&v)?];
-            let o = flash_attention(
-                vars[0].as_tensor(),
-                vars[1].as_tensor(),
-                vars[2].as_tensor(),
+            let [_, grads @ ..] =
+                output_and_grads(flash_attention, [&q, &k, &v], &c.params(), &r, &what)?;
+            let (qr, kr, vr) = (f64_cpu(&q)?, f64_cpu(&k)?, f64_cpu(&v)?);
+            let [_, grads_r @ ..] = output_and_grads(
+                flash_attention_reference,
+                [&qr, &kr, &vr],
                 &c.params(),
+                &f64_cpu(&r)?,
+                &what,
             )?;
-            let grads = weighted_loss(&o, &r)?.backward()?;
-            let refs = [
-                var(&f64_cpu(&q)?)?,
-                var(&f64_cpu(&k)?)?,
-                var(&f64_cpu(&v)?)?,
-            ];
-            let or = flash_attention_reference(
-                refs[0].as_tensor(),
-                refs[1].as_tensor(),
-                refs[2].as_tensor(),
-                &c.params(),
-            )?;
-            let grads_r = weighted_loss(&or, &f64_cpu(&r)?)?.backward()?;
             let tol_g = bound(dev, dtype);
-            for (name, x, xr) in [
-                ("dq", &vars[0], &refs[0]),
-                ("dk", &vars[1], &refs[1]),
-                ("dv", &vars[2], &refs[2]),
-            ] {
+            for ((name, g), gr) in ["dq", "dk", "dv"].iter().zip(&grads).zip(&grads_r) {
                 let w = format!("{what} {name}");
-                let g = grad_of(&grads, x.as_tensor(), &w);
                 assert_eq!(g.dtype(), dtype, "{w}: gradient dtype");
-                assert_close(&g, &grad_of(&grads_r, xr.as_tensor(), &w), tol_g, &w)?;
+                assert_close(g, gr, tol_g, &w)?;
             }
         }
     }
@@ -546,21 +552,7 @@ fn cudnn_vs_kernel(dev: &Device) -> Result<()> {
         let what = format!("flash_attention cudnn vs kernel {}", c.name());
         let [q, k, v] = c.inputs(DType::BF16, dev, &what)?;
         let r = randn(q.dims(), DType::BF16, dev, seed(&format!("{what} r")))?;
-        let run = || -> Result<Vec<Tensor>> {
-            let vars = [var(&q)?, var(&k)?, var(&v)?];
-            let o = flash_attention(
-                vars[0].as_tensor(),
-                vars[1].as_tensor(),
-                vars[2].as_tensor(),
-                &c.params(),
-            )?;
-            let g = weighted_loss(&o, &r)?.backward()?;
-            let mut out = vec![o];
-            for x in &vars {
-                out.push(grad_of(&g, x.as_tensor(), &what));
-            }
-            Ok(out)
-        };
+        let run = || output_and_grads(flash_attention, [&q, &k, &v], &c.params(), &r, &what);
         let a = run()?;
         let b = {
             let _guard = off.apply();
@@ -596,38 +588,28 @@ fn fused_cases(dev: &Device, cases: &[Case], label: &str) -> Result<()> {
             // Freed NaN buffers of the outputs' sizes: an element the kernels never write
             // shows up as a NaN (on CUDA, whose pool reuses freed blocks).
             poison(dev, dtype, &[nq, nq, nk, nk, nq + 2 * nk])?;
-            let vars = [var(&q)?, var(&k)?, var(&v)?];
-            let o = flash_attention(
-                vars[0].as_tensor(),
-                vars[1].as_tensor(),
-                vars[2].as_tensor(),
-                &c.params(),
-            )?;
+            let [o, grads @ ..] =
+                output_and_grads(flash_attention, [&q, &k, &v], &c.params(), &r, &what)?;
             assert_eq!(o.dtype(), dtype, "{what}: output dtype");
-            let grads = weighted_loss(&o, &r)?.backward()?;
-            let refs = [
-                var(&f64_cpu(&q)?)?,
-                var(&f64_cpu(&k)?)?,
-                var(&f64_cpu(&v)?)?,
-            ];
-            let or = flash_attention_reference(
-                refs[0].as_tensor(),
-                refs[1].as_tensor(),
-                refs[2].as_tensor(),
+            let (qr, kr, vr) = (f64_cpu(&q)?, f64_cpu(&k)?, f64_cpu(&v)?);
+            let [or, grads_r @ ..] = output_and_grads(
+                flash_attention_reference,
+                [&qr, &kr, &vr],
                 &c.params(),
+                &f64_cpu(&r)?,
+                &what,
             )?;
             assert_close(&o, &or, BOUND, &format!("{what} O"))?;
-            let grads_r = weighted_loss(&or, &f64_cpu(&r)?)?.backward()?;
-            for (name, x, xr) in [
-                ("dq", &vars[0], &refs[0]),
-                ("dk", &vars[1], &refs[1]),
-                ("dv", &vars[2], &refs[2]),
-            ] {
+            for (((name, x), g), gr) in ["dq", "dk", "dv"]
+                .iter()
+                .zip([&q, &k, &v])
+                .zip(&grads)
+                .zip(&grads_r)
+            {
                 let w = format!("{what} {name}");
-                let g = grad_of(&grads, x.as_tensor(), &w);
                 assert_eq!(g.dtype(), dtype, "{w}: gradient dtype");
                 assert_eq!(g.dims(), x.dims(), "{w}: gradient shape");
-                assert_close(&g, &grad_of(&grads_r, xr.as_tensor(), &w), BOUND, &w)?;
+                assert_close(g, gr, BOUND, &w)?;
             }
         }
     }
