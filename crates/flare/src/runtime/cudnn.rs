@@ -27,17 +27,18 @@ type Status = i32;
 type RawHandle = *mut c_void;
 type RawDesc = *mut c_void;
 
-/// Descriptor types (`cudnnBackendDescriptorType_t`).
+/// Descriptor types (`cudnnBackendDescriptorType_t`: an enum counted from
+/// `CUDNN_BACKEND_POINTWISE_DESCRIPTOR = 0` in the header's order).
 #[allow(missing_docs)]
 pub(crate) mod kind {
+    pub const POINTWISE: u32 = 0;
     pub const ENGINECFG: u32 = 3;
     pub const ENGINEHEUR: u32 = 4;
     pub const EXECUTION_PLAN: u32 = 5;
-    pub const POINTWISE: u32 = 7;
-    pub const TENSOR: u32 = 12;
     pub const OPERATION_POINTWISE: u32 = 13;
     pub const OPERATIONGRAPH: u32 = 15;
     pub const VARIANT_PACK: u32 = 16;
+    pub const TENSOR: u32 = 17;
     pub const MATMUL: u32 = 18;
     pub const OPERATION_MATMUL: u32 = 19;
     pub const REDUCTION: u32 = 21;

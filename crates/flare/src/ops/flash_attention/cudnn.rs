@@ -417,6 +417,16 @@ fn neg_inf() -> f32 {
     }
 }
 
+/// The variant pack's uids and pointers without `-inf` when the graph has no causal mask (the
+/// only operation that reads it): a pack names exactly the graph's non-virtual tensors.
+fn without_mask(g: &Geometry, uids: &[i64], ptrs: &[*mut c_void]) -> (Vec<i64>, Vec<*mut c_void>) {
+    uids.iter()
+        .zip(ptrs)
+        .filter(|(u, _)| g.causal || **u != uid::NEG_INF)
+        .map(|(u, p)| (*u, *p))
+        .unzip()
+}
+
 /// Bytes of the backward's f32 row sums `D`, rounded up to keep the accumulator 16-byte aligned.
 fn sum_bytes(g: &Geometry) -> usize {
     ((g.b * g.hq * g.s) as usize * 4).div_ceil(256) * 256
@@ -481,6 +491,7 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
             (&scale as *const f32).cast_mut().cast(),
             (&ninf as *const f32).cast_mut().cast(),
         ];
+        let (uids, ptrs) = without_mask(&g, &uids, &ptrs);
         let handle = rt
             .cudnn()
             .map_err(|e| candle_core::Error::Msg(format!("{OP}: {e}")))?;
@@ -603,6 +614,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             wp as *mut c_void,
             (wp + sum as u64) as *mut c_void,
         ];
+        let (uids, ptrs) = without_mask(&g, &uids, &ptrs);
         let handle = rt
             .cudnn()
             .map_err(|e| candle_core::Error::Msg(format!("{OP_BWD}: {e}")))?;
