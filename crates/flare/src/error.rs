@@ -124,6 +124,16 @@ pub enum Error {
         grad_norm: f64,
     },
 
+    // ---- data-parallel training ---------------------------------------------------------------
+    /// Data-parallel training could not start or go on: a bad world description in the
+    /// environment (`RANK`, `WORLD_SIZE`, ...), a failed rendezvous, a build or device without
+    /// NCCL, or a failed collective ([`crate::train::distributed`]).
+    #[error("data-parallel training: {msg}")]
+    Distributed {
+        /// What went wrong, naming the variable, address or rank concerned.
+        msg: String,
+    },
+
     // ---- runtime ----------------------------------------------------------------------------
     /// A CUDA driver, cuBLASLt or kernel-launch call failed.
     #[error("CUDA: {context}: {msg}")]

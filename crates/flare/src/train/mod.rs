@@ -1,6 +1,7 @@
 //! LoRA fine-tuning: data ([`data`]), the optimizer and schedule ([`optim`]), the loss plot
 //! ([`plot`]), the identity of a run that checkpoints record ([`identity`]), the memory
-//! estimate checked before a run starts ([`memory`]) and the
+//! estimate checked before a run starts ([`memory`]), data-parallel training over several
+//! GPUs ([`distributed`]) and the
 //! [`Trainer`] that ties them to a [`crate::models::Transformer`].
 //!
 //! ```no_run
@@ -20,6 +21,7 @@
 
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod export;
 pub mod identity;
 pub mod memory;
@@ -29,6 +31,7 @@ pub mod trainer;
 
 pub use config::Checkpointing;
 pub use data::{BadLines, Batch, DataConfig, Encoder, Example, Message, Tokenized};
+pub use distributed::{Collective, Rendezvous, World};
 pub use export::merge_adapter_to_dir;
 pub use identity::{Difference, RunIdentity};
 pub use optim::{clip_scale, global_grad_norm, AdamW, AdamWConfig, Schedule};
