@@ -17,6 +17,7 @@ mod demo;
 mod device;
 mod generate_cmd;
 mod info;
+mod launch;
 mod output;
 mod report;
 mod train;

@@ -18,7 +18,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Arg, ArgAction, Args, FromArgMatches, ValueHint};
-use flare::train::{BadLines, Checkpointing, Event, Schedule, StepMetrics, TrainConfig, Trainer};
+use flare::train::distributed::ENV_LOCAL_WORLD_SIZE;
+use flare::train::{
+    BadLines, Checkpointing, Collective, Event, Rendezvous, Schedule, StepMetrics, TrainConfig,
+    Trainer, World,
+};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -164,6 +168,12 @@ pub struct TrainArgs {
     /// at least every 10 s].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub log_every: Option<u64>,
+    /// GPUs to train on, data parallel: N > 1 starts N processes of this command, rank k on
+    /// cuda:k, each running its share of every step's --grad-accum micro-batches (at least N),
+    /// gradients summed over NCCL; the run's result is the one-GPU run's. Needs a build with
+    /// the nccl feature. [default: 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub gpus: Option<u64>,
 }
 
 /// Appends `[default: X]` to the help of each flag of `flare train` that sets a
@@ -581,10 +591,41 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
     // The file's --resume, --no-progress and --log-every count too.
     let a = &effective_args(a)?;
     let cfg = build_config(a).map_err(in_file)?;
-    let device = cfg.device.parse::<DeviceSpec>().map_err(in_file)?.open()?;
+    let world = World::from_env()?;
+    let gpus = a.gpus.unwrap_or(1) as usize;
+    if gpus > 1 {
+        if world.is_single() {
+            // The launcher: checks what the ranks need, then starts them.
+            crate::launch::check_launch(gpus, &cfg.device).map_err(in_file)?;
+            let exe = std::env::current_exe().context("finding the flare executable")?;
+            let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+            elog!("data parallel: starting {gpus} ranks, rank k on cuda:k");
+            return crate::launch::launch(&exe, &args, gpus);
+        }
+        // A rank the launcher started carries the launch's size; any other process with
+        // RANK/WORLD_SIZE set belongs to a world of someone else's making.
+        if std::env::var(ENV_LOCAL_WORLD_SIZE).ok() != Some(gpus.to_string()) {
+            bail!(
+                "--gpus {gpus} in a process that is already rank {} of {} (RANK and WORLD_SIZE \
+                 are set): either start one process per GPU yourself, without --gpus, or unset \
+                 RANK and WORLD_SIZE",
+                world.rank,
+                world.world_size
+            );
+        }
+    }
+    let device = rank_device(&cfg.device, &world).map_err(in_file)?.open()?;
+    let collective = if world.is_single() {
+        Collective::single()
+    } else {
+        Collective::connect(world, &device, &Rendezvous::from_env()?)?
+    };
+    let tokenizer = || -> Result<Box<flare::text::Tokenizer>> {
+        Ok(Box::new(flare::text::Tokenizer::from_dir(&cfg.model)?))
+    };
     let resume = a.resume_from.as_ref().or(a.resume.as_ref());
     let mut t = match resume {
-        None => Trainer::from_config(cfg.clone(), &device)?,
+        None => Trainer::new_with(cfg.clone(), &device, tokenizer()?, collective)?,
         Some(dir) => {
             let dir = if a.resume_from.is_none() && dir.as_os_str() == "latest" {
                 Trainer::latest_checkpoint(&cfg.output_dir).with_context(|| {
@@ -593,10 +634,17 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
             } else {
                 dir.clone()
             };
-            elog!("resuming from {}", dir.display());
-            Trainer::resume_from_config(cfg.clone(), &device, &dir)?
+            if world.is_main() {
+                elog!("resuming from {}", dir.display());
+            }
+            Trainer::resume_with(cfg.clone(), &device, tokenizer()?, &dir, collective)?
         }
     };
+    if !world.is_main() {
+        // Rank 0 reports and writes; this rank only trains (its errors still reach stderr).
+        t.run(|_| {})?;
+        return Ok(());
+    }
     elog!(
         "training {} ({} adapted modules, dtype {}) on {}: {} steps",
         cfg.model.display(),
@@ -612,6 +660,29 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+/// The device of this process: `--device` for a run of one; for rank k of a data-parallel
+/// run, cuda:LOCAL_RANK (`--device` auto or cuda, or cuda:N naming that very GPU; cpu is left
+/// to [`Collective::connect`] to refuse).
+fn rank_device(device: &str, world: &World) -> Result<DeviceSpec> {
+    if world.is_single() {
+        return device.parse();
+    }
+    let d = device.trim().to_ascii_lowercase();
+    let own = DeviceSpec::Cuda(world.local_rank);
+    match d.as_str() {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        // Not `auto`'s probe of cuda:0, which would open a context there from every rank.
+        "auto" | "cuda" | "gpu" => Ok(own),
+        _ if device.parse::<DeviceSpec>()? == own => Ok(own),
+        _ => bail!(
+            "--device {device} on rank {} (LOCAL_RANK={}): a rank trains on cuda:LOCAL_RANK; \
+             use --device cuda (or auto)",
+            world.rank,
+            world.local_rank
+        ),
+    }
 }
 
 /// `flare merge`.

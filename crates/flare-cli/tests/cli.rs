@@ -576,6 +576,98 @@ fn train_errors_are_clear_and_printed_once() {
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
 
+/// `flare train` with `env` set (as a rank of a data-parallel run sees it).
+fn flare_in_world(args: &[String], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flare"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("running flare")
+}
+
+#[test]
+fn train_gpus_is_refused_before_any_rank_starts_without_cuda_and_nccl() {
+    let tmp = TempDir::new("gpus");
+    let out = tmp.0.join("out");
+    let o = flare(&["train", "--help"]);
+    assert!(stdout(&o).contains("--gpus <N>"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("[default: 1]"));
+    // --device cpu (short_run's), in any build.
+    let mut args = short_run(&out, 1);
+    args.extend(["--gpus".into(), "2".into()]);
+    let o = flare_in_world(&args, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("--gpus 2 with --device cpu"), "{err}");
+    assert!(!err.contains("[rank"), "no rank may start: {err}");
+    assert!(!out.exists(), "nothing may be written");
+    // --device cuda in a build without the nccl feature.
+    if !cfg!(feature = "nccl") {
+        let n = args.len();
+        args[n - 3] = "cuda".into();
+        let o = flare_in_world(&args, &[]);
+        let err = stderr(&o);
+        assert!(
+            err.contains("needs CUDA and the nccl feature") && err.contains("--features nccl"),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+    // --gpus 0 is not a number of GPUs.
+    let o = flare(&["train", "--gpus", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn train_as_a_rank_checks_its_environment_and_needs_cuda_and_nccl() {
+    let tmp = TempDir::new("rank-env");
+    let out = tmp.0.join("out");
+    let args = short_run(&out, 1);
+    // A bad world names the variable and its value.
+    let o = flare_in_world(
+        &args,
+        &[("RANK", "2"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("RANK=2 is not below WORLD_SIZE=2"),
+        "{}",
+        stderr(&o)
+    );
+    let o = flare_in_world(&args, &[("RANK", "1"), ("WORLD_SIZE", "two")]);
+    assert!(
+        stderr(&o).contains("WORLD_SIZE=\"two\" is not a non-negative integer"),
+        "{}",
+        stderr(&o)
+    );
+    // A rank on the CPU is refused before its rendezvous (no home-made collective).
+    let world = [
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "1"),
+        ("FLARE_MASTER_PORT", "29555"),
+    ];
+    let o = flare_in_world(&args, &world);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains(
+            "data-parallel training needs CUDA and the nccl feature (this is rank 1 of 2)"
+        ),
+        "{err}"
+    );
+    assert!(!out.exists(), "a rank above 0 writes nothing");
+    // --gpus inside a world that flare did not launch is ambiguous.
+    let mut gpus = args.clone();
+    gpus.extend(["--gpus".into(), "2".into()]);
+    let o = flare_in_world(&gpus, &world);
+    assert!(
+        stderr(&o).contains("--gpus 2 in a process that is already rank 1 of 2"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn train_config_file_keys_are_the_flags_and_paths_are_the_files() {
     let dir = TempDir::new("toml-run");

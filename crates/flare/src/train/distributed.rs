@@ -526,6 +526,10 @@ enum Backend {
     Local,
     #[cfg(feature = "nccl")]
     Nccl(nccl::Comm),
+    /// Threads of one test process, to check the trainer's arithmetic on the CPU: never in
+    /// the product, which has no collective of its own.
+    #[cfg(test)]
+    Threads(std::sync::Arc<test_support::ThreadSum>),
 }
 
 impl std::fmt::Debug for Collective {
@@ -534,6 +538,8 @@ impl std::fmt::Debug for Collective {
             Backend::Local => "local",
             #[cfg(feature = "nccl")]
             Backend::Nccl(_) => "nccl",
+            #[cfg(test)]
+            Backend::Threads(_) => "threads (test)",
         };
         f.debug_struct("Collective")
             .field("world", &self.world)
@@ -619,6 +625,13 @@ impl Collective {
                     .unwrap_or(Device::Cpu);
                 let flat = flatten(params, grads, scalars, &device)?;
                 let summed = comm.all_reduce_sum(&flat)?;
+                unflatten(&summed, params, grads, scalars)
+            }
+            #[cfg(test)]
+            Backend::Threads(sum) => {
+                let flat = flatten(params, grads, scalars, &Device::Cpu)?;
+                let summed = sum.sum(self.world.rank, flat.to_vec1::<f32>()?);
+                let summed = Tensor::from_vec(summed, flat.dims(), &Device::Cpu)?;
                 unflatten(&summed, params, grads, scalars)
             }
         }
@@ -720,8 +733,6 @@ mod nccl {
     //! The NCCL communicator of a rank (cudarc's bindings, through candle-core's `nccl`
     //! feature) and the all-reduce of a bucket on the device's stream.
 
-    use std::sync::Arc;
-
     use candle_core::cuda_backend::cudarc::nccl::safe::{Comm as NcclComm, Id, ReduceOp};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};
     use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -731,8 +742,14 @@ mod nccl {
 
     /// One rank's communicator, on its device's stream.
     pub(super) struct Comm {
-        comm: Arc<NcclComm>,
+        comm: NcclComm,
     }
+
+    // SAFETY: an NCCL communicator may be used from any thread as long as no two calls on it
+    // overlap (NCCL's thread-safety rules); `Comm` is not `Sync`, so whichever thread owns it
+    // is the only one that can call it. The stream it holds is an `Arc<CudaStream>`, already
+    // `Send + Sync`.
+    unsafe impl Send for Comm {}
 
     impl Comm {
         /// Rank 0 makes the unique id, the rendezvous hands it to the others, and every rank
@@ -772,27 +789,23 @@ mod nccl {
                     world.rank, world.world_size, world.local_rank
                 ))
             })?;
-            Ok(Comm {
-                comm: Arc::new(comm),
-            })
+            Ok(Comm { comm })
         }
 
         /// The sum over the ranks of the contiguous f32 vector `flat`, a new tensor.
         pub(super) fn all_reduce_sum(&self, flat: &Tensor) -> Result<Tensor> {
-            let op = AllReduceSum {
-                comm: self.comm.clone(),
-            };
+            let op = AllReduceSum { comm: &self.comm };
             // The bucket holds gradient values, not part of any graph: no backward to keep.
             Ok(flat.contiguous()?.apply_op1_no_bwd(&op)?)
         }
     }
 
     /// NCCL's sum all-reduce as a Candle op (its output is a fresh device buffer).
-    struct AllReduceSum {
-        comm: Arc<NcclComm>,
+    struct AllReduceSum<'a> {
+        comm: &'a NcclComm,
     }
 
-    impl CustomOp1 for AllReduceSum {
+    impl CustomOp1 for AllReduceSum<'_> {
         fn name(&self) -> &'static str {
             "nccl-all-reduce-sum"
         }
@@ -812,16 +825,75 @@ mod nccl {
                 candle_core::bail!("the NCCL all-reduce needs a contiguous bucket");
             };
             let src = src.slice(start..end);
-            let dev = s.device().clone();
+            let dev = s.device.clone();
             let mut dst = dev.alloc_zeros::<f32>(n)?;
             // The communicator was built on this device's stream, which orders the reduce
             // after the kernels that wrote the bucket.
-            debug_assert!(Arc::ptr_eq(&self.comm.stream(), &dev.cuda_stream()));
+            debug_assert!(std::sync::Arc::ptr_eq(
+                &self.comm.stream(),
+                &dev.cuda_stream()
+            ));
             self.comm
                 .all_reduce(&src, &mut dst, &ReduceOp::Sum)
                 .map_err(|e| candle_core::Error::Msg(format!("ncclAllReduce: {e:?}")))?;
             Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! A sum over the threads of one test process: each thread plays a rank, so the trainer's
+    //! data-parallel arithmetic (shards, the global token count, the sum) is checked on the
+    //! CPU against a one-rank run.
+
+    use std::sync::{Arc, Barrier, Mutex};
+
+    use super::{Backend, Collective, World};
+
+    /// The shared state of the ranks' sums.
+    pub(crate) struct ThreadSum {
+        barrier: Barrier,
+        slots: Mutex<Vec<Vec<f32>>>,
+    }
+
+    impl ThreadSum {
+        /// The sum over every rank's `values`, added in rank order (the same on every rank).
+        pub(crate) fn sum(&self, rank: usize, values: Vec<f32>) -> Vec<f32> {
+            self.slots.lock().unwrap()[rank] = values;
+            self.barrier.wait();
+            let total = {
+                let slots = self.slots.lock().unwrap();
+                let mut total = vec![0f32; slots[0].len()];
+                for s in slots.iter() {
+                    for (t, v) in total.iter_mut().zip(s) {
+                        *t += v;
+                    }
+                }
+                total
+            };
+            // Nobody writes the next step's values before everyone has read these.
+            self.barrier.wait();
+            total
+        }
+    }
+
+    /// One collective per rank of a world of `n` threads.
+    pub(crate) fn thread_collectives(n: usize) -> Vec<Collective> {
+        let sum = Arc::new(ThreadSum {
+            barrier: Barrier::new(n),
+            slots: Mutex::new(vec![Vec::new(); n]),
+        });
+        (0..n)
+            .map(|rank| Collective {
+                world: World {
+                    rank,
+                    world_size: n,
+                    local_rank: rank,
+                },
+                backend: Backend::Threads(sum.clone()),
+            })
+            .collect()
     }
 }
 

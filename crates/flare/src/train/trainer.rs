@@ -57,6 +57,19 @@
 //! uninterrupted run's losses exactly. LoRA dropout is seeded too: the masks of micro-batch `k`
 //! of step `n` derive from `(seed, n, k)` ([`Transformer::set_dropout_seed`]).
 //!
+//! Data parallel ([`super::distributed`]; [`Trainer::new_with`], [`Trainer::resume_with`]): a
+//! run of several ranks (one process per GPU) is the same run as one rank's. Every rank
+//! forms the same `grad_accum` micro-batches of each step and runs its contiguous share of
+//! them ([`super::distributed::shard_range`]; dropout keeps the micro-batch's index in the
+//! step); each micro-batch's NLL is divided by the token count of the whole step, which every
+//! rank computes from the whole step, so the ranks' gradients and losses are shares of the
+//! one-rank values and their **sum** over the ranks (one all-reduce of one bucket) is the
+//! one-rank gradient and loss, up to the order of the float additions. Then every rank clips
+//! and steps AdamW identically, so the adapters stay identical. The world size is not part of
+//! the run's identity: a run may resume on another number of GPUs. Only rank 0 writes to
+//! `output_dir` (checkpoints, metrics, plots, the final adapter) and evaluates; every rank
+//! resumes from the same checkpoint.
+//!
 //! Gradient checkpointing ([`TrainConfig::gradient_checkpointing`], decided by
 //! [`super::memory::check_memory`] and reported by [`Trainer::checkpointing`]) recomputes each
 //! layer in the backward: the losses and gradients are those of the run without it, so a
@@ -76,6 +89,7 @@ use super::data::{
     epoch_batches, epoch_packs, make_batch, make_packed_batch, pack_examples, split_eval,
     tokenize_cached, Batch, Encoder, Example,
 };
+use super::distributed::{shard_range, Collective, World};
 use super::identity::{differences, RunIdentity};
 use super::optim::{clip_scale, global_grad_norm, AdamW};
 use super::plot::write_loss_png;
@@ -207,6 +221,7 @@ pub struct Trainer {
     eval_curve: Vec<(u64, f64)>,
     leftovers: Vec<Leftover>,
     checkpointing: super::memory::CheckpointDecision,
+    collective: Collective,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -214,6 +229,7 @@ impl std::fmt::Debug for Trainer {
         f.debug_struct("Trainer")
             .field("config", &self.config)
             .field("state", &self.state)
+            .field("collective", &self.collective)
             .finish()
     }
 }
@@ -348,6 +364,20 @@ impl Trainer {
     /// `metrics.jsonl`) is refused, with what it holds and whether its newest checkpoint is of
     /// this run: resume it ([`Self::resume`]), or choose another directory.
     pub fn new(config: TrainConfig, device: &Device, encoder: Box<dyn Encoder>) -> Result<Self> {
+        Self::new_with(config, device, encoder, Collective::single())
+    }
+
+    /// [`new`](Self::new) as one rank of a data-parallel run: `collective` (built by
+    /// [`Collective::connect`] on `device`, this rank's GPU) sums the ranks' gradients each
+    /// step. Only rank 0 touches `output_dir` (the token cache aside: every rank reads it, and
+    /// writes it atomically on a miss). `grad_accum` must be at least the world size, so that
+    /// every rank has a micro-batch in every step.
+    pub fn new_with(
+        config: TrainConfig,
+        device: &Device,
+        encoder: Box<dyn Encoder>,
+        collective: Collective,
+    ) -> Result<Self> {
         config.validate()?;
         let identity = RunIdentity::compute(&config, encoder.fingerprint()?)?;
         let out = &config.output_dir;
@@ -383,7 +413,7 @@ impl Trainer {
                 holds: format!("{}{newest}", traces.join(", ")),
             });
         }
-        let mut t = Self::build(config, device, encoder, identity)?;
+        let mut t = Self::build(config, device, encoder, identity, collective)?;
         t.prepare_output_dir()?;
         Ok(t)
     }
@@ -421,6 +451,21 @@ impl Trainer {
         device: &Device,
         encoder: Box<dyn Encoder>,
         checkpoint: impl AsRef<Path>,
+    ) -> Result<Self> {
+        Self::resume_with(config, device, encoder, checkpoint, Collective::single())
+    }
+
+    /// [`resume`](Self::resume) as one rank of a data-parallel run (see [`Self::new_with`]):
+    /// every rank reads the same checkpoint (on several hosts, at the same path on each), so
+    /// all restart with the same adapters, moments and data position; only rank 0 appends the
+    /// resume line to `metrics.jsonl`. The checkpoint may come from a run on another number of
+    /// GPUs.
+    pub fn resume_with(
+        config: TrainConfig,
+        device: &Device,
+        encoder: Box<dyn Encoder>,
+        checkpoint: impl AsRef<Path>,
+        collective: Collective,
     ) -> Result<Self> {
         let dir = checkpoint.as_ref();
         config.validate()?;
@@ -472,7 +517,7 @@ impl Trainer {
                 c.display()
             )));
         }
-        let mut t = Self::build(config, device, encoder, identity)?;
+        let mut t = Self::build(config, device, encoder, identity, collective)?;
         if t.state.total_steps < saved.step {
             return Err(invalid(format!(
                 "cannot resume from {}: it is at step {}, past this run's {} steps",
@@ -508,10 +553,12 @@ impl Trainer {
         );
         t.load_curves(saved.step);
         t.prepare_output_dir()?;
-        t.append_metric(&serde_json::json!({
-            "step": saved.step,
-            "resumed_from": dir.display().to_string(),
-        }))?;
+        if t.world().is_main() {
+            t.append_metric(&serde_json::json!({
+                "step": saved.step,
+                "resumed_from": dir.display().to_string(),
+            }))?;
+        }
         Ok(t)
     }
 
@@ -543,8 +590,12 @@ impl Trainer {
         self.eval_curve = eval.into_iter().filter(|&(s, _)| s <= upto).collect();
     }
 
-    /// Creates `output_dir` and removes what a killed run left in it and in its token cache.
+    /// Creates `output_dir` and removes what a killed run left in it and in its token cache
+    /// (rank 0 only: the other ranks never write there).
     fn prepare_output_dir(&mut self) -> Result<()> {
+        if !self.world().is_main() {
+            return Ok(());
+        }
         let out = &self.config.output_dir;
         std::fs::create_dir_all(out).map_err(io_err(format!(
             "creating output directory {}",
@@ -596,8 +647,19 @@ impl Trainer {
         device: &Device,
         encoder: Box<dyn Encoder>,
         identity: RunIdentity,
+        collective: Collective,
     ) -> Result<Self> {
         config.validate()?;
+        let world = collective.world();
+        if config.grad_accum < world.world_size {
+            return Err(invalid(format!(
+                "grad_accum is {}, below the world size {}: each of the {} ranks runs its share \
+                 of a step's grad_accum micro-batches, so some would have none; set grad_accum \
+                 to a multiple of {} (the global batch is batch_size x grad_accum whatever the \
+                 number of GPUs)",
+                config.grad_accum, world.world_size, world.world_size, world.world_size
+            )));
+        }
         let dtype = config.parsed_dtype()?;
         let plan = super::memory::check_memory(&config, device)?;
         let mut model = Transformer::from_dir(&config.model, dtype, device)?;
@@ -709,6 +771,7 @@ impl Trainer {
             eval_curve: Vec::new(),
             leftovers: Vec::new(),
             checkpointing: plan.checkpointing,
+            collective,
         })
     }
 
@@ -716,6 +779,11 @@ impl Trainer {
     /// checkpointing: on (estimate 91.20 GiB > free 78.50 GiB)`).
     pub fn checkpointing(&self) -> &super::memory::CheckpointDecision {
         &self.checkpointing
+    }
+
+    /// This process's place in the run ([`World::SINGLE`] unless data parallel).
+    pub fn world(&self) -> World {
+        self.collective.world()
     }
 
     /// The config.
@@ -800,6 +868,11 @@ impl Trainer {
     }
 
     /// One optimizer step over `grad_accum` batches. `None` when every step is done.
+    ///
+    /// In a data-parallel run every rank forms all of the step's batches (to count its
+    /// tokens), runs its share of them, and the gradients and the loss are summed over the
+    /// ranks before the norm, the clipping and AdamW (see the module's doc); only rank 0
+    /// appends the step to `metrics.jsonl`.
     pub fn step(&mut self) -> Result<Option<StepMetrics>> {
         if self.is_done() {
             return Ok(None);
@@ -816,7 +889,9 @@ impl Trainer {
         let params: Vec<Var> = self.opt.params().to_vec();
         let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
         let mut loss = 0.0;
-        for (k, b) in batches.iter().enumerate() {
+        let world = self.world();
+        let mine = shard_range(batches.len(), world.rank, world.world_size);
+        for (k, b) in batches.iter().enumerate().skip(mine.start).take(mine.len()) {
             if b.n_targets == 0 {
                 continue;
             }
@@ -839,6 +914,12 @@ impl Trainer {
                 }
             }
         }
+        // Every rank's share was divided by the whole step's count: the sums are the step's
+        // gradient and loss (nothing to do on one rank).
+        let mut sums = [loss];
+        self.collective
+            .sum_gradients(&params, &mut acc, &mut sums)?;
+        let [loss] = sums;
         let norm = global_grad_norm(&acc)?;
         if !(loss.is_finite() && norm.is_finite()) {
             // The update would write non-finite values into the adapter: stop before it, with
@@ -877,15 +958,19 @@ impl Trainer {
             seconds: t0.elapsed().as_secs_f64(),
         };
         self.train_curve.push((m.step, m.loss));
-        self.append_metric(&serde_json::to_value(&m).unwrap_or_default())?;
+        if world.is_main() {
+            self.append_metric(&serde_json::to_value(&m).unwrap_or_default())?;
+        }
         Ok(Some(m))
     }
 
     /// Mean loss over the eval examples (no gradient; dropout off), or `None` without eval
     /// data. Logged to `metrics.jsonl` as `{"step", "eval_loss"}` once per step: a second
     /// eval at the same step (or one already logged before a resume) is not logged again.
+    /// In a data-parallel run only rank 0 evaluates (the others return `None` at once and
+    /// wait for it at the next step's all-reduce).
     pub fn evaluate(&mut self) -> Result<Option<f64>> {
-        if self.eval.is_empty() {
+        if self.eval.is_empty() || !self.world().is_main() {
             return Ok(None);
         }
         self.set_training(false);
@@ -977,15 +1062,19 @@ impl Trainer {
     /// Writes `output_dir/checkpoint-<step>/` (adapter, optimizer state, trainer state, loss
     /// plot) as one unit ([`write_dir_atomic`]), then deletes all but the newest
     /// `save_total_limit` checkpoints; returns its path. Adapter weights or optimizer moments
-    /// that are not finite are refused before anything is written.
+    /// that are not finite are refused before anything is written. On a rank other than 0
+    /// nothing is written and the path rank 0 writes is returned.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let out = &self.config.output_dir;
+        let final_dir = out.join(format!("checkpoint-{}", self.state.step));
+        if !self.world().is_main() {
+            return Ok(final_dir);
+        }
         let adapter = self.finite_adapter()?;
         let moments = self.opt.state_tensors();
         for (name, t) in &moments {
             check_finite(t, &format!("optimizer state `{name}`"))?;
         }
-        let out = &self.config.output_dir;
-        let final_dir = out.join(format!("checkpoint-{}", self.state.step));
         write_dir_atomic(&final_dir, |tmp| {
             save_adapter(tmp, &adapter)?;
             let st: std::collections::HashMap<String, Tensor> = moments.into_iter().collect();
@@ -1036,11 +1125,15 @@ impl Trainer {
 
     /// Writes the final adapter as one unit into `output_dir/adapter/` (replacing an earlier
     /// one whole) and the loss plot into `output_dir`; returns the adapter's directory. An
-    /// adapter with a non-finite value is refused before anything is written.
+    /// adapter with a non-finite value is refused before anything is written. On a rank other
+    /// than 0 nothing is written and the directory rank 0 writes is returned.
     pub fn save_final(&self) -> Result<PathBuf> {
-        let adapter = self.finite_adapter()?;
         let out = &self.config.output_dir;
         let dir = out.join(ADAPTER_DIR);
+        if !self.world().is_main() {
+            return Ok(dir);
+        }
+        let adapter = self.finite_adapter()?;
         write_dir_atomic(&dir, |tmp| save_adapter(tmp, &adapter))?;
         self.write_plot(&out.join(PLOT_FILE))?;
         Ok(dir)
@@ -1049,7 +1142,9 @@ impl Trainer {
     /// Runs to the end: steps, evals every `eval_every` steps, checkpoints every `save_every`
     /// steps, a final eval (unless one is logged at the last step already: a resumed finished
     /// run reports the logged one), the final adapter and plot. Every event goes to
-    /// `on_event`. A non-finite loss stops the run with [`Error::NonFinite`].
+    /// `on_event`. A non-finite loss stops the run with [`Error::NonFinite`]. On a rank other
+    /// than 0 only the steps and the final `Done` are reported (it neither evaluates nor
+    /// writes).
     pub fn run(&mut self, mut on_event: impl FnMut(&Event)) -> Result<PathBuf> {
         while let Some(m) = self.step()? {
             on_event(&Event::Step(m.clone()));
@@ -1060,7 +1155,10 @@ impl Trainer {
                     on_event(&Event::Eval { step, loss });
                 }
             }
-            if self.config.save_every > 0 && step % self.config.save_every == 0 {
+            if self.config.save_every > 0
+                && step % self.config.save_every == 0
+                && self.world().is_main()
+            {
                 let dir = self.save_checkpoint()?;
                 on_event(&Event::Checkpoint { step, dir });
             }
@@ -1097,4 +1195,148 @@ fn ends_mid_line(f: &mut std::fs::File) -> std::io::Result<bool> {
     let mut last = [0u8; 1];
     f.read_exact(&mut last)?;
     Ok(last[0] != b'\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::distributed::test_support::thread_collectives;
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2")
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("flare-dp-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A run of 3 steps of 3 micro-batches (2 ranks: shares of 1 and 2), with dropout.
+    fn config(dir: &Path, out: &str) -> TrainConfig {
+        let data = dir.join("data.jsonl");
+        let lines: Vec<String> = (0..9)
+            .map(|i| {
+                format!(
+                    r#"{{"prompt": "question {i} about {}", "completion": " answer {}"}}"#,
+                    "x".repeat(i % 4),
+                    i * 7
+                )
+            })
+            .collect();
+        std::fs::write(&data, lines.join("\n")).unwrap();
+        TrainConfig {
+            model: fixture(),
+            data,
+            output_dir: dir.join(out),
+            lora_r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.1,
+            lr: 1e-2,
+            max_steps: Some(3),
+            batch_size: 1,
+            grad_accum: 3,
+            max_grad_norm: Some(1.0),
+            max_seq_len: 32,
+            eval_fraction: 0.0,
+            seed: 11,
+            ..Default::default()
+        }
+    }
+
+    fn run(t: &mut Trainer) -> (Vec<f64>, Vec<f64>, Adapter) {
+        let (mut losses, mut norms) = (Vec::new(), Vec::new());
+        while let Some(m) = t.step().unwrap() {
+            losses.push(m.loss);
+            norms.push(m.grad_norm);
+        }
+        (losses, norms, t.adapter().unwrap())
+    }
+
+    fn values(a: &Adapter) -> Vec<f32> {
+        a.tensors
+            .values()
+            .flat_map(|(a, b)| {
+                let mut v = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.extend(b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                v
+            })
+            .collect()
+    }
+
+    #[test]
+    fn two_ranks_take_the_steps_of_one() {
+        let dir = scratch("two-ranks");
+        let tok = || Box::new(crate::text::Tokenizer::from_dir(fixture()).unwrap());
+        let (one_losses, one_norms, one) = {
+            let mut t = Trainer::new(config(&dir, "one"), &Device::Cpu, tok()).unwrap();
+            run(&mut t)
+        };
+        let cfg = config(&dir, "two");
+        let ranks: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = thread_collectives(2)
+                .into_iter()
+                .map(|c| {
+                    let cfg = cfg.clone();
+                    s.spawn(move || {
+                        let mut t = Trainer::new_with(cfg, &Device::Cpu, tok(), c).unwrap();
+                        run(&mut t)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // Both ranks report the step's whole loss and norm and end with the same adapter, bit
+        // for bit (the same sums, then the same clip and AdamW).
+        assert_eq!(ranks[0].0, ranks[1].0);
+        assert_eq!(ranks[0].1, ranks[1].1);
+        assert_eq!(values(&ranks[0].2), values(&ranks[1].2));
+        // And they are the one-rank run's, up to the order of the float additions (a mean
+        // instead of a sum would halve the loss and the gradient).
+        assert_eq!(one_losses.len(), 3);
+        for (a, b) in one_losses.iter().zip(&ranks[0].0) {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "losses {one_losses:?} vs {:?}",
+                ranks[0].0
+            );
+        }
+        for (a, b) in one_norms.iter().zip(&ranks[0].1) {
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs(),
+                "norms {one_norms:?} vs {:?}",
+                ranks[0].1
+            );
+        }
+        let (x, y) = (values(&one), values(&ranks[0].2));
+        let moved = x.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        let diff = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-3 * moved,
+            "adapters differ by {diff} (largest value {moved})"
+        );
+        // Only rank 0 wrote metrics: one line per step.
+        let metrics = std::fs::read_to_string(dir.join("two").join(METRICS_FILE)).unwrap();
+        assert_eq!(metrics.lines().count(), 3, "{metrics}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn every_rank_needs_a_micro_batch_per_step() {
+        let dir = scratch("too-few");
+        let mut cfg = config(&dir, "out");
+        cfg.grad_accum = 1;
+        let c = thread_collectives(2).remove(1);
+        let tok = Box::new(crate::text::Tokenizer::from_dir(fixture()).unwrap());
+        let e = Trainer::new_with(cfg, &Device::Cpu, tok, c)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("grad_accum is 1, below the world size 2"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
