@@ -591,7 +591,11 @@ fn train_gpus_is_refused_before_any_rank_starts_without_cuda_and_nccl() {
     let out = tmp.0.join("out");
     let o = flare(&["train", "--help"]);
     assert!(stdout(&o).contains("--gpus <N>"), "{}", stdout(&o));
-    assert!(stdout(&o).contains("[default: 1]"));
+    assert!(
+        stdout(&o).contains("Needs a build with the nccl feature. [default: 1]"),
+        "{}",
+        stdout(&o)
+    );
     // --device cpu (short_run's), in any build.
     let mut args = short_run(&out, 1);
     args.extend(["--gpus".into(), "2".into()]);

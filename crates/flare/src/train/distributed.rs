@@ -897,6 +897,44 @@ pub(crate) mod test_support {
     }
 }
 
+/// What one GPU allows of NCCL: a communicator of one rank, built through the same path as
+/// a larger one (unique id, rendezvous, `ncclCommInitRank`), whose all-reduce must give the
+/// bucket back unchanged. Skipped without a CUDA device.
+#[cfg(all(test, feature = "nccl"))]
+mod nccl_tests {
+    use super::*;
+
+    #[test]
+    fn a_one_rank_communicator_sums_to_the_bucket() {
+        let Ok(device) = Device::new_cuda(0) else {
+            eprintln!("skipped: no CUDA device");
+            return;
+        };
+        let Device::Cuda(dev) = &device else {
+            unreachable!("new_cuda gives a CUDA device")
+        };
+        let rv = Rendezvous::new(DEFAULT_MASTER_ADDR, free_port().unwrap());
+        let comm = nccl::Comm::connect(&World::SINGLE, dev, &rv).unwrap();
+        let c = Collective {
+            world: World::SINGLE,
+            backend: Backend::Nccl(comm),
+        };
+        let p0 = Var::zeros((3, 2), DType::F32, &device).unwrap();
+        let p1 = Var::zeros(5, DType::F32, &device).unwrap();
+        let g0: Vec<f32> = (0..6).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let g0 = Tensor::from_vec(g0, (3, 2), &device).unwrap();
+        let mut grads = vec![Some(g0.clone()), None];
+        let mut loss = [1.25];
+        c.sum_gradients(&[p0, p1], &mut grads, &mut loss).unwrap();
+        assert_eq!(loss, [1.25]);
+        assert!(grads[1].is_none());
+        assert_eq!(
+            grads[0].as_ref().unwrap().to_vec2::<f32>().unwrap(),
+            g0.to_vec2::<f32>().unwrap()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
