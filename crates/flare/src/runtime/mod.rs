@@ -18,6 +18,8 @@ pub mod cuda;
 pub mod cudnn;
 #[cfg(feature = "cuda")]
 pub mod gemm;
+#[cfg(feature = "nccl")]
+pub(crate) mod nccl;
 pub mod settings;
 
 pub use settings::{settings, Settings, SettingsGuard};
