@@ -403,12 +403,14 @@ impl Rendezvous {
                 source,
             }
         };
-        // Rank 0 answers when the last rank joins: up to its whole timeout from now.
+        // Rank 0 answers when the last rank joins, or with its refusal once its own timeout
+        // (counted from when it began listening, which may be after this rank connected to a
+        // slow-starting rank 0) is over: wait twice that, plus a second, so that rank 0's
+        // answer, not this rank's clock, ends the wait.
+        let wait = self.timeout * 2 + Duration::from_secs(1);
         stream
-            .set_read_timeout(Some(self.timeout.max(Duration::from_millis(1))))
-            .and_then(|_| {
-                stream.set_write_timeout(Some(self.timeout.max(Duration::from_millis(1))))
-            })
+            .set_read_timeout(Some(wait))
+            .and_then(|_| stream.set_write_timeout(Some(wait)))
             .map_err(io("cannot set timeouts"))?;
         let mut hello = Vec::with_capacity(16);
         hello.extend_from_slice(MAGIC);
