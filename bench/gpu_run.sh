@@ -168,7 +168,21 @@ fi
 # attn: flare's training attention on cuDNN (FLARE_ATTENTION_CUDNN=1) and on flare's own kernel
 # (the default until the cuDNN path has passed here), against PyTorch SDPA, in one call; the
 # flash-attention tests first (cuDNN against the float64 reference and against the kernel).
-run_attn_tests() { timeout 120 "$BIN/it" flash_attention --test-threads=1 2>&1 | tail -40; }
+run_attn_tests() {
+  timeout 120 "$BIN/it" flash_attention --test-threads=1 2>&1 | tee "$OUT/attn_tests.log" | tail -40
+  local rc=${PIPESTATUS[0]}
+  # A failure of the cuDNN cases is re-run with cuDNN's API log, its graphs listed beside
+  # PyTorch's (bench/dev/cudnn_sdpa_torch_graphs.txt) for the comparison.
+  if grep -q "cudnn_cases.*FAILED" "$OUT/attn_tests.log"; then
+    CUDNN_LOGLEVEL_DBG=3 CUDNN_LOGDEST_DBG="$OUT/cudnn_dbg.log" timeout 60 "$BIN/it" cudnn_cases \
+      --test-threads=1 >/dev/null 2>&1
+    python3 bench/dev/cudnn_log_ops.py "$OUT/cudnn_dbg.log" >"$OUT/cudnn_dbg_ops.txt" 2>&1
+    grep -m 12 -iE "error|bad_param|not_supported|status" "$OUT/cudnn_dbg.log" | cut -c1-300
+    head -60 "$OUT/cudnn_dbg_ops.txt"
+    xz -T4 -6 "$OUT/cudnn_dbg.log"
+  fi
+  return "$rc"
+}
 run_attn_bench() {
   FLARE_ATTENTION_CUDNN=1 timeout 90 "$BIN/flare" bench ops --device cuda --filter flash_attention \
     --json "$OUT/flare_attn_cudnn.json" 2>&1 | tee "$OUT/flare_attn_cudnn.log"
