@@ -19,7 +19,7 @@
 //! stable ABI.
 
 use std::ffi::{c_char, c_void, CStr};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::{Error, Result};
 
@@ -409,12 +409,18 @@ impl Desc {
 
 /// A tensor of a graph (its descriptor; the variant pack names it by the uid it was built with).
 pub(crate) struct TensorDesc {
-    desc: Desc,
+    desc: Arc<Desc>,
 }
 
 /// One operation graph under construction: tensors and operations, in order.
+///
+/// Every descriptor a graph refers to (tensors, operations and their mode descriptors, engine
+/// configurations) stays alive with the graph and then with its [`Plan`]: the backend's
+/// attributes hold descriptors by handle, and the documentation does not promise a copy.
 pub(crate) struct Graph {
     ops: Vec<Desc>,
+    modes: Vec<Desc>,
+    keep: Vec<Arc<Desc>>,
     next_uid: i64,
 }
 
@@ -426,6 +432,8 @@ impl Graph {
     pub(crate) fn new() -> Self {
         Graph {
             ops: Vec::new(),
+            modes: Vec::new(),
+            keep: Vec::new(),
             next_uid: 1,
         }
     }
@@ -464,7 +472,9 @@ impl Graph {
             d.boolean(attr::TENSOR_IS_BY_VALUE, true, CX_TENSOR)?;
         }
         d.finalize(CX_TENSOR)?;
-        Ok(TensorDesc { desc: d })
+        let desc = Arc::new(d);
+        self.keep.push(desc.clone());
+        Ok(TensorDesc { desc })
     }
 
     /// A pointwise operation `y = mode(x, b, t)` computed in `prec` (`axis` for GEN_INDEX).
@@ -498,6 +508,7 @@ impl Graph {
         op.descs(attr::OPERATION_POINTWISE_YDESC, &[&y.desc], CX_OP)?;
         op.finalize(CX_OP)?;
         self.ops.push(op);
+        self.modes.push(pw);
         Ok(())
     }
 
@@ -528,6 +539,7 @@ impl Graph {
         op.descs(attr::OPERATION_REDUCTION_YDESC, &[&y.desc], CX_OP)?;
         op.finalize(CX_OP)?;
         self.ops.push(op);
+        self.modes.push(r);
         Ok(())
     }
 
@@ -558,6 +570,7 @@ impl Graph {
         op.descs(attr::OPERATION_MATMUL_CDESC, &[&c.desc], CX_OP)?;
         op.finalize(CX_OP)?;
         self.ops.push(op);
+        self.modes.push(m);
         Ok(())
     }
 
@@ -599,6 +612,7 @@ impl Graph {
             CXH,
         )?;
         let mut refusals = Vec::new();
+        let mut chosen = None;
         for cfg in cfgs.iter().take(n.max(0) as usize) {
             // cudnn-frontend (1.18, on cuDNN 9.19) sets only the engine configuration; older
             // cuDNN releases documented the plan's handle as required: without it first, then
@@ -616,18 +630,23 @@ impl Graph {
             let built = plan(false).or_else(|_| plan(true));
             match built {
                 Ok(plan) => {
-                    let workspace = plan.get_i64(
-                        attr::EXECUTION_PLAN_WORKSPACE_SIZE,
-                        "reading a plan's workspace",
-                    )?;
-                    return Ok(Plan {
-                        desc: plan,
-                        _graph: g,
-                        workspace: workspace.max(0) as usize,
-                    });
+                    chosen = Some(plan);
+                    break;
                 }
                 Err(e) => refusals.push(e.to_string()),
             }
+        }
+        if let Some(plan) = chosen {
+            let workspace = plan.get_i64(
+                attr::EXECUTION_PLAN_WORKSPACE_SIZE,
+                "reading a plan's workspace",
+            )?;
+            return Ok(Plan {
+                desc: plan,
+                _graph: g,
+                _parts: (cfgs, heur, self),
+                workspace: workspace.max(0) as usize,
+            });
         }
         Err(Error::Cuda {
             context: what,
@@ -647,6 +666,8 @@ impl Graph {
 pub(crate) struct Plan {
     desc: Desc,
     _graph: Desc,
+    /// What the plan was built from (see [`Graph`]), dropped with it.
+    _parts: (Vec<Desc>, Desc, Graph),
     /// Bytes of device workspace an execution needs.
     pub workspace: usize,
 }
