@@ -19,7 +19,8 @@
 //! stable ABI.
 
 use std::ffi::{c_char, c_void, CStr};
-use std::sync::{Arc, OnceLock};
+use std::rc::Rc;
+use std::sync::OnceLock;
 
 use crate::{Error, Result};
 
@@ -409,7 +410,7 @@ impl Desc {
 
 /// A tensor of a graph (its descriptor; the variant pack names it by the uid it was built with).
 pub(crate) struct TensorDesc {
-    desc: Arc<Desc>,
+    desc: Rc<Desc>,
 }
 
 /// One operation graph under construction: tensors and operations, in order.
@@ -420,7 +421,7 @@ pub(crate) struct TensorDesc {
 pub(crate) struct Graph {
     ops: Vec<Desc>,
     modes: Vec<Desc>,
-    keep: Vec<Arc<Desc>>,
+    keep: Vec<Rc<Desc>>,
     next_uid: i64,
 }
 
@@ -472,7 +473,7 @@ impl Graph {
             d.boolean(attr::TENSOR_IS_BY_VALUE, true, CX_TENSOR)?;
         }
         d.finalize(CX_TENSOR)?;
-        let desc = Arc::new(d);
+        let desc = Rc::new(d);
         self.keep.push(desc.clone());
         Ok(TensorDesc { desc })
     }
@@ -673,7 +674,9 @@ pub(crate) struct Plan {
 }
 
 // SAFETY: a finalized plan is immutable; executions go through the device's one handle on
-// Candle's stream (see `Handle`).
+// Candle's stream (see `Handle`). The `Rc`s of its graph's tensors are its only owners by then
+// (the tensor handles the graph's builder held are dropped before `Graph::build` returns), so
+// no reference count is shared with another thread.
 unsafe impl Send for Plan {}
 // SAFETY: as `Send`: executing only reads the plan.
 unsafe impl Sync for Plan {}
