@@ -47,6 +47,13 @@ T0=$(date +%s)
 # besides compile (e.g. liger alone, to fit a short device budget).
 # All of them need the Liger wheel in .whl/ (bench/fetch_wheels.sh; carry [".carry", ".whl"]).
 STAGES=${STAGES:-tests,ops,lora,decode,train,profile,sanitizer}
+# FLARE_ATTENTION_CUDNN=auto: the stages after `attn` run on cuDNN's attention only if the attn
+# stage's cuDNN test passed (off when it failed or did not run).
+CUDNN_AUTO=0
+if [ "${FLARE_ATTENTION_CUDNN:-}" = auto ]; then
+  CUDNN_AUTO=1
+  export FLARE_ATTENTION_CUDNN=0
+fi
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 echo "stages: $STAGES"
 
@@ -194,6 +201,10 @@ run_attn_bench() {
 if want attn; then
 step "flash-attention tests (cuDNN and kernel)" run_attn_tests
 step "flash attention: cuDNN, kernel, SDPA" run_attn_bench
+if [ "$CUDNN_AUTO" = 1 ] && grep -qE "^test .*cudnn_cases::cuda \.\.\. ok" "$OUT/attn_tests.log"; then
+  export FLARE_ATTENTION_CUDNN=1
+fi
+echo "FLARE_ATTENTION_CUDNN=${FLARE_ATTENTION_CUDNN:-unset} for the stages that follow"
 fi
 if want ops; then
 step "flare bench ops" run_bench
@@ -365,7 +376,7 @@ print(max(x["seq"] for x in r) if r else 0)' "$OUT/torch_longctx.json" 2>/dev/nu
   timeout "${LC_FLARE_S:-280}" "$BIN/flare" bench train --device cuda --config llama-3.1-8b \
     --shapes "1x$((2 * liger))" --gradient-checkpointing offload --warmup 0 --steps 1 \
     --json "$OUT/flare_longctx_2x.json" 2>&1 | tail -6
-  timeout 150 "$BIN/flare" bench train --device cuda --config llama-3.1-8b --shapes "1x$liger" \
+  timeout "${LC_FLARE1_S:-150}" "$BIN/flare" bench train --device cuda --config llama-3.1-8b --shapes "1x$liger" \
     --gradient-checkpointing auto --warmup 0 --steps 1 --json "$OUT/flare_longctx_1x.json" 2>&1 |
     tail -6
 }
