@@ -89,13 +89,47 @@ pub(crate) fn hardware_name(dev: &Device) -> String {
         };
     }
     let _ = dev;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("CPU ({cores} threads)")
+    format!("CPU ({} threads)", candle_core::utils::get_num_threads())
+}
+
+/// Fixes Candle's CPU thread count for the whole process: `main` calls it first, while the
+/// process has one thread.
+///
+/// Candle's CPU matmul asks [`candle_core::utils::get_num_threads`] on every call, and without
+/// `RAYON_NUM_THREADS` that re-reads `/proc/cpuinfo` (the physical-core count) each time: on
+/// a 2-core machine about a quarter of `flare demo`'s time (BENCHMARKS.md, "CPU"). Setting the
+/// variable to the count Candle computes keeps Candle's choice and makes every later call an
+/// environment lookup. A valid value the user set is left as it is.
+pub fn pin_cpu_threads() {
+    let current = std::env::var("RAYON_NUM_THREADS").ok();
+    if let Some(n) = thread_count_to_pin(current.as_deref(), candle_core::utils::get_num_threads) {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+/// The `RAYON_NUM_THREADS` to set given its current value: none when it already names a
+/// positive count (which Candle and rayon read), else Candle's own count.
+fn thread_count_to_pin(current: Option<&str>, candle: impl FnOnce() -> usize) -> Option<usize> {
+    match current.and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) if n > 0 => None,
+        _ => Some(candle().max(1)),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpu_thread_count_is_pinned_unless_the_user_set_one() {
+        assert_eq!(thread_count_to_pin(None, || 6), Some(6));
+        assert_eq!(thread_count_to_pin(Some("3"), || 6), None);
+        // Values Candle ignores (it parses the variable as it is) are replaced by its count.
+        assert_eq!(thread_count_to_pin(Some(" 3 "), || 6), Some(6));
+        assert_eq!(thread_count_to_pin(Some("0"), || 6), Some(6));
+        assert_eq!(thread_count_to_pin(Some("many"), || 6), Some(6));
+        assert_eq!(thread_count_to_pin(None, || 0), Some(1));
+    }
 
     #[test]
     fn device_specs() {

@@ -114,6 +114,7 @@ fn error_lines(e: &anyhow::Error) -> Vec<String> {
 }
 
 fn main() -> ExitCode {
+    device::pin_cpu_threads();
     // `flare train --help` shows the defaults of the library's TrainConfig.
     let cmd = Cli::command().mut_subcommand("train", train::show_defaults);
     let cli = match cmd
