@@ -43,6 +43,7 @@ T0=$(date +%s)
 #              (a search would repeat a step of minutes), its tokens/s and peak memory.
 #   train05b   Qwen2-0.5B shape at 4x512,8x1024: flare, then the anchor's eager, liger and compile
 #              (ANCHOR_COMPILE_05B=0 drops compile), no checkpointing
+# ANCHOR_CKPT_8B (default both; off or on) picks the 8B anchor's checkpointing.
 # ANCHOR_IMPLS_8B / ANCHOR_IMPLS_05B (default eager,liger) pick the anchor's configurations
 # besides compile (e.g. liger alone, to fit a short device budget).
 # All of them need the Liger wheel in .whl/ (bench/fetch_wheels.sh; carry [".carry", ".whl"]).
@@ -320,7 +321,7 @@ run_train8b_torch() {
   [ "${ANCHOR_COMPILE_8B:-0}" = 1 ] && impls=$impls,compile
   side torch_train8b.log "PyTorch + PEFT ($impls), llama-3.1-8b, checkpointing off and on" \
     timeout 270 "$PY" bench/anchor_train.py --config llama-3.1-8b --shapes "$SHAPES_8B" \
-    --impl "$impls" --gradient-checkpointing both --json "$OUT/torch_train8b.json"
+    --impl "$impls" --gradient-checkpointing "${ANCHOR_CKPT_8B:-both}" --json "$OUT/torch_train8b.json"
 }
 run_ctx8b_flare() {
   side flare_ctx8b.log "flare, llama-3.1-8b, --max-context (checkpointing auto)" \
