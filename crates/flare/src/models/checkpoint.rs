@@ -456,6 +456,237 @@ impl CustomOp1 for Checkpoint {
     }
 }
 
+/// A row-wise block `f` over the rows of a 2-D `x` (`[rows, width]`) in tiles of `tile` rows,
+/// each tile's activations recomputed in the backward (see the module docs): returns the tiles'
+/// results `f(t, x[t·tile ..])` stacked into `[rows, out]`. `f` gets the tile's index `t` (to
+/// seed any randomness per tile) and its rows; it must compute the same function again in the
+/// backward, and each output row must depend on its input row only (an MLP, a norm).
+///
+/// One op over all tiles: its forward writes the tiles' results into one output, and its
+/// backward recomputes and differentiates one tile at a time, writing the input's gradient tile
+/// by tile into one buffer and adding the gradients of `params` to `grads` (merged with
+/// [`CheckpointGrads::merge_into`]). So no tile costs a tensor of the whole input's size, as a
+/// `narrow` of the input per tile would in the backward (Candle pads each tile's gradient to
+/// the input's size and adds it).
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use flare::models::checkpoint::{checkpoint_rows, CheckpointGrads};
+/// let dev = Device::Cpu;
+/// let w = Var::new(&[[2f64], [3.]], &dev)?; // [2, 1]
+/// let x = Var::new(&[[1f64, 1.], [2., 0.], [0., 5.]], &dev)?; // 3 rows, tiles of 2 and 1
+/// let acc = CheckpointGrads::default();
+/// let w2 = w.clone();
+/// let y = checkpoint_rows(x.as_tensor(), 2, vec![w.clone()], &acc, move |_, x| {
+///     Ok(x.matmul(w2.as_tensor())?)
+/// })?;
+/// assert_eq!(y.to_vec2::<f64>()?, [[5.], [4.], [15.]]);
+/// let mut grads = y.sum_all()?.backward()?;
+/// acc.merge_into(&mut grads)?;
+/// assert_eq!(grads.get(x.as_tensor()).unwrap().to_vec2::<f64>()?, [[2., 3.], [2., 3.], [2., 3.]]);
+/// assert_eq!(grads.get(w.as_tensor()).unwrap().to_vec2::<f64>()?, [[3.], [6.]]);
+/// # Ok::<(), flare::Error>(())
+/// ```
+///
+/// Errors: `x` not 2-D or `tile` 0; `f`'s errors; a tile result that is not 2-D with the
+/// tile's rows, or whose width or dtype differs between tiles.
+pub fn checkpoint_rows<F>(
+    x: &Tensor,
+    tile: usize,
+    params: Vec<Var>,
+    grads: &CheckpointGrads,
+    f: F,
+) -> Result<Tensor>
+where
+    F: Fn(usize, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    if x.rank() != 2 || tile == 0 {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: format!(
+                "checkpoint_rows takes a 2-D input and a tile of at least one row (got {:?}, \
+                 tile {tile})",
+                x.dims()
+            ),
+        });
+    }
+    let grad_input = x.track_op();
+    if !grad_input && params.is_empty() {
+        return run_row_tiles(x, tile, &f);
+    }
+    let input = if grad_input {
+        x.clone()
+    } else {
+        Var::from_tensor(x)?.into_inner()
+    };
+    let y = run_row_tiles(&input.detach(), tile, &f)?;
+    let op = RowCheckpoint {
+        out: Mutex::new(Some(y)),
+        tile,
+        f: Box::new(f),
+        params,
+        grads: grads.clone(),
+        grad_input,
+    };
+    Ok(input.apply_op1_arc(Arc::new(Box::new(op)))?)
+}
+
+/// The row-wise block of a [`RowCheckpoint`].
+type RowFn = dyn Fn(usize, &Tensor) -> Result<Tensor> + Send + Sync;
+
+/// `f` over `x`'s row tiles (no graph: `x` is detached), the results written into one output.
+fn run_row_tiles(x: &Tensor, tile: usize, f: &RowFn) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    if rows == 0 {
+        return f(0, x);
+    }
+    let mut out: Option<Tensor> = None;
+    for (t, start) in (0..rows).step_by(tile).enumerate() {
+        let len = tile.min(rows - start);
+        let y = f(t, &x.narrow(0, start, len)?)?.detach();
+        let wrong = |what: &str| Error::InvalidArgument {
+            op: OP,
+            msg: format!(
+                "checkpoint_rows: tile {t} ({len} rows) gave {:?} {:?}: {what}",
+                y.dims(),
+                y.dtype()
+            ),
+        };
+        if y.rank() != 2 || y.dim(0)? != len {
+            return Err(wrong("a tile's result must be 2-D with the tile's rows"));
+        }
+        let dst = match &out {
+            Some(o) => o,
+            None => out.insert(Tensor::zeros((rows, y.dim(1)?), y.dtype(), y.device())?),
+        };
+        if dst.dim(1)? != y.dim(1)? || dst.dtype() != y.dtype() {
+            return Err(wrong(
+                "every tile's result must have the first one's width and dtype",
+            ));
+        }
+        dst.slice_set(&y.contiguous()?, 0, start)?;
+    }
+    out.ok_or_else(|| Error::InvalidArgument {
+        op: OP,
+        msg: "checkpoint_rows: no tile ran".into(),
+    })
+}
+
+/// The op of [`checkpoint_rows`].
+struct RowCheckpoint {
+    /// The tiles' results, taken (copied) by the forward.
+    out: Mutex<Option<Tensor>>,
+    tile: usize,
+    f: Box<RowFn>,
+    params: Vec<Var>,
+    grads: CheckpointGrads,
+    /// Whether the input's gradient is wanted.
+    grad_input: bool,
+}
+
+impl RowCheckpoint {
+    /// The forward's result as the op's output storage (one copy).
+    fn output<S: BackendStorage>(
+        &self,
+        unwrap: fn(&Storage) -> Option<&S>,
+    ) -> candle_core::Result<(S, Shape)> {
+        let out = self
+            .out
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(y) = out else {
+            candle_core::bail!("{OP}: internal error: the forward ran twice");
+        };
+        let (sy, ly) = y.storage_and_layout();
+        let sy = unwrap(&sy).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{OP}: internal error: a result on another device"))
+        })?;
+        Ok((sy.try_clone(ly)?, y.shape().clone()))
+    }
+
+    /// Each tile rebuilt on a fresh graph and differentiated with its rows of `∂L/∂y`; the
+    /// parameters' gradients go to the accumulator, the input's into one buffer.
+    fn backward(&self, arg: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let rows = arg.dim(0)?;
+        let dx = if self.grad_input {
+            Some(Tensor::zeros(arg.shape(), arg.dtype(), arg.device())?)
+        } else {
+            None
+        };
+        let grad = grad_res.detach();
+        for (t, start) in (0..rows).step_by(self.tile).enumerate() {
+            let len = self.tile.min(rows - start);
+            let rows_t = arg.narrow(0, start, len)?.detach();
+            let (input, x) = if self.grad_input {
+                let v = Var::from_tensor(&rows_t)?;
+                let x = v.as_tensor().clone();
+                (Some(v), x)
+            } else {
+                (None, rows_t)
+            };
+            let y = (self.f)(t, &x)?;
+            let g_t = grad.narrow(0, start, len)?;
+            if y.dims() != g_t.dims() {
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    msg: "a tile's recomputed result differs in shape from its forward's \
+                          (recomputed, forward)",
+                    lhs: y.dims().to_vec(),
+                    rhs: g_t.dims().to_vec(),
+                });
+            }
+            let g = y.apply_op1(SeedGrad { grad: g_t })?.backward()?;
+            for p in &self.params {
+                if let Some(gp) = g.get(p.as_tensor()) {
+                    self.grads.add(p.as_tensor(), gp)?;
+                }
+            }
+            if let (Some(dx), Some(v)) = (&dx, &input) {
+                // Rows whose result does not depend on them keep their zeros.
+                if let Some(gx) = g.get(v.as_tensor()) {
+                    dx.slice_set(&gx.contiguous()?, 0, start)?;
+                }
+            }
+        }
+        Ok(dx)
+    }
+}
+
+impl CustomOp1 for RowCheckpoint {
+    fn name(&self) -> &'static str {
+        "checkpoint-rows"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.output(|s| match s {
+            Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.output(|s| match s {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.backward(arg, grad_res).map_err(Error::into_candle)
+    }
+}
+
 /// A scalar zero whose gradient with respect to its input `y` is `grad`: the root of a
 /// backward seeded with `∂L/∂y` instead of ones.
 struct SeedGrad {
@@ -606,6 +837,86 @@ mod tests {
             Ok((x.clone(), Some(x.t()?.contiguous()?)))
         });
         assert!(bad.is_err());
+        Ok(())
+    }
+
+    /// A row-wise two-parameter block over 11 rows in tiles of 4 (4, 4, 3) gives the values and
+    /// gradients of the untiled block exactly, with the input's gradient whole and the
+    /// parameters' gradients only through the accumulator; a block whose rows mix is not what
+    /// it is for, and bad arguments are refused.
+    #[test]
+    fn row_tiles_give_the_untiled_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x0 = Tensor::randn(0f64, 1.0, (11, 5), &dev)?;
+        let (w1, w2) = (
+            Var::randn(0f64, 0.5, (5, 7), &dev)?,
+            Var::randn(0f64, 0.5, (7, 3), &dev)?,
+        );
+        let block = |w1: Var, w2: Var| {
+            move |_: usize, x: &Tensor| -> Result<Tensor> {
+                Ok(x.matmul(w1.as_tensor())?.tanh()?.matmul(w2.as_tensor())?)
+            }
+        };
+        let r = Tensor::randn(0f64, 1.0, (11, 3), &dev)?;
+        // Untiled.
+        let xp = Var::from_tensor(&x0)?;
+        let yp = block(w1.clone(), w2.clone())(0, xp.as_tensor())?;
+        let gp = (&yp * &r)?.sum_all()?.backward()?;
+        // Tiled.
+        let xt = Var::from_tensor(&x0)?;
+        let acc = CheckpointGrads::default();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let f = block(w1.clone(), w2.clone());
+        let yt = checkpoint_rows(
+            xt.as_tensor(),
+            4,
+            vec![w1.clone(), w2.clone()],
+            &acc,
+            move |t, x| {
+                seen2.lock().unwrap().push((t, x.dim(0)?));
+                f(t, x)
+            },
+        )?;
+        assert_eq!(yt.to_vec2::<f64>()?, yp.to_vec2::<f64>()?);
+        let mut gt = (&yt * &r)?.sum_all()?.backward()?;
+        assert!(gt.get(w1.as_tensor()).is_none());
+        assert_eq!(acc.merge_into(&mut gt)?, 2);
+        for (what, v) in [
+            ("x", xt.as_tensor()),
+            ("w1", w1.as_tensor()),
+            ("w2", w2.as_tensor()),
+        ] {
+            let want = match what {
+                "x" => gp.get(xp.as_tensor()),
+                _ => gp.get(v),
+            };
+            let (a, b) = (gt.get(v).expect(what), want.expect(what));
+            let err = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(err < 1e-12, "{what}: {err}");
+        }
+        // Forward then backward, each tile once, with its index and rows.
+        let order = [(0, 4), (1, 4), (2, 3)];
+        let want: Vec<_> = order.iter().chain(order.iter()).copied().collect();
+        assert_eq!(*seen.lock().unwrap(), want);
+        // An input that tracks nothing with no parameters: the tiles' results, no op.
+        let plain = checkpoint_rows(&x0, 4, vec![], &acc, |_, x| Ok(x.clone()))?;
+        assert!(!plain.track_op());
+        assert_eq!(plain.to_vec2::<f64>()?, x0.to_vec2::<f64>()?);
+        // Refused: a 3-D input, a tile of 0, a tile result of other rows or width.
+        let three = x0.reshape((11, 5, 1))?;
+        assert!(checkpoint_rows(&three, 4, vec![], &acc, |_, x| Ok(x.clone())).is_err());
+        assert!(checkpoint_rows(&x0, 0, vec![], &acc, |_, x| Ok(x.clone())).is_err());
+        let rows = checkpoint_rows(&x0, 4, vec![], &acc, |_, x| Ok(x.narrow(0, 0, 1)?));
+        assert!(rows.unwrap_err().to_string().contains("tile's rows"));
+        let width = checkpoint_rows(&x0, 4, vec![], &acc, |t, x| {
+            Ok(if t == 0 {
+                x.clone()
+            } else {
+                x.narrow(1, 0, 2)?
+            })
+        });
+        assert!(width.unwrap_err().to_string().contains("width"));
         Ok(())
     }
 }

@@ -24,7 +24,9 @@ pub mod weights;
 
 pub use adapter::{apply_adapter, load_peft_adapter};
 pub use cache::{KvCache, LayerKv};
-pub use checkpoint::{checkpoint, checkpoint_chain, ChainBlock, CheckpointGrads, CheckpointStore};
+pub use checkpoint::{
+    checkpoint, checkpoint_chain, checkpoint_rows, ChainBlock, CheckpointGrads, CheckpointStore,
+};
 pub use config::{Architecture, Llama3RopeScaling, ModelConfig};
 pub use transformer::{apply_rope, rope_inv_freq, Transformer};
 pub use weights::Weights;

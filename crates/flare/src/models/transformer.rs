@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::cache::KvCache;
 use super::checkpoint::{
-    checkpoint, checkpoint_chain, ChainBlock, CheckpointGrads, CheckpointStore,
+    checkpoint_chain, checkpoint_rows, ChainBlock, CheckpointGrads, CheckpointStore,
 };
 use super::config::{Llama3RopeScaling, ModelConfig};
 use super::weights::Weights;
@@ -714,7 +714,7 @@ impl Transformer {
     }
 
     /// With checkpointing on, runs each layer's MLP over its tokens in tiles of `tokens` rows
-    /// (`None`, the default: in one piece), each tile itself checkpointed ([`checkpoint`]): the
+    /// (`None`, the default: in one piece), each tile itself checkpointed ([`checkpoint_rows`]): the
     /// MLP's `[tokens, intermediate]` activations (gate, up, their product, and their gradients:
     /// most of a layer's activation memory, 115 KiB per token of Llama-3.1-8B) then exist for
     /// one tile at a time, in the forward and in the backward's recomputation, for one more
@@ -1305,9 +1305,8 @@ impl Transformer {
         Ok((update, r))
     }
 
-    /// [`mlp`](Self::mlp) over `n`'s rows in tiles of `tile`, each tile checkpointed into this
-    /// model's accumulator (see [`set_mlp_tile`](Self::set_mlp_tile)); the tiles' results are
-    /// concatenated back into `n`'s shape.
+    /// [`mlp`](Self::mlp) over `n`'s rows in tiles of `tile`, checkpointed tile by tile into
+    /// this model's accumulator ([`checkpoint_rows`]; see [`set_mlp_tile`](Self::set_mlp_tile)).
     fn mlp_tiled(&self, mlp: &Mlp, n: &Tensor, tile: usize) -> Result<Tensor> {
         let dims = n.dims().to_vec();
         let hidden = n.dim(D::Minus1)?;
@@ -1318,22 +1317,15 @@ impl Transformer {
             .flat_map(|l| l.trainable_vars())
             .collect();
         let base = crate::lora::dropout::current_seed();
-        let mut tiles = Vec::with_capacity(rows.div_ceil(tile));
-        for (t, start) in (0..rows).step_by(tile).enumerate() {
-            let x = flat.narrow(0, start, tile.min(rows - start))?;
-            let m = mlp.clone();
+        let m = mlp.clone();
+        let y = checkpoint_rows(&flat, tile, vars, &self.checkpoint_grads, move |t, x| {
             // Each tile's own dropout scope, the same every time the layer runs.
-            let seed = base.map(|s| mix64(s ^ mix64(t as u64 + 1)));
-            let y = checkpoint(&x, vars.clone(), &self.checkpoint_grads, move |x| {
-                let y = match seed {
-                    Some(s) => with_dropout_seed(s, || Self::mlp(&m, x))?,
-                    None => Self::mlp(&m, x)?,
-                };
-                Ok((y, None))
-            })?;
-            tiles.push(y);
-        }
-        Ok(Tensor::cat(&tiles, 0)?.reshape(dims)?)
+            match base.map(|s| mix64(s ^ mix64(t as u64 + 1))) {
+                Some(s) => with_dropout_seed(s, || Self::mlp(&m, x)),
+                None => Self::mlp(&m, x),
+            }
+        })?;
+        Ok(y.reshape(dims)?)
     }
 
     /// The trainable variables (active adapters' `A` and `B`) of one layer.
