@@ -33,6 +33,11 @@
 //! and one host-to-device copy in the backward). The backward walks the blocks from the last,
 //! dropping each block's stored input as soon as it is recomputed.
 //!
+//! A row-wise block over many rows ([`checkpoint_rows`], how the long-context MLP runs in
+//! tiles) is one such op too: its forward runs the block on one tile of rows at a time into one
+//! output, and its backward recomputes and differentiates one tile at a time, writing the
+//! input's gradient tile by tile into one buffer.
+//!
 //! The block's input is made a [`Var`] when it does not track gradients (the embeddings of
 //! the first layer, say) so that the op is part of the graph and its parameters get their
 //! gradient; its own gradient is then not returned.
