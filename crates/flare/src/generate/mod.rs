@@ -135,7 +135,7 @@ pub fn generate(
     Ok(stream.tokens().to_vec())
 }
 
-/// [`generate`] for a batch of prompts, decoded together with one [`KvCache`] of batch
+/// [`generate`] for a batch of prompts, decoded together with one [`KvCache`](crate::models::KvCache) of batch
 /// `prompts.len()`. Prompts of different lengths are left-padded and prefilled with
 /// [`Transformer::prefill_padded`], so each row's tokens are those of its prompt generated
 /// alone (up to rounding). Returns each row's new tokens; a row stops after one of its EOS

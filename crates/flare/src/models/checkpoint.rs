@@ -4,13 +4,13 @@
 //! Candle frees a tensor's activations when nothing refers to its graph any more. So the
 //! forward of a checkpointed block `y = f(x)` runs `f` normally, detaches its result (dropping
 //! the block's graph, hence its intermediates) and returns it through a one-input custom op on
-//! `x` ([`Checkpoint`]): the outer graph keeps only `x` (the block's input) and the op.
+//! `x` (`Checkpoint`): the outer graph keeps only `x` (the block's input) and the op.
 //! When the backward reaches the op with `∂L/∂y`, the op:
 //!
 //! 1. rebuilds the block on a fresh graph from a copy of `x` made a [`Var`] (`f` must compute
 //!    the same function again: the transformer runs each layer in a
 //!    [`crate::lora::with_dropout_seed`] scope, so LoRA dropout draws the same masks);
-//! 2. runs that graph's backward seeded with `∂L/∂y` (a scalar [`SeedGrad`] op whose gradient
+//! 2. runs that graph's backward seeded with `∂L/∂y` (a scalar `SeedGrad` op whose gradient
 //!    is `∂L/∂y`, so nothing of the size of `y` is multiplied or summed to seed it);
 //! 3. returns `∂L/∂x` to the outer backward, and adds the gradients of the block's parameters
 //!    into a [`CheckpointGrads`] accumulator: the outer graph cannot reach them (it holds the

@@ -4,11 +4,11 @@
 //! Per layer: `rms_norm → attention (q/k/v/o, RoPE, GQA, causal mask) → residual → rms_norm →
 //! SwiGLU MLP (gate/up/down) → residual`; then the final norm and the output projection. Norms
 //! use [`crate::ops::add_rms_norm`] to fuse each residual add with the following norm, products
-//! use [`crate::ops::matmul`].
+//! use [`crate::ops::matmul()`].
 //!
 //! Attention: a forward that attends to nothing cached (training, [`Transformer::forward`],
 //! [`Transformer::forward_packed`], and an unpadded prefill into an empty cache) runs
-//! [`crate::ops::flash_attention`] over the sequences (or the packed documents), so no
+//! [`crate::ops::flash_attention()`] over the sequences (or the packed documents), so no
 //! `seq × seq` tensor exists anywhere, forward or backward. Steps that read a KV cache
 //! (decode, prefill after a cached prefix) and left-padded prefills compute the scores
 //! `[b · kv_heads, group · s, t]` and a masked softmax ([`crate::ops::softmax_masked`]), or the
@@ -932,7 +932,7 @@ impl Transformer {
 
     /// The logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u8, u32 or i64), in the
     /// model's dtype, with causal attention over the whole sequence (no KV cache), computed by
-    /// [`flash_attention`] (no `seq × seq` tensor, forward or backward).
+    /// [`flash_attention()`] (no `seq × seq` tensor, forward or backward).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.logits(&self.forward_hidden(input_ids)?)
     }
@@ -960,7 +960,7 @@ impl Transformer {
     /// holds the documents one after the other, document `i` being tokens
     /// `cu_seqlens[i]..cu_seqlens[i + 1]`. Each document is computed as if alone: its positions
     /// start at 0 (RoPE) and its tokens attend only to its own earlier tokens (causal, within
-    /// the sliding window if any), through [`flash_attention`]'s variable-length offsets.
+    /// the sliding window if any), through [`flash_attention()`]'s variable-length offsets.
     ///
     /// Errors: `input_ids` of another shape or dtype, or empty; `cu_seqlens` with fewer than
     /// two entries, not starting at 0, decreasing, or not ending at `total`.

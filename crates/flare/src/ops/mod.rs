@@ -1,7 +1,7 @@
 //! flare's ops on Candle tensors.
 //!
 //! Each op is a Candle custom op with a CPU forward and a CUDA forward; a public function checks
-//! shapes, dtypes and devices and returns a clear [`Error`](crate::Error) before anything runs.
+//! shapes, dtypes and devices and returns a clear [`crate::Error`] before anything runs.
 //! On devices other than CPU and CUDA each op falls back to Candle's own composite ops. Every
 //! differentiable op has a backward, so `Tensor::backward` flows through it, and a composed
 //! reference (`*_reference`) built from plain Candle ops, used by the tests and benchmarks. Two

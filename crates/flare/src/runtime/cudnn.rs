@@ -3,17 +3,17 @@
 //! picks on Hopper; see `ops::flash_attention`).
 //!
 //! - **Loading.** `libcudnn.so.9` is opened with the dynamic loader the first time an op asks
-//!   for it ([`api`]), never at link time: a flare binary built with `cuda` runs on a machine
+//!   for it (`api`), never at link time: a flare binary built with `cuda` runs on a machine
 //!   without cuDNN, and then [`available`] says why and the caller takes flare's own kernel
 //!   (`flare bench` prints `no cuDNN` beside the GPU's name; `flare::runtime::cudnn_version`
 //!   gives the loader's message). The library comes
 //!   from `LD_LIBRARY_PATH` (e.g. PyTorch's `site-packages/nvidia/cudnn/lib`).
 //! - **Handles.** One cuDNN handle per device, bound to Candle's stream, created once with the
 //!   device's runtime ([`super::cuda::CudaRuntime::cudnn`]).
-//! - **Graphs.** [`Graph`] builds an operation graph from tensors, pointwise, reduction and
+//! - **Graphs.** `Graph` builds an operation graph from tensors, pointwise, reduction and
 //!   matmul operations (the backend's descriptors, by their attribute names), asks the
 //!   heuristics for engine configurations and keeps the first that finalizes into an execution
-//!   [`Plan`]. Plans are built once per shape by their callers and reused.
+//!   `Plan`. Plans are built once per shape by their callers and reused.
 //!
 //! The constants below are the cuDNN 9 header's values (`cudnn_graph.h`); they are part of its
 //! stable ABI.

@@ -1,6 +1,6 @@
 //! The per-device runtime: everything an op needs on a device, created once and reused.
 //!
-//! On CUDA a [`cuda::CudaRuntime`] holds, per device: Candle's stream, one cuBLASLt handle and
+//! On CUDA a `cuda::CudaRuntime` holds, per device: Candle's stream, one cuBLASLt handle and
 //! its workspace, every flare kernel module loaded once with each kernel's function handle
 //! resolved once, and the GEMM plans (descriptors plus the heuristic's algorithm) cached per
 //! shape and dtype. It is created lazily the first time an op runs on a device. The CPU needs no
@@ -49,7 +49,7 @@ static ALLOW_TF32: AtomicBool = AtomicBool::new(false);
 
 /// Whether flare can use cuDNN (its fused attention): cuDNN's version number (e.g. `91300` for
 /// 9.13.0), or why not: built without the `cuda` feature, or libcudnn 9 not found by the dynamic
-/// loader (see [`cudnn`](mod@cudnn)).
+/// loader (see `runtime::cudnn`, with the `cuda` feature).
 pub fn cudnn_version() -> std::result::Result<usize, String> {
     #[cfg(feature = "cuda")]
     {

@@ -306,7 +306,7 @@ fn check_finite(t: &Tensor, what: &str) -> Result<()> {
 /// forward and loss exactly as [`Trainer::step`] computes them. A packed batch (with
 /// `cu_seqlens`) runs [`Transformer::forward_hidden_packed`], a padded one
 /// [`Transformer::forward_hidden`]; the LM head and the loss are one fused op
-/// ([`linear_cross_entropy`]), so the `[tokens, vocab]` logits are never held whole. With
+/// ([`linear_cross_entropy()`]), so the `[tokens, vocab]` logits are never held whole. With
 /// `grad`, autograd reaches the adapters (the caller runs `loss.backward()`, then
 /// [`Transformer::merge_checkpoint_grads`] when the model checkpoints its layers); without,
 /// the hidden states are detached and the fused loss computes no gradient. Public so that

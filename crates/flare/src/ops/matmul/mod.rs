@@ -6,7 +6,7 @@
 //! dimension, never copied. A 2-D `b` with a batched `a` (the linear-layer case) is run as one
 //! 2-D GEMM over all of `a`'s rows. On CPU the product is Candle's gemm; on CUDA it is
 //! cuBLASLt with the algorithm chosen once per shape by its heuristic and cached
-//! ([`crate::runtime::gemm`]). f32 may use TF32 on CUDA, see [`crate::runtime::set_allow_tf32`].
+//! (`runtime::gemm`, with the `cuda` feature). f32 may use TF32 on CUDA, see [`crate::runtime::set_allow_tf32`].
 //!
 //! Backward, with `c = a @ b` and upstream gradient `dc`:
 //!   `da = dc @ bᵀ`, `db = aᵀ @ dc`

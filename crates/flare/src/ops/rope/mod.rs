@@ -2,9 +2,9 @@
 //! in two output layouts: [`rope_heads`] fuses the transposition to the attention layout
 //! `[batch, heads, seq, head_dim]` in (one pass instead of Candle's reshape/transpose/copy,
 //! narrow, neg, cat, two multiplies and an add), [`rope_tokens`] keeps the input's axis order
-//! (for [`flash_attention`](crate::ops::flash_attention), which takes token rows
-//! `[tokens, heads, head_dim]`: a reshape of its output, no copy). One op, [`Rope`], serves
-//! both: its [`RopeLayout`] says which axis order it reads and writes.
+//! (for [`flash_attention`](fn@crate::ops::flash_attention), which takes token rows
+//! `[tokens, heads, head_dim]`: a reshape of its output, no copy). One op, `Rope`, serves
+//! both: its `RopeLayout` says which axis order it reads and writes.
 //!
 //! Forward, per head vector `x` (head_dim `d`, `half = d / 2`) at position `t`, with
 //! `c = cos[t]`, `s = sin[t]` of shape `[half]` (the frequencies, not repeated):
@@ -187,7 +187,7 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<
 /// RoPE of `x: [batch, seq, heads, head_dim]` (any layout, e.g. a projection's output
 /// reshaped, or a narrow of a fused q/k/v projection), returned in the same axis order
 /// `[batch, seq, heads, head_dim]`, contiguous, and multiplied by `scale`: the layout
-/// [`flash_attention`](crate::ops::flash_attention) takes after a reshape to
+/// [`flash_attention`](fn@crate::ops::flash_attention) takes after a reshape to
 /// `[batch * seq, heads, head_dim]` (a view). The same maths, tables and checks as
 /// [`rope_heads`], which writes the attention layout `[batch, heads, seq, head_dim]` instead;
 /// `rope_tokens(x, ..)` equals `rope_heads(x, ..).transpose(1, 2)`. Has a backward for `x`
