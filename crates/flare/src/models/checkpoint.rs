@@ -327,37 +327,33 @@ struct Checkpoint {
     grad_input: bool,
 }
 
-impl Checkpoint {
-    /// The op's output from the stored parts on one backend: `update + residual` (Candle's
-    /// own add kernel on the parts' layouts), or a copy of `y`.
-    fn output<S: BackendStorage>(
-        &self,
-        unwrap: fn(&Storage) -> Option<&S>,
-    ) -> candle_core::Result<(S, Shape)> {
-        let parts = self
-            .parts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let Some((y, r)) = parts else {
-            candle_core::bail!("{OP}: internal error: the forward ran twice");
-        };
-        let wrong = || {
-            candle_core::Error::Msg(format!("{OP}: internal error: a part is on another device"))
-        };
-        let (sy, ly) = y.storage_and_layout();
-        let sy = unwrap(&sy).ok_or_else(wrong)?;
-        let out = match r {
-            None => sy.try_clone(ly)?,
-            Some(r) => {
-                let (sr, lr) = r.storage_and_layout();
-                let sr = unwrap(&sr).ok_or_else(wrong)?;
-                sy.binary_impl::<candle_core::op::Add>(sr, ly, lr)?
-            }
-        };
-        Ok((out, y.shape().clone()))
-    }
+/// A checkpoint op's output from the parts its construction stored, taken from `slot` (once)
+/// on one backend: `update + residual` (Candle's own add kernel on the parts' layouts), or a
+/// copy of `y`.
+fn take_output<S: BackendStorage>(
+    slot: &Mutex<Option<(Tensor, Option<Tensor>)>>,
+    unwrap: fn(&Storage) -> Option<&S>,
+) -> candle_core::Result<(S, Shape)> {
+    let parts = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+    let Some((y, r)) = parts else {
+        candle_core::bail!("{OP}: internal error: the forward ran twice");
+    };
+    let wrong =
+        || candle_core::Error::Msg(format!("{OP}: internal error: a part is on another device"));
+    let (sy, ly) = y.storage_and_layout();
+    let sy = unwrap(&sy).ok_or_else(wrong)?;
+    let out = match r {
+        None => sy.try_clone(ly)?,
+        Some(r) => {
+            let (sr, lr) = r.storage_and_layout();
+            let sr = unwrap(&sr).ok_or_else(wrong)?;
+            sy.binary_impl::<candle_core::op::Add>(sr, ly, lr)?
+        }
+    };
+    Ok((out, y.shape().clone()))
+}
 
+impl Checkpoint {
     /// The chain's backward: from `∂L/∂(result)`, each block from the last is rebuilt on a
     /// fresh graph from a copy of its input (a variable when a gradient is wanted for it) and
     /// differentiated, its parameters' gradients going to the accumulator; its input's
@@ -433,7 +429,7 @@ impl CustomOp1 for Checkpoint {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.output(|s| match s {
+        take_output(&self.parts, |s| match s {
             Storage::Cpu(c) => Some(c),
             _ => None,
         })
@@ -445,7 +441,7 @@ impl CustomOp1 for Checkpoint {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.output(|s| match s {
+        take_output(&self.parts, |s| match s {
             Storage::Cuda(c) => Some(c),
             _ => None,
         })
@@ -526,7 +522,7 @@ where
     };
     let y = run_row_tiles(&input.detach(), tile, &f)?;
     let op = RowCheckpoint {
-        out: Mutex::new(Some(y)),
+        parts: Mutex::new(Some((y, None))),
         tile,
         f: Box::new(f),
         params,
@@ -579,8 +575,8 @@ fn run_row_tiles(x: &Tensor, tile: usize, f: &RowFn) -> Result<Tensor> {
 
 /// The op of [`checkpoint_rows`].
 struct RowCheckpoint {
-    /// The tiles' results, taken (copied) by the forward.
-    out: Mutex<Option<Tensor>>,
+    /// The tiles' results (no residual), taken (copied) by the forward.
+    parts: Mutex<Option<(Tensor, Option<Tensor>)>>,
     tile: usize,
     f: Box<RowFn>,
     params: Vec<Var>,
@@ -590,26 +586,6 @@ struct RowCheckpoint {
 }
 
 impl RowCheckpoint {
-    /// The forward's result as the op's output storage (one copy).
-    fn output<S: BackendStorage>(
-        &self,
-        unwrap: fn(&Storage) -> Option<&S>,
-    ) -> candle_core::Result<(S, Shape)> {
-        let out = self
-            .out
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let Some(y) = out else {
-            candle_core::bail!("{OP}: internal error: the forward ran twice");
-        };
-        let (sy, ly) = y.storage_and_layout();
-        let sy = unwrap(&sy).ok_or_else(|| {
-            candle_core::Error::Msg(format!("{OP}: internal error: a result on another device"))
-        })?;
-        Ok((sy.try_clone(ly)?, y.shape().clone()))
-    }
-
     /// Each tile rebuilt on a fresh graph and differentiated with its rows of `∂L/∂y`; the
     /// parameters' gradients go to the accumulator, the input's into one buffer.
     fn backward(&self, arg: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -664,7 +640,7 @@ impl CustomOp1 for RowCheckpoint {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.output(|s| match s {
+        take_output(&self.parts, |s| match s {
             Storage::Cpu(c) => Some(c),
             _ => None,
         })
@@ -676,7 +652,7 @@ impl CustomOp1 for RowCheckpoint {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.output(|s| match s {
+        take_output(&self.parts, |s| match s {
             Storage::Cuda(c) => Some(c),
             _ => None,
         })
