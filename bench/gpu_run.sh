@@ -43,6 +43,8 @@ T0=$(date +%s)
 #              (a search would repeat a step of minutes), its tokens/s and peak memory.
 #   train05b   Qwen2-0.5B shape at 4x512,8x1024: flare, then the anchor's eager, liger and compile
 #              (ANCHOR_COMPILE_05B=0 drops compile), no checkpointing
+#   graph      the captured training pass (FLARE_STEP_GRAPH): its tests, then flare alone on the
+#              Qwen2-0.5B shape at 4x512,8x1024 with the graph on and off (FLARE_STEP_GRAPH=0)
 # ANCHOR_CKPT_8B (default both; off or on) picks the 8B anchor's checkpointing.
 # ANCHOR_IMPLS_8B / ANCHOR_IMPLS_05B (default eager,liger) pick the anchor's configurations
 # besides compile (e.g. liger alone, to fit a short device budget).
@@ -392,6 +394,22 @@ step "flare max context, llama-3.1-8b" run_ctx8b_flare
 fi
 if want ctx8b || want ctx8b_torch; then
 step "torch anchor max context, llama-3.1-8b" run_ctx8b_torch
+fi
+run_graph_tests() {
+  timeout 120 "$BIN/it" step_graph --test-threads=1 2>&1 | tee "$OUT/graph_tests.log" | tail -15
+  return "${PIPESTATUS[0]}"
+}
+run_graph_bench() {
+  local mode
+  for mode in 1 0; do
+    side flare_graph05b.log "flare, qwen2-0.5b, FLARE_STEP_GRAPH=$mode" \
+      env FLARE_STEP_GRAPH=$mode timeout 100 "$BIN/flare" bench train --device cuda --config qwen2-0.5b \
+      --shapes 4x512,8x1024 --gradient-checkpointing off --json "$OUT/flare_graph05b_$mode.json" || return 1
+  done
+}
+if want graph; then
+step "step-graph tests" run_graph_tests
+step "flare bench train, qwen2-0.5b, graph on and off" run_graph_bench
 fi
 if want train05b; then
 step "flare bench train, qwen2-0.5b" run_train05b_flare

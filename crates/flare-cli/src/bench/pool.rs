@@ -42,9 +42,35 @@ impl PoolMeter {
         self.get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
     }
 
-    /// The high-water mark of [`Self::used`] since the last [`Self::reset_high`].
+    /// The high-water mark of [`Self::used`] since the last [`Self::reset_high`], plus that of
+    /// the device's CUDA-graph memory (the memory a replayed graph allocates lives in the
+    /// driver's graph pool, not in this one; the two marks are added, an upper bound of the
+    /// two pools' use at any one time).
     pub fn high(&self) -> Result<u64> {
-        self.get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+        Ok(
+            self.get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?
+                + self.graph_high()?,
+        )
+    }
+
+    /// The high-water mark of the device's CUDA-graph memory since the last reset.
+    fn graph_high(&self) -> Result<u64> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
+        let mut v: u64 = 0;
+        // SAFETY: the device is live; CU_GRAPH_MEM_ATTR_USED_MEM_HIGH is a cuuint64_t, and `v`
+        // is a u64 that outlives the call.
+        unsafe {
+            sys::cuDeviceGetGraphMemAttribute(
+                self.ctx.cu_device(),
+                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH,
+                (&mut v as *mut u64).cast(),
+            )
+            .result()
+        }
+        .map_err(|e| anyhow!("reading the graph memory's high-water mark: {e:?}"))?;
+        Ok(v)
     }
 
     /// Resets the high-water mark (the driver accepts only 0, which restarts the mark from
@@ -63,6 +89,18 @@ impl PoolMeter {
                 (&mut zero as *mut u64).cast(),
             )
         }
-        .map_err(|e| anyhow!("resetting the memory pool's high-water mark: {e:?}"))
+        .map_err(|e| anyhow!("resetting the memory pool's high-water mark: {e:?}"))?;
+        let mut zero: u64 = 0;
+        // SAFETY: the device is live; USED_MEM_HIGH of the graph memory takes a cuuint64_t
+        // that must be 0, and `zero` is a u64 that outlives the call.
+        unsafe {
+            sys::cuDeviceSetGraphMemAttribute(
+                self.ctx.cu_device(),
+                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            )
+            .result()
+        }
+        .map_err(|e| anyhow!("resetting the graph memory's high-water mark: {e:?}"))
     }
 }

@@ -14,13 +14,18 @@
 //! which `--gradient-checkpointing` and `--packing` set), then the backward under
 //! `flare::runtime::cache_launch_params`, then [`global_grad_norm`], [`clip_scale`] and the
 //! multi-tensor [`AdamW`] step. Each row is one document per batch row, so `--packing` changes
-//! the layout only (one row of `batch` documents), not the tokens. Phases are timed with a device synchronisation
-//! between them: forward + loss (`fwd_ms`; `loss_ms` is null and `fwd_includes_loss` true, as
-//! in the anchor's Liger rows), backward, optimizer.
+//! the layout only (one row of `batch` documents), not the tokens. Phases are timed with a
+//! device synchronisation between them: forward + loss (`fwd_ms`; `loss_ms` is null and
+//! `fwd_includes_loss` true, as in the anchor's Liger rows), backward, optimizer. Where the
+//! trainer replays a CUDA graph of the forward and backward ([`StepGraphs`]: CUDA, padded
+//! batches, no checkpointing, `FLARE_STEP_GRAPH` on), the bench does too, through the
+//! trainer's own [`StepGraphs::pass`]: the row says `graph`, and the forward and backward are
+//! timed as one (`fwd_bwd_ms`; `fwd_ms` and `bwd_ms` null).
 //!
 //! Steps: warm-up then timed steps; the row reports the mean of the timed steps (the phases
-//! and `step_ms`; `step_ms_median` too). Defaults: models of over 2e9 frozen weights 1 + 3,
-//! others 2 + 5, `--quick` 2 + 3 (`--warmup`, `--steps` override). Peak memory: the device
+//! and `step_ms`; `step_ms_median` too). Defaults: 2 warm-up steps (the second captures the
+//! graph where one applies), then 3 timed steps for models of over 2e9 frozen weights and
+//! `--quick`, 5 for others (`--warmup`, `--steps` override). Peak memory: the device
 //! pool's high-water mark over the timed steps (reset per shape), weights included, as
 //! `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`. MFU: model FLOPs per
 //! token ([`presets::flops_per_token`], the anchor's formula) x tokens/s over the dense bf16
@@ -46,7 +51,8 @@ use clap::Args;
 use flare::models::Transformer;
 use flare::train::memory::{available_memory, decide_checkpointing, MemoryEstimate};
 use flare::train::{
-    batch_nll_sum, clip_scale, global_grad_norm, AdamW, Checkpointing, Example, TrainConfig,
+    batch_nll_sum, clip_scale, global_grad_norm, AdamW, Checkpointing, Example, StepGraphs,
+    TrainConfig,
 };
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -101,7 +107,8 @@ pub struct TrainBenchArgs {
     /// Stop the bisection after this many seconds of search.
     #[arg(long)]
     pub max_context_budget_s: Option<f64>,
-    /// Warm-up steps per case.
+    /// Warm-up steps per case (default 2: the first fills the caches, the second captures
+    /// the CUDA graph where one applies).
     #[arg(long)]
     pub warmup: Option<usize>,
     /// Timed steps per case.
@@ -173,12 +180,17 @@ pub struct TrainRow {
     pub tokens_per_s: Option<f64>,
     /// Peak device memory over the timed steps, GiB (None on CPU).
     pub peak_gib: Option<f64>,
-    /// Mean forward + loss time, ms.
+    /// Mean forward + loss time, ms (null when a CUDA graph ran forward and backward as one).
     pub fwd_ms: Option<f64>,
     /// Always null: the loss is timed with the forward (`fwd_includes_loss`).
     pub loss_ms: Option<f64>,
-    /// Mean backward time, ms.
+    /// Mean backward time, ms (null when a CUDA graph ran forward and backward as one).
     pub bwd_ms: Option<f64>,
+    /// Mean forward + loss + backward time, ms.
+    pub fwd_bwd_ms: Option<f64>,
+    /// True when every timed step's forward and backward ran as a replayed CUDA graph
+    /// (`FLARE_STEP_GRAPH`; then `fwd_ms` and `bwd_ms` are null).
+    pub step_graph: bool,
     /// Mean optimizer time (norm, clipping, AdamW), ms.
     pub opt_ms: Option<f64>,
     /// Mean step time, ms.
@@ -298,6 +310,8 @@ impl Meter {
 
 /// The model, its optimizer and the trainer settings a step runs under.
 struct Bench {
+    /// The trainer's captured passes (the bench times the trainer's path).
+    graphs: StepGraphs,
     model: Transformer,
     opt: AdamW,
     params: Vec<Var>,
@@ -306,13 +320,41 @@ struct Bench {
     meter: Meter,
 }
 
-/// Mean phase times of the timed steps (fwd+loss, bwd, opt, step, ms), the median step, the
-/// peak GiB and the first step's seconds.
+/// One step's phase times, ms.
+struct Times {
+    /// Forward and loss (None when a graph ran the pass: not timed apart).
+    fwd: Option<f64>,
+    /// Backward (None when a graph ran the pass).
+    bwd: Option<f64>,
+    /// Forward, loss and backward.
+    fwd_bwd: f64,
+    /// Norm, clipping and AdamW.
+    opt: f64,
+    /// The whole step.
+    step: f64,
+    /// Whether a CUDA graph ran the pass.
+    graphed: bool,
+}
+
+fn ms(a: Instant, b: Instant) -> f64 {
+    (b - a).as_secs_f64() * 1e3
+}
+
+/// Mean phase times of the timed steps, the median step, the peak GiB and the first step's
+/// seconds.
 struct Measured {
     /// Whether the layers were checkpointed, and their inputs offloaded (the `auto`
     /// decision, or the setting).
     checkpointing: (bool, bool),
-    mean: [f64; 4],
+    /// Means (ms) of forward + loss and backward (None unless every timed step timed them),
+    /// forward + backward, optimizer, step.
+    fwd: Option<f64>,
+    bwd: Option<f64>,
+    fwd_bwd: f64,
+    opt: f64,
+    step: f64,
+    /// Whether every timed step's pass ran as a CUDA graph.
+    graphed: bool,
     median_step: f64,
     peak: Option<f64>,
     first_s: f64,
@@ -338,31 +380,42 @@ impl Bench {
         }
     }
 
-    /// One training step: (fwd+loss, bwd, opt, total) in ms.
-    fn step(&mut self, b: &flare::train::Batch) -> Result<[f64; 4]> {
+    /// One training step, timed by phase. Where the trainer would replay a CUDA graph of the
+    /// pass ([`StepGraphs::applies`]), the step takes the same path ([`StepGraphs::pass`]) and
+    /// its forward and backward are timed as one; otherwise they are timed apart.
+    fn step(&mut self, b: &flare::train::Batch) -> Result<Times> {
         let dev = &self.dev;
         let sync = || flare::runtime::synchronize(dev);
+        let scale = 1.0 / b.n_targets as f64;
         sync()?;
         let t0 = Instant::now();
-        let loss = (batch_nll_sum(&self.model, b, true)? * (1.0 / b.n_targets as f64))?;
-        sync()?;
-        let t1 = Instant::now();
-        let grads = {
-            let _params = flare::runtime::cache_launch_params(dev);
-            let mut grads = loss.backward()?;
-            // Checkpointed layers' adapter gradients arrive through the model's accumulator.
-            self.model.merge_checkpoint_grads(&mut grads)?;
-            grads
+        let (gs, fwd, bwd, graphed) = if self.graphs.applies(&self.model, b) {
+            let pass = self.graphs.pass(&self.model, &self.params, b, scale)?;
+            drop(pass.loss);
+            (pass.grads, None, None, pass.graphed)
+        } else {
+            let loss = (batch_nll_sum(&self.model, b, true)? * scale)?;
+            sync()?;
+            let t1 = Instant::now();
+            let grads = {
+                let _params = flare::runtime::cache_launch_params(dev);
+                let mut grads = loss.backward()?;
+                // Checkpointed layers' adapter gradients arrive through the model's
+                // accumulator.
+                self.model.merge_checkpoint_grads(&mut grads)?;
+                grads
+            };
+            drop(loss);
+            sync()?;
+            let gs: Vec<_> = self
+                .params
+                .iter()
+                .map(|p| grads.get(p.as_tensor()).cloned())
+                .collect();
+            (gs, Some(ms(t0, t1)), Some(ms(t1, Instant::now())), false)
         };
         sync()?;
         let t2 = Instant::now();
-        let gs: Vec<_> = self
-            .params
-            .iter()
-            .map(|p| grads.get(p.as_tensor()).cloned())
-            .collect();
-        drop(grads);
-        drop(loss);
         let norm = global_grad_norm(&gs)?;
         if !norm.is_finite() {
             bail!("non-finite gradient norm {norm}");
@@ -372,8 +425,14 @@ impl Bench {
         drop(gs);
         sync()?;
         let t3 = Instant::now();
-        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-        Ok([ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t0, t3)])
+        Ok(Times {
+            fwd,
+            bwd,
+            fwd_bwd: ms(t0, t2),
+            opt: ms(t2, t3),
+            step: ms(t0, t3),
+            graphed,
+        })
     }
 
     /// The trainer settings of a `batch x seq` case, and whether its layers are checkpointed:
@@ -426,7 +485,7 @@ impl Bench {
             }
             let t = self.step(&b)?;
             if it == 0 {
-                first_s = t[3] / 1e3;
+                first_s = t.step / 1e3;
             }
             if it >= warmup {
                 times.push(t);
@@ -434,12 +493,18 @@ impl Bench {
         }
         let peak = self.meter.high_gib(&self.dev)?;
         let n = times.len().max(1) as f64;
-        let mean = std::array::from_fn(|k| times.iter().map(|t| t[k]).sum::<f64>() / n);
-        let median_step = median(&times.iter().map(|t| t[3]).collect::<Vec<_>>());
+        let mean = |f: fn(&Times) -> f64| times.iter().map(f).sum::<f64>() / n;
+        let mean_of =
+            |f: fn(&Times) -> Option<f64>| times.iter().map(f).sum::<Option<f64>>().map(|s| s / n);
         Ok(Measured {
             checkpointing,
-            mean,
-            median_step,
+            fwd: mean_of(|t| t.fwd),
+            bwd: mean_of(|t| t.bwd),
+            fwd_bwd: mean(|t| t.fwd_bwd),
+            opt: mean(|t| t.opt),
+            step: mean(|t| t.step),
+            graphed: !times.is_empty() && times.iter().all(|t| t.graphed),
+            median_step: median(&times.iter().map(|t| t.step).collect::<Vec<_>>()),
             peak,
             first_s,
         })
@@ -454,7 +519,7 @@ impl Bench {
             let b = self.batch(1, seq);
             self.meter.reset(&self.dev)?;
             let t = self.step(&b)?;
-            Ok((t[3] / 1e3, self.meter.high_gib(&self.dev)?))
+            Ok((t.step / 1e3, self.meter.high_gib(&self.dev)?))
         })();
         match r {
             Ok((s, peak)) => Ok(("ok".into(), Some(s), peak)),
@@ -497,6 +562,8 @@ impl RowCtx {
             fwd_ms: None,
             loss_ms: None,
             bwd_ms: None,
+            fwd_bwd_ms: None,
+            step_graph: false,
             opt_ms: None,
             step_ms: None,
             step_ms_median: None,
@@ -532,14 +599,16 @@ impl RowCtx {
         let mut r = self.row(batch, seq, "ok".into());
         r.grad_ckpt = Some(m.checkpointing.0);
         r.ckpt_offload = m.checkpointing.1;
-        let tps = (batch * seq) as f64 / (m.mean[3] / 1e3);
+        let tps = (batch * seq) as f64 / (m.step / 1e3);
         let tf = r.flops_per_token * tps / 1e12;
         r.tokens_per_s = Some(tps);
         r.peak_gib = m.peak;
-        r.fwd_ms = Some(m.mean[0]);
-        r.bwd_ms = Some(m.mean[1]);
-        r.opt_ms = Some(m.mean[2]);
-        r.step_ms = Some(m.mean[3]);
+        r.fwd_ms = m.fwd;
+        r.bwd_ms = m.bwd;
+        r.fwd_bwd_ms = Some(m.fwd_bwd);
+        r.step_graph = m.graphed;
+        r.opt_ms = Some(m.opt);
+        r.step_ms = Some(m.step);
         r.step_ms_median = Some(m.median_step);
         r.tflops = Some(tf);
         r.mfu = self.peak_tflops.map(|p| tf / p);
@@ -570,13 +639,16 @@ fn show(r: &TrainRow) {
     let line = match (r.status.as_str(), r.tokens_per_s) {
         ("ok", Some(tps)) => {
             let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+            let phases = if r.step_graph {
+                format!("fwd+bwd {:>8} ms (graph)", f(r.fwd_bwd_ms))
+            } else {
+                format!("fwd+loss {:>8} ms  bwd {:>8} ms", f(r.fwd_ms), f(r.bwd_ms))
+            };
             format!(
-                "{tag:<20} {shape} {tps:>9.0} tok/s  MFU {:>6}  peak {:>10}  fwd+loss {:>8} ms  \
-                 bwd {:>8} ms  opt {:>6} ms  step {:>8} ms  (first step {:.1} s)",
+                "{tag:<20} {shape} {tps:>9.0} tok/s  MFU {:>6}  peak {:>10}  {phases}  \
+                 opt {:>6} ms  step {:>8} ms  (first step {:.1} s)",
                 r.mfu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m)),
                 r.peak_gib.map_or("-".into(), |p| format!("{p:.2} GiB")),
-                f(r.fwd_ms),
-                f(r.bwd_ms),
                 f(r.opt_ms),
                 f(r.step_ms),
                 r.first_step_s.unwrap_or(0.0)
@@ -611,7 +683,7 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
         (None, false, false, true) => vec![(1, 4096), (4, 4096)],
         (None, false, false, false) => vec![(4, 512), (8, 1024)],
     };
-    let warmup = a.warmup.unwrap_or(if quick || !big { 2 } else { 1 });
+    let warmup = a.warmup.unwrap_or(2);
     let steps = a.steps.unwrap_or(if quick || big { 3 } else { 5 }).max(1);
     let dtype = if dev.is_cpu() {
         DType::F32
@@ -670,6 +742,7 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
         lora_params as f64 / 1e6
     );
     let mut bench = Bench {
+        graphs: StepGraphs::new(&dev, train_cfg.lora_dropout, 1),
         params: opt.params().to_vec(),
         model,
         opt,

@@ -92,6 +92,52 @@ pub fn empty_cache(device: &CudaDevice) -> Result<()> {
     Ok(())
 }
 
+/// Records the work `f` issues on `device`'s stream into a CUDA graph instead of running it,
+/// and returns the graph, instantiated and uploaded (nothing has run yet: launch it).
+///
+/// The capture is thread-local: a call from this thread that would synchronise (a copy to
+/// the host, a synchronous allocation) makes `f` fail rather than be recorded wrongly, and
+/// Candle refuses host-to-device copies of data its launch-parameter cache does not hold.
+/// Device memory that `f` allocates and frees becomes the graph's own (stream-ordered
+/// allocations inside a capture are graph memory nodes), at the same addresses on every
+/// launch; buffers that must outlive a launch (inputs, outputs) are allocated before the
+/// capture. When `f` or the capture fails, the stream is usable again, and the errors that
+/// the invalidated capture left in the context's error state are cleared.
+pub(crate) fn capture_graph(
+    device: &CudaDevice,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaGraph> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = device.cuda_stream();
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .cuda_ctx("beginning a CUDA graph capture")?;
+    let ran = f();
+    // End the capture whatever happened, so the stream is usable again.
+    let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    if ran.is_err() || ended.is_err() {
+        // The frees issued while the capture was invalid recorded their errors in the
+        // context; they belong to this failure, not to the next call that checks.
+        let _ = stream.context().check_err();
+    }
+    ran?;
+    let graph = ended
+        .cuda_ctx("ending a CUDA graph capture")?
+        .ok_or_else(|| Error::Cuda {
+            context: "capturing a CUDA graph",
+            msg: "the capture produced no graph".into(),
+        })?;
+    graph.upload().cuda_ctx("uploading a CUDA graph")?;
+    Ok(graph)
+}
+
+/// Launches a graph made by [`capture_graph`] on its stream.
+pub(crate) fn launch_graph(
+    graph: &candle_core::cuda_backend::cudarc::driver::CudaGraph,
+) -> Result<()> {
+    graph.launch().cuda_ctx("launching a CUDA graph")
+}
+
 // The context trait lives with the error type (so `gemm.rs` takes it from there, not from this
 // file, which holds a `Gemm` per device); re-exported here for the CUDA launchers.
 pub(crate) use crate::error::CudaResultExt;

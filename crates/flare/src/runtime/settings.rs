@@ -21,6 +21,7 @@
 //! | `FLARE_LAUNCH_PARAM_CACHE` | on | [`super::cache_launch_params`] turns on Candle's cache of strided launches' shape and stride parameters (the trainer holds it around each pass) | `0` to measure without it (`flare bench train`) |
 //! | `FLARE_CUDA_EVENT_TRACKING` | off | cudarc's per-allocation event tracking stays on (flare turns it off: it issues all work on Candle's one stream per device) | `1` when the same buffers are also used from streams of your own |
 //! | `FLARE_CUDA_KEEP_POOL` | on | the device memory pool keeps freed memory instead of returning it at every synchronisation ([`super::empty_cache`] trims on demand) | `0` to return memory at every sync (slow for large tensors) |
+//! | `FLARE_STEP_GRAPH` | on | the trainer's forward and backward of a padded batch are captured as one CUDA graph the second time a batch shape is seen, and replayed for that shape from then on (one GPU, no LoRA dropout, no checkpoint offload: [`crate::train::StepGraphs`]); the values are those of the op-by-op pass | `0` for op-by-op launches, to compare (`flare bench train` prints `graph` on the rows that ran one) or to debug |
 //!
 //! Tests and benchmarks that compare two paths in one process do not touch the environment:
 //! [`Settings::apply`] overrides the settings on the current thread while its guard lives.
@@ -66,6 +67,9 @@ pub struct Settings {
     pub cuda_event_tracking: bool,
     /// `FLARE_CUDA_KEEP_POOL`: the device pool keeps freed memory.
     pub cuda_keep_pool: bool,
+    /// `FLARE_STEP_GRAPH`: the trainer replays a captured CUDA graph of each padded batch
+    /// shape's forward and backward.
+    pub step_graph: bool,
 }
 
 impl Default for Settings {
@@ -82,6 +86,7 @@ impl Default for Settings {
             launch_param_cache: true,
             cuda_event_tracking: false,
             cuda_keep_pool: true,
+            step_graph: true,
         }
     }
 }
@@ -93,7 +98,7 @@ struct Switch {
 }
 
 /// Every switch, in the order of the module docs' table.
-const SWITCHES: [Switch; 11] = [
+const SWITCHES: [Switch; 12] = [
     Switch {
         var: "FLARE_SMALL_GEMM",
         field: |s| &mut s.small_gemm,
@@ -137,6 +142,10 @@ const SWITCHES: [Switch; 11] = [
     Switch {
         var: "FLARE_CUDA_KEEP_POOL",
         field: |s| &mut s.cuda_keep_pool,
+    },
+    Switch {
+        var: "FLARE_STEP_GRAPH",
+        field: |s| &mut s.step_graph,
     },
 ];
 

@@ -222,6 +222,8 @@ pub struct Trainer {
     leftovers: Vec<Leftover>,
     checkpointing: super::memory::CheckpointDecision,
     collective: Collective,
+    /// The captured forward and backward passes, by batch shape.
+    graphs: super::step_graph::StepGraphs,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -315,9 +317,18 @@ fn check_finite(t: &Tensor, what: &str) -> Result<()> {
 /// Errors: a target outside the model's vocabulary (checked here, on the host: the fused op
 /// does not read device targets back), and the model's own errors.
 pub fn batch_nll_sum(model: &Transformer, b: &Batch, grad: bool) -> Result<Tensor> {
+    check_targets(model, b)?;
     let dev = model.device();
-    let head = model.lm_head_weight();
-    let vocab = head.dim(0)?;
+    let ids = Tensor::from_vec(b.input_ids.clone(), (b.batch, b.seq), dev)?;
+    let targets = Tensor::from_vec(b.targets.clone(), b.batch * b.seq, dev)?;
+    // The inputs above are made first: under the cache, small host data is keyed by content.
+    let _params = crate::runtime::cache_launch_params(dev);
+    nll_sum_of(model, &ids, &targets, b.cu_seqlens.as_deref(), grad)
+}
+
+/// Refuses a batch with a target outside the model's vocabulary, naming it.
+pub(crate) fn check_targets(model: &Transformer, b: &Batch) -> Result<()> {
+    let vocab = model.lm_head_weight().dim(0)?;
     if let Some((i, &t)) = b
         .targets
         .iter()
@@ -332,17 +343,28 @@ pub fn batch_nll_sum(model: &Transformer, b: &Batch, grad: bool) -> Result<Tenso
             ),
         });
     }
-    let ids = Tensor::from_vec(b.input_ids.clone(), (b.batch, b.seq), dev)?;
-    let targets = Tensor::from_vec(b.targets.clone(), b.batch * b.seq, dev)?;
-    // The inputs above are made first: under the cache, small host data is keyed by content.
-    let _params = crate::runtime::cache_launch_params(dev);
+    Ok(())
+}
+
+/// [`batch_nll_sum`] of inputs already on the device: `ids` `[batch, seq]`, `targets`
+/// `[batch · seq]` (checked against the vocabulary by the caller), `cu_seqlens` for a packed
+/// row. Shared with the captured step ([`super::step_graph`]), whose inputs live in fixed
+/// device buffers.
+pub(crate) fn nll_sum_of(
+    model: &Transformer,
+    ids: &Tensor,
+    targets: &Tensor,
+    cu_seqlens: Option<&[u32]>,
+    grad: bool,
+) -> Result<Tensor> {
+    let head = model.lm_head_weight();
     // The final-normed hidden states, one row per target: [tokens, hidden].
-    let hidden = match &b.cu_seqlens {
-        Some(cu) => model.forward_hidden_packed(&ids, cu)?,
+    let hidden = match cu_seqlens {
+        Some(cu) => model.forward_hidden_packed(ids, cu)?,
         None => {
-            let h = model.forward_hidden(&ids)?;
-            let width = h.dim(2)?;
-            h.reshape((b.batch * b.seq, width))?
+            let h = model.forward_hidden(ids)?;
+            let (b, s, width) = h.dims3()?;
+            h.reshape((b * s, width))?
         }
     };
     let (hidden, head) = if grad {
@@ -350,7 +372,7 @@ pub fn batch_nll_sum(model: &Transformer, b: &Batch, grad: bool) -> Result<Tenso
     } else {
         (hidden.detach(), head.detach())
     };
-    linear_cross_entropy(&hidden, &head, &targets, IGNORE_INDEX)
+    linear_cross_entropy(&hidden, &head, targets, IGNORE_INDEX)
 }
 
 impl Trainer {
@@ -739,6 +761,8 @@ impl Trainer {
             (config.epochs * batches_per_epoch as u64).div_ceil(config.grad_accum as u64)
         });
         let pad_id = encoder.eos_token_id().unwrap_or(0);
+        let model_device = &model.device().clone();
+        let lora_dropout = config.lora_dropout;
         let state = TrainState {
             step: 0,
             total_steps,
@@ -771,6 +795,11 @@ impl Trainer {
             eval_curve: Vec::new(),
             leftovers: Vec::new(),
             checkpointing: plan.checkpointing,
+            graphs: super::step_graph::StepGraphs::new(
+                model_device,
+                lora_dropout,
+                collective.world().world_size,
+            ),
             collective,
         })
     }
@@ -897,19 +926,18 @@ impl Trainer {
             }
             let seed = mix64(self.config.seed ^ mix64(self.state.step ^ mix64(k as u64)));
             self.model.set_dropout_seed(Some(seed));
-            let l = (self.batch_nll_sum(b, true)? * inv)?;
-            let mut grads = {
-                let _params = crate::runtime::cache_launch_params(self.model.device());
-                l.backward()?
-            };
-            // Checkpointed layers' adapter gradients (none without checkpointing).
-            self.model.merge_checkpoint_grads(&mut grads)?;
-            loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            for (slot, p) in acc.iter_mut().zip(&params) {
-                if let Some(g) = grads.get(p.as_tensor()) {
+            // Forward, loss and backward: a replayed CUDA graph where that applies.
+            let pass = self.graphs.pass(&self.model, &params, b, inv)?;
+            loss += pass.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            // A graph's gradients are its output buffers, which the next micro-batch of the
+            // same shape overwrites: the first one kept is copied when more follow.
+            let more = k + 1 < mine.end;
+            for (slot, g) in acc.iter_mut().zip(pass.grads) {
+                if let Some(g) = g {
                     *slot = Some(match slot.take() {
                         Some(a) => (a + g)?,
-                        None => g.clone(),
+                        None if pass.graphed && more => g.copy()?,
+                        None => g,
                     });
                 }
             }

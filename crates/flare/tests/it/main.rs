@@ -23,6 +23,7 @@ mod rms_norm;
 mod runtime;
 mod softmax;
 mod softmax_masked;
+mod step_graph;
 mod text;
 mod train;
 mod validation;

@@ -176,7 +176,7 @@ fn switches_have_one_reader_and_one_table() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let vars: Vec<&str> = flare::runtime::Settings::variables().collect();
-    assert_eq!(vars.len(), 11);
+    assert_eq!(vars.len(), 12);
     for v in &vars {
         assert!(
             readme.contains(&format!("| `{v}` |")),
