@@ -49,6 +49,7 @@ pub struct Pass {
 }
 
 /// What is known of one batch shape.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 enum Slot {
     /// Seen once, op by op: the loss dtype it had.
     Warm(DType),
