@@ -229,6 +229,14 @@ mod cuda {
                 .iter()
                 .map(|p| p.as_tensor().zeros_like().map(Some))
                 .collect::<candle_core::Result<_>>()?;
+            // Launch once, before the capture, the kernels the graph adds to the op-by-op
+            // pass (the loss scaling's product and the copies into the outputs), so none is
+            // loaded for the first time while the stream is being captured.
+            let _ = scale.broadcast_mul(&scale)?;
+            loss.slice_set(&loss.zeros_like()?, 0, 0)?;
+            for g in grads.iter().flatten() {
+                g.slice_set(&g.zeros_like()?, 0, 0)?;
+            }
             crate::runtime::synchronize(&device)?;
             let mut reached = vec![false; params.len()];
             let graph = crate::runtime::cuda::capture_graph(cuda, || {
