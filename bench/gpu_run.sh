@@ -175,8 +175,8 @@ run_sanitizer() {
 if want tests; then
 step "integration tests" run_tests
 fi
-# attn: flare's training attention on cuDNN (FLARE_ATTENTION_CUDNN=1) and on flare's own kernel
-# (the default until the cuDNN path has passed here), against PyTorch SDPA, in one call; the
+# attn: flare's training attention on cuDNN (FLARE_ATTENTION_CUDNN=1, the default) and on flare's
+# own kernel (=0), against PyTorch SDPA, in one call; the
 # flash-attention tests first (cuDNN against the float64 reference and against the kernel).
 run_attn_tests() {
   timeout 120 "$BIN/it" flash_attention --test-threads=1 2>&1 | tee "$OUT/attn_tests.log" | tail -40

@@ -13,7 +13,7 @@
 //! | `FLARE_SMALL_GEMM` | on | small matmuls (<= 2^21 multiply-adds, k <= 512) run on flare's `gemm_small` kernel instead of cuBLASLt | `0` to measure cuBLASLt alone (`bench/gpu_run.sh` does) |
 //! | `FLARE_GEMV` | on | skinny products `x @ W.T` (<= 8 rows: decode-time linear layers) run on flare's `gemv_*` kernel | `0` to compare with cuBLASLt / `gemm_small` (`bench/gpu_run.sh` runs the decode tests and bench with it) |
 //! | `FLARE_ATTENTION_DECODE` | on | decode attention runs on the flash-decoding `attention_split_*` / `attention_combine_*` kernels | `0` for GEMM + softmax + GEMM, to compare (`bench/gpu_run.sh`) |
-//! | `FLARE_ATTENTION_CUDNN` | off | `1`: training and prefill attention runs on cuDNN's fused flash attention (cuDNN 9, opened at run time) where it applies: bf16 / f16, head dim 64 / 128, equal-length sequences of a multiple of 128 tokens, no window (`ops::flash_attention`); flare's own kernel otherwise, or when cuDNN is not found (`flare bench` prints `no cuDNN` beside the GPU's name) | off until its GPU tests have passed on the device (`bench/gpu_run.sh` stage `attn`: cuDNN against the float64 reference and flare's kernel, and the timings); `1` to use it |
+//! | `FLARE_ATTENTION_CUDNN` | on | training and prefill attention runs on cuDNN's fused flash attention (cuDNN 9, opened at run time; the engine PyTorch's SDPA runs on Hopper) where it applies: bf16 / f16, head dim 64 / 128, equal-length sequences of a multiple of 128 tokens, no window; flare's own kernel otherwise, or when cuDNN is not found (`flare bench` prints the cuDNN version, or `no cuDNN`, beside the GPU's name) | `0` for flare's kernel everywhere, to compare (`bench/gpu_run.sh` stage `attn` tests and times both against SDPA; on an H100, cuDNN's forward + backward is 1.5x to 2.4x faster than the kernel, BENCHMARKS.md 2026-12-07) |
 //! | `FLARE_ARGMAX_SPLIT` | on | the device argmax of <= 64 rows of >= 4096 columns runs in two stages (many blocks per row, then a merge) | `0` for the one-block-per-row kernel, to compare (per-op batch-1 decode 1.7% faster with the split, BENCHMARKS.md 2026-12-06) |
 //! | `FLARE_DECODE_ENGINE` | on | generation runs plain batch-1 greedy decoding on the decode engine ([`crate::generate::DecodeGraph`]) where it applies | `0` for the per-op path, to compare or to debug |
 //! | `FLARE_GEMM_AUTOTUNE` | on | large cuBLASLt GEMM plans time the heuristic's top 8 algorithms once and keep the fastest | `0` to take the heuristic's first choice |
@@ -50,8 +50,7 @@ pub struct Settings {
     pub gemv: bool,
     /// `FLARE_ATTENTION_DECODE`: the flash-decoding attention kernels.
     pub attention_decode: bool,
-    /// `FLARE_ATTENTION_CUDNN`: training / prefill attention on cuDNN where it applies (off
-    /// by default until validated on the GPU).
+    /// `FLARE_ATTENTION_CUDNN`: training / prefill attention on cuDNN where it applies.
     pub attention_cudnn: bool,
     /// `FLARE_ARGMAX_SPLIT`: the two-stage argmax for few long rows.
     pub argmax_split: bool,
@@ -78,7 +77,7 @@ impl Default for Settings {
             small_gemm: true,
             gemv: true,
             attention_decode: true,
-            attention_cudnn: false,
+            attention_cudnn: true,
             argmax_split: true,
             decode_engine: true,
             gemm_autotune: true,

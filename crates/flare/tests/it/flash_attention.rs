@@ -512,8 +512,8 @@ const CUDNN_CASES: &[Case] = &[
     case(&[384], &[384], 8, 1, 64, true, None),
 ];
 
-/// On CUDA with cuDNN, `FLARE_ATTENTION_CUDNN` on (set here: it is off by default until this
-/// test has passed on the GPU): the cases run on cuDNN (checked), forward and gradients against
+/// On CUDA with cuDNN, `FLARE_ATTENTION_CUDNN` on (the default; set here so that the test does
+/// not depend on the environment): the cases run on cuDNN (checked), forward and gradients against
 /// the float64 reference, and against flare's kernel on the same inputs (the switch off);
 /// without cuDNN they run on the kernel and the test says so. On the CPU: the fused CPU op at
 /// these lengths.

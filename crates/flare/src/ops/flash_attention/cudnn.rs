@@ -5,8 +5,9 @@
 //! [`applies`]: on CUDA, bf16 / f16, head dim 64 or 128, no sliding window, every sequence of
 //! the batch with the same number of queries and keys `s` (a padded batch, or a packed one whose
 //! documents all have that length), `s` a multiple of 128 (the lengths cuDNN 9 runs without
-//! its padding-mask workaround), causal or not; with `FLARE_ATTENTION_CUDNN=1` (off by
-//! default until the path's GPU tests have passed on the device) and cuDNN 9 found, and cuDNN
+//! its padding-mask workaround), causal or not; with `FLARE_ATTENTION_CUDNN` on (the
+//! default; its GPU tests pass on an H100 and it times at or under PyTorch SDPA's, BENCHMARKS.md)
+//! and cuDNN 9 found, and cuDNN
 //! plans the geometry. Everything else (varlen packs, windows, odd lengths)
 //! runs flare's own kernel (`cuda.rs`), as does everything when cuDNN is missing:
 //! [`super::flash_attention_engine`] says which path a call takes; with the switch on,

@@ -48,7 +48,7 @@
 //! - CPU: the fused op, every float dtype (f64 too).
 //! - CUDA, bf16 / f16 with head dim 64 or 128: the fused op. Where cuDNN's fused attention
 //!   takes the geometry (equal-length sequences of a multiple of 128 tokens, no window; cuDNN 9
-//!   found at run time; `FLARE_ATTENTION_CUDNN=1`, off by default until validated on the GPU)
+//!   found at run time; `FLARE_ATTENTION_CUDNN`, on by default)
 //!   it runs there (`cudnn.rs`, the engine PyTorch's SDPA uses), else on flare's kernel (tensor
 //!   cores take only 16-bit inputs; the kernel is instantiated for those head dims).
 //!   [`flash_attention_engine`] says which.
