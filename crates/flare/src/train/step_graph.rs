@@ -21,7 +21,8 @@
 //! (its masks are seeded per step), without gradient checkpointing (the memory-bound
 //! long-context setting, where the GPU, not the host, sets the pace), and in a single process
 //! (see [`StepGraphs::new`]). A shape whose capture fails says why on stderr once and runs op
-//! by op from then on.
+//! by op from then on, as do shapes beyond the first [`MAX_GRAPHS`] captured (padded batches
+//! of varied lengths: `--packing false` with examples of one length gives every step one shape).
 
 use std::collections::HashMap;
 
@@ -47,6 +48,11 @@ pub struct Pass {
     /// Whether a CUDA graph ran the pass.
     pub graphed: bool,
 }
+
+/// The most shapes captured at once: each graph keeps its input and output buffers and a
+/// reservation in the driver's graph memory, so a run whose padded batches take many lengths
+/// captures the first ones seen twice and runs the rest op by op.
+pub const MAX_GRAPHS: usize = 16;
 
 /// What is known of one batch shape.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -99,6 +105,15 @@ impl StepGraphs {
         self.allowed
     }
 
+    /// How many shapes have a captured graph.
+    #[cfg(feature = "cuda")]
+    fn captured(&self) -> usize {
+        self.shapes
+            .values()
+            .filter(|s| matches!(s, Slot::Ready(_)))
+            .count()
+    }
+
     /// Whether [`pass`](Self::pass) of `b` may run as a graph: allowed, a padded batch, no
     /// gradient checkpointing, on CUDA (the pass is then captured the second time its shape
     /// is seen and replayed after, unless its capture failed).
@@ -134,6 +149,10 @@ impl StepGraphs {
             Some(Slot::Ready(c)) => {
                 super::trainer::check_targets(model, b)?;
                 c.run(b, scale)
+            }
+            #[cfg(feature = "cuda")]
+            Some(Slot::Warm(_)) if self.captured() >= MAX_GRAPHS => {
+                eager_pass(model, params, b, scale)
             }
             #[cfg(feature = "cuda")]
             Some(&Slot::Warm(dtype)) => {
