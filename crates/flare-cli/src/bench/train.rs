@@ -265,6 +265,20 @@ fn status_of(e: &anyhow::Error) -> String {
     }
 }
 
+/// [`status_of`] of a failed case, with an out-of-memory error's own message on stderr (the row
+/// says only `oom`; the message names what failed to allocate, and where).
+fn failure(what: &str, e: &anyhow::Error) -> String {
+    let st = status_of(e);
+    if st == "oom" {
+        let m = format!("{e:#}");
+        eprintln!(
+            "{what}: out of memory: {}",
+            m.chars().take(400).collect::<String>()
+        );
+    }
+    st
+}
+
 /// Reads the device pool's high-water mark (CUDA); nothing elsewhere.
 struct Meter {
     #[cfg(feature = "cuda")]
@@ -524,7 +538,7 @@ impl Bench {
         match r {
             Ok((s, peak)) => Ok(("ok".into(), Some(s), peak)),
             Err(e) => {
-                let st = status_of(&e);
+                let st = failure(&format!("1x{seq}"), &e);
                 drop(e);
                 flare::runtime::empty_cache(&self.dev)?;
                 Ok((st, None, None))
@@ -777,7 +791,7 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
         let row = match bench.measure(b, s, warmup, steps) {
             Ok(m) => ctx.timed(b, s, &m),
             Err(e) => {
-                let st = status_of(&e);
+                let st = failure(&format!("{b}x{s}"), &e);
                 drop(e);
                 flare::runtime::empty_cache(&dev)?;
                 ctx.row(b, s, st)
@@ -909,7 +923,7 @@ fn max_context(
         match bench.measure(1, s, ctx.warmup, ctx.steps) {
             Ok(m) => return Ok(finish(ctx.timed(1, s, &m), tries)),
             Err(e) => {
-                let st = status_of(&e);
+                let st = failure(&format!("1x{s}"), &e);
                 drop(e);
                 flare::runtime::empty_cache(&bench.dev)?;
                 if st != "oom" {
@@ -945,6 +959,13 @@ mod tests {
         assert!(!is_oom(&anyhow!("shape mismatch")));
         assert_eq!(
             status_of(&anyhow!("shape mismatch")),
+            "error: shape mismatch"
+        );
+        // A failed case's status is the same; an out-of-memory one also goes to stderr.
+        let oom = anyhow!("CUDA_ERROR_OUT_OF_MEMORY").context("allocating 3.2 GB");
+        assert_eq!(failure("1x196608", &oom), "oom");
+        assert_eq!(
+            failure("4x512", &anyhow!("shape mismatch")),
             "error: shape mismatch"
         );
     }
