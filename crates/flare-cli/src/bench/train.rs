@@ -51,8 +51,8 @@ use clap::Args;
 use flare::models::Transformer;
 use flare::train::memory::{available_memory, decide_checkpointing, MemoryEstimate};
 use flare::train::{
-    batch_nll_sum, clip_scale, global_grad_norm, AdamW, Checkpointing, Example, StepGraphs,
-    TrainConfig,
+    batch_nll_sum, clip_scale, eager_grads, global_grad_norm, AdamW, Checkpointing, Example,
+    StepGraphs, TrainConfig,
 };
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -408,24 +408,13 @@ impl Bench {
             drop(pass.loss);
             (pass.grads, None, None, pass.graphed)
         } else {
+            // The trainer's op-by-op pass (`eager_pass`), with a sync between its halves.
             let loss = (batch_nll_sum(&self.model, b, true)? * scale)?;
             sync()?;
             let t1 = Instant::now();
-            let grads = {
-                let _params = flare::runtime::cache_launch_params(dev);
-                let mut grads = loss.backward()?;
-                // Checkpointed layers' adapter gradients arrive through the model's
-                // accumulator.
-                self.model.merge_checkpoint_grads(&mut grads)?;
-                grads
-            };
+            let gs = eager_grads(&self.model, &self.params, &loss)?;
             drop(loss);
             sync()?;
-            let gs: Vec<_> = self
-                .params
-                .iter()
-                .map(|p| grads.get(p.as_tensor()).cloned())
-                .collect();
             (gs, Some(ms(t0, t1)), Some(ms(t1, Instant::now())), false)
         };
         sync()?;

@@ -36,5 +36,5 @@ pub use distributed::{Collective, Rendezvous, World};
 pub use export::merge_adapter_to_dir;
 pub use identity::{Difference, RunIdentity};
 pub use optim::{clip_scale, global_grad_norm, AdamW, AdamWConfig, Schedule};
-pub use step_graph::{eager_pass, Pass, StepGraphs};
+pub use step_graph::{eager_grads, eager_pass, Pass, StepGraphs};
 pub use trainer::{batch_nll_sum, DataStats, Event, StepMetrics, TrainConfig, TrainState, Trainer};

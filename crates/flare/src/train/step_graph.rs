@@ -180,25 +180,37 @@ impl StepGraphs {
     }
 }
 
-/// The pass op by op: forward and fused loss ([`batch_nll_sum`]), times `scale`, backward
-/// under the launch-parameter cache, the checkpointed layers' gradients merged.
+/// The pass op by op: forward and fused loss ([`batch_nll_sum`]), times `scale`, then
+/// [`eager_grads`].
 pub fn eager_pass(model: &Transformer, params: &[Var], b: &Batch, scale: f64) -> Result<Pass> {
     let loss = (batch_nll_sum(model, b, true)? * scale)?;
+    let grads = eager_grads(model, params, &loss)?;
+    Ok(Pass {
+        loss,
+        grads,
+        graphed: false,
+    })
+}
+
+/// The backward half of [`eager_pass`]: `loss.backward()` under the launch-parameter cache,
+/// the checkpointed layers' gradients merged, and the gradient of each of `params` (`None`
+/// where the loss does not reach it). Public so that `flare bench train` can time the forward
+/// and the backward apart on the trainer's own path.
+pub fn eager_grads(
+    model: &Transformer,
+    params: &[Var],
+    loss: &Tensor,
+) -> Result<Vec<Option<Tensor>>> {
     let mut grads = {
         let _params = crate::runtime::cache_launch_params(model.device());
         loss.backward()?
     };
     // Checkpointed layers' adapter gradients arrive through the model's accumulator.
     model.merge_checkpoint_grads(&mut grads)?;
-    let grads = params
+    Ok(params
         .iter()
         .map(|p| grads.get(p.as_tensor()).cloned())
-        .collect();
-    Ok(Pass {
-        loss,
-        grads,
-        graphed: false,
-    })
+        .collect())
 }
 
 #[cfg(feature = "cuda")]
