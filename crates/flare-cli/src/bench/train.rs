@@ -360,15 +360,9 @@ struct Measured {
     /// Whether the layers were checkpointed, and their inputs offloaded (the `auto`
     /// decision, or the setting).
     checkpointing: (bool, bool),
-    /// Means (ms) of forward + loss and backward (None unless every timed step timed them),
-    /// forward + backward, optimizer, step.
-    fwd: Option<f64>,
-    bwd: Option<f64>,
-    fwd_bwd: f64,
-    opt: f64,
-    step: f64,
-    /// Whether every timed step's pass ran as a CUDA graph.
-    graphed: bool,
+    /// The timed steps' means: a phase is `None` unless every step timed it, and `graphed`
+    /// says whether every step's pass ran as a CUDA graph.
+    mean: Times,
     median_step: f64,
     peak: Option<f64>,
     first_s: f64,
@@ -501,12 +495,14 @@ impl Bench {
             |f: fn(&Times) -> Option<f64>| times.iter().map(f).sum::<Option<f64>>().map(|s| s / n);
         Ok(Measured {
             checkpointing,
-            fwd: mean_of(|t| t.fwd),
-            bwd: mean_of(|t| t.bwd),
-            fwd_bwd: mean(|t| t.fwd_bwd),
-            opt: mean(|t| t.opt),
-            step: mean(|t| t.step),
-            graphed: !times.is_empty() && times.iter().all(|t| t.graphed),
+            mean: Times {
+                fwd: mean_of(|t| t.fwd),
+                bwd: mean_of(|t| t.bwd),
+                fwd_bwd: mean(|t| t.fwd_bwd),
+                opt: mean(|t| t.opt),
+                step: mean(|t| t.step),
+                graphed: !times.is_empty() && times.iter().all(|t| t.graphed),
+            },
             median_step: median(&times.iter().map(|t| t.step).collect::<Vec<_>>()),
             peak,
             first_s,
@@ -602,16 +598,17 @@ impl RowCtx {
         let mut r = self.row(batch, seq, "ok".into());
         r.grad_ckpt = Some(m.checkpointing.0);
         r.ckpt_offload = m.checkpointing.1;
-        let tps = (batch * seq) as f64 / (m.step / 1e3);
+        let t = &m.mean;
+        let tps = (batch * seq) as f64 / (t.step / 1e3);
         let tf = r.flops_per_token * tps / 1e12;
         r.tokens_per_s = Some(tps);
         r.peak_gib = m.peak;
-        r.fwd_ms = m.fwd;
-        r.bwd_ms = m.bwd;
-        r.fwd_bwd_ms = Some(m.fwd_bwd);
-        r.step_graph = m.graphed;
-        r.opt_ms = Some(m.opt);
-        r.step_ms = Some(m.step);
+        r.fwd_ms = t.fwd;
+        r.bwd_ms = t.bwd;
+        r.fwd_bwd_ms = Some(t.fwd_bwd);
+        r.step_graph = t.graphed;
+        r.opt_ms = Some(t.opt);
+        r.step_ms = Some(t.step);
         r.step_ms_median = Some(m.median_step);
         r.tflops = Some(tf);
         r.mfu = self.peak_tflops.map(|p| tf / p);
