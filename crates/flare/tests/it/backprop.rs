@@ -106,13 +106,7 @@ fn launch_param_cache_changes_nothing(dev: &Device) -> Result<()> {
         alpha: 8.0,
         ..Default::default()
     };
-    let mut vars = Vec::new();
-    for (i, (_, layer)) in model.lora_modules_mut().into_iter().enumerate() {
-        layer.add_adapter("default", &lora, i as u64)?;
-        layer.set_active(Some("default"))?;
-        layer.set_training(true);
-        vars.extend(layer.trainable_vars());
-    }
+    let vars = crate::common::add_training_adapters(&mut model, &lora)?;
     // B starts at zero, which would leave A's gradient zero: give B values.
     for v in vars.iter().skip(1).step_by(2) {
         v.set(&Tensor::randn(0f32, 0.1, v.shape(), dev)?)?;

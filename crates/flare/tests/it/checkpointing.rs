@@ -34,23 +34,19 @@ fn lora_model(dev: &Device, dtype: DType, dropout: f32) -> Result<(Transformer, 
         dropout,
         ..Default::default()
     };
-    let mut vars = Vec::new();
-    for (i, (_, layer)) in model.lora_modules_mut().into_iter().enumerate() {
-        layer.add_adapter("default", &lora, i as u64)?;
-        layer.set_active(Some("default"))?;
-        layer.set_training(true);
-        for (j, v) in layer.trainable_vars().into_iter().enumerate() {
-            let t = randn_scaled(
-                v.dims(),
-                0.0,
-                0.3,
-                v.dtype(),
-                dev,
-                seed(&format!("{i}/{j}")),
-            )?;
-            v.set(&t)?;
-            vars.push(v);
-        }
+    let vars = crate::common::add_training_adapters(&mut model, &lora)?;
+    // Module i's A and B, seeded "i/0" and "i/1".
+    for (k, v) in vars.iter().enumerate() {
+        let (i, j) = (k / 2, k % 2);
+        let t = randn_scaled(
+            v.dims(),
+            0.0,
+            0.3,
+            v.dtype(),
+            dev,
+            seed(&format!("{i}/{j}")),
+        )?;
+        v.set(&t)?;
     }
     Ok((model, vars))
 }

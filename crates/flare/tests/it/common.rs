@@ -18,6 +18,23 @@ use rand::{Rng, SeedableRng};
 
 pub use flare::Result;
 
+/// Injects a `cfg` adapter named `default` into every projection of `model` (module `i`
+/// seeded with `i`), active and in training mode; returns the trainable variables, `A` then `B`
+/// of each module in module order. `B` starts at zero, as PEFT's does.
+pub fn add_training_adapters(
+    model: &mut flare::models::Transformer,
+    cfg: &flare::lora::LoraConfig,
+) -> Result<Vec<Var>> {
+    let mut vars = Vec::new();
+    for (i, (_, layer)) in model.lora_modules_mut().into_iter().enumerate() {
+        layer.add_adapter("default", cfg, i as u64)?;
+        layer.set_active(Some("default"))?;
+        layer.set_training(true);
+        vars.extend(layer.trainable_vars());
+    }
+    Ok(vars)
+}
+
 // ---- test expansion and process-wide state --------------------------------------------------
 
 /// Expands test bodies `fn name(dev: &Device) -> Result<()>` into `name::cpu` and `name::cuda`.

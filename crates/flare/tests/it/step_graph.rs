@@ -33,13 +33,7 @@ fn model(dev: &Device, dtype: DType, hidden: usize) -> Result<(Transformer, Vec<
         r: 4,
         ..Default::default()
     };
-    let mut vars = Vec::new();
-    for (i, (_, layer)) in model.lora_modules_mut().into_iter().enumerate() {
-        layer.add_adapter("default", &lora, i as u64)?;
-        layer.set_active(Some("default"))?;
-        layer.set_training(true);
-        vars.extend(layer.trainable_vars());
-    }
+    let vars = crate::common::add_training_adapters(&mut model, &lora)?;
     for (i, v) in vars.iter().enumerate() {
         v.set(
             &randn_scaled(v.dims(), 0.0, 0.2, DType::F32, dev, 500 + i as u64)?
