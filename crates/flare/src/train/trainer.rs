@@ -761,8 +761,6 @@ impl Trainer {
             (config.epochs * batches_per_epoch as u64).div_ceil(config.grad_accum as u64)
         });
         let pad_id = encoder.eos_token_id().unwrap_or(0);
-        let model_device = &model.device().clone();
-        let lora_dropout = config.lora_dropout;
         let state = TrainState {
             step: 0,
             total_steps,
@@ -776,6 +774,11 @@ impl Trainer {
             config: config.clone(),
             identity: Some(identity),
         };
+        let graphs = super::step_graph::StepGraphs::new(
+            model.device(),
+            config.lora_dropout,
+            collective.world().world_size,
+        );
         Ok(Trainer {
             config,
             model,
@@ -795,11 +798,7 @@ impl Trainer {
             eval_curve: Vec::new(),
             leftovers: Vec::new(),
             checkpointing: plan.checkpointing,
-            graphs: super::step_graph::StepGraphs::new(
-                model_device,
-                lora_dropout,
-                collective.world().world_size,
-            ),
+            graphs,
             collective,
         })
     }
