@@ -42,6 +42,11 @@ impl PoolMeter {
         self.get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
     }
 
+    /// Bytes the pool holds from the driver (in use, or freed and kept for reuse).
+    pub fn reserved(&self) -> Result<u64> {
+        self.get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)
+    }
+
     /// The high-water mark of [`Self::used`] since the last [`Self::reset_high`], plus that of
     /// the device's CUDA-graph memory (the memory a replayed graph allocates lives in the
     /// driver's graph pool, not in this one; the two marks are added, an upper bound of the

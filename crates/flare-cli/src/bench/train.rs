@@ -182,6 +182,12 @@ pub struct TrainRow {
     pub peak_gib: Option<f64>,
     /// Mean forward + loss time, ms (null when a CUDA graph ran forward and backward as one).
     pub fwd_ms: Option<f64>,
+    /// Peak device memory of the last timed step's forward + loss, GiB (op-by-op passes on
+    /// CUDA; `peak_gib` is the whole step's).
+    pub peak_fwd_gib: Option<f64>,
+    /// Device memory in use after the last timed step's forward + loss (the activations and
+    /// buffers kept for the backward, with the weights and optimizer state), GiB.
+    pub held_after_fwd_gib: Option<f64>,
     /// Always null: the loss is timed with the forward (`fwd_includes_loss`).
     pub loss_ms: Option<f64>,
     /// Mean backward time, ms (null when a CUDA graph ran forward and backward as one).
@@ -266,14 +272,16 @@ fn status_of(e: &anyhow::Error) -> String {
 }
 
 /// [`status_of`] of a failed case, with an out-of-memory error's own message on stderr (the row
-/// says only `oom`; the message names what failed to allocate, and where).
-fn failure(what: &str, e: &anyhow::Error) -> String {
+/// says only `oom`; the message names what failed to allocate, and in which phase) and the
+/// device pool's state at the failure (`pool`, from [`Meter::state`]).
+fn failure(what: &str, e: &anyhow::Error, pool: Option<String>) -> String {
     let st = status_of(e);
     if st == "oom" {
         let m = format!("{e:#}");
         eprintln!(
-            "{what}: out of memory: {}",
-            m.chars().take(400).collect::<String>()
+            "{what}: out of memory: {}{}",
+            m.chars().take(400).collect::<String>(),
+            pool.map_or(String::new(), |p| format!(" ({p})"))
         );
     }
     st
@@ -309,6 +317,33 @@ impl Meter {
             p.reset_high()?;
         }
         Ok(())
+    }
+
+    /// The pool's usage now, in words (None without a pool, or when the driver does not answer,
+    /// as after some failures): what an out-of-memory report adds.
+    fn state(&self) -> Option<String> {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = &self.pool {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            let (used, reserved, high) = (p.used().ok()?, p.reserved().ok()?, p.high().ok()?);
+            return Some(format!(
+                "device pool: {:.2} GiB in use, {:.2} GiB reserved, peak {:.2} GiB",
+                gib(used),
+                gib(reserved),
+                gib(high)
+            ));
+        }
+        None
+    }
+
+    /// The memory in use now, GiB (after a synchronisation); None without a pool.
+    fn used_gib(&self, dev: &Device) -> Result<Option<f64>> {
+        flare::runtime::synchronize(dev)?;
+        #[cfg(feature = "cuda")]
+        if let Some(p) = &self.pool {
+            return Ok(Some(p.used()? as f64 / (1u64 << 30) as f64));
+        }
+        Ok(None)
     }
 
     /// The mark in GiB (after a synchronisation); None without a pool.
@@ -348,6 +383,10 @@ struct Times {
     step: f64,
     /// Whether a CUDA graph ran the pass.
     graphed: bool,
+    /// Peak device memory of the forward and loss, GiB (op-by-op passes on CUDA).
+    fwd_peak: Option<f64>,
+    /// Device memory in use after the forward and loss (what the backward starts from), GiB.
+    held: Option<f64>,
 }
 
 fn ms(a: Instant, b: Instant) -> f64 {
@@ -397,23 +436,36 @@ impl Bench {
         let scale = 1.0 / b.n_targets as f64;
         sync()?;
         let t0 = Instant::now();
-        let (gs, fwd, bwd, graphed) = if self.graphs.applies(&self.model, b) {
-            let pass = self.graphs.pass(&self.model, &self.params, b, scale)?;
+        let (gs, fwd, bwd, graphed, mem) = if self.graphs.applies(&self.model, b) {
+            let pass = self
+                .graphs
+                .pass(&self.model, &self.params, b, scale)
+                .context("forward, loss and backward")?;
             drop(pass.loss);
-            (pass.grads, None, None, pass.graphed)
+            (pass.grads, None, None, pass.graphed, (None, None))
         } else {
-            // The trainer's op-by-op pass (`eager_pass`), with a sync between its halves.
-            let loss = (batch_nll_sum(&self.model, b, true)? * scale)?;
+            // The trainer's op-by-op pass (`eager_pass`), with a sync between its halves, where
+            // the memory is read: the forward's peak (the mark restarts with each step, so a
+            // case's peak is its last step's) and what stays in use for the backward.
+            self.meter.reset(dev)?;
+            let loss = (batch_nll_sum(&self.model, b, true).context("forward and loss")? * scale)?;
             sync()?;
             let t1 = Instant::now();
-            let gs = eager_grads(&self.model, &self.params, &loss)?;
+            let mem = (self.meter.high_gib(dev)?, self.meter.used_gib(dev)?);
+            let gs = eager_grads(&self.model, &self.params, &loss).context("backward")?;
             drop(loss);
             sync()?;
-            (gs, Some(ms(t0, t1)), Some(ms(t1, Instant::now())), false)
+            (
+                gs,
+                Some(ms(t0, t1)),
+                Some(ms(t1, Instant::now())),
+                false,
+                mem,
+            )
         };
         sync()?;
         let t2 = Instant::now();
-        let norm = global_grad_norm(&gs)?;
+        let norm = global_grad_norm(&gs).context("optimizer")?;
         if !norm.is_finite() {
             bail!("non-finite gradient norm {norm}");
         }
@@ -429,6 +481,8 @@ impl Bench {
             opt: ms(t2, t3),
             step: ms(t0, t3),
             graphed,
+            fwd_peak: mem.0,
+            held: mem.1,
         })
     }
 
@@ -502,6 +556,8 @@ impl Bench {
                 opt: mean(|t| t.opt),
                 step: mean(|t| t.step),
                 graphed: !times.is_empty() && times.iter().all(|t| t.graphed),
+                fwd_peak: times.last().and_then(|t| t.fwd_peak),
+                held: times.last().and_then(|t| t.held),
             },
             median_step: median(&times.iter().map(|t| t.step).collect::<Vec<_>>()),
             peak,
@@ -523,7 +579,7 @@ impl Bench {
         match r {
             Ok((s, peak)) => Ok(("ok".into(), Some(s), peak)),
             Err(e) => {
-                let st = failure(&format!("1x{seq}"), &e);
+                let st = failure(&format!("1x{seq}"), &e, self.meter.state());
                 drop(e);
                 flare::runtime::empty_cache(&self.dev)?;
                 Ok((st, None, None))
@@ -559,6 +615,8 @@ impl RowCtx {
             tokens_per_s: None,
             peak_gib: None,
             fwd_ms: None,
+            peak_fwd_gib: None,
+            held_after_fwd_gib: None,
             loss_ms: None,
             bwd_ms: None,
             fwd_bwd_ms: None,
@@ -604,6 +662,8 @@ impl RowCtx {
         r.tokens_per_s = Some(tps);
         r.peak_gib = m.peak;
         r.fwd_ms = t.fwd;
+        r.peak_fwd_gib = t.fwd_peak;
+        r.held_after_fwd_gib = t.held;
         r.bwd_ms = t.bwd;
         r.fwd_bwd_ms = Some(t.fwd_bwd);
         r.step_graph = t.graphed;
@@ -644,8 +704,12 @@ fn show(r: &TrainRow) {
             } else {
                 format!("fwd+loss {:>8} ms  bwd {:>8} ms", f(r.fwd_ms), f(r.bwd_ms))
             };
+            let mem = match (r.peak_fwd_gib, r.held_after_fwd_gib) {
+                (Some(p), Some(h)) => format!(" (fwd {p:.2}, held {h:.2})"),
+                _ => String::new(),
+            };
             format!(
-                "{tag:<20} {shape} {tps:>9.0} tok/s  MFU {:>6}  peak {:>10}  {phases}  \
+                "{tag:<20} {shape} {tps:>9.0} tok/s  MFU {:>6}  peak {:>10}{mem}  {phases}  \
                  opt {:>6} ms  step {:>8} ms  (first step {:.1} s)",
                 r.mfu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m)),
                 r.peak_gib.map_or("-".into(), |p| format!("{p:.2} GiB")),
@@ -777,7 +841,7 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
         let row = match bench.measure(b, s, warmup, steps) {
             Ok(m) => ctx.timed(b, s, &m),
             Err(e) => {
-                let st = failure(&format!("{b}x{s}"), &e);
+                let st = failure(&format!("{b}x{s}"), &e, bench.meter.state());
                 drop(e);
                 flare::runtime::empty_cache(&dev)?;
                 ctx.row(b, s, st)
@@ -909,7 +973,7 @@ fn max_context(
         match bench.measure(1, s, ctx.warmup, ctx.steps) {
             Ok(m) => return Ok(finish(ctx.timed(1, s, &m), tries)),
             Err(e) => {
-                let st = failure(&format!("1x{s}"), &e);
+                let st = failure(&format!("1x{s}"), &e, bench.meter.state());
                 drop(e);
                 flare::runtime::empty_cache(&bench.dev)?;
                 if st != "oom" {
@@ -949,9 +1013,12 @@ mod tests {
         );
         // A failed case's status is the same; an out-of-memory one also goes to stderr.
         let oom = anyhow!("CUDA_ERROR_OUT_OF_MEMORY").context("allocating 3.2 GB");
-        assert_eq!(failure("1x196608", &oom), "oom");
         assert_eq!(
-            failure("4x512", &anyhow!("shape mismatch")),
+            failure("1x196608", &oom, Some("device pool: ...".into())),
+            "oom"
+        );
+        assert_eq!(
+            failure("4x512", &anyhow!("shape mismatch"), None),
             "error: shape mismatch"
         );
     }

@@ -170,18 +170,44 @@ pub enum CheckpointStore {
     #[default]
     Device,
     /// In host memory: copied out after each block's forward, back in before its
-    /// recomputation. The device holds no per-block input.
+    /// recomputation. The device holds no per-block input. On CUDA the copies are
+    /// asynchronous, on the device's stream, through page-locked buffers pinned once and reused
+    /// (`flare::runtime::empty_cache` frees them).
     Host,
 }
 
 impl CheckpointStore {
     /// `t` as this store keeps it.
-    fn keep(self, t: &Tensor) -> Result<Tensor> {
+    fn keep(self, t: &Tensor) -> Result<Kept> {
         Ok(match self {
-            CheckpointStore::Device => t.clone(),
-            CheckpointStore::Host if t.device().is_cpu() => t.copy()?,
-            CheckpointStore::Host => t.to_device(&candle_core::Device::Cpu)?,
+            CheckpointStore::Device => Kept::Tensor(t.clone()),
+            CheckpointStore::Host if t.device().is_cpu() => Kept::Tensor(t.copy()?),
+            #[cfg(feature = "cuda")]
+            CheckpointStore::Host if t.device().is_cuda() => {
+                Kept::Pinned(crate::runtime::offload::HostCopy::new(t)?)
+            }
+            CheckpointStore::Host => Kept::Tensor(t.to_device(&candle_core::Device::Cpu)?),
         })
+    }
+}
+
+/// A block input as a [`CheckpointStore`] keeps it.
+enum Kept {
+    /// On the device, or in host memory as a CPU tensor.
+    Tensor(Tensor),
+    /// In a page-locked host buffer, copied asynchronously (CUDA offload).
+    #[cfg(feature = "cuda")]
+    Pinned(crate::runtime::offload::HostCopy),
+}
+
+impl Kept {
+    /// The tensor back on `arg`'s device (`arg`: the chain's input).
+    fn restore(self, arg: &Tensor) -> Result<Tensor> {
+        match self {
+            Kept::Tensor(t) => Ok(t.to_device(arg.device())?),
+            #[cfg(feature = "cuda")]
+            Kept::Pinned(h) => h.restore(arg),
+        }
     }
 }
 
@@ -319,7 +345,7 @@ struct Checkpoint {
     /// The last block's detached result, taken (and summed or copied) by the forward.
     parts: Mutex<Option<(Tensor, Option<Tensor>)>>,
     /// The inputs of blocks 1.. as the store keeps them, taken by the backward.
-    saved: Mutex<Vec<Tensor>>,
+    saved: Mutex<Vec<Kept>>,
     blocks: Vec<ChainBlock>,
     grads: CheckpointGrads,
     /// Whether the input's gradient is wanted (false: it was made a variable only to join the
@@ -374,7 +400,7 @@ impl Checkpoint {
             } else {
                 // Dropped from the store now: each input lives until its block is recomputed.
                 match saved.pop() {
-                    Some(t) => t.to_device(arg.device())?,
+                    Some(t) => t.restore(arg)?,
                     None => {
                         return Err(Error::InvalidArgument {
                             op: OP,

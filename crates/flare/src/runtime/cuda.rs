@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaStream};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, CudaStream, PinnedHostSlice,
+};
 use candle_core::cuda_backend::CudaDevice;
 
 use super::gemm::Gemm;
@@ -35,6 +37,9 @@ pub struct CudaRuntime {
     cudnn: OnceLock<std::result::Result<super::cudnn::Handle, String>>,
     /// Multiprocessor count, for sizing persistent grids.
     pub sm_count: u32,
+    /// Page-locked host buffers not in use, for [`super::offload::HostCopy`] (pinned once,
+    /// reused; freed by [`empty_cache`]).
+    pinned: Mutex<Vec<PinnedHostSlice<u8>>>,
 }
 
 impl std::fmt::Debug for CudaRuntime {
@@ -73,13 +78,21 @@ fn keep_pool_memory(
 }
 
 /// Returns the unused memory held in `device`'s memory pool to the driver (after waiting for
-/// queued work), e.g. before handing the GPU to another process.
+/// queued work), e.g. before handing the GPU to another process, and frees the page-locked
+/// host buffers that checkpoint offload keeps for reuse.
 pub fn empty_cache(device: &CudaDevice) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::result;
     let stream = device.cuda_stream();
     stream
         .synchronize()
         .cuda_ctx("synchronizing before trimming the pool")?;
+    // Every copy into or out of a pooled buffer was queued on this stream: all have finished.
+    drop(std::mem::take(
+        &mut *CudaRuntime::get(device)?
+            .pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    ));
     let ctx = stream.context();
     ctx.bind_to_thread().cuda_ctx("binding the CUDA context")?;
     // SAFETY: the pool belongs to a live device; trimming only releases memory no allocation
@@ -236,7 +249,52 @@ impl CudaRuntime {
             gemm,
             cudnn: OnceLock::new(),
             sm_count,
+            pinned: Mutex::new(Vec::new()),
         })
+    }
+
+    /// A page-locked host buffer of at least `bytes` bytes: the smallest pooled one that is
+    /// large enough, else a new one (see [`super::offload`]).
+    ///
+    /// Errors: the driver cannot pin that much host memory.
+    pub(crate) fn take_pinned(&self, bytes: usize) -> Result<PinnedHostSlice<u8>> {
+        {
+            let mut pool = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+            let best = pool
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() >= bytes)
+                .min_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                return Ok(pool.swap_remove(i));
+            }
+        }
+        // SAFETY: the buffer's contents are undefined until a copy writes them; a HostCopy
+        // reads it only through the device-to-host copy it queued first.
+        unsafe { self.stream.context().alloc_pinned::<u8>(bytes.max(1)) }.map_err(|e| Error::Cuda {
+            context: "pinning host memory for checkpoint offload",
+            msg: format!("{:.2} GiB: {e:?}", bytes as f64 / (1u64 << 30) as f64),
+        })
+    }
+
+    /// Puts a buffer from [`take_pinned`](Self::take_pinned) back into the pool. Copies that
+    /// used it may still be queued; later ones queue after them on the same stream.
+    pub(crate) fn give_pinned(&self, buf: PinnedHostSlice<u8>) {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(buf);
+    }
+
+    /// Bytes of page-locked host memory pooled and not in use.
+    pub fn pinned_pool_bytes(&self) -> usize {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|b| b.len())
+            .sum()
     }
 
     /// The function handle of `k`, resolved when the runtime was created.

@@ -20,6 +20,8 @@ pub mod cudnn;
 pub mod gemm;
 #[cfg(feature = "nccl")]
 pub(crate) mod nccl;
+#[cfg(feature = "cuda")]
+pub(crate) mod offload;
 pub mod settings;
 
 pub use settings::{settings, Settings, SettingsGuard};

@@ -290,3 +290,100 @@ fn checkpointed_resume_is_exact_and_may_switch_it() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+// ---- the host store ---------------------------------------------------------------------------
+
+/// A chain whose inputs are kept in host memory (`CheckpointStore::Host`: on CUDA, page-locked
+/// buffers with asynchronous copies) computes exactly what the device store computes, values
+/// and gradients, bit for bit, on odd shapes, in f32 and bf16 (f64 on the CPU too), with a
+/// block that hands the next one a non-contiguous view. On CUDA the pinned buffers are pooled:
+/// a second run pins nothing new.
+fn host_store_matches_the_device_store(dev: &Device) -> Result<()> {
+    use flare::models::checkpoint::{
+        checkpoint_chain, ChainBlock, CheckpointGrads, CheckpointStore,
+    };
+    let dtypes: &[DType] = if dev.is_cpu() {
+        &[DType::F64, DType::F32]
+    } else {
+        &[DType::F32, DType::BF16]
+    };
+    for &dtype in dtypes {
+        let x = randn_scaled(&[3, 5, 7], 0.0, 1.0, dtype, dev, seed("host store x"))?;
+        let w1 = Var::from_tensor(&randn_scaled(&[7], 1.0, 0.5, dtype, dev, seed("w1"))?)?;
+        let w2 = Var::from_tensor(&randn_scaled(&[5], 1.0, 0.5, dtype, dev, seed("w2"))?)?;
+        let w3 = Var::from_tensor(&randn_scaled(&[7], 1.0, 0.5, dtype, dev, seed("w3"))?)?;
+        let x = Var::from_tensor(&x)?;
+        let run = |store: CheckpointStore| -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
+            let acc = CheckpointGrads::default();
+            let (a, b, c) = (w1.clone(), w2.clone(), w3.clone());
+            let blocks = vec![
+                // [3, 5, 7] -> [3, 7, 5], a transposed (non-contiguous) view.
+                ChainBlock::new(vec![a.clone()], move |x: &Tensor| {
+                    Ok((
+                        x.broadcast_mul(a.as_tensor())?.tanh()?.transpose(1, 2)?,
+                        None,
+                    ))
+                }),
+                // [3, 7, 5] -> [3, 5, 7], with a residual.
+                ChainBlock::new(vec![b.clone()], move |x: &Tensor| {
+                    let t = x.transpose(1, 2)?;
+                    Ok((
+                        t.broadcast_mul(&b.as_tensor().reshape((5, 1))?)?.sin()?,
+                        Some(t),
+                    ))
+                }),
+                ChainBlock::new(vec![c.clone()], move |x: &Tensor| {
+                    Ok((x.broadcast_mul(c.as_tensor())?.exp()?, Some(x.clone())))
+                }),
+            ];
+            let y = checkpoint_chain(x.as_tensor(), blocks, &acc, store)?;
+            let mut grads = (y.sqr()?.sum_all()?).backward()?;
+            acc.merge_into(&mut grads)?;
+            let flat = |t: &Tensor| -> Result<Vec<f64>> {
+                Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+            };
+            let mut g = Vec::new();
+            for v in [&x, &w1, &w2, &w3] {
+                g.push(flat(grads.get(v.as_tensor()).expect("a gradient"))?);
+            }
+            Ok((flat(&y)?, g))
+        };
+        let (y_dev, g_dev) = run(CheckpointStore::Device)?;
+        let (y_host, g_host) = run(CheckpointStore::Host)?;
+        assert_eq!(y_host, y_dev, "{dtype:?}: values");
+        assert_eq!(g_host, g_dev, "{dtype:?}: gradients");
+        assert!(g_dev.iter().all(|g| g.iter().any(|v| *v != 0.0)));
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = dev {
+            let rt = flare::runtime::cuda::CudaRuntime::get(d)?;
+            let pooled = rt.pinned_pool_bytes();
+            // Two block inputs of 105 elements went out and came back.
+            assert!(
+                pooled >= 2 * 105 * dtype.size_in_bytes(),
+                "{dtype:?}: pooled {pooled}"
+            );
+            let (y_again, g_again) = run(CheckpointStore::Host)?;
+            assert_eq!((y_again, g_again), (y_dev, g_dev), "{dtype:?}: second run");
+            assert_eq!(
+                rt.pinned_pool_bytes(),
+                pooled,
+                "{dtype:?}: a second run pinned more"
+            );
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        flare::runtime::empty_cache(dev)?;
+        if let Device::Cuda(d) = dev {
+            let rt = flare::runtime::cuda::CudaRuntime::get(d)?;
+            assert_eq!(
+                rt.pinned_pool_bytes(),
+                0,
+                "empty_cache frees the pinned buffers"
+            );
+        }
+    }
+    Ok(())
+}
+
+device_test!(exclusive: host_store_matches_the_device_store);
