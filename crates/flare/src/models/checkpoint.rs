@@ -83,12 +83,18 @@ pub struct CheckpointGrads {
 }
 
 impl CheckpointGrads {
-    /// Adds `grad` to the gradient held for `param`.
+    /// Adds `grad` to the gradient held for `param`. What is stored is detached and, for a
+    /// parameter's first gradient, a copy of its own: a gradient computed by an op's backward
+    /// may be a tracked tensor (the fused LoRA backward's outputs are, so that a second
+    /// derivative errors) and a view into a larger buffer (it packs `dx`, `dA` and `dB` into
+    /// one). Stored as it is, its graph edge and its buffer would keep the whole recomputed
+    /// block (its activations) alive until the merge: one block's worth per block of the chain.
     fn add(&self, param: &Tensor, grad: &Tensor) -> Result<()> {
+        let grad = grad.detach();
         let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let sum = match map.remove(&param.id()) {
             Some((_, old)) => (old + grad)?,
-            None => grad.clone(),
+            None => grad.force_contiguous()?,
         };
         map.insert(param.id(), (param.clone(), sum));
         Ok(())
@@ -440,8 +446,11 @@ impl Checkpoint {
                 return Ok(None);
             };
             // A block whose result does not depend on its input passes a zero gradient on.
+            // Detached: an op's backward may return a tracked gradient, whose graph edges reach
+            // back into this block's recomputation and would keep all of its activations alive
+            // while the block before is recomputed.
             grad = match g.get(v.as_tensor()) {
-                Some(gx) => gx.clone(),
+                Some(gx) => gx.detach(),
                 None => v.as_tensor().zeros_like()?,
             };
         }
@@ -729,6 +738,86 @@ impl CustomOp1 for SeedGrad {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// Blocks of fused LoRA linears (whose backward returns tracked gradients, views of one
+    /// packed `[dx | dA | dB]` buffer): what the accumulator keeps is detached and holds only
+    /// the parameter's own elements, so that no recomputed block's activations stay alive
+    /// until the merge; and the gradients equal the plain (unchecked) run's.
+    #[test]
+    fn accumulated_gradients_keep_nothing_of_the_recomputation() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = crate::lora::LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            ..Default::default()
+        };
+        let mut lins = Vec::new();
+        for i in 0..3 {
+            let w = Tensor::randn(0f32, 0.3, (6, 6), &dev)?;
+            let mut l = crate::lora::LoraLinear::new(w, None)?;
+            l.add_adapter("a", &cfg, i)?;
+            l.set_active(Some("a"))?;
+            l.set_training(true);
+            for v in l.trainable_vars() {
+                v.set(&Tensor::randn(0f32, 0.5, v.dims(), &dev)?)?;
+            }
+            lins.push(l);
+        }
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 6), &dev)?)?;
+        let blocks: Vec<ChainBlock> = lins
+            .iter()
+            .map(|l| {
+                let l = l.clone();
+                ChainBlock::new(l.trainable_vars(), move |x: &Tensor| {
+                    Ok((l.forward(x)?.tanh()?, Some(x.clone())))
+                })
+            })
+            .collect();
+        let acc = CheckpointGrads::default();
+        let y = checkpoint_chain(x.as_tensor(), blocks, &acc, CheckpointStore::Device)?;
+        let mut g = y.sqr()?.sum_all()?.backward()?;
+        {
+            let map = acc.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            assert_eq!(map.len(), 6);
+            for (p, gp) in map.values() {
+                assert!(!gp.track_op(), "a stored gradient is tracked");
+                assert_eq!(gp.dims(), p.dims());
+                let (storage, layout) = gp.storage_and_layout();
+                let Storage::Cpu(cs) = &*storage else {
+                    panic!("not on the CPU")
+                };
+                assert_eq!(layout.start_offset(), 0);
+                assert_eq!(
+                    cs.as_slice::<f32>()?.len(),
+                    p.elem_count(),
+                    "a view of a larger buffer"
+                );
+            }
+        }
+        acc.merge_into(&mut g)?;
+        // Plain.
+        let mut h = x.as_tensor().clone();
+        for l in &lins {
+            h = (l.forward(&h)?.tanh()? + h)?;
+        }
+        let plain = h.sqr()?.sum_all()?.backward()?;
+        for l in &lins {
+            for v in l.trainable_vars() {
+                let a = g
+                    .get(v.as_tensor())
+                    .expect("merged")
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let b = plain
+                    .get(v.as_tensor())
+                    .expect("plain")
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                assert_eq!(a, b);
+            }
+        }
+        Ok(())
+    }
 
     /// A two-parameter block `tanh(x · w1) · w2 + x` checkpointed three times in a row gives
     /// the gradients of the plain composition, exactly (the same ops run in the same order).
