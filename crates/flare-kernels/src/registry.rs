@@ -162,4 +162,11 @@ registry! {
         FlashAttnBwdConvertD64F16 = "flash_attn_bwd_convert_d64_f16",
         FlashAttnBwdConvertD128F16 = "flash_attn_bwd_convert_d128_f16",
     }
+    /// `grad_add.cu`: `grad_add_*`, `a + b` of two contiguous tensors in 16-byte packs: the
+    /// backward pass's gradient accumulation (installed into Candle's `GradStore`).
+    GradAdd = "grad_add" {
+        GradAddF32 = "grad_add_f32",
+        GradAddF16 = "grad_add_f16",
+        GradAddBF16 = "grad_add_bf16",
+    }
 }

@@ -675,6 +675,19 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
+/// flare's patch (see vendor/README.md): an add that [`GradStore`]'s accumulation tries before
+/// `Tensor::add` when a tensor receives a second gradient. It returns `Ok(None)` for the pairs
+/// it does not handle (those take `Tensor::add`), and must compute exactly `sum + grad`.
+pub type AccumulateAdd = fn(&Tensor, &Tensor) -> Result<Option<Tensor>>;
+
+static ACCUMULATE_ADD: std::sync::OnceLock<AccumulateAdd> = std::sync::OnceLock::new();
+
+/// flare's patch: installs the [`AccumulateAdd`] of the backward pass (once per process; a
+/// second call is ignored and returns false).
+pub fn set_accumulate_add(add: AccumulateAdd) -> bool {
+    ACCUMULATE_ADD.set(add).is_ok()
+}
+
 impl GradStore {
     /// Create a new gradient store
     fn new() -> Self {
@@ -716,7 +729,14 @@ impl GradStore {
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = entry.get().add(grad)?;
+                let fast = match ACCUMULATE_ADD.get() {
+                    Some(add) => add(entry.get(), grad)?,
+                    None => None,
+                };
+                let sum = match fast {
+                    Some(sum) => sum,
+                    None => entry.get().add(grad)?,
+                };
                 *entry.get_mut() = sum;
             }
             Entry::Vacant(entry) => {

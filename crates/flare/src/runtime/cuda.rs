@@ -210,6 +210,9 @@ impl CudaRuntime {
         if super::settings().cuda_keep_pool {
             keep_pool_memory(&ctx)?;
         }
+        // The backward pass's gradient sums through flare's vectorised add (process-wide, set
+        // by the first runtime; the same values as Candle's add).
+        candle_core::backprop::set_accumulate_add(crate::ops::cuda::grad_add::accumulate_add);
         let mut modules = Vec::with_capacity(Module::ALL.len());
         for m in Module::ALL {
             let module = ctx
