@@ -324,7 +324,6 @@ impl Meter {
     fn state(&self) -> Option<String> {
         #[cfg(feature = "cuda")]
         if let Some(p) = &self.pool {
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             let (used, reserved, high) = (p.used().ok()?, p.reserved().ok()?, p.high().ok()?);
             return Some(format!(
                 "device pool: {:.2} GiB in use, {:.2} GiB reserved, peak {:.2} GiB",
@@ -336,25 +335,27 @@ impl Meter {
         None
     }
 
-    /// The memory in use now, GiB (after a synchronisation); None without a pool.
-    fn used_gib(&self, dev: &Device) -> Result<Option<f64>> {
+    /// The mark and the memory in use now, in GiB, after one synchronisation; None without a
+    /// pool.
+    fn high_and_used_gib(&self, dev: &Device) -> Result<Option<(f64, f64)>> {
         flare::runtime::synchronize(dev)?;
         #[cfg(feature = "cuda")]
         if let Some(p) = &self.pool {
-            return Ok(Some(p.used()? as f64 / (1u64 << 30) as f64));
+            return Ok(Some((gib(p.high()?), gib(p.used()?))));
         }
         Ok(None)
     }
 
     /// The mark in GiB (after a synchronisation); None without a pool.
     fn high_gib(&self, dev: &Device) -> Result<Option<f64>> {
-        flare::runtime::synchronize(dev)?;
-        #[cfg(feature = "cuda")]
-        if let Some(p) = &self.pool {
-            return Ok(Some(p.high()? as f64 / (1u64 << 30) as f64));
-        }
-        Ok(None)
+        Ok(self.high_and_used_gib(dev)?.map(|(high, _)| high))
     }
+}
+
+/// Bytes in GiB.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// The model, its optimizer and the trainer settings a step runs under.
@@ -451,7 +452,7 @@ impl Bench {
             let loss = (batch_nll_sum(&self.model, b, true).context("forward and loss")? * scale)?;
             sync()?;
             let t1 = Instant::now();
-            let mem = (self.meter.high_gib(dev)?, self.meter.used_gib(dev)?);
+            let mem = self.meter.high_and_used_gib(dev)?.unzip();
             let gs = eager_grads(&self.model, &self.params, &loss).context("backward")?;
             drop(loss);
             sync()?;

@@ -20,7 +20,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, PinnedHostSlice};
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, PinnedHostSlice};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 
@@ -50,6 +50,21 @@ impl std::fmt::Debug for HostCopy {
     }
 }
 
+/// The device address of the first element of a storage's buffer (`None` for the dtypes the
+/// offload does not copy).
+fn slice_ptr(slice: &CudaStorageSlice, stream: &Arc<CudaStream>) -> Option<u64> {
+    Some(match slice {
+        CudaStorageSlice::U8(s) => s.device_ptr(stream).0,
+        CudaStorageSlice::U32(s) => s.device_ptr(stream).0,
+        CudaStorageSlice::I64(s) => s.device_ptr(stream).0,
+        CudaStorageSlice::BF16(s) => s.device_ptr(stream).0,
+        CudaStorageSlice::F16(s) => s.device_ptr(stream).0,
+        CudaStorageSlice::F32(s) => s.device_ptr(stream).0,
+        CudaStorageSlice::F64(s) => s.device_ptr(stream).0,
+        _ => return None,
+    })
+}
+
 /// The device address of `t`'s first element and `t`'s size in bytes (contiguous `t` on CUDA).
 fn device_bytes(t: &Tensor, dev: &CudaDevice) -> Result<(u64, usize)> {
     let stream = dev.cuda_stream();
@@ -60,21 +75,12 @@ fn device_bytes(t: &Tensor, dev: &CudaDevice) -> Result<(u64, usize)> {
             msg: "the tensor is not on a CUDA device".into(),
         });
     };
-    let base = match &cs.slice {
-        CudaStorageSlice::U8(s) => s.device_ptr(&stream).0,
-        CudaStorageSlice::U32(s) => s.device_ptr(&stream).0,
-        CudaStorageSlice::I64(s) => s.device_ptr(&stream).0,
-        CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
-        CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
-        CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
-        CudaStorageSlice::F64(s) => s.device_ptr(&stream).0,
-        _ => {
-            return Err(Error::UnsupportedDType {
-                op: OP,
-                dtype: t.dtype(),
-                device: "cuda".into(),
-            })
-        }
+    let Some(base) = slice_ptr(&cs.slice, &stream) else {
+        return Err(Error::UnsupportedDType {
+            op: OP,
+            dtype: t.dtype(),
+            device: "cuda".into(),
+        });
     };
     let size = t.dtype().size_in_bytes();
     Ok((
@@ -186,15 +192,8 @@ impl CustomOp1 for Restore<'_> {
             device: dev.clone(),
         };
         let stream = dev.cuda_stream();
-        let dst = match &out.slice {
-            CudaStorageSlice::U8(s) => s.device_ptr(&stream).0,
-            CudaStorageSlice::U32(s) => s.device_ptr(&stream).0,
-            CudaStorageSlice::I64(s) => s.device_ptr(&stream).0,
-            CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
-            CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
-            CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
-            CudaStorageSlice::F64(s) => s.device_ptr(&stream).0,
-            _ => candle_core::bail!("{OP}: unsupported dtype {:?}", h.dtype),
+        let Some(dst) = slice_ptr(&out.slice, &stream) else {
+            candle_core::bail!("{OP}: unsupported dtype {:?}", h.dtype);
         };
         if let (Some(buf), true) = (&h.buf, h.bytes > 0) {
             // SAFETY: `dst` is the new allocation of exactly `h.bytes` bytes; the source is the
