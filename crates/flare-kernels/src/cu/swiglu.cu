@@ -49,6 +49,20 @@ __device__ __forceinline__ void swiglu_fwd_body(const T *__restrict__ g, const T
   }
 }
 
+// dg and du of one pack.
+template <typename T, int V>
+__device__ __forceinline__ void swiglu_bwd_pack(const Pack<T, V> &gp, const Pack<T, V> &up,
+                                                const Pack<T, V> &dp, Pack<T, V> &dgp,
+                                                Pack<T, V> &dup) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const float gv = to_f(gp.v[e]), uv = to_f(up.v[e]), d = to_f(dp.v[e]);
+    const float sg = sigmoid_f(gv);
+    dgp.v[e] = from_f<T>(d * uv * sg * (1.0f + gv * (1.0f - sg)));
+    dup.v[e] = from_f<T>(d * gv * sg);
+  }
+}
+
 template <typename T, bool VEC>
 __device__ __forceinline__ void swiglu_bwd_body(const T *g, const T *u, const T *__restrict__ dy,
                                                 T *dg, T *du, long long rows, int cols,
@@ -64,20 +78,50 @@ __device__ __forceinline__ void swiglu_bwd_body(const T *g, const T *u, const T 
       const Pack<T, V> up = load_row_pack_rw<T, V, VEC>(ur, c, cols);
       const Pack<T, V> dp = load_row_pack<T, V, VEC>(dyr, c, cols, 0.f);
       Pack<T, V> dgp, dup;
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const float gv = to_f(gp.v[e]), uv = to_f(up.v[e]), d = to_f(dp.v[e]);
-        const float sg = sigmoid_f(gv);
-        dgp.v[e] = from_f<T>(d * uv * sg * (1.0f + gv * (1.0f - sg)));
-        dup.v[e] = from_f<T>(d * gv * sg);
-      }
+      swiglu_bwd_pack<T, V>(gp, up, dp, dgp, dup);
       store_row_pack<T, V, VEC>(dgr, c, cols, dgp);
       store_row_pack<T, V, VEC>(dur, c, cols, dup);
     }
   }
 }
 
-// `vec` (0 / 1): whether every row start is 16-byte aligned (see above).
+
+// The backward over five flat arrays (every operand contiguous, rows back to back: ldg = ldu =
+// ldo = cols, the training MLP's separate, in-place case) with 16-byte access: one grid-stride
+// loop over the n / V packs, the n % V tail element by element by the first threads. The host
+// sizes the grid to a few blocks per SM: a block per (row, 2048 columns) tile, as the row grid
+// above makes, ran the Llama-3.1-8B MLP's backward at 1.6 TB/s where this runs at 2.9
+// (bench/dev/swiglu_probe.py).
+template <typename T>
+__device__ __forceinline__ void swiglu_bwd_flat_body(const T *g, const T *u, const T *__restrict__ dy,
+                                                     T *dg, T *du, long long n) {
+  constexpr int V = VecWidth<T>::value;
+  const long long packs = n / V;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  for (long long p = first; p < packs; p += stride) {
+    const Pack<T, V> gp = load_pack_rw<T, V>(g + p * V);
+    const Pack<T, V> up = load_pack_rw<T, V>(u + p * V);
+    const Pack<T, V> dp = load_pack<T, V>(dy + p * V);
+    Pack<T, V> dgp, dup;
+    swiglu_bwd_pack<T, V>(gp, up, dp, dgp, dup);
+    store_pack<T, V>(dg + p * V, dgp);
+    store_pack<T, V>(du + p * V, dup);
+  }
+  const long long i = packs * V + first;
+  if (i < n) {
+    Pack<T, 1> gp, up, dp, dgp, dup;
+    gp.v[0] = g[i];
+    up.v[0] = u[i];
+    dp.v[0] = dy[i];
+    swiglu_bwd_pack<T, 1>(gp, up, dp, dgp, dup);
+    dg[i] = dgp.v[0];
+    du[i] = dup.v[0];
+  }
+}
+
+// `vec`: 0 element accesses, 1 every row start 16-byte aligned (see above), 2 flat and 16-byte
+// aligned (swiglu_bwd_flat_body; the backward only).
 #define SWIGLU_OP(T, SUFFIX)                                                                      \
   extern "C" __global__ void swiglu_fwd_##SUFFIX(const T *g, const T *u, T *y, long long rows,   \
                                                  int cols, long long ldg, long long ldu,        \
@@ -90,7 +134,9 @@ __device__ __forceinline__ void swiglu_bwd_body(const T *g, const T *u, const T 
   extern "C" __global__ void swiglu_bwd_##SUFFIX(const T *g, const T *u, const T *dy, T *dg,     \
                                                  T *du, long long rows, int cols, long long ldg, \
                                                  long long ldu, long long ldo, int vec) {       \
-    if (vec)                                                                                    \
+    if (vec == 2)                                                                               \
+      swiglu_bwd_flat_body<T>(g, u, dy, dg, du, rows * cols);                                   \
+    else if (vec)                                                                               \
       swiglu_bwd_body<T, true>(g, u, dy, dg, du, rows, cols, ldg, ldu, ldo);                    \
     else                                                                                        \
       swiglu_bwd_body<T, false>(g, u, dy, dg, du, rows, cols, ldg, ldu, ldo);                   \

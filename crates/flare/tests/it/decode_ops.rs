@@ -56,7 +56,15 @@ fn tables(
 fn rope_forward(dev: &Device) -> Result<()> {
     let mut fails = Failures::default();
     for dtype in dtypes(dev) {
-        for &(b, s, h, d) in &[(1, 1, 1, 2), (2, 7, 3, 6), (1, 5, 2, 66), (3, 2, 4, 8)] {
+        // d = 32 and 128: the kernel's 16-byte pack path on CUDA (the others take its element path).
+        for &(b, s, h, d) in &[
+            (1, 1, 1, 2),
+            (2, 7, 3, 6),
+            (1, 5, 2, 66),
+            (3, 2, 4, 8),
+            (2, 5, 3, 32),
+            (1, 9, 2, 128),
+        ] {
             for per_row in [false, true] {
                 for transposed in [false, true] {
                     let what =
@@ -89,7 +97,7 @@ fn rope_forward(dev: &Device) -> Result<()> {
 fn rope_backward(dev: &Device) -> Result<()> {
     let mut fails = Failures::default();
     for dtype in dtypes(dev) {
-        for &(b, s, h, d) in &[(1, 1, 1, 2), (2, 7, 3, 6), (1, 3, 2, 66)] {
+        for &(b, s, h, d) in &[(1, 1, 1, 2), (2, 7, 3, 6), (1, 3, 2, 66), (2, 5, 3, 32)] {
             let what = format!("rope bwd {b}x{s}x{h}x{d} {dtype:?}");
             let sd = seed(&what);
             let x = randn(&[b, s, h, d], dtype, dev, sd)?;
@@ -170,6 +178,8 @@ fn rope_tokens_forward(dev: &Device) -> Result<()> {
             (2, 7, 3, 6),
             (1, 5, 2, 66),
             (3, 2, 4, 8),
+            (2, 5, 3, 32),
+            (1, 9, 2, 128),
             (1, 66_000, 1, 2),
         ] {
             let (b, s, h, d) = dims;
@@ -204,7 +214,7 @@ fn rope_tokens_forward(dev: &Device) -> Result<()> {
 fn rope_tokens_backward(dev: &Device) -> Result<()> {
     let mut fails = Failures::default();
     for dtype in dtypes(dev) {
-        for &(b, s, h, d) in &[(1, 1, 1, 2), (2, 7, 3, 6), (1, 3, 2, 66)] {
+        for &(b, s, h, d) in &[(1, 1, 1, 2), (2, 7, 3, 6), (1, 3, 2, 66), (2, 5, 3, 32)] {
             for per_row in [false, true] {
                 let what = format!("rope_tokens bwd {b}x{s}x{h}x{d} {dtype:?} per_row={per_row}");
                 let sd = seed(&what);
@@ -313,7 +323,8 @@ fn swiglu_forward_backward(dev: &Device) -> Result<()> {
     let mut fails = Failures::default();
     for dtype in dtypes(dev) {
         // Odd widths (element-wise CUDA path), widths of whole 16-byte packs (one access per
-        // pack), and more rows than a grid's y dimension (65,535).
+        // pack), more rows than a grid's y dimension (65,535), and more packs than the flat
+        // backward's grid holds threads (its grid-stride loop and tail, odd width).
         for shape in [
             vec![1],
             vec![7],
@@ -322,6 +333,7 @@ fn swiglu_forward_backward(dev: &Device) -> Result<()> {
             vec![5, 48],
             vec![2, 3, 264],
             vec![70_000, 8],
+            vec![1_100, 4_099],
         ] {
             for transposed in [false, true] {
                 if transposed && shape.len() < 2 {
@@ -373,6 +385,7 @@ fn swiglu_grad_in_place_matches_swiglu(dev: &Device) -> Result<()> {
             vec![5, 48],
             vec![2, 3, 264],
             vec![70_000, 8],
+            vec![1_100, 4_099],
         ] {
             let what = format!("swiglu_grad_in_place {shape:?} {dtype:?}");
             let sd = seed(&what);

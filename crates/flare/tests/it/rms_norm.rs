@@ -275,12 +275,22 @@ fn add_grad_vs_reference(dev: &Device) -> Result<()> {
 /// A frozen operand (a plain tensor, not a `Var`) gets no gradient entry; the others get the
 /// right one.
 fn frozen_operands(dev: &Device) -> Result<()> {
+    // The second: more rows than a persistent grid holds and rows too long for one block's
+    // registers (the CUDA backward without dw runs a block per row).
+    for (rows, cols) in [(3, 7), (1_300, 4_100)] {
+        frozen_operands_of(dev, rows, cols)?;
+    }
+    Ok(())
+}
+
+fn frozen_operands_of(dev: &Device, rows: usize, cols: usize) -> Result<()> {
     let dtype = if dev.is_cpu() { DType::F64 } else { DType::F32 };
-    let what = "rms_norm frozen";
-    let x = randn(&[3, 7], dtype, dev, seed(&format!("{what} x")))?;
-    let res = randn(&[3, 7], dtype, dev, seed(&format!("{what} res")))?;
-    let w = randn_scaled(&[7], 1.0, 0.5, dtype, dev, seed(&format!("{what} w")))?;
-    let r = randn(&[3, 7], dtype, dev, seed(&format!("{what} r")))?;
+    let what = format!("rms_norm frozen {rows}x{cols}");
+    let what = what.as_str();
+    let x = randn(&[rows, cols], dtype, dev, seed(&format!("{what} x")))?;
+    let res = randn(&[rows, cols], dtype, dev, seed(&format!("{what} res")))?;
+    let w = randn_scaled(&[cols], 1.0, 0.5, dtype, dev, seed(&format!("{what} w")))?;
+    let r = randn(&[rows, cols], dtype, dev, seed(&format!("{what} r")))?;
     let reference = |x: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
         let (xr, wr) = (var(&f64_cpu(x)?)?, var(&f64_cpu(w)?)?);
         let l = rms_norm_f64(xr.as_tensor(), wr.as_tensor(), EPS)?

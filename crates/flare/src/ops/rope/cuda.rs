@@ -3,7 +3,9 @@
 //! axis order (`p.ys`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
 use half::{bf16, f16};
@@ -34,16 +36,37 @@ pub(crate) fn fwd(
 const THREADS: u32 = 256;
 
 /// The kernel's grid: y over the `b · s` tokens (at most 65,535; the kernel strides past),
-/// x over one token's `h · half` rotation pairs.
-fn grid(p: &RopePlan) -> LaunchConfig {
+/// x over one token's `h · half` rotation pairs, or its `h · half / v` packs of `v` pairs when
+/// the packed path runs (`v` > 1). A block is at most [`THREADS`] threads and at least one warp:
+/// a token of few packs (8 KV heads of 128) takes a block of its size, not an idle 256.
+fn grid(p: &RopePlan, v: usize) -> LaunchConfig {
+    let items = (p.h * p.half / v).max(1);
+    let threads = items.next_multiple_of(32).min(THREADS as usize) as u32;
     LaunchConfig {
         grid_dim: (
-            (p.h * p.half).div_ceil(THREADS as usize).max(1) as u32,
+            items.div_ceil(threads as usize) as u32,
             (p.b * p.s).clamp(1, 65_535) as u32,
             1,
         ),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// The elements per 16-byte pack of `T` when every pack of the call is aligned (unit dim
+/// stride, `half` and the other strides multiples of it, 16-byte aligned first elements of the
+/// input, output and tables), else 1 (the kernel's element path).
+fn pack_width<T>(p: &RopePlan, ptrs: [u64; 4]) -> usize {
+    let v = 16 / std::mem::size_of::<T>();
+    let strides_ok = p.xs[3] == 1
+        && p.half % v == 0
+        && [p.xs[0], p.xs[1], p.xs[2], p.ys[0], p.ys[1], p.ys[2]]
+            .iter()
+            .all(|s| s % v == 0);
+    if strides_ok && ptrs.iter().all(|a| a % 16 == 0) {
+        v
+    } else {
+        1
     }
 }
 
@@ -86,6 +109,15 @@ fn run<T: CudaDType + DeviceRepr>(
         let (ysb, yss, ysh) = (i64s(p.ys[0]), i64s(p.ys[1]), i64s(p.ys[2]));
         let cos_bs = i64s(p.cos_bs);
         let (sign, scale) = (p.sign as f32, p.scale as f32);
+        let v = {
+            let st = rt.stream();
+            let (xp, _gx) = xs.device_ptr(st);
+            let (yp, _gy) = out.device_ptr(st);
+            let (cp, _gc) = cs.device_ptr(st);
+            let (sp, _gs) = ss.device_ptr(st);
+            pack_width::<T>(p, [xp, yp, cp, sp])
+        };
+        let vec = i32::from(v > 1);
         let mut lb = rt.stream().launch_builder(rt.function(kernel));
         lb.arg(&xs)
             .arg(&mut out)
@@ -104,15 +136,18 @@ fn run<T: CudaDType + DeviceRepr>(
             .arg(&ysh)
             .arg(&cos_bs)
             .arg(&sign)
-            .arg(&scale);
+            .arg(&scale)
+            .arg(&vec);
         // SAFETY: rope_<t>(const T *x, T *y, const T *cos, const T *sin, long long b, int s,
         // int h, int half, long long xs_b, xs_s, xs_h, xs_d, long long ys_b, ys_s, ys_h,
-        // long long cos_bs, float sign, float scale): every input element read lies in `xs`
+        // long long cos_bs, float sign, float scale, int vec): every input element read lies in `xs`
         // (checked above), the tables hold `rows * half` elements (checked above), and the
         // output indices `b*ys_b + t*ys_s + h*ys_h + i` of the contiguous output layout
         // (`[b, s, h, d]` or `[b, h, s, d]`, either way a permutation of n elements) are all
-        // below n, the size of `out`. The grid strides over tokens (y) and each token's pairs (x).
-        unsafe { lb.launch(grid(p)) }
+        // below n, the size of `out`. The grid strides over tokens (y) and each token's pairs (x),
+        // or packs of `v` pairs when vec = 1: then every pack is a 16-byte aligned access inside
+        // the same bounds (`pack_width` checked the first elements and strides).
+        unsafe { lb.launch(grid(p, v)) }
             .cuda_ctx("launching rope")
             .map_err(crate::Error::into_candle)?;
     }

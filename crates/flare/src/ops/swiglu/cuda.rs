@@ -72,6 +72,10 @@ pub(crate) fn bwd_in_place(
 /// Threads per block of both kernels.
 const THREADS: u32 = 256;
 
+/// Blocks per SM of the backward's flat grid-stride path (`bench/dev/swiglu_probe.py`: 16
+/// reached 2.9 TB/s at the Llama-3.1-8B MLP shape, 4 and 8 within 6% of it).
+const FLAT_BLOCKS_PER_SM: usize = 16;
+
 /// The kernels' grid: x over packs of `16 / size_of::<T>()` columns of a row, y over rows
 /// (the kernels stride over rows past 65,535).
 fn grid<T>(p: &SwiGluPlan) -> LaunchConfig {
@@ -246,7 +250,24 @@ fn launch_bwd<T: CudaDType + DeviceRepr>(
     let [gp, up, dyp, dgp, dup] = ptrs;
     let (rows, cols) = (p.rows as i64, p.cols as i32);
     let (ldg, ldu, ldo_arg) = (p.ldg as i64, p.ldu as i64, ldo as i64);
-    let vec = i32::from(aligned16::<T>(&ptrs, &[p.cols, p.ldg, p.ldu, ldo]));
+    // Flat (every operand's rows back to back) and 16-byte aligned: the grid-stride path over
+    // packs, a few blocks per SM; else the row grid, with packs when every row start is aligned.
+    let flat = p.ldg == p.cols && p.ldu == p.cols && ldo == p.cols;
+    let (vec, cfg) = if flat && aligned16::<T>(&ptrs, &[]) {
+        let packs = (p.rows * p.cols) / (16 / std::mem::size_of::<T>());
+        let blocks = packs
+            .div_ceil(THREADS as usize)
+            .clamp(1, FLAT_BLOCKS_PER_SM * rt.sm_count.max(1) as usize);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (2, cfg)
+    } else {
+        let vec = i32::from(aligned16::<T>(&ptrs, &[p.cols, p.ldg, p.ldu, ldo]));
+        (vec, grid::<T>(p))
+    };
     let mut lb = rt.stream().launch_builder(rt.function(kernel));
     lb.arg(&gp)
         .arg(&up)
@@ -265,8 +286,11 @@ fn launch_bwd<T: CudaDType + DeviceRepr>(
     // stay inside live allocations, whose guards they hold across this launch. dg and du may
     // be g and u (in place): the kernel reads each pack before writing the same pack, and the
     // outputs are not declared __restrict__. vec = 1 only when every row start of the five
-    // operands is 16-byte aligned and cols a multiple of the pack width (checked here).
-    unsafe { lb.launch(grid::<T>(p)) }
+    // operands is 16-byte aligned and cols a multiple of the pack width (checked here); vec = 2
+    // only when the five operands are flat arrays of rows * cols elements (ld = cols) with
+    // 16-byte aligned first elements, which the grid-stride loop covers pack by pack and the
+    // tail element by element.
+    unsafe { lb.launch(cfg) }
         .cuda_ctx("launching swiglu_bwd")
         .map_err(crate::Error::into_candle)?;
     Ok(())
