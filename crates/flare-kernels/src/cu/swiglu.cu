@@ -120,8 +120,35 @@ __device__ __forceinline__ void swiglu_bwd_flat_body(const T *g, const T *u, con
   }
 }
 
-// `vec`: 0 element accesses, 1 every row start 16-byte aligned (see above), 2 flat and 16-byte
-// aligned (swiglu_bwd_flat_body; the backward only).
+// The backward over aligned rows of any strides (the packed gate/up layout: ldg = ldu = ldo =
+// 2 * cols) with 16-byte access: one grid-stride loop over the rows * (cols / V) packs, each
+// split into (row, pack) by one division, on a few blocks per SM as the flat path. The host
+// takes it when every row start is 16-byte aligned and cols % V == 0.
+template <typename T>
+__device__ __forceinline__ void swiglu_bwd_rows_body(const T *g, const T *u,
+                                                     const T *__restrict__ dy, T *dg, T *du,
+                                                     long long rows, int cols, long long ldg,
+                                                     long long ldu, long long ldo) {
+  constexpr int V = VecWidth<T>::value;
+  const long long ppr = cols / V;
+  const long long packs = rows * ppr;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < packs; p += stride) {
+    const long long r = p / ppr;
+    const long long c = (p - r * ppr) * V;
+    const Pack<T, V> gp = load_pack_rw<T, V>(g + r * ldg + c);
+    const Pack<T, V> up = load_pack_rw<T, V>(u + r * ldu + c);
+    const Pack<T, V> dp = load_pack<T, V>(dy + r * cols + c);
+    Pack<T, V> dgp, dup;
+    swiglu_bwd_pack<T, V>(gp, up, dp, dgp, dup);
+    store_pack<T, V>(dg + r * ldo + c, dgp);
+    store_pack<T, V>(du + r * ldo + c, dup);
+  }
+}
+
+// `vec`: 0 element accesses, 1 every row start 16-byte aligned (see above); the backward also
+// takes 2, flat and 16-byte aligned (swiglu_bwd_flat_body), and 3, aligned rows on a
+// grid-stride loop (swiglu_bwd_rows_body).
 #define SWIGLU_OP(T, SUFFIX)                                                                      \
   extern "C" __global__ void swiglu_fwd_##SUFFIX(const T *g, const T *u, T *y, long long rows,   \
                                                  int cols, long long ldg, long long ldu,        \
@@ -134,7 +161,9 @@ __device__ __forceinline__ void swiglu_bwd_flat_body(const T *g, const T *u, con
   extern "C" __global__ void swiglu_bwd_##SUFFIX(const T *g, const T *u, const T *dy, T *dg,     \
                                                  T *du, long long rows, int cols, long long ldg, \
                                                  long long ldu, long long ldo, int vec) {       \
-    if (vec == 2)                                                                               \
+    if (vec == 3)                                                                               \
+      swiglu_bwd_rows_body<T>(g, u, dy, dg, du, rows, cols, ldg, ldu, ldo);                     \
+    else if (vec == 2)                                                                          \
       swiglu_bwd_flat_body<T>(g, u, dy, dg, du, rows * cols);                                   \
     else if (vec)                                                                               \
       swiglu_bwd_body<T, true>(g, u, dy, dg, du, rows, cols, ldg, ldu, ldo);                    \

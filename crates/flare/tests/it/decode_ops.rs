@@ -580,6 +580,8 @@ fn swiglu_packed_forward_backward(dev: &Device) -> Result<()> {
             vec![2, 3, 10],
             vec![5, 96],
             vec![4, 528],
+            // More packs than the backward's grid-stride grid holds threads.
+            vec![600, 16_400],
         ] {
             let what = format!("swiglu_packed {shape:?} {dtype:?}");
             let sd = seed(&what);

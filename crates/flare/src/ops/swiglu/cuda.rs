@@ -72,7 +72,7 @@ pub(crate) fn bwd_in_place(
 /// Threads per block of both kernels.
 const THREADS: u32 = 256;
 
-/// Blocks per SM of the backward's flat grid-stride path (`bench/dev/swiglu_probe.py`: 16
+/// Blocks per SM of the backward's grid-stride paths (`bench/dev/swiglu_probe.py`: 16
 /// reached 2.9 TB/s at the Llama-3.1-8B MLP shape, 4 and 8 within 6% of it).
 const FLAT_BLOCKS_PER_SM: usize = 16;
 
@@ -87,6 +87,19 @@ fn grid<T>(p: &SwiGluPlan) -> LaunchConfig {
             p.rows.clamp(1, 65_535) as u32,
             1,
         ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A grid-stride launch over `packs` items: a thread each up to [`FLAT_BLOCKS_PER_SM`] blocks
+/// per SM.
+fn strided_grid(rt: &CudaRuntime, packs: usize) -> LaunchConfig {
+    let blocks = packs
+        .div_ceil(THREADS as usize)
+        .clamp(1, FLAT_BLOCKS_PER_SM * rt.sm_count.max(1) as usize);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -251,22 +264,16 @@ fn launch_bwd<T: CudaDType + DeviceRepr>(
     let (rows, cols) = (p.rows as i64, p.cols as i32);
     let (ldg, ldu, ldo_arg) = (p.ldg as i64, p.ldu as i64, ldo as i64);
     // Flat (every operand's rows back to back) and 16-byte aligned: the grid-stride path over
-    // packs, a few blocks per SM; else the row grid, with packs when every row start is aligned.
+    // packs; aligned rows of other strides (packed gate/up): the grid-stride path over (row,
+    // pack); both on a few blocks per SM. Else the row grid with element accesses.
+    let v = 16 / std::mem::size_of::<T>();
     let flat = p.ldg == p.cols && p.ldu == p.cols && ldo == p.cols;
     let (vec, cfg) = if flat && aligned16::<T>(&ptrs, &[]) {
-        let packs = (p.rows * p.cols) / (16 / std::mem::size_of::<T>());
-        let blocks = packs
-            .div_ceil(THREADS as usize)
-            .clamp(1, FLAT_BLOCKS_PER_SM * rt.sm_count.max(1) as usize);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        (2, cfg)
+        (2, strided_grid(rt, p.rows * p.cols / v))
+    } else if aligned16::<T>(&ptrs, &[p.cols, p.ldg, p.ldu, ldo]) {
+        (3, strided_grid(rt, p.rows * (p.cols / v)))
     } else {
-        let vec = i32::from(aligned16::<T>(&ptrs, &[p.cols, p.ldg, p.ldu, ldo]));
-        (vec, grid::<T>(p))
+        (0, grid::<T>(p))
     };
     let mut lb = rt.stream().launch_builder(rt.function(kernel));
     lb.arg(&gp)
@@ -285,11 +292,12 @@ fn launch_bwd<T: CudaDType + DeviceRepr>(
     // r * ld + c (r < rows, c < cols) of g, u and dy and the writes r * ldo + c of dg and du
     // stay inside live allocations, whose guards they hold across this launch. dg and du may
     // be g and u (in place): the kernel reads each pack before writing the same pack, and the
-    // outputs are not declared __restrict__. vec = 1 only when every row start of the five
-    // operands is 16-byte aligned and cols a multiple of the pack width (checked here); vec = 2
-    // only when the five operands are flat arrays of rows * cols elements (ld = cols) with
-    // 16-byte aligned first elements, which the grid-stride loop covers pack by pack and the
-    // tail element by element.
+    // outputs are not declared __restrict__. vec = 3 only when every row start of the five
+    // operands is 16-byte aligned and cols a multiple of the pack width (checked here: the
+    // grid-stride loop's packs are whole and aligned); vec = 2 only when
+    // the five operands are flat arrays of rows * cols elements (ld = cols) with 16-byte
+    // aligned first elements, which the grid-stride loop covers pack by pack and the tail
+    // element by element.
     unsafe { lb.launch(cfg) }
         .cuda_ctx("launching swiglu_bwd")
         .map_err(crate::Error::into_candle)?;
