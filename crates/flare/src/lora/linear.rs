@@ -699,6 +699,16 @@ impl LoraLinear {
         }
     }
 
+    /// The adapter [`forward`](Self::forward) runs through the fused [`super::lora_linear`]: the
+    /// active, unmerged adapter, unless training-mode dropout sends it to the composite.
+    pub(crate) fn fused_adapter(&self) -> Option<&LoraAdapter> {
+        let ad = match (&self.active, &self.merged) {
+            (Some(name), None) => self.adapters.get(name),
+            _ => None,
+        }?;
+        (!(self.training && ad.dropout > 0.0)).then_some(ad)
+    }
+
     /// The dtype merges are computed in: f64 for an f64 base, f32 otherwise.
     fn acc_dtype(&self) -> DType {
         if self.weight.dtype() == DType::F64 {

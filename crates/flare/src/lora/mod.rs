@@ -10,5 +10,5 @@ pub mod peft;
 pub use config::LoraConfig;
 pub use dropout::with_dropout_seed;
 pub use linear::{LoraAdapter, LoraLinear};
-pub use op::{lora_linear, lora_linear_reference};
+pub use op::{lora_linear, lora_linear_grouped, lora_linear_reference};
 pub use peft::{load_adapter, save_adapter, Adapter, AdapterConfig};

@@ -28,7 +28,7 @@ use super::config::{Llama3RopeScaling, ModelConfig};
 use super::weights::Weights;
 use crate::error::device_name;
 use crate::lora::dropout::mix64;
-use crate::lora::{with_dropout_seed, LoraLinear};
+use crate::lora::{lora_linear_grouped, with_dropout_seed, LoraLinear};
 use crate::ops::rope::rope_tables_f32;
 use crate::ops::{
     add_rms_norm, attention_decode, flash_attention, matmul, rms_norm, rope_heads, rope_tokens,
@@ -149,11 +149,14 @@ impl Fused {
     /// Whether `lins` still compute exactly the fused product: no active adapter, and the
     /// weights and biases built by [`build`](Self::build).
     fn applies(&self, lins: &[&LoraLinear]) -> bool {
+        lins.iter().all(|l| l.active().is_none()) && self.same_weights(lins)
+    }
+
+    /// Whether the weights and biases of `lins` are still the views built by
+    /// [`build`](Self::build) (none merged into or replaced).
+    fn same_weights(&self, lins: &[&LoraLinear]) -> bool {
         let mut ids = Vec::with_capacity(self.ids.len());
         for l in lins {
-            if l.active().is_some() {
-                return false;
-            }
             ids.push(l.weight().id());
             if let Some(b) = l.bias() {
                 ids.push(b.id());
@@ -191,6 +194,9 @@ struct Mlp {
     down_proj: LoraLinear,
     /// gate and up as one projection.
     gate_up: Fused,
+    /// Whether gate and up with adapters run as one grouped LoRA product
+    /// ([`Transformer::set_grouped_projections`]).
+    grouped: bool,
 }
 
 impl Attention {
@@ -237,12 +243,45 @@ impl Mlp {
                 up_proj,
                 down_proj: down,
                 gate_up,
+                grouped: true,
             }),
             _ => Err(Error::InvalidArgument {
                 op: OP,
                 msg: "internal error: fused gate/up lost a projection".into(),
             }),
         }
+    }
+}
+
+impl Mlp {
+    /// `[gate | up]` (`[..., 2 · intermediate]`) as one grouped LoRA product
+    /// ([`lora_linear_grouped`] on the fused weight, the two adapters' factors stacked) when
+    /// grouping is on, both projections run a fused adapter ([`LoraLinear::fused_adapter`]: no
+    /// training-mode dropout) of one rank, scale and dtype, and their weights are still the fused
+    /// views; `None` otherwise.
+    fn grouped_gate_up(&self, n: &Tensor) -> Result<Option<Tensor>> {
+        let (g, u) = (&self.gate_proj, &self.up_proj);
+        if !self.grouped || !self.gate_up.same_weights(&[g, u]) {
+            return Ok(None);
+        }
+        let (Some(ag), Some(au)) = (g.fused_adapter(), u.fused_adapter()) else {
+            return Ok(None);
+        };
+        if ag.rank() != au.rank() || ag.scale() != au.scale() || ag.a().dtype() != au.a().dtype() {
+            return Ok(None);
+        }
+        let a = Tensor::cat(&[ag.a(), au.a()], 0)?;
+        let b = Tensor::cat(&[ag.b(), au.b()], 0)?;
+        let splits = [g.out_features(), u.out_features()];
+        Ok(Some(lora_linear_grouped(
+            n,
+            &self.gate_up.weight,
+            self.gate_up.bias.as_ref(),
+            &a,
+            &b,
+            ag.scale(),
+            &splits,
+        )?))
     }
 }
 
@@ -284,6 +323,8 @@ pub struct Transformer {
     /// Tokens per tile of the MLP in checkpointed layers (`None`: untiled); see
     /// [`set_mlp_tile`](Self::set_mlp_tile).
     mlp_tile: Option<usize>,
+    /// [`set_grouped_projections`](Self::set_grouped_projections); each layer's [`Mlp`] holds it.
+    grouped: bool,
     /// The parameter gradients of checkpointed layers, until merged (shared by clones).
     checkpoint_grads: CheckpointGrads,
     /// The seed of the LoRA dropout masks of the next forwards (random per forward if `None`).
@@ -474,6 +515,7 @@ impl Transformer {
             checkpointing: false,
             checkpoint_store: CheckpointStore::Device,
             mlp_tile: None,
+            grouped: true,
             checkpoint_grads: CheckpointGrads::default(),
             dropout_seed: None,
         })
@@ -724,6 +766,25 @@ impl Transformer {
     /// No effect without checkpointing, or on a pass of at most `tokens` tokens.
     pub fn set_mlp_tile(&mut self, tokens: Option<usize>) {
         self.mlp_tile = tokens.filter(|&t| t > 0);
+    }
+
+    /// Whether projections that read one input run as one grouped LoRA product when their
+    /// adapters allow (on by default): each layer's gate and up projections, when both carry a
+    /// fused adapter (active, unmerged, no training-mode dropout) of one rank, scale and dtype
+    /// on the unmerged weights, become one [`lora_linear_grouped`] on the fused gate/up weight,
+    /// feeding the packed SwiGLU. The values are those of the separate projections up to the
+    /// order of the sums in the input gradient, at fewer passes over memory (BENCHMARKS.md).
+    /// Off runs every projection alone (for comparisons).
+    pub fn set_grouped_projections(&mut self, on: bool) {
+        self.grouped = on;
+        for layer in &mut self.layers {
+            layer.mlp.grouped = on;
+        }
+    }
+
+    /// Whether grouping is on ([`set_grouped_projections`](Self::set_grouped_projections)).
+    pub fn grouped_projections(&self) -> bool {
+        self.grouped
     }
 
     /// The MLP tile ([`set_mlp_tile`](Self::set_mlp_tile)).
@@ -1274,6 +1335,8 @@ impl Transformer {
     fn mlp(mlp: &Mlp, n: &Tensor) -> Result<Tensor> {
         let act = if mlp.gate_up.applies(&[&mlp.gate_proj, &mlp.up_proj]) {
             swiglu_packed(&mlp.gate_up.forward(n)?)?
+        } else if let Some(gu) = mlp.grouped_gate_up(n)? {
+            swiglu_packed(&gu)?
         } else {
             // Fresh projection outputs read only here: their gradients may overwrite them.
             swiglu_grad_in_place(&mlp.gate_proj.forward(n)?, &mlp.up_proj.forward(n)?)?

@@ -10,7 +10,9 @@
 //!   `dx = dy W + G A`, `dA = Gᵀ x`, `dB = s dyᵀ (x Aᵀ)`.
 
 use candle_core::{DType, Device, Tensor};
-use flare::lora::{lora_linear, lora_linear_reference, LoraConfig, LoraLinear};
+use flare::lora::{
+    lora_linear, lora_linear_grouped, lora_linear_reference, LoraConfig, LoraLinear,
+};
 use flare::Error;
 
 use crate::common::*;
@@ -206,6 +208,127 @@ fn grads_vs_reference(dev: &Device) -> Result<()> {
         }
     }
     fails.finish();
+    Ok(())
+}
+
+/// `lora_linear_grouped` against the float64 reference of each projection alone, side by side:
+/// the output and the gradients of `x` and of every projection's `A` and `B` (stacked into the
+/// op by `Tensor::cat`, as the model does), with and without a bias, 2 and 3 projections of
+/// unequal widths, every dtype (and f32 factors on a bf16 base), `x` tracked or frozen; and its
+/// errors.
+fn grouped(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    let mut combos: Vec<(DType, DType)> = dtypes(dev).into_iter().map(|d| (d, d)).collect();
+    combos.push((DType::BF16, DType::F32));
+    for (dtype, adt) in combos {
+        for splits in [&[5usize, 3, 9][..], &[OUT, OUT][..]] {
+            for &(xsh, r, with_bias, track_x) in &[
+                (&[7, IN][..], 4, true, true),
+                (&[2, 3, IN][..], 1, false, true),
+                (&[33, IN][..], 4, false, false),
+            ] {
+                let what = format!(
+                    "lora_linear_grouped {splits:?} {xsh:?} r {r} bias {with_bias} x {track_x} {} \
+                     (adapters {})",
+                    dt(dtype),
+                    dt(adt)
+                );
+                let sd = |tag: &str| seed(&format!("{what} {tag}"));
+                let x = randn(xsh, dtype, dev, sd("x"))?;
+                let mut parts = Vec::new();
+                for (g, &n) in splits.iter().enumerate() {
+                    let w = randn_scaled(&[n, IN], 0.0, 0.2, dtype, dev, sd(&format!("w{g}")))?;
+                    let bias = if with_bias {
+                        Some(randn(&[n], dtype, dev, sd(&format!("bias{g}")))?)
+                    } else {
+                        None
+                    };
+                    let a = randn_scaled(&[r, IN], 0.0, 0.2, adt, dev, sd(&format!("a{g}")))?;
+                    let b = randn(&[n, r], adt, dev, sd(&format!("b{g}")))?;
+                    parts.push((w, bias, var(&a)?, var(&b)?));
+                }
+                let s = 8.0 / (3.0 * r as f64);
+                let cat = |ts: Vec<&Tensor>| Tensor::cat(&ts, 0);
+                let w = cat(parts.iter().map(|p| &p.0).collect())?;
+                let bias = if with_bias {
+                    Some(cat(parts.iter().filter_map(|p| p.1.as_ref()).collect())?)
+                } else {
+                    None
+                };
+                let a = cat(parts.iter().map(|p| p.2.as_tensor()).collect())?;
+                let b = cat(parts.iter().map(|p| p.3.as_tensor()).collect())?;
+                let xv = var(&x)?;
+                let xin = if track_x {
+                    xv.as_tensor().clone()
+                } else {
+                    x.clone()
+                };
+                let y = lora_linear_grouped(&xin, &w, bias.as_ref(), &a, &b, s, splits)?;
+                let rr = randn(y.dims(), dtype, dev, sd("r"))?;
+                let grads = y.mul(&rr)?.sum_all()?.backward()?;
+                assert!(grads.get(&w).is_none(), "{what}: W got a gradient");
+                assert_eq!(grads.get(xv.as_tensor()).is_some(), track_x, "{what}: dx");
+
+                // The reference: each projection alone in f64 (A and B rounded to the base
+                // dtype first, as the op does), side by side.
+                let xr = var(&f64_cpu(&x)?)?;
+                let mut refs = Vec::new();
+                let mut ys = Vec::new();
+                for (w, bias, a, b) in &parts {
+                    let ar = var(&f64_cpu(&a.as_tensor().to_dtype(dtype)?)?)?;
+                    let br = var(&f64_cpu(&b.as_tensor().to_dtype(dtype)?)?)?;
+                    ys.push(reference_f64(
+                        xr.as_tensor(),
+                        w,
+                        bias.as_ref(),
+                        ar.as_tensor(),
+                        br.as_tensor(),
+                        s,
+                    )?);
+                    refs.push((ar, br));
+                }
+                let yr = Tensor::cat(&ys, candle_core::D::Minus1)?;
+                fails.check(&f64_cpu(&y)?, &yr, tol(dtype), &format!("{what} y"))?;
+                let grads_r = yr.mul(&f64_cpu(&rr)?)?.sum_all()?.backward()?;
+                if track_x {
+                    let g = grad_of(&grads, xv.as_tensor(), &what);
+                    let gr = grad_of(&grads_r, xr.as_tensor(), &what);
+                    fails.check(&g, &gr, tol(dtype), &format!("{what} dx"))?;
+                }
+                for (g, ((_, _, av, bv), (ar, br))) in parts.iter().zip(&refs).enumerate() {
+                    for (name, v, vr) in [("dA", av, ar), ("dB", bv, br)] {
+                        let what = format!("{what} {name}{g}");
+                        let gv = grad_of(&grads, v.as_tensor(), &what);
+                        assert_eq!(gv.dtype(), adt, "{what}: gradient dtype");
+                        assert_eq!(gv.dims(), v.dims(), "{what}: gradient shape");
+                        let gr = grad_of(&grads_r, vr.as_tensor(), &what);
+                        fails.check(&gv, &gr, tol(dtype), &what)?;
+                    }
+                }
+            }
+        }
+    }
+    fails.finish();
+
+    // Errors: splits that do not sum to the weight's rows or hold a zero; A not G x r rows.
+    let dtype = dtypes(dev)[0];
+    let x = randn(&[3, IN], dtype, dev, 1)?;
+    let w = randn(&[8, IN], dtype, dev, 2)?;
+    let a = randn(&[4, IN], dtype, dev, 3)?;
+    let b = randn(&[8, 2], dtype, dev, 4)?;
+    for bad in [&[5usize, 4][..], &[8, 0][..], &[][..]] {
+        let e = lora_linear_grouped(&x, &w, None, &a, &b, 1.0, bad).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { .. }),
+            "splits {bad:?}: {e}"
+        );
+    }
+    let e = lora_linear_grouped(&x, &w, None, &a, &b, 1.0, &[2, 3, 3]).unwrap_err();
+    assert!(
+        matches!(e, Error::ShapeMismatch { .. }),
+        "3 groups of r 2 in 4 rows: {e}"
+    );
+    assert!(lora_linear_grouped(&x, &w, None, &a, &b, 1.0, &[3, 5]).is_ok());
     Ok(())
 }
 
@@ -1092,6 +1215,7 @@ fn add_with_weights(dev: &Device) -> Result<()> {
 
 device_test!(
     add_with_weights,
+    grouped,
     forward,
     views_and_empty,
     grads_vs_reference,

@@ -23,8 +23,9 @@ use crate::runtime::gemm::GemmParams;
 const OP_FWD: &str = "lora_linear (cuda)";
 const OP_BWD: &str = "lora_linear backward (cuda)";
 
-/// The forward's operands: `x: [T, in]`, `a: [r, in]`, `b: [out, r]`, `w: [out, in]`,
-/// `bias: [out]`, all of one dtype, contiguous.
+/// The forward's operands: `x: [T, in]`, `a: [G · r, in]`, `b: [out, r]`, `w: [out, in]`,
+/// `bias: [out]`, all of one dtype, contiguous; `splits` the `G` output blocks (summing to
+/// `out`), block `g` taking `A`'s rows `g · r ..` (see [`super::lora_linear_grouped`]).
 pub(crate) struct FwdArgs<'a> {
     pub x: (&'a CudaStorage, &'a Layout),
     pub a: (&'a CudaStorage, &'a Layout),
@@ -32,10 +33,11 @@ pub(crate) struct FwdArgs<'a> {
     pub w: (&'a CudaStorage, &'a Layout),
     pub bias: Option<(&'a CudaStorage, &'a Layout)>,
     pub scale: f64,
+    pub splits: &'a [usize],
 }
 
-/// The backward's operands: `x: [T, in]`, `dy: [T, out]`, `a: [r, in]`, `w: [out, in]`,
-/// `b: [out, r]`, all of one dtype (`A` and `B` already converted to it when the factors are
+/// The backward's operands: `x: [T, in]`, `dy: [T, out]`, `a: [G · r, in]`, `w: [out, in]`,
+/// `b: [out, r]` (`splits` as in [`FwdArgs`]), all of one dtype (`A` and `B` already converted to it when the factors are
 /// f32 on a half base), contiguous; which gradients to compute and where they go.
 pub(crate) struct BwdArgs<'a> {
     pub x: (&'a CudaStorage, &'a Layout),
@@ -48,11 +50,12 @@ pub(crate) struct BwdArgs<'a> {
     /// Where the gradients go. When it is split (f32 factors on an f16/bf16 base), `dA` and `dB`
     /// are written in f32 straight from their GEMMs into a second, f32 buffer.
     pub packed: Packed,
-    /// `H = x Aᵀ` (`[T, r]`, contiguous, the dtype of `x`) as the forward computed it, if it
+    /// `H = x Aᵀ` (`[T, G · r]`, contiguous, the dtype of `x`) as the forward computed it, if it
     /// kept it; recomputed when `None` and `dB` is needed.
     pub h: Option<&'a CudaStorage>,
     /// The factors' gradients are f32 in a buffer of their own (see `packed`).
     pub split: bool,
+    pub splits: &'a [usize],
 }
 
 fn internal(op: &str, msg: String) -> candle_core::Error {
@@ -120,6 +123,31 @@ fn params(
     }
 }
 
+/// The output blocks `(g, first row of B, rows)` of `splits`, checked to be `groups` nonempty
+/// blocks summing to `out`.
+fn blocks(
+    op: &str,
+    splits: &[usize],
+    out: usize,
+) -> candle_core::Result<Vec<(usize, usize, usize)>> {
+    let mut start = 0;
+    let mut v = Vec::with_capacity(splits.len());
+    for (g, &n) in splits.iter().enumerate() {
+        if n == 0 {
+            return Err(internal(op, format!("empty output block in {splits:?}")));
+        }
+        v.push((g, start, n));
+        start += n;
+    }
+    if start != out || v.is_empty() {
+        return Err(internal(
+            op,
+            format!("output blocks {splits:?} do not sum to {out}"),
+        ));
+    }
+    Ok(v)
+}
+
 fn slice<T: CudaDType>(s: &CudaStorage) -> candle_core::Result<&CudaSlice<T>> {
     s.as_cuda_slice::<T>()
 }
@@ -163,11 +191,11 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     args: &FwdArgs<'_>,
 ) -> candle_core::Result<(CudaStorage, CudaStorage)> {
     let (t, inf, x_off) = matrix(OP_FWD, "x", args.x.1)?;
-    let (r, a_in, a_off) = matrix(OP_FWD, "lora_a", args.a.1)?;
-    let (out, b_r, b_off) = matrix(OP_FWD, "lora_b", args.b.1)?;
+    let (ra, a_in, a_off) = matrix(OP_FWD, "lora_a", args.a.1)?;
+    let (out, r, b_off) = matrix(OP_FWD, "lora_b", args.b.1)?;
     let (w_out, w_in, w_off) = matrix(OP_FWD, "weight", args.w.1)?;
-    expect(OP_FWD, "lora_a", (r, a_in), (r, inf))?;
-    expect(OP_FWD, "lora_b", (out, b_r), (out, r))?;
+    let groups = blocks(OP_FWD, args.splits, out)?;
+    expect(OP_FWD, "lora_a", (ra, a_in), (groups.len() * r, inf))?;
     expect(OP_FWD, "weight", (w_out, w_in), (out, inf))?;
     if let Some((_, lbias)) = args.bias {
         contiguous_range(OP_FWD, lbias)?;
@@ -213,7 +241,7 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     };
     // SAFETY: every element of `h` is written by the first GEMM (beta = 0) before the second
     // reads it (and before the backward, which may reuse it, can run).
-    let mut h = unsafe { dev.alloc::<T>(t * r) }?;
+    let mut h = unsafe { dev.alloc::<T>(t * ra) }?;
     {
         let ys = y.as_cuda_slice_mut::<T>()?;
         let (xp, _gx) = xs.device_ptr(stream);
@@ -229,24 +257,34 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
             wp + w_off as u64 * size,
         );
         let gemm = rt.gemm();
-        // Hᵀ[r, T] = A[r, in] · Xᵀ[in, T]: A's buffer is Aᵀ (in × r, ld in), so transa; X's
-        // buffer is Xᵀ (in × T, ld in). Both operands are K-major (the "TN" layout).
-        let p_h = params(dtype, true, false, r, t, inf, inf, inf, r);
-        // SAFETY: A (r·in elements from `a_off`), X (T·in from `x_off`) and H (T·r, fresh,
+        // Hᵀ[ra, T] = A[ra, in] · Xᵀ[in, T]: A's buffer is Aᵀ (in × ra, ld in), so transa; X's
+        // buffer is Xᵀ (in × T, ld in). Both operands are K-major (the "TN" layout). One GEMM
+        // for every group (ra = G · r): x is read once.
+        let p_h = params(dtype, true, false, ra, t, inf, inf, inf, ra);
+        // SAFETY: A (ra·in elements from `a_off`), X (T·in from `x_off`) and H (T·ra, fresh,
         // disjoint from both) are contiguous buffers of `T` on this runtime's device, exactly
         // covering what the params address (checked dims above). All are ordered on the
         // runtime's stream (Candle's), and the guards keep them borrowed until the GEMM has
         // been queued.
         unsafe { gemm.matmul(&p_h, ap, xp, hp, 1.0, 0.0) }.map_err(crate::Error::into_candle)?;
-        // Yᵀ[out, T] (+)= s · B[out, r] · Hᵀ[r, T]: B's buffer is Bᵀ (r × out, ld r), so
-        // transa; H's buffer is Hᵀ (r × T, ld r). beta = 0 (or 1 onto the bias).
-        let p_low = params(dtype, true, false, out, t, r, r, r, out);
-        // SAFETY: B (out·r from `b_off`), H (T·r, written by the GEMM queued before on the same
-        // stream) and Y (T·out, fresh, disjoint from B and H; with beta = 1 it holds the bias
-        // copy queued before) on this device, covering exactly what the params address;
-        // guards held.
-        unsafe { gemm.matmul(&p_low, bp, hp, yp, args.scale as f32, beta_low) }
-            .map_err(crate::Error::into_candle)?;
+        for &(g, first, n) in &groups {
+            // Yᵀ[first.., T] (+)= s · B_g[n, r] · H_gᵀ[r, T]: B's rows `first..` read as Bᵀ
+            // (r × n, ld r), so transa; H's columns `g·r..` as H_gᵀ (r × T, ld ra); Y's columns
+            // `first..` as rows of Yᵀ (ld out). beta = 0 (or 1 onto the bias).
+            let p_low = params(dtype, true, false, n, t, r, r, ra, out);
+            let (bg, hg, yg) = (
+                bp + (first * r) as u64 * size,
+                hp + (g * r) as u64 * size,
+                yp + first as u64 * size,
+            );
+            // SAFETY: B's rows first..first+n (n·r elements from `b_off + first·r`), H's columns
+            // g·r..g·r+r of its T rows (ld ra, written by the GEMM queued before on the same
+            // stream) and Y's columns first..first+n of its T rows (ld out; fresh, disjoint from
+            // B and H; with beta = 1 it holds the bias copy queued before) on this device,
+            // inside the buffers (the blocks sum to out, checked); guards held.
+            unsafe { gemm.matmul(&p_low, bg, hg, yg, args.scale as f32, beta_low) }
+                .map_err(crate::Error::into_candle)?;
+        }
         // Yᵀ[out, T] = W[out, in] · Xᵀ[in, T] + 1 · Yᵀ: W's buffer read column-major is Wᵀ
         // (in × out, ld in), so transa; X's buffer is Xᵀ (in × T, ld in). The low-rank part
         // (and the bias) already in Y is added in the epilogue.
@@ -303,15 +341,16 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
 ) -> candle_core::Result<BwdOut> {
     let (t, inf, x_off) = matrix(OP_BWD, "x", args.x.1)?;
     let (dy_t, out, dy_off) = matrix(OP_BWD, "dy", args.dy.1)?;
-    let (r, a_in, a_off) = matrix(OP_BWD, "lora_a", args.a.1)?;
+    let (ra, a_in, a_off) = matrix(OP_BWD, "lora_a", args.a.1)?;
     let (w_out, w_in, w_off) = matrix(OP_BWD, "weight", args.w.1)?;
-    let (b_out, b_r, b_off) = matrix(OP_BWD, "lora_b", args.b.1)?;
+    let (b_out, r, b_off) = matrix(OP_BWD, "lora_b", args.b.1)?;
+    let groups = blocks(OP_BWD, args.splits, out)?;
     expect(OP_BWD, "dy", (dy_t, out), (t, out))?;
-    expect(OP_BWD, "lora_a", (r, a_in), (r, inf))?;
+    expect(OP_BWD, "lora_a", (ra, a_in), (groups.len() * r, inf))?;
     expect(OP_BWD, "weight", (w_out, w_in), (out, inf))?;
-    expect(OP_BWD, "lora_b", (b_out, b_r), (out, r))?;
+    expect(OP_BWD, "lora_b", (b_out, r), (out, r))?;
     let (need, p, s, split) = (args.need, args.packed, args.scale as f32, args.split);
-    if p != Packed::new(t, inf, out, r, need, split) || p.total + p.factor_total == 0 {
+    if p != Packed::new(t, inf, out, (ra, r), need, split) || p.total + p.factor_total == 0 {
         return Err(internal(
             OP_BWD,
             format!("packed layout {p:?} does not fit"),
@@ -335,14 +374,14 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         slice::<T>(args.w.0)?,
         slice::<T>(args.b.0)?,
     );
-    // The forward's H, when it kept one: a whole `[T, r]` buffer of this dtype.
+    // The forward's H, when it kept one: a whole `[T, ra]` buffer of this dtype.
     let saved_h = match args.h {
         Some(h) if need.db => {
             let h = slice::<T>(h)?;
-            if h.len() != t * r {
+            if h.len() != t * ra {
                 return Err(internal(
                     OP_BWD,
-                    format!("saved H has {} elements, expected {t} x {r}", h.len()),
+                    format!("saved H has {} elements, expected {t} x {ra}", h.len()),
                 ));
             }
             Some(h)
@@ -367,16 +406,17 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     } else {
         None
     };
-    // SAFETY: written in full by the G GEMM (beta = 0) before the dx / dA GEMMs read it.
+    // SAFETY: written in full by the G GEMMs (beta = 0; one per group, each its r columns)
+    // before the dx / dA GEMMs read it.
     let mut g = if need_g {
-        Some(unsafe { dev.alloc::<T>(t * r) }?)
+        Some(unsafe { dev.alloc::<T>(t * ra) }?)
     } else {
         None
     };
     // SAFETY: written in full by the H GEMM (beta = 0) before the dB GEMM reads it. Only
     // allocated when the forward's H is not at hand.
     let mut h = if need.db && saved_h.is_none() {
-        Some(unsafe { dev.alloc::<T>(t * r) }?)
+        Some(unsafe { dev.alloc::<T>(t * ra) }?)
     } else {
         None
     };
@@ -420,23 +460,34 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         let gp = gs.as_ref().map(|(ptr, _)| *ptr);
 
         if let Some(gp) = gp {
-            // Gᵀ[r, T] = s · Bᵀ[r, out] · dyᵀ[out, T]: B's buffer read column-major is Bᵀ
-            // (r × out, ld r), dy's is dyᵀ (out × T, ld out); no transposes.
-            let pg = params(dtype, false, false, r, t, out, r, out, r);
-            // SAFETY: B (out·r elements from `b_off`), dy (T·out from `dy_off`) and G (T·r,
-            // fresh, disjoint) are contiguous buffers of `T` on this runtime's device covering
-            // exactly what the params address; all ordered on the runtime's stream, guards held
-            // until queued.
-            unsafe { gemm.matmul(&pg, bp, dyp, gp, s, 0.0) }.map_err(crate::Error::into_candle)?;
+            for &(g, first, n) in &groups {
+                // G_gᵀ[r, T] = s · B_gᵀ[r, n] · dy_gᵀ[n, T]: B's rows `first..` read column-major
+                // are B_gᵀ (r × n, ld r), dy's columns `first..` are dy_gᵀ (n × T, ld out); G's
+                // columns `g·r..` are rows of Gᵀ (ld ra); no transposes.
+                let pg = params(dtype, false, false, r, t, n, r, out, ra);
+                let (bg, dyg, gg) = (
+                    bp + (first * r) as u64 * size,
+                    dyp + first as u64 * size,
+                    gp + (g * r) as u64 * size,
+                );
+                // SAFETY: B's rows first..first+n (from `b_off`), dy's columns first..first+n of
+                // its T rows (ld out, from `dy_off`) and G's columns g·r..g·r+r of its T rows
+                // (ld ra; fresh, disjoint) are inside contiguous buffers of `T` on this
+                // runtime's device (the blocks sum to out, checked); all ordered on the
+                // runtime's stream, guards held until queued.
+                unsafe { gemm.matmul(&pg, bg, dyg, gg, s, 0.0) }
+                    .map_err(crate::Error::into_candle)?;
+            }
         }
         if let (Some(off), Some(gp)) = (p.dx, gp) {
             let dxp = base_at(off)?;
             // The low-rank part first, then the big GEMM accumulates onto it in its epilogue
             // (where reading C overlaps its compute), rather than a separate read-modify-write
             // pass of dx by the memory-bound low-rank GEMM.
-            // dxᵀ[in, T] = Aᵀ[in, r] · Gᵀ[r, T]: A's buffer is Aᵀ (in × r, ld in), G's is Gᵀ.
-            let p_low = params(dtype, false, false, inf, t, r, inf, r, inf);
-            // SAFETY: A (r·in from `a_off`), G (T·r, written by the GEMM queued above on this
+            // dxᵀ[in, T] = Aᵀ[in, ra] · Gᵀ[ra, T]: A's buffer is Aᵀ (in × ra, ld in), G's is
+            // Gᵀ (every group at once).
+            let p_low = params(dtype, false, false, inf, t, ra, inf, ra, inf);
+            // SAFETY: A (ra·in from `a_off`), G (T·ra, written by the GEMMs queued above on this
             // stream) and the dx piece (T·in elements from `off` inside `packed`, which
             // `Packed::new` sized; disjoint from the inputs) on this device; same stream,
             // guards held. beta = 0: dx is written, not read.
@@ -450,13 +501,13 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
                 .map_err(crate::Error::into_candle)?;
         }
         if let (Some(off), Some(gp)) = (p.da, gp) {
-            // dAᵀ[in, r] = Xᵀ[in, T] · G[T, r]: X's buffer is Xᵀ (in × T, ld in); G's buffer is
-            // Gᵀ (r × T, ld r), so transb.
+            // dAᵀ[in, ra] = Xᵀ[in, T] · G[T, ra]: X's buffer is Xᵀ (in × T, ld in); G's buffer
+            // is Gᵀ (ra × T, ld ra), so transb. Every group at once: x is read once.
             let pa = GemmParams {
                 c_dtype: factor_c,
-                ..params(dtype, false, true, inf, r, t, inf, r, inf)
+                ..params(dtype, false, true, inf, ra, t, inf, ra, inf)
             };
-            // SAFETY: X (T·in from `x_off`), G (T·r, written above) and the dA piece (r·in
+            // SAFETY: X (T·in from `x_off`), G (T·ra, written above) and the dA piece (ra·in
             // elements of `pa.c_type()` from `off` inside its buffer, `packed` or, when split,
             // the f32 `packed_f`; disjoint from the inputs, aligned to 64 bytes or more: the
             // pool's allocation plus a multiple of 16 elements) on this device; same stream,
@@ -469,10 +520,10 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             let hp = match (&saved, &hs) {
                 (Some((hp, _)), _) => *hp,
                 (None, Some((hp, _))) => {
-                    // Hᵀ[r, T] = A[r, in] · Xᵀ[in, T]: A's buffer is Aᵀ, so transa (as in the
+                    // Hᵀ[ra, T] = A[ra, in] · Xᵀ[in, T]: A's buffer is Aᵀ, so transa (as in the
                     // forward).
-                    let ph = params(dtype, true, false, r, t, inf, inf, inf, r);
-                    // SAFETY: A (r·in), X (T·in) and H (T·r, fresh, disjoint) on this device;
+                    let ph = params(dtype, true, false, ra, t, inf, inf, inf, ra);
+                    // SAFETY: A (ra·in), X (T·in) and H (T·ra, fresh, disjoint) on this device;
                     // same stream, guards held.
                     unsafe { gemm.matmul(&ph, ap, xp, *hp, 1.0, 0.0) }
                         .map_err(crate::Error::into_candle)?;
@@ -482,19 +533,31 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
                     return Err(internal(OP_BWD, "dB needed but no H buffer".into()));
                 }
             };
-            // dBᵀ[r, out] = s · Hᵀ[r, T] · dy[T, out]: H's buffer is Hᵀ (r × T, ld r); dy's
-            // buffer is dyᵀ (out × T, ld out), so transb.
-            let pb = GemmParams {
-                c_dtype: factor_c,
-                ..params(dtype, false, true, r, out, t, r, out, r)
-            };
-            // SAFETY: H (T·r: the forward's, written on this stream before this op could run,
-            // or the one written just above), dy (T·out) and the dB piece (out·r elements of
-            // `pb.c_type()` from `off` inside its buffer, `packed` or the f32 `packed_f` when
-            // split; disjoint, aligned as for dA) on this device; guards held. The mixed types
-            // are the supported bf16/f16 A and B with f32 C/D, as for dA.
-            unsafe { gemm.matmul(&pb, hp, dyp, factor_at(off)?, s, 0.0) }
-                .map_err(crate::Error::into_candle)?;
+            let db_at = factor_at(off)?;
+            let c_size = if split { 4 } else { size };
+            for &(g, first, n) in &groups {
+                // dB_gᵀ[r, n] = s · H_gᵀ[r, T] · dy_g[T, n]: H's columns `g·r..` are H_gᵀ (r × T,
+                // ld ra); dy's columns `first..` read column-major are dy_gᵀ (n × T, ld out), so
+                // transb; dB's rows `first..` are columns of dBᵀ (ld r).
+                let pb = GemmParams {
+                    c_dtype: factor_c,
+                    ..params(dtype, false, true, r, n, t, ra, out, r)
+                };
+                let (hg, dyg, dbg) = (
+                    hp + (g * r) as u64 * size,
+                    dyp + first as u64 * size,
+                    db_at + (first * r) as u64 * c_size,
+                );
+                // SAFETY: H (T·ra: the forward's, written on this stream before this op could
+                // run, or the one written just above; its columns g·r..g·r+r), dy (its columns
+                // first..first+n of T rows) and the dB piece's rows first..first+n (out·r
+                // elements of `pb.c_type()` from `off` inside its buffer, `packed` or the f32
+                // `packed_f` when split; disjoint, aligned as for dA, the blocks summing to
+                // out) on this device; guards held. The mixed types are the supported bf16/f16
+                // A and B with f32 C/D, as for dA.
+                unsafe { gemm.matmul(&pb, hg, dyg, dbg, s, 0.0) }
+                    .map_err(crate::Error::into_candle)?;
+            }
         }
     }
     Ok(BwdOut {

@@ -82,7 +82,7 @@ mod cpu;
 mod cuda;
 mod plan;
 
-use cpu::{combine_fwd, scaled};
+use cpu::{block_diag, combine_fwd, diag_blocks, scaled};
 use plan::{Needs, Packed, OP, OP_BWD, OP_BWD_FACTORS};
 
 fn internal(op: &str, msg: String) -> candle_core::Error {
@@ -123,6 +123,29 @@ macro_rules! by_dtype {
             ))),
         }
     };
+}
+
+/// A grouped op's `B` (`[out, r]`, contiguous, read through `l`) as its block-diagonal
+/// `[out, G · r]` ([`block_diag`]), or `None` for one projection.
+fn diag_b(
+    op: &str,
+    s: &CpuStorage,
+    l: &Layout,
+    splits: &[usize],
+) -> candle_core::Result<Option<(CpuStorage, Layout)>> {
+    if splits.len() < 2 {
+        return Ok(None);
+    }
+    let (out, r) = l.shape().dims2()?;
+    let (b0, b1) = l
+        .contiguous_offsets()
+        .ok_or_else(|| internal(op, "lora_b is not contiguous".into()))?;
+    let m = by_dtype!(op, s.dtype(), E => Ok(E::to_cpu_storage_owned(block_diag(
+        &s.as_slice::<E>()?[b0..b1],
+        r,
+        splits
+    ))))?;
+    Ok(Some((m, Layout::contiguous((out, r * splits.len())))))
 }
 
 /// The forward's `H = x Aᵀ` as kept for the backward: a CUDA `[T, r]` storage. Nothing is kept
@@ -168,6 +191,8 @@ struct LoraFwd {
     saved_h: Mutex<Option<SavedH>>,
     /// `A` and `B` in the base dtype, from a CUDA forward with f32 factors on a half base.
     saved_ab: Mutex<Option<SavedAb>>,
+    /// The output blocks of a grouped op ([`lora_linear_grouped`]); `[out]` for one projection.
+    splits: Vec<usize>,
 }
 
 /// `l` as the contiguous `[rows, cols]` matrix it holds: `cols` its last dim, `rows` the product
@@ -221,19 +246,22 @@ impl CustomOp3 for LoraFwd {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let shape = out_shape(lx, lb.dims()[0]);
         let lx = &as_matrix(OP, lx)?;
-        let (t, inf, r, out) = fwd_dims(lx, la, lb);
+        let (t, inf, ra, out) = fwd_dims(lx, la, lb);
         // f32 factors on a half base: converted here, at storage level.
         let (ca, cb) = (convert(sa, la, sx.dtype())?, convert(sb, lb, sx.dtype())?);
         let (sa, la) = ca.as_ref().map_or((sa, la), |(s, l)| (s, l));
         let (sb, lb) = cb.as_ref().map_or((sb, lb), |(s, l)| (s, l));
+        // A grouped op's B as its block-diagonal [out, G · r].
+        let bd = diag_b(OP, sb, lb, &self.splits)?;
+        let (sb, lb) = bd.as_ref().map_or((sb, lb), |(s, l)| (s, l));
         let (ws, wl) = self.w.storage_and_layout();
         let wc = cpu_storage(OP, &ws)?;
         let base = sx.matmul(wc, (1, t, out, inf), lx, &wl.transpose(0, 1)?)?;
-        let h = sx.matmul(sa, (1, t, r, inf), lx, &la.transpose(0, 1)?)?;
+        let h = sx.matmul(sa, (1, t, ra, inf), lx, &la.transpose(0, 1)?)?;
         let low = h.matmul(
             sb,
-            (1, t, out, r),
-            &Layout::contiguous((t, r)),
+            (1, t, out, ra),
+            &Layout::contiguous((t, ra)),
             &lb.transpose(0, 1)?,
         )?;
         let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
@@ -295,6 +323,7 @@ impl CustomOp3 for LoraFwd {
             w: (wc, wl),
             bias,
             scale: self.scale,
+            splits: &self.splits,
         })?;
         *self.saved_h.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(h));
         *self.saved_ab.lock().unwrap_or_else(|e| e.into_inner()) = conv.map(|(ab, _, _)| ab);
@@ -320,9 +349,10 @@ impl CustomOp3 for LoraFwd {
         let inf = x.dims().last().copied().unwrap_or(1);
         let t = x.elem_count() / inf.max(1);
         let (out, r) = b.dims2()?;
+        let ra = a.dims()[0];
         let dy = dy.contiguous()?;
         let split = a.dtype() != x.dtype();
-        let p = Packed::new(t, inf, out, r, need, split);
+        let p = Packed::new(t, inf, out, (ra, r), need, split);
         let side = Arc::new(StorageSlot::default());
         let op = LoraBwd {
             w: self.w.clone(),
@@ -342,6 +372,7 @@ impl CustomOp3 for LoraFwd {
                 .as_ref()
                 .cloned(),
             side: side.clone(),
+            splits: self.splits.clone(),
         };
         // Tracked (not `apply_op3_no_bwd`), so that a second derivative through it errors with
         // `BackwardNotSupported` instead of silently stopping.
@@ -367,7 +398,7 @@ impl CustomOp3 for LoraFwd {
         };
         Ok((
             piece(&packed, p.dx, x.dims())?,
-            piece(&factors, p.da, &[r, inf])?,
+            piece(&factors, p.da, &[ra, inf])?,
             piece(&factors, p.db, &[out, r])?,
         ))
     }
@@ -400,6 +431,8 @@ struct LoraBwd {
     ab: Option<SavedAb>,
     /// Where the op leaves the factor-gradient buffer when it makes two (see [`Packed`]).
     side: Arc<StorageSlot>,
+    /// The forward's output blocks ([`LoraFwd::splits`]).
+    splits: Vec<usize>,
 }
 
 impl LoraBwd {
@@ -468,29 +501,34 @@ impl CustomOp3 for LoraBwd {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (lx, ldy) = (&as_matrix(OP_BWD, lx)?, &as_matrix(OP_BWD, ldy)?);
         let (t, inf) = (lx.dims()[0], lx.dims()[1]);
-        let (out, r) = (ldy.dims()[1], la.dims()[0]);
+        let (out, ra) = (ldy.dims()[1], la.dims()[0]);
         let (ws, wl) = self.w.storage_and_layout();
         let wc = cpu_storage(OP_BWD, &ws)?;
         let (bs, bl) = self.b.storage_and_layout();
         let bc = cpu_storage(OP_BWD, &bs)?;
+        let r = bl.dims()[1];
         let need = self.need;
         let s = self.scale;
         // The factors' dtype: the gradients of A and B come out in it (f32 on a half base).
         let (dt, gdt) = (sx.dtype(), sa.dtype());
         let split = gdt != dt;
-        let p = Packed::new(t, inf, out, r, need, split);
-        let tr = Layout::contiguous((t, r));
-        // A and B in the base dtype (converted when the factors are f32).
+        let p = Packed::new(t, inf, out, (ra, r), need, split);
+        let tr = Layout::contiguous((t, ra));
+        // A and B in the base dtype (converted when the factors are f32); a grouped op's B as
+        // its block-diagonal [out, G · r], so that every product below is the ungrouped one
+        // with r = G · r (dB comes out block-diagonal and its blocks are taken at the end).
         let (ca, cb) = (convert(sa, la, dt)?, convert(bc, bl, dt)?);
         let (sa, la) = ca.as_ref().map_or((sa, la), |(s, l)| (s, l));
         let (bc, bl) = match &cb {
             Some((s, l)) => (s, l),
             None => (bc, bl),
         };
+        let bd = diag_b(OP_BWD, bc, bl, &self.splits)?;
+        let (bc, bl) = bd.as_ref().map_or((bc, bl), |(s, l)| (s, l));
 
         // G = s · dy B, rounded to the base dtype (it feeds two products).
         let g = if need.dx || need.da {
-            let g = sdy.matmul(bc, (1, t, r, out), ldy, bl)?;
+            let g = sdy.matmul(bc, (1, t, ra, out), ldy, bl)?;
             Some(
                 by_dtype!(OP_BWD, g.dtype(), E => Ok(E::to_cpu_storage_owned(scaled(
                     g.as_slice::<E>()?,
@@ -503,7 +541,7 @@ impl CustomOp3 for LoraBwd {
         let (dx_w, dx_a) = match (&g, need.dx) {
             (Some(g), true) => (
                 Some(sdy.matmul(wc, (1, t, inf, out), ldy, wl)?),
-                Some(g.matmul(sa, (1, t, inf, r), &tr, la)?),
+                Some(g.matmul(sa, (1, t, inf, ra), &tr, la)?),
             ),
             _ => (None, None),
         };
@@ -515,16 +553,25 @@ impl CustomOp3 for LoraBwd {
                 let (cg, cx) = (convert(g, &tr, gdt)?, convert(sx, lx, gdt)?);
                 let (g, lg) = cg.as_ref().map_or((g, &tr), |(s, l)| (s, l));
                 let (x, lxg) = cx.as_ref().map_or((sx, lx), |(s, l)| (s, l));
-                Some(g.matmul(x, (1, r, inf, t), &lg.transpose(0, 1)?, lxg)?)
+                Some(g.matmul(x, (1, ra, inf, t), &lg.transpose(0, 1)?, lxg)?)
             }
             _ => None,
         };
         let db = if need.db {
-            let h = sx.matmul(sa, (1, t, r, inf), lx, &la.transpose(0, 1)?)?;
+            let h = sx.matmul(sa, (1, t, ra, inf), lx, &la.transpose(0, 1)?)?;
             let (cdy, ch) = (convert(sdy, ldy, gdt)?, convert(&h, &tr, gdt)?);
             let (dy, ldyg) = cdy.as_ref().map_or((sdy, ldy), |(s, l)| (s, l));
             let (h, lh) = ch.as_ref().map_or((&h, &tr), |(s, l)| (s, l));
-            Some(dy.matmul(h, (1, out, r, t), &ldyg.transpose(0, 1)?, lh)?)
+            let db = dy.matmul(h, (1, out, ra, t), &ldyg.transpose(0, 1)?, lh)?;
+            Some(if self.splits.len() > 1 {
+                by_dtype!(OP_BWD, db.dtype(), E => Ok(E::to_cpu_storage_owned(diag_blocks(
+                    db.as_slice::<E>()?,
+                    r,
+                    &self.splits
+                ))))?
+            } else {
+                db
+            })
         } else {
             None
         };
@@ -575,9 +622,9 @@ impl CustomOp3 for LoraBwd {
         let bc = cuda_storage(OP_BWD, &bs)?;
         let (lx, ldy) = (&as_matrix(OP_BWD, lx)?, &as_matrix(OP_BWD, ldy)?);
         let (t, inf) = (lx.dims()[0], lx.dims()[1]);
-        let (out, r) = (ldy.dims()[1], la.dims()[0]);
+        let (out, ra, r) = (ldy.dims()[1], la.dims()[0], bl.dims()[1]);
         let split = sa.dtype() != sx.dtype();
-        let p = Packed::new(t, inf, out, r, self.need, split);
+        let p = Packed::new(t, inf, out, (ra, r), self.need, split);
         // A and B in the base dtype: the forward's converted pair, else converted here.
         let converted;
         let (a, b) = match (&self.ab, split) {
@@ -608,6 +655,7 @@ impl CustomOp3 for LoraBwd {
             packed: p,
             h: self.h.as_deref(),
             split,
+            splits: &self.splits,
         })?;
         let main = self.finish(outs.base, outs.factors, Storage::Cuda)?;
         Ok((main, Shape::from(main_len(&p))))
@@ -687,6 +735,43 @@ pub(crate) fn check(
     b: &Tensor,
     scale: f64,
 ) -> Result<()> {
+    check_with(x, w, bias, a, b, scale, 1)
+}
+
+/// Checks every operand of [`lora_linear_grouped`]: its `splits`, then as [`check`] with `a`
+/// holding `splits.len()` factors.
+fn check_grouped(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    splits: &[usize],
+) -> Result<()> {
+    check_matrix(w, "the weight must be 2-D [out, in] (weight, x)", x)?;
+    let out = w.dims()[0];
+    if splits.is_empty() || splits.contains(&0) || splits.iter().sum::<usize>() != out {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: format!(
+                "splits {splits:?} must be nonzero output sizes summing to the weight's {out} rows"
+            ),
+        });
+    }
+    check_with(x, w, bias, a, b, scale, splits.len())
+}
+
+/// [`check`] with `a` holding `groups` factors of `b`'s rank.
+fn check_with(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    groups: usize,
+) -> Result<()> {
     check_rank(OP, x, 1)?;
     check_matrix(w, "the weight must be 2-D [out, in] (weight, x)", x)?;
     check_matrix(a, "lora_a must be 2-D [r, in] (lora_a, weight)", w)?;
@@ -754,9 +839,13 @@ pub(crate) fn check(
             w,
         );
     }
-    if b_r != r {
+    if b_r * groups != r {
         return mismatch(
-            "lora_b must be [out, r] with lora_a's r (lora_b, lora_a)",
+            if groups == 1 {
+                "lora_b must be [out, r] with lora_a's r (lora_b, lora_a)"
+            } else {
+                "a grouped op's lora_a must be [groups * r, in] for lora_b [out, r] (lora_b, lora_a)"
+            },
             b,
             a,
         );
@@ -844,6 +933,71 @@ pub fn lora_linear(
     scale: f64,
 ) -> Result<Tensor> {
     check(x, w, bias, a, b, scale)?;
+    let out = w.dims()[0];
+    fused(x, w, bias, a, b, scale, vec![out])
+}
+
+/// [`lora_linear`] of `G` projections of one input, as one op: `w` stacks their weights
+/// `[out_1 + ... + out_G, in]` (`splits = [out_1, ..., out_G]`), `bias` their biases, `a`
+/// their `A` factors `[G · r, in]` (projection `g`'s rows `g · r ..`) and `b` their `B` factors
+/// `[out, r]` (its rows `out_1 + ... + out_{g-1} ..`), one rank `r` and one scale `s`; returns
+/// the projections' outputs side by side, `[..., out]`:
+///   `y[..., block g] = x W_gᵀ (+ bias_g) + s · (x A_gᵀ) B_gᵀ`.
+///
+/// The values of `G` [`lora_linear`] calls concatenated (up to the order of the sums in the
+/// input gradient), for fewer passes over memory: on CUDA `x` is read once for every
+/// projection's `x A_gᵀ` and once for every `dA_g`, and the input gradient is two GEMMs over all
+/// projections (`G A` and `dy W`) instead of two per projection and `G − 1` sums of `[..., in]`
+/// gradients. The gradients of `a` and `b` come out stacked as they went in (a [`Tensor::cat`]
+/// of each projection's factors hands every one its own rows). The model runs the gate and up
+/// projections of its MLP through it ([`crate::models::Transformer::set_grouped_projections`]).
+///
+/// Errors: those of [`lora_linear`], and [`Error::InvalidArgument`] for `splits` with a zero,
+/// or not summing to `w`'s rows, or `a`'s rows not `splits.len()` times `b`'s columns.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var, D};
+/// let dev = Device::Cpu;
+/// let x = Var::randn(0f64, 1.0, (3, 8), &dev)?;
+/// let (w1, w2) = (Tensor::randn(0f64, 1.0, (5, 8), &dev)?, Tensor::randn(0f64, 1.0, (4, 8), &dev)?);
+/// let (a1, a2) = (Var::randn(0f64, 1.0, (2, 8), &dev)?, Var::randn(0f64, 1.0, (2, 8), &dev)?);
+/// let (b1, b2) = (Var::randn(0f64, 1.0, (5, 2), &dev)?, Var::randn(0f64, 1.0, (4, 2), &dev)?);
+/// let w = Tensor::cat(&[&w1, &w2], 0)?;
+/// let a = Tensor::cat(&[a1.as_tensor(), a2.as_tensor()], 0)?;
+/// let b = Tensor::cat(&[b1.as_tensor(), b2.as_tensor()], 0)?;
+/// let y = flare::lora::lora_linear_grouped(&x, &w, None, &a, &b, 0.5, &[5, 4])?;
+/// let y1 = flare::lora::lora_linear(&x, &w1, None, &a1, &b1, 0.5)?;
+/// let y2 = flare::lora::lora_linear(&x, &w2, None, &a2, &b2, 0.5)?;
+/// let err = (&y - Tensor::cat(&[&y1, &y2], D::Minus1)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+/// assert!(err < 1e-12);
+/// let grads = y.sum_all()?.backward()?;
+/// assert_eq!(grads.get(b2.as_tensor()).unwrap().dims(), &[4, 2]);
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn lora_linear_grouped(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    splits: &[usize],
+) -> Result<Tensor> {
+    check_grouped(x, w, bias, a, b, scale, splits)?;
+    fused(x, w, bias, a, b, scale, splits.to_vec())
+}
+
+/// The fused op on checked operands (`splits` as [`lora_linear_grouped`]'s; `[out]` for one
+/// projection), or the composite where it does not run.
+fn fused(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    splits: Vec<usize>,
+) -> Result<Tensor> {
     let (out, inf) = w.dims2()?;
     let r = a.dims()[0];
     let lead = &x.dims()[..x.rank() - 1];
@@ -852,7 +1006,7 @@ pub fn lora_linear(
         // Other devices, and degenerate shapes (which the GEMM paths do not take): the
         // composite, whose ops handle empty tensors, on the factors cast by graph nodes.
         let (a, b) = in_base_dtype(x, a, b)?;
-        return composite(x, w, bias, &a, &b, scale, None);
+        return composite_grouped(x, w, bias, &a, &b, scale, &splits);
     }
     // The fused op takes `A` and `B` in their own dtype (f32 on a half base): it converts them
     // inside, without graph nodes, and returns their gradients in that dtype.
@@ -863,9 +1017,42 @@ pub fn lora_linear(
         scale,
         saved_h: Mutex::new(None),
         saved_ab: Mutex::new(None),
+        splits,
     };
     Ok(x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
+}
+
+/// [`composite`] of each projection of a grouped op (see [`lora_linear_grouped`]), side by side.
+fn composite_grouped(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    splits: &[usize],
+) -> Result<Tensor> {
+    if splits.len() < 2 {
+        return composite(x, w, bias, a, b, scale, None);
+    }
+    let r = b.dims()[1];
+    let mut outs = Vec::with_capacity(splits.len());
+    let mut first = 0;
+    for (g, &n) in splits.iter().enumerate() {
+        let bias_g = bias.map(|b| b.narrow(0, first, n)).transpose()?;
+        outs.push(composite(
+            x,
+            &w.narrow(0, first, n)?,
+            bias_g.as_ref(),
+            &a.narrow(0, g * r, r)?,
+            &b.narrow(0, first, n)?,
+            scale,
+            None,
+        )?);
+        first += n;
+    }
+    Ok(Tensor::cat(&outs, candle_core::D::Minus1)?)
 }
 
 /// The unfused composite of flare's own ops: `matmul(x, Wᵀ) + bias + matmul(s ·
@@ -1004,7 +1191,7 @@ mod tests {
             da: true,
             db: true,
         };
-        let p = Packed::new(7, 33, 5, 3, all, false);
+        let p = Packed::new(7, 33, 5, (3, 3), all, false);
         assert_eq!(p.dx, Some(0));
         assert_eq!(p.da, Some(240)); // 231 rounded up to 16
         assert_eq!(p.db, Some(240 + 112)); // 99 rounded up
@@ -1016,15 +1203,15 @@ mod tests {
             da: false,
             db: true,
         };
-        let p = Packed::new(7, 33, 5, 3, only_db, false);
+        let p = Packed::new(7, 33, 5, (3, 3), only_db, false);
         assert_eq!((p.dx, p.da, p.db), (None, None, Some(0)));
         // f32 factors on a half base: dx alone in the base buffer, dA and dB in their own.
-        let p = Packed::new(7, 33, 5, 3, all, true);
+        let p = Packed::new(7, 33, 5, (3, 3), all, true);
         assert_eq!((p.dx, p.da, p.db), (Some(0), Some(0), Some(112)));
         assert_eq!((p.total, p.factor_total), (240, 112 + 16));
         assert!(p.two_buffers());
         // Without dx the factor buffer is the op's only output; without dA and dB there is none.
-        let p = Packed::new(7, 33, 5, 3, only_db, true);
+        let p = Packed::new(7, 33, 5, (3, 3), only_db, true);
         assert_eq!((p.db, p.total, p.factor_total), (Some(0), 0, 16));
         assert!(!p.two_buffers());
         let only_dx = Needs {
@@ -1032,7 +1219,7 @@ mod tests {
             da: false,
             db: false,
         };
-        let p = Packed::new(7, 33, 5, 3, only_dx, true);
+        let p = Packed::new(7, 33, 5, (3, 3), only_dx, true);
         assert_eq!((p.dx, p.total, p.factor_total), (Some(0), 240, 0));
         assert!(!p.two_buffers());
     }

@@ -31,9 +31,9 @@ pub(crate) struct Needs {
 pub(crate) struct Packed {
     /// `dx: [T, in]`, in the base-dtype buffer.
     pub dx: Option<usize>,
-    /// `dA: [r, in]`, in the factor buffer when split, else in the base-dtype buffer.
+    /// `dA: [ra, in]`, in the factor buffer when split, else in the base-dtype buffer.
     pub da: Option<usize>,
-    /// `dB: [out, r]`, likewise.
+    /// `dB: [out, rb]`, likewise.
     pub db: Option<usize>,
     /// Elements of the base-dtype buffer (0: none is made).
     pub total: usize,
@@ -42,11 +42,13 @@ pub(crate) struct Packed {
 }
 
 impl Packed {
+    /// The layout for `x: [t, inf]`, `A: [ra, inf]`, `B: [out, rb]` (`ra = rb` but for a grouped
+    /// op, whose `A` stacks one `[rb, in]` factor per group).
     pub(crate) fn new(
         t: usize,
         inf: usize,
         out: usize,
-        r: usize,
+        (ra, rb): (usize, usize),
         need: Needs,
         split: bool,
     ) -> Packed {
@@ -60,8 +62,8 @@ impl Packed {
         let (mut base, mut factors) = (0, 0);
         let dx = take(&mut base, need.dx, t * inf);
         let fo = if split { &mut factors } else { &mut base };
-        let da = take(fo, need.da, r * inf);
-        let db = take(fo, need.db, out * r);
+        let da = take(fo, need.da, ra * inf);
+        let db = take(fo, need.db, out * rb);
         Packed {
             dx,
             da,
