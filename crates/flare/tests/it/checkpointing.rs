@@ -174,7 +174,10 @@ fn checkpointed_model_matches_the_plain_one(dev: &Device) -> Result<()> {
     Ok(())
 }
 
-device_test!(checkpointed_model_matches_the_plain_one);
+// Exclusive: its dropout masks come from the device's generator (process-wide state), which a
+// test running beside it (a model's random init on CUDA, say) would move between the reseed
+// and the draw.
+device_test!(exclusive: checkpointed_model_matches_the_plain_one);
 
 /// Gate and up as one grouped LoRA product (the default) against the separate projections:
 /// the same loss and gradients (f64 on the CPU: 1e-10; f32 on CUDA: 1e-4), plain and
@@ -211,7 +214,8 @@ fn grouped_projections_match_separate(dev: &Device) -> Result<()> {
     Ok(())
 }
 
-device_test!(grouped_projections_match_separate);
+// Exclusive: dropout masks from the device's generator, as above.
+device_test!(exclusive: grouped_projections_match_separate);
 
 /// With checkpointing the backward graph holds each layer's input and one op per layer, not
 /// the layers' intermediates: its node count does not grow with the layer's contents, and is
