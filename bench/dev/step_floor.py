@@ -91,7 +91,29 @@ def main():
     rows.append((f"lm_head dx  [{t}x{VOCAB}]@[{VOCAB}x{HIDDEN}]", bwd, 1, tf / bwd))
     total += fwd + bwd
     gemm_flops += 2 * tf
+    # The LM head in token chunks, as a fused linear + cross-entropy runs it (flare's
+    # linear_cross_entropy: CHUNK_BYTES of logits per chunk): forward logits and input gradient
+    # per chunk, summed over the chunks of the step.
+    chunked = []
+    for c in (512, 1024, 2048, 4096):
+        if c > t:
+            continue
+        xc, dc = x[:c], dl[:c]
+        ms = timed(lambda: (xc @ w.t(), dc @ w), a.reps) * (t // c)
+        chunked.append((c, ms))
     del w, x, dl
+    # The beta = 1 epilogue (flare's base GEMMs add onto the LoRA term in C): gate's forward
+    # and down's input gradient as addmm onto a C of the output's size.
+    betas = []
+    for nm, i, o in (("gate", HIDDEN, INTER), ("down dx", INTER, HIDDEN), ("q", HIDDEN, HIDDEN),
+                     ("k", HIDDEN, kv)):
+        w = torch.randn(o, i, device=dev, dtype=dt) * 0.02
+        x = torch.randn(t, i, device=dev, dtype=dt)
+        c0 = torch.randn(t, o, device=dev, dtype=dt)
+        b0 = timed(lambda: x @ w.t(), a.reps)
+        b1 = timed(lambda: torch.addmm(c0, x, w.t()), a.reps)
+        betas.append((nm, b0, b1))
+        del w, x, c0
     gemm_ms = total
     q = torch.randn(1, HEADS, t, HEAD_DIM, device=dev, dtype=dt, requires_grad=True)
     k = torch.randn(1, KV_HEADS, t, HEAD_DIM, device=dev, dtype=dt, requires_grad=True)
@@ -118,6 +140,10 @@ def main():
     print(f"{'piece':<52} {'ms':>8} {'x':>4} {'total ms':>9} {'TFLOP/s':>8}")
     for nm, ms, n, tfs in rows:
         print(f"{nm:<52} {ms:>8.3f} {n:>4} {ms * n:>9.2f} {tfs:>8.0f}")
+    for c, ms in chunked:
+        print(f"lm_head fwd + dx in chunks of {c} rows: {ms:.2f} ms per step")
+    for nm, b0, b1 in betas:
+        print(f"{nm} [{t} rows]: beta 0 {b0:.3f} ms, beta 1 (addmm onto C) {b1:.3f} ms")
     f_tok = flops_per_token(t)
     print(f"frozen GEMMs: {gemm_ms:.1f} ms ({gemm_flops / gemm_ms:.0f} TFLOP/s "
           "over the step's GEMMs)")
