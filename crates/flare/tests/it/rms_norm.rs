@@ -275,8 +275,8 @@ fn add_grad_vs_reference(dev: &Device) -> Result<()> {
 /// A frozen operand (a plain tensor, not a `Var`) gets no gradient entry; the others get the
 /// right one.
 fn frozen_operands(dev: &Device) -> Result<()> {
-    // The second: more rows than the persistent grid of the backward with dw holds (without
-    // dw, the CUDA backward runs a block per row).
+    // The second: more rows than the CUDA backward's persistent grid holds, with rows of
+    // several packs per thread.
     for (rows, cols) in [(3, 7), (1_300, 4_100)] {
         frozen_operands_of(dev, rows, cols)?;
     }

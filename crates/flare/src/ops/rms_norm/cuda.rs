@@ -238,14 +238,11 @@ fn bwd_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let stream = rt.stream();
     let reduce_dw = a.need_dw && rows > 0;
     if rows > 0 {
-        // With dw, a persistent grid: each block (or warp, with sub-warp groups) accumulates dw
-        // over many rows, so the partial sums stay few; about as many blocks as fit at once.
-        // Without (a frozen weight: LoRA training), a block per row (group): the persistent
-        // grid's 4 blocks of 128 threads per SM left the Llama-3.1-8B shape's backward
-        // latency-bound (56 us for [4096, 4096] bf16, 1.7 TB/s).
+        // Persistent grid: each block (or warp, with sub-warp groups) accumulates dw over many
+        // rows, so the partial sums stay few. About as many blocks as fit at once.
         let block = RowPlan::new(BWD, rows, cols, None).block;
-        let cap = reduce_dw.then(|| rt.sm_count.max(1) as usize * (512 / block).max(1));
-        let plan = RowPlan::new(BWD, rows, cols, cap);
+        let cap = rt.sm_count.max(1) as usize * (512 / block).max(1);
+        let plan = RowPlan::new(BWD, rows, cols, Some(cap));
         let slots = if reduce_dw { plan.dw_slots() } else { 0 };
         // The register and fitting streaming paths keep their dw sums in dynamic shared memory
         // (block * ELEMS floats); the long-row path accumulates straight into its partial row.
