@@ -33,12 +33,14 @@ pub(crate) struct FwdArgs<'a> {
     pub w: (&'a CudaStorage, &'a Layout),
     pub bias: Option<(&'a CudaStorage, &'a Layout)>,
     pub scale: f64,
+    /// The output blocks, one per projection (`[out]` for one).
     pub splits: &'a [usize],
 }
 
 /// The backward's operands: `x: [T, in]`, `dy: [T, out]`, `a: [G · r, in]`, `w: [out, in]`,
-/// `b: [out, r]` (`splits` as in [`FwdArgs`]), all of one dtype (`A` and `B` already converted to it when the factors are
-/// f32 on a half base), contiguous; which gradients to compute and where they go.
+/// `b: [out, r]` (`splits` as in [`FwdArgs`]), all of one dtype (`A` and `B` already converted
+/// to it when the factors are f32 on a half base), contiguous; which gradients to compute and
+/// where they go.
 pub(crate) struct BwdArgs<'a> {
     pub x: (&'a CudaStorage, &'a Layout),
     pub dy: (&'a CudaStorage, &'a Layout),
@@ -55,6 +57,7 @@ pub(crate) struct BwdArgs<'a> {
     pub h: Option<&'a CudaStorage>,
     /// The factors' gradients are f32 in a buffer of their own (see `packed`).
     pub split: bool,
+    /// The output blocks, one per projection (`[out]` for one).
     pub splits: &'a [usize],
 }
 
@@ -123,8 +126,8 @@ fn params(
     }
 }
 
-/// The output blocks `(g, first row of B, rows)` of `splits`, checked to be `groups` nonempty
-/// blocks summing to `out`.
+/// The output blocks `(g, first row of B, rows)` of `splits`, checked to be at least one
+/// nonempty block and to sum to `out`.
 fn blocks(
     op: &str,
     splits: &[usize],

@@ -40,6 +40,18 @@
 //! backward ops have no backward of their own: a second derivative returns Candle's
 //! `BackwardNotSupported`.
 //!
+//! # Groups
+//! [`lora_linear_grouped`] runs `G` projections of one input (q/k/v, gate/up) as this one op:
+//! `W` and the bias stacked (`[out_1 + ... + out_G, in]`), `A` stacked (`[G · r, in]`), `B`
+//! stacked (`[out, r]`), one rank and scale. Then `H = x Aᵀ` is `[T, G · r]` (one GEMM: `x` read
+//! once), the low-rank term is one `[T, r] x [r, out_g]` GEMM per block into its columns of `y`,
+//! and the base GEMM covers every block. Backward: `G = s · dy B` is one GEMM per block into its
+//! `r` columns of `G [T, G · r]`, and then `dx = dy W + G A` is the same two GEMMs as for one
+//! projection (no per-projection `dx` to sum), `dA = Gᵀ x` one GEMM (`x` read once), `dB` one
+//! GEMM per block. The CPU path forms `B`'s block-diagonal `[out, G · r]` and runs the
+//! one-projection products with `r = G · r` (the zero blocks add exact zeros); `dB` is taken
+//! from its diagonal blocks.
+//!
 //! # Dtypes
 //! `x`, `W` and the bias share one dtype (f32, f16, bf16; f64 on CPU). `A` and `B` share one
 //! dtype, either the base dtype or f32 while the base is f16/bf16 (PEFT keeps adapters in f32
