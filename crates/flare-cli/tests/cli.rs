@@ -1177,11 +1177,18 @@ fn bench_train_reports_shapes_mfu_and_max_context() {
         "on",
         "--packing",
         "true",
+        "--grouped-projections",
+        "false",
         "--json",
         json.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("max-context try"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("grouped projections false"),
+        "{}",
+        stderr(&o)
+    );
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(rows.len(), 3, "{rows:?}");
@@ -1190,6 +1197,7 @@ fn bench_train_reports_shapes_mfu_and_max_context() {
         assert_eq!(r["status"], "ok", "{r}");
         assert_eq!(r["grad_ckpt"], true);
         assert_eq!(r["packing"], true);
+        assert_eq!(r["grouped_projections"], false);
         let tps = r["tokens_per_s"].as_f64().unwrap();
         let fpt = r["flops_per_token"].as_f64().unwrap();
         let mfu = r["mfu"].as_f64().unwrap();

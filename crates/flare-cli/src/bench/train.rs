@@ -91,6 +91,10 @@ pub struct TrainBenchArgs {
     /// Sequence packing (the trainer's setting): true or false.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub packing: bool,
+    /// Projections of one input (each layer's gate and up) with adapters as one grouped LoRA
+    /// product (the model's default): true or false (each projection alone, for comparisons).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub grouped_projections: bool,
     /// Search the longest batch-1 sequence that trains (doubling, then bisection).
     #[arg(long)]
     pub max_context: bool,
@@ -214,6 +218,8 @@ pub struct TrainRow {
     pub ckpt_offload: bool,
     /// `--packing`.
     pub packing: bool,
+    /// `--grouped-projections`.
+    pub grouped_projections: bool,
     /// Model FLOPs per second over the peak.
     pub mfu: Option<f64>,
     /// `ok`, `oom` or `error: ...`.
@@ -597,6 +603,7 @@ struct RowCtx {
     model: String,
     setting: Checkpointing,
     packing: bool,
+    grouped: bool,
     peak_tflops: Option<f64>,
     warmup: usize,
     steps: usize,
@@ -634,6 +641,7 @@ impl RowCtx {
             ckpt_offload: self.setting == Checkpointing::Offload,
             grad_ckpt_setting: format!("{:?}", self.setting).to_ascii_lowercase(),
             packing: self.packing,
+            grouped_projections: self.grouped,
             mfu: None,
             status,
             flops_per_token: presets::flops_per_token(&self.config, seq, LORA_R),
@@ -765,17 +773,19 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
     eprintln!(
         "{model_name}: {layers} layers, {:.3}B frozen matmul weights, {:.1}M LoRA; {device}, \
          peak {} TFLOP/s; warm-up {warmup}, timed {steps} (mean); gradient checkpointing {}, \
-         packing {}",
+         packing {}, grouped projections {}",
         n_frozen as f64 / 1e9,
         n_lora as f64 / 1e6,
         peak_tflops.map_or("-".into(), |p| p.to_string()),
         format!("{:?}", a.gradient_checkpointing).to_ascii_lowercase(),
-        a.packing
+        a.packing,
+        a.grouped_projections
     );
 
     let t0 = Instant::now();
     let mut model = Transformer::random(config.clone(), dtype, &dev, 0)
         .with_context(|| format!("building the {model_name} model with random weights"))?;
+    model.set_grouped_projections(a.grouped_projections);
     let train_cfg = TrainConfig {
         dtype: format!("{dtype:?}").to_ascii_lowercase(),
         device: a.device.clone(),
@@ -822,6 +832,7 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
         model: model_name,
         setting: a.gradient_checkpointing,
         packing: a.packing,
+        grouped: a.grouped_projections,
         peak_tflops,
         warmup,
         steps,

@@ -251,9 +251,7 @@ impl Mlp {
             }),
         }
     }
-}
 
-impl Mlp {
     /// `[gate | up]` (`[..., 2 · intermediate]`) as one grouped LoRA product
     /// ([`lora_linear_grouped`] on the fused weight, the two adapters' factors stacked) when
     /// grouping is on, both projections run a fused adapter ([`LoraLinear::fused_adapter`]: no
