@@ -63,16 +63,11 @@ static void CUPTIAPI buffer_completed(CUcontext ctx, uint32_t stream, uint8_t *b
     case CUPTI_ACTIVITY_KIND_KERNEL: {
       CUpti_ActivityKernel10 *k = (CUpti_ActivityKernel10 *)rec;
       // Every name carries its grid, which tells the size a kernel ran on (Candle's elementwise
-      // kernels, one cuBLAS kernel on several GEMM shapes); FLARE_TRACE_GRID=0 leaves it out.
-      const char *kn = k->name ? k->name : "?";
+      // kernels, one cuBLAS kernel on several GEMM shapes).
       char named[512];
-      const char *g = getenv("FLARE_TRACE_GRID");
-      if (!g || strcmp(g, "0") != 0) {
-        snprintf(named, sizeof named, "%.400s grid %ux%ux%u", kn, (unsigned)k->gridX,
-                 (unsigned)k->gridY, (unsigned)k->gridZ);
-        kn = named;
-      }
-      add("kernel", kn, k->end - k->start);
+      snprintf(named, sizeof named, "%.400s grid %ux%ux%u", k->name ? k->name : "?",
+               (unsigned)k->gridX, (unsigned)k->gridY, (unsigned)k->gridZ);
+      add("kernel", named, k->end - k->start);
       break;
     }
     case CUPTI_ACTIVITY_KIND_MEMCPY: {
