@@ -31,9 +31,9 @@ use crate::lora::dropout::mix64;
 use crate::lora::{lora_linear_grouped, with_dropout_seed, LoraLinear};
 use crate::ops::rope::rope_tables_f32;
 use crate::ops::{
-    add_rms_norm, attention_decode, flash_attention, matmul, rms_norm, rope_heads, rope_tokens,
-    softmax_last_dim, softmax_masked, supported_dtypes, swiglu_grad_in_place, swiglu_packed,
-    FlashAttnParams,
+    add_rms_norm, attention_decode, flash_attention, flash_attention_qkvpacked, matmul, rms_norm,
+    rope_heads, rope_tokens, softmax_last_dim, softmax_masked, supported_dtypes,
+    swiglu_grad_in_place, swiglu_packed, FlashAttnParams,
 };
 use crate::{Error, Result};
 
@@ -184,6 +184,9 @@ struct Attention {
     o_proj: LoraLinear,
     /// q, k and v as one projection.
     qkv: Fused,
+    /// Whether q, k and v with adapters run as one grouped LoRA product into the packed
+    /// attention ([`Transformer::set_grouped_projections`]).
+    grouped: bool,
 }
 
 /// The SwiGLU MLP of one layer.
@@ -218,6 +221,7 @@ impl Attention {
                 v_proj,
                 o_proj: o,
                 qkv,
+                grouped: true,
             }),
             _ => Err(Error::InvalidArgument {
                 op: OP,
@@ -252,34 +256,53 @@ impl Mlp {
         }
     }
 
+}
+
+/// The projections `lins` (the members of `fused`, in order) as one grouped LoRA product
+/// ([`lora_linear_grouped`] on the fused weight, the adapters' factors stacked) when every one
+/// runs a fused adapter ([`LoraLinear::fused_adapter`]: no training-mode dropout) of one rank,
+/// scale and dtype and their weights are still the fused views; `None` otherwise.
+fn grouped_product(fused: &Fused, lins: &[&LoraLinear], x: &Tensor) -> Result<Option<Tensor>> {
+    if !fused.same_weights(lins) {
+        return Ok(None);
+    }
+    let mut ads = Vec::with_capacity(lins.len());
+    for l in lins {
+        match l.fused_adapter() {
+            Some(ad) => ads.push(ad),
+            None => return Ok(None),
+        }
+    }
+    let first = ads[0];
+    if ads.iter().any(|ad| {
+        ad.rank() != first.rank()
+            || ad.scale() != first.scale()
+            || ad.a().dtype() != first.a().dtype()
+    }) {
+        return Ok(None);
+    }
+    let a = Tensor::cat(&ads.iter().map(|ad| ad.a()).collect::<Vec<_>>(), 0)?;
+    let b = Tensor::cat(&ads.iter().map(|ad| ad.b()).collect::<Vec<_>>(), 0)?;
+    let splits: Vec<usize> = lins.iter().map(|l| l.out_features()).collect();
+    Ok(Some(lora_linear_grouped(
+        x,
+        &fused.weight,
+        fused.bias.as_ref(),
+        &a,
+        &b,
+        first.scale(),
+        &splits,
+    )?))
+}
+
+impl Mlp {
     /// `[gate | up]` (`[..., 2 · intermediate]`) as one grouped LoRA product
-    /// ([`lora_linear_grouped`] on the fused weight, the two adapters' factors stacked) when
-    /// grouping is on, both projections run a fused adapter ([`LoraLinear::fused_adapter`]: no
-    /// training-mode dropout) of one rank, scale and dtype, and their weights are still the fused
-    /// views; `None` otherwise.
+    /// ([`grouped_product`]) when grouping is on; `None` otherwise.
     fn grouped_gate_up(&self, n: &Tensor) -> Result<Option<Tensor>> {
-        let (g, u) = (&self.gate_proj, &self.up_proj);
-        if !self.grouped || !self.gate_up.same_weights(&[g, u]) {
+        if !self.grouped {
             return Ok(None);
         }
-        let (Some(ag), Some(au)) = (g.fused_adapter(), u.fused_adapter()) else {
-            return Ok(None);
-        };
-        if ag.rank() != au.rank() || ag.scale() != au.scale() || ag.a().dtype() != au.a().dtype() {
-            return Ok(None);
-        }
-        let a = Tensor::cat(&[ag.a(), au.a()], 0)?;
-        let b = Tensor::cat(&[ag.b(), au.b()], 0)?;
-        let splits = [g.out_features(), u.out_features()];
-        Ok(Some(lora_linear_grouped(
-            n,
-            &self.gate_up.weight,
-            self.gate_up.bias.as_ref(),
-            &a,
-            &b,
-            ag.scale(),
-            &splits,
-        )?))
+        grouped_product(&self.gate_up, &[&self.gate_proj, &self.up_proj], n)
     }
 }
 
@@ -767,16 +790,22 @@ impl Transformer {
     }
 
     /// Whether projections that read one input run as one grouped LoRA product when their
-    /// adapters allow (on by default): each layer's gate and up projections, when both carry a
-    /// fused adapter (active, unmerged, no training-mode dropout) of one rank, scale and dtype
-    /// on the unmerged weights, become one [`lora_linear_grouped`] on the fused gate/up weight,
-    /// feeding the packed SwiGLU. The values are those of the separate projections up to the
-    /// order of the sums in the input gradient, at fewer passes over memory (BENCHMARKS.md).
-    /// Off runs every projection alone (for comparisons).
+    /// adapters allow (on by default). When every projection of a group carries a fused adapter
+    /// (active, unmerged, no training-mode dropout) of one rank, scale and dtype on the unmerged
+    /// weights, the group becomes one [`lora_linear_grouped`] on the fused weight:
+    /// - each layer's gate and up projections, feeding the packed SwiGLU;
+    /// - each layer's q, k and v projections in a training or prefill pass without a KV cache,
+    ///   feeding [`flash_attention_qkvpacked`] (RoPE and the attention on the packed output,
+    ///   whose backward returns the packed gradient).
+    ///
+    /// The values are those of the separate projections up to the order of the sums in the
+    /// input gradient, at fewer passes over memory (BENCHMARKS.md). Off runs every projection
+    /// alone (for comparisons).
     pub fn set_grouped_projections(&mut self, on: bool) {
         self.grouped = on;
         for layer in &mut self.layers {
             layer.mlp.grouped = on;
+            layer.self_attn.grouped = on;
         }
     }
 
@@ -1438,6 +1467,16 @@ impl Transformer {
         rms_norm(&h, &self.norm, self.config.rms_norm_eps as f32)
     }
 
+    /// The flash-attention options of a training or prefill pass over `cu` offsets: causal,
+    /// the model's sliding window, the queries already scaled by RoPE.
+    fn flash_params(c: &ModelConfig, cu: &[u32]) -> FlashAttnParams {
+        FlashAttnParams::varlen(cu.to_vec(), cu.to_vec())
+            .causal(true)
+            // Mistral's window of `w` keys is the query and the `w - 1` before it.
+            .window_left(c.sliding_window.map(|w| w.saturating_sub(1)))
+            .softmax_scale(1.0)
+    }
+
     /// Self-attention of `x: [b, s, hidden]`, returns `[b, s, hidden]`. With `(cache, layer)`,
     /// the new keys and values are written into that layer's cache and the queries attend to
     /// the cached positions in place (no copy of the cache).
@@ -1451,7 +1490,9 @@ impl Transformer {
     /// With `mask.flash`, the `b · s` new tokens are rows of packed sequences and
     /// [`flash_attention`] computes their attention to each other (the new keys are still
     /// written into the cache, when one is given: an unpadded prefill into an empty cache);
-    /// there RoPE is [`rope_tokens`], which keeps the token layout the varlen op reads.
+    /// there RoPE is [`rope_tokens`], which keeps the token layout the varlen op reads. Without a
+    /// cache, q, k and v with adapters may run as one grouped product into
+    /// [`flash_attention_qkvpacked`] instead ([`Transformer::set_grouped_projections`]).
     fn attention(
         &self,
         attn: &Attention,
@@ -1484,6 +1525,17 @@ impl Transformer {
             )
         };
         let q_scale = 1.0 / (hd as f64).sqrt();
+        if let (Some(cu), None, true) = (&mask.flash, &cache, attn.grouped) {
+            // q, k and v with adapters as one grouped LoRA product, into the packed attention
+            // (RoPE inside): one input-gradient pair for the three, no gradient sums.
+            let lins = [&attn.q_proj, &attn.k_proj, &attn.v_proj];
+            if let Some(qkv) = grouped_product(&attn.qkv, &lins, x)? {
+                let qkv = qkv.reshape((b, s, nh + 2 * nkv, hd))?;
+                let p = Self::flash_params(c, cu);
+                let out = flash_attention_qkvpacked(&qkv, cos, sin, q_scale, nh, nkv, &p)?;
+                return attn.o_proj.forward(&out.reshape((b, s, nh * hd))?);
+            }
+        }
         if let Some(cu) = &mask.flash {
             // RoPE keeps the token layout [b, s, heads, d] (contiguous), so the varlen op's rows
             // [b · s, heads, d] are a reshape (a view), forward and backward: no transposing
@@ -1499,11 +1551,7 @@ impl Transformer {
                 // The cache takes [b, kv, s, d]: transposed views (it copies them into place).
                 cache.append(layer, &k.transpose(1, 2)?, &v.transpose(1, 2)?, 0)?;
             }
-            let p = FlashAttnParams::varlen(cu.clone(), cu.clone())
-                .causal(true)
-                // Mistral's window of `w` keys is the query and the `w - 1` before it.
-                .window_left(c.sliding_window.map(|w| w.saturating_sub(1)))
-                .softmax_scale(1.0);
+            let p = Self::flash_params(c, cu);
             let out = flash_attention(&qf, &kf, &vf, &p)?.reshape((b, s, nh * hd))?;
             return attn.o_proj.forward(&out);
         }

@@ -49,7 +49,8 @@ pub use argmax::argmax_last_dim;
 pub use attention::attention_decode;
 pub use cross_entropy::{cross_entropy, cross_entropy_per_token, cross_entropy_weighted};
 pub use flash_attention::{
-    flash_attention, flash_attention_engine, flash_attention_padded, FlashAttnParams,
+    flash_attention, flash_attention_engine, flash_attention_padded, flash_attention_qkvpacked,
+    FlashAttnParams,
 };
 pub use linear_cross_entropy::linear_cross_entropy;
 pub use matmul::matmul;

@@ -9,7 +9,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use flare::ops::flash_attention::flash_attention_reference;
-use flare::ops::{flash_attention, flash_attention_padded, FlashAttnParams};
+use flare::ops::{
+    flash_attention, flash_attention_padded, flash_attention_qkvpacked, rope_tokens,
+    FlashAttnParams,
+};
 use flare::Error;
 
 use crate::common::*;
@@ -654,6 +657,67 @@ fn kernel_strided_inputs(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// `flash_attention_qkvpacked` against its composition (three narrows of `qkv`, `rope_tokens`
+/// on q and k, `flash_attention`): the output and the gradient of `qkv`, at every dtype, on
+/// shapes that take the CPU op, cuDNN (d 64, 128 tokens per sequence), flare's kernel (d 128,
+/// 33 tokens) and the composed path (d 8 on CUDA); and its error for a wrong head count.
+fn qkvpacked(dev: &Device) -> Result<()> {
+    for &dtype in &dtypes(dev) {
+        for &(b, s, hq, hkv, d) in &[(2, 7, 4, 2, 8), (1, 128, 4, 2, 64), (2, 33, 2, 1, 128)] {
+            let what = format!(
+                "qkvpacked b {b} s {s} hq {hq} hkv {hkv} d {d} {}",
+                dt(dtype)
+            );
+            let sd = |tag: &str| seed(&format!("{what} {tag}"));
+            let h = hq + 2 * hkv;
+            let qkv = randn(&[b, s, h, d], dtype, dev, sd("qkv"))?;
+            let angle = (randn(&[s, d / 2], DType::F32, &Device::Cpu, sd("angle"))? * 3.0)?;
+            let cos = angle.cos()?.to_dtype(dtype)?.to_device(dev)?;
+            let sin = angle.sin()?.to_dtype(dtype)?.to_device(dev)?;
+            let lens: Vec<usize> = vec![s; b];
+            let p = FlashAttnParams::varlen(cu(&lens), cu(&lens)).causal(true);
+            let r = randn(&[b * s, hq, d], dtype, dev, sd("r"))?;
+            let q_scale = 1.0 / (d as f64).sqrt();
+            let run = |packed: bool| -> Result<(Tensor, Tensor)> {
+                let x = var(&qkv)?;
+                let t = x.as_tensor();
+                let o = if packed {
+                    flash_attention_qkvpacked(t, &cos, &sin, q_scale, hq, hkv, &p)?
+                } else {
+                    let rows = |x: &Tensor, heads: usize| x.reshape((b * s, heads, d));
+                    let q = rows(&rope_tokens(&t.narrow(2, 0, hq)?, &cos, &sin, q_scale)?, hq)?;
+                    let k = rows(&rope_tokens(&t.narrow(2, hq, hkv)?, &cos, &sin, 1.0)?, hkv)?;
+                    let v = rows(&t.narrow(2, hq + hkv, hkv)?.contiguous()?, hkv)?;
+                    flash_attention(&q, &k, &v, &p)?
+                };
+                let g = weighted_loss(&o, &r)?.backward()?;
+                Ok((o, grad_of(&g, t, &what)))
+            };
+            let (o, dqkv) = run(true)?;
+            let (o_ref, dqkv_ref) = run(false)?;
+            assert_eq!(o.dims(), &[b * s, hq, d], "{what}: output shape");
+            assert_eq!(dqkv.dims(), qkv.dims(), "{what}: gradient shape");
+            assert_no_nan(&dqkv, &what)?;
+            assert_close(&o, &f64_cpu(&o_ref)?, tol(dtype), &format!("{what} o"))?;
+            assert_close(
+                &dqkv,
+                &f64_cpu(&dqkv_ref)?,
+                tol(dtype),
+                &format!("{what} dqkv"),
+            )?;
+        }
+    }
+    let qkv = randn(&[1, 4, 5, 8], DType::F32, dev, 1)?;
+    let t = randn(&[4, 4], DType::F32, dev, 2)?;
+    let p = FlashAttnParams::varlen(cu(&[4]), cu(&[4])).causal(true);
+    expect_invalid(
+        flash_attention_qkvpacked(&qkv, &t, &t, 1.0, 2, 2, &p),
+        "heads",
+        "5 heads as 2 + 2 x 2",
+    );
+    Ok(())
+}
+
 device_test!(
     kernel_cases,
     cudnn_cases,
@@ -664,5 +728,6 @@ device_test!(
     packed_equals_alone,
     padded,
     device_vs_cpu,
-    errors
+    errors,
+    qkvpacked
 );

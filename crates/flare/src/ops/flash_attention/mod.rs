@@ -60,7 +60,9 @@
 use std::sync::{Arc, PoisonError};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
+};
 
 use super::cpu::{dispatch_float3, Elem};
 use super::{check_dtype, check_same, matmul, softmax_masked};
@@ -425,6 +427,202 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &FlashAttnParams) 
             carry: Arc::new(Carry::default()),
         })),
     )?)
+}
+
+/// Flash attention on one packed q/k/v projection, with RoPE fused in: `qkv: [b, s, hq + 2 hkv,
+/// d]` holds each token's query heads, then its key heads, then its value heads (one fused
+/// q/k/v projection's output reshaped); `cos`, `sin` are [`rope_tokens`](crate::ops::rope_tokens)'s
+/// tables. Returns `[b · s, hq, d]`: the value of
+/// `flash_attention(rope_tokens(q, cos, sin, q_scale), rope_tokens(k, cos, sin, 1), v, p)` with
+/// `q`, `k`, `v` the three head ranges of `qkv` as token rows (`p`'s offsets count the `b · s`
+/// rows).
+///
+/// What it saves over that composition: its backward returns the gradient of `qkv` in one
+/// buffer, in the packed layout. Three narrows of `qkv` would each hand back a zero-padded
+/// gradient of `qkv`'s size, and autograd would sum the three. Inside, one pass writes the
+/// rotated `q`, `k` and a copy of `v` into one buffer that the attention reads as its three
+/// inputs, and the attention's backward writes the three gradients into one buffer that one
+/// pass rotates back into the packed layout. The model runs its q/k/v projections through
+/// [`lora_linear_grouped`](crate::lora::lora_linear_grouped) into it.
+///
+/// Where the fused attention does not run (the composed paths of [`flash_attention`]), it is
+/// that composition. Errors: those of [`flash_attention`] and [`rope_tokens`](crate::ops::rope_tokens)
+/// on the three parts, and [`Error::InvalidArgument`] when `qkv`'s heads are not `hq + 2 hkv`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use flare::ops::{flash_attention, flash_attention_qkvpacked, rope_tokens, FlashAttnParams};
+/// let dev = Device::Cpu;
+/// // One sequence of 5 tokens, 2 query heads, 1 key/value head, head dim 4.
+/// let qkv = Tensor::randn(0f32, 1., (1, 5, 4, 4), &dev)?;
+/// let cos = Tensor::randn(0f32, 1., (5, 2), &dev)?;
+/// let sin = Tensor::randn(0f32, 1., (5, 2), &dev)?;
+/// let p = FlashAttnParams::varlen(vec![0, 5], vec![0, 5]).causal(true);
+/// let o = flash_attention_qkvpacked(&qkv, &cos, &sin, 0.5, 2, 1, &p)?;
+/// let q = rope_tokens(&qkv.narrow(2, 0, 2)?, &cos, &sin, 0.5)?.reshape((5, 2, 4))?;
+/// let k = rope_tokens(&qkv.narrow(2, 2, 1)?, &cos, &sin, 1.0)?.reshape((5, 1, 4))?;
+/// let v = qkv.narrow(2, 3, 1)?.contiguous()?.reshape((5, 1, 4))?;
+/// let want = flash_attention(&q, &k, &v, &p)?;
+/// let err = (&o - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(err < 1e-5);
+/// # Ok::<(), flare::Error>(())
+/// ```
+pub fn flash_attention_qkvpacked(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    q_scale: f64,
+    hq: usize,
+    hkv: usize,
+    p: &FlashAttnParams,
+) -> Result<Tensor> {
+    let (b, s, h, d) = qkv.dims4().map_err(|_| Error::InvalidArgument {
+        op: OP,
+        msg: format!(
+            "qkv must be [batch, seq, q_heads + 2 * kv_heads, head_dim], got {:?}",
+            qkv.dims()
+        ),
+    })?;
+    if h != hq + 2 * hkv || hq == 0 || hkv == 0 {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            msg: format!("qkv has {h} heads, not {hq} query heads and twice {hkv} key/value heads"),
+        });
+    }
+    let rows = b * s;
+    let part = |t: &Tensor, heads: usize| t.reshape((rows, heads, d));
+    let (q, k, v) = (
+        qkv.narrow(2, 0, hq)?,
+        qkv.narrow(2, hq, hkv)?,
+        qkv.narrow(2, hq + hkv, hkv)?,
+    );
+    let n = qkv.elem_count();
+    // The plan, checked on token-row views of the three parts (no copies: shapes only).
+    let flat = qkv.reshape((rows, h, d))?;
+    let plan = check(
+        &flat.narrow(1, 0, hq)?,
+        &flat.narrow(1, hq, hkv)?,
+        &flat.narrow(1, hq + hkv, hkv)?,
+        p,
+    )?;
+    if !fused(qkv, d) || n == 0 || n > u32::MAX as usize {
+        let q = part(&crate::ops::rope_tokens(&q, cos, sin, q_scale)?, hq)?;
+        let k = part(&crate::ops::rope_tokens(&k, cos, sin, 1.0)?, hkv)?;
+        let v = part(&v.contiguous()?, hkv)?;
+        return flash_attention(&q, &k, &v, p);
+    }
+    let planar = crate::ops::rope::rope_qkv_planar(qkv, cos, sin, q_scale, hq, hkv)?;
+    Ok(planar.apply_op1_arc(Arc::new(Box::new(FlashAttnPlanar {
+        fa: FlashAttn {
+            plan: Arc::new(plan),
+            carry: Arc::new(Carry::default()),
+        },
+        parts: Parts { rows, hq, hkv, d },
+    })))?)
+}
+
+/// The three parts of a planar `[q | k | v]` buffer: `[rows, hq, d]`, then `[rows, hkv, d]`
+/// twice.
+#[derive(Debug, Clone, Copy)]
+struct Parts {
+    rows: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+}
+
+impl Parts {
+    /// The parts' layouts inside the buffer `l` (contiguous, of exactly their elements).
+    fn layouts(&self, op: &str, l: &Layout) -> candle_core::Result<[Layout; 3]> {
+        let Parts { rows, hq, hkv, d } = *self;
+        let (nq, nk) = (rows * hq * d, rows * hkv * d);
+        if !l.is_contiguous() || l.shape().elem_count() != nq + 2 * nk {
+            return Err(candle_core::Error::Msg(format!(
+                "{op}: internal error: a planar buffer {:?} is not [{nq} + 2 x {nk}] contiguous",
+                l.dims()
+            )));
+        }
+        let o = l.start_offset();
+        Ok([
+            Layout::contiguous_with_offset((rows, hq, d), o),
+            Layout::contiguous_with_offset((rows, hkv, d), o + nq),
+            Layout::contiguous_with_offset((rows, hkv, d), o + nq + nk),
+        ])
+    }
+}
+
+/// [`FlashAttn`] on a planar `[q | k | v]` buffer (one input, so one gradient): the forward and
+/// backward of the three-input op on the buffer's three parts.
+struct FlashAttnPlanar {
+    fa: FlashAttn,
+    parts: Parts,
+}
+
+impl CustomOp1 for FlashAttnPlanar {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let [lq, lk, lv] = self.parts.layouts(OP, l)?;
+        self.fa.cpu_fwd(s, &lq, s, &lk, s, &lv)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let [lq, lk, lv] = self.parts.layouts(OP, l)?;
+        self.fa.cuda_fwd(s, &lq, s, &lk, s, &lv)
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dout = kernel_input(&grad.to_dtype(arg.dtype())?)?;
+        let g = arg.apply_op1_arc(Arc::new(Box::new(FlashAttnPlanarBwd {
+            bwd: FlashAttnBwd {
+                plan: self.fa.plan.clone(),
+                carry: self.fa.carry.clone(),
+                o: kernel_input(res)?,
+                dout,
+            },
+            parts: self.parts,
+        })))?;
+        Ok(Some(g.reshape(arg.shape())?))
+    }
+}
+
+/// [`FlashAttnBwd`] on a planar buffer: `[dQ | dK | dV]`, the buffer's own layout. No backward.
+struct FlashAttnPlanarBwd {
+    bwd: FlashAttnBwd,
+    parts: Parts,
+}
+
+impl CustomOp1 for FlashAttnPlanarBwd {
+    fn name(&self) -> &'static str {
+        OP_BWD
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let [lq, lk, lv] = self.parts.layouts(OP_BWD, l)?;
+        self.bwd.cpu_fwd(s, &lq, s, &lk, s, &lv)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let [lq, lk, lv] = self.parts.layouts(OP_BWD, l)?;
+        self.bwd.cuda_fwd(s, &lq, s, &lk, s, &lv)
+    }
 }
 
 /// Which implementation [`flash_attention`] runs for these inputs and options: `"cpu"` (the

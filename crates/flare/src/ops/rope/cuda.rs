@@ -4,7 +4,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
@@ -80,13 +80,89 @@ fn run<T: CudaDType + DeviceRepr>(
     p: &RopePlan,
 ) -> candle_core::Result<CudaStorage> {
     let dev = &x.device;
+    let n = p.out_dims.iter().product::<usize>();
+    // SAFETY: every element is written by the kernel below (nothing to write when n == 0).
+    let mut out = unsafe { dev.alloc::<T>(n.max(1)) }?;
+    run_into::<T>(kernel, x, cos, lc, sin, ls, p, &mut out)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// Runs the plan `p` into `out` (from `p.y_off`, through `p.ys`), which must hold every element
+/// the plan writes.
+pub(crate) fn fwd_into(
+    x: &CudaStorage,
+    cos: &CudaStorage,
+    lc: &Layout,
+    sin: &CudaStorage,
+    ls: &Layout,
+    p: &RopePlan,
+    out: &mut CudaStorage,
+) -> candle_core::Result<()> {
+    match x.dtype() {
+        DType::F32 => run_into::<f32>(
+            Kernel::RopeF32,
+            x,
+            cos,
+            lc,
+            sin,
+            ls,
+            p,
+            out.as_cuda_slice_mut()?,
+        ),
+        DType::F16 => run_into::<f16>(
+            Kernel::RopeF16,
+            x,
+            cos,
+            lc,
+            sin,
+            ls,
+            p,
+            out.as_cuda_slice_mut()?,
+        ),
+        DType::BF16 => run_into::<bf16>(
+            Kernel::RopeBF16,
+            x,
+            cos,
+            lc,
+            sin,
+            ls,
+            p,
+            out.as_cuda_slice_mut()?,
+        ),
+        dt => Err(unsupported(p.op, dt)),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_into<T: CudaDType + DeviceRepr>(
+    kernel: Kernel,
+    x: &CudaStorage,
+    cos: &CudaStorage,
+    lc: &Layout,
+    sin: &CudaStorage,
+    ls: &Layout,
+    p: &RopePlan,
+    out: &mut CudaSlice<T>,
+) -> candle_core::Result<()> {
     let op = p.op;
     let n = p.out_dims.iter().product::<usize>();
     let xs = from_offset::<T>(op, x, p.x_off)?;
     let cs = input::<T>(op, cos, lc)?;
     let ss = input::<T>(op, sin, ls)?;
-    // SAFETY: every element is written by the kernel below (nothing to write when n == 0).
-    let mut out = unsafe { dev.alloc::<T>(n.max(1)) }?;
+    if n == 0 {
+        return Ok(());
+    }
+    // The last element the plan writes must lie in `out` (every stride is positive, so the
+    // last coordinates give the largest index).
+    let reach =
+        p.y_off + (p.b - 1) * p.ys[0] + (p.s - 1) * p.ys[1] + (p.h - 1) * p.ys[2] + 2 * p.half;
+    if reach > out.len() {
+        return Err(candle_core::Error::Msg(format!(
+            "{op} (cuda): internal error: the output reaches {reach} in a buffer of {}",
+            out.len()
+        )));
+    }
+    let mut ys = out.slice_mut(p.y_off..);
     let pairs = n / 2;
     if pairs > 0 {
         // The last element the kernel reads must lie in the view (the strides come from a valid
@@ -102,7 +178,7 @@ fn run<T: CudaDType + DeviceRepr>(
                 xs.len()
             )));
         }
-        let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
+        let rt = CudaRuntime::get(&x.device).map_err(crate::Error::into_candle)?;
         let i64s = |v: usize| v as i64;
         let (b, s, h, half) = (i64s(p.b), p.s as i32, p.h as i32, p.half as i32);
         let (xsb, xss, xsh, xsd) = (i64s(p.xs[0]), i64s(p.xs[1]), i64s(p.xs[2]), i64s(p.xs[3]));
@@ -112,7 +188,7 @@ fn run<T: CudaDType + DeviceRepr>(
         let v = {
             let st = rt.stream();
             let (xp, _gx) = xs.device_ptr(st);
-            let (yp, _gy) = out.device_ptr(st);
+            let (yp, _gy) = ys.device_ptr(st);
             let (cp, _gc) = cs.device_ptr(st);
             let (sp, _gs) = ss.device_ptr(st);
             pack_width::<T>(p, [xp, yp, cp, sp])
@@ -120,7 +196,7 @@ fn run<T: CudaDType + DeviceRepr>(
         let vec = i32::from(v > 1);
         let mut lb = rt.stream().launch_builder(rt.function(kernel));
         lb.arg(&xs)
-            .arg(&mut out)
+            .arg(&mut ys)
             .arg(&cs)
             .arg(&ss)
             .arg(&b)
@@ -142,14 +218,13 @@ fn run<T: CudaDType + DeviceRepr>(
         // int h, int half, long long xs_b, xs_s, xs_h, xs_d, long long ys_b, ys_s, ys_h,
         // long long cos_bs, float sign, float scale, int vec): every input element read lies in `xs`
         // (checked above), the tables hold `rows * half` elements (checked above), and the
-        // output indices `b*ys_b + t*ys_s + h*ys_h + i` of the contiguous output layout
-        // (`[b, s, h, d]` or `[b, h, s, d]`, either way a permutation of n elements) are all
-        // below n, the size of `out`. The grid strides over tokens (y) and each token's pairs (x),
+        // output indices `b*ys_b + t*ys_s + h*ys_h + i` (i < 2 * half) from `y_off` are all
+        // below `reach`, which is within `out` (checked above). The grid strides over tokens (y) and each token's pairs (x),
         // or packs of `v` pairs when vec = 1: then every pack is a 16-byte aligned access inside
         // the same bounds (`pack_width` checked the first elements and strides).
         unsafe { lb.launch(grid(p, v)) }
             .cuda_ctx("launching rope")
             .map_err(crate::Error::into_candle)?;
     }
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    Ok(())
 }

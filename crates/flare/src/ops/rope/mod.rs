@@ -30,7 +30,7 @@ mod cpu;
 mod cuda;
 mod plan;
 
-use cpu::rope_cpu;
+use cpu::{rope_cpu, rope_cpu_into};
 use plan::{RopeLayout, RopePlan, OP, OP_TOKENS};
 
 /// The op: reads `layout.input`, writes `layout.output` (contiguous), rotating by `+θ`, or by
@@ -119,6 +119,256 @@ impl CustomOp3 for Rope {
         )?;
         Ok((Some(dx), None, None))
     }
+}
+
+/// The packed q/k/v pass of [`crate::ops::flash_attention_qkvpacked`]. Forward: `qkv: [b, s,
+/// hq + 2 hkv, d]` (contiguous) to the flat planar buffer `[q' | k' | v]` of the same `n`
+/// elements, `q' = rope(q) · q_scale` as `[b, s, hq, d]`, `k' = rope(k)` as `[b, s, hkv, d]`,
+/// `v` copied as `[b, s, hkv, d]` (the three inputs the attention takes, one buffer). Its
+/// backward (`inverse`) is the adjoint: the planar gradient back to the packed layout, the q
+/// and k parts rotated by `-θ` (times the same scales) and the v part copied.
+struct RopeQkv {
+    /// `[b, s, hq + 2 hkv, d]`.
+    dims: [usize; 4],
+    hq: usize,
+    hkv: usize,
+    q_scale: f64,
+    inverse: bool,
+}
+
+/// One part of [`RopeQkv`]'s pass: the two rotations' plans and the copy of v, as `(rows,
+/// width, source stride, destination stride, source offset, destination offset)` over the
+/// `b · s` token rows.
+struct QkvPasses {
+    q: RopePlan,
+    k: RopePlan,
+    v: (usize, usize, usize, usize, usize, usize),
+}
+
+impl RopeQkv {
+    const OP: &'static str = "rope_qkv";
+
+    fn n(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    fn passes(&self, l: &Layout, cos_rows: usize) -> candle_core::Result<QkvPasses> {
+        let [b, s, h, d] = self.dims;
+        let (hq, hkv) = (self.hq, self.hkv);
+        let (nq, nk) = (b * s * hq * d, b * s * hkv * d);
+        let off = l.start_offset();
+        if !l.is_contiguous() || l.shape().elem_count() != self.n() {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: internal error: input {:?} is not a contiguous [{b}, {s}, {h}, {d}]",
+                Self::OP,
+                l.dims()
+            )));
+        }
+        let packed = [s * h * d, h * d, d];
+        Ok(if !self.inverse {
+            let l4 = Layout::contiguous_with_offset((b, s, h, d), off);
+            let q = RopePlan::new(
+                &l4.narrow(2, 0, hq)?,
+                cos_rows,
+                self.q_scale,
+                RopeLayout::TOKENS,
+                false,
+            )?;
+            let mut k = RopePlan::new(
+                &l4.narrow(2, hq, hkv)?,
+                cos_rows,
+                1.0,
+                RopeLayout::TOKENS,
+                false,
+            )?;
+            k.y_off = nq;
+            let v = (
+                b * s,
+                hkv * d,
+                h * d,
+                hkv * d,
+                off + (hq + hkv) * d,
+                nq + nk,
+            );
+            QkvPasses { q, k, v }
+        } else {
+            let part = |o: usize, heads: usize| Layout::contiguous_with_offset((b, s, heads, d), o);
+            let mut q = RopePlan::new(
+                &part(off, hq),
+                cos_rows,
+                self.q_scale,
+                RopeLayout::TOKENS,
+                true,
+            )?;
+            q.ys = packed;
+            let mut k = RopePlan::new(
+                &part(off + nq, hkv),
+                cos_rows,
+                1.0,
+                RopeLayout::TOKENS,
+                true,
+            )?;
+            k.ys = packed;
+            k.y_off = hq * d;
+            let v = (
+                b * s,
+                hkv * d,
+                hkv * d,
+                h * d,
+                off + nq + nk,
+                (hq + hkv) * d,
+            );
+            QkvPasses { q, k, v }
+        })
+    }
+
+    fn out_shape(&self) -> Shape {
+        if self.inverse {
+            Shape::from(self.dims.to_vec())
+        } else {
+            Shape::from(self.n())
+        }
+    }
+}
+
+impl CustomOp3 for RopeQkv {
+    fn name(&self) -> &'static str {
+        Self::OP
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ps = self.passes(l1, l2.dims()[0])?;
+        let (c0, c1) = super::contiguous_range(Self::OP, l2)?;
+        let (d0, d1) = super::contiguous_range(Self::OP, l3)?;
+        let n = self.n();
+        let (rows, w, ss, ds, so, d_o) = ps.v;
+        if n == 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: internal error: an empty input",
+                Self::OP
+            )));
+        }
+        let out = dispatch_float3!(Self::OP, s1, s2, s3, |x, c, s| {
+            let mut y = vec![x[0]; n];
+            rope_cpu_into(x, &c[c0..c1], &s[d0..d1], &ps.q, &mut y);
+            rope_cpu_into(x, &c[c0..c1], &s[d0..d1], &ps.k, &mut y);
+            for r in 0..rows {
+                y[d_o + r * ds..d_o + r * ds + w].copy_from_slice(&x[so + r * ss..so + r * ss + w]);
+            }
+            y
+        })?;
+        Ok((out, self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::{CudaStorage, DType};
+        let ps = self.passes(l1, l2.dims()[0])?;
+        let n = self.n();
+        if n == 0 || n > u32::MAX as usize {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: internal error: {n} elements (the copy kernel indexes at most u32::MAX)",
+                Self::OP
+            )));
+        }
+        let dev = s1.device();
+        // SAFETY: the q and k rotations and the v copy below write disjoint parts that together
+        // cover all n elements before anything reads them.
+        let mut out = match s1.dtype() {
+            DType::BF16 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n) }?, dev.clone())
+            }
+            DType::F16 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(n) }?, dev.clone())
+            }
+            DType::F32 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n) }?, dev.clone())
+            }
+            dt => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{}: unsupported dtype {dt:?} on CUDA",
+                    Self::OP
+                )))
+            }
+        };
+        cuda::fwd_into(s1, s2, l2, s3, l3, &ps.q, &mut out)?;
+        cuda::fwd_into(s1, s2, l2, s3, l3, &ps.k, &mut out)?;
+        let (rows, w, ss, ds, so, d_o) = ps.v;
+        s1.copy2d(&mut out, rows, w, ss, ds, so, d_o)?;
+        Ok((out, self.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.inverse {
+            return Err(candle_core::Error::BackwardNotSupported { op: Self::OP });
+        }
+        let dx = dy.contiguous()?.apply_op3_arc(
+            cos,
+            sin,
+            std::sync::Arc::new(Box::new(RopeQkv {
+                inverse: true,
+                ..*self
+            })),
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// [`RopeQkv`]'s forward on `qkv: [b, s, hq + 2 hkv, d]` (made contiguous) with the tables of
+/// [`rope_tokens`]: the planar `[q' | k' | v]` buffer, flat, with its backward.
+pub(crate) fn rope_qkv_planar(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    q_scale: f64,
+    hq: usize,
+    hkv: usize,
+) -> Result<Tensor> {
+    let (b, s, h, d) = qkv.dims4()?;
+    let q = qkv.narrow(2, 0, hq)?;
+    check(OP_TOKENS, &q, cos, sin)?;
+    if h != hq + 2 * hkv {
+        return Err(Error::InvalidArgument {
+            op: RopeQkv::OP,
+            msg: format!("{h} heads are not {hq} query heads and twice {hkv} key/value heads"),
+        });
+    }
+    let op = RopeQkv {
+        dims: [b, s, h, d],
+        hq,
+        hkv,
+        q_scale,
+        inverse: false,
+    };
+    Ok(qkv.contiguous()?.apply_op3_arc(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        std::sync::Arc::new(Box::new(op)),
+    )?)
 }
 
 /// Checks the operands of [`rope_heads`] and [`rope_tokens`] (named `op` in the errors);

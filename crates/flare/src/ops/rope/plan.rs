@@ -79,6 +79,9 @@ pub(crate) struct RopePlan {
     pub x_off: usize,
     /// Output strides of the (batch, seq, head) axes (the dim stride is 1).
     pub ys: [usize; 3],
+    /// Output start offset, in elements: 0 for a fresh output; a part's place in a shared
+    /// buffer for the packed q/k/v pass (`super::rope_qkv`).
+    pub y_off: usize,
     /// Rows of `cos`/`sin` per batch row: 0 (one shared table) or `s`.
     pub cos_bs: usize,
     /// `+1` forward, `-1` backward.
@@ -133,6 +136,7 @@ impl RopePlan {
             xs,
             x_off: l.start_offset(),
             ys,
+            y_off: 0,
             cos_bs,
             sign: if inverse { -1.0 } else { 1.0 },
             scale,
