@@ -1506,6 +1506,18 @@ impl Transformer {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let group = nh / nkv;
+        let q_scale = 1.0 / (hd as f64).sqrt();
+        if let (Some(cu), None, true) = (&mask.flash, &cache, attn.grouped) {
+            // q, k and v with adapters as one grouped LoRA product, into the packed attention
+            // (RoPE inside): one input-gradient pair for the three, no gradient sums.
+            let lins = [&attn.q_proj, &attn.k_proj, &attn.v_proj];
+            if let Some(qkv) = grouped_product(&attn.qkv, &lins, x)? {
+                let qkv = qkv.reshape((b, s, nh + 2 * nkv, hd))?;
+                let p = Self::flash_params(c, cu);
+                let out = flash_attention_qkvpacked(&qkv, cos, sin, q_scale, nh, nkv, &p)?;
+                return attn.o_proj.forward(&out.reshape((b, s, nh * hd))?);
+            }
+        }
         let (q, k, v) = if attn
             .qkv
             .applies(&[&attn.q_proj, &attn.k_proj, &attn.v_proj])
@@ -1524,18 +1536,6 @@ impl Transformer {
                 attn.v_proj.forward(x)?.reshape((b, s, nkv, hd))?,
             )
         };
-        let q_scale = 1.0 / (hd as f64).sqrt();
-        if let (Some(cu), None, true) = (&mask.flash, &cache, attn.grouped) {
-            // q, k and v with adapters as one grouped LoRA product, into the packed attention
-            // (RoPE inside): one input-gradient pair for the three, no gradient sums.
-            let lins = [&attn.q_proj, &attn.k_proj, &attn.v_proj];
-            if let Some(qkv) = grouped_product(&attn.qkv, &lins, x)? {
-                let qkv = qkv.reshape((b, s, nh + 2 * nkv, hd))?;
-                let p = Self::flash_params(c, cu);
-                let out = flash_attention_qkvpacked(&qkv, cos, sin, q_scale, nh, nkv, &p)?;
-                return attn.o_proj.forward(&out.reshape((b, s, nh * hd))?);
-            }
-        }
         if let Some(cu) = &mask.flash {
             // RoPE keeps the token layout [b, s, heads, d] (contiguous), so the varlen op's rows
             // [b · s, heads, d] are a reshape (a view), forward and backward: no transposing
