@@ -15,18 +15,19 @@
 // place): each thread reads its g and u pack before it writes the same pack of dg and du, and
 // no other thread touches that pack, so g, u, dg and du are not declared __restrict__.
 //
-// Grid: x over packs of V = 16 / sizeof(T) consecutive columns (a thread takes one pack per row,
-// stride gridDim.x * blockDim.x packs), y over rows (stride gridDim.y): no division per element.
-// Every row start of every operand 16-byte aligned (the launcher checks pointers, strides and
-// cols) makes each pack one 16-byte access; otherwise the same packs are read and written
-// element by element (and the last pack of a row is partial).
+// Grids: when every row start of every operand is 16-byte aligned (the launcher checks pointers,
+// strides and cols), a grid-stride loop over packs of V = 16 / sizeof(T) consecutive columns,
+// each one 16-byte access, on a few blocks per SM (the *_rows_body and *_flat_body paths).
+// Otherwise the row grid: x over packs (a thread takes one pack per row, stride
+// gridDim.x * blockDim.x packs), y over rows (stride gridDim.y), each pack read and written
+// element by element (the last pack of a row partial).
 #include "common.cuh"
 
 using namespace flare;
 
 __device__ __forceinline__ float sigmoid_f(float g) { return 1.0f / (1.0f + __expf(-g)); }
 
-template <typename T, bool VEC>
+template <typename T>
 __device__ __forceinline__ void swiglu_fwd_body(const T *__restrict__ g, const T *__restrict__ u,
                                                 T *__restrict__ y, long long rows, int cols,
                                                 long long ldg, long long ldu) {
@@ -36,16 +37,44 @@ __device__ __forceinline__ void swiglu_fwd_body(const T *__restrict__ g, const T
     const T *gr = g + r * ldg, *ur = u + r * ldu;
     T *yr = y + r * cols;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < packs; c += gridDim.x * blockDim.x) {
-      const Pack<T, V> gp = load_row_pack<T, V, VEC>(gr, c, cols, 0.f);
-      const Pack<T, V> up = load_row_pack<T, V, VEC>(ur, c, cols, 0.f);
+      const Pack<T, V> gp = load_row_pack<T, V, false>(gr, c, cols, 0.f);
+      const Pack<T, V> up = load_row_pack<T, V, false>(ur, c, cols, 0.f);
       Pack<T, V> out;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         const float gv = to_f(gp.v[e]);
         out.v[e] = from_f<T>(gv * sigmoid_f(gv) * to_f(up.v[e]));
       }
-      store_row_pack<T, V, VEC>(yr, c, cols, out);
+      store_row_pack<T, V, false>(yr, c, cols, out);
     }
+  }
+}
+
+// The forward over aligned rows of any strides (the packed gate/up layout: ldg = ldu =
+// 2 * cols) with 16-byte access: one grid-stride loop over the rows * (cols / V) packs, each
+// split into (row, pack) by one division, on a few blocks per SM, as the backward's rows path.
+// The host takes it when every row start is 16-byte aligned and cols % V == 0.
+template <typename T>
+__device__ __forceinline__ void swiglu_fwd_rows_body(const T *__restrict__ g,
+                                                     const T *__restrict__ u,
+                                                     T *__restrict__ y, long long rows, int cols,
+                                                     long long ldg, long long ldu) {
+  constexpr int V = VecWidth<T>::value;
+  const long long ppr = cols / V;
+  const long long packs = rows * ppr;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < packs; p += stride) {
+    const long long r = p / ppr;
+    const long long c = (p - r * ppr) * V;
+    const Pack<T, V> gp = load_pack<T, V>(g + r * ldg + c);
+    const Pack<T, V> up = load_pack<T, V>(u + r * ldu + c);
+    Pack<T, V> out;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float gv = to_f(gp.v[e]);
+      out.v[e] = from_f<T>(gv * sigmoid_f(gv) * to_f(up.v[e]));
+    }
+    store_pack<T, V>(y + r * cols + c, out);
   }
 }
 
@@ -63,7 +92,7 @@ __device__ __forceinline__ void swiglu_bwd_pack(const Pack<T, V> &gp, const Pack
   }
 }
 
-template <typename T, bool VEC>
+template <typename T>
 __device__ __forceinline__ void swiglu_bwd_body(const T *g, const T *u, const T *__restrict__ dy,
                                                 T *dg, T *du, long long rows, int cols,
                                                 long long ldg, long long ldu, long long ldo) {
@@ -74,13 +103,13 @@ __device__ __forceinline__ void swiglu_bwd_body(const T *g, const T *u, const T 
     T *dgr = dg + r * ldo, *dur = du + r * ldo;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < packs; c += gridDim.x * blockDim.x) {
       // Coherent loads for g and u: this kernel may write them (in place).
-      const Pack<T, V> gp = load_row_pack_rw<T, V, VEC>(gr, c, cols);
-      const Pack<T, V> up = load_row_pack_rw<T, V, VEC>(ur, c, cols);
-      const Pack<T, V> dp = load_row_pack<T, V, VEC>(dyr, c, cols, 0.f);
+      const Pack<T, V> gp = load_row_pack_rw<T, V, false>(gr, c, cols);
+      const Pack<T, V> up = load_row_pack_rw<T, V, false>(ur, c, cols);
+      const Pack<T, V> dp = load_row_pack<T, V, false>(dyr, c, cols, 0.f);
       Pack<T, V> dgp, dup;
       swiglu_bwd_pack<T, V>(gp, up, dp, dgp, dup);
-      store_row_pack<T, V, VEC>(dgr, c, cols, dgp);
-      store_row_pack<T, V, VEC>(dur, c, cols, dup);
+      store_row_pack<T, V, false>(dgr, c, cols, dgp);
+      store_row_pack<T, V, false>(dur, c, cols, dup);
     }
   }
 }
@@ -146,17 +175,18 @@ __device__ __forceinline__ void swiglu_bwd_rows_body(const T *g, const T *u,
   }
 }
 
-// `vec`: 0 element accesses, 1 every row start 16-byte aligned (see above); the backward also
-// takes 2, flat and 16-byte aligned (swiglu_bwd_flat_body), and 3, aligned rows on a
-// grid-stride loop (swiglu_bwd_rows_body).
+// `vec`: 0 the row grid with element accesses (any alignment); the forward takes 2, aligned
+// rows on a grid-stride loop (swiglu_fwd_rows_body); the backward takes 2, flat and 16-byte
+// aligned (swiglu_bwd_flat_body), and 3, aligned rows on a grid-stride loop
+// (swiglu_bwd_rows_body).
 #define SWIGLU_OP(T, SUFFIX)                                                                      \
   extern "C" __global__ void swiglu_fwd_##SUFFIX(const T *g, const T *u, T *y, long long rows,   \
                                                  int cols, long long ldg, long long ldu,        \
                                                  int vec) {                                     \
-    if (vec)                                                                                    \
-      swiglu_fwd_body<T, true>(g, u, y, rows, cols, ldg, ldu);                                  \
+    if (vec == 2)                                                                               \
+      swiglu_fwd_rows_body<T>(g, u, y, rows, cols, ldg, ldu);                                   \
     else                                                                                        \
-      swiglu_fwd_body<T, false>(g, u, y, rows, cols, ldg, ldu);                                 \
+      swiglu_fwd_body<T>(g, u, y, rows, cols, ldg, ldu);                                        \
   }                                                                                             \
   extern "C" __global__ void swiglu_bwd_##SUFFIX(const T *g, const T *u, const T *dy, T *dg,     \
                                                  T *du, long long rows, int cols, long long ldg, \
@@ -165,10 +195,8 @@ __device__ __forceinline__ void swiglu_bwd_rows_body(const T *g, const T *u,
       swiglu_bwd_rows_body<T>(g, u, dy, dg, du, rows, cols, ldg, ldu, ldo);                     \
     else if (vec == 2)                                                                          \
       swiglu_bwd_flat_body<T>(g, u, dy, dg, du, rows * cols);                                   \
-    else if (vec)                                                                               \
-      swiglu_bwd_body<T, true>(g, u, dy, dg, du, rows, cols, ldg, ldu, ldo);                    \
     else                                                                                        \
-      swiglu_bwd_body<T, false>(g, u, dy, dg, du, rows, cols, ldg, ldu, ldo);                   \
+      swiglu_bwd_body<T>(g, u, dy, dg, du, rows, cols, ldg, ldu, ldo);                          \
   }
 
 SWIGLU_OP(float, f32)
