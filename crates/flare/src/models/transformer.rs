@@ -255,7 +255,6 @@ impl Mlp {
             }),
         }
     }
-
 }
 
 /// The projections `lins` (the members of `fused`, in order) as one grouped LoRA product
