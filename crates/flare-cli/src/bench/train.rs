@@ -91,8 +91,9 @@ pub struct TrainBenchArgs {
     /// Sequence packing (the trainer's setting): true or false.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub packing: bool,
-    /// Projections of one input (each layer's gate and up) with adapters as one grouped LoRA
-    /// product (the model's default): true or false (each projection alone, for comparisons).
+    /// Projections of one input (each layer's gate and up, and its q, k and v) with adapters as
+    /// grouped LoRA products (the model's default): true or false (each projection alone, for
+    /// comparisons).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub grouped_projections: bool,
     /// Search the longest batch-1 sequence that trains (doubling, then bisection).
