@@ -231,32 +231,6 @@ impl Attention {
     }
 }
 
-impl Mlp {
-    /// The MLP from its projections' `(weight, bias)`.
-    fn new(
-        gate: (Tensor, Option<Tensor>),
-        up: (Tensor, Option<Tensor>),
-        down: LoraLinear,
-    ) -> Result<Self> {
-        let (gate_up, mut lins) = Fused::build(vec![gate, up])?;
-        let up_proj = lins.pop();
-        let gate_proj = lins.pop();
-        match (gate_proj, up_proj) {
-            (Some(gate_proj), Some(up_proj)) => Ok(Mlp {
-                gate_proj,
-                up_proj,
-                down_proj: down,
-                gate_up,
-                grouped: true,
-            }),
-            _ => Err(Error::InvalidArgument {
-                op: OP,
-                msg: "internal error: fused gate/up lost a projection".into(),
-            }),
-        }
-    }
-}
-
 /// The projections `lins` (the members of `fused`, in order) as one grouped LoRA product
 /// ([`lora_linear_grouped`] on the fused weight, the adapters' factors stacked) when every one
 /// runs a fused adapter ([`LoraLinear::fused_adapter`]: no training-mode dropout) of one rank,
@@ -295,6 +269,30 @@ fn grouped_product(fused: &Fused, lins: &[&LoraLinear], x: &Tensor) -> Result<Op
 }
 
 impl Mlp {
+    /// The MLP from its projections' `(weight, bias)`.
+    fn new(
+        gate: (Tensor, Option<Tensor>),
+        up: (Tensor, Option<Tensor>),
+        down: LoraLinear,
+    ) -> Result<Self> {
+        let (gate_up, mut lins) = Fused::build(vec![gate, up])?;
+        let up_proj = lins.pop();
+        let gate_proj = lins.pop();
+        match (gate_proj, up_proj) {
+            (Some(gate_proj), Some(up_proj)) => Ok(Mlp {
+                gate_proj,
+                up_proj,
+                down_proj: down,
+                gate_up,
+                grouped: true,
+            }),
+            _ => Err(Error::InvalidArgument {
+                op: OP,
+                msg: "internal error: fused gate/up lost a projection".into(),
+            }),
+        }
+    }
+
     /// `[gate | up]` (`[..., 2 · intermediate]`) as one grouped LoRA product
     /// ([`grouped_product`]) when grouping is on; `None` otherwise.
     fn grouped_gate_up(&self, n: &Tensor) -> Result<Option<Tensor>> {
