@@ -184,9 +184,6 @@ struct Attention {
     o_proj: LoraLinear,
     /// q, k and v as one projection.
     qkv: Fused,
-    /// Whether q, k and v with adapters run as one grouped LoRA product into the packed
-    /// attention ([`Transformer::set_grouped_projections`]).
-    grouped: bool,
 }
 
 /// The SwiGLU MLP of one layer.
@@ -221,7 +218,6 @@ impl Attention {
                 v_proj,
                 o_proj: o,
                 qkv,
-                grouped: true,
             }),
             _ => Err(Error::InvalidArgument {
                 op: OP,
@@ -341,7 +337,9 @@ pub struct Transformer {
     /// Tokens per tile of the MLP in checkpointed layers (`None`: untiled); see
     /// [`set_mlp_tile`](Self::set_mlp_tile).
     mlp_tile: Option<usize>,
-    /// [`set_grouped_projections`](Self::set_grouped_projections); each layer's [`Mlp`] holds it.
+    /// [`set_grouped_projections`](Self::set_grouped_projections), read by the attention; each
+    /// layer's [`Mlp`] holds a copy, since the tiled MLP's checkpoint closures run without the
+    /// model.
     grouped: bool,
     /// The parameter gradients of checkpointed layers, until merged (shared by clones).
     checkpoint_grads: CheckpointGrads,
@@ -802,7 +800,6 @@ impl Transformer {
         self.grouped = on;
         for layer in &mut self.layers {
             layer.mlp.grouped = on;
-            layer.self_attn.grouped = on;
         }
     }
 
@@ -1504,7 +1501,7 @@ impl Transformer {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let group = nh / nkv;
         let q_scale = 1.0 / (hd as f64).sqrt();
-        if let (Some(cu), None, true) = (&mask.flash, &cache, attn.grouped) {
+        if let (Some(cu), None, true) = (&mask.flash, &cache, self.grouped) {
             // q, k and v with adapters as one grouped LoRA product, into the packed attention
             // (RoPE inside): one input-gradient pair for the three, no gradient sums.
             let lins = [&attn.q_proj, &attn.k_proj, &attn.v_proj];
