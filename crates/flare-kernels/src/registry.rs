@@ -26,8 +26,8 @@ registry! {
         SoftmaxMaskedFwdF16 = "softmax_masked_fwd_f16",
         SoftmaxMaskedFwdBF16 = "softmax_masked_fwd_bf16",
     }
-    /// `rms_norm.cu`: `rms_norm_fwd_*`, `add_rms_norm_fwd_*`, `rms_norm_bwd_*` and
-    /// `rms_norm_dw_*`.
+    /// `rms_norm.cu`: `rms_norm_fwd_*`, `add_rms_norm_fwd_*`, `rms_norm_bwd_*`,
+    /// `rms_norm_bwd_rows_*` and `rms_norm_dw_*`.
     RmsNorm = "rms_norm" {
         RmsNormFwdF32 = "rms_norm_fwd_f32",
         RmsNormFwdF16 = "rms_norm_fwd_f16",
@@ -38,6 +38,9 @@ registry! {
         RmsNormBwdF32 = "rms_norm_bwd_f32",
         RmsNormBwdF16 = "rms_norm_bwd_f16",
         RmsNormBwdBF16 = "rms_norm_bwd_bf16",
+        RmsNormBwdRowsF32 = "rms_norm_bwd_rows_f32",
+        RmsNormBwdRowsF16 = "rms_norm_bwd_rows_f16",
+        RmsNormBwdRowsBF16 = "rms_norm_bwd_rows_bf16",
         RmsNormDwF32 = "rms_norm_dw_f32",
         RmsNormDwF16 = "rms_norm_dw_f16",
         RmsNormDwBF16 = "rms_norm_dw_bf16",

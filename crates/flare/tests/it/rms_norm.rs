@@ -275,17 +275,27 @@ fn add_grad_vs_reference(dev: &Device) -> Result<()> {
 /// A frozen operand (a plain tensor, not a `Var`) gets no gradient entry; the others get the
 /// right one.
 fn frozen_operands(dev: &Device) -> Result<()> {
-    // The second: more rows than the CUDA backward's persistent grid holds, with rows of
-    // several packs per thread.
-    for (rows, cols) in [(3, 7), (1_300, 4_100)] {
-        frozen_operands_of(dev, rows, cols)?;
+    // (1300, 4100): more rows than the CUDA backward's persistent grid holds, with rows of
+    // several packs per thread. With the weight frozen, CUDA takes the block-per-row backward
+    // (`rms_norm_bwd_rows`) on whole 16-byte packs: a row of fewer packs than its 32 threads
+    // hold (5x64), a block not filled by its last packs (1300x4100 in f32: 1025 packs on 544
+    // threads), the largest block (4x8192 in f32: 1024 threads) and, past it, the fallback
+    // (3x16384 in f32).
+    let dtypes = if dev.is_cpu() {
+        vec![DType::F64]
+    } else {
+        vec![DType::F32, DType::BF16]
+    };
+    for dtype in dtypes {
+        for (rows, cols) in [(3, 7), (5, 64), (1_300, 4_100), (4, 8_192), (3, 16_384)] {
+            frozen_operands_of(dev, dtype, rows, cols)?;
+        }
     }
     Ok(())
 }
 
-fn frozen_operands_of(dev: &Device, rows: usize, cols: usize) -> Result<()> {
-    let dtype = if dev.is_cpu() { DType::F64 } else { DType::F32 };
-    let what = format!("rms_norm frozen {rows}x{cols}");
+fn frozen_operands_of(dev: &Device, dtype: DType, rows: usize, cols: usize) -> Result<()> {
+    let what = format!("rms_norm frozen {rows}x{cols} {dtype:?}");
     let what = what.as_str();
     let x = randn(&[rows, cols], dtype, dev, seed(&format!("{what} x")))?;
     let res = randn(&[rows, cols], dtype, dev, seed(&format!("{what} res")))?;

@@ -3,12 +3,14 @@
 //! Forward and fused residual-add forward: one launch, rows in registers up to 32768 columns
 //! (forward) or 16384 (fused add), streamed beyond. Backward: one launch for dx (rows in
 //! registers up to 16384 columns) that also leaves per-slot dw partial sums in an f32 scratch
-//! buffer, then `rms_norm_dw_*` reduces them in a fixed order into the packed last row.
+//! buffer, then `rms_norm_dw_*` reduces them in a fixed order into the packed last row. Without
+//! dw (a frozen weight), rows of whole 16-byte packs (up to 2048 of them) take
+//! `rms_norm_bwd_rows_*` instead: a block per row, two packs per thread, `w` in shared memory.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Shape};
@@ -88,9 +90,21 @@ pub(crate) fn bwd(
     check_same_len(OP_BWD, "the output gradient", lx, ldy)?;
     let (rows, cols) = rows_cols(OP_BWD, lx)?;
     let k = match x.dtype() {
-        DType::F32 => [Kernel::RmsNormBwdF32, Kernel::RmsNormDwF32],
-        DType::F16 => [Kernel::RmsNormBwdF16, Kernel::RmsNormDwF16],
-        DType::BF16 => [Kernel::RmsNormBwdBF16, Kernel::RmsNormDwBF16],
+        DType::F32 => [
+            Kernel::RmsNormBwdF32,
+            Kernel::RmsNormDwF32,
+            Kernel::RmsNormBwdRowsF32,
+        ],
+        DType::F16 => [
+            Kernel::RmsNormBwdF16,
+            Kernel::RmsNormDwF16,
+            Kernel::RmsNormBwdRowsF16,
+        ],
+        DType::BF16 => [
+            Kernel::RmsNormBwdBF16,
+            Kernel::RmsNormDwBF16,
+            Kernel::RmsNormBwdRowsBF16,
+        ],
         dt => return Err(unsupported(OP_BWD, dt)),
     };
     let a = BwdArgs {
@@ -216,8 +230,33 @@ struct BwdArgs<'a> {
     cols: usize,
 }
 
+/// The launch of `rms_norm_bwd_rows_*` for `rows x cols` of `T` (rows > 0), or `None` where it
+/// does not apply: cols not a whole number of 16-byte packs, a pointer not 16-byte aligned, or
+/// a row of more packs than `RMS_BWD_ROW_MAX_THREADS` threads hold. A block of the fewest
+/// threads (a multiple of 32) that holds a row at `RMS_BWD_ROW_PACKS` packs each, one block per
+/// row, `w`'s packs in dynamic shared memory.
+fn rows_config<T>(ptrs: [u64; 4], rows: usize, cols: usize) -> Option<LaunchConfig> {
+    let v = 16 / std::mem::size_of::<T>();
+    let packs = launch::RMS_BWD_ROW_PACKS as usize;
+    let max_threads = launch::RMS_BWD_ROW_MAX_THREADS as usize;
+    if cols % v != 0 || ptrs.iter().any(|p| p % 16 != 0) {
+        return None;
+    }
+    let nvr = cols / v;
+    let threads = nvr.div_ceil(packs).div_ceil(32) * 32;
+    if threads > max_threads {
+        return None;
+    }
+    let smem = nvr * 16;
+    (smem <= DEFAULT_SMEM_LIMIT).then_some(LaunchConfig {
+        grid_dim: (rows.min(i32::MAX as usize) as u32, 1, 1),
+        block_dim: (threads.max(32) as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    })
+}
+
 fn bwd_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
-    [k_bwd, k_dw]: [Kernel; 2],
+    [k_bwd, k_dw, k_rows]: [Kernel; 3],
     a: &BwdArgs<'_>,
 ) -> candle_core::Result<CudaStorage> {
     let dev = &a.x.device;
@@ -237,7 +276,37 @@ fn bwd_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
     let stream = rt.stream();
     let reduce_dw = a.need_dw && rows > 0;
-    if rows > 0 {
+    // Without dw, aligned rows take the block-per-row kernel (see `rows_config`).
+    let rows_cfg = if rows > 0 && !reduce_dw {
+        let (xp, _gx) = xs.device_ptr(stream);
+        let (wp, _gw) = ws.device_ptr(stream);
+        let (dyp, _gdy) = dys.device_ptr(stream);
+        let (op, _go) = out.device_ptr(stream);
+        rows_config::<T>([xp, wp, dyp, op], rows, cols)
+    } else {
+        None
+    };
+    if let Some(cfg) = rows_cfg {
+        let (rows_a, cols_a) = (rows as i64, cols as i32);
+        let mut b = stream.launch_builder(rt.function(k_rows));
+        b.arg(&xs)
+            .arg(&ws)
+            .arg(&dys)
+            .arg(&mut out)
+            .arg(&rows_a)
+            .arg(&cols_a)
+            .arg(&a.eps);
+        // SAFETY: rms_norm_bwd_rows_<t>(const T *x, const T *w, const T *dy, T *dx,
+        // long long rows, int cols, float eps): x and dy have rows * cols elements (checked
+        // equal), w has cols, dx is the first rows * cols of `out`; `rows_config` checked that
+        // cols is a whole number of 16-byte packs, that every pointer is 16-byte aligned, that
+        // the block (a multiple of 32 threads, at most RMS_BWD_ROW_MAX_THREADS) holds a row at
+        // RMS_BWD_ROW_PACKS packs per thread, and that w's packs fit the dynamic shared memory
+        // it passes (at most the default 48 KiB).
+        unsafe { b.launch(cfg) }
+            .cuda_ctx("launching rms_norm_bwd_rows")
+            .map_err(crate::Error::into_candle)?;
+    } else if rows > 0 {
         // Persistent grid: each block (or warp, with sub-warp groups) accumulates dw over many
         // rows, so the partial sums stay few. About as many blocks as fit at once.
         let block = RowPlan::new(BWD, rows, cols, None).block;
