@@ -9,9 +9,10 @@
 //       dx = rinv * g - x * rinv^3 * sum(g * x) / cols
 //       and, if need_dw, per-slot partial sums of dy * x * rinv over the slot's rows (f32) into
 //       partial[slot][cols], slots = grid * (group <= 32 ? block / 32 : 1)
-//   rms_norm_bwd_rows_<t>(x, w, dy, dx, rows, cols, eps):
-//       the same dx without dw, for 16-byte aligned rows of at most RMS_BWD_ROW_MAX_THREADS *
-//       RMS_BWD_ROW_PACKS packs (see rms_bwd_rows)
+//   rms_norm_bwd_rows_<t>(x, w, dy, dx, dw, rows, cols, eps):
+//       the same dx for a frozen weight, for 16-byte aligned rows of at most
+//       RMS_BWD_ROW_MAX_THREADS * RMS_BWD_ROW_PACKS packs (see rms_bwd_rows); dw[cols] is
+//       written with zeros (by block 0: no memset launch)
 //   rms_norm_dw_<t>(partial, dw, slots, cols):
 //       dw[c] = sum over slots of partial[slot][c], in a fixed order (deterministic)
 //
@@ -432,9 +433,12 @@ __device__ __forceinline__ void rms_bwd_stream(const T *__restrict__ x, const T 
 template <typename T>
 __device__ __forceinline__ void rms_bwd_rows(const T *__restrict__ x, const T *__restrict__ w,
                                              const T *__restrict__ dy, T *__restrict__ dx,
-                                             long long rows, int cols, float eps) {
+                                             T *__restrict__ dw, long long rows, int cols,
+                                             float eps) {
   constexpr int V = VecWidth<T>::value;
   constexpr int NP = RMS_BWD_ROW_PACKS;
+  if (blockIdx.x == 0)
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dw[c] = from_f<T>(0.f);
   extern __shared__ float4 rows_smem[];
   Pack<T, V> *ws = reinterpret_cast<Pack<T, V> *>(rows_smem);
   __shared__ float2 sh[2][32];
@@ -596,8 +600,8 @@ __device__ __forceinline__ void rms_dw(const float *__restrict__ partial, T *__r
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(RMS_BWD_ROW_MAX_THREADS) rms_norm_bwd_rows_##SUF(     \
       const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ dy,                  \
-      T *__restrict__ dx, long long rows, int cols, float eps) {                                   \
-    rms_bwd_rows<T>(x, w, dy, dx, rows, cols, eps);                                                \
+      T *__restrict__ dx, T *__restrict__ dw, long long rows, int cols, float eps) {               \
+    rms_bwd_rows<T>(x, w, dy, dx, dw, rows, cols, eps);                                            \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(RMS_DW_THREADS)                                     \
       rms_norm_dw_##SUF(const float *__restrict__ partial, T *__restrict__ dw, int slots,          \

@@ -27,6 +27,18 @@ using namespace flare;
 
 __device__ __forceinline__ float sigmoid_f(float g) { return 1.0f / (1.0f + __expf(-g)); }
 
+// silu(g) * u of one pack.
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> swiglu_fwd_pack(const Pack<T, V> &gp, const Pack<T, V> &up) {
+  Pack<T, V> out;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const float gv = to_f(gp.v[e]);
+    out.v[e] = from_f<T>(gv * sigmoid_f(gv) * to_f(up.v[e]));
+  }
+  return out;
+}
+
 template <typename T>
 __device__ __forceinline__ void swiglu_fwd_body(const T *__restrict__ g, const T *__restrict__ u,
                                                 T *__restrict__ y, long long rows, int cols,
@@ -39,13 +51,7 @@ __device__ __forceinline__ void swiglu_fwd_body(const T *__restrict__ g, const T
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < packs; c += gridDim.x * blockDim.x) {
       const Pack<T, V> gp = load_row_pack<T, V, false>(gr, c, cols, 0.f);
       const Pack<T, V> up = load_row_pack<T, V, false>(ur, c, cols, 0.f);
-      Pack<T, V> out;
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const float gv = to_f(gp.v[e]);
-        out.v[e] = from_f<T>(gv * sigmoid_f(gv) * to_f(up.v[e]));
-      }
-      store_row_pack<T, V, false>(yr, c, cols, out);
+      store_row_pack<T, V, false>(yr, c, cols, swiglu_fwd_pack<T, V>(gp, up));
     }
   }
 }
@@ -68,13 +74,7 @@ __device__ __forceinline__ void swiglu_fwd_rows_body(const T *__restrict__ g,
     const long long c = (p - r * ppr) * V;
     const Pack<T, V> gp = load_pack<T, V>(g + r * ldg + c);
     const Pack<T, V> up = load_pack<T, V>(u + r * ldu + c);
-    Pack<T, V> out;
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      const float gv = to_f(gp.v[e]);
-      out.v[e] = from_f<T>(gv * sigmoid_f(gv) * to_f(up.v[e]));
-    }
-    store_pack<T, V>(y + r * cols + c, out);
+    store_pack<T, V>(y + r * cols + c, swiglu_fwd_pack<T, V>(gp, up));
   }
 }
 

@@ -10,7 +10,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Shape};
@@ -265,8 +265,8 @@ fn bwd_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let xs = input::<T>(OP_BWD, a.x, a.lx)?;
     let dys = input::<T>(OP_BWD, a.dy, a.ldy)?;
     // SAFETY: every element is written below: dx ([0, n)) by the backward kernel, dw
-    // ([n, n + cols)) by the dw kernel, or zeroed by the memset when it is not needed or there
-    // are no rows (nothing to write when cols == 0).
+    // ([n, n + cols)) by the dw kernel, or zeroed (by the rows kernel, else by a memset) when it
+    // is not needed or there are no rows (nothing to write when cols == 0).
     let mut out = unsafe { dev.alloc::<T>(n + cols) }?;
     if cols == 0 {
         return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
@@ -288,17 +288,22 @@ fn bwd_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     };
     if let Some(cfg) = rows_cfg {
         let (rows_a, cols_a) = (rows as i64, cols as i32);
+        // dx is the first n elements of `out`, dw (zeroed by the kernel) the last cols.
+        let (dxp, _gout) = out.device_ptr_mut(stream);
+        let dwp = dxp + (n * std::mem::size_of::<T>()) as u64;
         let mut b = stream.launch_builder(rt.function(k_rows));
         b.arg(&xs)
             .arg(&ws)
             .arg(&dys)
-            .arg(&mut out)
+            .arg(&dxp)
+            .arg(&dwp)
             .arg(&rows_a)
             .arg(&cols_a)
             .arg(&a.eps);
-        // SAFETY: rms_norm_bwd_rows_<t>(const T *x, const T *w, const T *dy, T *dx,
+        // SAFETY: rms_norm_bwd_rows_<t>(const T *x, const T *w, const T *dy, T *dx, T *dw,
         // long long rows, int cols, float eps): x and dy have rows * cols elements (checked
-        // equal), w has cols, dx is the first rows * cols of `out`; `rows_config` checked that
+        // equal), w has cols, dx is the first rows * cols of `out` and dw its last cols (the
+        // guard keeps `out` borrowed until the launch is queued); `rows_config` checked that
         // cols is a whole number of 16-byte packs, that every pointer is 16-byte aligned, that
         // the block (a multiple of 32 threads, at most RMS_BWD_ROW_MAX_THREADS) holds a row at
         // RMS_BWD_ROW_PACKS packs per thread, and that w's packs fit the dynamic shared memory
@@ -378,7 +383,7 @@ fn bwd_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
                 .map_err(crate::Error::into_candle)?;
         }
     }
-    if !reduce_dw {
+    if !reduce_dw && rows_cfg.is_none() {
         let mut dw = out.slice_mut(n..n + cols);
         stream
             .memset_zeros(&mut dw)
