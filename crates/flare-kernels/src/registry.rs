@@ -172,4 +172,13 @@ registry! {
         GradAddF16 = "grad_add_f16",
         GradAddBF16 = "grad_add_bf16",
     }
+    /// `lora_factors.cu`: `stack_rows_*` (grouped projections' factors stacked in one launch)
+    /// and `cast_pair_f32_*` (a LoRA pair of f32 factors cast to the half base dtype in one
+    /// launch).
+    LoraFactors = "lora_factors" {
+        StackRowsB32 = "stack_rows_b32",
+        StackRowsB16 = "stack_rows_b16",
+        CastPairF32F16 = "cast_pair_f32_f16",
+        CastPairF32BF16 = "cast_pair_f32_bf16",
+    }
 }

@@ -28,6 +28,7 @@ use super::config::{Llama3RopeScaling, ModelConfig};
 use super::weights::Weights;
 use crate::error::device_name;
 use crate::lora::dropout::mix64;
+use crate::lora::op::stack_rows;
 use crate::lora::{lora_linear_grouped, with_dropout_seed, LoraLinear};
 use crate::ops::rope::rope_tables_f32;
 use crate::ops::{
@@ -250,8 +251,8 @@ fn grouped_product(fused: &Fused, lins: &[&LoraLinear], x: &Tensor) -> Result<Op
     }) {
         return Ok(None);
     }
-    let a = Tensor::cat(&ads.iter().map(|ad| ad.a()).collect::<Vec<_>>(), 0)?;
-    let b = Tensor::cat(&ads.iter().map(|ad| ad.b()).collect::<Vec<_>>(), 0)?;
+    let a = stack_rows(&ads.iter().map(|ad| ad.a()).collect::<Vec<_>>())?;
+    let b = stack_rows(&ads.iter().map(|ad| ad.b()).collect::<Vec<_>>())?;
     let splits: Vec<usize> = lins.iter().map(|l| l.out_features()).collect();
     Ok(Some(lora_linear_grouped(
         x,

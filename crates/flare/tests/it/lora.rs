@@ -10,6 +10,7 @@
 //!   `dx = dy W + G A`, `dA = Gᵀ x`, `dB = s dyᵀ (x Aᵀ)`.
 
 use candle_core::{DType, Device, Tensor};
+use flare::lora::op::stack_rows;
 use flare::lora::{
     lora_linear, lora_linear_grouped, lora_linear_reference, LoraConfig, LoraLinear,
 };
@@ -1213,7 +1214,90 @@ fn add_with_weights(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// `stack_rows` (the grouped factors' stacking, one launch on CUDA) against `Tensor::cat` on
+/// the same device: the same values bit for bit (a copy), each part's gradient its rows of the
+/// upstream gradient, every output element written (NaN-poisoned pool), for two and three
+/// parts of odd shapes and every dtype; the `Tensor::cat` cases (one part, four, an integer
+/// dtype) give cat's values and its errors.
+fn stack_rows_op(dev: &Device) -> Result<()> {
+    let shapes: &[&[&[usize]]] = &[
+        &[&[3, 7], &[5, 7]],
+        &[&[16, 33], &[1, 33], &[4, 33]],
+        &[&[2, 3, 5], &[1, 3, 5], &[3, 3, 5]],
+        &[&[0, 9], &[4, 9]],
+    ];
+    for dtype in dtypes(dev) {
+        for (i, parts) in shapes.iter().enumerate() {
+            let what = format!("stack_rows case {i} {}", dt(dtype));
+            let ts = parts
+                .iter()
+                .enumerate()
+                .map(|(j, sh)| {
+                    randn(sh, dtype, dev, seed(&format!("{what} {j}"))).and_then(|t| var(&t))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&Tensor> = ts.iter().map(|v| v.as_tensor()).collect();
+            let rows: usize = parts.iter().map(|sh| sh[0]).sum();
+            poison(
+                dev,
+                dtype,
+                &[rows * parts[0][1..].iter().product::<usize>()],
+            )?;
+            let got = stack_rows(&refs)?;
+            let want = Tensor::cat(&refs, 0)?;
+            assert_eq!(got.dims(), want.dims(), "{what}");
+            let (g64, w64) = (got.to_dtype(DType::F64)?, want.to_dtype(DType::F64)?);
+            let diff = (&g64 - &w64)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f64>();
+            // An empty result has no max: nothing to compare.
+            if got.elem_count() > 0 {
+                assert_eq!(diff?, 0.0, "{what}: values differ from Tensor::cat");
+            }
+            let up = randn(got.dims(), dtype, dev, seed(&format!("{what} up")))?;
+            let grads = got.mul(&up)?.sum_all()?.backward()?;
+            let mut first = 0;
+            for (j, v) in ts.iter().enumerate() {
+                let n = parts[j][0];
+                if n == 0 {
+                    first += n;
+                    continue;
+                }
+                let g = grad_of(&grads, v.as_tensor(), &what).to_dtype(DType::F64)?;
+                let want_g = up.narrow(0, first, n)?.to_dtype(DType::F64)?;
+                let d = (&g - &want_g)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f64>()?;
+                assert_eq!(
+                    d, 0.0,
+                    "{what}: part {j}'s gradient is not its rows of the upstream"
+                );
+                first += n;
+            }
+        }
+    }
+    // Tensor::cat's cases: one part, four parts, u32.
+    let a = randn(&[2, 3], DType::F32, dev, 1)?;
+    let four = stack_rows(&[&a, &a, &a, &a])?;
+    assert_eq!(four.dims(), &[8, 3]);
+    assert_eq!(stack_rows(&[&a])?.to_vec2::<f32>()?, a.to_vec2::<f32>()?);
+    let u = Tensor::arange(0u32, 6, dev)?.reshape((2, 3))?;
+    assert_eq!(stack_rows(&[&u, &u])?.to_vec2::<u32>()?[3], vec![3, 4, 5]);
+    // Mismatched trailing dims: Tensor::cat's error, not a panic.
+    let b = randn(&[2, 4], DType::F32, dev, 2)?;
+    assert!(
+        stack_rows(&[&a, &b]).is_err(),
+        "mismatched shapes must be an error"
+    );
+    Ok(())
+}
+
 device_test!(
+    stack_rows_op,
     add_with_weights,
     grouped,
     forward,

@@ -11,13 +11,16 @@
 //! function sends degenerate shapes to the composite path); both are checked here again.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
 
 use super::plan::{Needs, Packed, OP};
 use crate::ops::contiguous_range;
-use crate::runtime::cuda::CudaRuntime;
+use crate::ops::cuda::elementwise::from_offset;
+use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 use crate::runtime::gemm::GemmParams;
 
 const OP_FWD: &str = "lora_linear (cuda)";
@@ -567,4 +570,190 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         base: packed.map(|b| CudaStorage::wrap_cuda_slice(b, dev.clone())),
         factors: packed_f.map(|b| CudaStorage::wrap_cuda_slice(b, dev.clone())),
     })
+}
+
+/// Threads per block of `lora_factors.cu` (`FACTORS_THREADS`).
+const FACTORS_THREADS: u32 = flare_kernels::launch::FACTORS_THREADS;
+
+/// Blocks for a grid-stride pass over `n` elements: enough to cover them, at most 8 per SM.
+fn factor_blocks(rt: &CudaRuntime, n: usize) -> u32 {
+    n.div_ceil(FACTORS_THREADS as usize)
+        .clamp(1, 8 * rt.sm_count.max(1) as usize) as u32
+}
+
+/// The contiguous elements `l` addresses in `s`, as a typed view, checked to hold them.
+fn factor_view<'a, T: CudaDType>(
+    op: &'static str,
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<CudaView<'a, T>> {
+    let n = l.shape().elem_count();
+    if !l.is_contiguous() {
+        return Err(internal(op, format!("{:?} is not contiguous", l.shape())));
+    }
+    let v = from_offset::<T>(op, s, l.start_offset())?;
+    if v.len() < n {
+        return Err(internal(
+            op,
+            format!("{n} elements past the end of a buffer of {}", v.len()),
+        ));
+    }
+    Ok(v)
+}
+
+/// `parts` (two or three contiguous storages of one dtype, f32 / f16 / bf16) one after the
+/// other in a fresh storage: one `stack_rows_*` launch (see [`super::stack_rows`]).
+pub(crate) fn stack_rows(parts: &[(&CudaStorage, &Layout)]) -> candle_core::Result<CudaStorage> {
+    const OPS: &str = "stack_rows (cuda)";
+    let Some(&(first, _)) = parts.first() else {
+        return Err(internal(OPS, "no parts".into()));
+    };
+    if parts.len() > 3 || parts.iter().any(|(s, _)| s.dtype() != first.dtype()) {
+        return Err(internal(
+            OPS,
+            format!("{} parts, or parts of different dtypes", parts.len()),
+        ));
+    }
+    match first.dtype() {
+        DType::F32 => stack_t::<f32>(parts, Kernel::StackRowsB32),
+        DType::F16 => stack_t::<half::f16>(parts, Kernel::StackRowsB16),
+        DType::BF16 => stack_t::<half::bf16>(parts, Kernel::StackRowsB16),
+        dt => Err(candle_core::Error::Msg(format!(
+            "{OPS}: unsupported dtype {dt:?} (f32, f16 and bf16 are)"
+        ))),
+    }
+}
+
+fn stack_t<T: CudaDType + DeviceRepr>(
+    parts: &[(&CudaStorage, &Layout)],
+    kernel: Kernel,
+) -> candle_core::Result<CudaStorage> {
+    const OPS: &str = "stack_rows (cuda)";
+    let views = parts
+        .iter()
+        .map(|(s, l)| factor_view::<T>(OPS, s, l))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let lens: Vec<usize> = parts.iter().map(|(_, l)| l.shape().elem_count()).collect();
+    let n: usize = lens.iter().sum();
+    let dev = &parts[0].0.device;
+    // SAFETY: the kernel writes every one of the n elements (nothing to write when n == 0).
+    let mut out = unsafe { dev.alloc::<T>(n.max(1)) }?;
+    if n == 0 {
+        return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    }
+    let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
+    let stream = rt.stream();
+    let mut ptrs = [0u64; 3];
+    let mut ns = [0i64; 3];
+    let guards: Vec<_> = views
+        .iter()
+        .zip(&lens)
+        .enumerate()
+        .map(|(i, (v, &len))| {
+            let (p, g) = v.device_ptr(stream);
+            ptrs[i] = p;
+            ns[i] = len as i64;
+            g
+        })
+        .collect();
+    // An absent third part: 0 elements (its pointer is never read).
+    if parts.len() < 3 {
+        ptrs[2] = ptrs[0];
+    }
+    let (op, _gout) = out.device_ptr_mut(stream);
+    let mut b = stream.launch_builder(rt.function(kernel));
+    b.arg(&ptrs[0])
+        .arg(&ns[0])
+        .arg(&ptrs[1])
+        .arg(&ns[1])
+        .arg(&ptrs[2])
+        .arg(&ns[2])
+        .arg(&op);
+    // SAFETY: stack_rows_b32 / _b16(const E *s0, long long n0, const E *s1, long long n1,
+    // const E *s2, long long n2, E *dst), E of T's size: part i holds ns[i] contiguous elements
+    // from ptrs[i] (checked by `factor_view`; a missing part has ns = 0 and is never read), dst
+    // is a fresh allocation of their sum, disjoint from every part; the guards keep the
+    // buffers borrowed until the launch is queued on the runtime's (Candle's) stream.
+    unsafe {
+        b.launch(LaunchConfig {
+            grid_dim: (factor_blocks(&rt, n), 1, 1),
+            block_dim: (FACTORS_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .cuda_ctx("launching stack_rows")
+    .map_err(crate::Error::into_candle)?;
+    drop(_gout);
+    drop(guards);
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `a` and `b` (f32, contiguous) cast to `dtype` (f16 or bf16) by one `cast_pair_f32_*`
+/// launch, rounded to nearest even as Candle's cast rounds: the op's f32 factors brought to a
+/// half base dtype. `None` for any other pair of dtypes (the caller converts them one by one).
+pub(crate) fn cast_pair(
+    (sa, la): (&CudaStorage, &Layout),
+    (sb, lb): (&CudaStorage, &Layout),
+    dtype: DType,
+) -> candle_core::Result<Option<(CudaStorage, CudaStorage)>> {
+    if sa.dtype() != DType::F32
+        || sb.dtype() != DType::F32
+        || !la.is_contiguous()
+        || !lb.is_contiguous()
+    {
+        return Ok(None);
+    }
+    match dtype {
+        DType::F16 => {
+            cast_pair_t::<half::f16>((sa, la), (sb, lb), Kernel::CastPairF32F16).map(Some)
+        }
+        DType::BF16 => {
+            cast_pair_t::<half::bf16>((sa, la), (sb, lb), Kernel::CastPairF32BF16).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+fn cast_pair_t<T: CudaDType + DeviceRepr>(
+    (sa, la): (&CudaStorage, &Layout),
+    (sb, lb): (&CudaStorage, &Layout),
+    kernel: Kernel,
+) -> candle_core::Result<(CudaStorage, CudaStorage)> {
+    const OPC: &str = "lora factor cast (cuda)";
+    let av = factor_view::<f32>(OPC, sa, la)?;
+    let bv = factor_view::<f32>(OPC, sb, lb)?;
+    let (na, nb) = (la.shape().elem_count(), lb.shape().elem_count());
+    let dev = &sa.device;
+    // SAFETY: the kernel writes every element of both outputs (nothing when the sizes are 0).
+    let mut oa = unsafe { dev.alloc::<T>(na.max(1)) }?;
+    // SAFETY: as above.
+    let mut ob = unsafe { dev.alloc::<T>(nb.max(1)) }?;
+    if na + nb > 0 {
+        let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
+        let (na64, nb64) = (na as i64, nb as i64);
+        let mut b = rt.stream().launch_builder(rt.function(kernel));
+        b.arg(&av)
+            .arg(&na64)
+            .arg(&bv)
+            .arg(&nb64)
+            .arg(&mut oa)
+            .arg(&mut ob);
+        // SAFETY: cast_pair_f32_<t>(const float *a, long long na, const float *b,
+        // long long nb, T *oa, T *ob): a and b hold na and nb contiguous f32 elements (checked
+        // by `factor_view`), oa and ob are fresh allocations of na and nb elements of T, on the
+        // runtime's (Candle's) stream.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (factor_blocks(&rt, na + nb), 1, 1),
+                block_dim: (FACTORS_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .cuda_ctx("launching cast_pair")
+        .map_err(crate::Error::into_candle)?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(oa, dev.clone()),
+        CudaStorage::wrap_cuda_slice(ob, dev.clone()),
+    ))
 }

@@ -93,6 +93,9 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod plan;
+mod stack;
+
+pub use stack::stack_rows;
 
 use cpu::{block_diag, combine_fwd, diag_blocks, scaled};
 use plan::{Needs, Packed, OP, OP_BWD, OP_BWD_FACTORS};
@@ -317,12 +320,19 @@ impl CustomOp3 for LoraFwd {
         };
         let shape = out_shape(lx, lb.dims()[0]);
         let lx2 = as_matrix(OP, lx)?;
-        // f32 factors on a half base: one cast launch each (no graph node), kept for the
+        // f32 factors on a half base: both cast by one launch (no graph node), kept for the
         // backward.
-        let conv = match (convert(sa, la, sx.dtype())?, convert(sb, lb, sx.dtype())?) {
-            (Some((a, la)), Some((b, lb))) => Some((Arc::new((a, b)), la, lb)),
-            (None, None) => None,
-            _ => return Err(internal(OP, "lora_a and lora_b differ in dtype".into())),
+        let conv = match cuda::cast_pair((sa, la), (sb, lb), sx.dtype())? {
+            Some((a, b)) => Some((
+                Arc::new((a, b)),
+                Layout::contiguous(la.shape()),
+                Layout::contiguous(lb.shape()),
+            )),
+            None => match (convert(sa, la, sx.dtype())?, convert(sb, lb, sx.dtype())?) {
+                (Some((a, la)), Some((b, lb))) => Some((Arc::new((a, b)), la, lb)),
+                (None, None) => None,
+                _ => return Err(internal(OP, "lora_a and lora_b differ in dtype".into())),
+            },
         };
         let (a, b) = match &conv {
             Some((ab, la, lb)) => ((&ab.0, la), (&ab.1, lb)),
