@@ -53,11 +53,14 @@ registry! {
         GemmSmallBF16 = "gemm_small_bf16",
     }
     /// `rope.cu`: `rope_*`, RoPE with the seq/head transposition fused in (forward and, by the
-    /// opposite sign, backward).
+    /// opposite sign, backward), and `rope_copy_rows_*`, the v rows copied beside them.
     Rope = "rope" {
         RopeF32 = "rope_f32",
         RopeF16 = "rope_f16",
         RopeBF16 = "rope_bf16",
+        RopeCopyRowsF32 = "rope_copy_rows_f32",
+        RopeCopyRowsF16 = "rope_copy_rows_f16",
+        RopeCopyRowsBF16 = "rope_copy_rows_bf16",
     }
     /// `swiglu.cu`: `swiglu_fwd_*` and `swiglu_bwd_*`, `silu(g) * u` and its gradients.
     SwiGlu = "swiglu" {
@@ -96,11 +99,15 @@ registry! {
         CrossEntropyBwdBF16 = "cross_entropy_bwd_bf16",
     }
     /// `linear_cross_entropy.cu`: `linear_cross_entropy_rows_*`, the row pass of the fused
-    /// linear + cross-entropy (each row's NLL, and `softmax - onehot` written over the logits).
+    /// linear + cross-entropy (each row's NLL, and `softmax - onehot` written over the logits),
+    /// and `linear_cross_entropy_scale_*`, its backward's scaling by the upstream gradient.
     LinearCrossEntropy = "linear_cross_entropy" {
         LinearCrossEntropyRowsF32 = "linear_cross_entropy_rows_f32",
         LinearCrossEntropyRowsF16 = "linear_cross_entropy_rows_f16",
         LinearCrossEntropyRowsBF16 = "linear_cross_entropy_rows_bf16",
+        LinearCrossEntropyScaleF32 = "linear_cross_entropy_scale_f32",
+        LinearCrossEntropyScaleF16 = "linear_cross_entropy_scale_f16",
+        LinearCrossEntropyScaleBF16 = "linear_cross_entropy_scale_bf16",
     }
     /// `adamw.cu`: `adamw_multi_f32`, the multi-tensor AdamW update.
     AdamW = "adamw" {
@@ -171,6 +178,11 @@ registry! {
         GradAddF32 = "grad_add_f32",
         GradAddF16 = "grad_add_f16",
         GradAddBF16 = "grad_add_bf16",
+    }
+    /// `multi_copy.cu`: `multi_copy_16`, many contiguous buffers copied in one launch (the step
+    /// graph's gradient outputs).
+    MultiCopy = "multi_copy" {
+        MultiCopy16 = "multi_copy_16",
     }
     /// `lora_factors.cu`: `stack_rows_*` (grouped projections' factors stacked in one launch)
     /// and `cast_pair_f32_*` (a LoRA pair of f32 factors cast to the half base dtype in one

@@ -20,6 +20,11 @@
 //
 // A target outside 0..vocab that is not the ignore index gives nll = NaN and a NaN row (the
 // host does not read the targets back; the loss is NaN, never silently wrong).
+//
+//   linear_cross_entropy_scale_<t>(g, s, out, n): out[i] = g[i] * s[0], in f32, rounded once:
+//     the backward's d(hidden) (computed for an upstream gradient of 1) times the real upstream
+//     gradient, an f32 scalar read on the device (no host sync). 16-byte packs when g and out
+//     are 16-byte aligned, the n % V tail element by element; a grid-stride loop.
 // Convention: every output is overwritten (=), nothing accumulates.
 #include "common.cuh"
 
@@ -89,7 +94,36 @@ __device__ void lce_rows(T *__restrict__ x, const unsigned int *__restrict__ tar
   }
 }
 
+template <typename T>
+__device__ __forceinline__ void lce_scale(const T *__restrict__ g, const float *__restrict__ s,
+                                          T *__restrict__ out, long long n) {
+  constexpr int V = VecWidth<T>::value;
+  const float k = *s;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const bool vec = aligned16(g) && aligned16(out);
+  const long long packs = vec ? n / V : 0;
+  for (long long p = first; p < packs; p += stride) {
+    const Pack<T, V> x = load_pack<T, V>(g + p * V);
+    Pack<T, V> y;
+#pragma unroll
+    for (int e = 0; e < V; ++e) y.v[e] = from_f<T>(to_f(x.v[e]) * k);
+    store_pack<T, V>(out + p * V, y);
+  }
+  for (long long i = packs * V + first; i < n; i += stride) out[i] = from_f<T>(to_f(g[i]) * k);
+}
+
 }  // namespace
+
+#define LCE_SCALE(T, SUFFIX)                                                                   \
+  extern "C" __global__ void __launch_bounds__(LCE_THREADS) linear_cross_entropy_scale_##SUFFIX( \
+      const T *g, const float *s, T *out, long long n) {                                       \
+    lce_scale<T>(g, s, out, n);                                                                \
+  }
+
+LCE_SCALE(float, f32)
+LCE_SCALE(__half, f16)
+LCE_SCALE(__nv_bfloat16, bf16)
 
 #define LCE_OP(T, SUFFIX)                                                                      \
   extern "C" __global__ void __launch_bounds__(LCE_THREADS)                                   \

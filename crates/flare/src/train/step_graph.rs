@@ -277,12 +277,16 @@ mod cuda {
                 let mut store = l.backward()?;
                 model.merge_checkpoint_grads(&mut store)?;
                 loss.slice_set(&l.reshape(1)?, 0, 0)?;
+                // Into the outputs: a few multi-tensor copy launches instead of one per tensor.
+                let mut copies = Vec::with_capacity(params.len());
                 for ((p, out), hit) in params.iter().zip(&grads).zip(reached.iter_mut()) {
                     if let (Some(g), Some(out)) = (store.get(p.as_tensor()), out) {
-                        out.slice_set(&g.contiguous()?, 0, 0)?;
+                        copies.push((g.contiguous()?, out));
                         *hit = true;
                     }
                 }
+                let pairs: Vec<(&Tensor, &Tensor)> = copies.iter().map(|(g, o)| (g, *o)).collect();
+                crate::ops::cuda::multi_copy::copy_into_many(&pairs)?;
                 Ok(())
             })?;
             for (g, hit) in grads.iter_mut().zip(reached) {

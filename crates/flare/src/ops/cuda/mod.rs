@@ -4,4 +4,5 @@
 
 pub(crate) mod elementwise;
 pub(crate) mod grad_add;
+pub(crate) mod multi_copy;
 pub(crate) mod rows;

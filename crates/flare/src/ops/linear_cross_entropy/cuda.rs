@@ -240,3 +240,102 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
         dw: dw.map(wrap),
     })
 }
+
+/// `g · s` for the backward (`g` the gradient computed for an upstream gradient of 1, `s` the
+/// real upstream gradient, an f32 scalar on the same device), in f32 and rounded once to `g`'s
+/// dtype, by one `linear_cross_entropy_scale_*` launch: Candle's composition (a cast to f32, a
+/// broadcast multiply, a cast back) took three passes over `d(hidden)`, about 0.55 ms per
+/// Llama-3.1-8B step at 4096 tokens. `None` when `s` is not an f32 CUDA scalar (the caller
+/// composes).
+pub(super) fn scale(
+    g: &candle_core::Tensor,
+    s: &candle_core::Tensor,
+) -> candle_core::Result<Option<candle_core::Tensor>> {
+    let cuda = g.device().is_cuda() && s.device().same_device(g.device());
+    if !cuda
+        || s.dtype() != DType::F32
+        || s.elem_count() != 1
+        || !matches!(g.dtype(), DType::F32 | DType::F16 | DType::BF16)
+    {
+        return Ok(None);
+    }
+    Ok(Some(
+        g.contiguous()?.apply_op2_no_bwd(&s.contiguous()?, &Scale)?,
+    ))
+}
+
+/// The op behind [`scale`] (CUDA only; its checks are made before it is applied).
+struct Scale;
+
+impl candle_core::CustomOp2 for Scale {
+    fn name(&self) -> &'static str {
+        "linear_cross_entropy backward scale"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("{OP}: internal error: the backward scale applied to CPU tensors")
+    }
+
+    fn cuda_fwd(
+        &self,
+        g: &CudaStorage,
+        lg: &Layout,
+        s: &CudaStorage,
+        ls: &Layout,
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        let out = match g.dtype() {
+            DType::F32 => scale_t::<f32>(Kernel::LinearCrossEntropyScaleF32, g, lg, s, ls)?,
+            DType::F16 => scale_t::<half::f16>(Kernel::LinearCrossEntropyScaleF16, g, lg, s, ls)?,
+            DType::BF16 => {
+                scale_t::<half::bf16>(Kernel::LinearCrossEntropyScaleBF16, g, lg, s, ls)?
+            }
+            dt => return Err(unsupported(OP, dt)),
+        };
+        Ok((out, lg.shape().clone()))
+    }
+}
+
+fn scale_t<T: CudaDType + DeviceRepr>(
+    kernel: Kernel,
+    g: &CudaStorage,
+    lg: &Layout,
+    s: &CudaStorage,
+    ls: &Layout,
+) -> candle_core::Result<CudaStorage> {
+    let gs = input::<T>(OP, g, lg)?;
+    let ss = input::<f32>(OP, s, ls)?;
+    let n = lg.shape().elem_count();
+    let dev = &g.device;
+    // SAFETY: the kernel writes every one of the n elements (nothing when n == 0).
+    let mut out = unsafe { dev.alloc::<T>(n.max(1)) }?;
+    if n == 0 {
+        return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    }
+    let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
+    let blocks = n
+        .div_ceil(THREADS as usize * 8)
+        .clamp(1, 8 * rt.sm_count.max(1) as usize) as u32;
+    let n64 = n as i64;
+    let mut b = rt.stream().launch_builder(rt.function(kernel));
+    b.arg(&gs).arg(&ss).arg(&mut out).arg(&n64);
+    // SAFETY: linear_cross_entropy_scale_<t>(const T *g, const float *s, T *out, long long n):
+    // g holds n contiguous elements and s one f32 (`input` checked both layouts), out is a fresh
+    // allocation of n; the kernel takes 16-byte packs only where both pointers are aligned and
+    // bound-checks every element.
+    unsafe {
+        b.launch(LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .cuda_ctx("launching linear_cross_entropy_scale")
+    .map_err(crate::Error::into_candle)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}

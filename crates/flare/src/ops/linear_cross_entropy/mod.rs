@@ -178,6 +178,11 @@ impl CustomOp3 for LinearCrossEntropy {
         let scale = |s: Option<Storage>, like: &Tensor| -> candle_core::Result<Option<Tensor>> {
             let Some(s) = s else { return Ok(None) };
             let g = Tensor::from_storage(s, like.shape().clone(), BackpropOp::none(), false);
+            // On CUDA: one pass (the cast, the product and the rounding fused).
+            #[cfg(feature = "cuda")]
+            if let Some(scaled) = cuda::scale(&g, dloss)? {
+                return Ok(Some(scaled));
+            }
             let g = match g.dtype() {
                 DType::F32 | DType::F64 => g.broadcast_mul(&dloss.to_dtype(g.dtype())?)?,
                 dt => g

@@ -228,3 +228,114 @@ fn run_into<T: CudaDType + DeviceRepr>(
     }
     Ok(())
 }
+
+/// `rows x width` elements from `x` (from element `x_off`, row stride `xs`) into `out` (from
+/// `y_off`, row stride `ys`) by one `rope_copy_rows_*` launch, in 16-byte packs where the
+/// width, strides and both starts allow: the v part of the packed q/k/v rotation
+/// ([`super::RopeQkv`]), which Candle's `copy2d` moved 2 bytes at a time.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn copy_rows_into(
+    x: &CudaStorage,
+    out: &mut CudaStorage,
+    rows: usize,
+    width: usize,
+    xs: usize,
+    ys: usize,
+    x_off: usize,
+    y_off: usize,
+) -> candle_core::Result<()> {
+    match x.dtype() {
+        DType::F32 => copy_rows_t::<f32>(
+            Kernel::RopeCopyRowsF32,
+            x,
+            out.as_cuda_slice_mut()?,
+            [rows, width, xs, ys, x_off, y_off],
+        ),
+        DType::F16 => copy_rows_t::<f16>(
+            Kernel::RopeCopyRowsF16,
+            x,
+            out.as_cuda_slice_mut()?,
+            [rows, width, xs, ys, x_off, y_off],
+        ),
+        DType::BF16 => copy_rows_t::<bf16>(
+            Kernel::RopeCopyRowsBF16,
+            x,
+            out.as_cuda_slice_mut()?,
+            [rows, width, xs, ys, x_off, y_off],
+        ),
+        dt => Err(unsupported("rope_qkv", dt)),
+    }
+}
+
+fn copy_rows_t<T: CudaDType + DeviceRepr>(
+    kernel: Kernel,
+    x: &CudaStorage,
+    out: &mut CudaSlice<T>,
+    [rows, width, xs, ys, x_off, y_off]: [usize; 6],
+) -> candle_core::Result<()> {
+    const OPC: &str = "rope_qkv v copy (cuda)";
+    if rows == 0 || width == 0 {
+        return Ok(());
+    }
+    let src = from_offset::<T>(OPC, x, x_off)?;
+    // The last element read and written must lie in the buffers (the kernel cannot check).
+    let last = (rows - 1) * xs.max(width) + width;
+    let reach = y_off + (rows - 1) * ys.max(width) + width;
+    if xs < width || ys < width || last > src.len() || reach > out.len() {
+        return Err(candle_core::Error::Msg(format!(
+            "{OPC}: internal error: {rows} rows of {width} (strides {xs} / {ys}) past the buffers \
+             ({} / {} elements)",
+            src.len(),
+            out.len() - y_off.min(out.len())
+        )));
+    }
+    let mut dst = out.slice_mut(y_off..);
+    let rt = CudaRuntime::get(&x.device).map_err(crate::Error::into_candle)?;
+    let size = std::mem::size_of::<T>();
+    let v = 16 / size;
+    let aligned = {
+        let st = rt.stream();
+        let (xp, _gx) = src.device_ptr(st);
+        let (yp, _gy) = dst.device_ptr(st);
+        xp % 16 == 0 && yp % 16 == 0
+    };
+    let vec = aligned && width % v == 0 && xs % v == 0 && ys % v == 0;
+    let work = if vec {
+        rows * (width / v)
+    } else {
+        rows * width
+    };
+    let blocks = work
+        .div_ceil(THREADS as usize)
+        .clamp(1, 16 * rt.sm_count.max(1) as usize) as u32;
+    let (rows64, width32, xs64, ys64, vec32) = (
+        rows as i64,
+        width as i32,
+        xs as i64,
+        ys as i64,
+        i32::from(vec),
+    );
+    let mut b = rt.stream().launch_builder(rt.function(kernel));
+    b.arg(&src)
+        .arg(&mut dst)
+        .arg(&rows64)
+        .arg(&width32)
+        .arg(&xs64)
+        .arg(&ys64)
+        .arg(&vec32);
+    // SAFETY: rope_copy_rows_<t>(const T *x, T *y, long long rows, int width, long long xs,
+    // long long ys, int vec): x's view reaches row rows - 1's last element and y's too
+    // (checked above); with vec, width, the strides and both starts are multiples of 16
+    // bytes (checked above); the source (q/k/v rows) and the destination (the op's fresh
+    // output) are different buffers; on the runtime's (Candle's) stream.
+    unsafe {
+        b.launch(LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .cuda_ctx("launching rope_copy_rows")
+    .map_err(crate::Error::into_candle)?;
+    Ok(())
+}

@@ -311,7 +311,7 @@ impl CustomOp3 for RopeQkv {
         cuda::fwd_into(s1, s2, l2, s3, l3, &ps.q, &mut out)?;
         cuda::fwd_into(s1, s2, l2, s3, l3, &ps.k, &mut out)?;
         let (rows, w, ss, ds, so, d_o) = ps.v;
-        s1.copy2d(&mut out, rows, w, ss, ds, so, d_o)?;
+        cuda::copy_rows_into(s1, &mut out, rows, w, ss, ds, so, d_o)?;
         Ok((out, self.out_shape()))
     }
 
