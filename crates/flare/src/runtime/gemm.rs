@@ -47,7 +47,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::DType;
 
-use super::{BLAS_HANDLES_CREATED, GEMM_PLANS_CREATED};
+use super::{BLAS_HANDLES_CREATED, GEMMS_LAUNCHED, GEMM_PLANS_CREATED};
 use crate::error::CudaResultExt;
 use crate::{Error, Result};
 
@@ -633,6 +633,7 @@ impl Gemm {
                 msg: format!("k == 0 with beta = {beta}: scale or zero C instead, in {p:?}"),
             });
         }
+        GEMMS_LAUNCHED.fetch_add(1, Ordering::Relaxed);
         let key = GemmKey {
             params: p.normalized(),
             tf32: p.dtype == DType::F32 && super::allow_tf32(),

@@ -39,6 +39,11 @@ pub struct RuntimeStats {
     pub functions_loaded: usize,
     /// GEMM plans built (descriptors created and the algorithm heuristic queried).
     pub gemm_plans_created: usize,
+    /// GEMMs issued through the runtime's cuBLASLt entry point (`Gemm::matmul`, with the
+    /// `cuda` feature): every frozen and LoRA product of the model's projections. Not an
+    /// object created but work done: tests count it to check that a path runs the products it
+    /// should and no more.
+    pub gemms_launched: usize,
 }
 
 pub(crate) static RUNTIMES_CREATED: AtomicUsize = AtomicUsize::new(0);
@@ -46,6 +51,7 @@ pub(crate) static BLAS_HANDLES_CREATED: AtomicUsize = AtomicUsize::new(0);
 pub(crate) static MODULES_LOADED: AtomicUsize = AtomicUsize::new(0);
 pub(crate) static FUNCTIONS_LOADED: AtomicUsize = AtomicUsize::new(0);
 pub(crate) static GEMM_PLANS_CREATED: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static GEMMS_LAUNCHED: AtomicUsize = AtomicUsize::new(0);
 
 static ALLOW_TF32: AtomicBool = AtomicBool::new(false);
 
@@ -63,7 +69,8 @@ pub fn cudnn_version() -> std::result::Result<usize, String> {
     }
 }
 
-/// Returns how many runtimes, handles, modules, functions and GEMM plans flare has created.
+/// Returns how many runtimes, handles, modules, functions and GEMM plans flare has created, and
+/// how many GEMMs it has issued.
 pub fn stats() -> RuntimeStats {
     RuntimeStats {
         runtimes_created: RUNTIMES_CREATED.load(Ordering::Relaxed),
@@ -71,6 +78,7 @@ pub fn stats() -> RuntimeStats {
         modules_loaded: MODULES_LOADED.load(Ordering::Relaxed),
         functions_loaded: FUNCTIONS_LOADED.load(Ordering::Relaxed),
         gemm_plans_created: GEMM_PLANS_CREATED.load(Ordering::Relaxed),
+        gemms_launched: GEMMS_LAUNCHED.load(Ordering::Relaxed),
     }
 }
 

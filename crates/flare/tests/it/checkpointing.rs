@@ -250,6 +250,51 @@ fn grouped_projections_match_separate(dev: &Device) -> Result<()> {
 // Exclusive: dropout masks from the device's generator, as above.
 device_test!(exclusive: grouped_projections_match_separate);
 
+/// The grouped paths run the grouped products instead of the separate ones, not beside them:
+/// a forward with grouping on issues exactly 6 cuBLASLt GEMMs per layer fewer than with it off
+/// (q/k/v: one `x Aᵀ`, three low-rank products and one base GEMM against three projections of
+/// three each; gate/up: 1 + 2 + 1 against 2 x 3). A grouped path that also ran the separate
+/// projections (a bug an earlier build had: same values, a wasted forward per layer) issues
+/// more, not fewer. CUDA only: the CPU issues no cuBLASLt GEMMs.
+fn grouped_projections_skip_separate_gemms(dev: &Device) -> Result<()> {
+    if dev.is_cpu() {
+        return Ok(());
+    }
+    let layers = 2;
+    let cfg = ModelConfig::from_json_str(
+        r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 128,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "rms_norm_eps": 1e-6, "vocab_size": 41,
+            "max_position_embeddings": 64, "tie_word_embeddings": false}"#,
+        "config.json",
+    )?;
+    let (mut model, _vars) = lora_model_of(cfg, dev, DType::BF16, 0.0)?;
+    let ids = Tensor::new(&[[3u32, 17, 40, 0, 9, 22, 5], [1, 2, 3, 4, 5, 6, 7]], dev)?;
+    let mut count = |grouped: bool| -> Result<usize> {
+        model.set_grouped_projections(grouped);
+        model.forward(&ids)?; // warm-up: plans, kernels
+        dev.synchronize()?;
+        let before = flare::runtime::stats().gemms_launched;
+        let logits = model.forward(&ids)?;
+        dev.synchronize()?;
+        crate::common::assert_no_nan(&logits, "grouped gemm count")?;
+        Ok(flare::runtime::stats().gemms_launched - before)
+    };
+    let on = count(true)?;
+    let off = count(false)?;
+    assert!(on > 0, "the forward issued no cuBLASLt GEMM");
+    assert_eq!(
+        off - on.min(off),
+        6 * layers,
+        "grouping on issued {on} GEMMs, off {off}: expected {} fewer",
+        6 * layers
+    );
+    Ok(())
+}
+
+// Exclusive: it counts a process-wide counter.
+device_test!(exclusive: grouped_projections_skip_separate_gemms);
+
 /// With checkpointing the backward graph holds each layer's input and one op per layer, not
 /// the layers' intermediates: its node count does not grow with the layer's contents, and is
 /// far below the plain graph's.
