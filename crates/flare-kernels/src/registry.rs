@@ -184,13 +184,13 @@ registry! {
     MultiCopy = "multi_copy" {
         MultiCopy16 = "multi_copy_16",
     }
-    /// `lora_factors.cu`: `stack_rows_*` (grouped projections' factors stacked in one launch)
-    /// and `cast_pair_f32_*` (a LoRA pair of f32 factors cast to the half base dtype in one
-    /// launch).
+    /// `lora_factors.cu`: `lora_factors_stack_*` (grouped projections' factors stacked in one
+    /// launch) and `lora_factors_cast_*` (a LoRA pair of f32 factors cast to the half base
+    /// dtype in one launch).
     LoraFactors = "lora_factors" {
-        StackRowsB32 = "stack_rows_b32",
-        StackRowsB16 = "stack_rows_b16",
-        CastPairF32F16 = "cast_pair_f32_f16",
-        CastPairF32BF16 = "cast_pair_f32_bf16",
+        StackRowsB32 = "lora_factors_stack_b32",
+        StackRowsB16 = "lora_factors_stack_b16",
+        CastPairF32F16 = "lora_factors_cast_f16",
+        CastPairF32BF16 = "lora_factors_cast_bf16",
     }
 }

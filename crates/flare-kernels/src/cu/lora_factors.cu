@@ -1,9 +1,9 @@
 // Staging of the LoRA factors for the fused LoRA ops (flare's `lora::op`), one launch where
 // Candle's ops take one per tensor:
-//   stack_rows_b32 / stack_rows_b16(s0, n0, s1, n1, s2, n2, dst):
+//   lora_factors_stack_b32 / lora_factors_stack_b16(s0, n0, s1, n1, s2, n2, dst):
 //       dst = s0 ++ s1 ++ s2 (n0 + n1 + n2 elements of 4 or 2 bytes; n2 = 0 for two parts):
 //       the factors of grouped projections stacked, the rows of one after the other's
-//   cast_pair_f32_<t>(a, na, b, nb, oa, ob):
+//   lora_factors_cast_<t>(a, na, b, nb, oa, ob):
 //       oa[i] = (t) a[i], ob[j] = (t) b[j], rounded to nearest even (Candle's cast): f32 A and B
 //       brought to a half base dtype together
 // Grid-stride loops over the elements of all parts together, one element per thread and step
@@ -54,8 +54,8 @@ __device__ __forceinline__ void cast_pair_body(const float *__restrict__ a, long
     stack_rows_body<E>(s0, n0, s1, n1, s2, n2, dst);                                            \
   }
 
-STACK_ROWS(unsigned int, stack_rows_b32)
-STACK_ROWS(unsigned short, stack_rows_b16)
+STACK_ROWS(unsigned int, lora_factors_stack_b32)
+STACK_ROWS(unsigned short, lora_factors_stack_b16)
 
 #define CAST_PAIR(T, NAME)                                                                        \
   extern "C" __global__ void __launch_bounds__(FACTORS_THREADS)                                 \
@@ -63,5 +63,5 @@ STACK_ROWS(unsigned short, stack_rows_b16)
     cast_pair_body<T>(a, na, b, nb, oa, ob);                                                    \
   }
 
-CAST_PAIR(__half, cast_pair_f32_f16)
-CAST_PAIR(__nv_bfloat16, cast_pair_f32_bf16)
+CAST_PAIR(__half, lora_factors_cast_f16)
+CAST_PAIR(__nv_bfloat16, lora_factors_cast_bf16)

@@ -602,7 +602,7 @@ fn factor_view<'a, T: CudaDType>(
 }
 
 /// `parts` (two or three contiguous storages of one dtype, f32 / f16 / bf16) one after the
-/// other in a fresh storage: one `stack_rows_*` launch (see [`super::stack_rows`]).
+/// other in a fresh storage: one `lora_factors_stack_*` launch (see [`super::stack_rows`]).
 pub(crate) fn stack_rows(parts: &[(&CudaStorage, &Layout)]) -> candle_core::Result<CudaStorage> {
     const OPS: &str = "stack_rows (cuda)";
     let Some(&(first, _)) = parts.first() else {
@@ -669,7 +669,7 @@ fn stack_t<T: CudaDType + DeviceRepr>(
         .arg(&ptrs[2])
         .arg(&ns[2])
         .arg(&op);
-    // SAFETY: stack_rows_b32 / _b16(const E *s0, long long n0, const E *s1, long long n1,
+    // SAFETY: lora_factors_stack_b32 / _b16(const E *s0, long long n0, const E *s1, long long n1,
     // const E *s2, long long n2, E *dst), E of T's size: part i holds ns[i] contiguous elements
     // from ptrs[i] (checked by `factor_view`; a missing part has ns = 0 and is never read), dst
     // is a fresh allocation of their sum, disjoint from every part; the guards keep the
@@ -681,14 +681,14 @@ fn stack_t<T: CudaDType + DeviceRepr>(
             shared_mem_bytes: 0,
         })
     }
-    .cuda_ctx("launching stack_rows")
+    .cuda_ctx("launching lora_factors_stack")
     .map_err(crate::Error::into_candle)?;
     drop(_gout);
     drop(guards);
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
-/// `a` and `b` (f32, contiguous) cast to `dtype` (f16 or bf16) by one `cast_pair_f32_*`
+/// `a` and `b` (f32, contiguous) cast to `dtype` (f16 or bf16) by one `lora_factors_cast_*`
 /// launch, rounded to nearest even as Candle's cast rounds: the op's f32 factors brought to a
 /// half base dtype. `None` for any other pair of dtypes (the caller converts them one by one).
 pub(crate) fn cast_pair(
@@ -738,7 +738,7 @@ fn cast_pair_t<T: CudaDType + DeviceRepr>(
             .arg(&nb64)
             .arg(&mut oa)
             .arg(&mut ob);
-        // SAFETY: cast_pair_f32_<t>(const float *a, long long na, const float *b,
+        // SAFETY: lora_factors_cast_<t>(const float *a, long long na, const float *b,
         // long long nb, T *oa, T *ob): a and b hold na and nb contiguous f32 elements (checked
         // by `factor_view`), oa and ob are fresh allocations of na and nb elements of T, on the
         // runtime's (Candle's) stream.
@@ -749,7 +749,7 @@ fn cast_pair_t<T: CudaDType + DeviceRepr>(
                 shared_mem_bytes: 0,
             })
         }
-        .cuda_ctx("launching cast_pair")
+        .cuda_ctx("launching lora_factors_cast")
         .map_err(crate::Error::into_candle)?;
     }
     Ok((

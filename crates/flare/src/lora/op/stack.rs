@@ -5,7 +5,7 @@
 //! stacked (`[out_1 + ... + out_G, r]`). [`Tensor::cat`] builds them with one copy launch per
 //! part, twice per group, every forward: in the Llama-3.1-8B training step that was about 320
 //! launches of a few microseconds each. [`stack_rows`] is the same concatenation along dim 0
-//! as one op (one `stack_rows_*` launch on CUDA, a copy on the CPU) whose backward hands each
+//! as one op (one `lora_factors_stack_*` launch on CUDA, a copy on the CPU) whose backward hands each
 //! part its rows of the gradient (views, no copy), as `Tensor::cat`'s does.
 
 use candle_core::backend::BackendStorage;
