@@ -12,14 +12,14 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
 
 use super::plan::{Needs, Packed, OP};
 use crate::ops::contiguous_range;
-use crate::ops::cuda::elementwise::from_offset;
+use crate::ops::cuda::rows::input;
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 use crate::runtime::gemm::GemmParams;
 
@@ -581,26 +581,6 @@ fn factor_blocks(rt: &CudaRuntime, n: usize) -> u32 {
         .clamp(1, 8 * rt.sm_count.max(1) as usize) as u32
 }
 
-/// The contiguous elements `l` addresses in `s`, as a typed view, checked to hold them.
-fn factor_view<'a, T: CudaDType>(
-    op: &'static str,
-    s: &'a CudaStorage,
-    l: &Layout,
-) -> candle_core::Result<CudaView<'a, T>> {
-    let n = l.shape().elem_count();
-    if !l.is_contiguous() {
-        return Err(internal(op, format!("{:?} is not contiguous", l.shape())));
-    }
-    let v = from_offset::<T>(op, s, l.start_offset())?;
-    if v.len() < n {
-        return Err(internal(
-            op,
-            format!("{n} elements past the end of a buffer of {}", v.len()),
-        ));
-    }
-    Ok(v)
-}
-
 /// `parts` (two or three contiguous storages of one dtype, f32 / f16 / bf16) one after the
 /// other in a fresh storage: one `lora_factors_stack_*` launch (see [`super::stack_rows`]).
 pub(crate) fn stack_rows(parts: &[(&CudaStorage, &Layout)]) -> candle_core::Result<CudaStorage> {
@@ -631,7 +611,7 @@ fn stack_t<T: CudaDType + DeviceRepr>(
     const OPS: &str = "stack_rows (cuda)";
     let views = parts
         .iter()
-        .map(|(s, l)| factor_view::<T>(OPS, s, l))
+        .map(|(s, l)| input::<T>(OPS, s, l))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let lens: Vec<usize> = parts.iter().map(|(_, l)| l.shape().elem_count()).collect();
     let n: usize = lens.iter().sum();
@@ -671,7 +651,7 @@ fn stack_t<T: CudaDType + DeviceRepr>(
         .arg(&op);
     // SAFETY: lora_factors_stack_b32 / _b16(const E *s0, long long n0, const E *s1, long long n1,
     // const E *s2, long long n2, E *dst), E of T's size: part i holds ns[i] contiguous elements
-    // from ptrs[i] (checked by `factor_view`; a missing part has ns = 0 and is never read), dst
+    // from ptrs[i] (checked by `input`; a missing part has ns = 0 and is never read), dst
     // is a fresh allocation of their sum, disjoint from every part; the guards keep the
     // buffers borrowed until the launch is queued on the runtime's (Candle's) stream.
     unsafe {
@@ -720,8 +700,8 @@ fn cast_pair_t<T: CudaDType + DeviceRepr>(
     kernel: Kernel,
 ) -> candle_core::Result<(CudaStorage, CudaStorage)> {
     const OPC: &str = "lora factor cast (cuda)";
-    let av = factor_view::<f32>(OPC, sa, la)?;
-    let bv = factor_view::<f32>(OPC, sb, lb)?;
+    let av = input::<f32>(OPC, sa, la)?;
+    let bv = input::<f32>(OPC, sb, lb)?;
     let (na, nb) = (la.shape().elem_count(), lb.shape().elem_count());
     let dev = &sa.device;
     // SAFETY: the kernel writes every element of both outputs (nothing when the sizes are 0).
@@ -740,7 +720,7 @@ fn cast_pair_t<T: CudaDType + DeviceRepr>(
             .arg(&mut ob);
         // SAFETY: lora_factors_cast_<t>(const float *a, long long na, const float *b,
         // long long nb, T *oa, T *ob): a and b hold na and nb contiguous f32 elements (checked
-        // by `factor_view`), oa and ob are fresh allocations of na and nb elements of T, on the
+        // by `input`), oa and ob are fresh allocations of na and nb elements of T, on the
         // runtime's (Candle's) stream.
         unsafe {
             b.launch(LaunchConfig {
