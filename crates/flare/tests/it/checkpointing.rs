@@ -188,6 +188,17 @@ fn checkpointed_model_matches_the_plain_one(dev: &Device) -> Result<()> {
 // and the draw.
 device_test!(exclusive: checkpointed_model_matches_the_plain_one);
 
+/// A 2-layer Qwen2 shape with head dim 64, where bf16 attention on CUDA runs its fused path.
+fn head_dim_64_config() -> Result<ModelConfig> {
+    ModelConfig::from_json_str(
+        r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 128,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "rms_norm_eps": 1e-6, "vocab_size": 41,
+            "max_position_embeddings": 64, "tie_word_embeddings": false}"#,
+        "config.json",
+    )
+}
+
 /// Gate and up as one grouped LoRA product (the default) against the separate projections:
 /// the same loss and gradients (f64 on the CPU: 1e-10; f32 on CUDA: 1e-4), plain and
 /// checkpointed; with training-mode dropout the grouping does not apply and the two runs are
@@ -224,14 +235,7 @@ fn grouped_projections_match_separate(dev: &Device) -> Result<()> {
         // bf16 on CUDA at head dim 64: the packed attention runs its fused path (flare's
         // kernel; f32 and head dim 4 take the composed one), so the grouped q/k/v path is
         // compared end to end there too. The two runs differ in the order of bf16 sums only.
-        let cfg = ModelConfig::from_json_str(
-            r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 128,
-                "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
-                "num_key_value_heads": 1, "rms_norm_eps": 1e-6, "vocab_size": 41,
-                "max_position_embeddings": 64, "tie_word_embeddings": false}"#,
-            "config.json",
-        )?;
-        let (mut model, vars) = lora_model_of(cfg, dev, DType::BF16, 0.0)?;
+        let (mut model, vars) = lora_model_of(head_dim_64_config()?, dev, DType::BF16, 0.0)?;
         let (loss, grads) = loss_and_grads(&model, &vars)?;
         model.set_grouped_projections(false);
         let (sep_loss, sep) = loss_and_grads(&model, &vars)?;
@@ -261,14 +265,7 @@ fn grouped_projections_skip_separate_gemms(dev: &Device) -> Result<()> {
         return Ok(());
     }
     let layers = 2;
-    let cfg = ModelConfig::from_json_str(
-        r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 128,
-            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "rms_norm_eps": 1e-6, "vocab_size": 41,
-            "max_position_embeddings": 64, "tie_word_embeddings": false}"#,
-        "config.json",
-    )?;
-    let (mut model, _vars) = lora_model_of(cfg, dev, DType::BF16, 0.0)?;
+    let (mut model, _vars) = lora_model_of(head_dim_64_config()?, dev, DType::BF16, 0.0)?;
     let ids = Tensor::new(&[[3u32, 17, 40, 0, 9, 22, 5], [1, 2, 3, 4, 5, 6, 7]], dev)?;
     let mut count = |grouped: bool| -> Result<usize> {
         model.set_grouped_projections(grouped);
