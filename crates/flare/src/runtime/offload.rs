@@ -51,8 +51,8 @@ impl std::fmt::Debug for HostCopy {
 }
 
 /// The device address of the first element of a storage's buffer (`None` for the dtypes the
-/// offload does not copy).
-fn slice_ptr(slice: &CudaStorageSlice, stream: &Arc<CudaStream>) -> Option<u64> {
+/// offload does not copy). Also the multi-tensor copy's (`ops::cuda::multi_copy`).
+pub(crate) fn slice_ptr(slice: &CudaStorageSlice, stream: &Arc<CudaStream>) -> Option<u64> {
     Some(match slice {
         CudaStorageSlice::U8(s) => s.device_ptr(stream).0,
         CudaStorageSlice::U32(s) => s.device_ptr(stream).0,

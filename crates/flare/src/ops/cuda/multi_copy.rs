@@ -3,9 +3,7 @@
 //! which one `slice_set` copy per parameter tensor (448 in a Llama-3.1-8B step with adapters on
 //! all seven projections) turned into a tail of tiny launches.
 
-use candle_core::cuda_backend::cudarc::driver::{
-    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::{Storage, Tensor};
 
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
@@ -104,14 +102,9 @@ fn packed_ptr(t: &Tensor) -> Result<Option<(u64, usize)>> {
         return Ok(None);
     };
     let rt = CudaRuntime::get(&cs.device)?;
-    let size = t.dtype().size_in_bytes() as u64;
-    let base = match t.dtype() {
-        candle_core::DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(rt.stream()).0,
-        candle_core::DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(rt.stream()).0,
-        candle_core::DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(rt.stream()).0,
-        candle_core::DType::F64 => cs.as_cuda_slice::<f64>()?.device_ptr(rt.stream()).0,
-        _ => return Ok(None),
+    let Some(base) = crate::runtime::offload::slice_ptr(&cs.slice, rt.stream()) else {
+        return Ok(None);
     };
-    let p = base + l.start_offset() as u64 * size;
+    let p = base + (l.start_offset() * t.dtype().size_in_bytes()) as u64;
     Ok((p % 16 == 0).then_some((p, bytes / 16)))
 }

@@ -278,10 +278,13 @@ fn copy_rows_t<T: CudaDType + DeviceRepr>(
         return Ok(());
     }
     let src = from_offset::<T>(OPC, x, x_off)?;
-    // The last element read and written must lie in the buffers (the kernel cannot check).
-    let last = (rows - 1) * xs.max(width) + width;
-    let reach = y_off + (rows - 1) * ys.max(width) + width;
-    if xs < width || ys < width || last > src.len() || reach > out.len() {
+    // Rows must not overlap, and the last element read and written must lie in the buffers
+    // (the kernel cannot check).
+    if xs < width
+        || ys < width
+        || (rows - 1) * xs + width > src.len()
+        || y_off + (rows - 1) * ys + width > out.len()
+    {
         return Err(candle_core::Error::Msg(format!(
             "{OPC}: internal error: {rows} rows of {width} (strides {xs} / {ys}) past the buffers \
              ({} / {} elements)",
