@@ -1,85 +1,21 @@
 // CPU emulation of crates/flare-kernels/src/cu/flash_attention.cu, for machines without a GPU:
-// the kernel file compiled as host C++ (FLASH_ATTN_EMULATE), every CUDA thread a std::thread,
-// __syncthreads a barrier of the block, and the warp-level instructions (ldmatrix .x4 / .trans,
-// mma.sync m16n8k16, shfl.xor) emulated from their PTX ISA definitions by an exchange among the
-// 32 lanes of a warp. cp.async copies are deferred until the cp.async.wait_group that covers
-// them (a read before its wait sees stale shared memory), zero-filled when src-size is 0.
+// the kernel file compiled as host C++ (FLASH_ATTN_EMULATE) on the execution model of
+// warp_emu.h (threads, barriers, mma.sync, shfl.xor), with ldmatrix .x4 / .trans emulated here.
+// cp.async copies are deferred until the cp.async.wait_group that covers them (a read before its
+// wait sees stale shared memory), zero-filled when src-size is 0.
 // It checks the index math, the fragment layouts and the masking of the real kernel code
 // against the float64 reference (flash_attention_ref.h) on small odd shapes; it says nothing
 // about speed, and mma rounding is only approximated (f32 sums in a fixed order).
 //
 //   g++ -std=c++20 -O2 -pthread -I $CUDA_ROOT/include -I crates/flare-kernels/src/cu \
 //       bench/dev/flash_attention_emu.cpp -o /tmp/fa_emu && /tmp/fa_emu
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <vector_functions.h>
-#include <vector_types.h>
-
-#include <algorithm>
-#include <atomic>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <memory>
 #include <random>
 #include <string>
-#include <thread>
-#include <type_traits>
-#include <vector>
 
 #include "flash_attention_ref.h"
+#include "warp_emu.h"
 
-// ---- the CUDA execution model on threads ------------------------------------------------------
-
-#undef __global__
-#undef __device__
-#undef __forceinline__
-#undef __shared__
-#undef __launch_bounds__
-#undef __align__
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __shared__ static  // one block runs at a time, so a static is the block's memory
-#define __launch_bounds__(...)
-#define __align__(n) __attribute__((aligned(n)))
 #define FLASH_ATTN_EMULATE 1
-
-thread_local uint3 threadIdx, blockIdx;
-thread_local dim3 blockDim, gridDim;
-using std::max;
-using std::min;
-
-struct WarpCtx {
-  std::barrier<> bar{32};
-  alignas(16) unsigned char slot[32][64];
-};
-static std::barrier<> *g_block_bar;
-static WarpCtx *g_warps;
-thread_local int t_warp, t_lane;
-
-static void __syncthreads() { g_block_bar->arrive_and_wait(); }
-
-// Every lane contributes `in`; f(all 32 inputs, lane) gives this lane's result.
-template <typename In, typename F> static auto warp_exchange(const In &in, F f) {
-  static_assert(sizeof(In) <= 64 && std::is_trivially_copyable_v<In>);
-  WarpCtx &w = g_warps[t_warp];
-  std::memcpy(w.slot[t_lane], &in, sizeof(In));
-  w.bar.arrive_and_wait();
-  In all[32];
-  for (int l = 0; l < 32; ++l) std::memcpy(&all[l], w.slot[l], sizeof(In));
-  auto out = f(all, t_lane);
-  w.bar.arrive_and_wait();
-  return out;
-}
-
-template <typename V> static V __shfl_xor_sync(unsigned, V v, int m) {
-  return warp_exchange(v, [m](const V *all, int lane) { return all[lane ^ m]; });
-}
-template <typename P> static P __ldg(const P *p) { return *p; }
-static float atomicAdd(float *p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 
 // ---- emulated PTX wrappers (the same names and contracts as in the kernel file) ---------------
 
@@ -140,100 +76,25 @@ template <bool TRANS> inline void ldsm(unsigned (&r)[4], const void *p) {
 inline void ldsm_x4(unsigned (&r)[4], const void *p) { ldsm<false>(r, p); }
 inline void ldsm_x4_t(unsigned (&r)[4], const void *p) { ldsm<true>(r, p); }
 
-template <typename T> inline float half_of(unsigned w, int h) {
-  const uint16_t u = (uint16_t)(h ? w >> 16 : w & 0xffff);
-  T x;
-  std::memcpy(&x, &u, 2);
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    return __bfloat162float(x);
-  else
-    return __half2float(x);
-}
-
-// mma.sync.m16n8k16.row.col.f32: g = lane/4, t = lane%4.
-// A: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)   [row, k]
-// B: b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g)
-// C: c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1)
-template <typename T>
-inline void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  struct In {
-    unsigned a[4], b[2];
-    float c[4];
-  };
-  struct Out {
-    float c[4];
-  };
-  In in;
-  for (int i = 0; i < 4; ++i) in.a[i] = a[i], in.c[i] = c[i];
-  in.b[0] = b0;
-  in.b[1] = b1;
-  const Out o = warp_exchange(in, [](const In *all, int lane) {
-    float A[16][16], B[16][8], C[16][8];
-    for (int l = 0; l < 32; ++l) {
-      const int g = l / 4, t = l % 4;
-      for (int h = 0; h < 2; ++h) {
-        A[g][2 * t + h] = half_of<T>(all[l].a[0], h);
-        A[g + 8][2 * t + h] = half_of<T>(all[l].a[1], h);
-        A[g][2 * t + 8 + h] = half_of<T>(all[l].a[2], h);
-        A[g + 8][2 * t + 8 + h] = half_of<T>(all[l].a[3], h);
-        B[2 * t + h][g] = half_of<T>(all[l].b[0], h);
-        B[2 * t + 8 + h][g] = half_of<T>(all[l].b[1], h);
-        C[g][2 * t + h] = all[l].c[h];
-        C[g + 8][2 * t + h] = all[l].c[2 + h];
-      }
-    }
-    const int g = lane / 4, t = lane % 4;
-    Out o;
-    for (int e = 0; e < 4; ++e) {
-      const int r = g + (e >> 1) * 8, n = 2 * t + (e & 1);
-      float s = C[r][n];
-      for (int kk = 0; kk < 16; ++kk) s += A[r][kk] * B[kk][n];
-      o.c[e] = s;
-    }
-    return o;
-  });
-  for (int e = 0; e < 4; ++e) c[e] = o.c[e];
-}
-
-static std::vector<unsigned char> g_dyn_smem;
-inline unsigned char *dynamic_smem() { return g_dyn_smem.data(); }
+inline unsigned char *dynamic_smem() { return g_emu_dyn_smem.data(); }
 
 }  // namespace fa
 
 #include "flash_attention.cu"
 
-// Runs body() as every thread of every block of the grid, one block at a time.
-template <typename F> static void emu_launch(dim3 grid, dim3 block, size_t dyn_smem, F body) {
-  const int nt = block.x * block.y * block.z;
-  fa::g_dyn_smem.assign(dyn_smem, 0xA5);  // garbage, as real shared memory
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        std::barrier<> bar(nt);
-        std::unique_ptr<WarpCtx[]> warps(new WarpCtx[(nt + 31) / 32]);
-        g_block_bar = &bar;
-        g_warps = warps.get();
-        std::vector<std::thread> th;
-        th.reserve(nt);
-        for (int i = 0; i < nt; ++i)
-          th.emplace_back([&, i] {
-            threadIdx = make_uint3(i, 0, 0);
-            blockIdx = make_uint3(x, y, z);
-            blockDim = block;
-            gridDim = grid;
-            t_warp = i / 32;
-            t_lane = i % 32;
-            body();
-            for (auto &gq : fa::t_groups)
-              if (!gq.empty()) {
-                fprintf(stderr, "cp.async copies still pending at thread exit\n");
-                std::abort();
-              }
-            fa::t_groups.clear();
-            fa::t_open.clear();
-          });
-        for (auto &t : th) t.join();
-      }
+// Every cp.async copy must have been waited for when a thread exits.
+static void check_cp_async() {
+  for (auto &gq : fa::t_groups)
+    if (!gq.empty()) {
+      fprintf(stderr, "cp.async copies still pending at thread exit\n");
+      std::abort();
+    }
+  fa::t_groups.clear();
+  fa::t_open.clear();
+}
+
+template <typename F> static void fa_launch(dim3 grid, dim3 block, size_t dyn_smem, F body) {
+  emu_launch(grid, block, dyn_smem, body, check_cp_async);
 }
 
 // ---- one case ---------------------------------------------------------------------------------
@@ -312,17 +173,17 @@ static bool run_case(std::vector<int> lq, std::vector<int> lk, int hq, int hkv, 
   std::vector<float> lse((size_t)hq * total_q, NAN), delta((size_t)hq * total_q, NAN),
       dq_acc(nq, NAN), dkv_acc(split > 1 ? 2 * nk : 0, 0.f);
   if (max_sq > 0)
-    emu_launch(dim3((max_sq + FA_FWD_BM(D) - 1) / FA_FWD_BM(D), hq, batch), dim3(FA_THREADS), 0, [&] {
+    fa_launch(dim3((max_sq + FA_FWD_BM(D) - 1) / FA_FWD_BM(D), hq, batch), dim3(FA_THREADS), 0, [&] {
       Kern<T, D>::fwd(o.data(), lse.data(), q.data(), k.data(), v.data(), cq.data(), ck.data(),
                       hq, hkv, total_q, scale, causal, window);
     });
   const long long rows = (long long)total_q * hq;
   if (rows > 0)
-    emu_launch(dim3((unsigned)((rows + 7) / 8)), dim3(256), 0, [&] {
+    fa_launch(dim3((unsigned)((rows + 7) / 8)), dim3(256), 0, [&] {
       Kern<T, D>::pre(delta.data(), dq_acc.data(), o.data(), dout.data(), total_q, hq);
     });
   if (max_sk > 0)
-    emu_launch(dim3((max_sk + FA_BWD_BN(D) - 1) / FA_BWD_BN(D), hkv * split, batch),
+    fa_launch(dim3((max_sk + FA_BWD_BN(D) - 1) / FA_BWD_BN(D), hkv * split, batch),
                dim3(FA_BWD_THREADS(D)), FA_BWD_SMEM(D), [&] {
                  Kern<T, D>::bwd(dk.data(), dv.data(), dq_acc.data(), q.data(), k.data(),
                                  v.data(), dout.data(), lse.data(), delta.data(), cq.data(),
@@ -331,13 +192,13 @@ static bool run_case(std::vector<int> lq, std::vector<int> lk, int hq, int hkv, 
                                  split > 1 ? dkv_acc.data() + nk : nullptr, split);
                });
   if (split > 1 && nk > 0) {  // dK, dV from the f32 sums, as the launcher converts them
-    emu_launch(dim3(4), dim3(256), 0,
+    fa_launch(dim3(4), dim3(256), 0,
                [&] { Kern<T, D>::cvt(dk.data(), dkv_acc.data(), (long long)nk); });
-    emu_launch(dim3(4), dim3(256), 0,
+    fa_launch(dim3(4), dim3(256), 0,
                [&] { Kern<T, D>::cvt(dv.data(), dkv_acc.data() + nk, (long long)nk); });
   }
   if (rows > 0)
-    emu_launch(dim3(4), dim3(256), 0, [&] { Kern<T, D>::cvt(dq.data(), dq_acc.data(), rows * D); });
+    fa_launch(dim3(4), dim3(256), 0, [&] { Kern<T, D>::cvt(dq.data(), dq_acc.data(), rows * D); });
 
   const Cmp co = compare(dbl(o), ref.o), cl = compare(dbl(lse), ref.lse),
             cdq = compare(dbl(dq), ref.dq), cdk = compare(dbl(dk), ref.dk),
