@@ -29,6 +29,7 @@ use super::weights::Weights;
 use crate::error::device_name;
 use crate::lora::dropout::mix64;
 use crate::lora::op::stack_rows;
+use crate::lora::op::{lora_swiglu_mlp, LoraMlp};
 use crate::lora::{lora_linear_grouped, with_dropout_seed, LoraLinear};
 use crate::ops::rope::rope_tables_f32;
 use crate::ops::{
@@ -288,6 +289,46 @@ impl Mlp {
                 msg: "internal error: fused gate/up lost a projection".into(),
             }),
         }
+    }
+
+    /// The whole MLP as one fused LoRA op ([`lora_swiglu_mlp`]: on CUDA its SwiGLU kernels add
+    /// the low-rank terms, so the gate/up and down expansions never reach memory) when grouping
+    /// is on, gate and up are still the fused views, no projection has a bias, and all three run
+    /// fused adapters ([`LoraLinear::fused_adapter`]) of one factor dtype, gate and up of one
+    /// rank and scale; `None` otherwise.
+    fn fused_lora(&self, n: &Tensor) -> Result<Option<Tensor>> {
+        let (gate, up, down) = (&self.gate_proj, &self.up_proj, &self.down_proj);
+        if !self.grouped
+            || self.gate_up.bias.is_some()
+            || down.bias().is_some()
+            || !self.gate_up.same_weights(&[gate, up])
+        {
+            return Ok(None);
+        }
+        let (Some(g), Some(u), Some(d)) = (
+            gate.fused_adapter(),
+            up.fused_adapter(),
+            down.fused_adapter(),
+        ) else {
+            return Ok(None);
+        };
+        if g.rank() != u.rank()
+            || g.scale() != u.scale()
+            || u.a().dtype() != g.a().dtype()
+            || d.a().dtype() != g.a().dtype()
+        {
+            return Ok(None);
+        }
+        let m = LoraMlp {
+            w_gate_up: &self.gate_up.weight,
+            w_down: down.weight(),
+            gate: (g.a(), g.b()),
+            up: (u.a(), u.b()),
+            down: (d.a(), d.b()),
+            scale_gate_up: g.scale(),
+            scale_down: d.scale(),
+        };
+        Ok(Some(lora_swiglu_mlp(n, &m)?))
     }
 
     /// `[gate | up]` (`[..., 2 · intermediate]`) as one grouped LoRA product
@@ -1355,6 +1396,9 @@ impl Transformer {
 
     /// The SwiGLU MLP of one layer on its normed input `n: [b, s, hidden]`.
     fn mlp(mlp: &Mlp, n: &Tensor) -> Result<Tensor> {
+        if let Some(y) = mlp.fused_lora(n)? {
+            return Ok(y);
+        }
         let act = if mlp.gate_up.applies(&[&mlp.gate_proj, &mlp.up_proj]) {
             swiglu_packed(&mlp.gate_up.forward(n)?)?
         } else if let Some(gu) = mlp.grouped_gate_up(n)? {

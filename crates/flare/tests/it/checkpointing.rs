@@ -255,11 +255,13 @@ fn grouped_projections_match_separate(dev: &Device) -> Result<()> {
 device_test!(exclusive: grouped_projections_match_separate);
 
 /// The grouped paths run the grouped products instead of the separate ones, not beside them:
-/// a forward with grouping on issues exactly 6 cuBLASLt GEMMs per layer fewer than with it off
+/// a forward with grouping on issues exactly 8 cuBLASLt GEMMs per layer fewer than with it off
 /// (q/k/v: one `x Aᵀ`, three low-rank products and one base GEMM against three projections of
-/// three each; gate/up: 1 + 2 + 1 against 2 x 3). A grouped path that also ran the separate
-/// projections (a bug an earlier build had: same values, a wasted forward per layer) issues
-/// more, not fewer. CUDA only: the CPU issues no cuBLASLt GEMMs.
+/// three each; the MLP as one fused op, `lora_swiglu_mlp`: gate/up's `x Aᵀ` and base GEMM, no
+/// low-rank product, and down's three, against three projections of three each). A grouped
+/// path that also ran the separate projections (a bug an earlier build had: same values, a
+/// wasted forward per layer) issues more, not fewer. CUDA only: the CPU issues no cuBLASLt
+/// GEMMs.
 fn grouped_projections_skip_separate_gemms(dev: &Device) -> Result<()> {
     if dev.is_cpu() {
         return Ok(());
@@ -282,9 +284,9 @@ fn grouped_projections_skip_separate_gemms(dev: &Device) -> Result<()> {
     assert!(on > 0, "the forward issued no cuBLASLt GEMM");
     assert_eq!(
         off - on.min(off),
-        6 * layers,
+        8 * layers,
         "grouping on issued {on} GEMMs, off {off}: expected {} fewer",
-        6 * layers
+        8 * layers
     );
     Ok(())
 }

@@ -10,7 +10,7 @@
 //!   `dx = dy W + G A`, `dA = Gᵀ x`, `dB = s dyᵀ (x Aᵀ)`.
 
 use candle_core::{DType, Device, Tensor};
-use flare::lora::op::stack_rows;
+use flare::lora::op::{lora_swiglu_mlp, stack_rows, LoraMlp};
 use flare::lora::{
     lora_linear, lora_linear_grouped, lora_linear_reference, LoraConfig, LoraLinear,
 };
@@ -1296,8 +1296,228 @@ fn stack_rows_op(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// `lora_swiglu_mlp` against a float64 reference from plain Candle ops: the output and the
+/// gradients of `x` and of the six factors, every dtype (and f32 factors on half bases), odd
+/// token counts, ranks below, at and above the fused kernels' reach (32), an intermediate size
+/// the kernels' column tiles do not divide, `x` tracked or frozen. On CUDA with a half base the
+/// in-reach cases run the fused op (the others, and the CPU, the composite); a bf16 forward of
+/// the fused op issues 5 cuBLASLt GEMMs (gate/up's `x Aᵀ` and base GEMM, down's three) where the
+/// composite issues 7. Then the errors.
+fn swiglu_mlp(dev: &Device) -> Result<()> {
+    let mut fails = Failures::default();
+    let mut combos: Vec<(DType, DType)> = dtypes(dev).into_iter().map(|d| (d, d)).collect();
+    combos.push((DType::BF16, DType::F32));
+    combos.push((DType::F16, DType::F32));
+    const H: usize = 40;
+    for (dtype, adt) in combos {
+        for &(xsh, inter, r, r2, track_x) in &[
+            (&[37, H][..], 72usize, 16usize, 8usize, true),
+            (&[2, 5, H][..], 64, 3, 32, true),
+            (&[33, H][..], 136, 24, 16, false),
+            (&[9, H][..], 36, 16, 16, true), // I % 8 != 0: composite
+            (&[9, H][..], 48, 40, 4, true),  // rank above 32: composite
+        ] {
+            let what = format!(
+                "lora_swiglu_mlp {xsh:?} I {inter} r {r}/{r2} x {track_x} {} (adapters {})",
+                dt(dtype),
+                dt(adt)
+            );
+            let sd = |tag: &str| seed(&format!("{what} {tag}"));
+            let x = randn(xsh, dtype, dev, sd("x"))?;
+            let w_gu = randn_scaled(&[2 * inter, H], 0.0, 0.15, dtype, dev, sd("wgu"))?;
+            let w_d = randn_scaled(&[H, inter], 0.0, 0.15, dtype, dev, sd("wd"))?;
+            let f = |rows: usize, cols: usize, tag: &str| -> Result<candle_core::Var> {
+                var(&randn_scaled(&[rows, cols], 0.0, 0.3, adt, dev, sd(tag))?)
+            };
+            let (ag, bg) = (f(r, H, "ag")?, f(inter, r, "bg")?);
+            let (au, bu) = (f(r, H, "au")?, f(inter, r, "bu")?);
+            let (ad, bd) = (f(r2, inter, "ad")?, f(H, r2, "bd")?);
+            let (s_gu, s_d) = (8.0 / (3.0 * r as f64), 2.0 / r2 as f64);
+            let m = LoraMlp {
+                w_gate_up: &w_gu,
+                w_down: &w_d,
+                gate: (ag.as_tensor(), bg.as_tensor()),
+                up: (au.as_tensor(), bu.as_tensor()),
+                down: (ad.as_tensor(), bd.as_tensor()),
+                scale_gate_up: s_gu,
+                scale_down: s_d,
+            };
+            let xv = var(&x)?;
+            let xin = if track_x {
+                xv.as_tensor().clone()
+            } else {
+                x.clone()
+            };
+            let fused = dev.is_cuda()
+                && matches!(dtype, DType::BF16 | DType::F16)
+                && inter % 8 == 0
+                && r <= 32;
+            if fused && dtype == DType::BF16 && adt == DType::BF16 {
+                dev.synchronize()?;
+                let before = flare::runtime::stats().gemms_launched;
+                let y = lora_swiglu_mlp(&xin, &m)?;
+                dev.synchronize()?;
+                let n = flare::runtime::stats().gemms_launched - before;
+                assert_eq!(
+                    n, 5,
+                    "{what}: the fused forward issued {n} GEMMs, expected 5"
+                );
+                drop(y);
+            }
+            let y = lora_swiglu_mlp(&xin, &m)?;
+            assert_eq!(y.dims(), xsh, "{what}: output shape");
+            let rr = randn(y.dims(), dtype, dev, sd("r"))?;
+            let grads = y.mul(&rr)?.sum_all()?.backward()?;
+            assert_eq!(grads.get(xv.as_tensor()).is_some(), track_x, "{what}: dx");
+            assert!(
+                grads.get(&w_gu).is_none() && grads.get(&w_d).is_none(),
+                "{what}: W grads"
+            );
+
+            // The reference: plain f64 ops, the factors rounded to the base dtype first (as the
+            // ops do).
+            let up64 =
+                |t: &Tensor| -> Result<candle_core::Var> { var(&f64_cpu(&t.to_dtype(dtype)?)?) };
+            let xr = var(&f64_cpu(&x)?)?;
+            let (agr, bgr, aur, bur, adr, bdr) = (
+                up64(ag.as_tensor())?,
+                up64(bg.as_tensor())?,
+                up64(au.as_tensor())?,
+                up64(bu.as_tensor())?,
+                up64(ad.as_tensor())?,
+                up64(bd.as_tensor())?,
+            );
+            let (wgr, wdr) = (f64_cpu(&w_gu)?, f64_cpu(&w_d)?);
+            let proj = |z: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, s: f64| -> Result<Tensor> {
+                let base = z.broadcast_matmul(&w.t()?)?;
+                let low = (z.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * s)?;
+                Ok((base + low)?)
+            };
+            let g = proj(
+                xr.as_tensor(),
+                &wgr.narrow(0, 0, inter)?,
+                agr.as_tensor(),
+                bgr.as_tensor(),
+                s_gu,
+            )?;
+            let u = proj(
+                xr.as_tensor(),
+                &wgr.narrow(0, inter, inter)?,
+                aur.as_tensor(),
+                bur.as_tensor(),
+                s_gu,
+            )?;
+            let act = (g.silu()? * u)?;
+            let yr = proj(&act, &wdr, adr.as_tensor(), bdr.as_tensor(), s_d)?;
+            fails.check(&f64_cpu(&y)?, &yr, tol(dtype), &format!("{what} y"))?;
+            let grads_r = yr.mul(&f64_cpu(&rr)?)?.sum_all()?.backward()?;
+            if track_x {
+                let gx = grad_of(&grads, xv.as_tensor(), &what);
+                let gr = grad_of(&grads_r, xr.as_tensor(), &what);
+                fails.check(&gx, &gr, tol(dtype), &format!("{what} dx"))?;
+            }
+            for (name, v, vr) in [
+                ("dA_gate", &ag, &agr),
+                ("dB_gate", &bg, &bgr),
+                ("dA_up", &au, &aur),
+                ("dB_up", &bu, &bur),
+                ("dA_down", &ad, &adr),
+                ("dB_down", &bd, &bdr),
+            ] {
+                let what = format!("{what} {name}");
+                let gv = grad_of(&grads, v.as_tensor(), &what);
+                assert_eq!(gv.dtype(), adt, "{what}: gradient dtype");
+                assert_eq!(gv.dims(), v.dims(), "{what}: gradient shape");
+                let gr = grad_of(&grads_r, vr.as_tensor(), &what);
+                fails.check(&gv, &gr, tol(dtype), &what)?;
+            }
+        }
+    }
+    fails.finish();
+
+    // Errors, before anything runs.
+    let dtype = dtypes(dev)[0];
+    let x = randn(&[3, 16], dtype, dev, 1)?;
+    let w_gu = randn(&[16, 16], dtype, dev, 2)?;
+    let w_d = randn(&[16, 8], dtype, dev, 3)?;
+    let t = |sh: &[usize], s: u64| randn(sh, dtype, dev, s);
+    let (ag, bg, au, bu, ad, bd) = (
+        t(&[2, 16], 4)?,
+        t(&[8, 2], 5)?,
+        t(&[2, 16], 6)?,
+        t(&[8, 2], 7)?,
+        t(&[2, 8], 8)?,
+        t(&[16, 2], 9)?,
+    );
+    let ok = LoraMlp {
+        w_gate_up: &w_gu,
+        w_down: &w_d,
+        gate: (&ag, &bg),
+        up: (&au, &bu),
+        down: (&ad, &bd),
+        scale_gate_up: 1.0,
+        scale_down: 1.0,
+    };
+    lora_swiglu_mlp(&x, &ok)?;
+    let w_bad = randn(&[14, 16], dtype, dev, 10)?;
+    let e = lora_swiglu_mlp(
+        &x,
+        &LoraMlp {
+            w_gate_up: &w_bad,
+            ..ok
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::ShapeMismatch { .. }),
+        "w_gate_up rows: {e}"
+    );
+    let (au3, bu3) = (t(&[3, 16], 11)?, t(&[8, 3], 12)?);
+    let e = lora_swiglu_mlp(
+        &x,
+        &LoraMlp {
+            up: (&au3, &bu3),
+            ..ok
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "up's rank: {e}");
+    let e = lora_swiglu_mlp(
+        &x,
+        &LoraMlp {
+            down: (&bd, &ad),
+            ..ok
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::ShapeMismatch { .. }),
+        "down's factors swapped: {e}"
+    );
+    let x_bad = randn(&[3, 12], dtype, dev, 13)?;
+    let e = lora_swiglu_mlp(&x_bad, &ok).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "x's width: {e}");
+    let ad64 = ad.to_dtype(DType::F64)?;
+    if dev.is_cpu() {
+        let e = lora_swiglu_mlp(
+            &x,
+            &LoraMlp {
+                down: (&ad64, &bd),
+                ..ok
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, Error::DTypeMismatch { .. }),
+            "down's factor dtype: {e}"
+        );
+    }
+    Ok(())
+}
+
 device_test!(
     stack_rows_op,
+    swiglu_mlp,
     add_with_weights,
     grouped,
     forward,
