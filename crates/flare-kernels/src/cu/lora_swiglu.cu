@@ -16,14 +16,14 @@
 // row start of yb, act, dab and dgu 16-byte aligned, 1 <= r, r2 <= LSW_MAX_RANK, and that dgu
 // aliases nothing it reads.
 //
-// A block of LSW_THREADS (4 warps) owns a tile of LSW_TM rows x LSW_TN columns of I (blocks
-// stride over row tiles past gridDim.y). It stages H's, B's (and G's, A's) rows of the tile in
-// shared memory (zero past r and past the matrix: the rank is padded to a multiple of 16, the
-// mma K), and each warp computes a 16 x 32 piece of the low-rank products on the tensor cores
-// (mma.sync m16n8k16, f32 accumulators). The products go through shared memory (f32, over the
-// staged factors) so that the pass over yb, dab, act and dgu reads and writes whole 16-byte
-// packs, each row of the tile as 128 contiguous bytes. All arithmetic in f32, each output
-// rounded once.
+// A block of LSW_THREADS (4 warps) owns LSW_TN columns of I and walks row tiles of LSW_TM rows
+// (blockIdx.y, stride gridDim.y). It stages its columns' factors (B's rows, A_d's columns) in
+// shared memory once, and each row tile's H (and G_d) rows (zero past r and past the matrix:
+// the rank is padded to a multiple of 16, the mma K); each warp computes a 16 x 32 piece of the
+// low-rank products on the tensor cores (mma.sync m16n8k16, f32 accumulators). The products go
+// through shared memory (f32, over the row tile's staged factors) so that the pass over yb,
+// dab, act and dgu reads and writes whole 16-byte packs, each row of the tile as 128
+// contiguous bytes. All arithmetic in f32, each output rounded once.
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -33,6 +33,9 @@ using namespace flare;
 #define LSW_TM 32
 #define LSW_TN 64
 #define LSW_MAX_RANK 32
+// Row tiles per block the host aims at (gridDim.y = ceil(row tiles / LSW_ROW_TILES)): each
+// block stages its columns' factors once for that many tiles.
+#define LSW_ROW_TILES 8
 
 namespace lsw {
 
@@ -42,20 +45,28 @@ constexpr int KP = LSW_MAX_RANK + 8;
 // f32 product tiles, rows padded by 4.
 constexpr int LP = LSW_TN + 4;
 
-template <typename T> struct Inputs {
-  T h[2][LSW_TM][KP];   // H_g, H_u rows of the tile
-  T b[2][LSW_TN][KP];   // B_g, B_u rows of the tile's columns
-  T gd[LSW_TM][KP];     // G_d rows (backward)
-  T at[LSW_TN][KP];     // A_d transposed: at[c][k] = A_d[k][c0 + c] (backward)
+// Staged per column tile, once per block: B_g, B_u rows of the tile's columns and (backward)
+// A_d's columns.
+template <typename T> struct ColumnInputs {
+  T b[2][LSW_TN][KP];
+  T at[LSW_TN][KP];  // at[c][k] = A_d[k][c0 + c]
 };
-// The products (g, u, and the backward's activation term), over the staged inputs once the
-// mma are done.
+// Staged per row tile: H_g, H_u rows and (backward) G_d rows.
+template <typename T> struct RowInputs {
+  T h[2][LSW_TM][KP];
+  T gd[LSW_TM][KP];
+};
+// The products (g, u, and the backward's activation term), over the row inputs once the mma
+// are done.
 struct Products {
   float l[3][LSW_TM][LP];
 };
-template <typename T> union Smem {
-  Inputs<T> in;
-  Products out;
+template <typename T> struct Smem {
+  ColumnInputs<T> col;
+  union {
+    RowInputs<T> in;
+    Products out;
+  };
 };
 
 __device__ __forceinline__ int pad16(int r) { return (r + 15) & ~15; }
@@ -103,18 +114,16 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
   const long long c0 = (long long)blockIdx.x * LSW_TN;
   const long long two_i = 2LL * inter;
   const long long row_tiles = (rows + LSW_TM - 1) / LSW_TM;
+  for (int p = 0; p < 2; ++p)
+    // B_p's rows c0.. (rows past I are zero: each half ends at I).
+    stage_rows<T>(sm.col.b[p], LSW_TN, b + (long long)p * inter * r, r, c0, inter, 0, r, kp);
+  if (backward) stage_cols<T>(sm.col.at, ad, inter, c0, r2, kp2);
   for (long long rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
     const long long r0 = rt * LSW_TM;
     __syncthreads();  // the previous tile's pass is done with the products
-    for (int p = 0; p < 2; ++p) {
+    for (int p = 0; p < 2; ++p)
       stage_rows<T>(sm.in.h[p], LSW_TM, h, 2LL * r, r0, rows, p * r, r, kp);
-      // B_p's rows c0.. (rows past I are zero: the matrix "ends" at I for each half).
-      stage_rows<T>(sm.in.b[p], LSW_TN, b + (long long)p * inter * r, r, c0, inter, 0, r, kp);
-    }
-    if (backward) {
-      stage_rows<T>(sm.in.gd, LSW_TM, gd, r2, r0, rows, 0, r2, kp2);
-      stage_cols<T>(sm.in.at, ad, inter, c0, r2, kp2);
-    }
+    if (backward) stage_rows<T>(sm.in.gd, LSW_TM, gd, r2, r0, rows, 0, r2, kp2);
     __syncthreads();
     // Each warp computes its 16 x 32 piece of the two (three) products into registers; the
     // products then go over the staged inputs, so every warp's mma must be done first.
@@ -131,7 +140,7 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
       const int nq = backward ? 3 : 2;
       for (int q = 0; q < nq; ++q) {
         const T(*a)[KP] = q < 2 ? sm.in.h[q] : sm.in.gd;
-        const T(*bm)[KP] = q < 2 ? sm.in.b[q] : sm.in.at;
+        const T(*bm)[KP] = q < 2 ? sm.col.b[q] : sm.col.at;
         const int kq = q < 2 ? kp : kp2;
         for (int k0 = 0; k0 < kq; k0 += 16) {
           unsigned af[4];
@@ -148,7 +157,7 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
           }
         }
       }
-      __syncthreads();  // every warp has read the staged inputs: the products go over them
+      __syncthreads();  // every warp has read the row inputs: the products go over them
       for (int q = 0; q < nq; ++q)
 #pragma unroll
         for (int n = 0; n < 4; ++n) {

@@ -280,17 +280,17 @@ pub(crate) fn bwd(
     Ok(Grads { dx, factors })
 }
 
-/// The kernels' grid: x over column tiles of `I`, y over row tiles (the kernels stride past
-/// 65,535).
+/// The kernels' grid: x over column tiles of `I`, y over groups of `LSW_ROW_TILES` row tiles
+/// (each block stages its columns' factors once and strides over row tiles by `gridDim.y`).
 fn grid(t: usize, d: &MlpDims) -> LaunchConfig {
-    let (tm, tn) = (
-        flare_kernels::launch::LSW_TM as usize,
-        flare_kernels::launch::LSW_TN as usize,
-    );
+    use flare_kernels::launch::{LSW_ROW_TILES, LSW_TM, LSW_TN};
+    let row_tiles = t.div_ceil(LSW_TM as usize);
     LaunchConfig {
         grid_dim: (
-            d.inter.div_ceil(tn) as u32,
-            t.div_ceil(tm).clamp(1, 65_535) as u32,
+            d.inter.div_ceil(LSW_TN as usize) as u32,
+            row_tiles
+                .div_ceil(LSW_ROW_TILES as usize)
+                .clamp(1, 65_535) as u32,
             1,
         ),
         block_dim: (flare_kernels::launch::LSW_THREADS, 1, 1),
