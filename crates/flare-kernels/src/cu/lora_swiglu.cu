@@ -118,8 +118,29 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
     // B_p's rows c0.. (rows past I are zero: each half ends at I).
     stage_rows<T>(sm.col.b[p], LSW_TN, b + (long long)p * inter * r, r, c0, inter, 0, r, kp);
   if (backward) stage_cols<T>(sm.col.at, ad, inter, c0, r2, kp2);
+  // The pass over a tile: LSW_TM x LSW_TN / V packs, LSW_TN / V per row, NP per thread.
+  constexpr int PPR = LSW_TN / V;
+  constexpr int NP = LSW_TM * PPR / LSW_THREADS;
+  static_assert(NP * LSW_THREADS == LSW_TM * PPR, "the tile's packs split evenly");
   for (long long rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
     const long long r0 = rt * LSW_TM;
+    // This thread's packs of yb (and dab) are loaded first: their latency overlaps the staging
+    // and the mma below.
+    Pack<T, V> gp[NP], up[NP], dp[NP];
+    bool in[NP];
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int p = threadIdx.x + j * LSW_THREADS;
+      const int i = p / PPR, cp = (p - i * PPR) * V;
+      const long long row = r0 + i, col = c0 + cp;
+      in[j] = row < rows && col < inter;
+      if (in[j]) {
+        const T *yr = yb + row * two_i;
+        gp[j] = load_pack<T, V>(yr + col);
+        up[j] = load_pack<T, V>(yr + inter + col);
+        if (backward) dp[j] = load_pack<T, V>(dab + row * inter + col);
+      }
+    }
     __syncthreads();  // the previous tile's pass is done with the products
     for (int p = 0; p < 2; ++p)
       stage_rows<T>(sm.in.h[p], LSW_TM, h, 2LL * r, r0, rows, p * r, r, kp);
@@ -169,32 +190,28 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
         }
     }
     __syncthreads();
-    // The pass: LSW_TM x LSW_TN / V packs, LSW_TN / V per row.
-    constexpr int PPR = LSW_TN / V;
-    for (int p = threadIdx.x; p < LSW_TM * PPR; p += blockDim.x) {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      if (!in[j]) continue;
+      const int p = threadIdx.x + j * LSW_THREADS;
       const int i = p / PPR, cp = (p - i * PPR) * V;
       const long long row = r0 + i, col = c0 + cp;
-      if (row >= rows || col >= inter) continue;
-      const T *yr = yb + row * two_i;
-      const Pack<T, V> gp = load_pack<T, V>(yr + col);
-      const Pack<T, V> up = load_pack<T, V>(yr + inter + col);
       if (!backward) {
         Pack<T, V> o;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          const float gv = to_f(gp.v[e]) + s * sm.out.l[0][i][cp + e];
-          const float uv = to_f(up.v[e]) + s * sm.out.l[1][i][cp + e];
+          const float gv = to_f(gp[j].v[e]) + s * sm.out.l[0][i][cp + e];
+          const float uv = to_f(up[j].v[e]) + s * sm.out.l[1][i][cp + e];
           o.v[e] = from_f<T>(gv * sigmoid_f(gv) * uv);
         }
         store_pack<T, V>(out + row * inter + col, o);
       } else {
-        const Pack<T, V> dp = load_pack<T, V>(dab + row * inter + col);
         Pack<T, V> dg, du;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          const float gv = to_f(gp.v[e]) + s * sm.out.l[0][i][cp + e];
-          const float uv = to_f(up.v[e]) + s * sm.out.l[1][i][cp + e];
-          const float d = to_f(dp.v[e]) + sm.out.l[2][i][cp + e];
+          const float gv = to_f(gp[j].v[e]) + s * sm.out.l[0][i][cp + e];
+          const float uv = to_f(up[j].v[e]) + s * sm.out.l[1][i][cp + e];
+          const float d = to_f(dp[j].v[e]) + sm.out.l[2][i][cp + e];
           const float sg = sigmoid_f(gv);
           dg.v[e] = from_f<T>(d * uv * sg * (1.0f + gv * (1.0f - sg)));
           du.v[e] = from_f<T>(d * gv * sg);
