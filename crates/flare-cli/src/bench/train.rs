@@ -96,6 +96,10 @@ pub struct TrainBenchArgs {
     /// comparisons).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub grouped_projections: bool,
+    /// Each layer's MLP as one fused LoRA op (`Transformer::set_fused_mlp`: on CUDA the SwiGLU
+    /// kernels add the low-rank terms): true or false (the model's default, the separate ops).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub fused_mlp: bool,
     /// Search the longest batch-1 sequence that trains (doubling, then bisection).
     #[arg(long)]
     pub max_context: bool,
@@ -221,6 +225,8 @@ pub struct TrainRow {
     pub packing: bool,
     /// `--grouped-projections`.
     pub grouped_projections: bool,
+    /// `--fused-mlp`.
+    pub fused_mlp: bool,
     /// Model FLOPs per second over the peak.
     pub mfu: Option<f64>,
     /// `ok`, `oom` or `error: ...`.
@@ -605,6 +611,7 @@ struct RowCtx {
     setting: Checkpointing,
     packing: bool,
     grouped: bool,
+    fused_mlp: bool,
     peak_tflops: Option<f64>,
     warmup: usize,
     steps: usize,
@@ -643,6 +650,7 @@ impl RowCtx {
             grad_ckpt_setting: format!("{:?}", self.setting).to_ascii_lowercase(),
             packing: self.packing,
             grouped_projections: self.grouped,
+            fused_mlp: self.fused_mlp,
             mfu: None,
             status,
             flops_per_token: presets::flops_per_token(&self.config, seq, LORA_R),
@@ -774,19 +782,21 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
     eprintln!(
         "{model_name}: {layers} layers, {:.3}B frozen matmul weights, {:.1}M LoRA; {device}, \
          peak {} TFLOP/s; warm-up {warmup}, timed {steps} (mean); gradient checkpointing {}, \
-         packing {}, grouped projections {}",
+         packing {}, grouped projections {}, fused MLP {}",
         n_frozen as f64 / 1e9,
         n_lora as f64 / 1e6,
         peak_tflops.map_or("-".into(), |p| p.to_string()),
         format!("{:?}", a.gradient_checkpointing).to_ascii_lowercase(),
         a.packing,
-        a.grouped_projections
+        a.grouped_projections,
+        a.fused_mlp
     );
 
     let t0 = Instant::now();
     let mut model = Transformer::random(config.clone(), dtype, &dev, 0)
         .with_context(|| format!("building the {model_name} model with random weights"))?;
     model.set_grouped_projections(a.grouped_projections);
+    model.set_fused_mlp(a.fused_mlp);
     let train_cfg = TrainConfig {
         dtype: format!("{dtype:?}").to_ascii_lowercase(),
         device: a.device.clone(),
@@ -834,6 +844,7 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
         setting: a.gradient_checkpointing,
         packing: a.packing,
         grouped: a.grouped_projections,
+        fused_mlp: a.fused_mlp,
         peak_tflops,
         warmup,
         steps,

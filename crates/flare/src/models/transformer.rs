@@ -199,6 +199,8 @@ struct Mlp {
     /// Whether gate and up with adapters run as one grouped LoRA product
     /// ([`Transformer::set_grouped_projections`]).
     grouped: bool,
+    /// Whether the grouped MLP runs as one fused LoRA op ([`Transformer::set_fused_mlp`]).
+    fused: bool,
 }
 
 impl Attention {
@@ -283,6 +285,7 @@ impl Mlp {
                 down_proj: down,
                 gate_up,
                 grouped: true,
+                fused: false,
             }),
             _ => Err(Error::InvalidArgument {
                 op: OP,
@@ -292,13 +295,13 @@ impl Mlp {
     }
 
     /// The whole MLP as one fused LoRA op ([`lora_swiglu_mlp`]: on CUDA its SwiGLU kernels add
-    /// the low-rank terms, so the gate/up and down expansions never reach memory) when grouping
-    /// is on, gate and up are still the fused views, no projection has a bias, and all three run
+    /// the low-rank terms, so the gate/up and down expansions never reach memory) when it is on
+    /// ([`Transformer::set_fused_mlp`]) with grouping, gate and up are still the fused views, no projection has a bias, and all three run
     /// fused adapters ([`LoraLinear::fused_adapter`]) of one factor dtype, gate and up of one
     /// rank and scale; `None` otherwise.
     fn fused_lora(&self, n: &Tensor) -> Result<Option<Tensor>> {
         let (gate, up, down) = (&self.gate_proj, &self.up_proj, &self.down_proj);
-        if !self.grouped
+        if !(self.grouped && self.fused)
             || self.gate_up.bias.is_some()
             || down.bias().is_some()
             || !self.gate_up.same_weights(&[gate, up])
@@ -379,6 +382,8 @@ pub struct Transformer {
     /// Tokens per tile of the MLP in checkpointed layers (`None`: untiled); see
     /// [`set_mlp_tile`](Self::set_mlp_tile).
     mlp_tile: Option<usize>,
+    /// [`set_fused_mlp`](Self::set_fused_mlp) (each layer's [`Mlp`] holds a copy).
+    fused_mlp: bool,
     /// [`set_grouped_projections`](Self::set_grouped_projections), read by the attention; each
     /// layer's [`Mlp`] holds a copy, since the tiled MLP's checkpoint closures run without the
     /// model.
@@ -574,6 +579,7 @@ impl Transformer {
             checkpoint_store: CheckpointStore::Device,
             mlp_tile: None,
             grouped: true,
+            fused_mlp: false,
             checkpoint_grads: CheckpointGrads::default(),
             dropout_seed: None,
         })
@@ -843,6 +849,27 @@ impl Transformer {
         for layer in &mut self.layers {
             layer.mlp.grouped = on;
         }
+    }
+
+    /// Whether each layer's MLP with adapters runs as one fused op, [`lora_swiglu_mlp`] (off by
+    /// default), when grouping is on ([`set_grouped_projections`](Self::set_grouped_projections))
+    /// and the three projections carry fused adapters (active, unmerged, no training-mode
+    /// dropout, no bias) of one factor dtype, gate and up of one rank and scale. On CUDA with a
+    /// half base its SwiGLU kernels add the gate/up and down low-rank terms themselves, so the
+    /// `[tokens, 2 · intermediate]` and `[tokens, intermediate]` expansions are never written
+    /// and the base GEMMs run with `beta = 0`; elsewhere it runs the same ops as off. Off until
+    /// its speed has been measured on a GPU (`flare bench train --fused-mlp true` against
+    /// `false`, BENCHMARKS.md).
+    pub fn set_fused_mlp(&mut self, on: bool) {
+        self.fused_mlp = on;
+        for layer in &mut self.layers {
+            layer.mlp.fused = on;
+        }
+    }
+
+    /// Whether the fused MLP is on ([`set_fused_mlp`](Self::set_fused_mlp)).
+    pub fn fused_mlp(&self) -> bool {
+        self.fused_mlp
     }
 
     /// Whether grouping is on ([`set_grouped_projections`](Self::set_grouped_projections)).

@@ -202,7 +202,8 @@ fn head_dim_64_config() -> Result<ModelConfig> {
 /// Gate and up as one grouped LoRA product (the default) against the separate projections:
 /// the same loss and gradients (f64 on the CPU: 1e-10; f32 on CUDA: 1e-4), plain and
 /// checkpointed; with training-mode dropout the grouping does not apply and the two runs are
-/// the same bit for bit.
+/// the same bit for bit. The fused MLP (`set_fused_mlp`) likewise; on CUDA in bf16 its fused op
+/// runs, plain and checkpointed.
 fn grouped_projections_match_separate(dev: &Device) -> Result<()> {
     let (dtype, tol) = if dev.is_cpu() {
         (DType::F64, 1e-10)
@@ -217,17 +218,23 @@ fn grouped_projections_match_separate(dev: &Device) -> Result<()> {
             model.set_gradient_checkpointing(ckpt);
             assert!(model.grouped_projections(), "grouping is on by default");
             let (loss, grads) = loss_and_grads(&model, &vars)?;
+            assert!(!model.fused_mlp(), "the fused MLP is off by default");
+            model.set_fused_mlp(true);
+            let (fused_loss, fused) = loss_and_grads(&model, &vars)?;
+            model.set_fused_mlp(false);
             model.set_grouped_projections(false);
             assert!(!model.grouped_projections());
             let (sep_loss, sep) = loss_and_grads(&model, &vars)?;
             let bound = if dropout > 0.0 { 0.0 } else { tol };
-            assert!(
-                (loss - sep_loss).abs() <= bound * sep_loss.abs(),
-                "{what}: loss {loss} vs {sep_loss}"
-            );
-            for (i, (g, p)) in grads.iter().zip(&sep).enumerate() {
-                let e = rel_err(g, p)?;
-                assert!(e <= bound, "{what}: gradient {i}: rel err {e}");
+            for (how, l, gs) in [("grouped", loss, &grads), ("fused MLP", fused_loss, &fused)] {
+                assert!(
+                    (l - sep_loss).abs() <= bound * sep_loss.abs(),
+                    "{what}, {how}: loss {l} vs {sep_loss}"
+                );
+                for (i, (g, p)) in gs.iter().zip(&sep).enumerate() {
+                    let e = rel_err(g, p)?;
+                    assert!(e <= bound, "{what}, {how}: gradient {i}: rel err {e}");
+                }
             }
         }
     }
@@ -235,17 +242,26 @@ fn grouped_projections_match_separate(dev: &Device) -> Result<()> {
         // bf16 on CUDA at head dim 64: the packed attention runs its fused path (flare's
         // kernel; f32 and head dim 4 take the composed one), so the grouped q/k/v path is
         // compared end to end there too. The two runs differ in the order of bf16 sums only.
+        // With the fused MLP on, `lora_swiglu_mlp` runs its CUDA op (bf16, ranks and sizes in
+        // its kernels' reach), plain and checkpointed.
         let (mut model, vars) = lora_model_of(head_dim_64_config()?, dev, DType::BF16, 0.0)?;
-        let (loss, grads) = loss_and_grads(&model, &vars)?;
-        model.set_grouped_projections(false);
-        let (sep_loss, sep) = loss_and_grads(&model, &vars)?;
-        assert!(
-            (loss - sep_loss).abs() <= 2e-2 * sep_loss.abs(),
-            "bf16: loss {loss} vs {sep_loss}"
-        );
-        for (i, (g, p)) in grads.iter().zip(&sep).enumerate() {
-            let e = rel_err(g, p)?;
-            assert!(e <= 5e-2, "bf16: gradient {i}: rel err {e}");
+        for (fused, ckpt) in [(false, false), (true, false), (true, true)] {
+            let what = format!("bf16, fused MLP {fused}, checkpointing {ckpt}");
+            model.set_gradient_checkpointing(ckpt);
+            model.set_grouped_projections(true);
+            model.set_fused_mlp(fused);
+            let (loss, grads) = loss_and_grads(&model, &vars)?;
+            model.set_fused_mlp(false);
+            model.set_grouped_projections(false);
+            let (sep_loss, sep) = loss_and_grads(&model, &vars)?;
+            assert!(
+                (loss - sep_loss).abs() <= 2e-2 * sep_loss.abs(),
+                "{what}: loss {loss} vs {sep_loss}"
+            );
+            for (i, (g, p)) in grads.iter().zip(&sep).enumerate() {
+                let e = rel_err(g, p)?;
+                assert!(e <= 5e-2, "{what}: gradient {i}: rel err {e}");
+            }
         }
     }
     Ok(())
@@ -255,13 +271,14 @@ fn grouped_projections_match_separate(dev: &Device) -> Result<()> {
 device_test!(exclusive: grouped_projections_match_separate);
 
 /// The grouped paths run the grouped products instead of the separate ones, not beside them:
-/// a forward with grouping on issues exactly 8 cuBLASLt GEMMs per layer fewer than with it off
+/// a forward with grouping on issues exactly 6 cuBLASLt GEMMs per layer fewer than with it off
 /// (q/k/v: one `x Aᵀ`, three low-rank products and one base GEMM against three projections of
-/// three each; the MLP as one fused op, `lora_swiglu_mlp`: gate/up's `x Aᵀ` and base GEMM, no
-/// low-rank product, and down's three, against three projections of three each). A grouped
-/// path that also ran the separate projections (a bug an earlier build had: same values, a
-/// wasted forward per layer) issues more, not fewer. CUDA only: the CPU issues no cuBLASLt
-/// GEMMs.
+/// three each; gate/up: 1 + 2 + 1 against 2 x 3), and with the fused MLP on as well
+/// (`set_fused_mlp`) exactly 8 fewer (the MLP as `lora_swiglu_mlp`: gate/up's `x Aᵀ` and base
+/// GEMM, no low-rank product, and down's three, against three projections of three each). A
+/// grouped path that also ran the separate projections (a bug an earlier build had: same
+/// values, a wasted forward per layer) issues more, not fewer. CUDA only: the CPU issues no
+/// cuBLASLt GEMMs.
 fn grouped_projections_skip_separate_gemms(dev: &Device) -> Result<()> {
     if dev.is_cpu() {
         return Ok(());
@@ -269,8 +286,9 @@ fn grouped_projections_skip_separate_gemms(dev: &Device) -> Result<()> {
     let layers = 2;
     let (mut model, _vars) = lora_model_of(head_dim_64_config()?, dev, DType::BF16, 0.0)?;
     let ids = Tensor::new(&[[3u32, 17, 40, 0, 9, 22, 5], [1, 2, 3, 4, 5, 6, 7]], dev)?;
-    let mut count = |grouped: bool| -> Result<usize> {
+    let mut count = |grouped: bool, fused: bool| -> Result<usize> {
         model.set_grouped_projections(grouped);
+        model.set_fused_mlp(fused);
         model.forward(&ids)?; // warm-up: plans, kernels
         dev.synchronize()?;
         let before = flare::runtime::stats().gemms_launched;
@@ -279,15 +297,21 @@ fn grouped_projections_skip_separate_gemms(dev: &Device) -> Result<()> {
         crate::common::assert_no_nan(&logits, "grouped gemm count")?;
         Ok(flare::runtime::stats().gemms_launched - before)
     };
-    let on = count(true)?;
-    let off = count(false)?;
+    let on = count(true, false)?;
+    let fused = count(true, true)?;
+    let off = count(false, false)?;
     assert!(on > 0, "the forward issued no cuBLASLt GEMM");
-    assert_eq!(
-        off - on.min(off),
-        8 * layers,
-        "grouping on issued {on} GEMMs, off {off}: expected {} fewer",
-        8 * layers
-    );
+    for (what, n, fewer) in [
+        ("grouping on", on, 6),
+        ("grouping and the fused MLP on", fused, 8),
+    ] {
+        assert_eq!(
+            off - n.min(off),
+            fewer * layers,
+            "{what} issued {n} GEMMs, off {off}: expected {} fewer",
+            fewer * layers
+        );
+    }
     Ok(())
 }
 

@@ -288,9 +288,7 @@ fn grid(t: usize, d: &MlpDims) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
             d.inter.div_ceil(LSW_TN as usize) as u32,
-            row_tiles
-                .div_ceil(LSW_ROW_TILES as usize)
-                .clamp(1, 65_535) as u32,
+            row_tiles.div_ceil(LSW_ROW_TILES as usize).clamp(1, 65_535) as u32,
             1,
         ),
         block_dim: (flare_kernels::launch::LSW_THREADS, 1, 1),
