@@ -633,7 +633,8 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             // SAFETY: X (T·in from `x_off`), G (T·ra, written above) and the dA piece (ra·in
             // elements of `pa.c_type()` from `off` inside its buffer, `packed` or, when split,
             // the f32 `packed_f`; disjoint from the inputs, aligned to 64 bytes or more: the
-            // pool's allocation plus a multiple of 16 elements) on this device; same stream,
+            // pool's allocation plus a multiple of 16 elements; or the caller's `factors_into`
+            // address, which `FactorDest` states is as good) on this device; same stream,
             // guards held. With `c_dtype` f32 the params are bf16/f16 A and B into f32 C/D,
             // a combination cuBLASLt supports with CUBLAS_COMPUTE_32F (see `GemmParams`).
             unsafe { gemm.matmul(&pa, xp, gp, factor_at(p.da, into.map(|d| d.da))?, 1.0, 0.0) }
@@ -675,8 +676,8 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
                 // run, or the one written just above; its columns g·r..g·r+r), dy (its columns
                 // first..first+n of T rows) and the dB piece's rows first..first+n (out·r
                 // elements of `pb.c_type()` from `off` inside its buffer, `packed` or the f32
-                // `packed_f` when split; disjoint, aligned as for dA, the blocks summing to
-                // out) on this device; guards held. The mixed types are the supported bf16/f16
+                // `packed_f` when split, or from the `factors_into` address; disjoint, aligned
+                // as for dA, the blocks summing to out) on this device; guards held. The mixed types are the supported bf16/f16
                 // A and B with f32 C/D, as for dA.
                 unsafe { gemm.matmul(&pb, hg, dyg, dbg, s, 0.0) }
                     .map_err(crate::Error::into_candle)?;
