@@ -18,10 +18,10 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
-#[cfg(feature = "cuda")]
-use super::as_matrix;
 use super::LoraBwdFactors;
 use super::{adapter_dtype_ok, check, internal, lora_linear, lora_linear_grouped, stack_rows};
+#[cfg(feature = "cuda")]
+use super::{as_matrix, cuda_storage};
 use crate::ops::{swiglu_packed, StorageSlot};
 use crate::{Error, Result};
 
@@ -290,17 +290,6 @@ struct MlpFwd {
 /// but CUDA to the composite.
 fn cuda_only(op: &str) -> candle_core::Error {
     internal(op, "the fused MLP runs on CUDA only".into())
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_storage<'a>(
-    op: &str,
-    s: &'a candle_core::Storage,
-) -> candle_core::Result<&'a candle_core::CudaStorage> {
-    match s {
-        candle_core::Storage::Cuda(c) => Ok(c),
-        _ => Err(internal(op, "a captured tensor is not on CUDA".into())),
-    }
 }
 
 impl CustomOp3 for MlpFwd {

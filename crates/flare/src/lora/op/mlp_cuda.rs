@@ -11,22 +11,17 @@
 //! GEMMs, never happen.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::{CudaStorage, DType, Layout};
 
 use super::cuda::{self, BwdArgs, FactorDest, FwdArgs};
+use super::internal;
 use super::mlp::MlpDims;
 use super::plan::{Needs, Packed};
 use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 
 const OP_FWD: &str = "lora_swiglu_mlp (cuda)";
 const OP_BWD: &str = "lora_swiglu_mlp backward (cuda)";
-
-fn internal(op: &str, msg: String) -> candle_core::Error {
-    candle_core::Error::Msg(format!("{op}: internal error: {msg}"))
-}
 
 /// What the forward keeps for the backward.
 pub(crate) struct Saved {
@@ -164,34 +159,17 @@ pub(crate) fn bwd(
     let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
     let stream = rt.stream();
     let len = d.grad_len();
-    // SAFETY: every piece of the buffer the caller reads (the four factor gradients, at the
-    // offsets of `MlpDims`) is written in full by a GEMM with beta = 0 below; the padding
-    // between the two packs' pieces is never read (the caller takes the pieces as views).
-    let mut factors = match fdt {
-        DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(len) }?, dev.clone()),
-        DType::F16 => {
-            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(len) }?, dev.clone())
-        }
-        DType::BF16 => {
-            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(len) }?, dev.clone())
-        }
-        dt => return Err(internal(OP_BWD, format!("factor dtype {dt:?}"))),
-    };
+    // Every piece of the buffer the caller reads (the four factor gradients, at the offsets of
+    // `MlpDims`) is written in full by a GEMM with beta = 0 below; the padding between the two
+    // packs' pieces is never read (the caller takes the pieces as views).
+    let factors = alloc(OP_BWD, dev, fdt, len)?;
     let all = Needs {
         dx: true,
         da: true,
         db: true,
     };
     let dx = {
-        let (fp, _gf) = match fdt {
-            DType::F32 => factors.as_cuda_slice_mut::<f32>()?.device_ptr_mut(stream),
-            DType::F16 => factors
-                .as_cuda_slice_mut::<half::f16>()?
-                .device_ptr_mut(stream),
-            _ => factors
-                .as_cuda_slice_mut::<half::bf16>()?
-                .device_ptr_mut(stream),
-        };
+        let fp = ptr(OP_BWD, &factors, 0, stream)?;
         let at = |off: usize| fp + off as u64 * fsize;
         // Down: dab = dy W_d (no G_d A_d), G_d back, dA_d and dB_d into their pieces.
         let down = cuda::bwd(BwdArgs {
@@ -296,17 +274,38 @@ fn grid(t: usize, d: &MlpDims) -> LaunchConfig {
     }
 }
 
-/// The device address of a storage's element `off` (f16 / bf16), and a guard of the borrow.
-macro_rules! ptr_at {
-    ($s:expr, $off:expr, $stream:expr, $guards:ident) => {{
-        let (p, g) = match $s.dtype() {
-            DType::F16 => $s.as_cuda_slice::<half::f16>()?.device_ptr($stream),
-            DType::BF16 => $s.as_cuda_slice::<half::bf16>()?.device_ptr($stream),
-            dt => return Err(internal(OP_FWD, format!("dtype {dt:?} reached the kernel"))),
-        };
-        $guards.push(g);
-        p + ($off as u64) * 2
-    }};
+/// A fresh storage of `n` elements of `dtype` (f32, f16, bf16), uninitialized: the caller
+/// writes every element it later reads.
+fn alloc(
+    op: &str,
+    dev: &candle_core::CudaDevice,
+    dtype: DType,
+    n: usize,
+) -> candle_core::Result<CudaStorage> {
+    // SAFETY (the three allocations): uninitialized device memory, written before it is read as
+    // this function's contract states (each caller says how).
+    Ok(match dtype {
+        DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n) }?, dev.clone()),
+        DType::F16 => {
+            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(n) }?, dev.clone())
+        }
+        DType::BF16 => {
+            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n) }?, dev.clone())
+        }
+        dt => return Err(internal(op, format!("dtype {dt:?} reached the fused MLP"))),
+    })
+}
+
+/// The device address of a storage's element `off` ([`crate::runtime::offload::slice_ptr`]).
+fn ptr(
+    op: &str,
+    s: &CudaStorage,
+    off: usize,
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> candle_core::Result<u64> {
+    let base = crate::runtime::offload::slice_ptr(&s.slice, stream)
+        .ok_or_else(|| internal(op, format!("no device address for {:?}", s.dtype())))?;
+    Ok(base + (off * s.dtype().size_in_bytes()) as u64)
 }
 
 /// `act = silu(g) · u` with the low-rank terms: `lora_swiglu_fwd_*`.
@@ -322,34 +321,22 @@ fn launch_fwd(
     let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
     let stream = rt.stream();
     let n = t * d.inter;
-    let (kernel, mut act) = match yb.dtype() {
-        // SAFETY: the kernel writes every element of act ([T, I]).
-        DType::F16 => (
-            Kernel::LoraSwiGluFwdF16,
-            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(n) }?, dev.clone()),
-        ),
-        // SAFETY: as above.
-        DType::BF16 => (
-            Kernel::LoraSwiGluFwdBF16,
-            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n) }?, dev.clone()),
-        ),
+    let kernel = match yb.dtype() {
+        DType::F16 => Kernel::LoraSwiGluFwdF16,
+        DType::BF16 => Kernel::LoraSwiGluFwdBF16,
         dt => return Err(internal(OP_FWD, format!("dtype {dt:?} reached the kernel"))),
     };
+    // The kernel writes every element of act ([T, I]).
+    let act = alloc(OP_FWD, dev, yb.dtype(), n)?;
     check_len(OP_FWD, "yb", yb, t * 2 * d.inter)?;
     check_len(OP_FWD, "H", h_gu, t * 2 * d.r)?;
     check_view(OP_FWD, "B", sb, lb, 2 * d.inter * d.r)?;
-    let mut guards = Vec::new();
-    let (ybp, hp, bp) = (
-        ptr_at!(yb, 0, stream, guards),
-        ptr_at!(h_gu, 0, stream, guards),
-        ptr_at!(sb, lb.start_offset(), stream, guards),
+    let (ybp, hp, bp, actp) = (
+        ptr(OP_FWD, yb, 0, stream)?,
+        ptr(OP_FWD, h_gu, 0, stream)?,
+        ptr(OP_FWD, sb, lb.start_offset(), stream)?,
+        ptr(OP_FWD, &act, 0, stream)?,
     );
-    let (actp, _ga) = match act.dtype() {
-        DType::F16 => act.as_cuda_slice_mut::<half::f16>()?.device_ptr_mut(stream),
-        _ => act
-            .as_cuda_slice_mut::<half::bf16>()?
-            .device_ptr_mut(stream),
-    };
     let (rows, inter, r, sf) = (t as i64, d.inter as i32, d.r as i32, s as f32);
     let mut lb_ = stream.launch_builder(rt.function(kernel));
     lb_.arg(&ybp)
@@ -365,12 +352,11 @@ fn launch_fwd(
     // offset) 2I · r, act is a fresh allocation of rows · I (lengths checked above); I % 8 == 0
     // and 1 <= r <= LSW_MAX_RANK (`MlpDims::fits`); yb and act are fresh pool allocations, so
     // every row start (2I and I elements apart) is 16-byte aligned; act aliases nothing. The
-    // guards keep the buffers borrowed until the launch is queued on the runtime's stream.
+    // storages are held by the caller (and act returned) until the launch is queued on the
+    // runtime's stream, the one every op of the step runs on.
     unsafe { lb_.launch(grid(t, d)) }
         .cuda_ctx("launching lora_swiglu_fwd")
         .map_err(crate::Error::into_candle)?;
-    drop(_ga);
-    drop(guards);
     Ok(act)
 }
 
@@ -392,40 +378,28 @@ fn launch_bwd(
     let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
     let stream = rt.stream();
     let n = t * 2 * d.inter;
-    let (kernel, mut dgu) = match yb.dtype() {
-        // SAFETY: the kernel writes every element of dgu ([T, 2I]).
-        DType::F16 => (
-            Kernel::LoraSwiGluBwdF16,
-            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(n) }?, dev.clone()),
-        ),
-        // SAFETY: as above.
-        DType::BF16 => (
-            Kernel::LoraSwiGluBwdBF16,
-            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n) }?, dev.clone()),
-        ),
+    let kernel = match yb.dtype() {
+        DType::F16 => Kernel::LoraSwiGluBwdF16,
+        DType::BF16 => Kernel::LoraSwiGluBwdBF16,
         dt => return Err(internal(OP_BWD, format!("dtype {dt:?} reached the kernel"))),
     };
+    // The kernel writes every element of dgu ([T, 2I]).
+    let dgu = alloc(OP_BWD, dev, yb.dtype(), n)?;
     check_len(OP_BWD, "yb", yb, t * 2 * d.inter)?;
     check_len(OP_BWD, "H", h_gu, t * 2 * d.r)?;
     check_view(OP_BWD, "B", sb, lb, 2 * d.inter * d.r)?;
     check_len(OP_BWD, "dy W_d", dab, t * d.inter)?;
     check_len(OP_BWD, "G_d", gd, t * d.r2)?;
     check_view(OP_BWD, "A_d", sa, la, d.r2 * d.inter)?;
-    let mut guards = Vec::new();
-    let (ybp, hp, bp, dabp, gdp, ap) = (
-        ptr_at!(yb, 0, stream, guards),
-        ptr_at!(h_gu, 0, stream, guards),
-        ptr_at!(sb, lb.start_offset(), stream, guards),
-        ptr_at!(dab, 0, stream, guards),
-        ptr_at!(gd, 0, stream, guards),
-        ptr_at!(sa, la.start_offset(), stream, guards),
+    let (ybp, hp, bp, dabp, gdp, ap, dgup) = (
+        ptr(OP_BWD, yb, 0, stream)?,
+        ptr(OP_BWD, h_gu, 0, stream)?,
+        ptr(OP_BWD, sb, lb.start_offset(), stream)?,
+        ptr(OP_BWD, dab, 0, stream)?,
+        ptr(OP_BWD, gd, 0, stream)?,
+        ptr(OP_BWD, sa, la.start_offset(), stream)?,
+        ptr(OP_BWD, &dgu, 0, stream)?,
     );
-    let (dgup, _gd) = match dgu.dtype() {
-        DType::F16 => dgu.as_cuda_slice_mut::<half::f16>()?.device_ptr_mut(stream),
-        _ => dgu
-            .as_cuda_slice_mut::<half::bf16>()?
-            .device_ptr_mut(stream),
-    };
     let (rows, inter, r, r2, sf) = (t as i64, d.inter as i32, d.r as i32, d.r2 as i32, s as f32);
     let mut lb_ = stream.launch_builder(rt.function(kernel));
     lb_.arg(&ybp)
@@ -446,12 +420,11 @@ fn launch_bwd(
     // view's offset) r2 · I, dgu is a fresh allocation of rows · 2I (lengths checked above);
     // I % 8 == 0 and the ranks within 1..=LSW_MAX_RANK (`MlpDims::fits`); yb, dab and dgu are
     // whole pool allocations (dab: the down backward's packed buffer, dx at offset 0), so their
-    // row starts are 16-byte aligned; dgu aliases nothing. Guards held until queued.
+    // row starts are 16-byte aligned; dgu aliases nothing. The storages are held until the
+    // launch is queued on the runtime's stream.
     unsafe { lb_.launch(grid(t, d)) }
         .cuda_ctx("launching lora_swiglu_bwd")
         .map_err(crate::Error::into_candle)?;
-    drop(_gd);
-    drop(guards);
     Ok(dgu)
 }
 
