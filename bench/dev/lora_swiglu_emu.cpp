@@ -115,6 +115,11 @@ int main() {
   tally(run_case<f16>(33, 200, 32, 5, 1.0f, 3));
   tally(run_case<bf16>(5, 8, 1, 32, 4.0f, 1));
   tally(run_case<f16>(70, 64, 24, 16, 0.25f, 1));
+  // The 16-byte factor staging (ranks of a multiple of 8) and the next-tile loads (grid 1: 3
+  // row tiles one after another), and the 2-layer test model's shape (rows 14, I 96, ranks 3).
+  tally(run_case<bf16>(90, 136, 16, 16, 1.0f, 1));
+  tally(run_case<f16>(65, 72, 8, 32, 2.0f, 2));
+  tally(run_case<bf16>(14, 96, 3, 3, 2.0f, 1));
   printf("emulation: %d / %d cases %s\n", pass, total, pass == total ? "PASS" : "FAIL");
   return pass == total ? 0 : 1;
 }

@@ -24,6 +24,14 @@
 // through shared memory (f32, over the row tile's staged factors) so that the pass over yb,
 // dab, act and dgu reads and writes whole 16-byte packs, each row of the tile as 128
 // contiguous bytes. All arithmetic in f32, each output rounded once.
+//
+// The kernel is bound by memory, so what matters is how many loads are in flight: every load
+// of a row tile (its yb and dab packs, its H and G_d rows) is issued by each thread at once,
+// into registers, one tile ahead (during the previous tile's pass), and the staging of the
+// factors likewise loads every pack before writing any to shared memory (16-byte reads where
+// the rank is a multiple of 8). An earlier build staged element by element, one dependent
+// load after another: 431 / 702 µs forward / backward per Llama-3.1-8B layer at 4,096 tokens,
+// against 119 / 205 µs for the plain SwiGLU kernels.
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -73,28 +81,74 @@ __device__ __forceinline__ int pad16(int r) { return (r + 15) & ~15; }
 
 __device__ __forceinline__ float sigmoid_f(float g) { return 1.0f / (1.0f + __expf(-g)); }
 
-// dst[i][k] = src[(row0 + i) * ld + col0 + k] for i < n, k < kp (zero past `rows` or `r`).
-template <typename T>
-__device__ __forceinline__ void stage_rows(T (*dst)[KP], int n, const T *src, long long ld,
-                                           long long row0, long long rows, int col0, int r,
-                                           int kp) {
-  for (int e = threadIdx.x; e < n * kp; e += blockDim.x) {
-    const int i = e / kp, k = e - i * kp;
-    const long long row = row0 + i;
-    dst[i][k] = (row < rows && k < r) ? src[row * ld + col0 + k] : from_f<T>(0.f);
-  }
+// Staging goes through registers: every thread first loads all of its 16-byte packs (their
+// latencies overlap), then writes them to shared memory. A pack is 8 elements of one row; it is
+// read as one 16-byte access when `vec` (the row stride, the column offset and the base 16-byte
+// aligned) and it lies wholly before `r`, element by element (zero past `r` or the matrix)
+// otherwise.
+template <typename T> using P8 = Pack<T, 8>;
+
+template <typename T> __device__ __forceinline__ bool aligned16(const T *p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 
-// at[c][k] = a[k * inter + c0 + c] for c < LSW_TN, k < kp (zero past `inter` or `r2`): the
-// columns of A_d, read along its rows.
+// Elements k0 .. k0 + 7 of row `row` of a matrix with `rows` rows whose element k sits at
+// src[row * ld + k], zero at or past r.
 template <typename T>
-__device__ __forceinline__ void stage_cols(T (*at)[KP], const T *a, int inter, long long c0,
-                                           int r2, int kp) {
-  for (int e = threadIdx.x; e < LSW_TN * kp; e += blockDim.x) {
-    const int k = e / LSW_TN, c = e - k * LSW_TN;
-    at[c][k] = (k < r2 && c0 + c < inter) ? a[(long long)k * inter + c0 + c] : from_f<T>(0.f);
-  }
+__device__ __forceinline__ P8<T> load_p8(const T *src, long long ld, long long row, long long rows,
+                                         int k0, int r, bool vec) {
+  P8<T> v;
+  if (row < rows && vec && k0 + 8 <= r) return load_pack<T, 8>(src + row * ld + k0);
+#pragma unroll
+  for (int e = 0; e < 8; ++e)
+    v.v[e] = (row < rows && k0 + e < r) ? __ldg(src + row * ld + k0 + e) : from_f<T>(0.f);
+  return v;
 }
+
+// The row-staged inputs of `np` halves (H_g and H_u, or G_d alone): half q's row i holds
+// src[(row0 + i) * ld + q * r + k] for k < kp (zero past `rows` or `r`). Pack p of the staging
+// is half p / (LSW_TM · kp / 8), row (p / (kp / 8)) % LSW_TM, columns (p % (kp / 8)) · 8 ..
+template <typename T, int MAXP> struct RowPacks {
+  P8<T> v[MAXP];
+  __device__ __forceinline__ void load(const T *src, long long ld, long long row0, long long rows,
+                                       int r, int kp, int np, bool vec) {
+    const int ppr = kp >> 3, total = np * LSW_TM * ppr;
+#pragma unroll
+    for (int j = 0; j < MAXP; ++j) {
+      const int p = threadIdx.x + j * LSW_THREADS;
+      if (p < total) {
+        const int q = p / (LSW_TM * ppr), w = p - q * LSW_TM * ppr, i = w / ppr;
+        v[j] = load_p8<T>(src + q * r, ld, row0 + i, rows, (w - i * ppr) * 8, r, vec);
+      }
+    }
+  }
+  __device__ __forceinline__ void store(T (*dst)[LSW_TM][KP], int kp, int np) const {
+    const int ppr = kp >> 3, total = np * LSW_TM * ppr;
+#pragma unroll
+    for (int j = 0; j < MAXP; ++j) {
+      const int p = threadIdx.x + j * LSW_THREADS;
+      if (p < total) {
+        const int q = p / (LSW_TM * ppr), w = p - q * LSW_TM * ppr, i = w / ppr;
+        *reinterpret_cast<P8<T> *>(&dst[q][i][(w - i * ppr) * 8]) = v[j];
+      }
+    }
+  }
+};
+
+// One row tile's inputs, loaded into registers a tile ahead: this thread's packs of yb (gate
+// and up) and of dab, and the tile's packs of H and G_d for the staging.
+constexpr int PPR = LSW_TN / 8;                   // packs per row of the column tile
+constexpr int NP = LSW_TM * PPR / LSW_THREADS;    // yb / dab packs per thread
+constexpr int HP = 2 * LSW_TM * (LSW_MAX_RANK / 8) / LSW_THREADS;  // H packs per thread
+constexpr int GP = LSW_TM * (LSW_MAX_RANK / 8) / LSW_THREADS;      // G_d packs per thread
+static_assert(NP * LSW_THREADS == LSW_TM * PPR, "the tile's packs split evenly");
+static_assert(HP >= 1 && GP >= 1, "the staging packs fit the threads");
+
+template <typename T> struct Tile {
+  P8<T> g[NP], u[NP], d[NP];
+  RowPacks<T, HP> h;
+  RowPacks<T, GP> gd;
+};
 
 }  // namespace lsw
 
@@ -106,7 +160,7 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
                                                  long long rows, int inter, int r, int r2,
                                                  float s, bool backward) {
   using namespace lsw;
-  constexpr int V = VecWidth<T>::value;
+  static_assert(VecWidth<T>::value == 8, "16-bit element types");
   __shared__ __align__(16) Smem<T> sm;
   const int warp = threadIdx.x >> 5;
   const int wr = (warp >> 1) * 16, wc = (warp & 1) * 32;
@@ -114,42 +168,98 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
   const long long c0 = (long long)blockIdx.x * LSW_TN;
   const long long two_i = 2LL * inter;
   const long long row_tiles = (rows + LSW_TM - 1) / LSW_TM;
-  for (int p = 0; p < 2; ++p)
-    // B_p's rows c0.. (rows past I are zero: each half ends at I).
-    stage_rows<T>(sm.col.b[p], LSW_TN, b + (long long)p * inter * r, r, c0, inter, 0, r, kp);
-  if (backward) stage_cols<T>(sm.col.at, ad, inter, c0, r2, kp2);
-  // The pass over a tile: LSW_TM x LSW_TN / V packs, LSW_TN / V per row, NP per thread.
-  constexpr int PPR = LSW_TN / V;
-  constexpr int NP = LSW_TM * PPR / LSW_THREADS;
-  static_assert(NP * LSW_THREADS == LSW_TM * PPR, "the tile's packs split evenly");
-  for (long long rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
+  // 16-byte reads of the factor rows need rows of a multiple of 8 elements and aligned bases.
+  const bool vec_h = (r & 7) == 0 && aligned16(h);
+  const bool vec_g = backward && (r2 & 7) == 0 && aligned16(gd);
+
+  // This thread's loads of row tile rt (none past the matrix).
+  auto load_tile = [&](long long rt, Tile<T> &L) {
     const long long r0 = rt * LSW_TM;
-    // This thread's packs of yb (and dab) are loaded first: their latency overlaps the staging
-    // and the mma below.
-    Pack<T, V> gp[NP], up[NP], dp[NP];
-    bool in[NP];
 #pragma unroll
     for (int j = 0; j < NP; ++j) {
       const int p = threadIdx.x + j * LSW_THREADS;
-      const int i = p / PPR, cp = (p - i * PPR) * V;
+      const int i = p / PPR, cp = (p - i * PPR) * 8;
       const long long row = r0 + i, col = c0 + cp;
-      in[j] = row < rows && col < inter;
-      if (in[j]) {
+      if (row < rows && col < inter) {
         const T *yr = yb + row * two_i;
-        gp[j] = load_pack<T, V>(yr + col);
-        up[j] = load_pack<T, V>(yr + inter + col);
-        if (backward) dp[j] = load_pack<T, V>(dab + row * inter + col);
+        L.g[j] = load_pack<T, 8>(yr + col);
+        L.u[j] = load_pack<T, 8>(yr + inter + col);
+        if (backward) L.d[j] = load_pack<T, 8>(dab + row * inter + col);
       }
     }
+    L.h.load(h, 2LL * r, r0, rows, r, kp, 2, vec_h);
+    if (backward) L.gd.load(gd, r2, r0, rows, r2, kp2, 1, vec_g);
+  };
+
+  Tile<T> cur;
+  if (blockIdx.y < row_tiles) load_tile(blockIdx.y, cur);
+
+  // The column tile's factors, once per block: B_p's rows c0.. (zero past I: each half ends at
+  // I) and A_d's columns c0.. (read along A_d's rows, written transposed).
+  {
+    constexpr int BP = 2 * LSW_TN * (LSW_MAX_RANK / 8) / LSW_THREADS;
+    constexpr int AP = LSW_MAX_RANK * PPR / LSW_THREADS;
+    const int ppr = kp >> 3, btotal = 2 * LSW_TN * ppr;
+    P8<T> bv[BP], av[AP];
+#pragma unroll
+    for (int j = 0; j < BP; ++j) {
+      const int p = threadIdx.x + j * LSW_THREADS;
+      if (p < btotal) {
+        const int q = p / (LSW_TN * ppr), w = p - q * LSW_TN * ppr, i = w / ppr;
+        const T *bq = b + (long long)q * inter * r;
+        bv[j] = load_p8<T>(bq, r, c0 + i, inter, (w - i * ppr) * 8, r, (r & 7) == 0 && aligned16(bq));
+      }
+    }
+    const int atotal = kp2 * PPR;
+    const bool vec_a = aligned16(ad);
+#pragma unroll
+    for (int j = 0; j < AP; ++j) {
+      const int p = threadIdx.x + j * LSW_THREADS;
+      if (p < atotal) {
+        const int k = p / PPR, cp = (p - k * PPR) * 8;
+        const long long col = c0 + cp;
+        if (k < r2 && col < inter) {
+          // I % 8 == 0: a pack is wholly inside a row or wholly past it.
+          if (vec_a) {
+            av[j] = load_pack<T, 8>(ad + (long long)k * inter + col);
+          } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) av[j].v[e] = __ldg(ad + (long long)k * inter + col + e);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) av[j].v[e] = from_f<T>(0.f);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < BP; ++j) {
+      const int p = threadIdx.x + j * LSW_THREADS;
+      if (p < btotal) {
+        const int q = p / (LSW_TN * ppr), w = p - q * LSW_TN * ppr, i = w / ppr;
+        *reinterpret_cast<P8<T> *>(&sm.col.b[q][i][(w - i * ppr) * 8]) = bv[j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < AP; ++j) {
+      const int p = threadIdx.x + j * LSW_THREADS;
+      if (p < atotal) {
+        const int k = p / PPR, cp = (p - k * PPR) * 8;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sm.col.at[cp + e][k] = av[j].v[e];
+      }
+    }
+  }
+
+  for (long long rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
+    const long long r0 = rt * LSW_TM;
     __syncthreads();  // the previous tile's pass is done with the products
-    for (int p = 0; p < 2; ++p)
-      stage_rows<T>(sm.in.h[p], LSW_TM, h, 2LL * r, r0, rows, p * r, r, kp);
-    if (backward) stage_rows<T>(sm.in.gd, LSW_TM, gd, r2, r0, rows, 0, r2, kp2);
+    cur.h.store(sm.in.h, kp, 2);
+    if (backward) cur.gd.store(&sm.in.gd, kp2, 1);
     __syncthreads();
     // Each warp computes its 16 x 32 piece of the two (three) products into registers; the
     // products then go over the staged inputs, so every warp's mma must be done first.
     {
-      // Registers of the three products of this warp's piece.
       const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
       float c[3][4][4];
 #pragma unroll
@@ -190,36 +300,40 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
         }
     }
     __syncthreads();
+    // The next tile's loads go out now: they are in flight during this tile's pass.
+    Tile<T> nxt;
+    if (rt + gridDim.y < row_tiles) load_tile(rt + gridDim.y, nxt);
 #pragma unroll
     for (int j = 0; j < NP; ++j) {
-      if (!in[j]) continue;
       const int p = threadIdx.x + j * LSW_THREADS;
-      const int i = p / PPR, cp = (p - i * PPR) * V;
+      const int i = p / PPR, cp = (p - i * PPR) * 8;
       const long long row = r0 + i, col = c0 + cp;
+      if (row >= rows || col >= inter) continue;
       if (!backward) {
-        Pack<T, V> o;
+        P8<T> o;
 #pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const float gv = to_f(gp[j].v[e]) + s * sm.out.l[0][i][cp + e];
-          const float uv = to_f(up[j].v[e]) + s * sm.out.l[1][i][cp + e];
+        for (int e = 0; e < 8; ++e) {
+          const float gv = to_f(cur.g[j].v[e]) + s * sm.out.l[0][i][cp + e];
+          const float uv = to_f(cur.u[j].v[e]) + s * sm.out.l[1][i][cp + e];
           o.v[e] = from_f<T>(gv * sigmoid_f(gv) * uv);
         }
-        store_pack<T, V>(out + row * inter + col, o);
+        store_pack<T, 8>(out + row * inter + col, o);
       } else {
-        Pack<T, V> dg, du;
+        P8<T> dg, du;
 #pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const float gv = to_f(gp[j].v[e]) + s * sm.out.l[0][i][cp + e];
-          const float uv = to_f(up[j].v[e]) + s * sm.out.l[1][i][cp + e];
-          const float d = to_f(dp[j].v[e]) + sm.out.l[2][i][cp + e];
+        for (int e = 0; e < 8; ++e) {
+          const float gv = to_f(cur.g[j].v[e]) + s * sm.out.l[0][i][cp + e];
+          const float uv = to_f(cur.u[j].v[e]) + s * sm.out.l[1][i][cp + e];
+          const float d = to_f(cur.d[j].v[e]) + sm.out.l[2][i][cp + e];
           const float sg = sigmoid_f(gv);
           dg.v[e] = from_f<T>(d * uv * sg * (1.0f + gv * (1.0f - sg)));
           du.v[e] = from_f<T>(d * gv * sg);
         }
-        store_pack<T, V>(out + row * two_i + col, dg);
-        store_pack<T, V>(out + row * two_i + inter + col, du);
+        store_pack<T, 8>(out + row * two_i + col, dg);
+        store_pack<T, 8>(out + row * two_i + inter + col, du);
       }
     }
+    cur = nxt;
   }
 }
 

@@ -1316,7 +1316,10 @@ fn swiglu_mlp(dev: &Device) -> Result<()> {
             (&[33, H][..], 136, 24, 16, false),
             (&[9, H][..], 36, 16, 16, true), // I % 8 != 0: composite
             (&[9, H][..], 48, 40, 4, true),  // rank above 32: composite
+            // The checkpointing tests' 2-layer model: hidden 128, I 96, ranks 3.
+            (&[2, 7, 128][..], 96, 3, 3, true),
         ] {
+            let hd = *xsh.last().expect("a hidden size");
             let what = format!(
                 "lora_swiglu_mlp {xsh:?} I {inter} r {r}/{r2} x {track_x} {} (adapters {})",
                 dt(dtype),
@@ -1324,14 +1327,14 @@ fn swiglu_mlp(dev: &Device) -> Result<()> {
             );
             let sd = |tag: &str| seed(&format!("{what} {tag}"));
             let x = randn(xsh, dtype, dev, sd("x"))?;
-            let w_gu = randn_scaled(&[2 * inter, H], 0.0, 0.15, dtype, dev, sd("wgu"))?;
-            let w_d = randn_scaled(&[H, inter], 0.0, 0.15, dtype, dev, sd("wd"))?;
+            let w_gu = randn_scaled(&[2 * inter, hd], 0.0, 0.15, dtype, dev, sd("wgu"))?;
+            let w_d = randn_scaled(&[hd, inter], 0.0, 0.15, dtype, dev, sd("wd"))?;
             let f = |rows: usize, cols: usize, tag: &str| -> Result<candle_core::Var> {
                 var(&randn_scaled(&[rows, cols], 0.0, 0.3, adt, dev, sd(tag))?)
             };
-            let (ag, bg) = (f(r, H, "ag")?, f(inter, r, "bg")?);
-            let (au, bu) = (f(r, H, "au")?, f(inter, r, "bu")?);
-            let (ad, bd) = (f(r2, inter, "ad")?, f(H, r2, "bd")?);
+            let (ag, bg) = (f(r, hd, "ag")?, f(inter, r, "bg")?);
+            let (au, bu) = (f(r, hd, "au")?, f(inter, r, "bu")?);
+            let (ad, bd) = (f(r2, inter, "ad")?, f(hd, r2, "bd")?);
             let (s_gu, s_d) = (8.0 / (3.0 * r as f64), 2.0 / r2 as f64);
             let m = LoraMlp {
                 w_gate_up: &w_gu,
