@@ -20,18 +20,21 @@
 // (blockIdx.y, stride gridDim.y). It stages its columns' factors (B's rows, A_d's columns) in
 // shared memory once, and each row tile's H (and G_d) rows (zero past r and past the matrix:
 // the rank is padded to a multiple of 16, the mma K); each warp computes a 16 x 32 piece of the
-// low-rank products on the tensor cores (mma.sync m16n8k16, f32 accumulators). The products go
-// through shared memory (f32, over the row tile's staged factors) so that the pass over yb,
-// dab, act and dgu reads and writes whole 16-byte packs, each row of the tile as 128
-// contiguous bytes. All arithmetic in f32, each output rounded once.
+// low-rank products on the tensor cores (mma.sync m16n8k16, f32 accumulators) and finishes its
+// piece in place: each thread reads yb (and dab) as element pairs at its accumulators'
+// positions (a warp's pairs cover 64 contiguous bytes of each of 16 rows), adds the products
+// and writes act (dgu) there. All arithmetic in f32, each output rounded once.
 //
-// The kernel is bound by memory, so what matters is how many loads are in flight: every load
-// of a row tile (its yb and dab packs, its H and G_d rows) is issued by each thread at once,
-// into registers, one tile ahead (during the previous tile's pass), and the staging of the
-// factors likewise loads every pack before writing any to shared memory (16-byte reads where
-// the rank is a multiple of 8). An earlier build staged element by element, one dependent
-// load after another: 431 / 702 µs forward / backward per Llama-3.1-8B layer at 4,096 tokens,
-// against 119 / 205 µs for the plain SwiGLU kernels.
+// The kernel is bound by how many loads are in flight: each thread issues every load of a row
+// tile at once (its yb and dab pairs, its packs of the H and G_d rows), the factor staging
+// loads every pack before writing any (16-byte reads where the rank is a multiple of 8), and
+// the backward loads each tile one tile ahead. Measured (bench/dev/lora_swiglu_bench.cu, H100,
+// 4,096 x 14,336, ranks 16; 8 row tiles per block): staging element by element, one dependent
+// load after another, 395 / 663 µs forward / backward; loads grouped and the products through
+// shared memory, 234 / 435; this layout, 224 / 436 with both kernels one tile ahead; the
+// forward loading at the top of its tile (96 registers, 5 blocks per SM) about 208, the
+// backward held to 128 registers (4 blocks) about 424. A device-to-device copy of the forward's
+// 352 MB takes 122 µs.
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -71,10 +74,7 @@ struct Products {
 };
 template <typename T> struct Smem {
   ColumnInputs<T> col;
-  union {
-    RowInputs<T> in;
-    Products out;
-  };
+  RowInputs<T> in;
 };
 
 __device__ __forceinline__ int pad16(int r) { return (r + 15) & ~15; }
@@ -145,20 +145,32 @@ static_assert(NP * LSW_THREADS == LSW_TM * PPR, "the tile's packs split evenly")
 static_assert(HP >= 1 && GP >= 1, "the staging packs fit the threads");
 
 template <typename T> struct Tile {
-  P8<T> g[NP], u[NP], d[NP];
+  unsigned g[8], u[8], d[8];  // (n, half) -> bf16x2 at the mma accumulator's position
   RowPacks<T, HP> h;
   RowPacks<T, GP> gd;
 };
 
+template <typename T> __device__ __forceinline__ float2 unpack2(unsigned w) {
+  Pack<T, 2> p;
+  *reinterpret_cast<unsigned *>(&p) = w;
+  return make_float2(to_f(p.v[0]), to_f(p.v[1]));
+}
+template <typename T> __device__ __forceinline__ unsigned pack2(float a, float b) {
+  Pack<T, 2> p;
+  p.v[0] = from_f<T>(a);
+  p.v[1] = from_f<T>(b);
+  return *reinterpret_cast<unsigned *>(&p);
+}
+
 }  // namespace lsw
 
-template <typename T>
+template <typename T, bool backward>
 __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const T *__restrict__ h,
                                                  const T *__restrict__ b, const T *__restrict__ dab,
                                                  const T *__restrict__ gd,
                                                  const T *__restrict__ ad, T *__restrict__ out,
                                                  long long rows, int inter, int r, int r2,
-                                                 float s, bool backward) {
+                                                 float s) {
   using namespace lsw;
   static_assert(VecWidth<T>::value == 8, "16-bit element types");
   __shared__ __align__(16) Smem<T> sm;
@@ -173,18 +185,17 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
   const bool vec_g = backward && (r2 & 7) == 0 && aligned16(gd);
 
   // This thread's loads of row tile rt (none past the matrix).
+  const int lane = threadIdx.x & 31, lg = lane >> 2, lt = lane & 3;
   auto load_tile = [&](long long rt, Tile<T> &L) {
     const long long r0 = rt * LSW_TM;
 #pragma unroll
-    for (int j = 0; j < NP; ++j) {
-      const int p = threadIdx.x + j * LSW_THREADS;
-      const int i = p / PPR, cp = (p - i * PPR) * 8;
-      const long long row = r0 + i, col = c0 + cp;
+    for (int f = 0; f < 8; ++f) {
+      const long long row = r0 + wr + lg + 8 * (f & 1), col = c0 + wc + (f >> 1) * 8 + 2 * lt;
       if (row < rows && col < inter) {
         const T *yr = yb + row * two_i;
-        L.g[j] = load_pack<T, 8>(yr + col);
-        L.u[j] = load_pack<T, 8>(yr + inter + col);
-        if (backward) L.d[j] = load_pack<T, 8>(dab + row * inter + col);
+        L.g[f] = __ldg(reinterpret_cast<const unsigned *>(yr + col));
+        L.u[f] = __ldg(reinterpret_cast<const unsigned *>(yr + inter + col));
+        if (backward) L.d[f] = __ldg(reinterpret_cast<const unsigned *>(dab + row * inter + col));
       }
     }
     L.h.load(h, 2LL * r, r0, rows, r, kp, 2, vec_h);
@@ -192,7 +203,11 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
   };
 
   Tile<T> cur;
-  if (blockIdx.y < row_tiles) load_tile(blockIdx.y, cur);
+  // The backward loads each tile one tile ahead (during the previous tile's pass); the forward
+  // at the top of its tile: it holds fewer registers so, and more of its blocks fit an SM.
+  if constexpr (backward) {
+    if (blockIdx.y < row_tiles) load_tile(blockIdx.y, cur);
+  }
 
   // The column tile's factors, once per block: B_p's rows c0.. (zero past I: each half ends at
   // I) and A_d's columns c0.. (read along A_d's rows, written transposed).
@@ -253,101 +268,78 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
 
   for (long long rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
     const long long r0 = rt * LSW_TM;
-    __syncthreads();  // the previous tile's pass is done with the products
+    if constexpr (!backward) load_tile(rt, cur);
+    __syncthreads();  // every warp's mma of the previous tile is done with the row inputs
     cur.h.store(sm.in.h, kp, 2);
     if (backward) cur.gd.store(&sm.in.gd, kp2, 1);
     __syncthreads();
-    // Each warp computes its 16 x 32 piece of the two (three) products into registers; the
-    // products then go over the staged inputs, so every warp's mma must be done first.
-    {
-      const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-      float c[3][4][4];
+    float c[3][4][4];
 #pragma unroll
-      for (int q = 0; q < 3; ++q)
+    for (int q = 0; q < 3; ++q)
 #pragma unroll
-        for (int n = 0; n < 4; ++n)
+      for (int n = 0; n < 4; ++n)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) c[q][n][e] = 0.f;
-      const int nq = backward ? 3 : 2;
-      for (int q = 0; q < nq; ++q) {
-        const T(*a)[KP] = q < 2 ? sm.in.h[q] : sm.in.gd;
-        const T(*bm)[KP] = q < 2 ? sm.col.b[q] : sm.col.at;
-        const int kq = q < 2 ? kp : kp2;
-        for (int k0 = 0; k0 < kq; k0 += 16) {
-          unsigned af[4];
-          af[0] = *reinterpret_cast<const unsigned *>(&a[wr + g][k0 + 2 * t]);
-          af[1] = *reinterpret_cast<const unsigned *>(&a[wr + g + 8][k0 + 2 * t]);
-          af[2] = *reinterpret_cast<const unsigned *>(&a[wr + g][k0 + 2 * t + 8]);
-          af[3] = *reinterpret_cast<const unsigned *>(&a[wr + g + 8][k0 + 2 * t + 8]);
-#pragma unroll
-          for (int n = 0; n < 4; ++n) {
-            const T *bn = bm[wc + n * 8 + g];
-            const unsigned b0 = *reinterpret_cast<const unsigned *>(bn + k0 + 2 * t);
-            const unsigned b1 = *reinterpret_cast<const unsigned *>(bn + k0 + 2 * t + 8);
-            mma16816<T>(c[q][n], af, b0, b1);
-          }
-        }
-      }
-      __syncthreads();  // every warp has read the row inputs: the products go over them
-      for (int q = 0; q < nq; ++q)
+        for (int e = 0; e < 4; ++e) c[q][n][e] = 0.f;
+    const int nq = backward ? 3 : 2;
+    for (int q = 0; q < nq; ++q) {
+      const T(*a)[KP] = q < 2 ? sm.in.h[q] : sm.in.gd;
+      const T(*bm)[KP] = q < 2 ? sm.col.b[q] : sm.col.at;
+      const int kq = q < 2 ? kp : kp2;
+      for (int k0 = 0; k0 < kq; k0 += 16) {
+        unsigned af[4];
+        af[0] = *reinterpret_cast<const unsigned *>(&a[wr + lg][k0 + 2 * lt]);
+        af[1] = *reinterpret_cast<const unsigned *>(&a[wr + lg + 8][k0 + 2 * lt]);
+        af[2] = *reinterpret_cast<const unsigned *>(&a[wr + lg][k0 + 2 * lt + 8]);
+        af[3] = *reinterpret_cast<const unsigned *>(&a[wr + lg + 8][k0 + 2 * lt + 8]);
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
-          const int col = wc + n * 8 + 2 * t;
-          sm.out.l[q][wr + g][col] = c[q][n][0];
-          sm.out.l[q][wr + g][col + 1] = c[q][n][1];
-          sm.out.l[q][wr + g + 8][col] = c[q][n][2];
-          sm.out.l[q][wr + g + 8][col + 1] = c[q][n][3];
+          const T *bn = bm[wc + n * 8 + lg];
+          const unsigned b0 = *reinterpret_cast<const unsigned *>(bn + k0 + 2 * lt);
+          const unsigned b1 = *reinterpret_cast<const unsigned *>(bn + k0 + 2 * lt + 8);
+          mma16816<T>(c[q][n], af, b0, b1);
         }
-    }
-    __syncthreads();
-    // The next tile's loads go out now: they are in flight during this tile's pass.
-    Tile<T> nxt;
-    if (rt + gridDim.y < row_tiles) load_tile(rt + gridDim.y, nxt);
-#pragma unroll
-    for (int j = 0; j < NP; ++j) {
-      const int p = threadIdx.x + j * LSW_THREADS;
-      const int i = p / PPR, cp = (p - i * PPR) * 8;
-      const long long row = r0 + i, col = c0 + cp;
-      if (row >= rows || col >= inter) continue;
-      if (!backward) {
-        P8<T> o;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float gv = to_f(cur.g[j].v[e]) + s * sm.out.l[0][i][cp + e];
-          const float uv = to_f(cur.u[j].v[e]) + s * sm.out.l[1][i][cp + e];
-          o.v[e] = from_f<T>(gv * sigmoid_f(gv) * uv);
-        }
-        store_pack<T, 8>(out + row * inter + col, o);
-      } else {
-        P8<T> dg, du;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float gv = to_f(cur.g[j].v[e]) + s * sm.out.l[0][i][cp + e];
-          const float uv = to_f(cur.u[j].v[e]) + s * sm.out.l[1][i][cp + e];
-          const float d = to_f(cur.d[j].v[e]) + sm.out.l[2][i][cp + e];
-          const float sg = sigmoid_f(gv);
-          dg.v[e] = from_f<T>(d * uv * sg * (1.0f + gv * (1.0f - sg)));
-          du.v[e] = from_f<T>(d * gv * sg);
-        }
-        store_pack<T, 8>(out + row * two_i + col, dg);
-        store_pack<T, 8>(out + row * two_i + inter + col, du);
       }
     }
-    cur = nxt;
+    // The backward's next tile's loads go out now: they are in flight during this tile's pass.
+    Tile<T> nxt;
+    if constexpr (backward) {
+      if (rt + gridDim.y < row_tiles) load_tile(rt + gridDim.y, nxt);
+    }
+#pragma unroll
+    for (int f = 0; f < 8; ++f) {
+      const int n = f >> 1, hh = f & 1;
+      const long long row = r0 + wr + lg + 8 * hh, col = c0 + wc + n * 8 + 2 * lt;
+      if (row >= rows || col >= inter) continue;
+      const float2 yg = unpack2<T>(cur.g[f]), yu = unpack2<T>(cur.u[f]);
+      const float g0 = yg.x + s * c[0][n][2 * hh], g1 = yg.y + s * c[0][n][2 * hh + 1];
+      const float u0 = yu.x + s * c[1][n][2 * hh], u1 = yu.y + s * c[1][n][2 * hh + 1];
+      const float s0 = sigmoid_f(g0), s1 = sigmoid_f(g1);
+      if (!backward) {
+        *reinterpret_cast<unsigned *>(out + row * inter + col) = pack2<T>(g0 * s0 * u0, g1 * s1 * u1);
+      } else {
+        const float2 yd = unpack2<T>(cur.d[f]);
+        const float d0 = yd.x + c[2][n][2 * hh], d1 = yd.y + c[2][n][2 * hh + 1];
+        T *o = out + row * two_i + col;
+        *reinterpret_cast<unsigned *>(o) = pack2<T>(d0 * u0 * s0 * (1.0f + g0 * (1.0f - s0)),
+                                                    d1 * u1 * s1 * (1.0f + g1 * (1.0f - s1)));
+        *reinterpret_cast<unsigned *>(o + inter) = pack2<T>(d0 * g0 * s0, d1 * g1 * s1);
+      }
+    }
+    if constexpr (backward) cur = nxt;
   }
 }
 
 #define LORA_SWIGLU_OP(T, SUFFIX)                                                                  \
-  extern "C" __global__ void __launch_bounds__(LSW_THREADS)                                        \
+  extern "C" __global__ void __launch_bounds__(LSW_THREADS, 5)                                     \
       lora_swiglu_fwd_##SUFFIX(const T *yb, const T *h, const T *b, T *act, long long rows,        \
                                int inter, int r, float s) {                                        \
-    lora_swiglu_body<T>(yb, h, b, nullptr, nullptr, nullptr, act, rows, inter, r, 0, s, false);    \
+    lora_swiglu_body<T, false>(yb, h, b, nullptr, nullptr, nullptr, act, rows, inter, r, 0, s);    \
   }                                                                                                \
-  extern "C" __global__ void __launch_bounds__(LSW_THREADS)                                        \
+  extern "C" __global__ void __launch_bounds__(LSW_THREADS, 4)                                     \
       lora_swiglu_bwd_##SUFFIX(const T *yb, const T *h, const T *b, const T *dab, const T *gd,     \
                                const T *ad, T *dgu, long long rows, int inter, int r, int r2,      \
                                float s) {                                                          \
-    lora_swiglu_body<T>(yb, h, b, dab, gd, ad, dgu, rows, inter, r, r2, s, true);                  \
+    lora_swiglu_body<T, true>(yb, h, b, dab, gd, ad, dgu, rows, inter, r, r2, s);                  \
   }
 
 LORA_SWIGLU_OP(__nv_bfloat16, bf16)

@@ -241,27 +241,42 @@ fn grouped_projections_match_separate(dev: &Device) -> Result<()> {
     if dev.is_cuda() {
         // bf16 on CUDA at head dim 64: the packed attention runs its fused path (flare's
         // kernel; f32 and head dim 4 take the composed one), so the grouped q/k/v path is
-        // compared end to end there too. The two runs differ in the order of bf16 sums only.
-        // With the fused MLP on, `lora_swiglu_mlp` runs its CUDA op (bf16, ranks and sizes in
-        // its kernels' reach), plain and checkpointed.
+        // compared end to end there too; it differs from the separate path in the order of
+        // bf16 sums only. With the fused MLP on, `lora_swiglu_mlp` runs its CUDA op (bf16,
+        // ranks and sizes in its kernels' reach), plain and checkpointed; it rounds at other
+        // points (the low-rank terms join the base outputs in f32 inside its kernels, where the
+        // separate path rounds them to bf16 first), and the logits differ by about 1.3e-2
+        // (measured on an H100). The logits are compared, not the loss: a sum of the logits
+        // with random signs, it cancels, and its relative difference is several times the
+        // logits' (0.11 for that 1.3e-2).
         let (mut model, vars) = lora_model_of(head_dim_64_config()?, dev, DType::BF16, 0.0)?;
+        let ids = Tensor::new(&[[3u32, 17, 40, 0, 9, 22, 5], [1, 2, 3, 4, 5, 6, 7]], dev)?;
         for (fused, ckpt) in [(false, false), (true, false), (true, true)] {
             let what = format!("bf16, fused MLP {fused}, checkpointing {ckpt}");
             model.set_gradient_checkpointing(ckpt);
+            model.set_grouped_projections(false);
+            model.set_fused_mlp(false);
+            let sep_logits = model.forward(&ids)?;
+            let (sep_loss, sep) = loss_and_grads(&model, &vars)?;
             model.set_grouped_projections(true);
             model.set_fused_mlp(fused);
-            let (loss, grads) = loss_and_grads(&model, &vars)?;
-            model.set_fused_mlp(false);
-            model.set_grouped_projections(false);
-            let (sep_loss, sep) = loss_and_grads(&model, &vars)?;
-            assert!(
-                (loss - sep_loss).abs() <= 2e-2 * sep_loss.abs(),
-                "{what}: loss {loss} vs {sep_loss}"
-            );
+            let logits = model.forward(&ids)?;
+            let (_, grads) = loss_and_grads(&model, &vars)?;
+            let e = rel_err(&logits, &sep_logits)?;
+            assert!(e <= 2e-2, "{what}: logits rel err {e}");
             for (i, (g, p)) in grads.iter().zip(&sep).enumerate() {
                 let e = rel_err(g, p)?;
                 assert!(e <= 5e-2, "{what}: gradient {i}: rel err {e}");
             }
+            // The grouped (fused) run leaves the model as it found it: the separate path gives
+            // the same loss after it.
+            model.set_fused_mlp(false);
+            model.set_grouped_projections(false);
+            let (after, _) = loss_and_grads(&model, &vars)?;
+            assert!(
+                (after - sep_loss).abs() <= 1e-6 * sep_loss.abs(),
+                "{what}: the separate path's loss moved from {sep_loss} to {after} across the run"
+            );
         }
     }
     Ok(())
