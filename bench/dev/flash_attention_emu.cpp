@@ -99,27 +99,10 @@ template <typename F> static void fa_launch(dim3 grid, dim3 block, size_t dyn_sm
 
 // ---- one case ---------------------------------------------------------------------------------
 
-using bf16 = __nv_bfloat16;
-using f16 = __half;
 static std::mt19937_64 rng(7);
 
-template <typename T> static float tof(T x) {
-  if constexpr (std::is_same_v<T, bf16>)
-    return __bfloat162float(x);
-  else
-    return __half2float(x);
-}
-template <typename T> static T fromf(float x) {
-  if constexpr (std::is_same_v<T, bf16>)
-    return __float2bfloat16_rn(x);
-  else
-    return __float2half_rn(x);
-}
 template <typename T> static std::vector<T> rand_vec(size_t n, float sd) {
-  std::normal_distribution<float> nd(0.f, sd);
-  std::vector<T> v(n);
-  for (auto &x : v) x = fromf<T>(nd(rng));
-  return v;
+  return emu_rand_vec<T>(n, sd, rng);
 }
 template <typename T> static std::vector<double> dbl(const std::vector<T> &v) {
   std::vector<double> r(v.size());

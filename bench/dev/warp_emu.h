@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <random>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -170,4 +171,29 @@ static void emu_launch(dim3 grid, dim3 block, size_t dyn_smem, F body, Exit at_e
 
 template <typename F> static void emu_launch(dim3 grid, dim3 block, size_t dyn_smem, F body) {
   emu_launch(grid, block, dyn_smem, body, [] {});
+}
+
+// ---- host-side values ------------------------------------------------------------------------
+
+using bf16 = __nv_bfloat16;
+using f16 = __half;
+
+template <typename T> static float tof(T x) {
+  if constexpr (std::is_same_v<T, bf16>)
+    return __bfloat162float(x);
+  else
+    return __half2float(x);
+}
+template <typename T> static T fromf(float x) {
+  if constexpr (std::is_same_v<T, bf16>)
+    return __float2bfloat16_rn(x);
+  else
+    return __float2half_rn(x);
+}
+// n values drawn from N(0, sd²) by `rng`, rounded to T.
+template <typename T> static std::vector<T> emu_rand_vec(size_t n, float sd, std::mt19937_64 &rng) {
+  std::normal_distribution<float> nd(0.f, sd);
+  std::vector<T> v(n);
+  for (auto &x : v) x = fromf<T>(nd(rng));
+  return v;
 }
