@@ -45,6 +45,11 @@ T0=$(date +%s)
 #              (ANCHOR_COMPILE_05B=0 drops compile), no checkpointing
 #   graph      the captured training pass (FLARE_STEP_GRAPH): its tests, then flare alone on the
 #              Qwen2-0.5B shape at 4x512,8x1024 with the graph on and off (FLARE_STEP_GRAPH=0)
+#   mlp8b      the fused LoRA MLP (`--fused-mlp`): its tests (lora::swiglu_mlp,
+#              checkpointing::grouped_projections*), its kernels alone (bench/dev/lora_swiglu_bench.cu,
+#              built there with nvcc; LSW_VARIANTS, space-separated folders each holding a variant
+#              lora_swiglu.cu, are built and timed after it), then flare's 1x4096 step of the 8B
+#              shape with the fused MLP off and on, alternated three times
 # ANCHOR_CKPT_8B (default both; off or on) picks the 8B anchor's checkpointing.
 # ANCHOR_IMPLS_8B / ANCHOR_IMPLS_05B (default eager,liger) pick the anchor's configurations
 # besides compile (e.g. liger alone, to fit a short device budget).
@@ -445,6 +450,39 @@ if want profile8b; then
   step "profile: flare bench train, qwen2-0.5b 4x512,8x1024" traced trace_flare_train05b timeout 100 \
     "$BIN/flare" bench train --device cuda --config qwen2-0.5b --shapes 4x512,8x1024 \
     --gradient-checkpointing off
+fi
+run_mlp_tests() {
+  timeout 120 "$BIN/it" --test-threads=1 swiglu_mlp grouped_projections 2>&1 | tee "$OUT/mlp_tests.log" |
+    grep -E "^test |panicked|rel err|test result"
+  return "${PIPESTATUS[0]}"
+}
+run_lsw_bench() {
+  local nvcc v
+  nvcc=$(command -v nvcc || ls /usr/local/cuda*/bin/nvcc 2>/dev/null | head -1)
+  [ -n "$nvcc" ] || { echo "nvcc not found"; return 1; }
+  "$nvcc" -O3 -arch=sm_90 -I crates/flare-kernels/src/cu bench/dev/lora_swiglu_bench.cu \
+    -o /tmp/lsw_bench || return 1
+  /tmp/lsw_bench | tee "$OUT/lsw_bench.log" || return 1
+  for v in ${LSW_VARIANTS:-}; do
+    echo "--- variant $v" | tee -a "$OUT/lsw_bench.log"
+    "$nvcc" -O3 -arch=sm_90 -I "$v" -I crates/flare-kernels/src/cu bench/dev/lora_swiglu_bench.cu \
+      -o /tmp/lsw_variant && /tmp/lsw_variant | tee -a "$OUT/lsw_bench.log"
+  done
+}
+run_mlp_ab() {
+  local f i
+  for i in 1 2 3; do
+    for f in false true; do
+      printf 'fused MLP %-5s ' "$f" | tee -a "$OUT/mlp_ab.log"
+      timeout 100 "$BIN/flare" bench train --device cuda --config llama-3.1-8b --shapes 1x4096 \
+        --gradient-checkpointing off --fused-mlp "$f" 2>&1 | tail -1 | tee -a "$OUT/mlp_ab.log"
+    done
+  done
+}
+if want mlp8b; then
+  step "fused MLP tests" run_mlp_tests
+  step "lora_swiglu kernels alone" run_lsw_bench
+  step "flare 1x4096, fused MLP off and on" run_mlp_ab
 fi
 if want sanitizer; then
 step "compute-sanitizer memcheck (cuda tests)" run_sanitizer
