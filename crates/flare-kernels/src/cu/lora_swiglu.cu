@@ -53,8 +53,6 @@ namespace lsw {
 // Staged factor rows: the rank padded to the mma K (16) plus 8 elements, so that the 32-bit
 // fragment reads of one warp hit distinct banks.
 constexpr int KP = LSW_MAX_RANK + 8;
-// f32 product tiles, rows padded by 4.
-constexpr int LP = LSW_TN + 4;
 
 // Staged per column tile, once per block: B_g, B_u rows of the tile's columns and (backward)
 // A_d's columns.
@@ -66,11 +64,6 @@ template <typename T> struct ColumnInputs {
 template <typename T> struct RowInputs {
   T h[2][LSW_TM][KP];
   T gd[LSW_TM][KP];
-};
-// The products (g, u, and the backward's activation term), over the row inputs once the mma
-// are done.
-struct Products {
-  float l[3][LSW_TM][LP];
 };
 template <typename T> struct Smem {
   ColumnInputs<T> col;
@@ -105,49 +98,59 @@ __device__ __forceinline__ P8<T> load_p8(const T *src, long long ld, long long r
   return v;
 }
 
-// The row-staged inputs of `np` halves (H_g and H_u, or G_d alone): half q's row i holds
-// src[(row0 + i) * ld + q * r + k] for k < kp (zero past `rows` or `r`). Pack p of the staging
-// is half p / (LSW_TM · kp / 8), row (p / (kp / 8)) % LSW_TM, columns (p % (kp / 8)) · 8 ..
-template <typename T, int MAXP> struct RowPacks {
+// The staging of `np` halves of N rows each (H_g and H_u or G_d alone, N = LSW_TM; B_g and B_u,
+// N = LSW_TN): half q's row i holds src[q * half + (row0 + i) * ld + k] for k < kp (zero past
+// `rows` or `r`). Pack p of the staging is half p / (N · kp / 8), row (p / (kp / 8)) % N,
+// columns (p % (kp / 8)) · 8 ..
+template <typename T, int MAXP, int N> struct RowPacks {
   P8<T> v[MAXP];
-  __device__ __forceinline__ void load(const T *src, long long ld, long long row0, long long rows,
-                                       int r, int kp, int np, bool vec) {
-    const int ppr = kp >> 3, total = np * LSW_TM * ppr;
+  // Pack p's half, row and first column.
+  __device__ __forceinline__ static void at(int p, int ppr, int &q, int &i, int &k0) {
+    q = p / (N * ppr);
+    const int w = p - q * N * ppr;
+    i = w / ppr;
+    k0 = (w - i * ppr) * 8;
+  }
+  __device__ __forceinline__ void load(const T *src, long long half, long long ld,
+                                       long long row0, long long rows, int r, int kp, int np,
+                                       bool vec) {
+    const int ppr = kp >> 3, total = np * N * ppr;
 #pragma unroll
     for (int j = 0; j < MAXP; ++j) {
       const int p = threadIdx.x + j * LSW_THREADS;
       if (p < total) {
-        const int q = p / (LSW_TM * ppr), w = p - q * LSW_TM * ppr, i = w / ppr;
-        v[j] = load_p8<T>(src + q * r, ld, row0 + i, rows, (w - i * ppr) * 8, r, vec);
+        int q, i, k0;
+        at(p, ppr, q, i, k0);
+        v[j] = load_p8<T>(src + q * half, ld, row0 + i, rows, k0, r, vec);
       }
     }
   }
-  __device__ __forceinline__ void store(T (*dst)[LSW_TM][KP], int kp, int np) const {
-    const int ppr = kp >> 3, total = np * LSW_TM * ppr;
+  __device__ __forceinline__ void store(T (*dst)[N][KP], int kp, int np) const {
+    const int ppr = kp >> 3, total = np * N * ppr;
 #pragma unroll
     for (int j = 0; j < MAXP; ++j) {
       const int p = threadIdx.x + j * LSW_THREADS;
       if (p < total) {
-        const int q = p / (LSW_TM * ppr), w = p - q * LSW_TM * ppr, i = w / ppr;
-        *reinterpret_cast<P8<T> *>(&dst[q][i][(w - i * ppr) * 8]) = v[j];
+        int q, i, k0;
+        at(p, ppr, q, i, k0);
+        *reinterpret_cast<P8<T> *>(&dst[q][i][k0]) = v[j];
       }
     }
   }
 };
 
-// One row tile's inputs, loaded into registers a tile ahead: this thread's packs of yb (gate
-// and up) and of dab, and the tile's packs of H and G_d for the staging.
-constexpr int PPR = LSW_TN / 8;                   // packs per row of the column tile
-constexpr int NP = LSW_TM * PPR / LSW_THREADS;    // yb / dab packs per thread
+// One row tile's inputs in registers: this thread's element pairs of yb (gate and up) and of
+// dab at its mma accumulators' positions, and its packs of the tile's H and G_d rows.
+constexpr int PPR = LSW_TN / 8;  // packs per row of the column tile
 constexpr int HP = 2 * LSW_TM * (LSW_MAX_RANK / 8) / LSW_THREADS;  // H packs per thread
 constexpr int GP = LSW_TM * (LSW_MAX_RANK / 8) / LSW_THREADS;      // G_d packs per thread
-static_assert(NP * LSW_THREADS == LSW_TM * PPR, "the tile's packs split evenly");
-static_assert(HP >= 1 && GP >= 1, "the staging packs fit the threads");
+constexpr int BP = 2 * LSW_TN * (LSW_MAX_RANK / 8) / LSW_THREADS;  // B packs per thread
+static_assert(HP >= 1 && GP >= 1 && BP >= 1, "the staging packs fit the threads");
 
 template <typename T> struct Tile {
   unsigned g[8], u[8], d[8];  // (n, half) -> bf16x2 at the mma accumulator's position
-  RowPacks<T, HP> h;
-  RowPacks<T, GP> gd;
+  RowPacks<T, HP, LSW_TM> h;
+  RowPacks<T, GP, LSW_TM> gd;
 };
 
 template <typename T> __device__ __forceinline__ float2 unpack2(unsigned w) {
@@ -198,8 +201,9 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
         if (backward) L.d[f] = __ldg(reinterpret_cast<const unsigned *>(dab + row * inter + col));
       }
     }
-    L.h.load(h, 2LL * r, r0, rows, r, kp, 2, vec_h);
-    if (backward) L.gd.load(gd, r2, r0, rows, r2, kp2, 1, vec_g);
+    // H's rows are [H_g | H_u]: the halves r elements apart in one row.
+    L.h.load(h, r, 2LL * r, r0, rows, r, kp, 2, vec_h);
+    if (backward) L.gd.load(gd, 0, r2, r0, rows, r2, kp2, 1, vec_g);
   };
 
   Tile<T> cur;
@@ -212,19 +216,11 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
   // The column tile's factors, once per block: B_p's rows c0.. (zero past I: each half ends at
   // I) and A_d's columns c0.. (read along A_d's rows, written transposed).
   {
-    constexpr int BP = 2 * LSW_TN * (LSW_MAX_RANK / 8) / LSW_THREADS;
     constexpr int AP = LSW_MAX_RANK * PPR / LSW_THREADS;
-    const int ppr = kp >> 3, btotal = 2 * LSW_TN * ppr;
-    P8<T> bv[BP], av[AP];
-#pragma unroll
-    for (int j = 0; j < BP; ++j) {
-      const int p = threadIdx.x + j * LSW_THREADS;
-      if (p < btotal) {
-        const int q = p / (LSW_TN * ppr), w = p - q * LSW_TN * ppr, i = w / ppr;
-        const T *bq = b + (long long)q * inter * r;
-        bv[j] = load_p8<T>(bq, r, c0 + i, inter, (w - i * ppr) * 8, r, (r & 7) == 0 && aligned16(bq));
-      }
-    }
+    // B's halves are whole matrices I · r elements apart (I % 8 == 0: both aligned alike).
+    RowPacks<T, BP, LSW_TN> bv;
+    bv.load(b, (long long)inter * r, r, c0, inter, r, kp, 2, (r & 7) == 0 && aligned16(b));
+    P8<T> av[AP];
     const int atotal = kp2 * PPR;
     const bool vec_a = aligned16(ad);
 #pragma unroll
@@ -247,14 +243,7 @@ __device__ __forceinline__ void lora_swiglu_body(const T *__restrict__ yb, const
         }
       }
     }
-#pragma unroll
-    for (int j = 0; j < BP; ++j) {
-      const int p = threadIdx.x + j * LSW_THREADS;
-      if (p < btotal) {
-        const int q = p / (LSW_TN * ppr), w = p - q * LSW_TN * ppr, i = w / ppr;
-        *reinterpret_cast<P8<T> *>(&sm.col.b[q][i][(w - i * ppr) * 8]) = bv[j];
-      }
-    }
+    bv.store(sm.col.b, kp, 2);
 #pragma unroll
     for (int j = 0; j < AP; ++j) {
       const int p = threadIdx.x + j * LSW_THREADS;

@@ -677,8 +677,8 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
                 // first..first+n of T rows) and the dB piece's rows first..first+n (out·r
                 // elements of `pb.c_type()` from `off` inside its buffer, `packed` or the f32
                 // `packed_f` when split, or from the `factors_into` address; disjoint, aligned
-                // as for dA, the blocks summing to out) on this device; guards held. The mixed types are the supported bf16/f16
-                // A and B with f32 C/D, as for dA.
+                // as for dA, the blocks summing to out) on this device; guards held. The mixed
+                // types are the supported bf16/f16 A and B with f32 C/D, as for dA.
                 unsafe { gemm.matmul(&pb, hg, dyg, dbg, s, 0.0) }
                     .map_err(crate::Error::into_candle)?;
             }
