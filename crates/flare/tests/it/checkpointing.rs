@@ -60,11 +60,19 @@ fn lora_model_of(
     Ok((model, vars))
 }
 
+/// The two rows of token ids the model tests here run on.
+fn token_ids(dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::new(
+        &[[3u32, 17, 40, 0, 9, 22, 5], [1, 2, 3, 4, 5, 6, 7]],
+        dev,
+    )?)
+}
+
 /// The loss (a weighted sum of the logits, weights fixed) and every variable's gradient, after
 /// merging the checkpointed layers' gradients.
 fn loss_and_grads(model: &Transformer, vars: &[Var]) -> Result<(f64, Vec<Tensor>)> {
     let dev = model.device();
-    let ids = Tensor::new(&[[3u32, 17, 40, 0, 9, 22, 5], [1, 2, 3, 4, 5, 6, 7]], dev)?;
+    let ids = token_ids(dev)?;
     let logits = model.forward(&ids)?;
     let w = randn_scaled(
         logits.dims(),
@@ -250,7 +258,7 @@ fn grouped_projections_match_separate(dev: &Device) -> Result<()> {
         // with random signs, it cancels, and its relative difference is several times the
         // logits' (0.11 for that 1.3e-2).
         let (mut model, vars) = lora_model_of(head_dim_64_config()?, dev, DType::BF16, 0.0)?;
-        let ids = Tensor::new(&[[3u32, 17, 40, 0, 9, 22, 5], [1, 2, 3, 4, 5, 6, 7]], dev)?;
+        let ids = token_ids(dev)?;
         for (fused, ckpt) in [(false, false), (true, false), (true, true)] {
             let what = format!("bf16, fused MLP {fused}, checkpointing {ckpt}");
             model.set_gradient_checkpointing(ckpt);
@@ -300,7 +308,7 @@ fn grouped_projections_skip_separate_gemms(dev: &Device) -> Result<()> {
     }
     let layers = 2;
     let (mut model, _vars) = lora_model_of(head_dim_64_config()?, dev, DType::BF16, 0.0)?;
-    let ids = Tensor::new(&[[3u32, 17, 40, 0, 9, 22, 5], [1, 2, 3, 4, 5, 6, 7]], dev)?;
+    let ids = token_ids(dev)?;
     let mut count = |grouped: bool, fused: bool| -> Result<usize> {
         model.set_grouped_projections(grouped);
         model.set_fused_mlp(fused);
