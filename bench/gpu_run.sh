@@ -50,6 +50,10 @@ T0=$(date +%s)
 #              built there with nvcc; LSW_VARIANTS, space-separated folders each holding a variant
 #              lora_swiglu.cu, are built and timed after it), then flare's 1x4096 step of the 8B
 #              shape with the fused MLP off and on, alternated three times
+#   fold       the low-rank terms folded into the frozen GEMMs (bench/dev/fold_probe.py, PyTorch's
+#              cuBLAS): per product flare's sequence against the fold, then both sustained beside
+#              the frozen GEMMs alone; then the vendor floor (bench/dev/step_floor.py) and flare's
+#              1x4096 step of the 8B shape, for the same card
 # ANCHOR_CKPT_8B (default both; off or on) picks the 8B anchor's checkpointing.
 # ANCHOR_IMPLS_8B / ANCHOR_IMPLS_05B (default eager,liger) pick the anchor's configurations
 # besides compile (e.g. liger alone, to fit a short device budget).
@@ -484,6 +488,24 @@ if want mlp8b; then
   step "lora_swiglu kernels alone" run_lsw_bench
   step "flare 1x4096, fused MLP off and on" run_mlp_ab
 fi
+run_fold_probe() {
+  timeout 240 "$PY" bench/dev/fold_probe.py 2>&1 | tee "$OUT/fold_probe.log"
+  return "${PIPESTATUS[0]}"
+}
+run_floor() {
+  timeout 120 "$PY" bench/dev/step_floor.py 2>&1 | tee "$OUT/step_floor.log"
+  return "${PIPESTATUS[0]}"
+}
+run_step8b() {
+  timeout 100 "$BIN/flare" bench train --device cuda --config llama-3.1-8b --shapes 1x4096 \
+    --gradient-checkpointing off 2>&1 | tail -1 | tee "$OUT/step8b.log"
+  return "${PIPESTATUS[0]}"
+}
+if want fold; then
+  step "low-rank terms folded into the frozen GEMMs (PyTorch probe)" run_fold_probe
+  step "vendor floor of the 8B step" run_floor
+  step "flare 1x4096 step of the 8B shape" run_step8b
+fi
 if want sanitizer; then
 step "compute-sanitizer memcheck (cuda tests)" run_sanitizer
 fi
@@ -497,7 +519,7 @@ if [ -f "$OUT/flare_ops.json" ]; then
   python3 bench/report.py --short "$OUT/flare_ops.json" "${TORCH_JSON[@]}" || true
 fi
 for f in flare_train.log torch_train.log flare_train8b.log torch_train8b.log flare_ctx8b.log \
-  torch_ctx8b.log flare_long8b.log flare_train05b.log torch_train05b.log; do
+  torch_ctx8b.log flare_long8b.log flare_train05b.log torch_train05b.log fold_probe.log step8b.log; do
   [ -f "$OUT/$f" ] && { echo; echo "--- $f"; cat "$OUT/$f"; }
 done
 if [ -f "$OUT/lora_report.txt" ]; then
