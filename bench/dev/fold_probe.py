@@ -36,50 +36,10 @@ import subprocess
 
 import torch
 
+from graph_timing import graphed, mm_f32, replay_ms, timed
+
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4096, 14336, 32, 8, 128, 32
 PAD = 64  # spare columns / rows per padded buffer (the largest G·r here is 48)
-
-
-def mm_f32(a, b):
-    """a @ b with an f32 output from bf16 operands, as flare's factor gradients."""
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except TypeError:
-        return a @ b
-
-
-def graphed(fn, burst):
-    """`fn` `burst` times, captured as one CUDA graph after warm-up on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(burst):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    return g
-
-
-def replay_ms(g, times=1):
-    """ms of `times` replays of graph `g`, between two events."""
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(times):
-        g.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b)
-
-
-def timed_us(fn, reps, burst=10):
-    """Median µs per call of `fn`, replayed as a CUDA graph of `burst` calls."""
-    g = graphed(fn, burst)
-    return statistics.median(replay_ms(g) * 1000 / burst for _ in range(reps))
 
 
 class Product:
@@ -100,8 +60,7 @@ class Product:
         self.wp = torch.zeros(out + PAD, inf + PAD, dtype=bf, device=dev)
         self.wp[:out, :inf] = w
         self.wp[out:out + gr, :inf] = self.a
-        self.w = self.wp[:out, :inf]  # flare's W (a view: same values, same row stride here)
-        self.w_plain = w  # contiguous, for the sequences that do not fold
+        self.w_plain = w  # flare's W, contiguous: the sequences that do not fold
         first = 0
         for g, n in enumerate(splits):
             self.wp[first:first + n, inf + g * r:inf + (g + 1) * r] = self.b[first:first + n] * s
@@ -220,11 +179,11 @@ def main():
     save = 0.0
     for p, px, pd in prods:
         for pas, prod in (("fwd", px), ("bwd", pd)):
-            base = timed_us(p.base_fwd if pas == "fwd" else p.base_bwd, a.reps)
-            now = timed_us(p.now_fwd if pas == "fwd" else p.now_bwd, a.reps)
+            base = timed(p.base_fwd if pas == "fwd" else p.base_bwd, a.reps)
+            now = timed(p.now_fwd if pas == "fwd" else p.now_bwd, a.reps)
             fold = p.fold_fwd if pas == "fwd" else p.fold_bwd
-            fc = timed_us(lambda: fold(True), a.reps)
-            fp = timed_us(lambda: fold(False), a.reps)
+            fc = timed(lambda: fold(True), a.reps)
+            fp = timed(lambda: fold(False), a.reps)
             pick = fp if prod else fc
             use_fold = pick < now
             best.append((p, pas, prod, use_fold))

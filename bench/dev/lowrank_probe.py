@@ -12,43 +12,12 @@ Times, per projection shape (in -> out), with CUDA events (median of --reps repl
 - the floor of each: its bytes at the device-to-device copy bandwidth measured here.
 """
 import argparse
-import statistics
 
 import torch
 
+from graph_timing import mm_f32, timed
+
 SHAPES = [("q/o", 4096, 4096), ("k/v", 4096, 1024), ("gate/up", 4096, 14336), ("down", 14336, 4096)]
-def mm_f32(a, b):
-    """a @ b with an f32 output from bf16 operands, as flare's factor gradients."""
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except TypeError:
-        return a @ b
-
-
-def timed(fn, reps, burst=10):
-    """Median us per call of `fn`, replayed as a CUDA graph of `burst` calls (no host cost)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(burst):
-            fn()
-    graph.replay()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) * 1000 / burst)
-    return statistics.median(out)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)

@@ -51,12 +51,13 @@ import ctypes
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 
 import torch
+
+from graph_timing import timed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CU = os.path.normpath(os.path.join(HERE, "..", "..", "crates", "flare-kernels", "src", "cu"))
@@ -544,30 +545,6 @@ def row_plan(elems, max_threads, rows, cols, cap=None):
     if cap is not None:
         grid = min(grid, cap)
     return group, block, max(1, grid)
-
-
-def timed(fn, reps=30, burst=10):
-    """Median us per call of `fn`, replayed as a CUDA graph of `burst` calls (no host cost)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(burst):
-            fn()
-    graph.replay()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) * 1000 / burst)
-    return statistics.median(out)
 
 
 def stream():

@@ -11,11 +11,12 @@ device-to-device copy of the same bytes.
 import argparse
 import ctypes
 import os
-import statistics
 import subprocess
 import tempfile
 
 import torch
+
+from graph_timing import timed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CU = os.path.join(HERE, "..", "..", "crates", "flare-kernels", "src", "cu")
@@ -108,29 +109,6 @@ def build():
     subprocess.run(["nvcc", "-O3", "-arch=sm_90", "-shared", "-Xcompiler", "-fPIC", "-I", CU, "-o", so,
                     src], check=True)
     return ctypes.CDLL(so)
-
-
-def timed(fn, reps=30, burst=10):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(burst):
-            fn()
-    graph.replay()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) * 1000 / burst)
-    return statistics.median(out)
 
 
 def main():
