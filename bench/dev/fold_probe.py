@@ -26,19 +26,26 @@ flare's sequence (`now`) and the fold with a copy and with a producer, forward a
 the factor gradients `dA = Gᵀ x`, `dB = dyᵀ H` (f32 out, as flare's) included in every
 backward. Then, sustained under the card's power limit: one layer's frozen GEMMs alone
 (`base`), with flare's low-rank terms (`now`) and folded (`fold`, each product's cheaper
-variant of those flare could run), each captured as one graph and replayed 32 times per
-"step", the three alternated for --steps steps, with the SM clock sampled by nvidia-smi.
-The per-step difference `now - fold` is what the fold would save in flare's step.
+variant of those flare could run), each captured as one graph and replayed once per layer
+beside the layer's attention forward and backward (cuDNN SDPA), then the LM head's forward
+and input gradient in 1024-row chunks: a step's vendor work. The three are alternated for
+--steps steps with the SM clock and power sampled by nvidia-smi, and each is printed with
+the MFU it reaches alone and with --rest-ms of flare's other kernels (norms, SwiGLU, RoPE,
+loss, optimizer) on top. `now - fold` is what the fold would save in flare's step; `fold`
+plus the rest against the step MFU --mfu needs says whether 55% is within reach on the card.
 """
 import argparse
 import statistics
 import subprocess
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from graph_timing import graphed, mm_f32, replay_ms, timed
+from graph_timing import graphed, mm_f32, timed
+from step_floor import (HEAD_DIM, HEADS, HIDDEN, INTER, KV_HEADS, LAYERS, PEAKS, VOCAB,
+                        flops_per_token)
 
-HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4096, 14336, 32, 8, 128, 32
 PAD = 64  # spare columns / rows per padded buffer (the largest G·r here is 48)
 
 
@@ -152,12 +159,60 @@ def sample_clocks():
         return None
 
 
+def attention(t):
+    """One layer's causal GQA attention forward and backward (SDPA on cuDNN where it runs)."""
+    dev, bf = "cuda", torch.bfloat16
+    q = torch.randn(1, HEADS, t, HEAD_DIM, device=dev, dtype=bf, requires_grad=True)
+    k = torch.randn(1, KV_HEADS, t, HEAD_DIM, device=dev, dtype=bf, requires_grad=True)
+    v = torch.randn(1, KV_HEADS, t, HEAD_DIM, device=dev, dtype=bf, requires_grad=True)
+    do = torch.randn(1, HEADS, t, HEAD_DIM, device=dev, dtype=bf)
+
+    def run(restrict=True):
+        if restrict:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.autograd.grad(o, (q, k, v), do)
+
+    try:
+        run()
+        print("attention: SDPA on cuDNN")
+        return run
+    except RuntimeError:
+        print("attention: SDPA's default backend (cuDNN's refused)")
+        return lambda: run(False)
+
+
+def lm_head_chunks(t, chunk=1024):
+    """The LM head's forward logits and input gradient over `t` rows, `chunk` rows at a time
+    (as flare's fused linear + cross-entropy runs it)."""
+    dev, bf = "cuda", torch.bfloat16
+    w = torch.randn(VOCAB, HIDDEN, device=dev, dtype=bf) * 0.02
+    x = torch.randn(t, HIDDEN, device=dev, dtype=bf)
+    dl = torch.randn(min(chunk, t), VOCAB, device=dev, dtype=bf)
+    logits = torch.empty(min(chunk, t), VOCAB, device=dev, dtype=bf)
+    dx = torch.empty(t, HIDDEN, device=dev, dtype=bf)
+
+    def run():
+        for c in range(0, t, chunk):
+            n = min(chunk, t - c)
+            torch.mm(x[c:c + n], w.t(), out=logits[:n])
+            torch.mm(dl[:n], w, out=dx[c:c + n])
+
+    return run
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--steps", type=int, default=12, help="sustained steps of each sequence")
+    ap.add_argument("--rest-ms", type=float, default=24.0,
+                    help="flare's kernels besides GEMMs and attention per step (the tenth "
+                         "round's trace: 24 ms)")
+    ap.add_argument("--mfu", type=float, default=0.55)
     a = ap.parse_args()
     t, r = a.tokens, a.r
     kv = KV_HEADS * HEAD_DIM
@@ -205,14 +260,30 @@ def main():
         return run
 
     graphs = {k: graphed(seq(k), 1) for k in ("base", "now", "fold")}
+    attn = attention(t)
+    lm_head = lm_head_chunks(t)
+
+    def step(kind):
+        """One step's vendor work: per layer its products (graph) and its attention forward and
+        backward (cuDNN SDPA, eager: the host runs ahead of the GEMMs), then the LM head."""
+        a0, a1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a0.record()
+        for _ in range(LAYERS):
+            graphs[kind].replay()
+            attn()
+        lm_head()
+        a1.record()
+        a1.synchronize()
+        return a0.elapsed_time(a1)
+
     smi = sample_clocks()
     times = {k: [] for k in graphs}
     for _ in range(2):  # warm-up steps
-        for g in graphs.values():
-            replay_ms(g, LAYERS)
+        for k in graphs:
+            step(k)
     for _ in range(a.steps):
-        for k, g in graphs.items():
-            times[k].append(replay_ms(g, LAYERS))
+        for k in graphs:
+            times[k].append(step(k))
     clocks = []
     if smi:
         smi.terminate()
@@ -224,15 +295,29 @@ def main():
             except ValueError:
                 pass
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"sustained, {a.steps} steps of each ({LAYERS} layers of the products above, fwd and "
-          "bwd), alternated, median ms per step:")
+    name = torch.cuda.get_device_name()
+    peak = next((pk for key, pk in PEAKS if key in name), None)
+    flops = flops_per_token(t) * t
+    print(f"sustained, {a.steps} steps of each alternated ({LAYERS} layers of the products above "
+          "forward and backward, each layer's attention forward and backward, the LM head's "
+          "forward and input gradient in 1024-row chunks), median ms per step; MFU of the "
+          f"sequence alone, and with --rest-ms {a.rest_ms} of flare's other kernels on top:")
     for k in ("base", "now", "fold"):
-        print(f"  {k:>5}: {med[k]:8.2f} ms  (min {min(times[k]):.2f}, max {max(times[k]):.2f})")
+        mfu = ""
+        if peak:
+            alone = flops / (med[k] / 1e3) / (peak * 1e12)
+            rest = flops / ((med[k] + a.rest_ms) / 1e3) / (peak * 1e12)
+            mfu = f"  MFU {alone:.1%} alone, {rest:.1%} with the rest"
+        print(f"  {k:>5}: {med[k]:8.2f} ms  (min {min(times[k]):.2f}, max {max(times[k]):.2f})"
+              f"{mfu}")
     if clocks:
         mhz = statistics.median(c for c, _ in clocks)
         watts = statistics.median(w for _, w in clocks)
         print(f"  SM clock median {mhz:.0f} MHz (min {min(c for c, _ in clocks):.0f}), "
               f"power median {watts:.0f} W over {len(clocks)} samples")
+    if peak:
+        need = flops / (a.mfu * peak * 1e12) * 1e3
+        print(f"MFU {a.mfu:.0%} of {peak} TFLOP/s needs a step of at most {need:.1f} ms")
     print(f"FOLD SAVES {med['now'] - med['fold']:.2f} ms per step sustained "
           f"(low-rank terms now cost {med['now'] - med['base']:.2f} ms over the frozen GEMMs, "
           f"folded {med['fold'] - med['base']:.2f} ms)")
