@@ -45,11 +45,9 @@ T0=$(date +%s)
 #              (ANCHOR_COMPILE_05B=0 drops compile), no checkpointing
 #   graph      the captured training pass (FLARE_STEP_GRAPH): its tests, then flare alone on the
 #              Qwen2-0.5B shape at 4x512,8x1024 with the graph on and off (FLARE_STEP_GRAPH=0)
-#   mlp8b      the fused LoRA MLP (`--fused-mlp`): its tests (lora::swiglu_mlp,
-#              checkpointing::grouped_projections*), its kernels alone (bench/dev/lora_swiglu_bench.cu,
-#              built there with nvcc; LSW_VARIANTS, space-separated folders each holding a variant
-#              lora_swiglu.cu, are built and timed after it), then flare's 1x4096 step of the 8B
-#              shape with the fused MLP off and on, alternated three times
+#   mlp8b      the fused LoRA MLP (`--fused-mlp`, the low-rank terms folded into the frozen GEMMs):
+#              its tests (lora::swiglu_mlp, checkpointing::grouped_projections*), then flare's
+#              1x4096 step of the 8B shape with the fused MLP off and on, alternated three times
 #   fold       the low-rank terms folded into the frozen GEMMs (bench/dev/fold_probe.py, PyTorch's
 #              cuBLAS): per product flare's sequence against the fold, then both sustained beside
 #              the frozen GEMMs alone; then the vendor floor (bench/dev/step_floor.py) and flare's
@@ -460,19 +458,6 @@ run_mlp_tests() {
     grep -E "^test |panicked|rel err|test result"
   return "${PIPESTATUS[0]}"
 }
-run_lsw_bench() {
-  local nvcc v
-  nvcc=$(command -v nvcc || ls /usr/local/cuda*/bin/nvcc 2>/dev/null | head -1)
-  [ -n "$nvcc" ] || { echo "nvcc not found"; return 1; }
-  "$nvcc" -O3 -arch=sm_90 -I crates/flare-kernels/src/cu bench/dev/lora_swiglu_bench.cu \
-    -o /tmp/lsw_bench || return 1
-  /tmp/lsw_bench | tee "$OUT/lsw_bench.log" || return 1
-  for v in ${LSW_VARIANTS:-}; do
-    echo "--- variant $v" | tee -a "$OUT/lsw_bench.log"
-    "$nvcc" -O3 -arch=sm_90 -I "$v" -I crates/flare-kernels/src/cu bench/dev/lora_swiglu_bench.cu \
-      -o /tmp/lsw_variant && /tmp/lsw_variant | tee -a "$OUT/lsw_bench.log"
-  done
-}
 run_mlp_ab() {
   local f i
   for i in 1 2 3; do
@@ -485,7 +470,6 @@ run_mlp_ab() {
 }
 if want mlp8b; then
   step "fused MLP tests" run_mlp_tests
-  step "lora_swiglu kernels alone" run_lsw_bench
   step "flare 1x4096, fused MLP off and on" run_mlp_ab
 fi
 run_fold_probe() {

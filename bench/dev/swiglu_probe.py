@@ -80,7 +80,7 @@ extern "C" int flat(const void *g, const void *u, const void *dy, void *dg, void
 extern "C" int fwd(const void *g, const void *u, void *y, long long rows, int cols, void *s) {
   dim3 grid((cols / 8 + 255) / 256, rows < 65535 ? rows : 65535);
   swiglu_fwd_bf16<<<grid, 256, 0, (cudaStream_t)s>>>((const __nv_bfloat16 *)g, (const __nv_bfloat16 *)u,
-      (__nv_bfloat16 *)y, rows, cols, cols, cols, 1);
+      (__nv_bfloat16 *)y, rows, cols, cols, cols, cols, 0);
   return (int)cudaGetLastError();
 }
 extern "C" int unr(int which, int blocks_per_sm, const void *g, const void *u, const void *dy, void *dg,

@@ -1,5 +1,5 @@
 // The CUDA execution model on CPU threads, shared by the kernel emulations in bench/dev
-// (flash_attention_emu.cpp, lora_swiglu_emu.cpp): a kernel file compiled as host C++, every
+// (flash_attention_emu.cpp): a kernel file compiled as host C++, every
 // CUDA thread a std::thread, __syncthreads a barrier of the block, one block at a time, and the
 // warp-level instructions emulated from their PTX ISA definitions by an exchange among the 32
 // lanes of a warp. Defines FLARE_WARP_EMULATE, which makes crates/flare-kernels/src/cu/mma.cuh

@@ -193,13 +193,4 @@ registry! {
         CastPairF32F16 = "lora_factors_cast_f16",
         CastPairF32BF16 = "lora_factors_cast_bf16",
     }
-    /// `lora_swiglu.cu`: `lora_swiglu_fwd_*` and `lora_swiglu_bwd_*`, the MLP's SwiGLU with the
-    /// gate/up LoRA term (and, backward, the down projection's low-rank part of the activation
-    /// gradient) added on the tensor cores inside the kernel.
-    LoraSwiGlu = "lora_swiglu" {
-        LoraSwiGluFwdF16 = "lora_swiglu_fwd_f16",
-        LoraSwiGluFwdBF16 = "lora_swiglu_fwd_bf16",
-        LoraSwiGluBwdF16 = "lora_swiglu_bwd_f16",
-        LoraSwiGluBwdBF16 = "lora_swiglu_bwd_bf16",
-    }
 }

@@ -96,8 +96,9 @@ pub struct TrainBenchArgs {
     /// comparisons).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub grouped_projections: bool,
-    /// Each layer's MLP as one fused LoRA op (`Transformer::set_fused_mlp`: on CUDA the SwiGLU
-    /// kernels add the low-rank terms): true or false (the model's default, the separate ops).
+    /// Each layer's MLP as one fused LoRA op (`Transformer::set_fused_mlp`: on CUDA the low-rank
+    /// terms run inside the frozen GEMMs' reduction, on weights laid out with spare rows and
+    /// columns): true or false (the model's default, the separate ops).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub fused_mlp: bool,
     /// Search the longest batch-1 sequence that trains (doubling, then bisection).
@@ -796,7 +797,9 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
     let mut model = Transformer::random(config.clone(), dtype, &dev, 0)
         .with_context(|| format!("building the {model_name} model with random weights"))?;
     model.set_grouped_projections(a.grouped_projections);
-    model.set_fused_mlp(a.fused_mlp);
+    model
+        .set_fused_mlp(a.fused_mlp)
+        .context("laying out the MLP weights for --fused-mlp")?;
     let train_cfg = TrainConfig {
         dtype: format!("{dtype:?}").to_ascii_lowercase(),
         device: a.device.clone(),

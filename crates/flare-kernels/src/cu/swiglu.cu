@@ -10,7 +10,8 @@
 //   * swiglu_packed(gu): gate and up are the two halves of each row of gu [rows, 2 * cols] (one
 //     fused gate/up projection): g = gu, u = gu + cols, ldg = ldu = 2 * cols; the backward
 //     writes d(gu) [rows, 2 * cols] (dg = out, du = out + cols, ldo = 2 * cols).
-// y and dy are contiguous [rows, cols]. Gradients overwrite, never accumulate. All arithmetic
+// y's rows are ldy apart (cols, or wider for the fused LoRA MLP, whose down projection reads
+// spare columns beside them); dy is contiguous [rows, cols]. Gradients overwrite, never accumulate. All arithmetic
 // in f32, rounded once. The backward's outputs may alias g and u element for element (in
 // place): each thread reads its g and u pack before it writes the same pack of dg and du, and
 // no other thread touches that pack, so g, u, dg and du are not declared __restrict__.
@@ -42,12 +43,12 @@ __device__ __forceinline__ Pack<T, V> swiglu_fwd_pack(const Pack<T, V> &gp, cons
 template <typename T>
 __device__ __forceinline__ void swiglu_fwd_body(const T *__restrict__ g, const T *__restrict__ u,
                                                 T *__restrict__ y, long long rows, int cols,
-                                                long long ldg, long long ldu) {
+                                                long long ldg, long long ldu, long long ldy) {
   constexpr int V = VecWidth<T>::value;
   const int packs = (cols + V - 1) / V;
   for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
     const T *gr = g + r * ldg, *ur = u + r * ldu;
-    T *yr = y + r * cols;
+    T *yr = y + r * ldy;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < packs; c += gridDim.x * blockDim.x) {
       const Pack<T, V> gp = load_row_pack<T, V, false>(gr, c, cols, 0.f);
       const Pack<T, V> up = load_row_pack<T, V, false>(ur, c, cols, 0.f);
@@ -64,7 +65,8 @@ template <typename T>
 __device__ __forceinline__ void swiglu_fwd_rows_body(const T *__restrict__ g,
                                                      const T *__restrict__ u,
                                                      T *__restrict__ y, long long rows, int cols,
-                                                     long long ldg, long long ldu) {
+                                                     long long ldg, long long ldu,
+                                                     long long ldy) {
   constexpr int V = VecWidth<T>::value;
   const long long ppr = cols / V;
   const long long packs = rows * ppr;
@@ -74,7 +76,7 @@ __device__ __forceinline__ void swiglu_fwd_rows_body(const T *__restrict__ g,
     const long long c = (p - r * ppr) * V;
     const Pack<T, V> gp = load_pack<T, V>(g + r * ldg + c);
     const Pack<T, V> up = load_pack<T, V>(u + r * ldu + c);
-    store_pack<T, V>(y + r * cols + c, swiglu_fwd_pack<T, V>(gp, up));
+    store_pack<T, V>(y + r * ldy + c, swiglu_fwd_pack<T, V>(gp, up));
   }
 }
 
@@ -182,11 +184,11 @@ __device__ __forceinline__ void swiglu_bwd_rows_body(const T *g, const T *u,
 #define SWIGLU_OP(T, SUFFIX)                                                                      \
   extern "C" __global__ void swiglu_fwd_##SUFFIX(const T *g, const T *u, T *y, long long rows,   \
                                                  int cols, long long ldg, long long ldu,        \
-                                                 int vec) {                                     \
+                                                 long long ldy, int vec) {                      \
     if (vec == 2)                                                                               \
-      swiglu_fwd_rows_body<T>(g, u, y, rows, cols, ldg, ldu);                                   \
+      swiglu_fwd_rows_body<T>(g, u, y, rows, cols, ldg, ldu, ldy);                              \
     else                                                                                        \
-      swiglu_fwd_body<T>(g, u, y, rows, cols, ldg, ldu);                                        \
+      swiglu_fwd_body<T>(g, u, y, rows, cols, ldg, ldu, ldy);                                   \
   }                                                                                             \
   extern "C" __global__ void swiglu_bwd_##SUFFIX(const T *g, const T *u, const T *dy, T *dg,     \
                                                  T *du, long long rows, int cols, long long ldg, \

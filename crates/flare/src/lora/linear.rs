@@ -261,6 +261,31 @@ impl LoraLinear {
         &self.weight
     }
 
+    /// Replaces the base weight by `weight`: the same values of the same shape, dtype and
+    /// device in another layout (the fused MLP's padded storage,
+    /// [`crate::lora::op::MlpWeights`]), kept as given, not made contiguous. Errors on another
+    /// shape, dtype or device, and while an adapter is merged (the weight then holds more than
+    /// the base).
+    pub(crate) fn relayout_weight(&mut self, weight: Tensor) -> Result<()> {
+        if let Some(m) = &self.merged {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                msg: format!("cannot lay out the weight again while adapter {m:?} is merged"),
+            });
+        }
+        if weight.dims() != self.weight.dims() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                msg: "a weight laid out again must keep its shape (new, old)",
+                lhs: weight.dims().to_vec(),
+                rhs: self.weight.dims().to_vec(),
+            });
+        }
+        crate::ops::check_same(OP, &self.weight, &weight)?;
+        self.weight = weight.detach();
+        Ok(())
+    }
+
     /// The base bias `[out]`, if any.
     ///
     /// ```

@@ -29,7 +29,7 @@ use super::weights::Weights;
 use crate::error::device_name;
 use crate::lora::dropout::mix64;
 use crate::lora::op::stack_rows;
-use crate::lora::op::{lora_swiglu_mlp, LoraMlp};
+use crate::lora::op::{lora_swiglu_mlp, LoraMlp, MlpWeights};
 use crate::lora::{lora_linear_grouped, with_dropout_seed, LoraLinear};
 use crate::ops::rope::rope_tables_f32;
 use crate::ops::{
@@ -167,6 +167,26 @@ impl Fused {
         ids == self.ids
     }
 
+    /// Lays the group out again on `weight` (the same values in another layout, e.g. the
+    /// fused MLP's padded storage): it and `lins` (the members, in order, their weights still
+    /// the views [`build`](Self::build) made) then hold views of `weight`.
+    fn relayout(&mut self, weight: Tensor, lins: &mut [&mut LoraLinear]) -> Result<()> {
+        let mut ids = Vec::with_capacity(self.ids.len());
+        let mut row = 0;
+        for l in lins.iter_mut() {
+            let out = l.out_features();
+            l.relayout_weight(weight.narrow(0, row, out)?)?;
+            ids.push(l.weight().id());
+            if let Some(b) = l.bias() {
+                ids.push(b.id());
+            }
+            row += out;
+        }
+        self.weight = weight;
+        self.ids = ids;
+        Ok(())
+    }
+
     /// `x @ weight.T + bias`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = matmul(x, &self.weight.t()?)?;
@@ -201,6 +221,9 @@ struct Mlp {
     grouped: bool,
     /// Whether the grouped MLP runs as one fused LoRA op ([`Transformer::set_fused_mlp`]).
     fused: bool,
+    /// The weights as the fused op reads them, while it is on and they still are the
+    /// projections' (padded on CUDA: gate/up and down are then views of its storage).
+    weights: Option<MlpWeights>,
 }
 
 impl Attention {
@@ -286,6 +309,7 @@ impl Mlp {
                 gate_up,
                 grouped: true,
                 fused: false,
+                weights: None,
             }),
             _ => Err(Error::InvalidArgument {
                 op: OP,
@@ -294,17 +318,63 @@ impl Mlp {
         }
     }
 
-    /// The whole MLP as one fused LoRA op ([`lora_swiglu_mlp`]: on CUDA its SwiGLU kernels add
-    /// the low-rank terms, so the gate/up and down expansions never reach memory) when it is on
-    /// ([`Transformer::set_fused_mlp`]) with grouping, gate and up are still the fused views, no projection has a bias, and all three run
-    /// fused adapters ([`LoraLinear::fused_adapter`]) of one factor dtype, gate and up of one
-    /// rank and scale; `None` otherwise.
+    /// Turns the fused MLP on or off for this layer ([`Transformer::set_fused_mlp`]). On, while
+    /// gate and up are still the grouped views and down is unmerged, the weights are laid out
+    /// as [`MlpWeights`] (on CUDA with a half dtype: copied once into padded storage, which
+    /// the projections' weights then view, the unpadded tensors freed). Off, padded weights go
+    /// back to contiguous tensors.
+    fn set_fused(&mut self, on: bool) -> Result<()> {
+        self.fused = on;
+        let current = self.weights.as_ref().is_some_and(|w| self.lays_out(w));
+        if on && !current {
+            self.weights = None;
+            if self.gate_up.same_weights(&[&self.gate_proj, &self.up_proj])
+                && self.down_proj.merged().is_none()
+            {
+                let w = MlpWeights::new(&self.gate_up.weight, self.down_proj.weight())?;
+                self.relayout(w.gate_up().clone(), w.down().clone())?;
+                self.weights = Some(w);
+            }
+        } else if !on {
+            if let Some(w) = self.weights.take() {
+                if w.is_padded() && current {
+                    self.relayout(w.gate_up().contiguous()?, w.down().contiguous()?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gate/up's group and down on `gate_up` and `down` (the same values, another layout).
+    fn relayout(&mut self, gate_up: Tensor, down: Tensor) -> Result<()> {
+        self.gate_up
+            .relayout(gate_up, &mut [&mut self.gate_proj, &mut self.up_proj])?;
+        self.down_proj.relayout_weight(down)
+    }
+
+    /// Whether the projections' weights are still the views `w` holds (none merged, replaced
+    /// or laid out again since).
+    fn lays_out(&self, w: &MlpWeights) -> bool {
+        self.gate_up.same_weights(&[&self.gate_proj, &self.up_proj])
+            && self.gate_up.weight.id() == w.gate_up().id()
+            && self.down_proj.weight().id() == w.down().id()
+    }
+
+    /// The whole MLP as one fused LoRA op ([`lora_swiglu_mlp`]: on CUDA the low-rank terms run
+    /// inside the frozen GEMMs' reduction, so no gate/up or down expansion reaches memory) when
+    /// it is on ([`Transformer::set_fused_mlp`]) with grouping, the weights are still those it
+    /// laid out, no projection has a bias, and all three run fused adapters
+    /// ([`LoraLinear::fused_adapter`]) of one factor dtype, gate and up of one rank and scale;
+    /// `None` otherwise.
     fn fused_lora(&self, n: &Tensor) -> Result<Option<Tensor>> {
         let (gate, up, down) = (&self.gate_proj, &self.up_proj, &self.down_proj);
+        let Some(weights) = &self.weights else {
+            return Ok(None);
+        };
         if !(self.grouped && self.fused)
             || self.gate_up.bias.is_some()
             || down.bias().is_some()
-            || !self.gate_up.same_weights(&[gate, up])
+            || !self.lays_out(weights)
         {
             return Ok(None);
         }
@@ -323,8 +393,7 @@ impl Mlp {
             return Ok(None);
         }
         let m = LoraMlp {
-            w_gate_up: &self.gate_up.weight,
-            w_down: down.weight(),
+            weights,
             gate: (g.a(), g.b()),
             up: (u.a(), u.b()),
             down: (d.a(), d.b()),
@@ -722,6 +791,20 @@ impl Transformer {
                     "layer {i} has an active adapter or a replaced projection weight"
                 ));
             }
+            if [
+                &a.qkv.weight,
+                a.o_proj.weight(),
+                &m.gate_up.weight,
+                m.down_proj.weight(),
+            ]
+            .iter()
+            .any(|w| !w.is_contiguous())
+            {
+                return Err(format!(
+                    "layer {i}'s weights are laid out for the fused MLP \
+                     (Transformer::set_fused_mlp); the engine reads contiguous weights"
+                ));
+            }
             layers.push(LayerParts {
                 input_norm: l.input_layernorm.clone(),
                 qkv: (a.qkv.weight.clone(), a.qkv.bias.clone()),
@@ -855,17 +938,28 @@ impl Transformer {
     /// default), when grouping is on ([`set_grouped_projections`](Self::set_grouped_projections))
     /// and the three projections carry fused adapters (active, unmerged, no training-mode
     /// dropout, no bias) of one factor dtype, gate and up of one rank and scale. On CUDA with a
-    /// half base its SwiGLU kernels add the gate/up and down low-rank terms themselves, so the
-    /// `[tokens, 2 · intermediate]` and `[tokens, intermediate]` expansions are never written
-    /// and the base GEMMs run with `beta = 0`; elsewhere it runs the same ops as off. Off by
-    /// default: on an H100 at the Llama-3.1-8B shape it saves about 10 ms of GEMM work a step
-    /// but its kernels cost more than that over the plain SwiGLU ones (261.5 against 257.6 ms
-    /// a step, `flare bench train --fused-mlp true` against `false`, BENCHMARKS.md).
-    pub fn set_fused_mlp(&mut self, on: bool) {
-        self.fused_mlp = on;
+    /// half base the op folds the gate/up and down low-rank terms into its frozen GEMMs'
+    /// reduction, so no `[tokens, 2 · intermediate]`, `[tokens, intermediate]` or
+    /// `[tokens, hidden]` expansion is written and read back; elsewhere it runs the same ops as
+    /// off.
+    ///
+    /// Turning it on lays each layer's MLP weights out as [`MlpWeights`]: on CUDA with a half
+    /// dtype they are copied once, layer by layer, into storage with spare rows and columns for
+    /// the factors (the projections' weights become strided views of it and the old tensors
+    /// are freed: the weights' memory grows by under 1%). The decode engine reads contiguous
+    /// weights only, so generation runs without it while this is on; turning it off copies the
+    /// weights back to contiguous tensors. Errors: out of device memory while laying out.
+    ///
+    /// Off by default until measured: its first form (the low-rank terms added inside
+    /// hand-written SwiGLU kernels) saved about 10 ms of GEMM work a step on an H100 at the
+    /// Llama-3.1-8B shape but its kernels cost more (261.5 against 257.6 ms a step); the fold
+    /// runs on the vendor GEMMs and flare's plain SwiGLU kernels instead (BENCHMARKS.md).
+    pub fn set_fused_mlp(&mut self, on: bool) -> Result<()> {
         for layer in &mut self.layers {
-            layer.mlp.fused = on;
+            layer.mlp.set_fused(on)?;
         }
+        self.fused_mlp = on;
+        Ok(())
     }
 
     /// Whether the fused MLP is on ([`set_fused_mlp`](Self::set_fused_mlp)).

@@ -62,23 +62,6 @@ pub(crate) struct BwdArgs<'a> {
     pub split: bool,
     /// The output blocks, one per projection (`[out]` for one).
     pub splits: &'a [usize],
-    /// Where `dA` and `dB` go instead of the packed buffers (`packed` then lays out `dx`
-    /// only): for a caller that gathers several ops' factor gradients in one buffer.
-    pub factors_into: Option<FactorDest>,
-    /// Whether `dx` takes the low-rank part `G A`. Without it `dx = dy W` alone, and `G` comes
-    /// back in [`BwdOut::g`] for the caller to add (the fused MLP adds it inside its SwiGLU
-    /// backward).
-    pub dx_low: bool,
-}
-
-/// Device addresses of `dA` (`ra · in` elements) and `dB` (`out · r`), of the factor dtype
-/// (f32 when the backward is split, else the base dtype), each inside a buffer the caller keeps
-/// alive while the backward's work is queued on the runtime's stream, 16-byte aligned, and
-/// disjoint from every operand.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FactorDest {
-    pub da: u64,
-    pub db: u64,
 }
 
 fn internal(op: &str, msg: String) -> candle_core::Error {
@@ -320,83 +303,11 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     Ok((y, CudaStorage::wrap_cuda_slice(h, dev.clone())))
 }
 
-/// `Y = X Wᵀ` (`[T, out]`) and `H = X Aᵀ` (`[T, ra]`) as fresh storages: [`fwd`]'s base GEMM
-/// (with `beta = 0`) and its `H`, without the low-rank expansion, which the caller adds itself
-/// (the fused MLP adds it inside its SwiGLU kernel). `x: [T, in]`, `a: [ra, in]`, `w: [out, in]`,
-/// contiguous, of one half or f32 dtype.
-pub(crate) fn base_and_h(
-    x: (&CudaStorage, &Layout),
-    a: (&CudaStorage, &Layout),
-    w: (&CudaStorage, &Layout),
-) -> candle_core::Result<(CudaStorage, CudaStorage)> {
-    match x.0.dtype() {
-        DType::F32 => base_and_h_t::<f32>(DType::F32, x, a, w),
-        DType::F16 => base_and_h_t::<half::f16>(DType::F16, x, a, w),
-        DType::BF16 => base_and_h_t::<half::bf16>(DType::BF16, x, a, w),
-        dt => Err(candle_core::Error::Msg(format!(
-            "{OP}: unsupported dtype {dt:?} on CUDA (f32, f16 and bf16 are)"
-        ))),
-    }
-}
-
-fn base_and_h_t<T: CudaDType + DeviceRepr>(
-    dtype: DType,
-    (sx, lx): (&CudaStorage, &Layout),
-    (sa, la): (&CudaStorage, &Layout),
-    (sw, lw): (&CudaStorage, &Layout),
-) -> candle_core::Result<(CudaStorage, CudaStorage)> {
-    let (t, inf, x_off) = matrix(OP_FWD, "x", lx)?;
-    let (ra, a_in, a_off) = matrix(OP_FWD, "lora_a", la)?;
-    let (out, w_in, w_off) = matrix(OP_FWD, "weight", lw)?;
-    expect(OP_FWD, "lora_a", (ra, a_in), (ra, inf))?;
-    expect(OP_FWD, "weight", (out, w_in), (out, inf))?;
-    let dev = &sx.device;
-    let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
-    let stream = rt.stream();
-    let size = std::mem::size_of::<T>() as u64;
-    let (xs, as_, ws) = (slice::<T>(sx)?, slice::<T>(sa)?, slice::<T>(sw)?);
-    // SAFETY: both are written in full by their GEMM (beta = 0) below before anything reads
-    // them.
-    let mut y = unsafe { dev.alloc::<T>(t * out) }?;
-    // SAFETY: as above.
-    let mut h = unsafe { dev.alloc::<T>(t * ra) }?;
-    {
-        let (xp, _gx) = xs.device_ptr(stream);
-        let (ap, _ga) = as_.device_ptr(stream);
-        let (wp, _gw) = ws.device_ptr(stream);
-        let (yp, _gy) = y.device_ptr_mut(stream);
-        let (hp, _gh) = h.device_ptr_mut(stream);
-        let (xp, ap, wp) = (
-            xp + x_off as u64 * size,
-            ap + a_off as u64 * size,
-            wp + w_off as u64 * size,
-        );
-        let gemm = rt.gemm();
-        // Hᵀ[ra, T] = A[ra, in] · Xᵀ[in, T], as in `fwd`.
-        let p_h = params(dtype, true, false, ra, t, inf, inf, inf, ra);
-        // SAFETY: A (ra·in elements from `a_off`), X (T·in from `x_off`) and H (T·ra, fresh,
-        // disjoint) are contiguous buffers of `T` on this runtime's device covering what the
-        // params address (dims checked above); one stream, guards held until queued.
-        unsafe { gemm.matmul(&p_h, ap, xp, hp, 1.0, 0.0) }.map_err(crate::Error::into_candle)?;
-        // Yᵀ[out, T] = W[out, in] · Xᵀ[in, T], as `fwd`'s base GEMM with beta = 0.
-        let p_base = params(dtype, true, false, out, t, inf, inf, inf, out);
-        // SAFETY: W (out·in from `w_off`), X and Y (T·out, fresh, disjoint) on this device, as
-        // above; beta = 0: Y is written, not read.
-        unsafe { gemm.matmul(&p_base, wp, xp, yp, 1.0, 0.0) }.map_err(crate::Error::into_candle)?;
-    }
-    Ok((
-        CudaStorage::wrap_cuda_slice(y, dev.clone()),
-        CudaStorage::wrap_cuda_slice(h, dev.clone()),
-    ))
-}
-
 /// The gradient buffers of the backward: the base-dtype one (`dx`, and `dA`, `dB` unless split)
 /// and the f32 one (`dA`, `dB` when split), each made only when it holds something.
 pub(crate) struct BwdOut {
     pub base: Option<CudaStorage>,
     pub factors: Option<CudaStorage>,
-    /// `G = s · dy B` (`[T, ra]`) when `dx` was asked without its low-rank part.
-    pub g: Option<CudaStorage>,
 }
 
 /// The backward: `dx = dy W + G A`, `dA = Gᵀ x`, `dB = s · dyᵀ H` with `G = s · dy B` and
@@ -445,19 +356,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     expect(OP_BWD, "weight", (w_out, w_in), (out, inf))?;
     expect(OP_BWD, "lora_b", (b_out, r), (out, r))?;
     let (need, p, s, split) = (args.need, args.packed, args.scale as f32, args.split);
-    // With `factors_into`, the packed buffers hold `dx` only.
-    let packed_need = match args.factors_into {
-        Some(_) => Needs {
-            da: false,
-            db: false,
-            ..need
-        },
-        None => need,
-    };
-    let into_any = args.factors_into.is_some() && (need.da || need.db);
-    if p != Packed::new(t, inf, out, (ra, r), packed_need, split)
-        || (p.total + p.factor_total == 0 && !into_any)
-    {
+    if p != Packed::new(t, inf, out, (ra, r), need, split) || p.total + p.factor_total == 0 {
         return Err(internal(
             OP_BWD,
             format!("packed layout {p:?} does not fit"),
@@ -553,10 +452,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
                 None => Err(internal(OP_BWD, "no base-dtype gradient buffer".into())),
             }
         };
-        let factor_at = |off: Option<usize>, into: Option<u64>| -> candle_core::Result<u64> {
-            if let Some(ptr) = into {
-                return Ok(ptr);
-            }
+        let factor_at = |off: Option<usize>| -> candle_core::Result<u64> {
             let Some(off) = off else {
                 return Err(internal(OP_BWD, "no place for a factor gradient".into()));
             };
@@ -592,16 +488,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
                     .map_err(crate::Error::into_candle)?;
             }
         }
-        if let (Some(off), Some(_), false) = (p.dx, gp, args.dx_low) {
-            // dxᵀ[in, T] = Wᵀ[in, out] · dyᵀ[out, T] alone: the caller adds G A.
-            let p_base = params(dtype, false, false, inf, t, out, inf, out, inf);
-            // SAFETY: W (out·in from `w_off`), dy (T·out) and the dx piece (T·in elements from
-            // `off` inside `packed`, sized by `Packed::new`, disjoint from the inputs) on this
-            // device; same stream, guards held. beta = 0: dx is written, not read. G, written
-            // above, goes back to the caller.
-            unsafe { gemm.matmul(&p_base, wp, dyp, base_at(off)?, 1.0, 0.0) }
-                .map_err(crate::Error::into_candle)?;
-        } else if let (Some(off), Some(gp)) = (p.dx, gp) {
+        if let (Some(off), Some(gp)) = (p.dx, gp) {
             let dxp = base_at(off)?;
             // The low-rank part first, then the big GEMM accumulates onto it in its epilogue
             // (where reading C overlaps its compute), rather than a separate read-modify-write
@@ -622,7 +509,6 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             unsafe { gemm.matmul(&p_base, wp, dyp, dxp, 1.0, 1.0) }
                 .map_err(crate::Error::into_candle)?;
         }
-        let into = args.factors_into;
         if let (true, Some(gp)) = (need.da, gp) {
             // dAᵀ[in, ra] = Xᵀ[in, T] · G[T, ra]: X's buffer is Xᵀ (in × T, ld in); G's buffer
             // is Gᵀ (ra × T, ld ra), so transb. Every group at once: x is read once.
@@ -633,11 +519,10 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             // SAFETY: X (T·in from `x_off`), G (T·ra, written above) and the dA piece (ra·in
             // elements of `pa.c_type()` from `off` inside its buffer, `packed` or, when split,
             // the f32 `packed_f`; disjoint from the inputs, aligned to 64 bytes or more: the
-            // pool's allocation plus a multiple of 16 elements; or the caller's `factors_into`
-            // address, which `FactorDest` states is as good) on this device; same stream,
+            // pool's allocation plus a multiple of 16 elements) on this device; same stream,
             // guards held. With `c_dtype` f32 the params are bf16/f16 A and B into f32 C/D,
             // a combination cuBLASLt supports with CUBLAS_COMPUTE_32F (see `GemmParams`).
-            unsafe { gemm.matmul(&pa, xp, gp, factor_at(p.da, into.map(|d| d.da))?, 1.0, 0.0) }
+            unsafe { gemm.matmul(&pa, xp, gp, factor_at(p.da)?, 1.0, 0.0) }
                 .map_err(crate::Error::into_candle)?;
         }
         if need.db {
@@ -657,7 +542,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
                     return Err(internal(OP_BWD, "dB needed but no H buffer".into()));
                 }
             };
-            let db_at = factor_at(p.db, into.map(|d| d.db))?;
+            let db_at = factor_at(p.db)?;
             let c_size = if split { 4 } else { size };
             for &(g, first, n) in &groups {
                 // dB_gᵀ[r, n] = s · H_gᵀ[r, T] · dy_g[T, n]: H's columns `g·r..` are H_gᵀ (r × T,
@@ -676,19 +561,16 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
                 // run, or the one written just above; its columns g·r..g·r+r), dy (its columns
                 // first..first+n of T rows) and the dB piece's rows first..first+n (out·r
                 // elements of `pb.c_type()` from `off` inside its buffer, `packed` or the f32
-                // `packed_f` when split, or from the `factors_into` address; disjoint, aligned
-                // as for dA, the blocks summing to out) on this device; guards held. The mixed
+                // `packed_f` when split; disjoint, aligned as for dA, the blocks summing to out) on this device; guards held. The mixed
                 // types are the supported bf16/f16 A and B with f32 C/D, as for dA.
                 unsafe { gemm.matmul(&pb, hg, dyg, dbg, s, 0.0) }
                     .map_err(crate::Error::into_candle)?;
             }
         }
     }
-    let g = if args.dx_low { None } else { g };
     Ok(BwdOut {
         base: packed.map(|b| CudaStorage::wrap_cuda_slice(b, dev.clone())),
         factors: packed_f.map(|b| CudaStorage::wrap_cuda_slice(b, dev.clone())),
-        g: g.map(|g| CudaStorage::wrap_cuda_slice(g, dev.clone())),
     })
 }
 

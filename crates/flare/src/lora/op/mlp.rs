@@ -3,16 +3,27 @@
 //!
 //! The unfused path ([`super::lora_linear_grouped`] for gate/up, [`crate::ops::swiglu_packed`],
 //! [`super::lora_linear`] for down) writes the low-rank expansions `s (x Aᵀ) Bᵀ` of gate/up
-//! (`[T, 2I]`) and, in the backward, `G_d A_d` of down's input gradient (`[T, I]`) to memory,
-//! and the base GEMMs read them back (`beta = 1`). On the Llama-3.1-8B shape at 4,096 tokens
-//! that is 235 MB written and read per layer forward and 117 MB backward. The fused op adds
-//! both low-rank terms inside its SwiGLU kernels instead (`lora_swiglu.cu`: rank-16 products on
-//! the tensor cores while the kernel streams `x W_guᵀ`), so the base GEMMs run with `beta = 0`
-//! and nothing of that size is written; see `mlp_cuda.rs` for the steps.
+//! (`[T, 2I]`) and down (`[T, h]`) and, in the backward, `G A` of both input gradients
+//! (`[T, h]`, `[T, I]`) to memory, and the base GEMMs read them back (`beta = 1`). On the
+//! Llama-3.1-8B shape at 4,096 tokens that is 235 MB written and read per layer for gate/up's
+//! forward alone. The fused op instead folds every low-rank term into the reduction of its
+//! frozen GEMM: the rank joins the GEMM's `K`,
 //!
-//! On every other device, dtype or shape it is the unfused composite, the same ops the model
-//! runs without it, so the values are those of the separate ops (up to the fused kernel adding
-//! the low-rank terms in f32 instead of rounding them to the base dtype first).
+//! ```text
+//! forward    [x | s x Aᵀ] · [W | blockdiag(B)]ᵀ     (K = in + G · r)
+//! backward   [dy | s dy B] · [W ; A]                (K = out + G · r)
+//! ```
+//!
+//! so nothing of an output's size is written twice. The weights are stored with spare
+//! columns and rows for the factors ([`MlpWeights`], [`MLP_SPARE`]); the activations with
+//! spare columns (the SwiGLU kernels write their rows at the padded stride, `x` and `dy` are
+//! copied in); see `mlp_cuda.rs` for the steps.
+//!
+//! On every other device, dtype or shape (or with weights not laid out by [`MlpWeights`]) it is
+//! the unfused composite, the same ops the model runs without it, so the values are those of
+//! the separate ops (up to where the fused path rounds: `s x Aᵀ` and `s dy B` are rounded to
+//! the base dtype with the scale applied, the low-rank terms are summed with the base product in
+//! the GEMM's f32 accumulator instead of rounded to the base dtype first).
 
 use std::sync::{Arc, Mutex};
 
@@ -28,13 +39,96 @@ use crate::{Error, Result};
 const OP: &str = "lora_swiglu_mlp";
 const OP_BWD: &str = "lora_swiglu_mlp_bwd";
 
-/// The frozen weights, LoRA factors and scales of one SwiGLU MLP, for [`lora_swiglu_mlp`].
+/// Spare columns after every row, and spare rows after the last, of the weights
+/// [`MlpWeights`] lays out for the fused op: room for gate and up's `A` and `B` (`2 · r`) and
+/// down's (`r2`), so ranks up to `MLP_SPARE / 2` (32) run fused.
+pub const MLP_SPARE: usize = 64;
+
+/// The frozen weights of one SwiGLU MLP, as [`lora_swiglu_mlp`] reads them: gate and up stacked
+/// (`[2 · I, hidden]`) and down (`[hidden, I]`).
+///
+/// On CUDA with an f16/bf16 dtype (where the op is fused) each is stored with [`MLP_SPARE`]
+/// spare columns after every row and spare rows after the last, zeroed here: the fused op
+/// writes the LoRA factors of each call there and runs the low-rank terms inside the frozen
+/// GEMMs' reduction (see the module doc). The weights proper are then views of that storage,
+/// rows `hidden + MLP_SPARE` and `I + MLP_SPARE` elements apart. Elsewhere they are the tensors
+/// given (detached), unpadded.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use flare::lora::op::MlpWeights;
+/// let (h, i) = (8, 16);
+/// let w_gate_up = Tensor::ones((2 * i, h), DType::F32, &Device::Cpu)?;
+/// let w_down = Tensor::ones((h, i), DType::F32, &Device::Cpu)?;
+/// let w = MlpWeights::new(&w_gate_up, &w_down)?;
+/// assert_eq!((w.gate_up().dims(), w.down().dims()), (&[2 * i, h][..], &[h, i][..]));
+/// assert!(!w.is_padded()); // the CPU runs the unfused ops
+/// assert!(MlpWeights::new(&w_down, &w_down).is_err());
+/// # Ok::<(), flare::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct MlpWeights {
+    gate_up: Tensor,
+    down: Tensor,
+    /// The padded storages `(gate/up [2I + S, h + S], down [h + S, I + S])` the two views above
+    /// belong to, when laid out for the fused op.
+    padded: Option<(Tensor, Tensor)>,
+}
+
+impl MlpWeights {
+    /// The weights `w_gate_up: [2 · I, hidden]` and `w_down: [hidden, I]` (one dtype and
+    /// device), padded where the fused op runs (see the type's doc: on CUDA, f16/bf16, `hidden`
+    /// and `I` multiples of 8). Errors: [`Error::ShapeMismatch`] for weights of other shapes,
+    /// [`Error::DTypeMismatch`] / [`Error::DeviceMismatch`] for weights that disagree.
+    pub fn new(w_gate_up: &Tensor, w_down: &Tensor) -> Result<Self> {
+        let (hidden, inter) = check_weights(w_gate_up, w_down)?;
+        let (gu, d) = (w_gate_up.detach(), w_down.detach());
+        let pad = gu.device().is_cuda()
+            && matches!(gu.dtype(), DType::F16 | DType::BF16)
+            && hidden % 8 == 0
+            && inter % 8 == 0;
+        if !pad {
+            return Ok(MlpWeights {
+                gate_up: gu,
+                down: d,
+                padded: None,
+            });
+        }
+        let spare = |w: &Tensor| -> Result<Tensor> {
+            Ok(w.pad_with_zeros(1, 0, MLP_SPARE)?
+                .pad_with_zeros(0, 0, MLP_SPARE)?
+                .contiguous()?)
+        };
+        let (pgu, pd) = (spare(&gu)?, spare(&d)?);
+        Ok(MlpWeights {
+            gate_up: pgu.narrow(0, 0, 2 * inter)?.narrow(1, 0, hidden)?,
+            down: pd.narrow(0, 0, hidden)?.narrow(1, 0, inter)?,
+            padded: Some((pgu, pd)),
+        })
+    }
+
+    /// Gate then up, `[2 · I, hidden]` (a strided view when padded).
+    pub fn gate_up(&self) -> &Tensor {
+        &self.gate_up
+    }
+
+    /// Down, `[hidden, I]` (a strided view when padded).
+    pub fn down(&self) -> &Tensor {
+        &self.down
+    }
+
+    /// Whether the weights are laid out for the fused op (stored with spare rows and columns).
+    pub fn is_padded(&self) -> bool {
+        self.padded.is_some()
+    }
+}
+
+/// The LoRA factors and scales of one SwiGLU MLP and its frozen weights, for
+/// [`lora_swiglu_mlp`].
 #[derive(Debug, Clone, Copy)]
 pub struct LoraMlp<'a> {
-    /// Gate then up stacked, `[2 · I, hidden]`.
-    pub w_gate_up: &'a Tensor,
-    /// `[hidden, I]`.
-    pub w_down: &'a Tensor,
+    /// The frozen weights (laid out for the fused op by [`MlpWeights::new`]).
+    pub weights: &'a MlpWeights,
     /// The gate projection's `(A [r, hidden], B [I, r])`.
     pub gate: (&'a Tensor, &'a Tensor),
     /// The up projection's `(A [r, hidden], B [I, r])`, of the gate's rank.
@@ -91,13 +185,12 @@ impl MlpDims {
         self.b_start() + self.b_len()
     }
 
-    /// Whether the fused kernels take these sizes: ranks 1 to `LSW_MAX_RANK` (32), hidden and
-    /// intermediate sizes multiples of 8 (16-byte rows; every factor piece 16-element aligned),
-    /// `I` within the kernels' `int`.
+    /// Whether the fused op takes these sizes: the factors fit the weights' spare rows and
+    /// columns (`2 r` and `r2` at most [`MLP_SPARE`]), hidden and intermediate sizes multiples
+    /// of 8 (16-byte rows), `I` within the SwiGLU kernels' `int`.
     fn fits(&self) -> bool {
-        let max = flare_kernels::launch::LSW_MAX_RANK as usize;
-        (1..=max).contains(&self.r)
-            && (1..=max).contains(&self.r2)
+        (1..=MLP_SPARE / 2).contains(&self.r)
+            && (1..=MLP_SPARE).contains(&self.r2)
             && self.hidden % 8 == 0
             && self.inter % 8 == 0
             && self.inter <= i32::MAX as usize
@@ -113,31 +206,33 @@ impl MlpDims {
 /// y   = lora_linear(act, w_down, None, A_d, B_d, s_d)
 /// ```
 ///
-/// which is what it runs on the CPU, on Metal, and on CUDA outside the fused kernels' reach
-/// (f32 base, ranks above 32, hidden or intermediate sizes not multiples of 8). On CUDA with
-/// an f16/bf16 base it is one op whose SwiGLU kernels add the low-rank terms themselves (see
-/// the module doc): fewer passes over `[T, 2I]` and `[T, I]` buffers, and the low-rank terms
-/// enter in f32 rather than rounded to the base dtype.
+/// which is what it runs on the CPU, on Metal, and on CUDA outside the fused op's reach (f32
+/// base, weights not padded by [`MlpWeights::new`], ranks above 32, hidden or intermediate
+/// sizes not multiples of 8). On CUDA with an f16/bf16 base and padded weights it is one op
+/// whose frozen GEMMs take the low-rank terms in their reduction (see the module doc): no
+/// `[T, 2I]`, `[T, I]` or `[T, hidden]` expansion is written and read back.
 ///
 /// `x: [..., hidden]`; factors in the base dtype or f32 on an f16/bf16 base (gradients in
-/// their dtype); the weights frozen (no gradient). Errors, before anything runs: those of
+/// their dtype); the weights frozen (no gradient). A call writes the factors into the padded
+/// weights' spare rows and columns (on the device's stream, where the op's GEMMs then read
+/// them): two MLPs sharing one [`MlpWeights`] must not run on different streams at once. Errors, before anything runs: those of
 /// [`super::lora_linear`] for each projection ([`Error::ShapeMismatch`],
 /// [`Error::DTypeMismatch`], [`Error::DeviceMismatch`], ...), and [`Error::ShapeMismatch`]
 /// when the weights disagree with each other.
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
-/// use flare::lora::op::{lora_swiglu_mlp, LoraMlp};
+/// use flare::lora::op::{lora_swiglu_mlp, LoraMlp, MlpWeights};
 /// let dev = Device::Cpu;
 /// let (h, i, r) = (8, 16, 2);
 /// let x = Var::randn(0f32, 1.0, (3, h), &dev)?;
 /// let w_gate_up = Tensor::randn(0f32, 0.3, (2 * i, h), &dev)?;
 /// let w_down = Tensor::randn(0f32, 0.3, (h, i), &dev)?;
+/// let weights = MlpWeights::new(&w_gate_up, &w_down)?;
 /// let f = |rows, cols| Var::randn(0f32, 0.3, (rows, cols), &dev);
 /// let (ag, bg, au, bu, ad, bd) = (f(r, h)?, f(i, r)?, f(r, h)?, f(i, r)?, f(r, i)?, f(h, r)?);
 /// let m = LoraMlp {
-///     w_gate_up: &w_gate_up,
-///     w_down: &w_down,
+///     weights: &weights,
 ///     gate: (&ag, &bg),
 ///     up: (&au, &bu),
 ///     down: (&ad, &bd),
@@ -156,21 +251,20 @@ pub fn lora_swiglu_mlp(x: &Tensor, m: &LoraMlp<'_>) -> Result<Tensor> {
         && matches!(x.dtype(), DType::F16 | DType::BF16)
         && d.fits()
         && x.elem_count() > 0;
-    if fused {
-        fused_mlp(x, m, d)
-    } else {
-        composite(x, m)
+    match (&m.weights.padded, fused) {
+        (Some(padded), true) => fused_mlp(x, m, padded, d),
+        _ => composite(x, m),
     }
 }
 
 /// The unfused ops.
 fn composite(x: &Tensor, m: &LoraMlp<'_>) -> Result<Tensor> {
-    let inter = m.w_down.dims()[1];
+    let inter = m.weights.down.dims()[1];
     let a = stack_rows(&[m.gate.0, m.up.0])?;
     let b = stack_rows(&[m.gate.1, m.up.1])?;
     let gu = lora_linear_grouped(
         x,
-        m.w_gate_up,
+        &m.weights.gate_up,
         None,
         &a,
         &b,
@@ -178,7 +272,42 @@ fn composite(x: &Tensor, m: &LoraMlp<'_>) -> Result<Tensor> {
         &[inter, inter],
     )?;
     let act = swiglu_packed(&gu)?;
-    lora_linear(&act, m.w_down, None, m.down.0, m.down.1, m.scale_down)
+    lora_linear(
+        &act,
+        &m.weights.down,
+        None,
+        m.down.0,
+        m.down.1,
+        m.scale_down,
+    )
+}
+
+/// Checks that `w_gate_up` is `[2 · I, hidden]` for `w_down: [hidden, I]`, of one dtype and
+/// device; `(hidden, I)`.
+fn check_weights(wgu: &Tensor, wd: &Tensor) -> Result<(usize, usize)> {
+    if wd.rank() != 2 || wgu.rank() != 2 || wgu.dims() != [2 * wd.dims()[1], wd.dims()[0]] {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            msg: "w_gate_up must be [2 · I, hidden] for w_down [hidden, I] (w_gate_up, w_down)",
+            lhs: wgu.dims().to_vec(),
+            rhs: wd.dims().to_vec(),
+        });
+    }
+    if wd.dtype() != wgu.dtype() {
+        return Err(Error::DTypeMismatch {
+            op: OP,
+            lhs: wgu.dtype(),
+            rhs: wd.dtype(),
+        });
+    }
+    if !wd.device().same_device(wgu.device()) {
+        return Err(Error::DeviceMismatch {
+            op: OP,
+            lhs: crate::error::device_name(wgu.device()),
+            rhs: crate::error::device_name(wd.device()),
+        });
+    }
+    Ok((wd.dims()[0], wd.dims()[1]))
 }
 
 /// Checks every operand (each projection as [`super::lora_linear`] does, and the weights
@@ -190,22 +319,8 @@ fn check_mlp(x: &Tensor, m: &LoraMlp<'_>) -> Result<MlpDims> {
         lhs: lhs.dims().to_vec(),
         rhs: rhs.dims().to_vec(),
     };
-    let (wd, wgu) = (m.w_down, m.w_gate_up);
-    if wd.rank() != 2 || wgu.rank() != 2 || wgu.dims()[0] != 2 * wd.dims()[1] {
-        return Err(mismatch(
-            "w_gate_up must be [2 · I, hidden] for w_down [hidden, I] (w_gate_up, w_down)",
-            wgu,
-            wd,
-        ));
-    }
+    let (wgu, wd) = (&m.weights.gate_up, &m.weights.down);
     let (hidden, inter) = wd.dims2()?;
-    if wgu.dims()[1] != hidden {
-        return Err(mismatch(
-            "w_gate_up must be [2 · I, hidden] for w_down [hidden, I] (w_gate_up, w_down)",
-            wgu,
-            wd,
-        ));
-    }
     let (w_gate, w_up) = (wgu.narrow(0, 0, inter)?, wgu.narrow(0, inter, inter)?);
     check(x, &w_gate, None, m.gate.0, m.gate.1, m.scale_gate_up)?;
     check(x, &w_up, None, m.up.0, m.up.1, m.scale_gate_up)?;
@@ -252,14 +367,20 @@ fn check_mlp(x: &Tensor, m: &LoraMlp<'_>) -> Result<MlpDims> {
     })
 }
 
-/// The fused op on `x` and the two factor packs (each one `stack_rows` launch).
-fn fused_mlp(x: &Tensor, m: &LoraMlp<'_>, d: MlpDims) -> Result<Tensor> {
+/// The fused op on `x` and the two factor packs (each one `stack_rows` launch), on the padded
+/// weights `(gate/up, down)` of [`MlpWeights`].
+fn fused_mlp(
+    x: &Tensor,
+    m: &LoraMlp<'_>,
+    (w_gu, w_d): &(Tensor, Tensor),
+    d: MlpDims,
+) -> Result<Tensor> {
     let flat = |t: &Tensor| t.reshape((t.elem_count(), 1));
     let a = stack_rows(&[&flat(m.gate.0)?, &flat(m.up.0)?, &flat(m.down.0)?])?;
     let b = stack_rows(&[&flat(m.gate.1)?, &flat(m.up.1)?, &flat(m.down.1)?])?;
     let op = MlpFwd {
-        w_gu: m.w_gate_up.contiguous()?,
-        w_d: m.w_down.contiguous()?,
+        w_gu: w_gu.clone(),
+        w_d: w_d.clone(),
         s_gu: m.scale_gate_up,
         s_d: m.scale_down,
         d,
@@ -275,7 +396,8 @@ type Saved = Arc<super::mlp_cuda::Saved>;
 #[cfg(not(feature = "cuda"))]
 type Saved = std::convert::Infallible;
 
-/// The forward op `(x [..., hidden], A pack, B pack) -> y [..., hidden]`, the weights captured.
+/// The forward op `(x [..., hidden], A pack, B pack) -> y [..., hidden]`, the padded weights
+/// (`[2I + S, hidden + S]`, `[hidden + S, I + S]`, contiguous) captured.
 struct MlpFwd {
     w_gu: Tensor,
     w_d: Tensor,

@@ -98,7 +98,7 @@ mod mlp_cuda;
 mod plan;
 mod stack;
 
-pub use mlp::{lora_swiglu_mlp, LoraMlp};
+pub use mlp::{lora_swiglu_mlp, LoraMlp, MlpWeights, MLP_SPARE};
 pub use stack::stack_rows;
 
 use cpu::{block_diag, combine_fwd, diag_blocks, scaled};
@@ -682,8 +682,6 @@ impl CustomOp3 for LoraBwd {
             h: self.h.as_deref(),
             split,
             splits: &self.splits,
-            factors_into: None,
-            dx_low: true,
         })?;
         let main = self.finish(outs.base, outs.factors, Storage::Cuda)?;
         Ok((main, Shape::from(main_len(&p))))

@@ -292,17 +292,49 @@ fn copy_rows_t<T: CudaDType + DeviceRepr>(
             out.len() - y_off.min(out.len())
         )));
     }
-    let mut dst = out.slice_mut(y_off..);
+    let dst = out.slice_mut(y_off..);
     let rt = CudaRuntime::get(&x.device).map_err(crate::Error::into_candle)?;
-    let size = std::mem::size_of::<T>();
-    let v = 16 / size;
-    let aligned = {
-        let st = rt.stream();
-        let (xp, _gx) = src.device_ptr(st);
-        let (yp, _gy) = dst.device_ptr(st);
-        xp % 16 == 0 && yp % 16 == 0
+    let st = rt.stream();
+    let (xp, _gx) = src.device_ptr(st);
+    let (yp, _gy) = dst.device_ptr(st);
+    // SAFETY: the rows read (from `xp`, `xs` apart) and written (from `yp`, `ys` apart) lie in
+    // `src` and `dst` (checked above), both held by their guards until the launch is queued;
+    // the source (q/k/v rows) and the destination (the op's fresh output) are different
+    // buffers.
+    unsafe { copy_rows_raw(&rt, kernel, xp, yp, [rows, width, xs, ys]) }
+}
+
+/// `rows x width` elements from device address `x` (rows `xs` apart) to `y` (rows `ys` apart)
+/// by one `rope_copy_rows_*` launch (`kernel`, of the element type `T`), in 16-byte packs where
+/// both addresses, the width and the strides allow, on the runtime's stream: the strided copy
+/// of the RoPE v rows and of the fused LoRA MLP's padded rows
+/// ([`crate::lora::op::lora_swiglu_mlp`]). `xs` may be 0 (every row reads the same elements).
+///
+/// # Safety
+/// The `rows` rows read and written must lie inside live device allocations that stay alive
+/// until the launch has run (the caller holds them), the rows written must not overlap each
+/// other or the rows read, and nothing else may write them on another stream meanwhile.
+pub(crate) unsafe fn copy_rows_raw(
+    rt: &CudaRuntime,
+    kernel: Kernel,
+    x: u64,
+    y: u64,
+    [rows, width, xs, ys]: [usize; 4],
+) -> candle_core::Result<()> {
+    if rows == 0 || width == 0 {
+        return Ok(());
+    }
+    let size = match kernel {
+        Kernel::RopeCopyRowsF32 => 4,
+        Kernel::RopeCopyRowsF16 | Kernel::RopeCopyRowsBF16 => 2,
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "copy_rows: internal error: {other:?} is not a row copy"
+            )))
+        }
     };
-    let vec = aligned && width % v == 0 && xs % v == 0 && ys % v == 0;
+    let v = 16 / size;
+    let vec = x % 16 == 0 && y % 16 == 0 && width % v == 0 && xs % v == 0 && ys % v == 0;
     let work = if vec {
         rows * (width / v)
     } else {
@@ -319,18 +351,18 @@ fn copy_rows_t<T: CudaDType + DeviceRepr>(
         i32::from(vec),
     );
     let mut b = rt.stream().launch_builder(rt.function(kernel));
-    b.arg(&src)
-        .arg(&mut dst)
+    b.arg(&x)
+        .arg(&y)
         .arg(&rows64)
         .arg(&width32)
         .arg(&xs64)
         .arg(&ys64)
         .arg(&vec32);
     // SAFETY: rope_copy_rows_<t>(const T *x, T *y, long long rows, int width, long long xs,
-    // long long ys, int vec): x's view reaches row rows - 1's last element and y's too
-    // (checked above); with vec, width, the strides and both starts are multiples of 16
-    // bytes (checked above); the source (q/k/v rows) and the destination (the op's fresh
-    // output) are different buffers; on the runtime's (Candle's) stream.
+    // long long ys, int vec): the caller guarantees the rows read and written lie in live
+    // allocations and do not overlap (this function's contract); with vec, the width, the
+    // strides and both addresses are multiples of 16 bytes (checked above); on the runtime's
+    // (Candle's) stream.
     unsafe {
         b.launch(LaunchConfig {
             grid_dim: (blocks, 1, 1),

@@ -27,7 +27,7 @@ use crate::{Error, Result};
 
 mod cpu;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 mod plan;
 
 use cpu::{rope_cpu, rope_cpu_into};

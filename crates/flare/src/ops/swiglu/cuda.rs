@@ -18,8 +18,9 @@ use crate::runtime::cuda::{CudaResultExt, CudaRuntime, Kernel};
 const OP_FWD: &str = "swiglu (cuda)";
 const OP_BWD: &str = "swiglu backward (cuda)";
 
-/// `silu(g) * u` by the plan `p` (`g` and `u` may be the same storage); a fresh contiguous
-/// `[rows, cols]` output.
+/// `silu(g) * u` by the plan `p` (`g` and `u` may be the same storage); a fresh `[rows, cols]`
+/// output with rows `p.ldy` apart (contiguous when `ldy = cols`; a padded plan leaves the
+/// `ldy - cols` elements after each row unwritten, for the caller to fill).
 pub(crate) fn fwd(
     g: &CudaStorage,
     u: &CudaStorage,
@@ -137,22 +138,36 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
 ) -> candle_core::Result<CudaStorage> {
     let dev = &g.device;
     let n = p.rows * p.cols;
+    if p.ldy < p.cols {
+        return Err(candle_core::Error::Msg(format!(
+            "{OP_FWD}: internal error: output rows of {} elements {} apart",
+            p.cols, p.ldy
+        )));
+    }
     let gs = from_offset::<T>(OP_FWD, g, p.g_off)?;
     let us = from_offset::<T>(OP_FWD, u, p.u_off)?;
-    // SAFETY: every element is written by the kernel below (nothing to write when n == 0).
-    let mut out = unsafe { dev.alloc::<T>(n.max(1)) }?;
+    // SAFETY: the kernel below writes the first `cols` elements of every row (nothing when
+    // n == 0); the `ldy - cols` after each row of a padded plan are the caller's to write
+    // before anything reads them (`SwiGluPlan::padded`).
+    let mut out = unsafe { dev.alloc::<T>((p.rows * p.ldy).max(1)) }?;
     if n > 0 {
         check_reach(OP_FWD, gs.len(), us.len(), p)?;
         let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
-        let (rows, cols, ldg, ldu) = (p.rows as i64, p.cols as i32, p.ldg as i64, p.ldu as i64);
-        // `out` is a fresh allocation (aligned) with rows of `cols`. Aligned rows take the
+        let (rows, cols, ldg, ldu, ldy) = (
+            p.rows as i64,
+            p.cols as i32,
+            p.ldg as i64,
+            p.ldu as i64,
+            p.ldy as i64,
+        );
+        // `out` is a fresh allocation (aligned) with rows `ldy` apart. Aligned rows take the
         // grid-stride loop over (row, pack) on a few blocks per SM (vec 2), as the backward's
         // rows path: the row grid with 16-byte packs ran the 8B MLP's forward at 2.6 TB/s
         // (137.7 µs at [4096, 14336] bf16, packed gate/up).
         let aligned = {
             let (gp, _g) = gs.device_ptr(rt.stream());
             let (up, _u) = us.device_ptr(rt.stream());
-            aligned16::<T>(&[gp, up], &[p.cols, p.ldg, p.ldu])
+            aligned16::<T>(&[gp, up], &[p.cols, p.ldg, p.ldu, p.ldy])
         };
         let v = 16 / std::mem::size_of::<T>();
         let (vec, cfg) = if aligned {
@@ -168,10 +183,12 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
             .arg(&cols)
             .arg(&ldg)
             .arg(&ldu)
+            .arg(&ldy)
             .arg(&vec);
         // SAFETY: swiglu_fwd_<t>(const T *g, const T *u, T *y, long long rows, int cols,
-        // long long ldg, long long ldu, int vec): the elements r * ld + c (r < rows, c < cols)
-        // of both views are in bounds (checked above), y holds rows * cols. vec = 2 only when
+        // long long ldg, long long ldu, long long ldy, int vec): the elements r * ld + c
+        // (r < rows, c < cols) of both views are in bounds (checked above), y holds rows * ldy
+        // with ldy >= cols (checked above), so its writes r * ldy + c are too. vec = 2 only when
         // every row start of g, u and y is 16-byte aligned and cols is a multiple of the pack
         // width (checked just above), so each of the rows * cols / V packs is one aligned
         // 16-byte access inside its row; the grid strides over those packs (vec 2) or over
@@ -202,9 +219,11 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             dys.len()
         )));
     }
-    // SAFETY: the kernel writes every element of the gradient buffer: dg at r * ldo + c and du
-    // at du_off + r * ldo + c cover all of it for both plans (separate: two [rows, cols]
-    // blocks; packed: the two halves of each row of width ldo = 2 * cols).
+    // SAFETY: the kernel writes every element of the gradient buffer the caller reads: dg at
+    // r * ldo + c and du at du_off + r * ldo + c cover all of it for the separate plan (two
+    // [rows, cols] blocks) and the packed one (the two halves of each row of width
+    // ldo = 2 * cols); a padded plan leaves the ldo - 2 * cols elements after each row for the
+    // caller to write before it reads them (`SwiGluPlan::padded`).
     let out = unsafe { dev.alloc::<T>(p.grad_len.max(1)) }?;
     if n > 0 {
         check_reach(OP_BWD, gs.len(), us.len(), p)?;

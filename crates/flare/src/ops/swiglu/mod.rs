@@ -20,8 +20,8 @@ use crate::{Error, Result};
 
 mod cpu;
 #[cfg(feature = "cuda")]
-mod cuda;
-mod plan;
+pub(crate) mod cuda;
+pub(crate) mod plan;
 
 use cpu::{bwd_cpu, fwd_cpu};
 use plan::{SwiGluPlan, OP, OP_BWD};
