@@ -92,6 +92,8 @@ use crate::{Error, Result};
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod fold;
 mod mlp;
 #[cfg(feature = "cuda")]
 mod mlp_cuda;

@@ -153,51 +153,111 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     if n > 0 {
         check_reach(OP_FWD, gs.len(), us.len(), p)?;
         let rt = CudaRuntime::get(dev).map_err(crate::Error::into_candle)?;
-        let (rows, cols, ldg, ldu, ldy) = (
-            p.rows as i64,
-            p.cols as i32,
-            p.ldg as i64,
-            p.ldu as i64,
-            p.ldy as i64,
-        );
-        // `out` is a fresh allocation (aligned) with rows `ldy` apart. Aligned rows take the
-        // grid-stride loop over (row, pack) on a few blocks per SM (vec 2), as the backward's
-        // rows path: the row grid with 16-byte packs ran the 8B MLP's forward at 2.6 TB/s
-        // (137.7 µs at [4096, 14336] bf16, packed gate/up).
-        let aligned = {
-            let (gp, _g) = gs.device_ptr(rt.stream());
-            let (up, _u) = us.device_ptr(rt.stream());
-            aligned16::<T>(&[gp, up], &[p.cols, p.ldg, p.ldu, p.ldy])
-        };
-        let v = 16 / std::mem::size_of::<T>();
-        let (vec, cfg) = if aligned {
-            (2i32, strided_grid(&rt, n / v))
-        } else {
-            (0i32, grid::<T>(p))
-        };
-        let mut lb = rt.stream().launch_builder(rt.function(kernel));
-        lb.arg(&gs)
-            .arg(&us)
-            .arg(&mut out)
-            .arg(&rows)
-            .arg(&cols)
-            .arg(&ldg)
-            .arg(&ldu)
-            .arg(&ldy)
-            .arg(&vec);
-        // SAFETY: swiglu_fwd_<t>(const T *g, const T *u, T *y, long long rows, int cols,
-        // long long ldg, long long ldu, long long ldy, int vec): the elements r * ld + c
-        // (r < rows, c < cols) of both views are in bounds (checked above), y holds rows * ldy
-        // with ldy >= cols (checked above), so its writes r * ldy + c are too. vec = 2 only when
-        // every row start of g, u and y is 16-byte aligned and cols is a multiple of the pack
-        // width (checked just above), so each of the rows * cols / V packs is one aligned
-        // 16-byte access inside its row; the grid strides over those packs (vec 2) or over
-        // rows and packs (vec 0) with bound checks.
-        unsafe { lb.launch(cfg) }
-            .cuda_ctx("launching swiglu_fwd")
-            .map_err(crate::Error::into_candle)?;
+        let st = rt.stream();
+        let (gp, _g) = gs.device_ptr(st);
+        let (up, _u) = us.device_ptr(st);
+        let (yp, _y) = out.device_ptr_mut(st);
+        // SAFETY: g's and u's rows lie in their views (checked above); `out` is a fresh
+        // allocation of rows * ldy elements with ldy >= cols (checked above), disjoint from
+        // both; the guards hold the three until the launch is queued on the runtime's stream.
+        unsafe { launch_fwd::<T>(&rt, kernel, [gp, up, yp], p) }?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// Launches `swiglu_fwd_<t>` on the device addresses `[g, u, y]` by the plan `p` (rows
+/// `p.ldg`, `p.ldu` and `p.ldy` apart), in 16-byte packs on a grid-stride loop where every
+/// row start is aligned (the row grid with 16-byte packs ran the 8B MLP's forward at 2.6 TB/s,
+/// 137.7 µs at [4096, 14336] bf16, packed gate/up; the grid-stride loop does better).
+///
+/// # Safety
+/// The `p.rows` rows of `p.cols` elements read from `g` and `u` and written to `y` must lie
+/// in live allocations of `T` until the launch has run, `y`'s rows disjoint from each other
+/// (`p.ldy >= p.cols`) and from `g` and `u`.
+unsafe fn launch_fwd<T: CudaDType + DeviceRepr>(
+    rt: &CudaRuntime,
+    kernel: Kernel,
+    ptrs: [u64; 3],
+    p: &SwiGluPlan,
+) -> candle_core::Result<()> {
+    let [gp, up, yp] = ptrs;
+    let (rows, cols, ldg, ldu, ldy) = (
+        p.rows as i64,
+        p.cols as i32,
+        p.ldg as i64,
+        p.ldu as i64,
+        p.ldy as i64,
+    );
+    let v = 16 / std::mem::size_of::<T>();
+    let (vec, cfg) = if aligned16::<T>(&ptrs, &[p.cols, p.ldg, p.ldu, p.ldy]) {
+        (2i32, strided_grid(rt, p.rows * p.cols / v))
+    } else {
+        (0i32, grid::<T>(p))
+    };
+    let mut lb = rt.stream().launch_builder(rt.function(kernel));
+    lb.arg(&gp)
+        .arg(&up)
+        .arg(&yp)
+        .arg(&rows)
+        .arg(&cols)
+        .arg(&ldg)
+        .arg(&ldu)
+        .arg(&ldy)
+        .arg(&vec);
+    // SAFETY: swiglu_fwd_<t>(const T *g, const T *u, T *y, long long rows, int cols,
+    // long long ldg, long long ldu, long long ldy, int vec): the caller guarantees the reads
+    // r * ldg + c, r * ldu + c and the writes r * ldy + c (r < rows, c < cols) lie in live
+    // allocations, y disjoint from g and u (this function's contract). vec = 2 only when every
+    // row start of g, u and y is 16-byte aligned and cols is a multiple of the pack width
+    // (checked just above), so each of the rows * cols / V packs is one aligned 16-byte
+    // access inside its row; the grid strides over those packs (vec 2) or over rows and packs
+    // (vec 0) with bound checks.
+    unsafe { lb.launch(cfg) }
+        .cuda_ctx("launching swiglu_fwd")
+        .map_err(crate::Error::into_candle)?;
+    Ok(())
+}
+
+/// [`fwd`] on device addresses `[g, u, y]` of `dtype` (the fused LoRA MLP's buffers).
+///
+/// # Safety
+/// As [`launch_fwd`]'s.
+pub(crate) unsafe fn fwd_raw(
+    rt: &CudaRuntime,
+    dtype: DType,
+    ptrs: [u64; 3],
+    p: &SwiGluPlan,
+) -> candle_core::Result<()> {
+    // SAFETY: forwarded: the caller keeps launch_fwd's contract.
+    unsafe {
+        match dtype {
+            DType::F32 => launch_fwd::<f32>(rt, Kernel::SwiGluFwdF32, ptrs, p),
+            DType::F16 => launch_fwd::<f16>(rt, Kernel::SwiGluFwdF16, ptrs, p),
+            DType::BF16 => launch_fwd::<bf16>(rt, Kernel::SwiGluFwdBF16, ptrs, p),
+            dt => Err(unsupported(OP_FWD, dt)),
+        }
+    }
+}
+
+/// [`bwd`] on device addresses `[g, u, dy, dg, du]` of `dtype`, output rows `p.ldo` apart.
+///
+/// # Safety
+/// The reads `r * ld + c` (`r < rows`, `c < cols`) of `g`, `u` (their plan strides) and `dy`
+/// (rows `cols` apart) and the writes `r * ldo + c` of `dg` and `du` must lie in live
+/// allocations of `dtype` until the launch has run; the outputs may alias `g` and `u` element
+/// for element only (as [`bwd_in_place`]) and nothing else.
+pub(crate) unsafe fn bwd_raw(
+    rt: &CudaRuntime,
+    dtype: DType,
+    ptrs: [u64; 5],
+    p: &SwiGluPlan,
+) -> candle_core::Result<()> {
+    match dtype {
+        DType::F32 => launch_bwd::<f32>(rt, Kernel::SwiGluBwdF32, ptrs, p, p.ldo),
+        DType::F16 => launch_bwd::<f16>(rt, Kernel::SwiGluBwdF16, ptrs, p, p.ldo),
+        DType::BF16 => launch_bwd::<bf16>(rt, Kernel::SwiGluBwdBF16, ptrs, p, p.ldo),
+        dt => Err(unsupported(OP_BWD, dt)),
+    }
 }
 
 fn bwd_t<T: CudaDType + DeviceRepr>(
