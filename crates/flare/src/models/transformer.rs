@@ -321,9 +321,18 @@ impl Mlp {
     /// Turns the fused MLP on or off for this layer ([`Transformer::set_fused_mlp`]). On, while
     /// gate and up are still the grouped views and down is unmerged, the weights are laid out
     /// as [`MlpWeights`] (on CUDA with a half dtype: copied once into padded storage, which
-    /// the projections' weights then view, the unpadded tensors freed). Off, padded weights go
-    /// back to contiguous tensors.
+    /// the projections' weights then view, the unpadded tensors freed). Off, every weight still
+    /// a strided view of it (and not merged) goes back to a contiguous tensor.
     fn set_fused(&mut self, on: bool) -> Result<()> {
+        self.set_fused_with(on, MlpWeights::new)
+    }
+
+    /// [`set_fused`](Self::set_fused) with `lay_out` building the weights' layout.
+    fn set_fused_with(
+        &mut self,
+        on: bool,
+        lay_out: impl Fn(&Tensor, &Tensor) -> Result<MlpWeights>,
+    ) -> Result<()> {
         self.fused = on;
         let current = self.weights.as_ref().is_some_and(|w| self.lays_out(w));
         if on && !current {
@@ -331,14 +340,27 @@ impl Mlp {
             if self.gate_up.same_weights(&[&self.gate_proj, &self.up_proj])
                 && self.down_proj.merged().is_none()
             {
-                let w = MlpWeights::new(&self.gate_up.weight, self.down_proj.weight())?;
+                let w = lay_out(&self.gate_up.weight, self.down_proj.weight())?;
                 self.relayout(w.gate_up().clone(), w.down().clone())?;
                 self.weights = Some(w);
             }
         } else if !on {
             if let Some(w) = self.weights.take() {
-                if w.is_padded() && current {
-                    self.relayout(w.gate_up().contiguous()?, w.down().contiguous()?)?;
+                let group = self.gate_up.same_weights(&[&self.gate_proj, &self.up_proj])
+                    && self.gate_up.weight.id() == w.gate_up().id();
+                if w.is_padded() && group {
+                    self.gate_up.relayout(
+                        w.gate_up().contiguous()?,
+                        &mut [&mut self.gate_proj, &mut self.up_proj],
+                    )?;
+                }
+            }
+            // Whatever else is still a strided view (a group broken by a merge since, say):
+            // contiguous again.
+            for l in [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj] {
+                if !l.weight().is_contiguous() && l.merged().is_none() {
+                    let w = l.weight().contiguous()?;
+                    l.relayout_weight(w)?;
                 }
             }
         }
@@ -1752,5 +1774,123 @@ impl Transformer {
                 .reshape((b, s, nh * hd))?
         };
         attn.o_proj.forward(&out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::LoraConfig;
+
+    /// The fused MLP's weight layout, its bookkeeping checked on the CPU with the padded
+    /// layout forced (CUDA lays weights out so; the CPU runs the unfused ops on the strided
+    /// views, so every logit stays the same bit for bit): turning it on makes the projections'
+    /// weights views of the padded storage and the decode engine refuses them by name; a merge
+    /// takes its layer off the fused path; turning it off gives contiguous weights of the same
+    /// values back.
+    #[test]
+    fn fused_mlp_layout_round_trip() -> Result<()> {
+        let config = ModelConfig::from_json_str(
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 16,
+                "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 30,
+                "max_position_embeddings": 32, "tie_word_embeddings": false}"#,
+            "config.json",
+        )?;
+        let dev = Device::Cpu;
+        let mut model = Transformer::random(config, DType::F32, &dev, 3)?;
+        let lora = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            ..Default::default()
+        };
+        for (i, (_, l)) in model.lora_modules_mut().into_iter().enumerate() {
+            l.add_adapter("default", &lora, i as u64)?;
+            // Non-zero B, so that the low-rank terms count.
+            let a = l.adapter("default").map(|ad| ad.a().clone());
+            let b = l
+                .adapter("default")
+                .map(|ad| ad.b().ones_like())
+                .transpose()?;
+            if let (Some(a), Some(b)) = (a, b) {
+                l.set_adapter_weights("default", &a, &(b * 0.1)?)?;
+            }
+            l.set_active(Some("default"))?;
+        }
+        let ids = Tensor::new(&[[1u32, 5, 7, 2, 9]], &dev)?;
+        let plain = model.forward(&ids)?;
+        let weights = |m: &Transformer| -> Vec<Tensor> {
+            m.layers
+                .iter()
+                .flat_map(|l| {
+                    [
+                        l.mlp.gate_proj.weight().clone(),
+                        l.mlp.up_proj.weight().clone(),
+                        l.mlp.down_proj.weight().clone(),
+                    ]
+                })
+                .collect()
+        };
+        let before = weights(&model);
+        let same = |a: &Tensor, b: &Tensor| -> Result<bool> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0)
+        };
+        for layer in &mut model.layers {
+            layer
+                .mlp
+                .set_fused_with(true, |gu, d| MlpWeights::laid_out(gu, d, true))?;
+        }
+        model.fused_mlp = true;
+        for (w, b) in weights(&model).iter().zip(&before) {
+            assert!(
+                !w.is_contiguous(),
+                "a weight is not a view of the padded storage"
+            );
+            assert!(same(w, b)?, "the padded layout changed a weight");
+        }
+        let activate = |m: &mut Transformer, on: Option<&str>| -> Result<()> {
+            for (_, l) in m.lora_modules_mut() {
+                l.set_active(on)?;
+            }
+            Ok(())
+        };
+        // The engine runs base weights only: without adapters it is the layout that stops it.
+        activate(&mut model, None)?;
+        let err = model.decode_parts().err().unwrap_or_default();
+        assert!(
+            err.contains("fused MLP"),
+            "the decode engine took padded weights: {err:?}"
+        );
+        activate(&mut model, Some("default"))?;
+        assert!(
+            same(&model.forward(&ids)?, &plain)?,
+            "logits with the padded layout"
+        );
+        // Merging down's adapter replaces its weight: layer 0 leaves the fused path.
+        model.layers[0].mlp.down_proj.merge()?;
+        let w = model.layers[0]
+            .mlp
+            .weights
+            .clone()
+            .expect("layer 0's weights");
+        assert!(!model.layers[0].mlp.lays_out(&w));
+        assert!(model.layers[1]
+            .mlp
+            .weights
+            .as_ref()
+            .is_some_and(|w| model.layers[1].mlp.lays_out(w)));
+        model.layers[0].mlp.down_proj.unmerge()?;
+        model.set_fused_mlp(false)?;
+        let after = weights(&model);
+        for (i, (w, b)) in after.iter().zip(&before).enumerate() {
+            // Layer 0's down went through merge and unmerge: its values moved by rounding.
+            if i != 2 {
+                assert!(w.is_contiguous(), "weight {i} not contiguous again");
+                assert!(same(w, b)?, "weight {i} changed across the round trip");
+            }
+        }
+        activate(&mut model, None)?;
+        assert!(model.decode_parts().is_ok(), "contiguous weights again");
+        Ok(())
     }
 }

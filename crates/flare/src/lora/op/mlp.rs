@@ -82,11 +82,19 @@ impl MlpWeights {
     /// [`Error::DTypeMismatch`] / [`Error::DeviceMismatch`] for weights that disagree.
     pub fn new(w_gate_up: &Tensor, w_down: &Tensor) -> Result<Self> {
         let (hidden, inter) = check_weights(w_gate_up, w_down)?;
-        let (gu, d) = (w_gate_up.detach(), w_down.detach());
-        let pad = gu.device().is_cuda()
-            && matches!(gu.dtype(), DType::F16 | DType::BF16)
+        let pad = w_gate_up.device().is_cuda()
+            && matches!(w_gate_up.dtype(), DType::F16 | DType::BF16)
             && hidden % 8 == 0
             && inter % 8 == 0;
+        Self::laid_out(w_gate_up, w_down, pad)
+    }
+
+    /// [`new`](Self::new) padded or not as `pad` says, on any device (a padded layout off
+    /// CUDA runs the unfused ops on the strided views: what the model's tests check the
+    /// layout's bookkeeping with).
+    pub(crate) fn laid_out(w_gate_up: &Tensor, w_down: &Tensor, pad: bool) -> Result<Self> {
+        let (hidden, inter) = check_weights(w_gate_up, w_down)?;
+        let (gu, d) = (w_gate_up.detach(), w_down.detach());
         if !pad {
             return Ok(MlpWeights {
                 gate_up: gu,
