@@ -25,10 +25,12 @@ a CUDA graph of 10 calls (no host cost; median of --reps replays, µs per call),
 flare's sequence (`now`) and the fold with a copy and with a producer, forward and backward,
 the factor gradients `dA = Gᵀ x`, `dB = dyᵀ H` (f32 out, as flare's) included in every
 backward. Then, sustained under the card's power limit: one layer's frozen GEMMs alone
-(`base`), with flare's low-rank terms (`now`) and folded (`fold`, each product's cheaper
-variant of those flare could run), each captured as one graph and replayed once per layer
+(`base`), with flare's low-rank terms (`now`), folded as flare's fused MLP folds gate/up and
+down (`mlp`: x and dy copied in, SwiGLU writing the padded rows; q/k/v and o as now), and
+folded wherever it wins (`fold`, each product's cheaper variant of those flare could run),
+each captured as one graph and replayed once per layer
 beside the layer's attention forward and backward (cuDNN SDPA), then the LM head's forward
-and input gradient in 1024-row chunks: a step's vendor work. The three are alternated for
+and input gradient in 1024-row chunks: a step's vendor work. The four are alternated for
 --steps steps with the SM clock and power sampled by nvidia-smi, and each is printed with
 the MFU it reaches alone and with --rest-ms of flare's other kernels (norms, SwiGLU, RoPE,
 loss, optimizer) on top. `now - fold` is what the fold would save in flare's step; `fold`
@@ -248,18 +250,28 @@ def main():
     print(f"per layer the fold saves {save:.0f} us where it wins (x{LAYERS}: "
           f"{save * LAYERS / 1000:.2f} ms per step), summed from the rows above")
 
+    # flare's fused MLP (`lora/op/fold.rs`) as it runs: gate/up folded with x copied in
+    # (forward) and SwiGLU's backward writing the padded rows (backward); down folded with
+    # SwiGLU's forward writing the padded rows (forward) and dy copied in (backward); q/k/v
+    # and o as now.
+    mlp_fold = {("gate/up", "fwd"): True, ("gate/up", "bwd"): False, ("down", "fwd"): False,
+                ("down", "bwd"): True}
+
     def seq(kind):
         def run():
             for p, pas, prod, use_fold in best:
                 if kind == "base":
                     (p.base_fwd if pas == "fwd" else p.base_bwd)()
-                elif kind == "now" or not use_fold:
+                elif kind == "mlp" and (p.name, pas) in mlp_fold:
+                    (p.fold_fwd if pas == "fwd" else p.fold_bwd)(mlp_fold[(p.name, pas)])
+                elif kind in ("now", "mlp") or not use_fold:
                     (p.now_fwd if pas == "fwd" else p.now_bwd)()
                 else:
                     (p.fold_fwd if pas == "fwd" else p.fold_bwd)(not prod)
         return run
 
-    graphs = {k: graphed(seq(k), 1) for k in ("base", "now", "fold")}
+    kinds = ("base", "now", "mlp", "fold")
+    graphs = {k: graphed(seq(k), 1) for k in kinds}
     attn = attention(t)
     lm_head = lm_head_chunks(t)
 
@@ -302,7 +314,7 @@ def main():
           "forward and backward, each layer's attention forward and backward, the LM head's "
           "forward and input gradient in 1024-row chunks), median ms per step; MFU of the "
           f"sequence alone, and with --rest-ms {a.rest_ms} of flare's other kernels on top:")
-    for k in ("base", "now", "fold"):
+    for k in kinds:
         mfu = ""
         if peak:
             alone = flops / (med[k] / 1e3) / (peak * 1e12)
@@ -318,9 +330,10 @@ def main():
     if peak:
         need = flops / (a.mfu * peak * 1e12) * 1e3
         print(f"MFU {a.mfu:.0%} of {peak} TFLOP/s needs a step of at most {need:.1f} ms")
-    print(f"FOLD SAVES {med['now'] - med['fold']:.2f} ms per step sustained "
-          f"(low-rank terms now cost {med['now'] - med['base']:.2f} ms over the frozen GEMMs, "
-          f"folded {med['fold'] - med['base']:.2f} ms)")
+    print(f"FOLD SAVES {med['now'] - med['fold']:.2f} ms per step sustained, every product "
+          f"folded where it wins ({med['now'] - med['mlp']:.2f} ms as flare's fused MLP folds "
+          f"gate/up and down; the low-rank terms now cost {med['now'] - med['base']:.2f} ms "
+          f"over the frozen GEMMs)")
 
 
 if __name__ == "__main__":
