@@ -17,7 +17,7 @@
 //! so nothing of an output's size is written twice. The weights are stored with spare
 //! columns and rows for the factors ([`MlpWeights`], [`MLP_SPARE`]); the activations with
 //! spare columns (the SwiGLU kernels write their rows at the padded stride, `x` and `dy` are
-//! copied in); see `mlp_cuda.rs` for the steps.
+//! copied in); see `fold.rs` for the steps (and `mlp_cuda.rs` for their CUDA side).
 //!
 //! On every other device, dtype or shape (or with weights not laid out by [`MlpWeights`]) it is
 //! the unfused composite, the same ops the model runs without it, so the values are those of
