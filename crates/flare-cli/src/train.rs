@@ -715,8 +715,26 @@ pub fn run_merge(a: &MergeArgs) -> Result<()> {
         Some("f16") => Some(DType::F16),
         Some(other) => bail!("--dtype: expected f32, bf16 or f16, got {other:?}"),
     };
-    flare::train::merge_adapter_to_dir(&a.model, &a.adapter, &a.out, dtype, a.force)
-        .with_context(|| format!("merging {} into {}", a.adapter.display(), a.model.display()))?;
+    let t0 = std::time::Instant::now();
+    elog!(
+        "merging {} into {}: writing {}",
+        a.adapter.display(),
+        a.model.display(),
+        a.out.display()
+    );
+    flare::train::merge_adapter_to_dir_with(&a.model, &a.adapter, &a.out, dtype, a.force, |p| {
+        elog!(
+            "[{:>6.1}s] {} ({}/{}): {} tensors, {} merged, {:.2} GB",
+            t0.elapsed().as_secs_f64(),
+            p.file,
+            p.index,
+            p.files,
+            p.tensors,
+            p.merged,
+            p.bytes as f64 / 1e9
+        )
+    })
+    .with_context(|| format!("merging {} into {}", a.adapter.display(), a.model.display()))?;
     elog!("merged model written to {}", a.out.display());
     Ok(())
 }

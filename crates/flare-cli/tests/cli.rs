@@ -792,6 +792,12 @@ fn merge_refuses_the_model_dir_and_mixing_with_other_files() {
     let o = merge(&["--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(busy.join("model.safetensors").is_file());
+    // Each weights file is reported as it is written (stderr is a pipe here, not a terminal).
+    let err = stderr(&o);
+    assert!(
+        err.contains("model.safetensors (1/1): ") && err.contains(" merged, "),
+        "{err}"
+    );
     assert!(
         !busy.join("notes.txt").exists(),
         "the old directory was not replaced whole"

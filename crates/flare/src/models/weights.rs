@@ -211,4 +211,44 @@ impl Weights {
             .map_err(|e| bad_file(path, format!("tensor `{name}`: {e}")))?;
         Ok(t.to_dtype(dtype)?)
     }
+
+    /// The shape tensor `name` is stored with, or `None` if there is no such tensor. Reads
+    /// only the header.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let &i = self.index.get(name)?;
+        self.files[i].1.get(name).ok().map(|v| v.shape().to_vec())
+    }
+
+    /// The files in the order they were opened, each with the names of its tensors, sorted.
+    pub fn files(&self) -> Vec<(&Path, Vec<&str>)> {
+        let mut per: Vec<Vec<&str>> = vec![Vec::new(); self.files.len()];
+        for (name, &i) in &self.index {
+            per[i].push(name);
+        }
+        self.files
+            .iter()
+            .zip(per)
+            .map(|((p, _), mut names)| {
+                names.sort_unstable();
+                (p.as_path(), names)
+            })
+            .collect()
+    }
+
+    /// Tensor `name` as stored (dtype, shape and the bytes of the mapped file, nothing
+    /// copied), with the file it is in.
+    pub(crate) fn stored(
+        &self,
+        name: &str,
+    ) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {
+        let i = *self.index.get(name).ok_or_else(|| Error::InvalidArgument {
+            op: "Weights::stored",
+            msg: format!("missing tensor `{name}`"),
+        })?;
+        let (path, st) = &self.files[i];
+        let view = st
+            .get(name)
+            .map_err(|e| bad_file(path, format!("tensor `{name}`: {e}")))?;
+        Ok((path, view))
+    }
 }

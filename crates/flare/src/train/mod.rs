@@ -33,7 +33,7 @@ pub mod trainer;
 pub use config::Checkpointing;
 pub use data::{BadLines, Batch, DataConfig, Encoder, Example, Message, Tokenized};
 pub use distributed::{Collective, Rendezvous, World};
-pub use export::merge_adapter_to_dir;
+pub use export::{merge_adapter_to_dir, merge_adapter_to_dir_with, MergeProgress};
 pub use identity::{Difference, RunIdentity};
 pub use optim::{clip_scale, global_grad_norm, AdamW, AdamWConfig, Schedule};
 pub use step_graph::{eager_grads, eager_pass, Pass, StepGraphs};

@@ -126,6 +126,152 @@ fn merge_never_writes_into_its_inputs_or_mixes_with_other_files() -> Result<()> 
     Ok(())
 }
 
+/// A sharded base model (two shards named by `model.safetensors.index.json`, beside a stray
+/// `consolidated.safetensors` that is not part of it, as Mistral's repositories have) merges
+/// into the same two shards and a new index: every tensor equal to the one-file model's merge,
+/// the stray file neither read nor written, one progress report per shard with its counts.
+#[test]
+fn merge_keeps_a_sharded_models_shards() -> Result<()> {
+    use std::collections::HashMap;
+    let dir = scratch("h-merge-shards");
+    let model = model_copy(&dir);
+    let adapter = model.join("adapter");
+    let sharded = dir.join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    let all = candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu)?;
+    let mut keys: Vec<&String> = all.keys().collect();
+    keys.sort();
+    let files = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    let mut weight_map = serde_json::Map::new();
+    for (part, file) in keys.chunks(keys.len().div_ceil(2)).zip(files) {
+        let shard: HashMap<String, Tensor> =
+            part.iter().map(|&k| (k.clone(), all[k].clone())).collect();
+        candle_core::safetensors::save(&shard, sharded.join(file))?;
+        for k in part {
+            weight_map.insert((*k).clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": weight_map });
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        serde_json::to_vec_pretty(&index).unwrap(),
+    )
+    .unwrap();
+    let stray = HashMap::from([(
+        "layers.0.attention.wq.weight".to_string(),
+        Tensor::ones((2, 2), DType::F32, &Device::Cpu)?,
+    )]);
+    candle_core::safetensors::save(&stray, sharded.join("consolidated.safetensors"))?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model.join(f), sharded.join(f)).unwrap();
+    }
+
+    let one = dir.join("one");
+    flare::train::merge_adapter_to_dir(&model, &adapter, &one, None, false)?;
+    let out = dir.join("out");
+    let mut reports = Vec::new();
+    flare::train::merge_adapter_to_dir_with(&sharded, &adapter, &out, None, false, |p| {
+        reports.push(p.clone())
+    })?;
+    assert_eq!(
+        names(&out),
+        [
+            "config.json",
+            files[0],
+            files[1],
+            "model.safetensors.index.json",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    #[cfg(unix)]
+    {
+        // The shards are as readable as the rest (the safetensors writer makes its files 0600).
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode();
+        assert_eq!(mode(files[0]), mode("config.json"));
+        assert_eq!(mode(files[1]), mode("config.json"));
+    }
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    assert_eq!(index["weight_map"], serde_json::Value::Object(weight_map));
+
+    // The same tensors as the one-file merge, bit for bit (bf16 to f32 is exact), and the
+    // adapter changed some of them.
+    let want = candle_core::safetensors::load(one.join("model.safetensors"), &Device::Cpu)?;
+    let mut got = HashMap::new();
+    let mut data_bytes = 0;
+    for (i, file) in files.iter().enumerate() {
+        let shard = candle_core::safetensors::load(out.join(file), &Device::Cpu)?;
+        let bytes: usize = shard
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
+        let r = &reports[i];
+        assert_eq!(
+            (r.file.as_str(), r.index, r.files, r.tensors, r.bytes),
+            (*file, i + 1, 2, shard.len(), bytes as u64),
+            "{r:?}"
+        );
+        data_bytes += bytes;
+        got.extend(shard);
+    }
+    assert_eq!(reports.len(), 2);
+    assert_eq!(index["metadata"]["total_size"], data_bytes as u64);
+    let adapted = reports.iter().map(|r| r.merged).sum::<usize>();
+    assert_eq!(
+        adapted,
+        flare::lora::load_adapter(&adapter, &Device::Cpu)?
+            .tensors
+            .len()
+    );
+    assert_eq!(got.len(), want.len());
+    let mut changed = 0;
+    for (k, w) in &want {
+        let g = got
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing from the shards"));
+        assert_eq!((g.dtype(), g.dims()), (w.dtype(), w.dims()), "{k}");
+        let (g, w) = (g.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?);
+        assert_eq!(
+            g.flatten_all()?.to_vec1::<f32>()?,
+            w.flatten_all()?.to_vec1::<f32>()?,
+            "{k}"
+        );
+        let base = all[k].to_dtype(DType::F32)?;
+        if (w - base)?.abs()?.max_all()?.to_scalar::<f32>()? > 0.0 {
+            changed += 1;
+        }
+    }
+    assert!(
+        changed >= adapted / 2,
+        "the adapter changed {changed} of {adapted} weights"
+    );
+    // The merged shards load as a model.
+    flare::models::Transformer::from_dir(&out, DType::F32, &Device::Cpu)?;
+
+    // An index naming a shard outside the model directory is refused, and nothing is written.
+    let index =
+        serde_json::json!({ "weight_map": { "model.embed_tokens.weight": "../x.safetensors" } });
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(sharded.join(files[0]), dir.join("x.safetensors")).unwrap();
+    let e = flare::train::merge_adapter_to_dir(&sharded, &adapter, dir.join("bad"), None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("x.safetensors"), "{e}");
+    assert!(!dir.join("bad").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 // ---- 2. resume belongs to its run -------------------------------------------------------------
 
 #[test]
