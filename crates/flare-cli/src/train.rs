@@ -695,7 +695,8 @@ pub struct MergeArgs {
     #[arg(long)]
     pub adapter: PathBuf,
     /// Where to write the merged model directory: a new or empty directory (see --force),
-    /// never the model's or the adapter's; written whole or not at all.
+    /// never the model's or the adapter's; written whole or not at all, in the base model's
+    /// layout (one model.safetensors, or the same shards with an index), a shard at a time.
     #[arg(long)]
     pub out: PathBuf,
     /// Output dtype (f32, bf16, f16); default: each tensor's stored dtype.
