@@ -624,6 +624,15 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
         Ok(Box::new(flare::text::Tokenizer::from_dir(&cfg.model)?))
     };
     let resume = a.resume_from.as_ref().or(a.resume.as_ref());
+    if world.is_main() {
+        // Loading a 7-8B model and tokenizing a large data file take a while: say so first.
+        elog!(
+            "loading {} onto {} and reading {}",
+            cfg.model.display(),
+            crate::device::hardware_name(&device),
+            cfg.data.display()
+        );
+    }
     let mut t = match resume {
         None => Trainer::new_with(cfg.clone(), &device, tokenizer()?, collective)?,
         Some(dir) => {
