@@ -221,6 +221,35 @@ fn generate_prints_what_the_library_generates() {
     });
     assert_eq!(stdout(&o), format!("{want}\n"));
     assert!(stderr(&o).contains("14 modules"), "{}", stderr(&o));
+
+    // The adapter merged into the weights: the same greedy text in f32 (the merged weights
+    // differ from base + adapter by f32 rounding only).
+    let o = flare(&[
+        "generate",
+        "--model",
+        l.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--merge-adapter",
+        "--greedy",
+        "-n",
+        "16",
+        "--dtype",
+        "f32",
+        "--prompt",
+        "Hello, world!",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("{want}\n"));
+    assert!(
+        stderr(&o).contains("adapter merged into 14 projections"),
+        "{}",
+        stderr(&o)
+    );
+    // --merge-adapter needs --adapter.
+    let o = flare(&["generate", "--model", q, "--merge-adapter", "--prompt", "x"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--adapter"), "{}", stderr(&o));
 }
 
 #[test]

@@ -823,6 +823,47 @@ impl LoraLinear {
     }
 }
 
+impl LoraLinear {
+    /// Merges the active adapter into the base weight for good and removes every adapter, as
+    /// PEFT's `merge_and_unload`: the layer is then a plain linear of `W + s · B A` (computed as
+    /// [`merge`](Self::merge) does, rounded once to the base dtype), with nothing to unmerge. A
+    /// layer whose active adapter is merged already keeps that weight; one without an active
+    /// adapter keeps its weight and only drops its adapters. Returns whether the weight holds a
+    /// merged adapter (merged by this call or by an earlier `merge`).
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use flare::lora::{LoraConfig, LoraLinear};
+    /// let dev = Device::Cpu;
+    /// let mut layer = LoraLinear::new(Tensor::randn(0f32, 1.0, (7, 33), &dev)?, None)?;
+    /// layer.add_adapter("a", &LoraConfig { r: 4, ..Default::default() }, 0)?;
+    /// let a = layer.adapter("a").unwrap().a().clone();
+    /// layer.set_adapter_weights("a", &a, &Tensor::ones((7, 4), DType::F32, &dev)?)?;
+    /// layer.set_active(Some("a"))?;
+    /// let x = Tensor::randn(0f32, 1.0, (5, 33), &dev)?;
+    /// let with_adapter = layer.forward(&x)?;
+    /// assert!(layer.merge_and_unload()?);
+    /// assert!(layer.active().is_none() && layer.adapter("a").is_none());
+    /// let err = (&with_adapter - &layer.forward(&x)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    /// assert!(err < 1e-4);
+    /// # Ok::<(), flare::Error>(())
+    /// ```
+    pub fn merge_and_unload(&mut self) -> Result<bool> {
+        let merged = match (&self.merged, &self.active) {
+            (Some(_), _) => true,
+            (None, Some(_)) => {
+                self.merge()?;
+                true
+            }
+            (None, None) => false,
+        };
+        self.adapters.clear();
+        self.active = None;
+        self.merged = None;
+        Ok(merged)
+    }
+}
+
 impl candle_core::Module for LoraLinear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         LoraLinear::forward(self, xs).map_err(Error::into_candle)

@@ -187,6 +187,24 @@ impl Fused {
         Ok(())
     }
 
+    /// Stacks the members' current weights again (after a merge changed them), so that the
+    /// group applies again and the old stacked weight is freed; nothing when they are still
+    /// the group's views. The members (in order, none with a merged adapter) then hold views
+    /// of the new stacked weight; the biases are unchanged.
+    fn restack(&mut self, lins: &mut [&mut LoraLinear]) -> Result<()> {
+        let same = {
+            let views: Vec<&LoraLinear> = lins.iter().map(|l| &**l).collect();
+            self.same_weights(&views)
+        };
+        if same {
+            return Ok(());
+        }
+        let ws: Vec<Tensor> = lins.iter().map(|l| l.weight().clone()).collect();
+        let weight = Tensor::cat(&ws, 0)?;
+        drop(ws);
+        self.relayout(weight, lins)
+    }
+
     /// `x @ weight.T + bias`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = matmul(x, &self.weight.t()?)?;
@@ -982,6 +1000,63 @@ impl Transformer {
         }
         self.fused_mlp = on;
         Ok(())
+    }
+
+    /// Merges every projection's active adapter into its weight for good and removes all
+    /// adapters, as PEFT's `merge_and_unload` ([`LoraLinear::merge_and_unload`]): the model is
+    /// then a plain model of the merged weights. The q/k/v and gate/up projections are
+    /// stacked again, so they run as one GEMM each and the decode engine applies (batch-1
+    /// greedy generation on CUDA, [`crate::generate::DecodeGraph`]), and the unmerged weights
+    /// are freed. The fused MLP's layout, if on, is laid out again on the merged weights.
+    /// Returns how many projections now hold a merged adapter.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use flare::lora::LoraConfig;
+    /// # use flare::models::{ModelConfig, Transformer};
+    /// # let cfg = ModelConfig::from_json_str(r#"{"architectures": ["LlamaForCausalLM"],
+    /// #     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    /// #     "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 50,
+    /// #     "max_position_embeddings": 64, "tie_word_embeddings": false}"#, "config.json")?;
+    /// let mut model = Transformer::random(cfg, DType::F32, &Device::Cpu, 0)?;
+    /// for (i, (_, layer)) in model.lora_modules_mut().into_iter().enumerate() {
+    ///     layer.add_adapter("default", &LoraConfig { r: 4, ..Default::default() }, i as u64)?;
+    ///     let a = layer.adapter("default").unwrap().a().clone();
+    ///     let b = Tensor::randn(0f32, 0.1, (layer.out_features(), 4), &Device::Cpu)?;
+    ///     layer.set_adapter_weights("default", &a, &b)?;
+    ///     layer.set_active(Some("default"))?;
+    /// }
+    /// let ids = Tensor::new(&[[1u32, 5, 9, 2]], &Device::Cpu)?;
+    /// let with_adapters = model.forward(&ids)?;
+    /// assert_eq!(model.merge_and_unload()?, model.lora_modules().len());
+    /// let merged = model.forward(&ids)?;
+    /// let err = (&with_adapters - &merged)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    /// assert!(err < 1e-4, "{err}");
+    /// # Ok::<(), flare::Error>(())
+    /// ```
+    pub fn merge_and_unload(&mut self) -> Result<usize> {
+        let fused = self.fused_mlp;
+        if fused {
+            self.set_fused_mlp(false)?;
+        }
+        let mut n = 0;
+        for layer in &mut self.layers {
+            let a = &mut layer.self_attn;
+            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+                n += usize::from(l.merge_and_unload()?);
+            }
+            a.qkv
+                .restack(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+            let m = &mut layer.mlp;
+            for l in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
+                n += usize::from(l.merge_and_unload()?);
+            }
+            m.gate_up.restack(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+        }
+        if fused {
+            self.set_fused_mlp(true)?;
+        }
+        Ok(n)
     }
 
     /// Whether the fused MLP is on ([`set_fused_mlp`](Self::set_fused_mlp)).
@@ -1781,6 +1856,93 @@ impl Transformer {
 mod tests {
     use super::*;
     use crate::lora::LoraConfig;
+
+    /// `merge_and_unload` on a model with adapters on all seven projections, grouping on and
+    /// the fused MLP's layout on: the logits are those with the adapters, no adapter is left,
+    /// q/k/v and gate/up are one stacked weight each again (the members its views, holding the
+    /// merged values), the fused MLP lays its weights out again, and the decode engine takes
+    /// the model (it refuses it while the adapters are active).
+    #[test]
+    fn merge_and_unload_restacks_the_groups() -> Result<()> {
+        let config = ModelConfig::from_json_str(
+            r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 16,
+                "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 30,
+                "max_position_embeddings": 32, "tie_word_embeddings": false}"#,
+            "config.json",
+        )?;
+        let dev = Device::Cpu;
+        let mut model = Transformer::random(config, DType::F64, &dev, 5)?;
+        let lora = LoraConfig {
+            r: 3,
+            alpha: 6.0,
+            ..Default::default()
+        };
+        for (i, (_, l)) in model.lora_modules_mut().into_iter().enumerate() {
+            l.add_adapter("default", &lora, i as u64)?;
+            let a = l.adapter("default").map(|ad| ad.a().clone());
+            let b = l
+                .adapter("default")
+                .map(|ad| ad.b().randn_like(0.0, 0.2))
+                .transpose()?;
+            if let (Some(a), Some(b)) = (a, b) {
+                l.set_adapter_weights("default", &a, &b)?;
+            }
+            l.set_active(Some("default"))?;
+        }
+        model.set_fused_mlp(true)?;
+        // One projection merged beforehand: kept as merged, counted once.
+        model.layers[1].self_attn.k_proj.merge()?;
+        let ids = Tensor::new(&[[1u32, 5, 7, 2, 9, 11]], &dev)?;
+        let want = model.forward(&ids)?;
+        let base = {
+            let mut m = model.clone();
+            for (_, l) in m.lora_modules_mut() {
+                if l.merged().is_some() {
+                    l.unmerge()?;
+                }
+                l.set_active(None)?;
+            }
+            m.forward(&ids)?
+        };
+        assert!(model.decode_parts().is_err());
+        let n = model.merge_and_unload()?;
+        assert_eq!(n, model.lora_modules().len());
+        let got = model.forward(&ids)?;
+        let err = (&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let moved = (&base - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(
+            err < 1e-10 && moved > 1e-3,
+            "err {err}, the adapters moved {moved}"
+        );
+        for (p, l) in model.lora_modules() {
+            assert!(
+                l.active().is_none() && l.merged().is_none() && l.adapter("default").is_none(),
+                "{p} kept an adapter"
+            );
+        }
+        for layer in &model.layers {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            assert!(a.qkv.applies(&[&a.q_proj, &a.k_proj, &a.v_proj]));
+            assert!(m.gate_up.applies(&[&m.gate_proj, &m.up_proj]));
+            let stacked = Tensor::cat(
+                &[a.q_proj.weight(), a.k_proj.weight(), a.v_proj.weight()],
+                0,
+            )?;
+            let diff = (&stacked - &a.qkv.weight)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert_eq!(diff, 0.0, "the stacked q/k/v is not the merged weights");
+            assert!(m.weights.as_ref().is_some_and(|w| m.lays_out(w)));
+        }
+        assert!(model.fused_mlp());
+        model.decode_parts().map_err(|e| Error::InvalidArgument {
+            op: "test",
+            msg: format!("the decode engine refused the merged model: {e}"),
+        })?;
+        Ok(())
+    }
 
     /// The fused MLP's weight layout, its bookkeeping checked on the CPU with the padded
     /// layout forced (CUDA lays weights out so; the CPU runs the unfused ops on the strided
