@@ -26,13 +26,14 @@ def main():
         f0 = flare[0]
         print(f"model {f0['model']} {f0['dtype']} on {f0['device_name']}; "
               f"weights per step {f0['weight_bytes'] / 1e6:.1f} MB")
-    head = f"{'row':<9} {'path':<8} {'batch':>5} {'flare tok/s':>12} {'% floor':>8}"
+    w = max([9] + [len(r["name"]) for r in flare])
+    head = f"{'row':<{w}} {'path':<8} {'batch':>5} {'flare tok/s':>12} {'% floor':>8}"
     for fw in frameworks:
         head += f" {fw + ' tok/s':>16}"
     head += f" {'flare / best HF':>16}"
     print(head)
     for r in flare:
-        line = f"{r['name']:<9} {r.get('path', '-'):<8} {r['batch']:>5} {r['tokens_per_s']:>12.1f} "
+        line = f"{r['name']:<{w}} {r.get('path', '-'):<8} {r['batch']:>5} {r['tokens_per_s']:>12.1f} "
         pct = r.get("pct_of_floor")
         line += f"{pct:>8.1f}" if pct is not None else f"{'-':>8}"
         others = by.get(key(r), {})

@@ -1264,3 +1264,50 @@ fn bench_train_reports_shapes_mfu_and_max_context() {
     assert!(stderr(&o).contains("4by8"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `flare bench decode --adapter-rank` adds `generate` with an active adapter and with it
+/// merged, on the same prompt; on the CPU both run per-op (the engine is CUDA's), and every
+/// row has a positive rate.
+#[test]
+fn bench_decode_times_an_adapter_active_and_merged() {
+    let dir = scratch_dir("bench-decode-adapter");
+    let json = dir.join("decode.json");
+    let o = flare(&[
+        "bench",
+        "decode",
+        "--quick",
+        "--device",
+        "cpu",
+        "--batch",
+        "1",
+        "--repeats",
+        "1",
+        "--adapter-rank",
+        "4",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "prefill",
+            "decode",
+            "generate",
+            "generate, adapter r4",
+            "generate, adapter r4 merged"
+        ]
+    );
+    for r in &rows {
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(
+        stdout(&o).contains("generate, adapter r4 merged per-op"),
+        "{}",
+        stdout(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

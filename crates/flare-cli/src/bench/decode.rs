@@ -29,6 +29,7 @@ use crate::device::{hardware_name, DeviceSpec};
 use crate::report::{median, write_json};
 use flare::generate::{generate, GenerationConfig};
 use flare::generate::{DecodeGraph, LaunchTime, EMPTY_KERNEL};
+use flare::lora::LoraConfig;
 use flare::models::{KvCache, ModelConfig, Transformer};
 
 /// The long help of `flare bench decode`.
@@ -93,6 +94,11 @@ pub struct DecodeArgs {
     /// profiled steps.
     #[arg(long)]
     pub profile: bool,
+    /// Also time `generate` with a LoRA adapter of this rank on all seven projections (random,
+    /// non-zero), active, then merged into the weights (`Transformer::merge_and_unload`, as
+    /// `flare generate --merge-adapter`): two more `generate` rows. 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub adapter_rank: usize,
 }
 
 /// The Qwen2-0.5B shape of the issue's target.
@@ -110,7 +116,8 @@ pub const QUICK: &str = r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size"
 /// One result row.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DecodeRow {
-    /// `prefill`, `decode` or `generate`.
+    /// `prefill`, `decode` or `generate`; `generate, adapter r<R>` and `generate, adapter r<R>
+    /// merged` with `--adapter-rank`.
     pub name: String,
     /// How the steps ran: `graph` (the decode engine replaying one CUDA graph per step),
     /// `kernels` (the engine's kernels launched one by one), `per-op` (`decode_step`).
@@ -464,27 +471,58 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
         max_new_tokens: new_tokens,
         ..Default::default()
     };
-    let gen_path =
-        if flare::generate::TokenStream::new(&model, &prompt_ids, &gen)?.uses_decode_engine() {
-            "graph"
-        } else {
-            "per-op"
+    let time_generate = |model: &Transformer| -> Result<(&'static str, f64)> {
+        let path =
+            if flare::generate::TokenStream::new(model, &prompt_ids, &gen)?.uses_decode_engine() {
+                "graph"
+            } else {
+                "per-op"
+            };
+        let secs = median_secs(repeats, || {
+            timed(&dev, || {
+                let out = generate(model, &prompt_ids, &gen, |_| {})?;
+                if out.len() != new_tokens {
+                    bail!(
+                        "generate returned {} tokens, expected {new_tokens}",
+                        out.len()
+                    );
+                }
+                Ok(())
+            })
+        })?;
+        Ok((path, secs))
+    };
+    let (path, secs) = time_generate(&model)?;
+    rows.push(row("generate", path, 1, new_tokens, secs, new_tokens, true));
+    if args.adapter_rank > 0 {
+        let r = args.adapter_rank;
+        let mut adapted = model.clone();
+        drop(model);
+        let lora = LoraConfig {
+            r,
+            alpha: 2.0 * r as f64,
+            ..Default::default()
         };
-    let secs = median_secs(repeats, || {
-        timed(&dev, || {
-            let out = generate(&model, &prompt_ids, &gen, |_| {})?;
-            if out.len() != new_tokens {
-                bail!(
-                    "generate returned {} tokens, expected {new_tokens}",
-                    out.len()
-                );
+        for (i, (_, l)) in adapted.lora_modules_mut().into_iter().enumerate() {
+            l.add_adapter("bench", &lora, i as u64)?;
+            let a = l.adapter("bench").map(|ad| ad.a().clone());
+            let b = l
+                .adapter("bench")
+                .map(|ad| ad.b().randn_like(0.0, 0.01))
+                .transpose()?;
+            if let (Some(a), Some(b)) = (a, b) {
+                l.set_adapter_weights("bench", &a, &b)?;
             }
-            Ok(())
-        })
-    })?;
-    rows.push(row(
-        "generate", gen_path, 1, new_tokens, secs, new_tokens, true,
-    ));
+            l.set_active(Some("bench"))?;
+        }
+        let (path, secs) = time_generate(&adapted)?;
+        let name = format!("generate, adapter r{r}");
+        rows.push(row(&name, path, 1, new_tokens, secs, new_tokens, true));
+        adapted.merge_and_unload()?;
+        let (path, secs) = time_generate(&adapted)?;
+        let name = format!("generate, adapter r{r} merged");
+        rows.push(row(&name, path, 1, new_tokens, secs, new_tokens, true));
+    }
 
     print!("{}", format_rows(&rows, args.bandwidth_gbs));
     if let Some(path) = &args.json {
@@ -580,15 +618,16 @@ pub fn format_rows(rows: &[DecodeRow], bandwidth_gbs: f64) -> String {
             r.weight_bytes as f64 / 1e6
         );
     }
+    let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(9);
     let _ = writeln!(
         out,
-        "{:<9} {:<8} {:>5} {:>7} {:>6} {:>12} {:>10} {:>12} {:>8}",
+        "{:<w$} {:<8} {:>5} {:>7} {:>6} {:>12} {:>10} {:>12} {:>8}",
         "row", "path", "batch", "prompt", "new", "tokens/s", "ms/step", "floor tok/s", "% floor"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<9} {:<8} {:>5} {:>7} {:>6} {:>12.1} {:>10.3} {:>12} {:>8}",
+            "{:<w$} {:<8} {:>5} {:>7} {:>6} {:>12.1} {:>10.3} {:>12} {:>8}",
             r.name,
             r.path,
             r.batch,
