@@ -503,16 +503,13 @@ pub fn run_decode(args: &DecodeArgs) -> Result<()> {
             alpha: 2.0 * r as f64,
             ..Default::default()
         };
-        for (i, (_, l)) in adapted.lora_modules_mut().into_iter().enumerate() {
+        for (i, (path, l)) in adapted.lora_modules_mut().into_iter().enumerate() {
             l.add_adapter("bench", &lora, i as u64)?;
-            let a = l.adapter("bench").map(|ad| ad.a().clone());
-            let b = l
+            let ad = l
                 .adapter("bench")
-                .map(|ad| ad.b().randn_like(0.0, 0.01))
-                .transpose()?;
-            if let (Some(a), Some(b)) = (a, b) {
-                l.set_adapter_weights("bench", &a, &b)?;
-            }
+                .with_context(|| format!("{path}: the adapter just added is missing"))?;
+            let (a, b) = (ad.a().clone(), ad.b().randn_like(0.0, 0.01)?);
+            l.set_adapter_weights("bench", &a, &b)?;
             l.set_active(Some("bench"))?;
         }
         let (path, secs) = time_generate(&adapted)?;

@@ -1857,6 +1857,26 @@ mod tests {
     use super::*;
     use crate::lora::LoraConfig;
 
+    /// Adds adapter `default` of `lora` to every projection with `B = b(B₀)` (non-zero, so
+    /// that the low-rank terms count) and activates it.
+    fn add_adapters(
+        model: &mut Transformer,
+        lora: &LoraConfig,
+        b: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<()> {
+        for (i, (path, l)) in model.lora_modules_mut().into_iter().enumerate() {
+            l.add_adapter("default", lora, i as u64)?;
+            let ad = l.adapter("default").ok_or_else(|| Error::InvalidArgument {
+                op: "test",
+                msg: format!("{path}: the adapter just added is missing"),
+            })?;
+            let (a, b) = (ad.a().clone(), b(ad.b())?);
+            l.set_adapter_weights("default", &a, &b)?;
+            l.set_active(Some("default"))?;
+        }
+        Ok(())
+    }
+
     /// `merge_and_unload` on a model with adapters on all seven projections, grouping on and
     /// the fused MLP's layout on: the logits are those with the adapters, no adapter is left,
     /// q/k/v and gate/up are one stacked weight each again (the members its views, holding the
@@ -1878,18 +1898,7 @@ mod tests {
             alpha: 6.0,
             ..Default::default()
         };
-        for (i, (_, l)) in model.lora_modules_mut().into_iter().enumerate() {
-            l.add_adapter("default", &lora, i as u64)?;
-            let a = l.adapter("default").map(|ad| ad.a().clone());
-            let b = l
-                .adapter("default")
-                .map(|ad| ad.b().randn_like(0.0, 0.2))
-                .transpose()?;
-            if let (Some(a), Some(b)) = (a, b) {
-                l.set_adapter_weights("default", &a, &b)?;
-            }
-            l.set_active(Some("default"))?;
-        }
+        add_adapters(&mut model, &lora, |b| b.randn_like(0.0, 0.2))?;
         model.set_fused_mlp(true)?;
         // One projection merged beforehand: kept as merged, counted once.
         model.layers[1].self_attn.k_proj.merge()?;
@@ -1966,19 +1975,7 @@ mod tests {
             alpha: 4.0,
             ..Default::default()
         };
-        for (i, (_, l)) in model.lora_modules_mut().into_iter().enumerate() {
-            l.add_adapter("default", &lora, i as u64)?;
-            // Non-zero B, so that the low-rank terms count.
-            let a = l.adapter("default").map(|ad| ad.a().clone());
-            let b = l
-                .adapter("default")
-                .map(|ad| ad.b().ones_like())
-                .transpose()?;
-            if let (Some(a), Some(b)) = (a, b) {
-                l.set_adapter_weights("default", &a, &(b * 0.1)?)?;
-            }
-            l.set_active(Some("default"))?;
-        }
+        add_adapters(&mut model, &lora, |b| b.ones_like()? * 0.1)?;
         let ids = Tensor::new(&[[1u32, 5, 7, 2, 9]], &dev)?;
         let plain = model.forward(&ids)?;
         let weights = |m: &Transformer| -> Vec<Tensor> {

@@ -172,21 +172,21 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let Some(&i) = self.index.get(name) else {
-            let files: Vec<String> = self
-                .files
-                .iter()
-                .map(|(p, _)| p.display().to_string())
-                .collect();
-            return Err(bad_file(
-                Path::new(&files.join(", ")),
-                format!("missing tensor `{name}`"),
-            ));
-        };
-        let (path, st) = &self.files[i];
-        let view = st
-            .get(name)
+        let (path, view) = self.weight_view(name, Some(shape))?;
+        let t = view
+            .load(device)
             .map_err(|e| bad_file(path, format!("tensor `{name}`: {e}")))?;
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    /// Tensor `name` as [`stored`](Self::stored), after the checks [`get`](Self::get) makes
+    /// before it reads: stored as a float a weight can be, and of `shape` when given.
+    pub(crate) fn weight_view(
+        &self,
+        name: &str,
+        shape: Option<&[usize]>,
+    ) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {
+        let (path, view) = self.stored(name)?;
         let stored = format!("{:?}", view.dtype());
         if !WEIGHT_DTYPES.contains(&stored.as_str()) {
             return Err(bad_file(
@@ -197,7 +197,7 @@ impl Weights {
                 ),
             ));
         }
-        if view.shape() != shape {
+        if let Some(shape) = shape.filter(|&s| view.shape() != s) {
             return Err(bad_file(
                 path,
                 format!(
@@ -206,10 +206,7 @@ impl Weights {
                 ),
             ));
         }
-        let t = view
-            .load(device)
-            .map_err(|e| bad_file(path, format!("tensor `{name}`: {e}")))?;
-        Ok(t.to_dtype(dtype)?)
+        Ok((path, view))
     }
 
     /// The shape tensor `name` is stored with, or `None` if there is no such tensor. Reads
@@ -236,15 +233,22 @@ impl Weights {
     }
 
     /// Tensor `name` as stored (dtype, shape and the bytes of the mapped file, nothing
-    /// copied), with the file it is in.
+    /// copied), with the file it is in. A missing tensor's error names every file.
     pub(crate) fn stored(
         &self,
         name: &str,
     ) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {
-        let i = *self.index.get(name).ok_or_else(|| Error::InvalidArgument {
-            op: "Weights::stored",
-            msg: format!("missing tensor `{name}`"),
-        })?;
+        let Some(&i) = self.index.get(name) else {
+            let files: Vec<String> = self
+                .files
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect();
+            return Err(bad_file(
+                Path::new(&files.join(", ")),
+                format!("missing tensor `{name}`"),
+            ));
+        };
         let (path, st) = &self.files[i];
         let view = st
             .get(name)
